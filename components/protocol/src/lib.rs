@@ -1,0 +1,4 @@
+//! Protocol rules of clawdentity shared by the clawq host and its handler components
+//! (spec `PROTOCOL.md`), written once so that both sides agree.
+
+pub mod did;

@@ -1,0 +1,74 @@
+//! Builds the guest components for `wasm32-wasip2` so that `cargo run` and `cargo test`
+//! need no manual step (the way wasmtime's `test-programs` artifacts are built).
+//!
+//! Each guest's `.wasm` path is exported to the host's code as `CLAWQ_GUEST_<NAME>`
+//! (e.g. `CLAWQ_GUEST_CRL_INVALIDATION`): bundled components are embedded with
+//! `include_bytes!`, test components are loaded by the tests from that path.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Guest crates: (package name, directory relative to the workspace root).
+const GUESTS: [(&str, &str); 2] = [
+    ("crl-invalidation", "components/crl-invalidation"),
+    ("scripted-handler", "tests/components/scripted-handler"),
+];
+
+fn main() {
+    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
+    let root = manifest_dir.parent().unwrap();
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("guests");
+
+    for dir in ["wit", "components", "tests/components"] {
+        println!("cargo:rerun-if-changed={}", root.join(dir).display());
+    }
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("Cargo.lock").display()
+    );
+
+    build_guests(root, &target_dir);
+    for (name, _) in GUESTS {
+        let file = target_dir
+            .join("wasm32-wasip2/guest")
+            .join(format!("{}.wasm", name.replace('-', "_")));
+        assert!(
+            file.exists(),
+            "guest {name} was not built: {}",
+            file.display()
+        );
+        let var = format!("CLAWQ_GUEST_{}", name.replace('-', "_").to_uppercase());
+        println!("cargo:rustc-env={var}={}", file.display());
+    }
+}
+
+fn build_guests(root: &Path, target_dir: &Path) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .args(["build", "--target", "wasm32-wasip2", "--profile", "guest"])
+        .arg("--target-dir")
+        .arg(target_dir);
+    for (name, _) in GUESTS {
+        cmd.args(["-p", name]);
+    }
+    // The outer build's flags and wrappers (clippy, coverage) are not meant for guests.
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_BUILD_TARGET",
+        "CARGO_TARGET_DIR",
+        "CARGO_PRIMARY_PACKAGE",
+    ] {
+        cmd.env_remove(var);
+    }
+    let status = cmd
+        .status()
+        .expect("running cargo to build the guest components");
+    assert!(status.success(), "building the guest components failed");
+}

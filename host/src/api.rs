@@ -1,0 +1,306 @@
+//! The HTTP API, shaped like Cloudflare Queues' REST API: publish messages, read queue
+//! counts, read the trust store, check health. Every error is a JSON body
+//! `{"error": {"code": ..., "message": ...}}`, and a refused request stores nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::queue::{ContentType, LimitError, NewMessage, QueueBackend, QueueError};
+use crate::trust::{TrustError, TrustStore};
+
+/// Largest request body accepted before parsing (a full batch, base64 and JSON escapes
+/// included); the message limits proper are checked after parsing.
+const MAX_REQUEST_BYTES: usize = 4 << 20;
+
+/// What the API serves from.
+#[derive(Clone)]
+pub struct AppState {
+    /// The queue engine.
+    pub backend: Arc<dyn QueueBackend>,
+    /// Every queue served, with what consumes it.
+    pub queues: Arc<BTreeMap<String, QueueInfo>>,
+    /// The trust store.
+    pub trust: Arc<TrustStore>,
+}
+
+/// What the API tells about a queue besides its counts.
+#[derive(Debug, Clone, Default)]
+pub struct QueueInfo {
+    /// The handler consuming it, if any.
+    pub handler: Option<String>,
+    /// Its dead-letter queue, if any.
+    pub dead_letter_queue: Option<String>,
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/queues", get(list_queues))
+        .route("/v1/queues/{queue}", get(queue_status))
+        .route("/v1/queues/{queue}/messages", post(publish_one))
+        .route("/v1/queues/{queue}/messages/batch", post(publish_batch))
+        .route("/v1/trust/agents/{did}", get(agent_trust))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .with_state(state)
+}
+
+/// A JSON error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(err: QueueError) -> Self {
+        match err {
+            QueueError::Limit(limit) => {
+                let (status, code) = match limit {
+                    LimitError::BodyTooLarge { .. } => {
+                        (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large")
+                    }
+                    LimitError::BatchTooLarge(_) => {
+                        (StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large")
+                    }
+                    LimitError::TooManyMessages(_) => {
+                        (StatusCode::BAD_REQUEST, "too_many_messages")
+                    }
+                    LimitError::EmptyBatch => (StatusCode::BAD_REQUEST, "empty_batch"),
+                    LimitError::DelayTooLong { .. } => (StatusCode::BAD_REQUEST, "delay_too_long"),
+                };
+                ApiError::new(status, code, limit.to_string())
+            }
+            QueueError::Storage(message) => {
+                tracing::error!(%message, "queue storage failed");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    message,
+                )
+            }
+        }
+    }
+}
+
+impl From<TrustError> for ApiError {
+    fn from(err: TrustError) -> Self {
+        match err {
+            TrustError::InvalidDid { .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_did", err.to_string())
+            }
+            TrustError::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                err.to_string(),
+            ),
+        }
+    }
+}
+
+/// One message as a producer sends it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    body: Value,
+    #[serde(default)]
+    content_type: Option<String>,
+    #[serde(default)]
+    delay_seconds: u32,
+}
+
+/// A batch as a producer sends it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    messages: Vec<PublishRequest>,
+}
+
+impl PublishRequest {
+    /// The message to store, with its body encoded as its content type says.
+    fn into_message(self, index: usize) -> Result<NewMessage, ApiError> {
+        let name = self.content_type.as_deref().unwrap_or("json");
+        let content_type = ContentType::parse(name).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "message {index}: content_type `{name}` is not one of json, text, bytes"
+            ))
+        })?;
+        let body = match (content_type, self.body) {
+            (ContentType::Json, value) => value.to_string().into_bytes(),
+            (ContentType::Text, Value::String(text)) => text.into_bytes(),
+            (ContentType::Bytes, Value::String(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| {
+                    ApiError::bad_request(format!("message {index}: body is not valid base64: {e}"))
+                })?,
+            (_, _) => {
+                return Err(ApiError::bad_request(format!(
+                    "message {index}: a {name} body must be a JSON string"
+                )));
+            }
+        };
+        Ok(NewMessage {
+            content_type,
+            body,
+            delay_seconds: self.delay_seconds,
+        })
+    }
+}
+
+/// Parses a JSON request body, turning every failure into a clear JSON error.
+fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        ApiError::new(
+            rejection.status(),
+            "request_too_large",
+            rejection.body_text(),
+        )
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+impl AppState {
+    fn known_queue(&self, queue: &str) -> Result<&QueueInfo, ApiError> {
+        self.queues.get(queue).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "queue_not_found",
+                format!("no queue named `{queue}`"),
+            )
+        })
+    }
+
+    async fn publish(
+        &self,
+        queue: &str,
+        requests: Vec<PublishRequest>,
+    ) -> Result<Vec<String>, ApiError> {
+        self.known_queue(queue)?;
+        let messages = requests
+            .into_iter()
+            .enumerate()
+            .map(|(index, request)| request.into_message(index))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.backend.publish(queue, messages).await?)
+    }
+
+    async fn status_of(&self, queue: &str) -> Result<Value, ApiError> {
+        let info = self.known_queue(queue)?;
+        let counts = self.backend.counts(queue).await?;
+        let dead_lettered = match &info.dead_letter_queue {
+            Some(dlq) => {
+                let c = self.backend.counts(dlq).await?;
+                Some(c.backlog + c.in_flight + c.delayed)
+            }
+            None => None,
+        };
+        Ok(json!({
+            "queue": queue,
+            "backlog": counts.backlog,
+            "in_flight": counts.in_flight,
+            "delayed": counts.delayed,
+            "handler": info.handler,
+            "dead_letter_queue": info.dead_letter_queue,
+            "dead_lettered": dead_lettered,
+        }))
+    }
+}
+
+async fn publish_one(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    state.known_queue(&queue)?;
+    let request: PublishRequest = parse_json(body)?;
+    let ids = state.publish(&queue, vec![request]).await?;
+    Ok(Json(json!({"id": ids[0]})))
+}
+
+async fn publish_batch(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    state.known_queue(&queue)?;
+    let request: BatchRequest = parse_json(body)?;
+    let ids = state.publish(&queue, request.messages).await?;
+    Ok(Json(json!({"ids": ids})))
+}
+
+async fn queue_status(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state.status_of(&queue).await?))
+}
+
+async fn list_queues(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let mut queues = Vec::new();
+    for name in state.queues.keys() {
+        queues.push(state.status_of(name).await?);
+    }
+    Ok(Json(json!({"queues": queues})))
+}
+
+async fn agent_trust(
+    State(state): State<AppState>,
+    Path(did): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let trust = state.trust.clone();
+    let lookup_did = did.clone();
+    let found = tokio::task::spawn_blocking(move || trust.lookup(&lookup_did))
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+    Ok(Json(json!({
+        "did": did,
+        "revoked": found.revoked_at_ms.is_some(),
+        "revokedAt": found.revoked_at_ms.map(iso8601),
+        "expiresAt": found.expires_at_ms.map(iso8601),
+    })))
+}
+
+/// Milliseconds since the epoch as an ISO-8601 UTC time with milliseconds.
+fn iso8601(ms: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(time).to_string()
+}

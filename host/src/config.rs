@@ -1,0 +1,347 @@
+//! Configuration: one optional TOML file whose queue/consumer keys mirror wrangler's, with
+//! defaults that serve the two queues of the spec when there is no file at all.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// The events queue of the spec (section 1).
+pub const EVENTS_QUEUE: &str = "clawdentity-events";
+/// The receipts queue of the spec (section 1).
+pub const RECEIPTS_QUEUE: &str = "clawdentity-receipts";
+/// The longest delivery or retry delay a message may have: 12 hours.
+pub const MAX_DELAY_SECONDS: u32 = 12 * 60 * 60;
+/// The longest batch timeout wrangler accepts.
+const MAX_BATCH_TIMEOUT_SECONDS: f64 = 60.0;
+/// The largest batch wrangler accepts.
+const MAX_BATCH_SIZE: usize = 100;
+
+/// Everything `clawq serve` needs, after defaults are applied.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address of the HTTP API.
+    pub listen: SocketAddr,
+    /// Where the queue database and the trust store live.
+    pub data_dir: PathBuf,
+    /// One consumer per queue, by queue name.
+    pub consumers: BTreeMap<String, ConsumerConfig>,
+    /// Queues that only receive messages (declared producers and dead-letter queues).
+    pub plain_queues: Vec<String>,
+    /// How long a revocation marker lasts.
+    pub revocation_ttl: Duration,
+}
+
+/// How one queue is consumed (wrangler's `[[queues.consumers]]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerConfig {
+    /// The queue consumed.
+    pub queue: String,
+    /// The handler: the name of a bundled component or a path to a `.wasm` file. `None`
+    /// leaves the queue without a consumer: messages wait until one is configured.
+    pub handler: Option<String>,
+    /// Largest batch handed to the handler.
+    pub max_batch_size: usize,
+    /// Longest wait for a batch to fill, from the first ready message.
+    pub max_batch_timeout: Duration,
+    /// Retries before a message goes to the dead-letter queue (or is dropped).
+    pub max_retries: u32,
+    /// Delay of a retry the handler gave no delay for, in seconds.
+    pub retry_delay: u32,
+    /// Where messages go after `max_retries` or when dead-lettered.
+    pub dead_letter_queue: Option<String>,
+    /// Batches of this queue handled at the same time.
+    pub max_concurrency: usize,
+}
+
+impl ConsumerConfig {
+    /// The spec's default consumer of `queue`, or generic defaults for another queue.
+    pub fn default_for(queue: &str) -> Self {
+        let (handler, max_batch_size) = match queue {
+            EVENTS_QUEUE => (Some("crl-invalidation".to_owned()), 10),
+            RECEIPTS_QUEUE => (None, 25),
+            _ => (None, 10),
+        };
+        let dead_letter_queue = [EVENTS_QUEUE, RECEIPTS_QUEUE]
+            .contains(&queue)
+            .then(|| format!("{queue}-dlq"));
+        ConsumerConfig {
+            queue: queue.to_owned(),
+            handler,
+            max_batch_size,
+            max_batch_timeout: Duration::from_secs(5),
+            max_retries: 3,
+            retry_delay: 0,
+            dead_letter_queue,
+            max_concurrency: 1,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let q = &self.queue;
+        if !(1..=MAX_BATCH_SIZE).contains(&self.max_batch_size) {
+            bail!("queue `{q}`: max_batch_size must be between 1 and {MAX_BATCH_SIZE}");
+        }
+        if self.max_batch_timeout.as_secs_f64() > MAX_BATCH_TIMEOUT_SECONDS {
+            bail!("queue `{q}`: max_batch_timeout must be at most {MAX_BATCH_TIMEOUT_SECONDS} s");
+        }
+        if self.retry_delay > MAX_DELAY_SECONDS {
+            bail!("queue `{q}`: retry_delay must be at most {MAX_DELAY_SECONDS} s");
+        }
+        if self.max_concurrency == 0 {
+            bail!("queue `{q}`: max_concurrency must be at least 1");
+        }
+        if self.dead_letter_queue.as_deref() == Some(q) {
+            bail!("queue `{q}`: dead_letter_queue cannot be the queue itself");
+        }
+        Ok(())
+    }
+}
+
+/// The config file as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    queues: FileQueues,
+    #[serde(default)]
+    trust: FileTrust,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileQueues {
+    #[serde(default)]
+    producers: Vec<FileProducer>,
+    #[serde(default)]
+    consumers: Vec<FileConsumer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileProducer {
+    queue: String,
+    /// Accepted for wrangler compatibility; clawq has no bindings.
+    #[serde(default)]
+    #[allow(dead_code)]
+    binding: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConsumer {
+    queue: String,
+    handler: Option<String>,
+    max_batch_size: Option<usize>,
+    max_batch_timeout: Option<f64>,
+    max_retries: Option<u32>,
+    retry_delay: Option<u32>,
+    dead_letter_queue: Option<String>,
+    max_concurrency: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTrust {
+    /// Seconds a revocation marker lasts.
+    revocation_ttl: Option<u64>,
+}
+
+/// Defaults that apply when neither the command line nor the file says otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
+/// The default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = ".clawq";
+/// The default lifetime of a revocation marker: 30 days.
+pub const DEFAULT_REVOCATION_TTL: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
+impl Config {
+    /// Reads the config file at `path` (if any) and applies the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let file = match path {
+            None => FileConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                Self::parse_file(&text)
+                    .with_context(|| format!("in config file {}", path.display()))?
+            }
+        };
+        Self::from_file(file)
+    }
+
+    /// Parses config text (TOML) and applies the defaults.
+    pub fn parse(text: &str) -> Result<Config> {
+        Self::from_file(Self::parse_file(text)?)
+    }
+
+    fn parse_file(text: &str) -> Result<FileConfig> {
+        Ok(toml::from_str(text)?)
+    }
+
+    fn from_file(file: FileConfig) -> Result<Config> {
+        let mut consumers: BTreeMap<String, ConsumerConfig> = [EVENTS_QUEUE, RECEIPTS_QUEUE]
+            .into_iter()
+            .map(|q| (q.to_owned(), ConsumerConfig::default_for(q)))
+            .collect();
+        for c in file.queues.consumers {
+            let base = consumers
+                .remove(&c.queue)
+                .unwrap_or_else(|| ConsumerConfig::default_for(&c.queue));
+            let timeout = match c.max_batch_timeout {
+                Some(s) if !(s.is_finite() && s >= 0.0) => {
+                    bail!(
+                        "queue `{}`: max_batch_timeout must be a number of seconds ≥ 0",
+                        c.queue
+                    )
+                }
+                Some(s) => Duration::from_secs_f64(s),
+                None => base.max_batch_timeout,
+            };
+            let merged = ConsumerConfig {
+                queue: c.queue.clone(),
+                handler: c.handler.or(base.handler),
+                max_batch_size: c.max_batch_size.unwrap_or(base.max_batch_size),
+                max_batch_timeout: timeout,
+                max_retries: c.max_retries.unwrap_or(base.max_retries),
+                retry_delay: c.retry_delay.unwrap_or(base.retry_delay),
+                dead_letter_queue: c.dead_letter_queue.or(base.dead_letter_queue),
+                max_concurrency: c.max_concurrency.unwrap_or(base.max_concurrency),
+            };
+            merged.validate()?;
+            consumers.insert(c.queue, merged);
+        }
+        let mut plain_queues: Vec<String> =
+            file.queues.producers.into_iter().map(|p| p.queue).collect();
+        plain_queues.extend(
+            consumers
+                .values()
+                .filter_map(|c| c.dead_letter_queue.clone()),
+        );
+        plain_queues.retain(|q| !consumers.contains_key(q));
+        plain_queues.sort();
+        plain_queues.dedup();
+        for queue in consumers.keys().chain(&plain_queues) {
+            validate_queue_name(queue)?;
+        }
+        Ok(Config {
+            listen: file
+                .listen
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            data_dir: file.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            consumers,
+            plain_queues,
+            revocation_ttl: file
+                .trust
+                .revocation_ttl
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_REVOCATION_TTL),
+        })
+    }
+
+    /// Every queue the host serves, consumed or not.
+    pub fn queue_names(&self) -> impl Iterator<Item = &str> {
+        self.consumers
+            .keys()
+            .chain(&self.plain_queues)
+            .map(String::as_str)
+    }
+}
+
+/// Queue names follow Cloudflare's rule: lowercase letters, digits and dashes, ≤ 63 chars.
+fn validate_queue_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !ok {
+        bail!("invalid queue name `{name}`: use 1-63 lowercase letters, digits and dashes");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_serves_the_spec_queues() {
+        let config = Config::load(None).unwrap();
+        let events = &config.consumers[EVENTS_QUEUE];
+        assert_eq!(events.handler.as_deref(), Some("crl-invalidation"));
+        assert_eq!(events.max_batch_size, 10);
+        assert_eq!(events.max_batch_timeout, Duration::from_secs(5));
+        assert_eq!(
+            events.dead_letter_queue.as_deref(),
+            Some("clawdentity-events-dlq")
+        );
+        assert_eq!(config.consumers[RECEIPTS_QUEUE].max_batch_size, 25);
+        assert_eq!(
+            config.plain_queues,
+            ["clawdentity-events-dlq", "clawdentity-receipts-dlq"]
+        );
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn consumer_keys_override_the_defaults_of_their_queue() {
+        let config = Config::parse(
+            r#"
+            [[queues.consumers]]
+            queue = "clawdentity-events"
+            max_batch_timeout = 0.25
+            max_retries = 1
+
+            [[queues.consumers]]
+            queue = "jobs"
+            handler = "./jobs.wasm"
+            dead_letter_queue = "jobs-dlq"
+            "#,
+        )
+        .unwrap();
+        let events = &config.consumers[EVENTS_QUEUE];
+        assert_eq!(events.max_batch_timeout, Duration::from_millis(250));
+        assert_eq!(events.max_retries, 1);
+        assert_eq!(events.max_batch_size, 10);
+        assert_eq!(
+            config.consumers["jobs"].handler.as_deref(),
+            Some("./jobs.wasm")
+        );
+        assert!(config.plain_queues.contains(&"jobs-dlq".to_owned()));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key_named() {
+        for (text, needle) in [
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nmax_batch_size = 0",
+                "max_batch_size",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nmax_batch_timeout = 61",
+                "max_batch_timeout",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nretry_delay = 50000",
+                "retry_delay",
+            ),
+            ("[[queues.consumers]]\nqueue = \"A\"", "invalid queue name"),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\ndead_letter_queue = \"a\"",
+                "itself",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nmax_batch_sise = 3",
+                "max_batch_sise",
+            ),
+        ] {
+            let err = format!("{:#}", Config::parse(text).unwrap_err());
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! A queue consumer: takes batches from the queue engine, runs them through the queue's
+//! handler component and commits each message's outcome (spec section 1).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConsumerConfig, MAX_DELAY_SECONDS};
+use crate::queue::{self, Delivery, QueueBackend, RetryPolicy, Settlement};
+use crate::runtime::{Capabilities, LoadedHandler, Message, Outcome};
+
+/// How long a consumer waits before asking the queue engine again after it failed.
+const STORAGE_BACKOFF: Duration = Duration::from_secs(1);
+/// How many times committing a batch's outcomes is tried before giving up on it (its
+/// messages are then delivered again after the next restart).
+const SETTLE_TRIES: u32 = 5;
+
+/// One queue's consumer: its settings, its handler and what they run against.
+pub struct Consumer {
+    config: ConsumerConfig,
+    policy: RetryPolicy,
+    handler: Arc<LoadedHandler>,
+    backend: Arc<dyn QueueBackend>,
+    caps: Arc<Capabilities>,
+}
+
+impl Consumer {
+    /// A consumer of `config.queue` that runs `handler`.
+    pub fn new(
+        config: ConsumerConfig,
+        handler: Arc<LoadedHandler>,
+        backend: Arc<dyn QueueBackend>,
+        caps: Arc<Capabilities>,
+    ) -> Arc<Self> {
+        let policy = RetryPolicy {
+            max_retries: config.max_retries,
+            dead_letter_queue: config.dead_letter_queue.clone(),
+        };
+        Arc::new(Consumer {
+            config,
+            policy,
+            handler,
+            backend,
+            caps,
+        })
+    }
+
+    /// Takes and handles batches until `shutdown`, at most `max_concurrency` at a time;
+    /// then waits for the batches in flight to finish and commit.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(self.config.max_concurrency));
+        let mut in_flight = JoinSet::new();
+        let queue = self.config.queue.as_str();
+        loop {
+            let batch = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                batch = async {
+                    let slot = slots.clone().acquire_owned().await.expect("semaphore is never closed");
+                    let batch = self
+                        .backend
+                        .next_batch(queue, self.config.max_batch_size, self.config.max_batch_timeout)
+                        .await;
+                    (slot, batch)
+                } => batch,
+            };
+            match batch {
+                (slot, Ok(deliveries)) => {
+                    let consumer = self.clone();
+                    in_flight.spawn(async move {
+                        consumer.handle_batch(deliveries).await;
+                        drop(slot);
+                    });
+                }
+                (_, Err(err)) => {
+                    tracing::error!(queue, error = %err, "taking a batch failed; trying again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(STORAGE_BACKOFF) => {}
+                    }
+                }
+            }
+            while in_flight.try_join_next().is_some() {}
+        }
+        while in_flight.join_next().await.is_some() {}
+    }
+
+    /// Runs one batch through the handler and commits every message's outcome.
+    async fn handle_batch(&self, mut deliveries: Vec<Delivery>) {
+        let queue = self.config.queue.as_str();
+        let handler = self.handler.name();
+        let messages: Vec<Message> = deliveries.iter_mut().map(to_message).collect();
+        let started = Instant::now();
+        let settlements = match self
+            .handler
+            .handle(self.caps.clone(), queue, &messages)
+            .await
+        {
+            Ok(outcomes) => self.settlements(deliveries, outcomes),
+            Err(failure) => {
+                tracing::warn!(queue, handler, size = messages.len(), %failure,
+                    "batch failed; every message of it will be retried");
+                let error = failure.to_string();
+                deliveries
+                    .into_iter()
+                    .map(|d| (d, self.retry(self.config.retry_delay, &error)))
+                    .collect()
+            }
+        };
+        let elapsed = started.elapsed();
+        for attempt in 1..=SETTLE_TRIES {
+            match self
+                .backend
+                .settle(queue, &self.policy, settlements.clone())
+                .await
+            {
+                Ok(summary) => {
+                    tracing::debug!(
+                        queue,
+                        handler,
+                        size = messages.len(),
+                        ?elapsed,
+                        acked = summary.acked,
+                        retried = summary.retried,
+                        dead_lettered = summary.dead_lettered,
+                        dropped = summary.dropped,
+                        "batch handled"
+                    );
+                    return;
+                }
+                Err(err) if attempt < SETTLE_TRIES => {
+                    tracing::warn!(queue, attempt, error = %err, "committing outcomes failed; trying again");
+                    tokio::time::sleep(STORAGE_BACKOFF * attempt).await;
+                }
+                Err(err) => tracing::error!(queue, error = %err,
+                    "committing outcomes failed; the batch will be delivered again after a restart"),
+            }
+        }
+    }
+
+    /// Pairs each delivery with the outcome the handler gave it; a message without an
+    /// outcome is retried.
+    fn settlements(
+        &self,
+        deliveries: Vec<Delivery>,
+        outcomes: Vec<Outcome>,
+    ) -> Vec<(Delivery, Settlement)> {
+        let queue = self.config.queue.as_str();
+        if outcomes.len() > deliveries.len() {
+            tracing::warn!(
+                queue,
+                handler = self.handler.name(),
+                extra = outcomes.len() - deliveries.len(),
+                "handler returned more outcomes than messages; the extra ones are ignored"
+            );
+        }
+        let mut outcomes = outcomes.into_iter();
+        deliveries
+            .into_iter()
+            .map(|delivery| {
+                let settlement = match outcomes.next() {
+                    Some(Outcome::Ack) => Settlement::Ack,
+                    Some(Outcome::Retry(delay)) => self.retry(
+                        delay.unwrap_or(self.config.retry_delay),
+                        "handler asked for a retry",
+                    ),
+                    Some(Outcome::DeadLetter(reason)) => Settlement::DeadLetter { reason },
+                    None => self.retry(
+                        self.config.retry_delay,
+                        "handler returned no outcome for it",
+                    ),
+                };
+                (delivery, settlement)
+            })
+            .collect()
+    }
+
+    fn retry(&self, delay_seconds: u32, error: &str) -> Settlement {
+        if delay_seconds > MAX_DELAY_SECONDS {
+            tracing::warn!(queue = %self.config.queue, delay_seconds,
+                "retry delay capped at {MAX_DELAY_SECONDS} s");
+        }
+        Settlement::Retry {
+            delay_seconds: delay_seconds.min(MAX_DELAY_SECONDS),
+            error: error.to_owned(),
+        }
+    }
+}
+
+/// The WIT view of a delivery; the body moves to the message.
+fn to_message(delivery: &mut Delivery) -> Message {
+    use crate::runtime::ContentType as Wit;
+    Message {
+        id: delivery.id.clone(),
+        attempts: delivery.attempts,
+        timestamp_ms: delivery.timestamp_ms,
+        content_type: match delivery.content_type {
+            queue::ContentType::Json => Wit::Json,
+            queue::ContentType::Text => Wit::Text,
+            queue::ContentType::Bytes => Wit::Bytes,
+        },
+        body: std::mem::take(&mut delivery.body),
+    }
+}

@@ -1,0 +1,15 @@
+//! clawq: a runtime that hosts WASM component handlers for clawdentity's message queues.
+//!
+//! The pieces, one module each: [`config`] (TOML and defaults), [`queue`] (the durable
+//! queue engine), [`runtime`] (wasmtime, the handler components and their capabilities),
+//! [`trust`] (the trust store), [`consumer`] (feeds batches to handlers), [`api`] (the
+//! HTTP API) and [`server`] (wires them together for `clawq serve`).
+
+pub mod api;
+pub mod bundled;
+pub mod config;
+pub mod consumer;
+pub mod queue;
+pub mod runtime;
+pub mod server;
+pub mod trust;

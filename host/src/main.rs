@@ -1,0 +1,81 @@
+//! The `clawq` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use clawq::config::Config;
+use tokio_util::sync::CancellationToken;
+
+/// clawq hosts WASM component handlers for clawdentity's message queues.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the queues, their handlers and the HTTP API.
+    ///
+    /// With no config file this serves `clawdentity-events` (CRL-invalidation handler)
+    /// and `clawdentity-receipts` with the spec's defaults.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address of the HTTP API [default: 127.0.0.1:8787, or the config's `listen`].
+    #[arg(long, env = "CLAWQ_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Directory of the queue database and the trust store [default: ./.clawq, or the
+    /// config's `data_dir`].
+    #[arg(long, env = "CLAWQ_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML config file (queues, consumers, trust store); optional.
+    #[arg(long, short, env = "CLAWQ_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CLAWQ_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(data_dir) = args.data_dir {
+        config.data_dir = data_dir;
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    clawq::server::serve(config, shutdown).await
+}
+
+/// Cancels `shutdown` on Ctrl-C or SIGTERM.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested");
+    shutdown.cancel();
+}

@@ -1,0 +1,372 @@
+//! The embedded queue backend: every queue in one SQLite database in WAL mode.
+//!
+//! A message row is deleted or moved only in the transaction that commits its outcome,
+//! so a crash at any point leaves it to be delivered again. Leases are a flag that is
+//! cleared when the database is opened: whatever was in flight when the previous process
+//! died is ready again.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{
+    ContentType, Delivery, NewMessage, QueueBackend, QueueCounts, QueueError, RetryPolicy,
+    SettleSummary, Settlement, check_limits,
+};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS messages (
+    seq          INTEGER PRIMARY KEY,
+    id           TEXT NOT NULL,
+    queue        TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    body         BLOB NOT NULL,
+    published_ms INTEGER NOT NULL,
+    visible_ms   INTEGER NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    leased       INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    source_queue TEXT,
+    dead_reason  TEXT,
+    dead_ms      INTEGER
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, leased, visible_ms, seq);
+";
+
+/// The SQLite queue backend.
+pub struct SqliteQueue {
+    conn: Mutex<Connection>,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+/// What the head of a queue says about the next batch.
+enum Readiness {
+    /// Lease these message sequence numbers now.
+    Take(Vec<i64>),
+    /// Nothing to take yet; look again at this time (or when woken, if `None`).
+    WaitUntil(Option<u64>),
+}
+
+impl SqliteQueue {
+    /// Opens (or creates) the queue database at `path` and releases every lease left by
+    /// a previous process.
+    pub fn open(path: &Path) -> Result<Self, QueueError> {
+        let conn = Connection::open(path).map_err(storage)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(storage)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(storage)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(storage)?;
+        conn.execute_batch(SCHEMA).map_err(storage)?;
+        conn.execute("UPDATE messages SET leased = 0 WHERE leased = 1", [])
+            .map_err(storage)?;
+        Ok(SqliteQueue {
+            conn: Mutex::new(conn),
+            wakers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn waker(&self, queue: &str) -> Arc<Notify> {
+        let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        wakers.entry(queue.to_owned()).or_default().clone()
+    }
+
+    fn wake(&self, queue: &str) {
+        self.waker(queue).notify_waiters();
+    }
+
+    /// Decides whether a batch of `queue` is due at `now` and leases it if so.
+    fn try_lease(
+        &self,
+        queue: &str,
+        max_size: usize,
+        max_timeout: Duration,
+    ) -> Result<Result<Vec<Delivery>, Option<u64>>, QueueError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(storage)?;
+        let now = now_ms();
+        let readiness = readiness(&tx, queue, max_size, max_timeout, now).map_err(storage)?;
+        let seqs = match readiness {
+            Readiness::WaitUntil(at) => return Ok(Err(at)),
+            Readiness::Take(seqs) => seqs,
+        };
+        let mut batch = Vec::with_capacity(seqs.len());
+        {
+            let mut lease = tx
+                .prepare_cached(
+                    "UPDATE messages SET leased = 1, attempts = attempts + 1 WHERE seq = ?1
+                     RETURNING id, attempts, published_ms, content_type, body",
+                )
+                .map_err(storage)?;
+            for seq in seqs {
+                let delivery = lease
+                    .query_row([seq], |row| {
+                        let content_type: String = row.get(3)?;
+                        Ok(Delivery {
+                            lease: seq,
+                            id: row.get(0)?,
+                            attempts: row.get(1)?,
+                            timestamp_ms: row.get(2)?,
+                            content_type: ContentType::parse(&content_type)
+                                .unwrap_or(ContentType::Bytes),
+                            body: row.get(4)?,
+                        })
+                    })
+                    .map_err(storage)?;
+                batch.push(delivery);
+            }
+        }
+        tx.commit().map_err(storage)?;
+        Ok(Ok(batch))
+    }
+}
+
+/// Reads the head of `queue`: the ready messages (up to `max_size`) and when the next
+/// delayed one becomes ready.
+fn readiness(
+    conn: &Connection,
+    queue: &str,
+    max_size: usize,
+    max_timeout: Duration,
+    now: u64,
+) -> rusqlite::Result<Readiness> {
+    let mut ready = conn.prepare_cached(
+        "SELECT seq, visible_ms FROM messages
+         WHERE queue = ?1 AND leased = 0 AND visible_ms <= ?2
+         ORDER BY visible_ms, seq LIMIT ?3",
+    )?;
+    let head: Vec<(i64, u64)> = ready
+        .query_map(params![queue, now, max_size as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let timeout_ms = max_timeout.as_millis() as u64;
+    if let Some(&(_, first_ready)) = head.first() {
+        let due = first_ready + timeout_ms;
+        if head.len() >= max_size || now >= due {
+            return Ok(Readiness::Take(
+                head.into_iter().map(|(seq, _)| seq).collect(),
+            ));
+        }
+        return Ok(Readiness::WaitUntil(Some(
+            due.min(next_visible(conn, queue, now)?.unwrap_or(due)),
+        )));
+    }
+    Ok(Readiness::WaitUntil(next_visible(conn, queue, now)?))
+}
+
+/// When the earliest delayed message of `queue` becomes ready.
+fn next_visible(conn: &Connection, queue: &str, now: u64) -> rusqlite::Result<Option<u64>> {
+    conn.prepare_cached(
+        "SELECT MIN(visible_ms) FROM messages WHERE queue = ?1 AND leased = 0 AND visible_ms > ?2",
+    )?
+    .query_row(params![queue, now], |r| r.get(0))
+}
+
+#[async_trait]
+impl QueueBackend for SqliteQueue {
+    async fn publish(
+        &self,
+        queue: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<String>, QueueError> {
+        check_limits(&messages).map_err(QueueError::Limit)?;
+        let now = now_ms();
+        let ids: Vec<String> = messages
+            .iter()
+            .map(|_| ulid::Ulid::new().to_string())
+            .collect();
+        {
+            let mut conn = self.conn();
+            let tx = conn.transaction().map_err(storage)?;
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT INTO messages (id, queue, content_type, body, published_ms, visible_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )
+                    .map_err(storage)?;
+                for (id, m) in ids.iter().zip(&messages) {
+                    let visible = now + u64::from(m.delay_seconds) * 1000;
+                    insert
+                        .execute(params![
+                            id,
+                            queue,
+                            m.content_type.as_str(),
+                            m.body,
+                            now,
+                            visible
+                        ])
+                        .map_err(storage)?;
+                }
+            }
+            tx.commit().map_err(storage)?;
+        }
+        self.wake(queue);
+        Ok(ids)
+    }
+
+    async fn next_batch(
+        &self,
+        queue: &str,
+        max_size: usize,
+        max_timeout: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let waker = self.waker(queue);
+        loop {
+            let notified = waker.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.try_lease(queue, max_size, max_timeout)? {
+                Ok(batch) => return Ok(batch),
+                Err(None) => notified.await,
+                Err(Some(at)) => {
+                    let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep_until(Instant::now() + wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn settle(
+        &self,
+        queue: &str,
+        policy: &RetryPolicy,
+        outcomes: Vec<(Delivery, Settlement)>,
+    ) -> Result<SettleSummary, QueueError> {
+        let now = now_ms();
+        let mut summary = SettleSummary::default();
+        {
+            let mut conn = self.conn();
+            let tx = conn.transaction().map_err(storage)?;
+            for (delivery, settlement) in outcomes {
+                let fate = Fate::of(&delivery, settlement, policy);
+                match &fate {
+                    Fate::Delete => {
+                        summary.acked += 1;
+                        tx.prepare_cached("DELETE FROM messages WHERE seq = ?1")
+                            .and_then(|mut s| s.execute([delivery.lease]))
+                    }
+                    Fate::Retry { delay_seconds, error } => {
+                        summary.retried += 1;
+                        let visible = now + u64::from(*delay_seconds) * 1000;
+                        tx.prepare_cached(
+                            "UPDATE messages SET leased = 0, visible_ms = ?2, last_error = ?3
+                             WHERE seq = ?1",
+                        )
+                        .and_then(|mut s| s.execute(params![delivery.lease, visible, error]))
+                    }
+                    Fate::DeadLetter { reason } => match &policy.dead_letter_queue {
+                        Some(dlq) => {
+                            summary.dead_lettered += 1;
+                            tracing::warn!(queue, dlq, id = %delivery.id, reason, "message dead-lettered");
+                            tx.prepare_cached(
+                                "UPDATE messages SET queue = ?2, leased = 0, attempts = 0,
+                                 visible_ms = ?3, source_queue = ?4, dead_reason = ?5, dead_ms = ?3
+                                 WHERE seq = ?1",
+                            )
+                            .and_then(|mut s| {
+                                s.execute(params![delivery.lease, dlq, now, queue, reason])
+                            })
+                        }
+                        None => {
+                            summary.dropped += 1;
+                            tracing::error!(queue, id = %delivery.id, reason,
+                                "message dropped: it failed for good and the queue has no dead_letter_queue");
+                            tx.prepare_cached("DELETE FROM messages WHERE seq = ?1")
+                                .and_then(|mut s| s.execute([delivery.lease]))
+                        }
+                    },
+                }
+                .map_err(storage)?;
+            }
+            tx.commit().map_err(storage)?;
+        }
+        if summary.retried > 0 {
+            self.wake(queue);
+        }
+        if let (Some(dlq), true) = (&policy.dead_letter_queue, summary.dead_lettered > 0) {
+            self.wake(dlq);
+        }
+        Ok(summary)
+    }
+
+    async fn counts(&self, queue: &str) -> Result<QueueCounts, QueueError> {
+        let conn = self.conn();
+        conn.prepare_cached(
+            "SELECT COALESCE(SUM(leased = 0 AND visible_ms <= ?2), 0),
+                    COALESCE(SUM(leased = 1), 0),
+                    COALESCE(SUM(leased = 0 AND visible_ms > ?2), 0)
+             FROM messages WHERE queue = ?1",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![queue, now_ms()], |r| {
+                Ok(QueueCounts {
+                    backlog: r.get(0)?,
+                    in_flight: r.get(1)?,
+                    delayed: r.get(2)?,
+                })
+            })
+        })
+        .optional()
+        .map_err(storage)
+        .map(Option::unwrap_or_default)
+    }
+}
+
+/// Where a settled message ends up, once the retry policy is applied.
+enum Fate {
+    Delete,
+    Retry { delay_seconds: u32, error: String },
+    DeadLetter { reason: String },
+}
+
+impl Fate {
+    fn of(delivery: &Delivery, settlement: Settlement, policy: &RetryPolicy) -> Fate {
+        match settlement {
+            Settlement::Ack => Fate::Delete,
+            Settlement::DeadLetter { reason } => Fate::DeadLetter { reason },
+            Settlement::Retry { error, .. } if delivery.attempts > policy.max_retries => {
+                Fate::DeadLetter {
+                    reason: format!(
+                        "max_retries ({}) exceeded after {} attempts; last error: {error}",
+                        policy.max_retries, delivery.attempts
+                    ),
+                }
+            }
+            Settlement::Retry {
+                delay_seconds,
+                error,
+            } => Fate::Retry {
+                delay_seconds,
+                error,
+            },
+        }
+    }
+}
+
+fn storage(err: rusqlite::Error) -> QueueError {
+    QueueError::Storage(err.to_string())
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

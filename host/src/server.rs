@@ -1,0 +1,111 @@
+//! `clawq serve`: opens the stores, loads the handlers, starts one consumer per queue and
+//! the HTTP API, and shuts all of it down cleanly.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState, QueueInfo};
+use crate::bundled;
+use crate::config::Config;
+use crate::consumer::Consumer;
+use crate::queue::QueueBackend;
+use crate::queue::sqlite::SqliteQueue;
+use crate::runtime::{Capabilities, LoadedHandler, Runtime};
+use crate::trust::TrustStore;
+
+/// How long in-flight batches get to finish after a shutdown is asked for.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Runs the host until `shutdown` is cancelled.
+pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let backend: Arc<dyn QueueBackend> = Arc::new(
+        SqliteQueue::open(&config.data_dir.join("queues.db"))
+            .context("opening the queue database")?,
+    );
+    let trust = Arc::new(
+        TrustStore::open(&config.data_dir.join("trust.db"), config.revocation_ttl)
+            .context("opening the trust store")?,
+    );
+    let caps = Arc::new(Capabilities {
+        trust: trust.clone(),
+    });
+    let runtime = Arc::new(Runtime::new()?);
+
+    let mut consumers = JoinSet::new();
+    let consumers_stop = CancellationToken::new();
+    for consumer in config.consumers.values() {
+        let Some(handler_ref) = &consumer.handler else {
+            tracing::info!(queue = %consumer.queue, "queue has no handler: messages wait for one");
+            continue;
+        };
+        let handler = load_handler(&runtime, handler_ref).await?;
+        tracing::info!(queue = %consumer.queue, handler = handler_ref, "consumer started");
+        let consumer = Consumer::new(consumer.clone(), handler, backend.clone(), caps.clone());
+        consumers.spawn(consumer.run(consumers_stop.clone()));
+    }
+
+    let queues: BTreeMap<String, QueueInfo> = config
+        .queue_names()
+        .map(|name| {
+            let consumer = config.consumers.get(name);
+            let info = QueueInfo {
+                handler: consumer.and_then(|c| c.handler.clone()),
+                dead_letter_queue: consumer.and_then(|c| c.dead_letter_queue.clone()),
+            };
+            (name.to_owned(), info)
+        })
+        .collect();
+    let app = api::router(AppState {
+        backend,
+        queues: Arc::new(queues),
+        trust,
+    });
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    tracing::info!(data_dir = %config.data_dir.display(), "clawq listening on http://{}", listener.local_addr()?);
+
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("serving HTTP")?;
+
+    tracing::info!("shutting down: finishing the batches in flight");
+    consumers_stop.cancel();
+    let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
+        while consumers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "batches still running after {DRAIN_DEADLINE:?}; they will be delivered again"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Loads a handler named in the config: a bundled one by name, or a `.wasm` file by path.
+async fn load_handler(runtime: &Arc<Runtime>, handler: &str) -> Result<Arc<LoadedHandler>> {
+    let wasm = match bundled::find(handler) {
+        Some(bytes) => bytes.to_vec(),
+        None => std::fs::read(handler).with_context(|| {
+            format!(
+                "handler `{handler}` is neither a bundled handler ({}) nor a readable .wasm file",
+                bundled::NAMES.join(", ")
+            )
+        })?,
+    };
+    let runtime = runtime.clone();
+    let name = handler.to_owned();
+    let loaded = tokio::task::spawn_blocking(move || runtime.load(&name, &wasm)).await??;
+    Ok(Arc::new(loaded))
+}

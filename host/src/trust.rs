@@ -1,0 +1,159 @@
+//! The trust store: which agents are revoked, in SQLite so that revocations survive
+//! restarts. It backs the `trust-store` capability and `GET /v1/trust/agents/{did}`.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use clawq_protocol::did::{DidError, validate_agent_did};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::queue::sqlite::now_ms;
+
+/// Errors of the trust store.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    /// The DID is not a valid agent DID; asking again will not help.
+    #[error("invalid agent DID `{did}`: {reason}")]
+    InvalidDid {
+        /// The DID given.
+        did: String,
+        /// What is wrong with it.
+        reason: DidError,
+    },
+    /// The storage failed; a later attempt may succeed.
+    #[error("trust store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl TrustError {
+    /// True when trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, TrustError::Unavailable(_))
+    }
+}
+
+impl From<rusqlite::Error> for TrustError {
+    fn from(err: rusqlite::Error) -> Self {
+        TrustError::Unavailable(err.to_string())
+    }
+}
+
+/// The revocation state of one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentTrust {
+    /// When the agent was (last) marked revoked, in ms since the epoch, if its marker
+    /// has not expired.
+    pub revoked_at_ms: Option<u64>,
+    /// When that marker expires, in ms since the epoch.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// The SQLite trust store.
+pub struct TrustStore {
+    conn: Mutex<Connection>,
+    marker_ttl: Duration,
+}
+
+impl TrustStore {
+    /// Opens (or creates) the trust store at `path`; revocation markers last `marker_ttl`.
+    pub fn open(path: &Path, marker_ttl: Duration) -> Result<Self, TrustError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS revoked_agents (
+                 did        TEXT PRIMARY KEY,
+                 revoked_ms INTEGER NOT NULL,
+                 expires_ms INTEGER NOT NULL
+             );",
+        )?;
+        Ok(TrustStore {
+            conn: Mutex::new(conn),
+            marker_ttl,
+        })
+    }
+
+    /// Marks `did` revoked from now on, refreshing an existing marker.
+    pub fn revoke(&self, did: &str) -> Result<(), TrustError> {
+        check_did(did)?;
+        let now = now_ms();
+        let expires = now + self.marker_ttl.as_millis() as u64;
+        self.conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .prepare_cached(
+                "INSERT INTO revoked_agents (did, revoked_ms, expires_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (did) DO UPDATE SET revoked_ms = ?2, expires_ms = ?3",
+            )?
+            .execute(params![did, now, expires])?;
+        Ok(())
+    }
+
+    /// The revocation state of `did` now.
+    pub fn lookup(&self, did: &str) -> Result<AgentTrust, TrustError> {
+        check_did(did)?;
+        let row: Option<(u64, u64)> = self
+            .conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .prepare_cached(
+                "SELECT revoked_ms, expires_ms FROM revoked_agents WHERE did = ?1 AND expires_ms > ?2",
+            )?
+            .query_row(params![did, now_ms()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(AgentTrust {
+            revoked_at_ms: row.map(|(revoked, _)| revoked),
+            expires_at_ms: row.map(|(_, expires)| expires),
+        })
+    }
+
+    /// Whether `did` is revoked now.
+    pub fn is_revoked(&self, did: &str) -> Result<bool, TrustError> {
+        Ok(self.lookup(did)?.revoked_at_ms.is_some())
+    }
+}
+
+fn check_did(did: &str) -> Result<(), TrustError> {
+    validate_agent_did(did).map_err(|reason| TrustError::InvalidDid {
+        did: did.to_owned(),
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DID: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
+
+    #[test]
+    fn revocations_persist_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trust.db");
+        let store = TrustStore::open(&path, Duration::from_secs(3600)).unwrap();
+        assert!(!store.is_revoked(DID).unwrap());
+        store.revoke(DID).unwrap();
+        store.revoke(DID).unwrap();
+        drop(store);
+
+        let reopened = TrustStore::open(&path, Duration::from_secs(3600)).unwrap();
+        assert!(reopened.is_revoked(DID).unwrap());
+
+        let expiring = TrustStore::open(&path, Duration::ZERO).unwrap();
+        expiring.revoke(DID).unwrap();
+        assert!(
+            !expiring.is_revoked(DID).unwrap(),
+            "a zero-length marker has expired"
+        );
+    }
+
+    #[test]
+    fn invalid_dids_are_refused_permanently() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TrustStore::open(&dir.path().join("t.db"), Duration::from_secs(1)).unwrap();
+        let err = store.revoke("did:cdi:x:agent:1").unwrap_err();
+        assert!(!err.is_transient());
+        assert!(err.to_string().contains("invalid agent DID"));
+    }
+}
