@@ -8,11 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Guest crates: (package name, directory relative to the workspace root).
-const GUESTS: [(&str, &str); 2] = [
-    ("crl-invalidation", "components/crl-invalidation"),
-    ("scripted-handler", "tests/components/scripted-handler"),
-];
+/// Guest crates, by package name.
+const GUESTS: [&str; 2] = ["crl-invalidation", "scripted-handler"];
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
@@ -31,7 +28,7 @@ fn main() {
     );
 
     build_guests(root, &target_dir);
-    for (name, _) in GUESTS {
+    for name in GUESTS {
         let file = target_dir
             .join("wasm32-wasip2/guest")
             .join(format!("{}.wasm", name.replace('-', "_")));
@@ -45,30 +42,35 @@ fn main() {
     }
 }
 
+/// Builds each guest as a `cdylib` (its crate is a plain library, so that its unit tests
+/// and clippy run natively), which for `wasm32-wasip2` is a component.
 fn build_guests(root: &Path, target_dir: &Path) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(root)
-        .args(["build", "--target", "wasm32-wasip2", "--profile", "guest"])
-        .arg("--target-dir")
-        .arg(target_dir);
-    for (name, _) in GUESTS {
-        cmd.args(["-p", name]);
+    for name in GUESTS {
+        let mut cmd = Command::new(&cargo);
+        cmd.current_dir(root)
+            .args(["rustc", "--lib", "--crate-type", "cdylib", "-p", name])
+            .args(["--target", "wasm32-wasip2", "--profile", "guest"])
+            .arg("--target-dir")
+            .arg(target_dir);
+        // The outer build's flags and wrappers (clippy, coverage) are not meant for guests.
+        for var in [
+            "CARGO_ENCODED_RUSTFLAGS",
+            "RUSTFLAGS",
+            "RUSTC_WRAPPER",
+            "RUSTC_WORKSPACE_WRAPPER",
+            "CARGO_BUILD_TARGET",
+            "CARGO_TARGET_DIR",
+            "CARGO_PRIMARY_PACKAGE",
+        ] {
+            cmd.env_remove(var);
+        }
+        let status = cmd
+            .status()
+            .expect("running cargo to build the guest components");
+        assert!(
+            status.success(),
+            "building the guest component {name} failed"
+        );
     }
-    // The outer build's flags and wrappers (clippy, coverage) are not meant for guests.
-    for var in [
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_BUILD_TARGET",
-        "CARGO_TARGET_DIR",
-        "CARGO_PRIMARY_PACKAGE",
-    ] {
-        cmd.env_remove(var);
-    }
-    let status = cmd
-        .status()
-        .expect("running cargo to build the guest components");
-    assert!(status.success(), "building the guest components failed");
 }

@@ -370,3 +370,273 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const Q: &str = "jobs";
+    const DLQ: &str = "jobs-dlq";
+    const LONG: Duration = Duration::from_secs(3600);
+
+    fn open() -> (tempfile::TempDir, SqliteQueue) {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = SqliteQueue::open(&dir.path().join("q.db")).unwrap();
+        (dir, queue)
+    }
+
+    fn text(body: &str, delay_seconds: u32) -> NewMessage {
+        NewMessage {
+            content_type: ContentType::Text,
+            body: body.into(),
+            delay_seconds,
+        }
+    }
+
+    fn policy(max_retries: u32, dlq: Option<&str>) -> RetryPolicy {
+        RetryPolicy {
+            max_retries,
+            dead_letter_queue: dlq.map(str::to_owned),
+        }
+    }
+
+    async fn publish(queue: &SqliteQueue, n: usize) -> Vec<String> {
+        let messages = (0..n).map(|i| text(&format!("m{i}"), 0)).collect();
+        queue.publish(Q, messages).await.unwrap()
+    }
+
+    /// The next batch, failing the test if none comes within `within`.
+    async fn batch(
+        queue: &SqliteQueue,
+        size: usize,
+        timeout: Duration,
+        within: Duration,
+    ) -> Vec<Delivery> {
+        tokio::time::timeout(within, queue.next_batch(Q, size, timeout))
+            .await
+            .expect("a batch within the deadline")
+            .unwrap()
+    }
+
+    async fn settle_all(
+        queue: &SqliteQueue,
+        batch: Vec<Delivery>,
+        s: Settlement,
+        p: &RetryPolicy,
+    ) -> SettleSummary {
+        let outcomes = batch.into_iter().map(|d| (d, s.clone())).collect();
+        queue.settle(Q, p, outcomes).await.unwrap()
+    }
+
+    fn retry(delay_seconds: u32) -> Settlement {
+        Settlement::Retry {
+            delay_seconds,
+            error: "boom".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_is_delivered_at_once_in_publish_order() {
+        let (_dir, queue) = open();
+        let ids = publish(&queue, 7).await;
+        let first = batch(&queue, 5, LONG, Duration::from_secs(5)).await;
+        assert_eq!(
+            first.iter().map(|d| d.id.clone()).collect::<Vec<_>>(),
+            ids[..5]
+        );
+        assert!(first.iter().all(|d| d.attempts == 1));
+        assert_eq!(first[0].body, b"m0");
+        let counts = queue.counts(Q).await.unwrap();
+        assert_eq!(
+            counts,
+            QueueCounts {
+                backlog: 2,
+                in_flight: 5,
+                delayed: 0
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_partial_batch_waits_for_the_timeout() {
+        let (_dir, queue) = open();
+        publish(&queue, 2).await;
+        let started = std::time::Instant::now();
+        let got = batch(
+            &queue,
+            10,
+            Duration::from_millis(300),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(got.len(), 2);
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_consumer_is_woken_by_a_publish() {
+        let (_dir, queue) = open();
+        let queue = Arc::new(queue);
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.next_batch(Q, 1, LONG).await.unwrap() }
+        });
+        tokio::task::yield_now().await;
+        publish(&queue, 1).await;
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn ack_deletes_and_retry_redelivers_after_its_delay() {
+        let (_dir, queue) = open();
+        publish(&queue, 2).await;
+        let mut got = batch(&queue, 2, LONG, Duration::from_secs(5)).await;
+        let second = got.pop().unwrap();
+        let p = policy(3, Some(DLQ));
+        settle_all(&queue, got, Settlement::Ack, &p).await;
+        let summary = settle_all(&queue, vec![second], retry(1), &p).await;
+        assert_eq!(
+            summary,
+            SettleSummary {
+                retried: 1,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            queue.counts(Q).await.unwrap(),
+            QueueCounts {
+                backlog: 0,
+                in_flight: 0,
+                delayed: 1
+            }
+        );
+
+        let started = std::time::Instant::now();
+        let again = batch(&queue, 1, LONG, Duration::from_secs(5)).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            (again[0].attempts, again[0].body.as_slice()),
+            (2, &b"m1"[..])
+        );
+    }
+
+    #[tokio::test]
+    async fn max_retries_then_dead_letter_queue() {
+        let (_dir, queue) = open();
+        publish(&queue, 1).await;
+        let p = policy(2, Some(DLQ));
+        for attempt in 1..=3 {
+            let got = batch(&queue, 1, Duration::ZERO, Duration::from_secs(5)).await;
+            assert_eq!(got[0].attempts, attempt);
+            let summary = settle_all(&queue, got, retry(0), &p).await;
+            assert_eq!(
+                summary.dead_lettered,
+                usize::from(attempt == 3),
+                "attempt {attempt}"
+            );
+        }
+        assert_eq!(queue.counts(Q).await.unwrap(), QueueCounts::default());
+        let dead = queue.counts(DLQ).await.unwrap();
+        assert_eq!(dead.backlog, 1);
+        let row: (String, String, String) = queue
+            .conn()
+            .query_row(
+                "SELECT body, source_queue, dead_reason FROM messages",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)
+                            .map(|b| String::from_utf8(b).unwrap())?,
+                        r.get(1)?,
+                        r.get(2)?,
+                    ))
+                },
+            )
+            .unwrap();
+        assert_eq!(row.0, "m0");
+        assert_eq!(row.1, Q);
+        assert!(
+            row.2
+                .contains("max_retries (2) exceeded after 3 attempts; last error: boom"),
+            "{}",
+            row.2
+        );
+    }
+
+    #[tokio::test]
+    async fn dead_letter_outcome_and_drop_without_a_dlq() {
+        let (_dir, queue) = open();
+        publish(&queue, 2).await;
+        let mut got = batch(&queue, 2, LONG, Duration::from_secs(5)).await;
+        let second = got.pop().unwrap();
+        let dead = Settlement::DeadLetter {
+            reason: "poison".into(),
+        };
+        let summary = settle_all(&queue, got, dead.clone(), &policy(3, Some(DLQ))).await;
+        assert_eq!(summary.dead_lettered, 1);
+        let summary = settle_all(&queue, vec![second], dead, &policy(3, None)).await;
+        assert_eq!(summary.dropped, 1);
+        assert_eq!(queue.counts(Q).await.unwrap(), QueueCounts::default());
+        assert_eq!(queue.counts(DLQ).await.unwrap().backlog, 1);
+    }
+
+    #[tokio::test]
+    async fn delayed_messages_wait_and_leases_die_with_the_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        {
+            let queue = SqliteQueue::open(&path).unwrap();
+            queue
+                .publish(Q, vec![text("later", 3600), text("now", 0)])
+                .await
+                .unwrap();
+            let got = batch(&queue, 10, Duration::ZERO, Duration::from_secs(5)).await;
+            assert_eq!(got.len(), 1, "the delayed message is not ready");
+            assert_eq!(
+                queue.counts(Q).await.unwrap(),
+                QueueCounts {
+                    backlog: 0,
+                    in_flight: 1,
+                    delayed: 1
+                }
+            );
+        }
+        let reopened = SqliteQueue::open(&path).unwrap();
+        assert_eq!(
+            reopened.counts(Q).await.unwrap(),
+            QueueCounts {
+                backlog: 1,
+                in_flight: 0,
+                delayed: 1
+            }
+        );
+        let again = batch(&reopened, 10, Duration::ZERO, Duration::from_secs(5)).await;
+        assert_eq!(
+            (again[0].attempts, again[0].body.as_slice()),
+            (2, &b"now"[..])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_stores_nothing() {
+        let (_dir, queue) = open();
+        let err = queue
+            .publish(Q, vec![text("ok", 0), text("late", 50_000)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, QueueError::Limit(_)));
+        assert_eq!(queue.counts(Q).await.unwrap(), QueueCounts::default());
+    }
+}
