@@ -139,14 +139,15 @@ impl LoadedHandler {
         let trap = |err: wasmtime::Error| {
             let err = anyhow::Error::from(err);
             let output = String::from_utf8_lossy(&stderr.contents())
-                .trim()
-                .to_owned();
-            let detail = if output.is_empty() {
-                format!("{err:#}")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            let cause = err.root_cause();
+            BatchFailure::Trap(if output.is_empty() {
+                cause.to_string()
             } else {
-                format!("{err:#}; stderr: {output}")
-            };
-            BatchFailure::Trap(detail)
+                format!("{cause}; stderr: {output}")
+            })
         };
         let instance = self.pre.instantiate_async(&mut store).await.map_err(trap)?;
         instance

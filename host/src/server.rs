@@ -2,6 +2,7 @@
 //! the HTTP API, and shuts all of it down cleanly.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,7 +106,10 @@ async fn load_handler(runtime: &Arc<Runtime>, handler: &str) -> Result<Arc<Loade
         })?,
     };
     let runtime = runtime.clone();
-    let name = handler.to_owned();
+    let name = match Path::new(handler).file_stem() {
+        Some(stem) if bundled::find(handler).is_none() => stem.to_string_lossy().into_owned(),
+        _ => handler.to_owned(),
+    };
     let loaded = tokio::task::spawn_blocking(move || runtime.load(&name, &wasm)).await??;
     Ok(Arc::new(loaded))
 }

@@ -1,0 +1,187 @@
+//! End to end: the HTTP API refuses bad requests with clear JSON errors and stores
+//! nothing for them.
+
+mod support;
+
+use serde_json::json;
+use support::*;
+
+/// The receipts queue has no consumer yet, so whatever is stored stays countable.
+const QUEUE: &str = "clawdentity-receipts";
+
+fn error_code(reply: &serde_json::Value) -> &str {
+    reply["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code in {reply}"))
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_store_nothing() {
+    let host = Host::start("");
+    let one = format!("/v1/queues/{QUEUE}/messages");
+    let batch = format!("/v1/queues/{QUEUE}/messages/batch");
+    let big = "x".repeat(128 * 1024 + 1);
+    let hundred_k = "y".repeat(100 * 1024);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (&one, "{not json".into(), 400, "invalid_request"),
+        (&one, json!({"bdy": 1}).to_string(), 400, "invalid_request"),
+        (
+            &one,
+            json!({"body": 1, "extra": true}).to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            &one,
+            json!({"body": 1, "content_type": "xml"}).to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            &one,
+            json!({"body": 1, "content_type": "text"}).to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            &one,
+            json!({"body": "%%%", "content_type": "bytes"}).to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            &one,
+            json!({"body": 1, "delay_seconds": -1}).to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            &one,
+            json!({"body": 1, "delay_seconds": 43201}).to_string(),
+            400,
+            "delay_too_long",
+        ),
+        (
+            &one,
+            json!({"body": big, "content_type": "text"}).to_string(),
+            413,
+            "body_too_large",
+        ),
+        (
+            &batch,
+            json!({"messages": []}).to_string(),
+            400,
+            "empty_batch",
+        ),
+        (
+            &batch,
+            json!({"messages": vec![json!({"body": 1}); 101]}).to_string(),
+            400,
+            "too_many_messages",
+        ),
+        (
+            &batch,
+            json!({"messages": vec![json!({"body": hundred_k, "content_type": "text"}); 3]})
+                .to_string(),
+            413,
+            "batch_too_large",
+        ),
+        (
+            &batch,
+            json!({"messages": [{"body": 1}, {"body": 2, "delay_seconds": 99999}]}).to_string(),
+            400,
+            "delay_too_long",
+        ),
+        (
+            &one,
+            format!("{{\"body\": \"{}\"}}", "z".repeat(5 << 20)),
+            413,
+            "request_too_large",
+        ),
+        (
+            "/v1/queues/no-such-queue/messages",
+            json!({"body": 1}).to_string(),
+            404,
+            "queue_not_found",
+        ),
+    ];
+    for (path, body, want_status, want_code) in cases {
+        let shown: String = body.chars().take(80).collect();
+        let (status, reply) = host.post_raw(path, body);
+        assert_eq!(
+            (status, error_code(&reply)),
+            (want_status, want_code),
+            "{path} {shown}: {reply}"
+        );
+        assert!(
+            reply["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{reply}"
+        );
+    }
+    let status = host.queue(QUEUE);
+    assert_eq!(
+        [&status["backlog"], &status["delayed"]],
+        [0, 0],
+        "nothing was stored: {status}"
+    );
+
+    // The same endpoints accept good requests of every content type.
+    let good = [
+        json!({"body": {"type": "delivery_receipt"}}),
+        json!({"body": "plain", "content_type": "text"}),
+        json!({"body": "aGVsbG8=", "content_type": "bytes", "delay_seconds": 60}),
+    ];
+    for body in &good {
+        let (status, reply) = host.post(&format!("/v1/queues/{QUEUE}/messages"), body);
+        assert_eq!(status, 200, "{reply}");
+        assert!(
+            reply["id"].as_str().is_some_and(|id| id.len() == 26),
+            "{reply}"
+        );
+    }
+    let status = host.queue(QUEUE);
+    assert_eq!([&status["backlog"], &status["delayed"]], [2, 1], "{status}");
+}
+
+#[test]
+fn read_endpoints_answer_in_json() {
+    let host = Host::start("");
+    assert_eq!(host.get("/healthz"), (200, json!({"status": "ok"})));
+
+    let (status, reply) = host.get("/v1/queues/nope");
+    assert_eq!((status, error_code(&reply)), (404, "queue_not_found"));
+    let (status, reply) = host.get("/v1/nothing/here");
+    assert_eq!((status, error_code(&reply)), (404, "not_found"));
+
+    let (status, reply) = host.get("/v1/trust/agents/did:cdi:nope");
+    assert_eq!((status, error_code(&reply)), (400, "invalid_did"));
+    let (status, reply) = host.get(&format!("/v1/trust/agents/{DID_A}"));
+    assert_eq!(status, 200);
+    assert_eq!(
+        reply,
+        json!({"did": DID_A, "revoked": false, "revokedAt": null, "expiresAt": null})
+    );
+
+    let (status, reply) = host.get("/v1/queues");
+    assert_eq!(status, 200);
+    let names: Vec<&str> = reply["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["queue"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "clawdentity-events",
+            "clawdentity-events-dlq",
+            "clawdentity-receipts",
+            "clawdentity-receipts-dlq"
+        ]
+    );
+    let events = host.queue("clawdentity-events");
+    assert_eq!(events["handler"], "crl-invalidation");
+    assert_eq!(events["dead_letter_queue"], "clawdentity-events-dlq");
+}

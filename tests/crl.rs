@@ -1,0 +1,97 @@
+//! End to end: revocations published over HTTP reach the trust store through the real
+//! CRL-invalidation component, with every row of spec section 2's outcome table.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::*;
+
+#[test]
+fn a_published_revocation_makes_the_agent_revoked() {
+    let host = Host::start(&fast_events_config(""));
+    assert!(!host.is_revoked(DID_A));
+    host.publish(
+        "clawdentity-events",
+        revocation_event("agent_revoked", json!({"agentDid": DID_A})),
+    );
+    wait_for("the agent to be revoked", || {
+        host.is_revoked(DID_A).then_some(())
+    });
+    let (_, trust) = host.get(&format!("/v1/trust/agents/{DID_A}"));
+    assert!(
+        trust["revokedAt"].as_str().unwrap().ends_with('Z'),
+        "{trust}"
+    );
+    assert!(!host.is_revoked(DID_B));
+}
+
+#[test]
+fn every_row_of_the_outcome_table() {
+    let host = Host::start(&fast_events_config(""));
+    let human = "did:cdi:registry.clawdentity.com:human:01HZX4M3Q8V2J7K9T6R5W1N0PB";
+    // (body, whether the handler must warn about it)
+    let rows: Vec<(Value, bool)> = vec![
+        (json!("not an object"), true),
+        (json!([1, 2, 3]), true),
+        (json!({"id": "x", "data": {}}), true),
+        (json!({"type": "   "}), true),
+        (json!({"type": "agent.auth.issued", "data": {}}), false),
+        (json!({"type": "agent.auth.exploded", "data": {}}), true),
+        (
+            revocation_event("session_revoked", json!({"agentDid": DID_B})),
+            false,
+        ),
+        (revocation_event("agent_revoked", json!({})), true),
+        (
+            revocation_event("agent_revoked", json!({"agentDid": human})),
+            true,
+        ),
+        (
+            revocation_event("agent_revoked", json!({"agentDid": DID_A})),
+            false,
+        ),
+    ];
+    let bodies: Vec<Value> = rows.iter().map(|(body, _)| body.clone()).collect();
+    let ids = host.publish_batch("clawdentity-events", &bodies);
+    // A body that is not JSON at all, as text.
+    let (status, reply) = host.post(
+        "/v1/queues/clawdentity-events/messages",
+        &json!({"body": "{not json", "content_type": "text"}),
+    );
+    assert_eq!(status, 200, "{reply}");
+    let text_id = reply["id"].as_str().unwrap().to_owned();
+
+    let status = host.wait_drained("clawdentity-events");
+    assert_eq!(status["dead_lettered"], 0, "every row is acked: {status}");
+    assert!(host.is_revoked(DID_A));
+    assert!(
+        !host.is_revoked(DID_B),
+        "a session revocation does not revoke the agent"
+    );
+    for ((_, warns), id) in rows.iter().zip(&ids) {
+        let warned = host.log_lines(&["WARN", "crl-invalidation", id]).len();
+        assert_eq!(warned, usize::from(*warns), "message {id}");
+    }
+    host.wait_log_all(&["WARN", "crl-invalidation", &text_id, "not a JSON object"]);
+}
+
+#[test]
+fn a_transient_trust_store_failure_is_retried() {
+    let host = Host::start(&fast_events_config("retry_delay = 1\nmax_retries = 50\n"));
+    // Hold the trust store's write lock so that the handler's revocation fails.
+    let lock = rusqlite::Connection::open(host.data_dir().join("trust.db")).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    host.publish(
+        "clawdentity-events",
+        revocation_event("agent_revoked", json!({"agentDid": DID_A})),
+    );
+    host.wait_log_all(&["crl-invalidation", "will retry"]);
+    assert!(!host.is_revoked(DID_A));
+    lock.execute_batch("COMMIT").unwrap();
+
+    wait_for("the retried revocation", || {
+        host.is_revoked(DID_A).then_some(())
+    });
+    let status = host.wait_drained("clawdentity-events");
+    assert_eq!(status["dead_lettered"], 0, "{status}");
+}

@@ -1,0 +1,135 @@
+//! End to end: queue semantics (spec section 1) through the real host and a real
+//! component whose outcomes the message bodies script.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+
+const JOBS: &str = "jobs";
+
+fn seen(host: &Host, tag: &str) -> Vec<LogLine> {
+    host.log_lines(&["scripted_handler", &format!("seen tag={tag} ")])
+}
+
+#[test]
+fn a_full_batch_goes_out_at_once_and_a_partial_one_after_the_timeout() {
+    let config = scripted_consumer("sized", "max_batch_size = 4\nmax_batch_timeout = 30")
+        + &scripted_consumer("timed", "max_batch_size = 50\nmax_batch_timeout = 0.5");
+    let host = Host::start(&config);
+
+    let full: Vec<_> = (0..4)
+        .map(|i| json!({"do": "ack", "tag": format!("size{i}")}))
+        .collect();
+    host.publish_batch("sized", &full);
+    for i in 0..4 {
+        host.wait_log(&format!("seen tag=size{i} attempts=1 batch=4"));
+    }
+
+    let published = std::time::Instant::now();
+    let partial: Vec<_> = (0..3)
+        .map(|i| json!({"do": "ack", "tag": format!("time{i}")}))
+        .collect();
+    host.publish_batch("timed", &partial);
+    let line = host.wait_log("seen tag=time0 attempts=1 batch=3");
+    let waited = line.at - published;
+    assert!(
+        waited >= Duration::from_millis(400),
+        "a partial batch waits for max_batch_timeout: {waited:?}"
+    );
+    host.wait_drained("sized");
+    host.wait_drained("timed");
+}
+
+#[test]
+fn a_retry_with_delay_is_delivered_again_after_the_delay() {
+    let host = Host::start(&scripted_consumer(JOBS, "max_batch_timeout = 0"));
+    host.publish(
+        JOBS,
+        json!({"do": "retry", "delay": 1, "ack_at": 2, "tag": "r"}),
+    );
+    let first = host.wait_log("seen tag=r attempts=1 ");
+    let second = host.wait_log("seen tag=r attempts=2 ");
+    assert!(
+        second.at - first.at >= Duration::from_millis(900),
+        "{:?}",
+        second.at - first.at
+    );
+    let status = host.wait_drained(JOBS);
+    assert_eq!(status["dead_lettered"], 0, "{status}");
+    assert_eq!(seen(&host, "r").len(), 2);
+}
+
+#[test]
+fn max_retries_then_the_dead_letter_queue() {
+    let host = Host::start(&scripted_consumer(
+        JOBS,
+        "max_batch_timeout = 0\nmax_retries = 2",
+    ));
+    host.publish(JOBS, json!({"do": "retry", "tag": "m"}));
+    wait_for("the message to be dead-lettered", || {
+        (host.queue(JOBS)["dead_lettered"] == 1).then_some(())
+    });
+    let attempts: Vec<String> = seen(&host, "m").iter().map(|l| l.text.clone()).collect();
+    assert_eq!(attempts.len(), 3, "1 delivery + 2 retries: {attempts:#?}");
+    assert_eq!(host.queue("jobs-dlq")["backlog"], 1);
+    host.wait_log_all(&[
+        "message dead-lettered",
+        "max_retries (2) exceeded after 3 attempts",
+    ]);
+}
+
+#[test]
+fn a_dead_letter_outcome_skips_the_remaining_attempts() {
+    let host = Host::start(&scripted_consumer(JOBS, "max_batch_timeout = 0"));
+    host.publish(
+        JOBS,
+        json!({"do": "dead-letter", "reason": "poison pill", "tag": "d"}),
+    );
+    wait_for("the message to be dead-lettered", || {
+        (host.queue(JOBS)["dead_lettered"] == 1).then_some(())
+    });
+    host.wait_log_all(&["message dead-lettered", "poison pill"]);
+    assert_eq!(seen(&host, "d").len(), 1);
+}
+
+/// A trap, an error from `handle` and a missing outcome each retry the message; the
+/// host keeps serving, and a good message afterwards is handled.
+#[test]
+fn failed_batches_are_retried_and_the_host_serves_on() {
+    let host = Host::start(&scripted_consumer(
+        JOBS,
+        "max_batch_timeout = 0\nmax_retries = 1",
+    ));
+    for (action, tag) in [("trap", "t"), ("fail", "f"), ("skip", "s")] {
+        host.publish(JOBS, json!({"do": action, "tag": tag}));
+        host.wait_log(&format!("seen tag={tag} attempts=2 "));
+    }
+    host.wait_log_all(&["batch failed", "handler trapped", "scripted trap"]);
+    host.wait_log_all(&[
+        "batch failed",
+        "handler returned an error",
+        "scripted failure",
+    ]);
+    wait_for("all three dead-lettered", || {
+        (host.queue(JOBS)["dead_lettered"] == 3).then_some(())
+    });
+
+    let (status, _) = host.get("/healthz");
+    assert_eq!(status, 200);
+    host.publish(JOBS, json!({"do": "ack", "tag": "ok"}));
+    host.wait_log("seen tag=ok attempts=1 ");
+    let status = host.wait_drained(JOBS);
+    assert_eq!(status["dead_lettered"], 3, "{status}");
+}
+
+#[test]
+fn handlers_reach_their_capabilities() {
+    let host = Host::start(&scripted_consumer(JOBS, "max_batch_timeout = 0"));
+    host.publish(JOBS, json!({"do": "revoke", "did": DID_B, "tag": "cap"}));
+    wait_for("the scripted revocation", || {
+        host.is_revoked(DID_B).then_some(())
+    });
+}

@@ -1,0 +1,281 @@
+//! Test support: starts the real `clawq` binary on a loopback port with its own data
+//! directory, reads its log, and talks to it over HTTP.
+
+#![allow(dead_code)] // each test file uses its own part of the support
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The test handler whose outcomes the message bodies script.
+pub const SCRIPTED_HANDLER: &str = env!("CLAWQ_GUEST_SCRIPTED_HANDLER");
+/// A valid agent DID.
+pub const DID_A: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
+/// Another valid agent DID.
+pub const DID_B: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
+/// How long a test waits for anything before failing.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// One line of the host's log and when the test saw it.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    /// The text.
+    pub text: String,
+    /// When it was read.
+    pub at: Instant,
+}
+
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Vec<LogLine>>,
+    grew: Condvar,
+}
+
+/// A running `clawq serve` process.
+pub struct Host {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    log: Arc<Log>,
+    data_dir: PathBuf,
+    config: PathBuf,
+    http: reqwest::blocking::Client,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Host {
+    /// Starts a host with `config` (TOML) and a fresh data directory.
+    pub fn start(config: &str) -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("clawq.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut host = Host::spawn(&dir.path().join("data"), &config_path);
+        host._dir = Some(dir);
+        host
+    }
+
+    fn spawn(data_dir: &Path, config: &Path) -> Host {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_clawq"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .arg("--config")
+            .arg(config)
+            .env("CLAWQ_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting clawq");
+        let log = Arc::new(Log::default());
+        let stderr = child.stderr.take().unwrap();
+        let reader_log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(text) = line else { break };
+                eprintln!("[clawq] {text}");
+                reader_log.lines.lock().unwrap().push(LogLine {
+                    text,
+                    at: Instant::now(),
+                });
+                reader_log.grew.notify_all();
+            }
+        });
+        let mut host = Host {
+            child,
+            base: String::new(),
+            log,
+            data_dir: data_dir.to_owned(),
+            config: config.to_owned(),
+            http: reqwest::blocking::Client::builder()
+                .timeout(DEADLINE)
+                .build()
+                .unwrap(),
+            _dir: None,
+        };
+        let ready = host.wait_log("clawq listening on http://");
+        let address = ready.text.split("listening on ").nth(1).unwrap();
+        host.base = address.split_whitespace().next().unwrap().to_owned();
+        host
+    }
+
+    /// The data directory of this host.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Kills the host with SIGKILL and starts it again on the same data and config.
+    pub fn kill_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let dir = self._dir.take();
+        let mut restarted = Host::spawn(&self.data_dir.clone(), &self.config.clone());
+        restarted._dir = dir;
+        std::mem::swap(self, &mut restarted);
+    }
+
+    /// Waits for a log line containing every one of `needles`.
+    pub fn wait_log_all(&self, needles: &[&str]) -> LogLine {
+        let deadline = Instant::now() + DEADLINE;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            if let Some(line) = lines
+                .iter()
+                .find(|l| needles.iter().all(|n| l.text.contains(n)))
+            {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no log line with {needles:?} within {DEADLINE:?}"
+            );
+            lines = self.log.grew.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Waits for a log line containing `needle`.
+    pub fn wait_log(&self, needle: &str) -> LogLine {
+        self.wait_log_all(&[needle])
+    }
+
+    /// The log lines so far that contain every one of `needles`.
+    pub fn log_lines(&self, needles: &[&str]) -> Vec<LogLine> {
+        let lines = self.log.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter(|l| needles.iter().all(|n| l.text.contains(n)))
+            .cloned()
+            .collect()
+    }
+
+    /// GETs `path` and returns the status and JSON body.
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .unwrap();
+        (response.status().as_u16(), response.json().unwrap())
+    }
+
+    /// POSTs raw `body` as JSON to `path` and returns the status and JSON body.
+    pub fn post_raw(&self, path: &str, body: impl Into<reqwest::blocking::Body>) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .unwrap();
+        (response.status().as_u16(), response.json().unwrap())
+    }
+
+    /// POSTs `body` to `path` and returns the status and JSON body.
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, body.to_string())
+    }
+
+    /// Publishes one JSON message to `queue` and returns its id.
+    pub fn publish(&self, queue: &str, body: Value) -> String {
+        let (status, reply) = self.post(
+            &format!("/v1/queues/{queue}/messages"),
+            &serde_json::json!({"body": body}),
+        );
+        assert_eq!(status, 200, "{reply}");
+        reply["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Publishes a batch of JSON messages to `queue` and returns their ids.
+    pub fn publish_batch(&self, queue: &str, bodies: &[Value]) -> Vec<String> {
+        let messages: Vec<Value> = bodies
+            .iter()
+            .map(|b| serde_json::json!({"body": b}))
+            .collect();
+        let (status, reply) = self.post(
+            &format!("/v1/queues/{queue}/messages/batch"),
+            &serde_json::json!({"messages": messages}),
+        );
+        assert_eq!(status, 200, "{reply}");
+        reply["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|id| id.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// The status of `queue` (`GET /v1/queues/{queue}`).
+    pub fn queue(&self, queue: &str) -> Value {
+        let (status, body) = self.get(&format!("/v1/queues/{queue}"));
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Waits until `queue` holds no message: none ready, in flight or delayed.
+    pub fn wait_drained(&self, queue: &str) -> Value {
+        wait_for(&format!("queue {queue} to drain"), || {
+            let status = self.queue(queue);
+            let held = ["backlog", "in_flight", "delayed"]
+                .iter()
+                .map(|k| status[k].as_u64().unwrap())
+                .sum::<u64>();
+            (held == 0).then_some(status)
+        })
+    }
+
+    /// Whether the trust store says `did` is revoked.
+    pub fn is_revoked(&self, did: &str) -> bool {
+        let (status, body) = self.get(&format!("/v1/trust/agents/{did}"));
+        assert_eq!(status, 200, "{body}");
+        body["revoked"].as_bool().unwrap()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].
+pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An `agent.auth.revoked` event envelope.
+pub fn revocation_event(reason: &str, metadata: Value) -> Value {
+    serde_json::json!({
+        "id": format!("evt-{}", std::process::id()),
+        "type": "agent.auth.revoked",
+        "version": "v1",
+        "timestampUtc": "2026-11-24T10:00:00.000Z",
+        "initiatedByAccountId": "acc_1",
+        "data": {"reason": reason, "metadata": metadata}
+    })
+}
+
+/// The config of a host whose events queue batches quickly, with `extra` appended.
+pub fn fast_events_config(extra: &str) -> String {
+    format!(
+        "[[queues.consumers]]\nqueue = \"clawdentity-events\"\nmax_batch_timeout = 0.05\n\n{extra}"
+    )
+}
+
+/// A consumer of `queue` running the scripted test handler, with `settings` appended.
+pub fn scripted_consumer(queue: &str, settings: &str) -> String {
+    format!(
+        "[[queues.consumers]]\nqueue = \"{queue}\"\nhandler = \"{SCRIPTED_HANDLER}\"\ndead_letter_queue = \"{queue}-dlq\"\n{settings}\n"
+    )
+}
