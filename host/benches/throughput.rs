@@ -1,0 +1,128 @@
+//! Throughput benchmark (not a test): prints messages/s through the durable queue into
+//! the CRL-invalidation component end to end, the same queue with no handler at all
+//! (the engine alone) side by side, and the per-batch cost of a fresh instance.
+//!
+//! Run with `cargo bench -p clawq --bench throughput`. `CLAWQ_BENCH_MESSAGES` sets the
+//! message count (default 50000).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clawq::bundled;
+use clawq::config::{ConsumerConfig, EVENTS_QUEUE};
+use clawq::consumer::Consumer;
+use clawq::queue::sqlite::SqliteQueue;
+use clawq::queue::{ContentType, NewMessage, QueueBackend, RetryPolicy, Settlement};
+use clawq::runtime::{Capabilities, Runtime};
+use clawq::trust::TrustStore;
+use tokio_util::sync::CancellationToken;
+
+const PUBLISH_BATCH: usize = 100;
+
+fn revocation(i: usize) -> NewMessage {
+    let did = format!("did:cdi:registry.clawdentity.com:agent:{}", ulid::Ulid::from_parts(i as u64, 7));
+    let body = serde_json::json!({
+        "id": format!("evt-{i}"), "type": "agent.auth.revoked", "version": "v1",
+        "timestampUtc": "2026-11-24T10:00:00.000Z", "initiatedByAccountId": null,
+        "data": {"reason": "agent_revoked", "metadata": {"agentDid": did}}
+    });
+    NewMessage { content_type: ContentType::Json, body: body.to_string().into_bytes(), delay_seconds: 0 }
+}
+
+async fn fill(queue: &SqliteQueue, n: usize) {
+    let messages: Vec<NewMessage> = (0..n).map(revocation).collect();
+    for chunk in messages.chunks(PUBLISH_BATCH) {
+        queue.publish(EVENTS_QUEUE, chunk.to_vec()).await.unwrap();
+    }
+}
+
+async fn wait_drained(queue: &SqliteQueue) {
+    loop {
+        let c = queue.counts(EVENTS_QUEUE).await.unwrap();
+        if c.backlog + c.in_flight + c.delayed == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Messages/s taken and acked by a bare loop over the queue engine, no handler.
+async fn engine_alone(n: usize, batch_size: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = SqliteQueue::open(&dir.path().join("q.db")).unwrap();
+    fill(&queue, n).await;
+    let policy = RetryPolicy { max_retries: 3, dead_letter_queue: None };
+    let started = Instant::now();
+    let mut done = 0;
+    while done < n {
+        let batch = queue.next_batch(EVENTS_QUEUE, batch_size, Duration::ZERO).await.unwrap();
+        done += batch.len();
+        let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
+        queue.settle(EVENTS_QUEUE, &policy, acks).await.unwrap();
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Messages/s through a real consumer running the CRL-invalidation component.
+async fn end_to_end(runtime: &Runtime, n: usize, batch_size: usize, concurrency: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Arc::new(SqliteQueue::open(&dir.path().join("q.db")).unwrap());
+    let trust = Arc::new(TrustStore::open(&dir.path().join("t.db"), Duration::from_secs(3600)).unwrap());
+    let handler = Arc::new(runtime.load("crl-invalidation", bundled::CRL_INVALIDATION).unwrap());
+    fill(&queue, n).await;
+    let config = ConsumerConfig {
+        max_batch_size: batch_size,
+        max_batch_timeout: Duration::ZERO,
+        max_concurrency: concurrency,
+        ..ConsumerConfig::default_for(EVENTS_QUEUE)
+    };
+    let backend: Arc<dyn QueueBackend> = queue.clone();
+    let consumer = Consumer::new(config, handler, backend, Arc::new(Capabilities { trust: trust.clone() }));
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let running = tokio::spawn(consumer.run(stop.clone()));
+    wait_drained(&queue).await;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    stop.cancel();
+    running.await.unwrap();
+    let last = format!("did:cdi:registry.clawdentity.com:agent:{}", ulid::Ulid::from_parts(n as u64 - 1, 7));
+    assert!(trust.is_revoked(&last).unwrap(), "the last revocation landed");
+    rate
+}
+
+/// Mean time of one batch's fresh instance plus an empty `handle` call.
+async fn per_batch_instance(runtime: &Runtime, rounds: u32) -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    let trust = Arc::new(TrustStore::open(&dir.path().join("t.db"), Duration::from_secs(3600)).unwrap());
+    let caps = Arc::new(Capabilities { trust });
+    let handler = runtime.load("crl-invalidation", bundled::CRL_INVALIDATION).unwrap();
+    for _ in 0..100 {
+        handler.handle(caps.clone(), EVENTS_QUEUE, &[]).await.unwrap();
+    }
+    let started = Instant::now();
+    for _ in 0..rounds {
+        handler.handle(caps.clone(), EVENTS_QUEUE, &[]).await.unwrap();
+    }
+    started.elapsed() / rounds
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::var("CLAWQ_BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
+    let runtime = Runtime::new().unwrap();
+
+    let started = Instant::now();
+    runtime.load("crl-invalidation", bundled::CRL_INVALIDATION).unwrap();
+    println!("compile crl-invalidation component: {:?}", started.elapsed());
+    println!("per-batch fresh instance + empty handle call: {:?}", per_batch_instance(&runtime, 20_000).await);
+
+    for (batch_size, concurrency) in [(10, 1), (10, 2), (100, 1)] {
+        let alone = engine_alone(n, batch_size).await;
+        let wasm = end_to_end(&runtime, n, batch_size, concurrency).await;
+        println!(
+            "batch {batch_size:>3}, concurrency {concurrency}: engine alone {alone:>8.0} msg/s | \
+             queue → CRL component → trust store {wasm:>8.0} msg/s | ratio {:.2}",
+            wasm / alone
+        );
+    }
+}
