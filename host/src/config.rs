@@ -33,6 +33,32 @@ pub struct Config {
     pub plain_queues: Vec<String>,
     /// How long a revocation marker lasts.
     pub revocation_ttl: Duration,
+    /// Relay sessions and connector connections.
+    pub relay: RelayConfig,
+}
+
+/// Relay sessions and connector connections (`[relay]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RelayConfig {
+    /// How long a receipt row lives in a session.
+    pub receipt_ttl: Duration,
+    /// Most receipt rows kept per agent.
+    pub max_receipts_per_agent: usize,
+    /// How often the host sends a heartbeat to each connector.
+    pub heartbeat_interval: Duration,
+    /// Silence from a connector after which its connection is closed.
+    pub heartbeat_timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            receipt_ttl: Duration::from_secs(3600),
+            max_receipts_per_agent: 500,
+            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// How one queue is consumed (wrangler's `[[queues.consumers]]`).
@@ -62,7 +88,7 @@ impl ConsumerConfig {
     pub fn default_for(queue: &str) -> Self {
         let (handler, max_batch_size) = match queue {
             EVENTS_QUEUE => (Some("crl-invalidation".to_owned()), 10),
-            RECEIPTS_QUEUE => (None, 25),
+            RECEIPTS_QUEUE => (Some("receipt-router".to_owned()), 25),
             _ => (None, 10),
         };
         let dead_letter_queue = [EVENTS_QUEUE, RECEIPTS_QUEUE]
@@ -111,6 +137,54 @@ struct FileConfig {
     queues: FileQueues,
     #[serde(default)]
     trust: FileTrust,
+    #[serde(default)]
+    relay: FileRelay,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRelay {
+    /// Seconds a receipt row lives.
+    receipt_ttl: Option<u64>,
+    max_receipts_per_agent: Option<usize>,
+    /// Seconds between heartbeats.
+    heartbeat_interval: Option<f64>,
+    /// Seconds of silence before a connection is closed.
+    heartbeat_timeout: Option<f64>,
+}
+
+impl FileRelay {
+    fn apply(self) -> Result<RelayConfig> {
+        let defaults = RelayConfig::default();
+        let seconds = |value: Option<f64>, key: &str, default: Duration| match value {
+            None => Ok(default),
+            Some(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+            Some(_) => bail!("relay.{key} must be a number of seconds > 0"),
+        };
+        let relay = RelayConfig {
+            receipt_ttl: self
+                .receipt_ttl
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.receipt_ttl),
+            max_receipts_per_agent: self
+                .max_receipts_per_agent
+                .unwrap_or(defaults.max_receipts_per_agent),
+            heartbeat_interval: seconds(
+                self.heartbeat_interval,
+                "heartbeat_interval",
+                defaults.heartbeat_interval,
+            )?,
+            heartbeat_timeout: seconds(
+                self.heartbeat_timeout,
+                "heartbeat_timeout",
+                defaults.heartbeat_timeout,
+            )?,
+        };
+        if relay.max_receipts_per_agent == 0 {
+            bail!("relay.max_receipts_per_agent must be at least 1");
+        }
+        Ok(relay)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,6 +314,7 @@ impl Config {
                 .revocation_ttl
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_REVOCATION_TTL),
+            relay: file.relay.apply()?,
         })
     }
 

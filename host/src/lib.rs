@@ -5,11 +5,16 @@
 //! [`trust`] (the trust store), [`consumer`] (feeds batches to handlers), [`api`] (the
 //! HTTP API) and [`server`] (wires them together for `clawq serve`).
 
+pub mod actor_storage;
+pub mod agents;
 pub mod api;
 pub mod bundled;
 pub mod config;
+pub mod connector;
 pub mod consumer;
+pub mod frame;
 pub mod queue;
+pub mod relay;
 pub mod runtime;
 pub mod server;
 pub mod trust;

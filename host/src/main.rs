@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use clawq::agents::AgentRegistry;
 use clawq::config::Config;
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +25,9 @@ enum Command {
     /// With no config file this serves `clawdentity-events` (CRL-invalidation handler)
     /// and `clawdentity-receipts` with the spec's defaults.
     Serve(ServeArgs),
+    /// Register the agents whose connectors may connect (`clawq agents add <did>`).
+    #[command(subcommand)]
+    Agents(AgentsCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -40,6 +44,71 @@ struct ServeArgs {
     config: Option<PathBuf>,
 }
 
+#[derive(Debug, Subcommand)]
+enum AgentsCommand {
+    /// Register an agent and print its connector token (shown once, stored hashed).
+    Add {
+        /// The agent's DID: did:cdi:<authority>:agent:<ULID>.
+        did: String,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+    /// Remove an agent: its token stops working at its next connect.
+    Remove {
+        /// The agent's DID.
+        did: String,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+    /// List the registered agents.
+    List {
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct DataDirArg {
+    /// The host's data directory.
+    #[arg(long, env = "CLAWQ_DATA_DIR", default_value = clawq::config::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+}
+
+/// Runs an `agents` subcommand against the data directory (the host may be running).
+fn agents(command: AgentsCommand) -> Result<()> {
+    let open = |data: &DataDirArg| -> Result<AgentRegistry> {
+        std::fs::create_dir_all(&data.data_dir)?;
+        AgentRegistry::open(&data.data_dir.join("agents.db"))
+    };
+    match command {
+        AgentsCommand::Add { did, data } => {
+            let token = open(&data)?.add(&did)?;
+            println!("{token}");
+            eprintln!(
+                "agent {did} registered; give this token to its connector (it is not shown again)"
+            );
+        }
+        AgentsCommand::Remove { did, data } => {
+            if !open(&data)?.remove(&did)? {
+                anyhow::bail!("agent {did} is not registered");
+            }
+            eprintln!("agent {did} removed");
+        }
+        AgentsCommand::List { data } => {
+            for agent in open(&data)?.list()? {
+                let added =
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(agent.added_ms);
+                println!(
+                    "{}\t{}",
+                    agent.did,
+                    humantime::format_rfc3339_seconds(added)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -53,6 +122,7 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Agents(command) => agents(command),
     }
 }
 

@@ -14,7 +14,11 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::trust::TrustStore;
+use crate::actor_storage::{ActorStorage, StorageError};
+use crate::frame::{MAX_FRAME_BYTES, ReceiptStatus};
+use crate::relay::hub::ConnectionHub;
+use crate::relay::sessions::{Delivery, ReceiptIn, RelaySessions, SessionError};
+use crate::trust::{TrustError, TrustStore};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -26,7 +30,7 @@ mod bindings {
 }
 
 pub use bindings::clawdentity::queues::types::{ContentType, HostError, Message, Outcome};
-use bindings::clawdentity::queues::{log, trust_store};
+use bindings::clawdentity::queues::{actor_storage, log, relay_sessions, trust_store, websocket};
 use bindings::{HandlerHost, HandlerHostPre};
 
 /// Most bytes of a guest's stderr kept for a trap report.
@@ -40,6 +44,12 @@ const MAX_MEMORY_BYTES: usize = 64 << 20;
 pub struct Capabilities {
     /// Backs the `trust-store` import.
     pub trust: Arc<TrustStore>,
+    /// Backs the `relay-sessions` import.
+    pub sessions: Arc<RelaySessions>,
+    /// Backs the `websocket` import; revocations close connections through it too.
+    pub hub: Arc<ConnectionHub>,
+    /// Backs the `actor-storage` import.
+    pub storage: Arc<ActorStorage>,
 }
 
 /// The shared compiler and linker of every handler.
@@ -186,18 +196,121 @@ impl log::Host for BatchState {
 impl trust_store::Host for BatchState {
     async fn revoke_agent(&mut self, did: String) -> Result<(), HostError> {
         let trust = self.caps.trust.clone();
-        run_blocking(move || trust.revoke(&did)).await
+        let revoked = did.clone();
+        off_worker(move || trust.revoke(&revoked)).await?;
+        if self.caps.hub.close(&did, 1008, "agent_revoked") {
+            tracing::info!(agent = %did, "revoked agent's connection closed");
+        }
+        Ok(())
     }
 
     async fn is_revoked(&mut self, did: String) -> Result<bool, HostError> {
         let trust = self.caps.trust.clone();
-        run_blocking(move || trust.is_revoked(&did)).await
+        off_worker(move || trust.is_revoked(&did)).await
     }
 }
 
-/// Runs a trust-store call off the async workers and maps its error for the guest.
-async fn run_blocking<T: Send + 'static>(
-    call: impl FnOnce() -> Result<T, crate::trust::TrustError> + Send + 'static,
+impl relay_sessions::Host for BatchState {
+    async fn deliver_receipt(
+        &mut self,
+        receipt: relay_sessions::Receipt,
+    ) -> Result<relay_sessions::Delivery, HostError> {
+        let receipt = ReceiptIn {
+            request_id: receipt.request_id.trim().to_owned(),
+            sender_agent_did: receipt.sender_agent_did,
+            recipient_agent_did: receipt.recipient_agent_did,
+            status: match receipt.status {
+                relay_sessions::ReceiptStatus::DeliveredToWebhook => {
+                    ReceiptStatus::DeliveredToWebhook
+                }
+                relay_sessions::ReceiptStatus::DeadLettered => ReceiptStatus::DeadLettered,
+            },
+            reason: receipt.reason,
+        };
+        match self.caps.sessions.deliver(receipt).await {
+            Ok(Delivery::Pushed(n)) => Ok(relay_sessions::Delivery::Pushed(n)),
+            Ok(Delivery::Stored) => Ok(relay_sessions::Delivery::Stored),
+            Ok(Delivery::Unchanged) => Ok(relay_sessions::Delivery::Unchanged),
+            Ok(Delivery::Ignored) => Ok(relay_sessions::Delivery::Ignored),
+            Err(err) => Err(HostError {
+                transient: matches!(err, SessionError::Unavailable(_)),
+                message: err.to_string(),
+            }),
+        }
+    }
+}
+
+impl websocket::Host for BatchState {
+    async fn send_frame(&mut self, agent_did: String, frame: String) -> Result<u32, HostError> {
+        let refuse = |message: String| HostError {
+            transient: false,
+            message,
+        };
+        clawq_protocol::did::validate_agent_did(&agent_did)
+            .map_err(|e| refuse(format!("`{agent_did}`: {e}")))?;
+        if frame.len() > MAX_FRAME_BYTES {
+            return Err(refuse(format!(
+                "frame of {} bytes exceeds the 1 MiB limit",
+                frame.len()
+            )));
+        }
+        if !matches!(
+            serde_json::from_str(&frame),
+            Ok(serde_json::Value::Object(_))
+        ) {
+            return Err(refuse("frame is not a JSON object".into()));
+        }
+        Ok(self.caps.hub.send(&agent_did, frame))
+    }
+}
+
+impl actor_storage::Host for BatchState {
+    async fn get(&mut self, actor: String, key: String) -> Result<Option<Vec<u8>>, HostError> {
+        let (storage, handler) = (self.caps.storage.clone(), self.handler.clone());
+        off_worker(move || storage.get(&handler, &actor, &key)).await
+    }
+
+    async fn put(&mut self, actor: String, key: String, value: Vec<u8>) -> Result<(), HostError> {
+        let (storage, handler) = (self.caps.storage.clone(), self.handler.clone());
+        off_worker(move || storage.put(&handler, &actor, &key, &value)).await
+    }
+
+    async fn delete(&mut self, actor: String, key: String) -> Result<(), HostError> {
+        let (storage, handler) = (self.caps.storage.clone(), self.handler.clone());
+        off_worker(move || storage.delete(&handler, &actor, &key)).await
+    }
+
+    async fn list_prefix(
+        &mut self,
+        actor: String,
+        prefix: String,
+    ) -> Result<Vec<(String, Vec<u8>)>, HostError> {
+        let (storage, handler) = (self.caps.storage.clone(), self.handler.clone());
+        off_worker(move || storage.list_prefix(&handler, &actor, &prefix)).await
+    }
+}
+
+/// An error of a blocking capability call, as the guest sees it.
+trait GuestError: std::fmt::Display {
+    /// Whether a later attempt may succeed.
+    fn is_transient(&self) -> bool;
+}
+
+impl GuestError for TrustError {
+    fn is_transient(&self) -> bool {
+        TrustError::is_transient(self)
+    }
+}
+
+impl GuestError for StorageError {
+    fn is_transient(&self) -> bool {
+        matches!(self, StorageError::Unavailable(_))
+    }
+}
+
+/// Runs a blocking capability call off the async workers and maps its error for the guest.
+async fn off_worker<T: Send + 'static, E: GuestError + Send + 'static>(
+    call: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, HostError> {
     match tokio::task::spawn_blocking(call).await {
         Ok(result) => result.map_err(|err| HostError {
@@ -206,7 +319,7 @@ async fn run_blocking<T: Send + 'static>(
         }),
         Err(join) => Err(HostError {
             transient: true,
-            message: format!("trust store task failed: {join}"),
+            message: format!("capability task failed: {join}"),
         }),
     }
 }

@@ -11,12 +11,17 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::actor_storage::ActorStorage;
+use crate::agents::AgentRegistry;
 use crate::api::{self, AppState, QueueInfo};
 use crate::bundled;
 use crate::config::Config;
 use crate::consumer::Consumer;
 use crate::queue::QueueBackend;
 use crate::queue::sqlite::SqliteQueue;
+use crate::relay::endpoint::{self, Heartbeat, RelayState};
+use crate::relay::hub::ConnectionHub;
+use crate::relay::sessions::{RelaySessions, SessionLimits};
 use crate::runtime::{Capabilities, LoadedHandler, Runtime};
 use crate::trust::TrustStore;
 
@@ -35,8 +40,25 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
         TrustStore::open(&config.data_dir.join("trust.db"), config.revocation_ttl)
             .context("opening the trust store")?,
     );
+    let hub = Arc::new(ConnectionHub::default());
+    let limits = SessionLimits {
+        receipt_ttl: config.relay.receipt_ttl,
+        max_receipts_per_agent: config.relay.max_receipts_per_agent,
+    };
+    let sessions = Arc::new(
+        RelaySessions::open(&config.data_dir.join("sessions.db"), hub.clone(), limits)
+            .context("opening the relay sessions")?,
+    );
+    let storage = Arc::new(
+        ActorStorage::open(&config.data_dir.join("actor-storage.db"))
+            .context("opening the actor storage")?,
+    );
+    let agents = Arc::new(AgentRegistry::open(&config.data_dir.join("agents.db"))?);
     let caps = Arc::new(Capabilities {
         trust: trust.clone(),
+        sessions: sessions.clone(),
+        hub: hub.clone(),
+        storage,
     });
     let runtime = Arc::new(Runtime::new()?);
 
@@ -64,16 +86,32 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
             (name.to_owned(), info)
         })
         .collect();
+    let relay = RelayState {
+        agents,
+        trust: trust.clone(),
+        sessions,
+        hub: hub.clone(),
+        heartbeat: Heartbeat {
+            interval: config.relay.heartbeat_interval,
+            timeout: config.relay.heartbeat_timeout,
+        },
+    };
     let app = api::router(AppState {
         backend,
         queues: Arc::new(queues),
         trust,
-    });
+    })
+    .merge(endpoint::router(relay));
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     tracing::info!(data_dir = %config.data_dir.display(), "clawq listening on http://{}", listener.local_addr()?);
 
+    let closing = shutdown.clone();
+    tokio::spawn(async move {
+        closing.cancelled().await;
+        hub.close_all(1001, "host_shutting_down");
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

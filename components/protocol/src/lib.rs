@@ -2,3 +2,4 @@
 //! (spec `PROTOCOL.md`), written once so that both sides agree.
 
 pub mod did;
+pub mod receipt;

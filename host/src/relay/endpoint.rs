@@ -1,0 +1,216 @@
+//! `GET /v1/relay/connect`: the connector WebSocket (spec section 4).
+//!
+//! The connector proves that it speaks for `?agent=<did>` with `Authorization: Bearer
+//! <token>` before the upgrade; a missing or wrong token, or a revoked agent, gets 401 and
+//! no upgrade. Once connected, the agent's unacked receipts are pushed, new ones follow as
+//! they come, heartbeats go both ways and a `receipt_ack` marks a receipt delivered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::hub::{ConnectionHub, Outbound};
+use super::sessions::RelaySessions;
+use crate::agents::AgentRegistry;
+use crate::frame::{Frame, FrameBody, MAX_FRAME_BYTES};
+use crate::trust::TrustStore;
+
+/// Heartbeat timing of connector connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Heartbeat {
+    /// How often the host sends a heartbeat.
+    pub interval: Duration,
+    /// Silence from the connector after which the connection is closed (1011).
+    pub timeout: Duration,
+}
+
+/// What the endpoint serves from.
+#[derive(Clone)]
+pub struct RelayState {
+    /// Who may connect.
+    pub agents: Arc<AgentRegistry>,
+    /// Who is revoked.
+    pub trust: Arc<TrustStore>,
+    /// The relay sessions.
+    pub sessions: Arc<RelaySessions>,
+    /// The open connections.
+    pub hub: Arc<ConnectionHub>,
+    /// Heartbeat timing.
+    pub heartbeat: Heartbeat,
+}
+
+/// The endpoint's route.
+pub fn router(state: RelayState) -> Router {
+    Router::new()
+        .route("/v1/relay/connect", get(connect))
+        .with_state(state)
+}
+
+#[derive(Debug, Deserialize)]
+struct ConnectQuery {
+    agent: Option<String>,
+}
+
+fn unauthorized(message: &str) -> Response {
+    let body = json!({"error": {"code": "unauthorized", "message": message}});
+    (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
+}
+
+async fn connect(
+    State(state): State<RelayState>,
+    Query(query): Query<ConnectQuery>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let (Some(did), Some(token)) = (query.agent, token) else {
+        return unauthorized("an ?agent=<did> and an `Authorization: Bearer <token>` are required");
+    };
+    let check = {
+        let (state, did, token) = (state.clone(), did.clone(), token.to_owned());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Result<(), &'static str>> {
+            if !state.agents.authenticate(&did, &token)? {
+                return Ok(Err("unknown agent or wrong token"));
+            }
+            if state.trust.is_revoked(&did)? {
+                return Ok(Err("agent is revoked"));
+            }
+            Ok(Ok(()))
+        })
+        .await
+    };
+    match check {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(why))) => {
+            tracing::info!(agent = %did, why, "connector refused");
+            return unauthorized(why);
+        }
+        Ok(Err(err)) => {
+            tracing::error!(error = %err, "authenticating a connector failed");
+            let body =
+                json!({"error": {"code": "storage_unavailable", "message": err.to_string()}});
+            return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+        }
+        Err(join) => return (StatusCode::INTERNAL_SERVER_ERROR, join.to_string()).into_response(),
+    }
+    match upgrade {
+        Ok(upgrade) => upgrade
+            .max_message_size(2 * MAX_FRAME_BYTES)
+            .max_frame_size(2 * MAX_FRAME_BYTES)
+            .on_upgrade(move |socket| serve_connection(socket, did, state))
+            .into_response(),
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// Runs one connector connection until it closes.
+async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
+    let (id, mut outbound) = state.hub.register(&did);
+    tracing::info!(agent = %did, "connector connected");
+    let (mut sink, mut stream) = socket.split();
+    let why = 'conn: {
+        match state.sessions.pending(&did).await {
+            Ok(frames) => {
+                for frame in frames {
+                    if sink
+                        .send(Message::Text(frame.to_json().into()))
+                        .await
+                        .is_err()
+                    {
+                        break 'conn "send failed";
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::error!(agent = %did, error = %err, "reading pending receipts failed")
+            }
+        }
+        let mut heartbeat = tokio::time::interval_at(
+            Instant::now() + state.heartbeat.interval,
+            state.heartbeat.interval,
+        );
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                incoming = stream.next() => {
+                    last_heard = Instant::now();
+                    let text = match incoming {
+                        Some(Ok(Message::Text(text))) => text,
+                        Some(Ok(Message::Close(_))) | None => break 'conn "closed by the connector",
+                        Some(Ok(_)) => continue,
+                        Some(Err(err)) => {
+                            let _ = sink.send(close(1009, "frame_too_large")).await;
+                            tracing::info!(agent = %did, error = %err, "connection failed");
+                            break 'conn "receive failed";
+                        }
+                    };
+                    if text.len() > MAX_FRAME_BYTES {
+                        let _ = sink.send(close(1009, "frame_too_large")).await;
+                        break 'conn "frame too large";
+                    }
+                    match Frame::parse(&text) {
+                        Ok(frame) => match frame.body {
+                            FrameBody::Heartbeat => {
+                                let ack = Frame::new(FrameBody::HeartbeatAck { ack_id: frame.id });
+                                if sink.send(Message::Text(ack.to_json().into())).await.is_err() {
+                                    break 'conn "send failed";
+                                }
+                            }
+                            FrameBody::ReceiptAck { ack_id } => {
+                                if let Err(err) = state.sessions.ack(&did, &ack_id).await {
+                                    tracing::error!(agent = %did, error = %err, "recording a receipt ack failed");
+                                }
+                            }
+                            FrameBody::HeartbeatAck { .. } | FrameBody::Receipt { .. } => {}
+                        },
+                        Err(err) => tracing::debug!(agent = %did, error = %err, "unparseable frame ignored"),
+                    }
+                }
+                out = outbound.recv() => match out {
+                    Some(Outbound::Text(text)) => {
+                        if sink.send(Message::Text(text.into())).await.is_err() {
+                            break 'conn "send failed";
+                        }
+                    }
+                    Some(Outbound::Close(code, reason)) => {
+                        let _ = sink.send(close(code, reason)).await;
+                        break 'conn reason;
+                    }
+                    None => break 'conn "hub closed",
+                },
+                _ = heartbeat.tick() => {
+                    let beat = Frame::new(FrameBody::Heartbeat);
+                    if sink.send(Message::Text(beat.to_json().into())).await.is_err() {
+                        break 'conn "send failed";
+                    }
+                }
+                _ = tokio::time::sleep_until(last_heard + state.heartbeat.timeout) => {
+                    let _ = sink.send(close(1011, "heartbeat_ack_timeout")).await;
+                    break 'conn "heartbeat_ack_timeout";
+                }
+            }
+        }
+    };
+    state.hub.unregister(&did, id);
+    tracing::info!(agent = %did, why, "connector disconnected");
+}
