@@ -279,3 +279,154 @@ pub fn scripted_consumer(queue: &str, settings: &str) -> String {
         "[[queues.consumers]]\nqueue = \"{queue}\"\nhandler = \"{SCRIPTED_HANDLER}\"\ndead_letter_queue = \"{queue}-dlq\"\n{settings}\n"
     )
 }
+
+/// A connector-side WebSocket, driven synchronously by a test.
+pub type Socket = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
+
+pub use tokio_tungstenite::tungstenite;
+
+impl Host {
+    /// Registers `did` with `clawq agents add` and returns its token.
+    pub fn add_agent(&self, did: &str) -> String {
+        let output = Command::new(env!("CARGO_BIN_EXE_clawq"))
+            .args(["agents", "add", did, "--data-dir"])
+            .arg(&self.data_dir)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Opens the connector WebSocket of `did` with `token` (`None`: no credentials).
+    pub fn connect(&self, did: &str, token: Option<&str>) -> Result<Socket, tungstenite::Error> {
+        use tungstenite::client::IntoClientRequest;
+        let url = format!(
+            "{}/v1/relay/connect?agent={did}",
+            self.base.replace("http://", "ws://")
+        );
+        let mut request = url.into_client_request().unwrap();
+        if let Some(token) = token {
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        let (socket, _) = tungstenite::connect(request)?;
+        if let tungstenite::stream::MaybeTlsStream::Plain(tcp) = socket.get_ref() {
+            tcp.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+        }
+        Ok(socket)
+    }
+
+    /// The HTTP status with which the host refuses a connector.
+    pub fn refused_status(&self, did: &str, token: Option<&str>) -> u16 {
+        match self.connect(did, token) {
+            Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+            Err(other) => panic!("expected an HTTP refusal, got {other}"),
+            Ok(_) => panic!("the connection was accepted"),
+        }
+    }
+}
+
+/// What a connector socket saw next.
+#[derive(Debug)]
+pub enum Seen {
+    /// A JSON frame.
+    Frame(Value),
+    /// The host closed the connection with this code and reason.
+    Closed(u16, String),
+}
+
+/// The next frame or close on `socket`, skipping frames of the types in `skip`.
+pub fn next_event(socket: &mut Socket, skip: &[&str]) -> Seen {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "nothing arrived within {DEADLINE:?}"
+        );
+        match socket.read() {
+            Ok(tungstenite::Message::Text(text)) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if !skip.contains(&frame["type"].as_str().unwrap_or_default()) {
+                    return Seen::Frame(frame);
+                }
+            }
+            Ok(tungstenite::Message::Close(close)) => {
+                let (code, reason) = close.map_or((1005, String::new()), |c| {
+                    (c.code.into(), c.reason.to_string())
+                });
+                return Seen::Closed(code, reason);
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                return Seen::Closed(1006, String::new());
+            }
+            Err(e) => panic!("socket failed: {e}"),
+        }
+    }
+}
+
+/// The next frame on `socket` other than heartbeats.
+pub fn next_frame(socket: &mut Socket) -> Value {
+    match next_event(socket, &["heartbeat"]) {
+        Seen::Frame(frame) => frame,
+        Seen::Closed(code, reason) => {
+            panic!("closed with {code} {reason} while waiting for a frame")
+        }
+    }
+}
+
+/// Sends a frame (JSON) on `socket`.
+pub fn send_frame(socket: &mut Socket, frame: &Value) {
+    socket
+        .send(tungstenite::Message::Text(frame.to_string().into()))
+        .unwrap();
+}
+
+/// A connector frame of `kind` with `fields`.
+pub fn frame(kind: &str, fields: Value) -> Value {
+    let mut frame = serde_json::json!({
+        "v": 1, "type": kind, "id": ulid::Ulid::new().to_string(), "ts": "2026-11-25T10:00:00.000Z"
+    });
+    frame
+        .as_object_mut()
+        .unwrap()
+        .extend(fields.as_object().unwrap().clone());
+    frame
+}
+
+/// A delivery receipt from `sender` about a message to `recipient`.
+pub fn receipt(
+    request_id: &str,
+    sender: &str,
+    recipient: &str,
+    status: &str,
+    reason: Option<&str>,
+) -> Value {
+    let mut r = serde_json::json!({
+        "type": "delivery_receipt", "requestId": request_id, "senderAgentDid": sender,
+        "recipientAgentDid": recipient, "status": status, "processedAt": "2026-11-25T10:00:00.000Z"
+    });
+    if let Some(reason) = reason {
+        r["reason"] = reason.into();
+    }
+    r
+}
+
+/// The config of a host whose queues batch quickly, with `extra` appended.
+pub fn fast_config(extra: &str) -> String {
+    format!(
+        "[[queues.consumers]]\nqueue = \"clawdentity-events\"\nmax_batch_timeout = 0.05\n\n\
+         [[queues.consumers]]\nqueue = \"clawdentity-receipts\"\nmax_batch_timeout = 0.05\n\n{extra}"
+    )
+}
