@@ -8,25 +8,50 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clawq::actor_storage::ActorStorage;
 use clawq::bundled;
 use clawq::config::{ConsumerConfig, EVENTS_QUEUE};
 use clawq::consumer::Consumer;
 use clawq::queue::sqlite::SqliteQueue;
 use clawq::queue::{ContentType, NewMessage, QueueBackend, RetryPolicy, Settlement};
+use clawq::relay::hub::ConnectionHub;
+use clawq::relay::sessions::{RelaySessions, SessionLimits};
 use clawq::runtime::{Capabilities, Runtime};
 use clawq::trust::TrustStore;
 use tokio_util::sync::CancellationToken;
 
 const PUBLISH_BATCH: usize = 100;
 
+/// Every capability, backed by stores in `dir`.
+fn capabilities(dir: &std::path::Path) -> Arc<Capabilities> {
+    let hub = Arc::new(ConnectionHub::default());
+    let limits = SessionLimits {
+        receipt_ttl: Duration::from_secs(3600),
+        max_receipts_per_agent: 500,
+    };
+    Arc::new(Capabilities {
+        trust: Arc::new(TrustStore::open(&dir.join("t.db"), Duration::from_secs(3600)).unwrap()),
+        sessions: Arc::new(RelaySessions::open(&dir.join("s.db"), hub.clone(), limits).unwrap()),
+        hub,
+        storage: Arc::new(ActorStorage::open(&dir.join("a.db")).unwrap()),
+    })
+}
+
 fn revocation(i: usize) -> NewMessage {
-    let did = format!("did:cdi:registry.clawdentity.com:agent:{}", ulid::Ulid::from_parts(i as u64, 7));
+    let did = format!(
+        "did:cdi:registry.clawdentity.com:agent:{}",
+        ulid::Ulid::from_parts(i as u64, 7)
+    );
     let body = serde_json::json!({
         "id": format!("evt-{i}"), "type": "agent.auth.revoked", "version": "v1",
         "timestampUtc": "2026-11-24T10:00:00.000Z", "initiatedByAccountId": null,
         "data": {"reason": "agent_revoked", "metadata": {"agentDid": did}}
     });
-    NewMessage { content_type: ContentType::Json, body: body.to_string().into_bytes(), delay_seconds: 0 }
+    NewMessage {
+        content_type: ContentType::Json,
+        body: body.to_string().into_bytes(),
+        delay_seconds: 0,
+    }
 }
 
 async fn fill(queue: &SqliteQueue, n: usize) {
@@ -51,11 +76,17 @@ async fn engine_alone(n: usize, batch_size: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let queue = SqliteQueue::open(&dir.path().join("q.db")).unwrap();
     fill(&queue, n).await;
-    let policy = RetryPolicy { max_retries: 3, dead_letter_queue: None };
+    let policy = RetryPolicy {
+        max_retries: 3,
+        dead_letter_queue: None,
+    };
     let started = Instant::now();
     let mut done = 0;
     while done < n {
-        let batch = queue.next_batch(EVENTS_QUEUE, batch_size, Duration::ZERO).await.unwrap();
+        let batch = queue
+            .next_batch(EVENTS_QUEUE, batch_size, Duration::ZERO)
+            .await
+            .unwrap();
         done += batch.len();
         let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
         queue.settle(EVENTS_QUEUE, &policy, acks).await.unwrap();
@@ -67,8 +98,12 @@ async fn engine_alone(n: usize, batch_size: usize) -> f64 {
 async fn end_to_end(runtime: &Runtime, n: usize, batch_size: usize, concurrency: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let queue = Arc::new(SqliteQueue::open(&dir.path().join("q.db")).unwrap());
-    let trust = Arc::new(TrustStore::open(&dir.path().join("t.db"), Duration::from_secs(3600)).unwrap());
-    let handler = Arc::new(runtime.load("crl-invalidation", bundled::CRL_INVALIDATION).unwrap());
+    let caps = capabilities(dir.path());
+    let handler = Arc::new(
+        runtime
+            .load("crl-invalidation", bundled::CRL_INVALIDATION)
+            .unwrap(),
+    );
     fill(&queue, n).await;
     let config = ConsumerConfig {
         max_batch_size: batch_size,
@@ -77,7 +112,7 @@ async fn end_to_end(runtime: &Runtime, n: usize, batch_size: usize, concurrency:
         ..ConsumerConfig::default_for(EVENTS_QUEUE)
     };
     let backend: Arc<dyn QueueBackend> = queue.clone();
-    let consumer = Consumer::new(config, handler, backend, Arc::new(Capabilities { trust: trust.clone() }));
+    let consumer = Consumer::new(config, handler, backend, caps.clone());
     let stop = CancellationToken::new();
     let started = Instant::now();
     let running = tokio::spawn(consumer.run(stop.clone()));
@@ -85,36 +120,60 @@ async fn end_to_end(runtime: &Runtime, n: usize, batch_size: usize, concurrency:
     let rate = n as f64 / started.elapsed().as_secs_f64();
     stop.cancel();
     running.await.unwrap();
-    let last = format!("did:cdi:registry.clawdentity.com:agent:{}", ulid::Ulid::from_parts(n as u64 - 1, 7));
-    assert!(trust.is_revoked(&last).unwrap(), "the last revocation landed");
+    let last = format!(
+        "did:cdi:registry.clawdentity.com:agent:{}",
+        ulid::Ulid::from_parts(n as u64 - 1, 7)
+    );
+    assert!(
+        caps.trust.is_revoked(&last).unwrap(),
+        "the last revocation landed"
+    );
     rate
 }
 
 /// Mean time of one batch's fresh instance plus an empty `handle` call.
 async fn per_batch_instance(runtime: &Runtime, rounds: u32) -> Duration {
     let dir = tempfile::tempdir().unwrap();
-    let trust = Arc::new(TrustStore::open(&dir.path().join("t.db"), Duration::from_secs(3600)).unwrap());
-    let caps = Arc::new(Capabilities { trust });
-    let handler = runtime.load("crl-invalidation", bundled::CRL_INVALIDATION).unwrap();
+    let caps = capabilities(dir.path());
+    let handler = runtime
+        .load("crl-invalidation", bundled::CRL_INVALIDATION)
+        .unwrap();
     for _ in 0..100 {
-        handler.handle(caps.clone(), EVENTS_QUEUE, &[]).await.unwrap();
+        handler
+            .handle(caps.clone(), EVENTS_QUEUE, &[])
+            .await
+            .unwrap();
     }
     let started = Instant::now();
     for _ in 0..rounds {
-        handler.handle(caps.clone(), EVENTS_QUEUE, &[]).await.unwrap();
+        handler
+            .handle(caps.clone(), EVENTS_QUEUE, &[])
+            .await
+            .unwrap();
     }
     started.elapsed() / rounds
 }
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::var("CLAWQ_BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
+    let n: usize = std::env::var("CLAWQ_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
     let runtime = Runtime::new().unwrap();
 
     let started = Instant::now();
-    runtime.load("crl-invalidation", bundled::CRL_INVALIDATION).unwrap();
-    println!("compile crl-invalidation component: {:?}", started.elapsed());
-    println!("per-batch fresh instance + empty handle call: {:?}", per_batch_instance(&runtime, 20_000).await);
+    runtime
+        .load("crl-invalidation", bundled::CRL_INVALIDATION)
+        .unwrap();
+    println!(
+        "compile crl-invalidation component: {:?}",
+        started.elapsed()
+    );
+    println!(
+        "per-batch fresh instance + empty handle call: {:?}",
+        per_batch_instance(&runtime, 20_000).await
+    );
 
     for (batch_size, concurrency) in [(10, 1), (10, 2), (100, 1)] {
         let alone = engine_alone(n, batch_size).await;

@@ -25,6 +25,11 @@ enum Command {
     /// With no config file this serves `clawdentity-events` (CRL-invalidation handler)
     /// and `clawdentity-receipts` with the spec's defaults.
     Serve(ServeArgs),
+    /// Connect an agent to the host and hand its delivery receipts to its local webhook.
+    ///
+    /// Receipts are kept in a durable outbox (`<data-dir>/outbox.db`) until the webhook
+    /// takes them.
+    Connect(ConnectArgs),
     /// Register the agents whose connectors may connect (`clawq agents add <did>`).
     #[command(subcommand)]
     Agents(AgentsCommand),
@@ -109,6 +114,64 @@ fn agents(command: AgentsCommand) -> Result<()> {
     Ok(())
 }
 
+#[derive(Debug, clap::Args)]
+struct ConnectArgs {
+    /// The host's base url.
+    #[arg(long, env = "CLAWQ_SERVER", default_value = clawq::connector::DEFAULT_SERVER)]
+    server: String,
+    /// The agent's DID: did:cdi:<authority>:agent:<ULID>.
+    #[arg(long, value_name = "DID", value_parser = parse_agent_did)]
+    agent: String,
+    /// The agent's connector token (from `clawq agents add`).
+    #[arg(long, env = "CLAWQ_AGENT_TOKEN", hide_env_values = true)]
+    token: String,
+    /// The agent's local webhook.
+    #[arg(long, default_value = clawq::connector::DEFAULT_HOOK_URL)]
+    hook: String,
+    /// An extra header sent to the webhook, `name: value` (repeatable), e.g. a hook token.
+    #[arg(long = "hook-header", value_name = "NAME: VALUE", value_parser = parse_hook_header)]
+    hook_headers: Vec<(String, String)>,
+    /// Directory of the connector's outbox.
+    #[arg(long, default_value = "./.clawq-connector")]
+    data_dir: PathBuf,
+}
+
+/// Checks `--agent`.
+fn parse_agent_did(did: &str) -> Result<String, String> {
+    clawq_protocol::did::validate_agent_did(did)
+        .map_err(|e| format!("not a valid agent DID: {e}"))?;
+    Ok(did.to_owned())
+}
+
+/// Reads a `--hook-header "name: value"`.
+fn parse_hook_header(header: &str) -> Result<(String, String), String> {
+    let (name, value) = header
+        .split_once(':')
+        .ok_or("expected `name: value`, e.g. `x-hook-token: <secret>`")?;
+    let (name, value) = (name.trim(), value.trim());
+    reqwest::header::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("`{name}` is not a valid header name (expected `name: value`)"))?;
+    reqwest::header::HeaderValue::from_str(value).map_err(|_| {
+        format!("the value of header `{name}` contains characters not allowed in a header")
+    })?;
+    Ok((name.to_owned(), value.to_owned()))
+}
+
+/// Runs the connector until Ctrl-C or SIGTERM.
+async fn connect(args: ConnectArgs) -> Result<()> {
+    let options = clawq::connector::ConnectorOptions {
+        server: args.server,
+        agent_did: args.agent,
+        token: args.token,
+        hook_url: args.hook,
+        hook_headers: args.hook_headers,
+        data_dir: args.data_dir,
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    clawq::connector::run(options, shutdown).await
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -122,6 +185,7 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Connect(args) => runtime.block_on(connect(args)),
         Command::Agents(command) => agents(command),
     }
 }

@@ -29,10 +29,70 @@ pub struct LogLine {
     pub at: Instant,
 }
 
+/// The log a child process writes to stderr, as the test has read it so far.
 #[derive(Default)]
-struct Log {
+pub struct Log {
     lines: Mutex<Vec<LogLine>>,
     grew: Condvar,
+}
+
+impl Log {
+    /// Waits for a line containing every one of `needles`.
+    pub fn wait_for(&self, needles: &[&str]) -> LogLine {
+        let deadline = Instant::now() + DEADLINE;
+        let mut lines = self.lines.lock().unwrap();
+        loop {
+            if let Some(line) = lines
+                .iter()
+                .find(|l| needles.iter().all(|n| l.text.contains(n)))
+            {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no log line with {needles:?} within {DEADLINE:?}"
+            );
+            lines = self.grew.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// The lines so far that contain every one of `needles`.
+    pub fn matching(&self, needles: &[&str]) -> Vec<LogLine> {
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter(|l| needles.iter().all(|n| l.text.contains(n)))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Starts `command` with its stderr read line by line into a [`Log`] (and echoed with
+/// `prefix`, for failing tests).
+pub fn spawn_logged(mut command: Command, prefix: &'static str) -> (Child, Arc<Log>) {
+    let mut child = command
+        .env("CLAWQ_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting clawq");
+    let log = Arc::new(Log::default());
+    let stderr = child.stderr.take().unwrap();
+    let reader_log = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(text) = line else { break };
+            eprintln!("[{prefix}] {text}");
+            reader_log.lines.lock().unwrap().push(LogLine {
+                text,
+                at: Instant::now(),
+            });
+            reader_log.grew.notify_all();
+        }
+    });
+    (child, log)
 }
 
 /// A running `clawq serve` process.
@@ -59,31 +119,13 @@ impl Host {
     }
 
     fn spawn(data_dir: &Path, config: &Path) -> Host {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_clawq"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_clawq"));
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .arg("--config")
-            .arg(config)
-            .env("CLAWQ_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting clawq");
-        let log = Arc::new(Log::default());
-        let stderr = child.stderr.take().unwrap();
-        let reader_log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(text) = line else { break };
-                eprintln!("[clawq] {text}");
-                reader_log.lines.lock().unwrap().push(LogLine {
-                    text,
-                    at: Instant::now(),
-                });
-                reader_log.grew.notify_all();
-            }
-        });
+            .arg(config);
+        let (child, log) = spawn_logged(command, "clawq");
         let mut host = Host {
             child,
             base: String::new(),
@@ -119,37 +161,17 @@ impl Host {
 
     /// Waits for a log line containing every one of `needles`.
     pub fn wait_log_all(&self, needles: &[&str]) -> LogLine {
-        let deadline = Instant::now() + DEADLINE;
-        let mut lines = self.log.lines.lock().unwrap();
-        loop {
-            if let Some(line) = lines
-                .iter()
-                .find(|l| needles.iter().all(|n| l.text.contains(n)))
-            {
-                return line.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no log line with {needles:?} within {DEADLINE:?}"
-            );
-            lines = self.log.grew.wait_timeout(lines, left).unwrap().0;
-        }
+        self.log.wait_for(needles)
     }
 
     /// Waits for a log line containing `needle`.
     pub fn wait_log(&self, needle: &str) -> LogLine {
-        self.wait_log_all(&[needle])
+        self.log.wait_for(&[needle])
     }
 
     /// The log lines so far that contain every one of `needles`.
     pub fn log_lines(&self, needles: &[&str]) -> Vec<LogLine> {
-        let lines = self.log.lines.lock().unwrap();
-        lines
-            .iter()
-            .filter(|l| needles.iter().all(|n| l.text.contains(n)))
-            .cloned()
-            .collect()
+        self.log.matching(needles)
     }
 
     /// GETs `path` and returns the status and JSON body.
@@ -429,4 +451,157 @@ pub fn fast_config(extra: &str) -> String {
         "[[queues.consumers]]\nqueue = \"clawdentity-events\"\nmax_batch_timeout = 0.05\n\n\
          [[queues.consumers]]\nqueue = \"clawdentity-receipts\"\nmax_batch_timeout = 0.05\n\n{extra}"
     )
+}
+
+/// One request the fake webhook received.
+#[derive(Debug, Clone)]
+pub struct HookRequest {
+    /// Its headers, names lowercase.
+    pub headers: std::collections::HashMap<String, String>,
+    /// Its JSON body.
+    pub body: Value,
+}
+
+/// A fake OpenClaw webhook on loopback: records every request to `/hooks/message` and
+/// answers 503 while it is set down.
+pub struct FakeHook {
+    /// The webhook URL.
+    pub url: String,
+    requests: Arc<Mutex<Vec<HookRequest>>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl FakeHook {
+    /// Starts the hook on a free port.
+    pub fn start() -> FakeHook {
+        FakeHook::start_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// Starts the hook on `port` (which must be free).
+    pub fn start_on_port(port: u16) -> FakeHook {
+        FakeHook::start_on(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap())
+    }
+
+    fn start_on(listener: std::net::TcpListener) -> FakeHook {
+        use axum::http::{HeaderMap, StatusCode};
+        let url = format!("http://{}/hooks/message", listener.local_addr().unwrap());
+        listener.set_nonblocking(true).unwrap();
+        let requests: Arc<Mutex<Vec<HookRequest>>> = Arc::default();
+        let down: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (recorded, is_down) = (requests.clone(), down.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let app = axum::Router::new().route(
+                    "/hooks/message",
+                    axum::routing::post(
+                        move |headers: HeaderMap, body: axum::body::Bytes| async move {
+                            if is_down.load(std::sync::atomic::Ordering::SeqCst) {
+                                return StatusCode::SERVICE_UNAVAILABLE;
+                            }
+                            let headers = headers
+                                .iter()
+                                .map(|(k, v)| {
+                                    (
+                                        k.as_str().to_owned(),
+                                        v.to_str().unwrap_or_default().to_owned(),
+                                    )
+                                })
+                                .collect();
+                            let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                            recorded.lock().unwrap().push(HookRequest { headers, body });
+                            StatusCode::OK
+                        },
+                    ),
+                );
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        FakeHook {
+            url,
+            requests,
+            down,
+            stop: Some(stop),
+        }
+    }
+
+    /// Makes the hook answer 503 (`true`) or record requests again (`false`).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits until the hook has received `n` requests and returns them.
+    pub fn wait_requests(&self, n: usize) -> Vec<HookRequest> {
+        wait_for(&format!("{n} webhook requests"), || {
+            let requests = self.requests.lock().unwrap();
+            (requests.len() >= n).then(|| requests.clone())
+        })
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<HookRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeHook {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A running `clawq connect` process.
+pub struct Connector {
+    child: Child,
+    /// What it logged.
+    pub log: Arc<Log>,
+}
+
+impl Connector {
+    /// Starts a connector of `did` against `host`, delivering to `hook_url`, with its
+    /// outbox in `data_dir` and a custom `x-hook-token` header.
+    pub fn start(
+        host: &Host,
+        did: &str,
+        token: &str,
+        hook_url: &str,
+        data_dir: &Path,
+    ) -> Connector {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_clawq"));
+        command
+            .args([
+                "connect", "--server", &host.base, "--agent", did, "--hook", hook_url,
+            ])
+            .args(["--hook-header", "x-hook-token: hook-secret", "--data-dir"])
+            .arg(data_dir)
+            .env("CLAWQ_AGENT_TOKEN", token);
+        let (child, log) = spawn_logged(command, "connector");
+        Connector { child, log }
+    }
+
+    /// Kills the connector with SIGKILL.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
