@@ -300,7 +300,7 @@ async fn agent_trust(
 }
 
 /// Milliseconds since the epoch as an ISO-8601 UTC time with milliseconds.
-fn iso8601(ms: u64) -> String {
+pub fn iso8601(ms: u64) -> String {
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     humantime::format_rfc3339_millis(time).to_string()
 }

@@ -9,6 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
+use crate::runtime::{Limits, MAX_MEMORY_BYTES};
+use crate::world::World;
+
 /// The events queue of the spec (section 1).
 pub const EVENTS_QUEUE: &str = "clawdentity-events";
 /// The receipts queue of the spec (section 1).
@@ -81,6 +84,12 @@ pub struct ConsumerConfig {
     pub dead_letter_queue: Option<String>,
     /// Batches of this queue handled at the same time.
     pub max_concurrency: usize,
+    /// The world the handler slot accepts: what the handler may import.
+    pub world: World,
+    /// The handler's sandbox.
+    pub limits: Limits,
+    /// Failed batches in a row after which a new version is rolled back (0: never).
+    pub auto_rollback_after: u32,
 }
 
 impl ConsumerConfig {
@@ -90,6 +99,11 @@ impl ConsumerConfig {
             EVENTS_QUEUE => (Some("crl-invalidation".to_owned()), 10),
             RECEIPTS_QUEUE => (Some("receipt-router".to_owned()), 25),
             _ => (None, 10),
+        };
+        let world = match queue {
+            EVENTS_QUEUE => World::CrlInvalidation,
+            RECEIPTS_QUEUE => World::ReceiptHandler,
+            _ => World::HandlerHost,
         };
         let dead_letter_queue = [EVENTS_QUEUE, RECEIPTS_QUEUE]
             .contains(&queue)
@@ -103,6 +117,9 @@ impl ConsumerConfig {
             retry_delay: 0,
             dead_letter_queue,
             max_concurrency: 1,
+            world,
+            limits: Limits::default(),
+            auto_rollback_after: 3,
         }
     }
 
@@ -119,6 +136,15 @@ impl ConsumerConfig {
         }
         if self.max_concurrency == 0 {
             bail!("queue `{q}`: max_concurrency must be at least 1");
+        }
+        if !(1..=MAX_MEMORY_BYTES >> 20).contains(&(self.limits.memory_bytes >> 20)) {
+            bail!(
+                "queue `{q}`: memory_limit_mb must be between 1 and {}",
+                MAX_MEMORY_BYTES >> 20
+            );
+        }
+        if self.limits.max_instances == 0 {
+            bail!("queue `{q}`: max_instances must be at least 1");
         }
         if self.dead_letter_queue.as_deref() == Some(q) {
             bail!("queue `{q}`: dead_letter_queue cannot be the queue itself");
@@ -217,6 +243,13 @@ struct FileConsumer {
     retry_delay: Option<u32>,
     dead_letter_queue: Option<String>,
     max_concurrency: Option<usize>,
+    world: Option<String>,
+    /// Memory limit of an instance, in MiB.
+    memory_limit_mb: Option<usize>,
+    /// CPU deadline of a batch, in seconds.
+    cpu_timeout: Option<f64>,
+    max_instances: Option<usize>,
+    auto_rollback_after: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -276,6 +309,33 @@ impl Config {
                 Some(s) => Duration::from_secs_f64(s),
                 None => base.max_batch_timeout,
             };
+            let world = match &c.world {
+                None => base.world,
+                Some(name) => World::parse(name).with_context(|| {
+                    let names: Vec<&str> = World::ALL.iter().map(|w| w.name()).collect();
+                    format!(
+                        "queue `{}`: world `{name}` is not one of {}",
+                        c.queue,
+                        names.join(", ")
+                    )
+                })?,
+            };
+            let limits = Limits {
+                memory_bytes: c
+                    .memory_limit_mb
+                    .map_or(base.limits.memory_bytes, |mb| mb << 20),
+                timeout: match c.cpu_timeout {
+                    Some(s) if !(s.is_finite() && s > 0.0) => {
+                        bail!(
+                            "queue `{}`: cpu_timeout must be a number of seconds > 0",
+                            c.queue
+                        )
+                    }
+                    Some(s) => Duration::from_secs_f64(s),
+                    None => base.limits.timeout,
+                },
+                max_instances: c.max_instances.unwrap_or(base.limits.max_instances),
+            };
             let merged = ConsumerConfig {
                 queue: c.queue.clone(),
                 handler: c.handler.or(base.handler),
@@ -285,6 +345,9 @@ impl Config {
                 retry_delay: c.retry_delay.unwrap_or(base.retry_delay),
                 dead_letter_queue: c.dead_letter_queue.or(base.dead_letter_queue),
                 max_concurrency: c.max_concurrency.unwrap_or(base.max_concurrency),
+                world,
+                limits,
+                auto_rollback_after: c.auto_rollback_after.unwrap_or(base.auto_rollback_after),
             };
             merged.validate()?;
             consumers.insert(c.queue, merged);

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::{ConsumerConfig, MAX_DELAY_SECONDS};
+use crate::handlers::HandlerSlots;
 use crate::queue::{self, Delivery, QueueBackend, RetryPolicy, Settlement};
 use crate::runtime::{Capabilities, LoadedHandler, Message, Outcome};
 
@@ -22,16 +24,16 @@ const SETTLE_TRIES: u32 = 5;
 pub struct Consumer {
     config: ConsumerConfig,
     policy: RetryPolicy,
-    handler: Arc<LoadedHandler>,
+    slots: Arc<HandlerSlots>,
     backend: Arc<dyn QueueBackend>,
     caps: Arc<Capabilities>,
 }
 
 impl Consumer {
-    /// A consumer of `config.queue` that runs `handler`.
+    /// A consumer of `config.queue` that runs the current handler of its slot in `slots`.
     pub fn new(
         config: ConsumerConfig,
-        handler: Arc<LoadedHandler>,
+        slots: Arc<HandlerSlots>,
         backend: Arc<dyn QueueBackend>,
         caps: Arc<Capabilities>,
     ) -> Arc<Self> {
@@ -42,7 +44,7 @@ impl Consumer {
         Arc::new(Consumer {
             config,
             policy,
-            handler,
+            slots,
             backend,
             caps,
         })
@@ -88,21 +90,41 @@ impl Consumer {
         while in_flight.join_next().await.is_some() {}
     }
 
-    /// Runs one batch through the handler and commits every message's outcome.
-    async fn handle_batch(&self, mut deliveries: Vec<Delivery>) {
+    /// Runs one batch through the slot's current handler version and commits every
+    /// message's outcome.
+    async fn handle_batch(&self, deliveries: Vec<Delivery>) {
         let queue = self.config.queue.as_str();
-        let handler = self.handler.name();
+        let Ok(slot) = self.slots.slot(queue) else {
+            tracing::error!(
+                queue,
+                "no handler slot; the batch will be delivered again after a restart"
+            );
+            return;
+        };
+        let handler = slot.current();
+        let span = tracing::info_span!(
+            "batch",
+            queue,
+            handler = handler.name(),
+            version = &handler.version()[..12],
+            size = deliveries.len()
+        );
+        self.run_batch(&handler, deliveries).instrument(span).await;
+    }
+
+    /// Runs `deliveries` through `handler` and commits their outcomes.
+    async fn run_batch(&self, handler: &LoadedHandler, mut deliveries: Vec<Delivery>) {
+        let queue = self.config.queue.as_str();
         let messages: Vec<Message> = deliveries.iter_mut().map(to_message).collect();
         let started = Instant::now();
-        let settlements = match self
-            .handler
-            .handle(self.caps.clone(), queue, &messages)
-            .await
-        {
-            Ok(outcomes) => self.settlements(deliveries, outcomes),
+        let result = handler.handle(self.caps.clone(), queue, &messages).await;
+        self.slots
+            .record(queue, handler, result.as_ref().map(drop))
+            .await;
+        let settlements = match result {
+            Ok(outcomes) => self.settlements(handler, deliveries, outcomes),
             Err(failure) => {
-                tracing::warn!(queue, handler, size = messages.len(), %failure,
-                    "batch failed; every message of it will be retried");
+                tracing::warn!(%failure, "batch failed; every message of it will be retried");
                 let error = failure.to_string();
                 deliveries
                     .into_iter()
@@ -119,9 +141,6 @@ impl Consumer {
             {
                 Ok(summary) => {
                     tracing::debug!(
-                        queue,
-                        handler,
-                        size = messages.len(),
                         ?elapsed,
                         acked = summary.acked,
                         retried = summary.retried,
@@ -145,6 +164,7 @@ impl Consumer {
     /// outcome is retried.
     fn settlements(
         &self,
+        handler: &LoadedHandler,
         deliveries: Vec<Delivery>,
         outcomes: Vec<Outcome>,
     ) -> Vec<(Delivery, Settlement)> {
@@ -152,7 +172,7 @@ impl Consumer {
         if outcomes.len() > deliveries.len() {
             tracing::warn!(
                 queue,
-                handler = self.handler.name(),
+                handler = handler.name(),
                 extra = outcomes.len() - deliveries.len(),
                 "handler returned more outcomes than messages; the extra ones are ignored"
             );

@@ -7,10 +7,16 @@
 //! Rust panic message goes) is captured and reported with its trap.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    Trap,
+};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -19,6 +25,7 @@ use crate::frame::{MAX_FRAME_BYTES, ReceiptStatus};
 use crate::relay::hub::ConnectionHub;
 use crate::relay::sessions::{Delivery, ReceiptIn, RelaySessions, SessionError};
 use crate::trust::{TrustError, TrustStore};
+use crate::world::World;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -35,10 +42,12 @@ use bindings::{HandlerHost, HandlerHostPre};
 
 /// Most bytes of a guest's stderr kept for a trap report.
 const STDERR_CAPTURE_BYTES: usize = 16 * 1024;
-/// Most handler instances alive at once across the host.
-const MAX_INSTANCES: u32 = 256;
-/// Largest linear memory of a handler instance.
-const MAX_MEMORY_BYTES: usize = 64 << 20;
+/// Most handler instances alive at once across the host (the pooling allocator's size).
+const POOL_INSTANCES: u32 = 256;
+/// The largest memory any handler may be granted.
+pub const MAX_MEMORY_BYTES: usize = 1 << 30;
+/// How often the epoch advances: the granularity of CPU deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// The host services a handler's imports reach.
 pub struct Capabilities {
@@ -52,27 +61,60 @@ pub struct Capabilities {
     pub storage: Arc<ActorStorage>,
 }
 
+/// The sandbox of one handler: what a batch may use before it is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest linear memory of an instance, in bytes.
+    pub memory_bytes: usize,
+    /// Longest a batch may run (CPU deadline, by epoch interruption).
+    pub timeout: Duration,
+    /// Most instances of the handler alive at once; a batch over it is retried.
+    pub max_instances: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 64 << 20,
+            timeout: Duration::from_secs(10),
+            max_instances: 16,
+        }
+    }
+}
+
 /// The shared compiler and linker of every handler.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<BatchState>,
 }
 
-/// A compiled handler component, ready to be instantiated for each batch.
+/// A compiled and validated handler component, ready to be instantiated for each batch.
 pub struct LoadedHandler {
     name: Arc<str>,
+    version: String,
+    size: usize,
+    limits: Limits,
+    instances: Arc<Semaphore>,
     pre: HandlerHostPre<BatchState>,
 }
+
+/// Why a component cannot be loaded; the message names the problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LoadError(pub String);
 
 /// Why a whole batch failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BatchFailure {
-    /// The guest trapped (a panic, an unreachable, a limit).
+    /// The guest trapped (a panic, an unreachable, a bad memory access).
     #[error("handler trapped: {0}")]
     Trap(String),
     /// The guest's `handle` returned an error.
     #[error("handler returned an error: {0}")]
     Error(String),
+    /// The batch exceeded a sandbox limit and was stopped.
+    #[error("handler stopped: {0}")]
+    Limit(String),
 }
 
 /// The per-batch state of a store.
@@ -81,54 +123,195 @@ pub struct BatchState {
     table: ResourceTable,
     caps: Arc<Capabilities>,
     handler: Arc<str>,
+    version: Arc<str>,
+    memory: MemoryCap,
+}
+
+/// Refuses memory growth past the handler's limit, remembering that it did.
+struct MemoryCap {
+    limit: usize,
+    exceeded: bool,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.exceeded = true;
+            return Err(wasmtime::Error::msg(format!(
+                "memory limit of {} bytes exceeded",
+                self.limit
+            )));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
 }
 
 impl Runtime {
-    /// Builds the engine (async, pooling allocator) and the linker of every capability.
+    /// Builds the engine (async, pooling allocator, epoch interruption) and the linker of
+    /// every capability, and starts the epoch ticker.
     pub fn new() -> Result<Self> {
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(MAX_INSTANCES)
-            .total_core_instances(MAX_INSTANCES * 4)
-            .total_memories(MAX_INSTANCES)
-            .total_tables(MAX_INSTANCES * 2)
+        pool.total_component_instances(POOL_INSTANCES)
+            .total_core_instances(POOL_INSTANCES * 4)
+            .total_memories(POOL_INSTANCES)
+            .total_tables(POOL_INSTANCES * 2)
             .max_memory_size(MAX_MEMORY_BYTES);
         let mut config = Config::new();
         config
             .wasm_component_model(true)
+            .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
             .context("creating the wasmtime engine")?;
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("clawq-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = ticker.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         HandlerHost::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
         Ok(Runtime { engine, linker })
     }
 
-    /// Compiles `wasm` and checks that it is a handler this host can run.
-    pub fn load(&self, name: &str, wasm: &[u8]) -> Result<LoadedHandler> {
-        let component = Component::new(&self.engine, wasm)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("compiling handler `{name}`"))?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("linking handler `{name}`"))?;
-        let pre = HandlerHostPre::new(pre)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("handler `{name}` does not export `handler`"))?;
+    /// Compiles `wasm` and checks that it is a handler of `world` that instantiates.
+    /// Blocking (compilation): call it off the async workers.
+    pub fn load(
+        &self,
+        name: &str,
+        wasm: &[u8],
+        world: World,
+        limits: Limits,
+    ) -> Result<LoadedHandler, LoadError> {
+        const MAGIC: &[u8] = b"\0asm";
+        let refuse = |why: String| LoadError(format!("handler `{name}` refused: {why}"));
+        match wasm.get(..8) {
+            Some([m0, m1, m2, m3, 1, 0, 0, 0]) if [*m0, *m1, *m2, *m3] == *MAGIC => {
+                return Err(refuse(
+                    "it is a core WebAssembly module, not a component (build it for wasm32-wasip2)"
+                        .into(),
+                ));
+            }
+            Some([m0, m1, m2, m3, _, _, 1, 0]) if [*m0, *m1, *m2, *m3] == *MAGIC => {}
+            _ => return Err(refuse("it is not a WebAssembly component".into())),
+        }
+        let component = Component::new(&self.engine, wasm).map_err(|e| {
+            refuse(format!(
+                "it does not compile: {}",
+                anyhow::Error::from(e).root_cause()
+            ))
+        })?;
+        let component_type = component.component_type();
+        world
+            .check_imports(component_type.imports(&self.engine).map(|(name, _)| name))
+            .map_err(refuse)?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            refuse(format!(
+                "it cannot be linked: {}",
+                anyhow::Error::from(e).root_cause()
+            ))
+        })?;
+        let pre = HandlerHostPre::new(pre).map_err(|e| {
+            refuse(format!(
+                "it does not export `clawdentity:queues/handler@0.1.0` as world `{world}` requires: {}",
+                anyhow::Error::from(e).root_cause()
+            ))
+        })?;
         Ok(LoadedHandler {
             name: name.into(),
+            version: hex_sha256(wasm),
+            size: wasm.len(),
+            limits,
+            instances: Arc::new(Semaphore::new(limits.max_instances)),
             pre,
         })
     }
+}
+
+/// The SHA-256 of `bytes`, in hex: a component's version.
+pub fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl LoadedHandler {
     /// The name the handler was loaded under.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The version: the SHA-256 of the component, in hex.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The component's size in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Instantiates the handler once without calling it: proves it can run.
+    pub async fn check_instantiates(&self, caps: Arc<Capabilities>) -> Result<(), LoadError> {
+        let (mut store, _) = self.store(caps);
+        self.pre
+            .instantiate_async(&mut store)
+            .await
+            .map(drop)
+            .map_err(|e| {
+                LoadError(format!(
+                    "handler `{}` refused: it does not instantiate: {}",
+                    self.name,
+                    anyhow::Error::from(e).root_cause()
+                ))
+            })
+    }
+
+    fn store(&self, caps: Arc<Capabilities>) -> (Store<BatchState>, MemoryOutputPipe) {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE_BYTES);
+        let state = BatchState {
+            wasi: WasiCtxBuilder::new().stderr(stderr.clone()).build(),
+            table: ResourceTable::new(),
+            caps,
+            handler: self.name.clone(),
+            version: self.version[..12].into(),
+            memory: MemoryCap {
+                limit: self.limits.memory_bytes,
+                exceeded: false,
+            },
+        };
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|state| &mut state.memory);
+        let ticks = self
+            .limits
+            .timeout
+            .as_millis()
+            .div_ceil(EPOCH_TICK.as_millis())
+            .max(1);
+        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+        store.epoch_deadline_trap();
+        (store, stderr)
     }
 
     /// Runs one batch in a fresh instance and returns the guest's outcomes.
@@ -138,34 +321,49 @@ impl LoadedHandler {
         queue: &str,
         messages: &[Message],
     ) -> Result<Vec<Outcome>, BatchFailure> {
-        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE_BYTES);
-        let state = BatchState {
-            wasi: WasiCtxBuilder::new().stderr(stderr.clone()).build(),
-            table: ResourceTable::new(),
-            caps,
-            handler: self.name.clone(),
+        let Ok(_instance_slot) = self.instances.try_acquire() else {
+            return Err(BatchFailure::Limit(format!(
+                "all {} instances of the handler are busy (max_instances)",
+                self.limits.max_instances
+            )));
         };
-        let mut store = Store::new(self.pre.engine(), state);
-        let trap = |err: wasmtime::Error| {
-            let err = anyhow::Error::from(err);
-            let output = String::from_utf8_lossy(&stderr.contents())
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ");
-            let cause = err.root_cause();
-            BatchFailure::Trap(if output.is_empty() {
-                cause.to_string()
-            } else {
-                format!("{cause}; stderr: {output}")
-            })
-        };
-        let instance = self.pre.instantiate_async(&mut store).await.map_err(trap)?;
-        instance
-            .clawdentity_queues_handler()
-            .call_handle(&mut store, queue, messages)
-            .await
-            .map_err(trap)?
-            .map_err(BatchFailure::Error)
+        let (mut store, stderr) = self.store(caps);
+        let result = async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            instance
+                .clawdentity_queues_handler()
+                .call_handle(&mut store, queue, messages)
+                .await
+        }
+        .await;
+        match result {
+            Ok(outcomes) => outcomes.map_err(BatchFailure::Error),
+            Err(err) => {
+                let err = anyhow::Error::from(err);
+                if store.data().memory.exceeded {
+                    return Err(BatchFailure::Limit(format!(
+                        "memory limit of {} MiB exceeded",
+                        self.limits.memory_bytes >> 20
+                    )));
+                }
+                if matches!(err.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+                    return Err(BatchFailure::Limit(format!(
+                        "CPU deadline of {:?} exceeded",
+                        self.limits.timeout
+                    )));
+                }
+                let output = String::from_utf8_lossy(&stderr.contents())
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let cause = err.root_cause();
+                Err(BatchFailure::Trap(if output.is_empty() {
+                    cause.to_string()
+                } else {
+                    format!("{cause}; stderr: {output}")
+                }))
+            }
+        }
     }
 }
 
@@ -182,13 +380,23 @@ impl bindings::clawdentity::queues::types::Host for BatchState {}
 
 impl log::Host for BatchState {
     async fn write(&mut self, level: log::Level, message: String) {
-        let handler = &*self.handler;
+        let (handler, version) = (&*self.handler, &*self.version);
         match level {
-            log::Level::Trace => tracing::trace!(target: "clawq::guest", handler, "{message}"),
-            log::Level::Debug => tracing::debug!(target: "clawq::guest", handler, "{message}"),
-            log::Level::Info => tracing::info!(target: "clawq::guest", handler, "{message}"),
-            log::Level::Warn => tracing::warn!(target: "clawq::guest", handler, "{message}"),
-            log::Level::Error => tracing::error!(target: "clawq::guest", handler, "{message}"),
+            log::Level::Trace => {
+                tracing::trace!(target: "clawq::guest", handler, version, "{message}")
+            }
+            log::Level::Debug => {
+                tracing::debug!(target: "clawq::guest", handler, version, "{message}")
+            }
+            log::Level::Info => {
+                tracing::info!(target: "clawq::guest", handler, version, "{message}")
+            }
+            log::Level::Warn => {
+                tracing::warn!(target: "clawq::guest", handler, version, "{message}")
+            }
+            log::Level::Error => {
+                tracing::error!(target: "clawq::guest", handler, version, "{message}")
+            }
         }
     }
 }

@@ -2,7 +2,6 @@
 //! the HTTP API, and shuts all of it down cleanly.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,15 +13,15 @@ use tokio_util::sync::CancellationToken;
 use crate::actor_storage::ActorStorage;
 use crate::agents::AgentRegistry;
 use crate::api::{self, AppState, QueueInfo};
-use crate::bundled;
 use crate::config::Config;
 use crate::consumer::Consumer;
+use crate::handlers::HandlerSlots;
 use crate::queue::QueueBackend;
 use crate::queue::sqlite::SqliteQueue;
 use crate::relay::endpoint::{self, Heartbeat, RelayState};
 use crate::relay::hub::ConnectionHub;
 use crate::relay::sessions::{RelaySessions, SessionLimits};
-use crate::runtime::{Capabilities, LoadedHandler, Runtime};
+use crate::runtime::{Capabilities, Runtime};
 use crate::trust::TrustStore;
 
 /// How long in-flight batches get to finish after a shutdown is asked for.
@@ -62,16 +61,29 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
     });
     let runtime = Arc::new(Runtime::new()?);
 
+    let slots = Arc::new(
+        HandlerSlots::open(
+            &config.data_dir,
+            runtime,
+            caps.clone(),
+            config.consumers.values(),
+        )
+        .await?,
+    );
     let mut consumers = JoinSet::new();
     let consumers_stop = CancellationToken::new();
     for consumer in config.consumers.values() {
-        let Some(handler_ref) = &consumer.handler else {
+        if consumer.handler.is_none() {
             tracing::info!(queue = %consumer.queue, "queue has no handler: messages wait for one");
             continue;
-        };
-        let handler = load_handler(&runtime, handler_ref).await?;
-        tracing::info!(queue = %consumer.queue, handler = handler_ref, "consumer started");
-        let consumer = Consumer::new(consumer.clone(), handler, backend.clone(), caps.clone());
+        }
+        tracing::info!(queue = %consumer.queue, "consumer started");
+        let consumer = Consumer::new(
+            consumer.clone(),
+            slots.clone(),
+            backend.clone(),
+            caps.clone(),
+        );
         consumers.spawn(consumer.run(consumers_stop.clone()));
     }
 
@@ -130,24 +142,4 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Loads a handler named in the config: a bundled one by name, or a `.wasm` file by path.
-async fn load_handler(runtime: &Arc<Runtime>, handler: &str) -> Result<Arc<LoadedHandler>> {
-    let wasm = match bundled::find(handler) {
-        Some(bytes) => bytes.to_vec(),
-        None => std::fs::read(handler).with_context(|| {
-            format!(
-                "handler `{handler}` is neither a bundled handler ({}) nor a readable .wasm file",
-                bundled::NAMES.join(", ")
-            )
-        })?,
-    };
-    let runtime = runtime.clone();
-    let name = match Path::new(handler).file_stem() {
-        Some(stem) if bundled::find(handler).is_none() => stem.to_string_lossy().into_owned(),
-        _ => handler.to_owned(),
-    };
-    let loaded = tokio::task::spawn_blocking(move || runtime.load(&name, &wasm)).await??;
-    Ok(Arc::new(loaded))
 }

@@ -1,0 +1,465 @@
+//! Handler slots: each consumer's current component version, swapped atomically while
+//! the host runs, with a persisted version history for rollback and automatic rollback
+//! of a new version that keeps failing.
+//!
+//! A batch takes the slot's current version when it starts and finishes on it; a swap
+//! only changes what the next batch gets. Loading (compile, validate, instantiate once)
+//! happens before the swap, off the async workers; a refused component leaves the old
+//! version serving.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::Context;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::bundled;
+use crate::config::ConsumerConfig;
+use crate::queue::sqlite::now_ms;
+use crate::runtime::{
+    BatchFailure, Capabilities, Limits, LoadError, LoadedHandler, Runtime, hex_sha256,
+};
+use crate::world::World;
+
+/// Why a deploy or rollback did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    /// No consumer has that name (or it has no handler).
+    #[error("no handler slot named `{0}`")]
+    UnknownSlot(String),
+    /// The component was refused; the old version still serves.
+    #[error(transparent)]
+    Refused(#[from] LoadError),
+    /// The version asked for is not kept.
+    #[error("{0}")]
+    NoSuchVersion(String),
+    /// Storage failed.
+    #[error("handler storage failed: {0:#}")]
+    Storage(#[from] anyhow::Error),
+}
+
+/// Counters of one slot since start.
+#[derive(Debug, Default)]
+pub struct SlotCounters {
+    batches: AtomicU64,
+    failed: AtomicU64,
+    traps: AtomicU64,
+    errors: AtomicU64,
+    limit_hits: AtomicU64,
+    auto_rollbacks: AtomicU64,
+}
+
+/// A snapshot of [`SlotCounters`].
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CounterSnapshot {
+    /// Batches run.
+    pub batches: u64,
+    /// Batches that failed (trap, error or limit).
+    pub failed: u64,
+    /// Batches whose handler trapped.
+    pub traps: u64,
+    /// Batches whose handler returned an error.
+    pub errors: u64,
+    /// Batches stopped by a sandbox limit.
+    pub limit_hits: u64,
+    /// Automatic rollbacks after a crash loop.
+    pub auto_rollbacks: u64,
+}
+
+/// How the current version has fared.
+#[derive(Debug, Default)]
+struct Health {
+    /// Failed batches in a row of the current version.
+    consecutive_failures: u32,
+    /// Whether the current version's latest batch succeeded.
+    last_ok: bool,
+    /// The version before the current one, if it was healthy when it was replaced.
+    healthy_previous: Option<String>,
+}
+
+/// One consumer's handler slot.
+pub struct Slot {
+    world: World,
+    limits: Limits,
+    auto_rollback_after: u32,
+    current: RwLock<Arc<LoadedHandler>>,
+    health: Mutex<Health>,
+    counters: SlotCounters,
+}
+
+impl Slot {
+    /// The version a batch starting now runs on.
+    pub fn current(&self) -> Arc<LoadedHandler> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The world this slot accepts.
+    pub fn world(&self) -> World {
+        self.world
+    }
+
+    /// The slot's counters.
+    pub fn counters(&self) -> CounterSnapshot {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CounterSnapshot {
+            batches: get(&c.batches),
+            failed: get(&c.failed),
+            traps: get(&c.traps),
+            errors: get(&c.errors),
+            limit_hits: get(&c.limit_hits),
+            auto_rollbacks: get(&c.auto_rollbacks),
+        }
+    }
+
+    fn swap(&self, handler: Arc<LoadedHandler>) -> Arc<LoadedHandler> {
+        let old = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
+            handler,
+        );
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let previous_ok = health.last_ok && health.consecutive_failures == 0;
+        *health = Health {
+            healthy_previous: previous_ok.then(|| old.version().to_owned()),
+            ..Health::default()
+        };
+        old
+    }
+
+    /// Counts a batch of `handler`; returns the version to roll back to when the current
+    /// version just crossed the crash-loop threshold.
+    fn record(
+        &self,
+        handler: &LoadedHandler,
+        outcome: Result<(), &BatchFailure>,
+    ) -> Option<String> {
+        let c = &self.counters;
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        if let Err(failure) = outcome {
+            c.failed.fetch_add(1, Ordering::Relaxed);
+            match failure {
+                BatchFailure::Trap(_) => c.traps.fetch_add(1, Ordering::Relaxed),
+                BatchFailure::Error(_) => c.errors.fetch_add(1, Ordering::Relaxed),
+                BatchFailure::Limit(_) => c.limit_hits.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+        if handler.version() != self.current().version() {
+            return None; // a batch of a version already replaced
+        }
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        match outcome {
+            Ok(()) => {
+                health.consecutive_failures = 0;
+                health.last_ok = true;
+                None
+            }
+            Err(_) => {
+                health.consecutive_failures += 1;
+                health.last_ok = false;
+                let crash_loop = self.auto_rollback_after > 0
+                    && health.consecutive_failures == self.auto_rollback_after;
+                crash_loop
+                    .then(|| health.healthy_previous.clone())
+                    .flatten()
+            }
+        }
+    }
+}
+
+/// One entry of a slot's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    /// The version (SHA-256 of the component).
+    pub version: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it became current, ISO-8601.
+    pub loaded_at: String,
+    /// Who made it current: `config`, `api`, `watch`, `rollback`, `auto-rollback`.
+    pub loaded_by: String,
+}
+
+/// Every handler slot of the host, with their persisted history.
+pub struct HandlerSlots {
+    slots: BTreeMap<String, Arc<Slot>>,
+    runtime: Arc<Runtime>,
+    caps: Arc<Capabilities>,
+    db: Mutex<Connection>,
+    blobs: PathBuf,
+}
+
+impl HandlerSlots {
+    /// Opens the history in `data_dir` and fills one slot per consumer that has a
+    /// handler: with the version that was current before a restart, or with the config's
+    /// handler when the config names a different one than at the last start.
+    pub async fn open(
+        data_dir: &Path,
+        runtime: Arc<Runtime>,
+        caps: Arc<Capabilities>,
+        consumers: impl IntoIterator<Item = &ConsumerConfig>,
+    ) -> anyhow::Result<Self> {
+        let blobs = data_dir.join("handlers");
+        std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
+        let db = Connection::open(data_dir.join("handlers.db"))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS slots (
+                 consumer       TEXT PRIMARY KEY,
+                 current        TEXT NOT NULL,
+                 config_version TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS history (
+                 seq       INTEGER PRIMARY KEY,
+                 consumer  TEXT NOT NULL,
+                 version   TEXT NOT NULL,
+                 size      INTEGER NOT NULL,
+                 loaded_ms INTEGER NOT NULL,
+                 loaded_by TEXT NOT NULL
+             );",
+        )?;
+        let mut slots = HandlerSlots {
+            slots: BTreeMap::new(),
+            runtime,
+            caps,
+            db: Mutex::new(db),
+            blobs,
+        };
+        for consumer in consumers {
+            let Some(reference) = &consumer.handler else {
+                continue;
+            };
+            let config_wasm = read_handler(reference)?;
+            let config_version = hex_sha256(&config_wasm);
+            let stored: Option<(String, String)> = slots
+                .conn()
+                .query_row(
+                    "SELECT current, config_version FROM slots WHERE consumer = ?1",
+                    [&consumer.queue],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let (wasm, by) = match stored {
+                Some((current, seen)) if seen == config_version => {
+                    match std::fs::read(slots.blob(&current)) {
+                        Ok(bytes) => (bytes, None),
+                        Err(_) => (config_wasm, Some("config")),
+                    }
+                }
+                _ => (config_wasm, Some("config")),
+            };
+            let name = handler_name(reference);
+            let handler = slots
+                .load(&name, wasm.clone(), consumer.world, consumer.limits)
+                .await?;
+            if let Some(by) = by {
+                slots.persist(&consumer.queue, &handler, &wasm, by, Some(&config_version))?;
+            }
+            tracing::info!(consumer = %consumer.queue, handler = %name, version = %handler.version(), "handler loaded");
+            let slot = Slot {
+                world: consumer.world,
+                limits: consumer.limits,
+                auto_rollback_after: consumer.auto_rollback_after,
+                current: RwLock::new(Arc::new(handler)),
+                health: Mutex::new(Health::default()),
+                counters: SlotCounters::default(),
+            };
+            slots.slots.insert(consumer.queue.clone(), Arc::new(slot));
+        }
+        Ok(slots)
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn blob(&self, version: &str) -> PathBuf {
+        self.blobs.join(format!("{version}.wasm"))
+    }
+
+    /// The slot of `consumer`.
+    pub fn slot(&self, consumer: &str) -> Result<&Arc<Slot>, SlotError> {
+        self.slots
+            .get(consumer)
+            .ok_or_else(|| SlotError::UnknownSlot(consumer.to_owned()))
+    }
+
+    /// Every slot, by consumer.
+    pub fn all(&self) -> impl Iterator<Item = (&String, &Arc<Slot>)> {
+        self.slots.iter()
+    }
+
+    /// Compiles and validates off the async workers, then instantiates once.
+    async fn load(
+        &self,
+        name: &str,
+        wasm: Vec<u8>,
+        world: World,
+        limits: Limits,
+    ) -> Result<LoadedHandler, LoadError> {
+        let runtime = self.runtime.clone();
+        let name_owned = name.to_owned();
+        let handler =
+            tokio::task::spawn_blocking(move || runtime.load(&name_owned, &wasm, world, limits))
+                .await
+                .map_err(|e| LoadError(format!("loading `{name}` failed: {e}")))??;
+        handler.check_instantiates(self.caps.clone()).await?;
+        Ok(handler)
+    }
+
+    /// Stores the bytes of `handler` and records it as the current version of `consumer`.
+    fn persist(
+        &self,
+        consumer: &str,
+        handler: &LoadedHandler,
+        wasm: &[u8],
+        by: &str,
+        config_version: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let blob = self.blob(handler.version());
+        if !blob.exists() {
+            let partial = blob.with_extension("partial");
+            std::fs::write(&partial, wasm)?;
+            std::fs::rename(&partial, &blob)?;
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO slots (consumer, current, config_version) VALUES (?1, ?2, COALESCE(?3, ''))
+             ON CONFLICT (consumer) DO UPDATE SET current = ?2, config_version = COALESCE(?3, config_version)",
+            params![consumer, handler.version(), config_version],
+        )?;
+        tx.execute(
+            "INSERT INTO history (consumer, version, size, loaded_ms, loaded_by) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![consumer, handler.version(), handler.size() as i64, now_ms(), by],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Loads `wasm` into the slot of `consumer` and makes it current; `by` says who asked.
+    pub async fn deploy(
+        &self,
+        consumer: &str,
+        wasm: Vec<u8>,
+        by: &str,
+    ) -> Result<Arc<LoadedHandler>, SlotError> {
+        let slot = self.slot(consumer)?;
+        let name = slot.current().name().to_owned();
+        let handler = Arc::new(
+            self.load(&name, wasm.clone(), slot.world, slot.limits)
+                .await?,
+        );
+        self.persist(consumer, &handler, &wasm, by, None)?;
+        let old = slot.swap(handler.clone());
+        tracing::info!(consumer, from = %&old.version()[..12], to = %&handler.version()[..12], by, "handler swapped");
+        Ok(handler)
+    }
+
+    /// Makes `version` (or, when `None`, the version before the current one) current again.
+    pub async fn rollback(
+        &self,
+        consumer: &str,
+        version: Option<&str>,
+        by: &str,
+    ) -> Result<Arc<LoadedHandler>, SlotError> {
+        let slot = self.slot(consumer)?;
+        let current = slot.current().version().to_owned();
+        let target = match version {
+            Some(v) => self
+                .history(consumer)?
+                .into_iter()
+                .find(|e| e.version.starts_with(v) && !v.is_empty())
+                .map(|e| e.version),
+            None => self
+                .history(consumer)?
+                .into_iter()
+                .map(|e| e.version)
+                .find(|v| *v != current),
+        }
+        .ok_or_else(|| {
+            SlotError::NoSuchVersion(match version {
+                Some(v) => format!("version `{v}` is not in the history of `{consumer}`"),
+                None => format!("`{consumer}` has no earlier version to roll back to"),
+            })
+        })?;
+        let wasm = std::fs::read(self.blob(&target))
+            .with_context(|| format!("reading kept version {target}"))?;
+        self.deploy(consumer, wasm, by).await
+    }
+
+    /// The history of `consumer`, newest first.
+    pub fn history(&self, consumer: &str) -> Result<Vec<HistoryEntry>, SlotError> {
+        self.slot(consumer)?;
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT version, size, loaded_ms, loaded_by FROM history WHERE consumer = ?1 ORDER BY seq DESC")
+            .map_err(anyhow::Error::from)?;
+        let entries = stmt
+            .query_map([consumer], |r| {
+                let ms: u64 = r.get(2)?;
+                Ok(HistoryEntry {
+                    version: r.get(0)?,
+                    size: r.get(1)?,
+                    loaded_at: crate::api::iso8601(ms),
+                    loaded_by: r.get(3)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(anyhow::Error::from)?;
+        Ok(entries)
+    }
+
+    /// Counts a finished batch of `handler` in `consumer`'s slot and rolls a crash-looping
+    /// new version back to the healthy one it replaced.
+    pub async fn record(
+        &self,
+        consumer: &str,
+        handler: &LoadedHandler,
+        outcome: Result<(), &BatchFailure>,
+    ) {
+        let Ok(slot) = self.slot(consumer) else {
+            return;
+        };
+        let Some(previous) = slot.record(handler, outcome) else {
+            return;
+        };
+        tracing::error!(consumer, version = %&handler.version()[..12], failures = slot.auto_rollback_after,
+            "new handler version keeps failing: rolling back to {}", &previous[..12]);
+        match self
+            .rollback(consumer, Some(&previous), "auto-rollback")
+            .await
+        {
+            Ok(_) => {
+                slot.counters.auto_rollbacks.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) => tracing::error!(consumer, error = %err, "automatic rollback failed"),
+        }
+    }
+}
+
+/// The bytes of a handler named in the config: a bundled one or a `.wasm` file.
+pub fn read_handler(reference: &str) -> anyhow::Result<Vec<u8>> {
+    match bundled::find(reference) {
+        Some(bytes) => Ok(bytes.to_vec()),
+        None => std::fs::read(reference).with_context(|| {
+            format!(
+                "handler `{reference}` is neither a bundled handler ({}) nor a readable .wasm file",
+                bundled::NAMES.join(", ")
+            )
+        }),
+    }
+}
+
+/// The name a handler is logged under: a bundled handler's name or the file's stem.
+pub fn handler_name(reference: &str) -> String {
+    match Path::new(reference).file_stem() {
+        Some(stem) if bundled::find(reference).is_none() => stem.to_string_lossy().into_owned(),
+        _ => reference.to_owned(),
+    }
+}

@@ -1,0 +1,123 @@
+//! The worlds of `wit/`: which capabilities a handler slot grants, and the check that a
+//! component imports nothing more.
+
+use std::fmt;
+
+/// The WIT package every capability interface belongs to.
+const PACKAGE: &str = "clawdentity:queues/";
+
+/// A world a handler slot accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum World {
+    /// `crl-invalidation`: trust store and log.
+    CrlInvalidation,
+    /// `receipt-router`: relay sessions and log.
+    ReceiptRouter,
+    /// `receipt-handler`: relay sessions, websocket, actor storage and log.
+    ReceiptHandler,
+    /// `handler-host`: every capability.
+    HandlerHost,
+}
+
+impl World {
+    /// Every world, by name.
+    pub const ALL: [World; 4] = [
+        World::CrlInvalidation,
+        World::ReceiptRouter,
+        World::ReceiptHandler,
+        World::HandlerHost,
+    ];
+
+    /// The world's name in `wit/`.
+    pub fn name(self) -> &'static str {
+        match self {
+            World::CrlInvalidation => "crl-invalidation",
+            World::ReceiptRouter => "receipt-router",
+            World::ReceiptHandler => "receipt-handler",
+            World::HandlerHost => "handler-host",
+        }
+    }
+
+    /// The world called `name`.
+    pub fn parse(name: &str) -> Option<World> {
+        World::ALL.into_iter().find(|w| w.name() == name)
+    }
+
+    /// The capability interfaces the world grants (`types` is always allowed).
+    pub fn grants(self) -> &'static [&'static str] {
+        match self {
+            World::CrlInvalidation => &["trust-store", "log"],
+            World::ReceiptRouter => &["relay-sessions", "log"],
+            World::ReceiptHandler => &["relay-sessions", "websocket", "actor-storage", "log"],
+            World::HandlerHost => &[
+                "trust-store",
+                "relay-sessions",
+                "websocket",
+                "actor-storage",
+                "log",
+            ],
+        }
+    }
+
+    /// Checks the import names of a component: WASI interfaces and the capabilities this
+    /// world grants are allowed; the error names the first one that is not.
+    pub fn check_imports<'a>(
+        self,
+        imports: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), String> {
+        for import in imports {
+            if import.starts_with("wasi:") {
+                continue;
+            }
+            let Some(rest) = import.strip_prefix(PACKAGE) else {
+                return Err(format!("imports `{import}`, which no clawq world grants"));
+            };
+            let interface = rest.split('@').next().unwrap_or(rest);
+            if interface != "types" && !self.grants().contains(&interface) {
+                return Err(format!(
+                    "imports `{interface}`, which world `{}` does not grant (it grants {})",
+                    self.name(),
+                    self.grants().join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for World {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imports_beyond_the_world_are_named() {
+        let crl = [
+            "wasi:io/streams@0.2.6",
+            "clawdentity:queues/types@0.1.0",
+            "clawdentity:queues/trust-store@0.1.0",
+        ];
+        assert_eq!(World::CrlInvalidation.check_imports(crl), Ok(()));
+        let err = World::CrlInvalidation
+            .check_imports(["clawdentity:queues/relay-sessions@0.1.0"])
+            .unwrap_err();
+        assert!(
+            err.starts_with(
+                "imports `relay-sessions`, which world `crl-invalidation` does not grant"
+            ),
+            "{err}"
+        );
+        assert!(
+            World::HandlerHost
+                .check_imports(["acme:evil/net"])
+                .unwrap_err()
+                .contains("acme:evil/net")
+        );
+        assert_eq!(World::parse("receipt-handler"), Some(World::ReceiptHandler));
+    }
+}
