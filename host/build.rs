@@ -9,7 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Guest crates, by package name.
-const GUESTS: [&str; 3] = ["crl-invalidation", "receipt-router", "scripted-handler"];
+const GUESTS: [&str; 4] = [
+    "crl-invalidation",
+    "receipt-router",
+    "scripted-handler",
+    "failing-handler",
+];
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());

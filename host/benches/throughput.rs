@@ -12,12 +12,14 @@ use clawq::actor_storage::ActorStorage;
 use clawq::bundled;
 use clawq::config::{ConsumerConfig, EVENTS_QUEUE};
 use clawq::consumer::Consumer;
+use clawq::handlers::HandlerSlots;
 use clawq::queue::sqlite::SqliteQueue;
 use clawq::queue::{ContentType, NewMessage, QueueBackend, RetryPolicy, Settlement};
 use clawq::relay::hub::ConnectionHub;
 use clawq::relay::sessions::{RelaySessions, SessionLimits};
-use clawq::runtime::{Capabilities, Runtime};
+use clawq::runtime::{Capabilities, Limits, Runtime};
 use clawq::trust::TrustStore;
+use clawq::world::World;
 use tokio_util::sync::CancellationToken;
 
 const PUBLISH_BATCH: usize = 100;
@@ -95,15 +97,15 @@ async fn engine_alone(n: usize, batch_size: usize) -> f64 {
 }
 
 /// Messages/s through a real consumer running the CRL-invalidation component.
-async fn end_to_end(runtime: &Runtime, n: usize, batch_size: usize, concurrency: usize) -> f64 {
+async fn end_to_end(
+    runtime: &Arc<Runtime>,
+    n: usize,
+    batch_size: usize,
+    concurrency: usize,
+) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let queue = Arc::new(SqliteQueue::open(&dir.path().join("q.db")).unwrap());
     let caps = capabilities(dir.path());
-    let handler = Arc::new(
-        runtime
-            .load("crl-invalidation", bundled::CRL_INVALIDATION)
-            .unwrap(),
-    );
     fill(&queue, n).await;
     let config = ConsumerConfig {
         max_batch_size: batch_size,
@@ -111,8 +113,11 @@ async fn end_to_end(runtime: &Runtime, n: usize, batch_size: usize, concurrency:
         max_concurrency: concurrency,
         ..ConsumerConfig::default_for(EVENTS_QUEUE)
     };
+    let slots = HandlerSlots::open(dir.path(), runtime.clone(), caps.clone(), [&config])
+        .await
+        .unwrap();
     let backend: Arc<dyn QueueBackend> = queue.clone();
-    let consumer = Consumer::new(config, handler, backend, caps.clone());
+    let consumer = Consumer::new(config, Arc::new(slots), backend, caps.clone());
     let stop = CancellationToken::new();
     let started = Instant::now();
     let running = tokio::spawn(consumer.run(stop.clone()));
@@ -136,7 +141,12 @@ async fn per_batch_instance(runtime: &Runtime, rounds: u32) -> Duration {
     let dir = tempfile::tempdir().unwrap();
     let caps = capabilities(dir.path());
     let handler = runtime
-        .load("crl-invalidation", bundled::CRL_INVALIDATION)
+        .load(
+            "crl-invalidation",
+            bundled::CRL_INVALIDATION,
+            World::CrlInvalidation,
+            Limits::default(),
+        )
         .unwrap();
     for _ in 0..100 {
         handler
@@ -160,11 +170,16 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
-    let runtime = Runtime::new().unwrap();
+    let runtime = Arc::new(Runtime::new().unwrap());
 
     let started = Instant::now();
     runtime
-        .load("crl-invalidation", bundled::CRL_INVALIDATION)
+        .load(
+            "crl-invalidation",
+            bundled::CRL_INVALIDATION,
+            World::CrlInvalidation,
+            Limits::default(),
+        )
         .unwrap();
     println!(
         "compile crl-invalidation component: {:?}",

@@ -38,6 +38,8 @@ pub struct Config {
     pub revocation_ttl: Duration,
     /// Relay sessions and connector connections.
     pub relay: RelayConfig,
+    /// The admin API token (`admin_token` or `CLAWQ_ADMIN_TOKEN`); generated when `None`.
+    pub admin_token: Option<String>,
 }
 
 /// Relay sessions and connector connections (`[relay]`).
@@ -159,6 +161,7 @@ impl ConsumerConfig {
 struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    admin_token: Option<String>,
     #[serde(default)]
     queues: FileQueues,
     #[serde(default)]
@@ -378,6 +381,7 @@ impl Config {
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_REVOCATION_TTL),
             relay: file.relay.apply()?,
+            admin_token: file.admin_token,
         })
     }
 

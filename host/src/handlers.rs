@@ -463,3 +463,57 @@ pub fn handler_name(reference: &str) -> String {
         _ => reference.to_owned(),
     }
 }
+
+/// How often `--watch` looks at the handler files.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// `clawq serve --watch`: deploys a handler again whenever its `.wasm` file changes,
+/// until `shutdown`. A refused build is logged and the old version keeps serving.
+pub async fn watch(
+    slots: Arc<HandlerSlots>,
+    files: Vec<(String, PathBuf)>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let stamp = |path: &Path| {
+        std::fs::metadata(path)
+            .and_then(|m| Ok((m.modified()?, m.len())))
+            .ok()
+    };
+    let mut seen: Vec<_> = files.iter().map(|(_, path)| stamp(path)).collect();
+    for (consumer, path) in &files {
+        tracing::info!(consumer, file = %path.display(), "watching the handler file");
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+        }
+        for ((consumer, path), last) in files.iter().zip(seen.iter_mut()) {
+            let now = stamp(path);
+            if now.is_none() || now == *last {
+                continue;
+            }
+            *last = now;
+            let Ok(wasm) = std::fs::read(path) else {
+                continue;
+            };
+            if wasm.is_empty()
+                || hex_sha256(&wasm)
+                    == slots
+                        .slot(consumer)
+                        .map(|s| s.current().version().to_owned())
+                        .unwrap_or_default()
+            {
+                continue;
+            }
+            match slots.deploy(consumer, wasm, "watch").await {
+                Ok(handler) => {
+                    tracing::info!(consumer, version = %&handler.version()[..12], "reloaded the changed handler")
+                }
+                Err(err) => {
+                    tracing::warn!(consumer, error = %err, "the changed handler was refused; the old version keeps serving")
+                }
+            }
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //! HTTP API) and [`server`] (wires them together for `clawq serve`).
 
 pub mod actor_storage;
+pub mod admin;
 pub mod agents;
 pub mod api;
 pub mod bundled;

@@ -30,6 +30,9 @@ enum Command {
     /// Receipts are kept in a durable outbox (`<data-dir>/outbox.db`) until the webhook
     /// takes them.
     Connect(ConnectArgs),
+    /// Deploy, list and roll back handler versions on a running host.
+    #[command(subcommand)]
+    Handlers(HandlersCommand),
     /// Register the agents whose connectors may connect (`clawq agents add <did>`).
     #[command(subcommand)]
     Agents(AgentsCommand),
@@ -47,6 +50,13 @@ struct ServeArgs {
     /// TOML config file (queues, consumers, trust store); optional.
     #[arg(long, short, env = "CLAWQ_CONFIG")]
     config: Option<PathBuf>,
+    /// Reload a handler whenever its `.wasm` file changes (development loop).
+    #[arg(long)]
+    watch: bool,
+    /// Token of the admin API [default: the config's `admin_token`, else generated into
+    /// <data-dir>/admin.token on first start].
+    #[arg(long, env = "CLAWQ_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,6 +87,180 @@ struct DataDirArg {
     /// The host's data directory.
     #[arg(long, env = "CLAWQ_DATA_DIR", default_value = clawq::config::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum HandlersCommand {
+    /// List the handler slots with their current version and counters.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Load a component into a consumer's slot and make it current.
+    Deploy {
+        /// The consumer (queue name).
+        consumer: String,
+        /// The component (`.wasm`).
+        file: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Make the previous version (or VERSION, a hash or its prefix) current again.
+    Rollback {
+        /// The consumer (queue name).
+        consumer: String,
+        /// The version to go back to [default: the one before the current].
+        version: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show a consumer's version history, newest first.
+    History {
+        /// The consumer (queue name).
+        consumer: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    /// The host's base url.
+    #[arg(long, env = "CLAWQ_SERVER", default_value = "http://127.0.0.1:8787")]
+    server: String,
+    /// The admin token [default: read from <data-dir>/admin.token].
+    #[arg(long, env = "CLAWQ_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// The host's data directory, where its generated admin token is.
+    #[arg(long, env = "CLAWQ_DATA_DIR", default_value = clawq::config::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+}
+
+impl AdminArgs {
+    /// Sends an admin request and returns its JSON answer, or the API's error message.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<serde_json::Value> {
+        let token = match &self.admin_token {
+            Some(token) => token.clone(),
+            None => {
+                let file = self.data_dir.join(clawq::admin::TOKEN_FILE);
+                std::fs::read_to_string(&file)
+                    .map_err(|e| {
+                        anyhow::anyhow!("no --admin-token and cannot read {}: {e}", file.display())
+                    })?
+                    .trim()
+                    .to_owned()
+            }
+        };
+        let mut request = reqwest::Client::new()
+            .request(
+                method,
+                format!("{}{path}", self.server.trim_end_matches('/')),
+            )
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/wasm")
+                .body(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach {}: {e}", self.server))?;
+        let status = response.status();
+        let answer: serde_json::Value = response.json().await.unwrap_or_default();
+        if !status.is_success() {
+            let message = answer["error"]["message"]
+                .as_str()
+                .unwrap_or("no error message");
+            anyhow::bail!("{status}: {message}");
+        }
+        Ok(answer)
+    }
+}
+
+/// Runs a `handlers` subcommand against a running host.
+async fn handlers(command: HandlersCommand) -> Result<()> {
+    use reqwest::Method;
+    let show_version = |v: &serde_json::Value| {
+        let hash = v["version"].as_str().unwrap_or_default();
+        format!(
+            "{} {} ({} bytes)",
+            v["name"].as_str().unwrap_or_default(),
+            &hash[..hash.len().min(12)],
+            v["size"]
+        )
+    };
+    match command {
+        HandlersCommand::List { admin } => {
+            let answer = admin.call(Method::GET, "/v1/handlers", None).await?;
+            for slot in answer["handlers"].as_array().into_iter().flatten() {
+                let c = &slot["counters"];
+                println!(
+                    "{:<28} {:<18} {}  batches {} failed {} traps {} limits {}",
+                    slot["consumer"].as_str().unwrap_or_default(),
+                    slot["world"].as_str().unwrap_or_default(),
+                    show_version(&slot["current"]),
+                    c["batches"],
+                    c["failed"],
+                    c["traps"],
+                    c["limit_hits"]
+                );
+            }
+        }
+        HandlersCommand::Deploy {
+            consumer,
+            file,
+            admin,
+        } => {
+            let wasm = std::fs::read(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let answer = admin
+                .call(Method::PUT, &format!("/v1/handlers/{consumer}"), Some(wasm))
+                .await?;
+            println!(
+                "{consumer}: now serving {} (loaded in {:.1} ms)",
+                show_version(&answer),
+                answer["load_ms"].as_f64().unwrap_or_default()
+            );
+        }
+        HandlersCommand::Rollback {
+            consumer,
+            version,
+            admin,
+        } => {
+            let body = serde_json::json!({"version": version})
+                .to_string()
+                .into_bytes();
+            let answer = admin
+                .call(
+                    Method::POST,
+                    &format!("/v1/handlers/{consumer}/rollback"),
+                    Some(body),
+                )
+                .await?;
+            println!("{consumer}: rolled back to {}", show_version(&answer));
+        }
+        HandlersCommand::History { consumer, admin } => {
+            let answer = admin
+                .call(Method::GET, &format!("/v1/handlers/{consumer}"), None)
+                .await?;
+            for entry in answer["history"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  {}  {:>8} bytes  by {}",
+                    entry["loaded_at"].as_str().unwrap_or_default(),
+                    entry["version"].as_str().unwrap_or_default(),
+                    entry["size"],
+                    entry["loaded_by"].as_str().unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs an `agents` subcommand against the data directory (the host may be running).
@@ -187,6 +371,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Connect(args) => runtime.block_on(connect(args)),
         Command::Agents(command) => agents(command),
+        Command::Handlers(command) => runtime.block_on(handlers(command)),
     }
 }
 
@@ -198,9 +383,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(data_dir) = args.data_dir {
         config.data_dir = data_dir;
     }
+    if let Some(token) = args.admin_token {
+        config.admin_token = Some(token);
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    clawq::server::serve(config, shutdown).await
+    clawq::server::serve_with(config, args.watch, shutdown).await
 }
 
 /// Cancels `shutdown` on Ctrl-C or SIGTERM.

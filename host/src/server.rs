@@ -2,6 +2,7 @@
 //! the HTTP API, and shuts all of it down cleanly.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,11 +12,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::actor_storage::ActorStorage;
+use crate::admin::{self, AdminState, admin_token};
 use crate::agents::AgentRegistry;
 use crate::api::{self, AppState, QueueInfo};
+use crate::bundled;
 use crate::config::Config;
 use crate::consumer::Consumer;
-use crate::handlers::HandlerSlots;
+use crate::handlers::{self, HandlerSlots};
 use crate::queue::QueueBackend;
 use crate::queue::sqlite::SqliteQueue;
 use crate::relay::endpoint::{self, Heartbeat, RelayState};
@@ -29,6 +32,12 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Runs the host until `shutdown` is cancelled.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
+    serve_with(config, false, shutdown).await
+}
+
+/// Runs the host until `shutdown` is cancelled; with `watch`, reloads the handlers given
+/// as `.wasm` files whenever they change.
+pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let backend: Arc<dyn QueueBackend> = Arc::new(
@@ -87,6 +96,17 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
         consumers.spawn(consumer.run(consumers_stop.clone()));
     }
 
+    if watch {
+        let files = config
+            .consumers
+            .values()
+            .filter_map(|c| Some((c.queue.clone(), c.handler.clone()?)))
+            .filter(|(_, handler)| bundled::find(handler).is_none())
+            .map(|(queue, handler)| (queue, PathBuf::from(handler)))
+            .collect();
+        tokio::spawn(handlers::watch(slots.clone(), files, shutdown.clone()));
+    }
+
     let queues: BTreeMap<String, QueueInfo> = config
         .queue_names()
         .map(|name| {
@@ -113,7 +133,11 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
         queues: Arc::new(queues),
         trust,
     })
-    .merge(endpoint::router(relay));
+    .merge(endpoint::router(relay))
+    .merge(admin::router(AdminState {
+        slots: slots.clone(),
+        token: admin_token(&config.data_dir, config.admin_token.clone())?.into(),
+    }));
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;

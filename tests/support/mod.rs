@@ -13,6 +13,8 @@ use serde_json::Value;
 
 /// The test handler whose outcomes the message bodies script.
 pub const SCRIPTED_HANDLER: &str = env!("CLAWQ_GUEST_SCRIPTED_HANDLER");
+/// The test handler that traps on every batch.
+pub const FAILING_HANDLER: &str = env!("CLAWQ_GUEST_FAILING_HANDLER");
 /// A valid agent DID.
 pub const DID_A: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
 /// Another valid agent DID.
@@ -110,21 +112,27 @@ pub struct Host {
 impl Host {
     /// Starts a host with `config` (TOML) and a fresh data directory.
     pub fn start(config: &str) -> Host {
+        Host::start_with(config, &[])
+    }
+
+    /// Starts a host with `config`, a fresh data directory and extra `serve` arguments.
+    pub fn start_with(config: &str, args: &[&str]) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("clawq.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut host = Host::spawn(&dir.path().join("data"), &config_path);
+        let mut host = Host::spawn(&dir.path().join("data"), &config_path, args);
         host._dir = Some(dir);
         host
     }
 
-    fn spawn(data_dir: &Path, config: &Path) -> Host {
+    fn spawn(data_dir: &Path, config: &Path, args: &[&str]) -> Host {
         let mut command = Command::new(env!("CARGO_BIN_EXE_clawq"));
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .arg("--config")
-            .arg(config);
+            .arg(config)
+            .args(args);
         let (child, log) = spawn_logged(command, "clawq");
         let mut host = Host {
             child,
@@ -154,7 +162,7 @@ impl Host {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         let dir = self._dir.take();
-        let mut restarted = Host::spawn(&self.data_dir.clone(), &self.config.clone());
+        let mut restarted = Host::spawn(&self.data_dir.clone(), &self.config.clone(), &[]);
         restarted._dir = dir;
         std::mem::swap(self, &mut restarted);
     }
@@ -247,6 +255,37 @@ impl Host {
                 .sum::<u64>();
             (held == 0).then_some(status)
         })
+    }
+
+    /// The generated admin token of this host.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// Sends an admin request (with the admin token unless `token` says otherwise).
+    pub fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let token = token.map_or_else(|| self.admin_token(), str::to_owned);
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let response = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .body(body)
+            .send()
+            .unwrap();
+        (
+            response.status().as_u16(),
+            response.json().unwrap_or(Value::Null),
+        )
     }
 
     /// Whether the trust store says `did` is revoked.

@@ -4,8 +4,8 @@
 //! Body: `{"do": ACTION, "tag": "...", "delay": n, "reason": "...", "ack_at": n, "did": "..."}`
 //! with ACTION one of `ack`, `retry` (acks once `attempts >= ack_at`), `dead-letter`,
 //! `revoke` (revokes `did` in the trust store, then acks), `trap` (panics: the whole
-//! batch traps), `fail` (`handle` returns an error) and `skip` (no outcome from this
-//! message on). Every message is logged as `seen tag=<tag> attempts=<n> batch=<size>`.
+//! batch traps), `fail` (`handle` returns an error), `skip` (no outcome from this
+//! message on), `loop` (spins forever) and `hog` (allocates without bound). Every message is logged as `seen tag=<tag> attempts=<n> batch=<size>`.
 
 wit_bindgen::generate!({
     world: "crl-invalidation",
@@ -49,6 +49,16 @@ impl exports::clawdentity::queues::handler::Guest for Scripted {
                 "trap" => panic!("scripted trap in message {}", message.id),
                 "fail" => return Err(format!("scripted failure in message {}", message.id)),
                 "skip" => break,
+                "loop" => loop {
+                    std::hint::spin_loop();
+                },
+                "hog" => {
+                    let mut hoard: Vec<Vec<u8>> = Vec::new();
+                    loop {
+                        hoard.push(vec![1; 1 << 20]);
+                        std::hint::black_box(&hoard);
+                    }
+                }
                 "retry" if script.ack_at.is_some_and(|n| message.attempts >= n) => Outcome::Ack,
                 "retry" => Outcome::Retry(script.delay),
                 "dead-letter" => Outcome::DeadLetter(script.reason),

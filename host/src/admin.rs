@@ -1,0 +1,189 @@
+//! The admin HTTP API: handler versions (deploy, list, history, rollback). Every route
+//! needs `Authorization: Bearer <admin token>`; the token is generated into the data
+//! directory on first start unless the config or `CLAWQ_ADMIN_TOKEN` gives one.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde_json::{Value, json};
+
+use crate::handlers::{HandlerSlots, Slot, SlotError};
+use crate::runtime::LoadedHandler;
+
+/// Largest component accepted by a deploy.
+const MAX_COMPONENT_BYTES: usize = 64 << 20;
+/// The file of the generated admin token, in the data directory.
+pub const TOKEN_FILE: &str = "admin.token";
+
+/// What the admin API serves from.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The handler slots.
+    pub slots: Arc<HandlerSlots>,
+    /// The token every request must present.
+    pub token: Arc<str>,
+}
+
+/// The admin token: `configured` if given, else the one in `data_dir`, generated (mode
+/// 0600) on first start.
+pub fn admin_token(data_dir: &Path, configured: Option<String>) -> anyhow::Result<String> {
+    if let Some(token) = configured.filter(|t| !t.trim().is_empty()) {
+        return Ok(token);
+    }
+    let path = data_dir.join(TOKEN_FILE);
+    if let Ok(token) = std::fs::read_to_string(&path) {
+        return Ok(token.trim().to_owned());
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let token: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let token = format!("cqadm_{token}");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("writing the admin token to {}", path.display()))?;
+        writeln!(file, "{token}")?;
+    }
+    tracing::info!(path = %path.display(), "generated the admin API token");
+    Ok(token)
+}
+
+/// The admin routes.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/v1/handlers", get(list))
+        .route("/v1/handlers/{consumer}", put(deploy).get(show))
+        .route("/v1/handlers/{consumer}/rollback", post(rollback))
+        .layer(DefaultBodyLimit::max(MAX_COMPONENT_BYTES))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given != Some(&*state.token) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the admin API needs `Authorization: Bearer <admin token>`",
+        );
+    }
+    next.run(request).await
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = json!({"error": {"code": code, "message": message.into()}});
+    (status, Json(body)).into_response()
+}
+
+impl IntoResponse for SlotError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            SlotError::UnknownSlot(_) => (StatusCode::NOT_FOUND, "handler_not_found"),
+            SlotError::Refused(_) => (StatusCode::BAD_REQUEST, "invalid_component"),
+            SlotError::NoSuchVersion(_) => (StatusCode::NOT_FOUND, "version_not_found"),
+            SlotError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_failed"),
+        };
+        error(status, code, self.to_string())
+    }
+}
+
+fn version_json(handler: &LoadedHandler) -> Value {
+    json!({"name": handler.name(), "version": handler.version(), "size": handler.size()})
+}
+
+fn slot_json(consumer: &str, slot: &Slot) -> Value {
+    json!({
+        "consumer": consumer,
+        "world": slot.world().name(),
+        "current": version_json(&slot.current()),
+        "counters": slot.counters(),
+    })
+}
+
+async fn list(State(state): State<AdminState>) -> Json<Value> {
+    let handlers: Vec<Value> = state
+        .slots
+        .all()
+        .map(|(consumer, slot)| slot_json(consumer, slot))
+        .collect();
+    Json(json!({"handlers": handlers}))
+}
+
+async fn show(
+    State(state): State<AdminState>,
+    UrlPath(consumer): UrlPath<String>,
+) -> Result<Json<Value>, SlotError> {
+    let slot = state.slots.slot(&consumer)?;
+    let mut body = slot_json(&consumer, slot);
+    body["history"] = serde_json::to_value(state.slots.history(&consumer)?).unwrap_or_default();
+    Ok(Json(body))
+}
+
+async fn deploy(
+    State(state): State<AdminState>,
+    UrlPath(consumer): UrlPath<String>,
+    wasm: Bytes,
+) -> Result<Json<Value>, SlotError> {
+    let started = std::time::Instant::now();
+    let handler = state.slots.deploy(&consumer, wasm.to_vec(), "api").await?;
+    let mut body = version_json(&handler);
+    body["consumer"] = consumer.into();
+    body["load_ms"] = (started.elapsed().as_secs_f64() * 1000.0).into();
+    Ok(Json(body))
+}
+
+async fn rollback(
+    State(state): State<AdminState>,
+    UrlPath(consumer): UrlPath<String>,
+    body: Bytes,
+) -> Result<Json<Value>, Response> {
+    let version = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let request: Value = serde_json::from_slice(&body).map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("invalid JSON body: {e}"),
+            )
+        })?;
+        match request.get("version") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(v)) => Some(v.clone()),
+            Some(_) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "`version` must be a string",
+                ));
+            }
+        }
+    };
+    let handler = state
+        .slots
+        .rollback(&consumer, version.as_deref(), "rollback")
+        .await
+        .map_err(IntoResponse::into_response)?;
+    let mut body = version_json(&handler);
+    body["consumer"] = consumer.into();
+    Ok(Json(body))
+}
