@@ -164,6 +164,51 @@ async fn per_batch_instance(runtime: &Runtime, rounds: u32) -> Duration {
     started.elapsed() / rounds
 }
 
+/// Compile/validate time of both bundled components, and the time from a deploy
+/// returning to the first batch handled by the new version.
+async fn swap(runtime: &Arc<Runtime>) {
+    for (name, wasm, world) in [
+        ("crl-invalidation", bundled::CRL_INVALIDATION, World::CrlInvalidation),
+        ("receipt-router", bundled::RECEIPT_ROUTER, World::ReceiptRouter),
+    ] {
+        let rounds = 5;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            runtime.load(name, wasm, world, Limits::default()).unwrap();
+        }
+        println!("compile + validate {name}: {:?}", started.elapsed() / rounds);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Arc::new(SqliteQueue::open(&dir.path().join("q.db")).unwrap());
+    let caps = capabilities(dir.path());
+    let config = ConsumerConfig { max_batch_timeout: Duration::ZERO, ..ConsumerConfig::default_for(EVENTS_QUEUE) };
+    let slots = Arc::new(HandlerSlots::open(dir.path(), runtime.clone(), caps.clone(), [&config]).await.unwrap());
+    let backend: Arc<dyn QueueBackend> = queue.clone();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(Consumer::new(config, slots.clone(), backend, caps.clone()).run(stop.clone()));
+    for round in 0..5u64 {
+        // The same component under a new hash: a custom section at the end.
+        let mut v2 = bundled::CRL_INVALIDATION.to_vec();
+        v2.extend_from_slice(&[0, 3, 2, b'v', b'0' + round as u8]);
+        let called = Instant::now();
+        slots.deploy(EVENTS_QUEUE, v2, "bench").await.unwrap();
+        let returned = Instant::now();
+        let message = revocation(1_000_000 + round as usize);
+        queue.publish(EVENTS_QUEUE, vec![message]).await.unwrap();
+        let did = format!("did:cdi:registry.clawdentity.com:agent:{}", ulid::Ulid::from_parts(1_000_000 + round, 7));
+        while !caps.trust.is_revoked(&did).unwrap() {
+            tokio::task::yield_now().await;
+        }
+        println!(
+            "deploy call {:?}; first batch on the new version done {:?} after the call returned",
+            returned - called,
+            returned.elapsed()
+        );
+    }
+    stop.cancel();
+    running.await.unwrap();
+}
+
 #[tokio::main]
 async fn main() {
     let n: usize = std::env::var("CLAWQ_BENCH_MESSAGES")
@@ -189,6 +234,8 @@ async fn main() {
         "per-batch fresh instance + empty handle call: {:?}",
         per_batch_instance(&runtime, 20_000).await
     );
+
+    swap(&runtime).await;
 
     for (batch_size, concurrency) in [(10, 1), (10, 2), (100, 1)] {
         let alone = engine_alone(n, batch_size).await;
