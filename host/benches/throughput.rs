@@ -168,24 +168,43 @@ async fn per_batch_instance(runtime: &Runtime, rounds: u32) -> Duration {
 /// returning to the first batch handled by the new version.
 async fn swap(runtime: &Arc<Runtime>) {
     for (name, wasm, world) in [
-        ("crl-invalidation", bundled::CRL_INVALIDATION, World::CrlInvalidation),
-        ("receipt-router", bundled::RECEIPT_ROUTER, World::ReceiptRouter),
+        (
+            "crl-invalidation",
+            bundled::CRL_INVALIDATION,
+            World::CrlInvalidation,
+        ),
+        (
+            "receipt-router",
+            bundled::RECEIPT_ROUTER,
+            World::ReceiptRouter,
+        ),
     ] {
         let rounds = 5;
         let started = Instant::now();
         for _ in 0..rounds {
             runtime.load(name, wasm, world, Limits::default()).unwrap();
         }
-        println!("compile + validate {name}: {:?}", started.elapsed() / rounds);
+        println!(
+            "compile + validate {name}: {:?}",
+            started.elapsed() / rounds
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let queue = Arc::new(SqliteQueue::open(&dir.path().join("q.db")).unwrap());
     let caps = capabilities(dir.path());
-    let config = ConsumerConfig { max_batch_timeout: Duration::ZERO, ..ConsumerConfig::default_for(EVENTS_QUEUE) };
-    let slots = Arc::new(HandlerSlots::open(dir.path(), runtime.clone(), caps.clone(), [&config]).await.unwrap());
+    let config = ConsumerConfig {
+        max_batch_timeout: Duration::ZERO,
+        ..ConsumerConfig::default_for(EVENTS_QUEUE)
+    };
+    let slots = Arc::new(
+        HandlerSlots::open(dir.path(), runtime.clone(), caps.clone(), [&config])
+            .await
+            .unwrap(),
+    );
     let backend: Arc<dyn QueueBackend> = queue.clone();
     let stop = CancellationToken::new();
-    let running = tokio::spawn(Consumer::new(config, slots.clone(), backend, caps.clone()).run(stop.clone()));
+    let running =
+        tokio::spawn(Consumer::new(config, slots.clone(), backend, caps.clone()).run(stop.clone()));
     for round in 0..5u64 {
         // The same component under a new hash: a custom section at the end.
         let mut v2 = bundled::CRL_INVALIDATION.to_vec();
@@ -195,7 +214,10 @@ async fn swap(runtime: &Arc<Runtime>) {
         let returned = Instant::now();
         let message = revocation(1_000_000 + round as usize);
         queue.publish(EVENTS_QUEUE, vec![message]).await.unwrap();
-        let did = format!("did:cdi:registry.clawdentity.com:agent:{}", ulid::Ulid::from_parts(1_000_000 + round, 7));
+        let did = format!(
+            "did:cdi:registry.clawdentity.com:agent:{}",
+            ulid::Ulid::from_parts(1_000_000 + round, 7)
+        );
         while !caps.trust.is_revoked(&did).unwrap() {
             tokio::task::yield_now().await;
         }

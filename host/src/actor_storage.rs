@@ -7,6 +7,8 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::db::{self, Durability};
+
 /// Largest value stored under one key.
 pub const MAX_VALUE_BYTES: usize = 128 * 1024;
 
@@ -35,11 +37,9 @@ pub struct ActorStorage {
 impl ActorStorage {
     /// Opens (or creates) the storage at `path`.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(
+        let conn = db::open(
+            path,
+            Durability::Process,
             "CREATE TABLE IF NOT EXISTS actor_values (
                  handler TEXT NOT NULL,
                  actor   TEXT NOT NULL,

@@ -9,6 +9,7 @@ use clawq_protocol::did::validate_agent_did;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
+use crate::db::{self, Durability};
 use crate::queue::sqlite::now_ms;
 
 /// The agent registry, in SQLite.
@@ -28,10 +29,9 @@ pub struct Agent {
 impl AgentRegistry {
     /// Opens (or creates) the registry at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(
+        let conn = db::open(
+            path,
+            Durability::Process,
             "CREATE TABLE IF NOT EXISTS agents (
                  did        TEXT PRIMARY KEY,
                  token_hash TEXT NOT NULL,

@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::bundled;
 use crate::config::ConsumerConfig;
+use crate::db::{self, Durability};
 use crate::queue::sqlite::now_ms;
 use crate::runtime::{
     BatchFailure, Capabilities, Limits, LoadError, LoadedHandler, Runtime, hex_sha256,
@@ -206,9 +207,9 @@ impl HandlerSlots {
     ) -> anyhow::Result<Self> {
         let blobs = data_dir.join("handlers");
         std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
-        let db = Connection::open(data_dir.join("handlers.db"))?;
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.execute_batch(
+        let db = db::open(
+            &data_dir.join("handlers.db"),
+            Durability::Process,
             "CREATE TABLE IF NOT EXISTS slots (
                  consumer       TEXT PRIMARY KEY,
                  current        TEXT NOT NULL,

@@ -13,6 +13,7 @@ pub mod bundled;
 pub mod config;
 pub mod connector;
 pub mod consumer;
+pub mod db;
 pub mod frame;
 pub mod handlers;
 pub mod queue;

@@ -8,6 +8,8 @@ use std::time::Duration;
 use clawq_protocol::did::{DidError, validate_agent_did};
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::db::{self, Durability};
+
 use crate::queue::sqlite::now_ms;
 
 /// Errors of the trust store.
@@ -58,10 +60,9 @@ pub struct TrustStore {
 impl TrustStore {
     /// Opens (or creates) the trust store at `path`; revocation markers last `marker_ttl`.
     pub fn open(path: &Path, marker_ttl: Duration) -> Result<Self, TrustError> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(
+        let conn = db::open(
+            path,
+            Durability::Process,
             "CREATE TABLE IF NOT EXISTS revoked_agents (
                  did        TEXT PRIMARY KEY,
                  revoked_ms INTEGER NOT NULL,

@@ -15,6 +15,7 @@ use clawq_protocol::receipt::check_receipt;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::hub::ConnectionHub;
+use crate::db::{self, Durability};
 use crate::frame::{Frame, FrameBody, ReceiptStatus};
 use crate::queue::sqlite::now_ms;
 
@@ -88,11 +89,9 @@ impl RelaySessions {
         hub: Arc<ConnectionHub>,
         limits: SessionLimits,
     ) -> Result<Self, SessionError> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        conn.execute_batch(
+        let conn = db::open(
+            path,
+            Durability::Process,
             "CREATE TABLE IF NOT EXISTS receipts (
                  agent_did  TEXT NOT NULL,
                  request_id TEXT NOT NULL,
