@@ -218,7 +218,9 @@ impl AppState {
             .enumerate()
             .map(|(index, request)| request.into_message(index))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.backend.publish(queue, messages).await?)
+        let ids = self.backend.publish(queue, messages).await?;
+        crate::metrics::published(queue, ids.len());
+        Ok(ids)
     }
 
     async fn status_of(&self, queue: &str) -> Result<Value, ApiError> {

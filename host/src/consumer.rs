@@ -11,6 +11,7 @@ use tracing::Instrument;
 
 use crate::config::{ConsumerConfig, MAX_DELAY_SECONDS};
 use crate::handlers::HandlerSlots;
+use crate::metrics;
 use crate::queue::{self, Delivery, QueueBackend, RetryPolicy, Settlement};
 use crate::runtime::{Capabilities, LoadedHandler, Message, Outcome};
 
@@ -118,6 +119,13 @@ impl Consumer {
         let messages: Vec<Message> = deliveries.iter_mut().map(to_message).collect();
         let started = Instant::now();
         let result = handler.handle(self.caps.clone(), queue, &messages).await;
+        let elapsed = started.elapsed();
+        metrics::batch(
+            queue,
+            handler.version(),
+            elapsed.as_secs_f64(),
+            result.as_ref().err(),
+        );
         self.slots
             .record(queue, handler, result.as_ref().map(drop))
             .await;
@@ -132,7 +140,6 @@ impl Consumer {
                     .collect()
             }
         };
-        let elapsed = started.elapsed();
         for attempt in 1..=SETTLE_TRIES {
             match self
                 .backend
@@ -140,6 +147,7 @@ impl Consumer {
                 .await
             {
                 Ok(summary) => {
+                    metrics::settled(queue, &summary);
                     tracing::debug!(
                         ?elapsed,
                         acked = summary.acked,

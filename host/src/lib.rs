@@ -16,6 +16,7 @@ pub mod consumer;
 pub mod db;
 pub mod frame;
 pub mod handlers;
+pub mod metrics;
 pub mod queue;
 pub mod relay;
 pub mod runtime;

@@ -19,6 +19,7 @@ use crate::bundled;
 use crate::config::Config;
 use crate::consumer::Consumer;
 use crate::handlers::{self, HandlerSlots};
+use crate::metrics::{self, MetricsState};
 use crate::queue::QueueBackend;
 use crate::queue::sqlite::SqliteQueue;
 use crate::relay::endpoint::{self, Heartbeat, RelayState};
@@ -118,6 +119,13 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
             (name.to_owned(), info)
         })
         .collect();
+    let metrics = MetricsState {
+        backend: backend.clone(),
+        queues: Arc::new(queues.keys().cloned().collect()),
+        slots: slots.clone(),
+        hub: hub.clone(),
+        sessions: sessions.clone(),
+    };
     let relay = RelayState {
         agents,
         trust: trust.clone(),
@@ -134,6 +142,7 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         trust,
     })
     .merge(endpoint::router(relay))
+    .merge(metrics::router(metrics))
     .merge(admin::router(AdminState {
         slots: slots.clone(),
         token: admin_token(&config.data_dir, config.admin_token.clone())?.into(),

@@ -126,6 +126,9 @@ pub struct QueueCounts {
     pub in_flight: u64,
     /// Waiting for their delivery or retry delay to pass.
     pub delayed: u64,
+    /// When the oldest ready message became ready, in ms since the epoch.
+    #[serde(skip)]
+    pub oldest_ready_ms: Option<u64>,
 }
 
 /// Errors of a queue backend.

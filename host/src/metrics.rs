@@ -1,0 +1,139 @@
+//! `GET /metrics`: Prometheus text format. Counters are recorded where things happen
+//! (publish, settle, batch); gauges (backlog, oldest ready message, connections,
+//! resident actors, current versions) are read at scrape time.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::handlers::HandlerSlots;
+use crate::queue::{QueueBackend, SettleSummary};
+use crate::relay::hub::ConnectionHub;
+use crate::relay::sessions::RelaySessions;
+use crate::runtime::BatchFailure;
+
+/// Buckets of the batch duration histogram, in seconds.
+const DURATION_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0, 10.0,
+];
+
+/// The process-wide recorder, installed on first use.
+fn handle() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets(&DURATION_BUCKETS)
+                .and_then(PrometheusBuilder::install_recorder)
+                .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
+                .ok()
+        })
+        .as_ref()
+}
+
+/// Installs the recorder (idempotent); metrics recorded before it are lost.
+pub fn install() {
+    handle();
+}
+
+/// Counts published messages.
+pub fn published(queue: &str, n: usize) {
+    counter!("clawq_messages_published_total", "queue" => queue.to_owned()).increment(n as u64);
+}
+
+/// Counts what a settlement did.
+pub fn settled(queue: &str, summary: &SettleSummary) {
+    let q = queue.to_owned();
+    counter!("clawq_messages_acked_total", "queue" => q.clone()).increment(summary.acked as u64);
+    counter!("clawq_messages_retried_total", "queue" => q.clone())
+        .increment(summary.retried as u64);
+    counter!("clawq_messages_dead_lettered_total", "queue" => q.clone())
+        .increment(summary.dead_lettered as u64);
+    counter!("clawq_messages_dropped_total", "queue" => q).increment(summary.dropped as u64);
+}
+
+/// Counts a handler batch and its duration.
+pub fn batch(consumer: &str, version: &str, seconds: f64, failure: Option<&BatchFailure>) {
+    let (c, v) = (
+        consumer.to_owned(),
+        version[..12.min(version.len())].to_owned(),
+    );
+    counter!("clawq_handler_batches_total", "consumer" => c.clone(), "version" => v.clone())
+        .increment(1);
+    histogram!("clawq_handler_batch_duration_seconds", "consumer" => c.clone()).record(seconds);
+    let kind = match failure {
+        None => return,
+        Some(BatchFailure::Trap(_)) => "clawq_handler_traps_total",
+        Some(BatchFailure::Error(_)) => "clawq_handler_errors_total",
+        Some(BatchFailure::Limit(_)) => "clawq_handler_limit_hits_total",
+    };
+    counter!(kind, "consumer" => c, "version" => v).increment(1);
+}
+
+/// What a scrape reads the gauges from.
+#[derive(Clone)]
+pub struct MetricsState {
+    /// The queue engine.
+    pub backend: Arc<dyn QueueBackend>,
+    /// Every queue served.
+    pub queues: Arc<Vec<String>>,
+    /// The handler slots.
+    pub slots: Arc<HandlerSlots>,
+    /// The open connector connections.
+    pub hub: Arc<ConnectionHub>,
+    /// The relay sessions.
+    pub sessions: Arc<RelaySessions>,
+}
+
+/// The `/metrics` route.
+pub fn router(state: MetricsState) -> Router {
+    install();
+    Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(state)
+}
+
+async fn scrape(State(state): State<MetricsState>) -> Response {
+    let Some(handle) = handle() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder unavailable",
+        )
+            .into_response();
+    };
+    for queue in state.queues.iter() {
+        match state.backend.counts(queue).await {
+            Ok(counts) => {
+                gauge!("clawq_queue_backlog", "queue" => queue.clone()).set(counts.backlog as f64);
+                gauge!("clawq_queue_in_flight", "queue" => queue.clone())
+                    .set(counts.in_flight as f64);
+                gauge!("clawq_queue_delayed", "queue" => queue.clone()).set(counts.delayed as f64);
+                let age = counts.oldest_ready_ms.map_or(0.0, |ms| {
+                    crate::queue::sqlite::now_ms().saturating_sub(ms) as f64 / 1000.0
+                });
+                gauge!("clawq_queue_oldest_age_seconds", "queue" => queue.clone()).set(age);
+            }
+            Err(err) => {
+                tracing::warn!(queue, error = %err, "reading queue counts for metrics failed")
+            }
+        }
+    }
+    for (consumer, slot) in state.slots.all() {
+        let version = slot.current().version()[..12].to_owned();
+        gauge!("clawq_handler_current_version", "consumer" => consumer.clone(), "version" => version).set(1.0);
+    }
+    gauge!("clawq_websocket_connections").set(state.hub.len() as f64);
+    gauge!("clawq_relay_resident_actors").set(state.sessions.resident_actors() as f64);
+    counter!("clawq_relay_receipts_dropped_total").absolute(state.sessions.dropped_receipts());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
+}
