@@ -1,5 +1,5 @@
-//! End to end: `/metrics` parses as Prometheus text and its counters match what the test
-//! did.
+//! End to end: observability. `/metrics` parses as Prometheus text and its counters match
+//! what the test did; JSON logs carry the batch span and attribute guest lines.
 
 mod support;
 
@@ -94,4 +94,23 @@ fn counters_match_what_happened() {
         durations.is_some(),
         "the batch duration histogram is exported"
     );
+}
+
+#[test]
+fn json_logs_attribute_guest_lines_to_their_handler_and_version() {
+    let host = Host::start_with(
+        &scripted_consumer(JOBS, "max_batch_timeout = 0"),
+        &["--log-format", "json"],
+    );
+    host.publish(JOBS, json!({"do": "ack", "tag": "j"}));
+    let line = host.wait_log("seen tag=j ");
+    let entry: serde_json::Value =
+        serde_json::from_str(&line.text).expect("one JSON object per line");
+    assert_eq!(entry["level"], "INFO");
+    assert_eq!(entry["target"], "clawq::guest");
+    assert_eq!(entry["fields"]["handler"], "scripted_handler");
+    assert_eq!(entry["fields"]["version"].as_str().unwrap().len(), 12);
+    assert_eq!(entry["span"]["name"], "batch");
+    assert_eq!(entry["span"]["queue"], JOBS);
+    assert_eq!(entry["span"]["size"], 1);
 }

@@ -148,7 +148,11 @@ impl Host {
         };
         let ready = host.wait_log("clawq listening on http://");
         let address = ready.text.split("listening on ").nth(1).unwrap();
-        host.base = address.split_whitespace().next().unwrap().to_owned();
+        host.base = address
+            .split(|c: char| c.is_whitespace() || c == '"')
+            .next()
+            .unwrap()
+            .to_owned();
         host
     }
 
