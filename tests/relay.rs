@@ -241,13 +241,17 @@ fn connection_rules_supersede_revoke_heartbeat_and_limits() {
         "clawdentity-events",
         revocation_event("agent_revoked", json!({"agentDid": DID_A})),
     );
+    // Answer the host's heartbeats meanwhile, so that only the revocation can close it.
     loop {
-        match next_event(&mut open, &["heartbeat"]) {
+        match next_event(&mut open, &[]) {
             Seen::Closed(code, reason) => {
                 assert_eq!((code, reason.as_str()), (1008, "agent_revoked"));
                 break;
             }
-            Seen::Frame(_) => send_frame(&mut open, &frame("heartbeat", json!({}))),
+            Seen::Frame(beat) => send_frame(
+                &mut open,
+                &frame("heartbeat_ack", json!({"ackId": beat["id"]})),
+            ),
         }
     }
 }
