@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Instant;
 
 use serde_json::{Value, json};
@@ -194,19 +193,13 @@ fn sandbox_limits_stop_the_batch_and_nothing_else() {
 }
 
 fn cli(host: &Host, args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_clawq"))
-        .arg("handlers")
-        .args(args)
-        .args(["--server", &host.base, "--data-dir"])
-        .arg(host.data_dir())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    let args: Vec<&str> = ["handlers"]
+        .iter()
+        .chain(args)
+        .chain(&["--server", &host.base])
+        .copied()
+        .collect();
+    host.cli(&args)
 }
 
 #[test]

@@ -351,19 +351,26 @@ pub type Socket = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std
 pub use tokio_tungstenite::tungstenite;
 
 impl Host {
-    /// Registers `did` with `clawq agents add` and returns its token.
-    pub fn add_agent(&self, did: &str) -> String {
+    /// Runs `clawq <args> --data-dir <this host's data dir>`, expects success and
+    /// returns what it printed on stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
         let output = Command::new(env!("CARGO_BIN_EXE_clawq"))
-            .args(["agents", "add", did, "--data-dir"])
+            .args(args)
+            .arg("--data-dir")
             .arg(&self.data_dir)
             .output()
             .unwrap();
         assert!(
             output.status.success(),
-            "{}",
+            "clawq {args:?}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Registers `did` with `clawq agents add` and returns its token.
+    pub fn add_agent(&self, did: &str) -> String {
+        self.cli(&["agents", "add", did]).trim().to_owned()
     }
 
     /// Opens the connector WebSocket of `did` with `token` (`None`: no credentials).
