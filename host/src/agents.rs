@@ -9,8 +9,8 @@ use clawq_protocol::did::validate_agent_did;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
+use crate::clock::now_ms;
 use crate::db::{self, Durability};
-use crate::queue::sqlite::now_ms;
 
 /// The agent registry, in SQLite.
 pub struct AgentRegistry {

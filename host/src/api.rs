@@ -296,13 +296,7 @@ async fn agent_trust(
     Ok(Json(json!({
         "did": did,
         "revoked": found.revoked_at_ms.is_some(),
-        "revokedAt": found.revoked_at_ms.map(iso8601),
-        "expiresAt": found.expires_at_ms.map(iso8601),
+        "revokedAt": found.revoked_at_ms.map(crate::clock::iso8601),
+        "expiresAt": found.expires_at_ms.map(crate::clock::iso8601),
     })))
-}
-
-/// Milliseconds since the epoch as an ISO-8601 UTC time with milliseconds.
-pub fn iso8601(ms: u64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-    humantime::format_rfc3339_millis(time).to_string()
 }

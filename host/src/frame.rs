@@ -6,6 +6,8 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value, json};
 
+/// Where a connector opens its WebSocket.
+pub const CONNECT_PATH: &str = "/v1/relay/connect";
 /// Largest frame accepted, in bytes.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// The protocol version every frame carries.

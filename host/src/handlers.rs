@@ -17,9 +17,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::bundled;
+use crate::clock::now_ms;
 use crate::config::ConsumerConfig;
 use crate::db::{self, Durability};
-use crate::queue::sqlite::now_ms;
 use crate::runtime::{
     BatchFailure, Capabilities, Limits, LoadError, LoadedHandler, Runtime, hex_sha256,
 };
@@ -410,7 +410,7 @@ impl HandlerSlots {
                 Ok(HistoryEntry {
                     version: r.get(0)?,
                     size: r.get(1)?,
-                    loaded_at: crate::api::iso8601(ms),
+                    loaded_at: crate::clock::iso8601(ms),
                     loaded_by: r.get(3)?,
                 })
             })

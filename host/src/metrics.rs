@@ -115,7 +115,7 @@ async fn scrape(State(state): State<MetricsState>) -> Response {
                     .set(counts.in_flight as f64);
                 gauge!("clawq_queue_delayed", "queue" => queue.clone()).set(counts.delayed as f64);
                 let age = counts.oldest_ready_ms.map_or(0.0, |ms| {
-                    crate::queue::sqlite::now_ms().saturating_sub(ms) as f64 / 1000.0
+                    crate::clock::now_ms().saturating_sub(ms) as f64 / 1000.0
                 });
                 gauge!("clawq_queue_oldest_age_seconds", "queue" => queue.clone()).set(age);
             }

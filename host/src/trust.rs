@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::db::{self, Durability};
 
-use crate::queue::sqlite::now_ms;
+use crate::clock::now_ms;
 
 /// Errors of the trust store.
 #[derive(Debug, thiserror::Error)]

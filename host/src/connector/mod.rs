@@ -20,7 +20,7 @@ use std::fmt;
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
@@ -43,9 +43,9 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8787";
 /// The agent's local webhook (OpenClaw) unless told otherwise.
 pub const DEFAULT_HOOK_URL: &str = "http://127.0.0.1:18789/hooks/message";
 /// The host's endpoint path for connectors.
-pub const CONNECT_PATH: &str = "/v1/relay/connect";
+pub const CONNECT_PATH: &str = crate::frame::CONNECT_PATH;
 /// The close reason (with code 1000) of a connection superseded by a newer one.
-pub const SUPERSEDED_REASON: &str = "superseded_by_new_connection";
+pub const SUPERSEDED_REASON: &str = crate::relay::hub::SUPERSEDED.1;
 
 /// What `clawq connect` needs.
 #[derive(Clone)]
@@ -270,10 +270,7 @@ fn lock_data_dir(dir: &Path) -> Result<File> {
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+    i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX)
 }
 
 /// The reconnect delay after `failures` failed attempts in a row: base doubling to the

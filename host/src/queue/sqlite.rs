@@ -8,12 +8,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::clock::now_ms;
 
 use super::{
     ContentType, Delivery, NewMessage, QueueBackend, QueueCounts, QueueError, RetryPolicy,
@@ -364,13 +366,6 @@ impl Fate {
 
 fn storage(err: rusqlite::Error) -> QueueError {
     QueueError::Storage(err.to_string())
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

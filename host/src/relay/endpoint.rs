@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use super::hub::{ConnectionHub, Outbound};
 use super::sessions::RelaySessions;
 use crate::agents::AgentRegistry;
-use crate::frame::{Frame, FrameBody, MAX_FRAME_BYTES};
+use crate::frame::{CONNECT_PATH, Frame, FrameBody, MAX_FRAME_BYTES};
 use crate::trust::TrustStore;
 
 /// Heartbeat timing of connector connections.
@@ -52,7 +52,7 @@ pub struct RelayState {
 /// The endpoint's route.
 pub fn router(state: RelayState) -> Router {
     Router::new()
-        .route("/v1/relay/connect", get(connect))
+        .route(CONNECT_PATH, get(connect))
         .with_state(state)
 }
 

@@ -15,9 +15,9 @@ use clawq_protocol::receipt::check_receipt;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::hub::ConnectionHub;
+use crate::clock::now_ms;
 use crate::db::{self, Durability};
 use crate::frame::{Frame, FrameBody, ReceiptStatus};
-use crate::queue::sqlite::now_ms;
 
 /// A receipt handed to a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
