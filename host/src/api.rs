@@ -21,6 +21,8 @@ use serde_json::{Value, json};
 use crate::queue::{ContentType, LimitError, NewMessage, QueueBackend, QueueError};
 use crate::trust::{TrustError, TrustStore};
 
+mod messages;
+
 /// Largest request body accepted before parsing (a full batch, base64 and JSON escapes
 /// included); the message limits proper are checked after parsing.
 const MAX_REQUEST_BYTES: usize = 4 << 20;
@@ -51,7 +53,14 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/v1/queues", get(list_queues))
         .route("/v1/queues/{queue}", get(queue_status))
-        .route("/v1/queues/{queue}/messages", post(publish_one))
+        .route(
+            "/v1/queues/{queue}/messages",
+            post(publish_one)
+                .get(messages::list)
+                .delete(messages::purge),
+        )
+        .route("/v1/queues/{queue}/messages/{id}", get(messages::show))
+        .route("/v1/queues/{queue}/redrive", post(messages::redrive))
         .route("/v1/queues/{queue}/messages/batch", post(publish_batch))
         .route("/v1/trust/agents/{did}", get(agent_trust))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })

@@ -34,6 +34,9 @@ pub struct Config {
     pub consumers: BTreeMap<String, ConsumerConfig>,
     /// Queues that only receive messages (declared producers and dead-letter queues).
     pub plain_queues: Vec<String>,
+    /// The retention of each queue whose config sets one (`retention`); the others keep
+    /// [`DEFAULT_RETENTION`].
+    pub retention: BTreeMap<String, Duration>,
     /// How long a revocation marker lasts.
     pub revocation_ttl: Duration,
     /// Relay sessions and connector connections.
@@ -229,6 +232,8 @@ struct FileQueues {
 #[serde(deny_unknown_fields)]
 struct FileProducer {
     queue: String,
+    /// Seconds a message is kept.
+    retention: Option<u64>,
     /// Accepted for wrangler compatibility; clawq has no bindings.
     #[serde(default)]
     #[allow(dead_code)]
@@ -253,6 +258,8 @@ struct FileConsumer {
     cpu_timeout: Option<f64>,
     max_instances: Option<usize>,
     auto_rollback_after: Option<u32>,
+    /// Seconds a message is kept.
+    retention: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -266,6 +273,11 @@ struct FileTrust {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
 /// The default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = ".clawq";
+/// How long a message is kept by default: 4 days (Cloudflare Queues' default).
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(4 * 24 * 60 * 60);
+/// The shortest and longest retention a queue may have, in seconds (Cloudflare's bounds:
+/// 60 s to 14 days).
+pub const RETENTION_SECONDS: std::ops::RangeInclusive<u64> = 60..=14 * 24 * 60 * 60;
 /// The default lifetime of a revocation marker: 30 days.
 pub const DEFAULT_REVOCATION_TTL: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 
@@ -298,7 +310,12 @@ impl Config {
             .into_iter()
             .map(|q| (q.to_owned(), ConsumerConfig::default_for(q)))
             .collect();
+        let mut retention = BTreeMap::new();
+        for p in &file.queues.producers {
+            set_retention(&mut retention, &p.queue, p.retention)?;
+        }
         for c in file.queues.consumers {
+            set_retention(&mut retention, &c.queue, c.retention)?;
             let base = consumers
                 .remove(&c.queue)
                 .unwrap_or_else(|| ConsumerConfig::default_for(&c.queue));
@@ -375,6 +392,7 @@ impl Config {
             data_dir: file.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             consumers,
             plain_queues,
+            retention,
             revocation_ttl: file
                 .trust
                 .revocation_ttl
@@ -392,6 +410,50 @@ impl Config {
             .chain(&self.plain_queues)
             .map(String::as_str)
     }
+
+    /// How long messages of `queue` are kept.
+    pub fn retention_of(&self, queue: &str) -> Duration {
+        self.retention
+            .get(queue)
+            .copied()
+            .unwrap_or(DEFAULT_RETENTION)
+    }
+
+    /// The retention of every queue the host serves, for the retention sweep.
+    pub fn retentions(&self) -> BTreeMap<String, Duration> {
+        self.queue_names()
+            .map(|q| (q.to_owned(), self.retention_of(q)))
+            .collect()
+    }
+}
+
+/// Records the `retention` (seconds) a producer or consumer entry of `queue` sets, after
+/// checking it against [`RETENTION_SECONDS`] and any other entry of the same queue.
+fn set_retention(
+    retention: &mut BTreeMap<String, Duration>,
+    queue: &str,
+    seconds: Option<u64>,
+) -> Result<()> {
+    let Some(seconds) = seconds else {
+        return Ok(());
+    };
+    if !RETENTION_SECONDS.contains(&seconds) {
+        bail!(
+            "queue `{queue}`: retention must be between {} and {} seconds",
+            RETENTION_SECONDS.start(),
+            RETENTION_SECONDS.end()
+        );
+    }
+    let value = Duration::from_secs(seconds);
+    if let Some(earlier) = retention.insert(queue.to_owned(), value)
+        && earlier != value
+    {
+        bail!(
+            "queue `{queue}`: retention is set to {} and {seconds} seconds by two entries",
+            earlier.as_secs()
+        );
+    }
+    Ok(())
 }
 
 /// Queue names follow Cloudflare's rule: lowercase letters, digits and dashes, ≤ 63 chars.
@@ -458,6 +520,33 @@ mod tests {
     }
 
     #[test]
+    fn retention_is_four_days_unless_a_producer_or_consumer_entry_says_otherwise() {
+        let config = Config::parse(
+            r#"
+            [[queues.producers]]
+            queue = "audit"
+            retention = 3600
+
+            [[queues.consumers]]
+            queue = "jobs"
+            dead_letter_queue = "jobs-dlq"
+            retention = 1209600
+            "#,
+        )
+        .unwrap();
+        let retentions = config.retentions();
+        assert_eq!(retentions["audit"], Duration::from_secs(3600));
+        assert_eq!(retentions["jobs"], Duration::from_secs(14 * 24 * 3600));
+        assert_eq!(retentions["jobs-dlq"], DEFAULT_RETENTION);
+        assert_eq!(retentions[EVENTS_QUEUE], Duration::from_secs(4 * 24 * 3600));
+        assert_eq!(
+            retentions.len(),
+            config.queue_names().count(),
+            "every served queue has one"
+        );
+    }
+
+    #[test]
     fn bad_values_are_refused_with_the_key_named() {
         for (text, needle) in [
             (
@@ -480,6 +569,15 @@ mod tests {
             (
                 "[[queues.consumers]]\nqueue = \"a\"\nmax_batch_sise = 3",
                 "max_batch_sise",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nretention = 59",
+                "retention must be between 60 and 1209600 seconds",
+            ),
+            (
+                "[[queues.producers]]\nqueue = \"a\"\nretention = 600\n\n\
+                 [[queues.consumers]]\nqueue = \"a\"\nretention = 700",
+                "by two entries",
             ),
         ] {
             let err = format!("{:#}", Config::parse(text).unwrap_err());

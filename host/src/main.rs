@@ -48,6 +48,11 @@ enum Command {
     /// Register the agents whose connectors may connect (`clawq agents add <did>`).
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// Browse and repair the dead-letter queues (or any queue) of a running host.
+    #[command(subcommand)]
+    Dlq(clawq::operator::DlqCommand),
+    /// A one-screen summary of a running host: its queues, their counts and handlers.
+    Status(clawq::operator::ServerArg),
 }
 
 #[derive(Debug, clap::Args)]
@@ -386,6 +391,8 @@ fn main() -> Result<()> {
         Command::Connect(args) => runtime.block_on(connect(args)),
         Command::Agents(command) => agents(command),
         Command::Handlers(command) => runtime.block_on(handlers(command)),
+        Command::Dlq(command) => runtime.block_on(clawq::operator::dlq(command)),
+        Command::Status(server) => runtime.block_on(clawq::operator::status(server)),
     }
 }
 

@@ -136,6 +136,12 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
             timeout: config.relay.heartbeat_timeout,
         },
     };
+    tokio::spawn(crate::retention::run(
+        backend.clone(),
+        config.retentions(),
+        crate::retention::SWEEP_INTERVAL,
+        shutdown.clone(),
+    ));
     let app = api::router(AppState {
         backend,
         queues: Arc::new(queues),

@@ -36,6 +36,8 @@ pub struct LogLine {
 pub struct Log {
     lines: Mutex<Vec<LogLine>>,
     grew: Condvar,
+    /// Set once the process's stderr is closed and every line of it is read.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 impl Log {
@@ -93,6 +95,9 @@ pub fn spawn_logged(mut command: Command, prefix: &'static str) -> (Child, Arc<L
             });
             reader_log.grew.notify_all();
         }
+        reader_log
+            .ended
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     });
     (child, log)
 }
@@ -103,6 +108,8 @@ pub struct Host {
     /// `http://127.0.0.1:<port>`.
     pub base: String,
     log: Arc<Log>,
+    /// The logs of the runs before the last restart, oldest first.
+    earlier_logs: Vec<Arc<Log>>,
     data_dir: PathBuf,
     config: PathBuf,
     http: reqwest::blocking::Client,
@@ -138,10 +145,13 @@ impl Host {
             child,
             base: String::new(),
             log,
+            earlier_logs: Vec::new(),
             data_dir: data_dir.to_owned(),
             config: config.to_owned(),
             http: reqwest::blocking::Client::builder()
                 .timeout(DEADLINE)
+                // A fresh connection per request: a refused oversized body closes its own.
+                .pool_max_idle_per_host(0)
                 .build()
                 .unwrap(),
             _dir: None,
@@ -165,10 +175,51 @@ impl Host {
     pub fn kill_and_restart(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        let dir = self._dir.take();
-        let mut restarted = Host::spawn(&self.data_dir.clone(), &self.config.clone(), &[]);
-        restarted._dir = dir;
+        self.restart();
+    }
+
+    /// Starts the host again, once it has exited, on the same data and config. The log
+    /// methods then read the new run; [`Host::all_log_lines`] reads every run.
+    pub fn restart(&mut self) {
+        let mut restarted = Host::spawn(&self.data_dir, &self.config, &[]);
+        restarted._dir = self._dir.take();
+        restarted.earlier_logs = std::mem::take(&mut self.earlier_logs);
+        restarted.earlier_logs.push(self.log.clone());
         std::mem::swap(self, &mut restarted);
+    }
+
+    /// Replaces the config the host reads at its next [`Host::restart`].
+    pub fn set_config(&self, config: &str) {
+        std::fs::write(&self.config, config).unwrap();
+    }
+
+    /// Sends SIGTERM to the host and waits for it to exit; returns how it exited.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM failed");
+        wait_for("the host to exit after SIGTERM", || {
+            self.child.try_wait().unwrap()
+        })
+    }
+
+    /// The lines of every run so far (across restarts) that contain every one of
+    /// `needles`, oldest first; the runs that ended are read to their last line.
+    pub fn all_log_lines(&self, needles: &[&str]) -> Vec<LogLine> {
+        for log in &self.earlier_logs {
+            wait_for("the log of an earlier run to be read to its end", || {
+                log.ended
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                    .then_some(())
+            });
+        }
+        self.earlier_logs
+            .iter()
+            .chain([&self.log])
+            .flat_map(|log| log.matching(needles))
+            .collect()
     }
 
     /// Waits for a log line containing every one of `needles`.
@@ -205,6 +256,18 @@ impl Host {
             .body(body)
             .send()
             .unwrap();
+        (response.status().as_u16(), response.json().unwrap())
+    }
+
+    /// DELETEs `path` with an optional JSON `body` and returns the status and JSON body.
+    pub fn delete(&self, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let mut request = self.http.delete(format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        let response = request.send().unwrap();
         (response.status().as_u16(), response.json().unwrap())
     }
 
@@ -351,15 +414,21 @@ pub type Socket = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std
 pub use tokio_tungstenite::tungstenite;
 
 impl Host {
-    /// Runs `clawq <args> --data-dir <this host's data dir>`, expects success and
-    /// returns what it printed on stdout.
-    pub fn cli(&self, args: &[&str]) -> String {
-        let output = Command::new(env!("CARGO_BIN_EXE_clawq"))
+    /// Runs `clawq <args>` against this host (`CLAWQ_SERVER` and `CLAWQ_DATA_DIR` are
+    /// its url and data directory) and returns its output, success or failure.
+    pub fn cli_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_clawq"))
             .args(args)
-            .arg("--data-dir")
-            .arg(&self.data_dir)
+            .env("CLAWQ_SERVER", &self.base)
+            .env("CLAWQ_DATA_DIR", &self.data_dir)
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Runs `clawq <args>` against this host (see [`Host::cli_output`]), expects success
+    /// and returns what it printed on stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = self.cli_output(args);
         assert!(
             output.status.success(),
             "clawq {args:?}: {}",

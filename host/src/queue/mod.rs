@@ -131,6 +131,101 @@ pub struct QueueCounts {
     pub oldest_ready_ms: Option<u64>,
 }
 
+/// Where a stored message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageState {
+    /// Ready to be delivered.
+    Ready,
+    /// Delivered and not yet settled.
+    InFlight,
+    /// Waiting for its delivery or retry delay to pass.
+    Delayed,
+}
+
+impl MessageState {
+    /// The name used in the HTTP API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageState::Ready => "ready",
+            MessageState::InFlight => "in_flight",
+            MessageState::Delayed => "delayed",
+        }
+    }
+}
+
+/// A message as it is stored, for operators browsing a queue (a dead-letter queue above
+/// all). Times are milliseconds since the Unix epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// The message id given at publish time.
+    pub id: String,
+    /// Where it stands.
+    pub state: MessageState,
+    /// Deliveries from this queue so far (reset when it is dead-lettered or redriven).
+    pub attempts: u32,
+    /// Publish time.
+    pub published_ms: u64,
+    /// When an attempt to handle it first failed (retry or dead-letter), if one did.
+    pub first_failed_ms: Option<u64>,
+    /// When an attempt to handle it last failed, if one did.
+    pub last_failed_ms: Option<u64>,
+    /// Why the last retried attempt failed.
+    pub last_error: Option<String>,
+    /// When it was moved to this dead-letter queue.
+    pub dead_lettered_ms: Option<u64>,
+    /// Why it was dead-lettered: the handler's reason, or the retries exceeded.
+    pub dead_reason: Option<String>,
+    /// The queue it was dead-lettered from.
+    pub source_queue: Option<String>,
+    /// Its deliveries in `source_queue` before it was dead-lettered.
+    pub source_attempts: Option<u32>,
+    /// How `body` is encoded.
+    pub content_type: ContentType,
+    /// The body bytes.
+    pub body: Vec<u8>,
+}
+
+/// One page of a queue's messages, in the order they were first published.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessagePage {
+    /// The messages of this page.
+    pub messages: Vec<StoredMessage>,
+    /// Where the next page starts (pass it as `after`); `None` on the last page.
+    pub next: Option<u64>,
+}
+
+/// Which messages of a queue an operator's redrive or purge applies to. Messages in
+/// flight are always passed over: their lease settles them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// Every message of the queue.
+    All,
+    /// The messages with these ids; ids not in the queue are ignored.
+    Ids(Vec<String>),
+}
+
+/// Where redriven messages go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedriveTarget {
+    /// Each message back to the queue it was dead-lettered from, provided that queue is
+    /// one of `known`; the others stay where they are.
+    Source {
+        /// The queues that may receive messages (the ones the host serves).
+        known: Vec<String>,
+    },
+    /// Every message to this queue.
+    Queue(String),
+}
+
+/// What a redrive did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RedriveSummary {
+    /// Messages moved, with their attempts and failure records reset.
+    pub redriven: u64,
+    /// Selected messages left in place: they record no known source queue.
+    pub skipped: u64,
+}
+
 /// Errors of a queue backend.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -234,6 +329,35 @@ pub trait QueueBackend: Send + Sync + 'static {
 
     /// Message counts of `queue`.
     async fn counts(&self, queue: &str) -> Result<QueueCounts, QueueError>;
+
+    /// Up to `limit` messages of `queue` in publish order, starting after the position
+    /// `after` (a [`MessagePage::next`]; `None` for the first page).
+    async fn list(
+        &self,
+        queue: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<MessagePage, QueueError>;
+
+    /// The message `id` of `queue`, if it is there.
+    async fn get(&self, queue: &str, id: &str) -> Result<Option<StoredMessage>, QueueError>;
+
+    /// Moves the selected messages of `queue` (none in flight) to `target`, ready at once,
+    /// with their attempts and failure records reset, and wakes the target consumers.
+    async fn redrive(
+        &self,
+        queue: &str,
+        selection: &Selection,
+        target: &RedriveTarget,
+    ) -> Result<RedriveSummary, QueueError>;
+
+    /// Deletes the selected messages of `queue` (none in flight); returns how many.
+    async fn purge(&self, queue: &str, selection: &Selection) -> Result<u64, QueueError>;
+
+    /// Deletes the messages of `queue` (none in flight) that entered it before
+    /// `cutoff_ms` (milliseconds since the Unix epoch): published, or dead-lettered or
+    /// redriven into it, before then. Returns how many.
+    async fn purge_expired(&self, queue: &str, cutoff_ms: u64) -> Result<u64, QueueError>;
 }
 
 #[cfg(test)]

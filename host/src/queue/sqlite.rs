@@ -16,10 +16,12 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::clock::now_ms;
+use crate::db::{self, Durability};
 
 use super::{
-    ContentType, Delivery, NewMessage, QueueBackend, QueueCounts, QueueError, RetryPolicy,
-    SettleSummary, Settlement, check_limits,
+    ContentType, Delivery, MessagePage, MessageState, NewMessage, QueueBackend, QueueCounts,
+    QueueError, RedriveSummary, RedriveTarget, RetryPolicy, Selection, SettleSummary, Settlement,
+    StoredMessage, check_limits,
 };
 
 const SCHEMA: &str = "
@@ -41,6 +43,25 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, leased, visible_ms, seq);
 ";
 
+/// Columns added to [`SCHEMA`] since its first version, with their definitions; `open`
+/// adds each one the database lacks, so that older databases open. `enqueued_ms` (when
+/// the message entered its current queue, for retention) is filled in for old rows.
+const ADDED_COLUMNS: [(&str, &str); 4] = [
+    ("first_failed_ms", "INTEGER"),
+    ("last_failed_ms", "INTEGER"),
+    ("source_attempts", "INTEGER"),
+    ("enqueued_ms", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+/// The columns of a [`StoredMessage`], as [`stored_message`] reads them.
+const STORED_COLUMNS: &str = "seq, id, leased, visible_ms, attempts, published_ms,
+    first_failed_ms, last_failed_ms, last_error, dead_ms, dead_reason, source_queue,
+    source_attempts, content_type, body";
+
+/// Keeps the selected rows: `?2` is `NULL` for every message or a JSON array of ids.
+const SELECTED: &str = "queue = ?1 AND leased = 0
+    AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))";
+
 /// The SQLite queue backend.
 pub struct SqliteQueue {
     conn: Mutex<Connection>,
@@ -59,13 +80,8 @@ impl SqliteQueue {
     /// Opens (or creates) the queue database at `path` and releases every lease left by
     /// a previous process.
     pub fn open(path: &Path) -> Result<Self, QueueError> {
-        let conn = Connection::open(path).map_err(storage)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(storage)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(storage)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(storage)?;
-        conn.execute_batch(SCHEMA).map_err(storage)?;
+        let conn = db::open(path, Durability::Process, SCHEMA).map_err(storage)?;
+        add_columns(&conn).map_err(storage)?;
         conn.execute("UPDATE messages SET leased = 0 WHERE leased = 1", [])
             .map_err(storage)?;
         Ok(SqliteQueue {
@@ -135,6 +151,63 @@ impl SqliteQueue {
     }
 }
 
+/// Adds the [`ADDED_COLUMNS`] a database made by an older version lacks.
+fn add_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let present: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('messages')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (column, definition) in ADDED_COLUMNS {
+        if present.iter().any(|p| p == column) {
+            continue;
+        }
+        conn.execute_batch(&format!(
+            "ALTER TABLE messages ADD COLUMN {column} {definition}"
+        ))?;
+        if column == "enqueued_ms" {
+            conn.execute(
+                "UPDATE messages SET enqueued_ms = COALESCE(dead_ms, published_ms)",
+                [],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a row selected with [`STORED_COLUMNS`] at `now`.
+fn stored_message(row: &rusqlite::Row<'_>, now: u64) -> rusqlite::Result<StoredMessage> {
+    let leased: bool = row.get(2)?;
+    let visible_ms: u64 = row.get(3)?;
+    let content_type: String = row.get(13)?;
+    Ok(StoredMessage {
+        id: row.get(1)?,
+        state: match (leased, visible_ms <= now) {
+            (true, _) => MessageState::InFlight,
+            (false, true) => MessageState::Ready,
+            (false, false) => MessageState::Delayed,
+        },
+        attempts: row.get(4)?,
+        published_ms: row.get(5)?,
+        first_failed_ms: row.get(6)?,
+        last_failed_ms: row.get(7)?,
+        last_error: row.get(8)?,
+        dead_lettered_ms: row.get(9)?,
+        dead_reason: row.get(10)?,
+        source_queue: row.get(11)?,
+        source_attempts: row.get(12)?,
+        content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Bytes),
+        body: row.get(14)?,
+    })
+}
+
+/// A [`Selection`] as the `?2` parameter of [`SELECTED`].
+fn selected_ids(selection: &Selection) -> Option<String> {
+    match selection {
+        Selection::All => None,
+        Selection::Ids(ids) => Some(serde_json::to_string(ids).expect("strings serialize")),
+    }
+}
+
 /// Reads the head of `queue`: the ready messages (up to `max_size`) and when the next
 /// delayed one becomes ready.
 fn readiness(
@@ -196,8 +269,9 @@ impl QueueBackend for SqliteQueue {
             {
                 let mut insert = tx
                     .prepare_cached(
-                        "INSERT INTO messages (id, queue, content_type, body, published_ms, visible_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        "INSERT INTO messages
+                         (id, queue, content_type, body, published_ms, visible_ms, enqueued_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?5)",
                     )
                     .map_err(storage)?;
                 for (id, m) in ids.iter().zip(&messages) {
@@ -268,22 +342,28 @@ impl QueueBackend for SqliteQueue {
                         summary.retried += 1;
                         let visible = now + u64::from(*delay_seconds) * 1000;
                         tx.prepare_cached(
-                            "UPDATE messages SET leased = 0, visible_ms = ?2, last_error = ?3
+                            "UPDATE messages SET leased = 0, visible_ms = ?2, last_error = ?3,
+                             first_failed_ms = COALESCE(first_failed_ms, ?4), last_failed_ms = ?4
                              WHERE seq = ?1",
                         )
-                        .and_then(|mut s| s.execute(params![delivery.lease, visible, error]))
+                        .and_then(|mut s| {
+                            s.execute(params![delivery.lease, visible, error, now])
+                        })
                     }
-                    Fate::DeadLetter { reason } => match &policy.dead_letter_queue {
+                    Fate::DeadLetter { reason, error } => match &policy.dead_letter_queue {
                         Some(dlq) => {
                             summary.dead_lettered += 1;
                             tracing::warn!(queue, dlq, id = %delivery.id, reason, "message dead-lettered");
                             tx.prepare_cached(
                                 "UPDATE messages SET queue = ?2, leased = 0, attempts = 0,
-                                 visible_ms = ?3, source_queue = ?4, dead_reason = ?5, dead_ms = ?3
+                                 source_attempts = attempts, visible_ms = ?3, enqueued_ms = ?3,
+                                 source_queue = ?4, dead_reason = ?5, dead_ms = ?3,
+                                 first_failed_ms = COALESCE(first_failed_ms, ?3),
+                                 last_failed_ms = ?3, last_error = COALESCE(?6, last_error)
                                  WHERE seq = ?1",
                             )
                             .and_then(|mut s| {
-                                s.execute(params![delivery.lease, dlq, now, queue, reason])
+                                s.execute(params![delivery.lease, dlq, now, queue, reason, error])
                             })
                         }
                         None => {
@@ -331,26 +411,152 @@ impl QueueBackend for SqliteQueue {
         .map_err(storage)
         .map(Option::unwrap_or_default)
     }
+
+    async fn list(
+        &self,
+        queue: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<MessagePage, QueueError> {
+        let now = now_ms();
+        let conn = self.conn();
+        let mut rows = conn
+            .prepare_cached(&format!(
+                "SELECT {STORED_COLUMNS} FROM messages WHERE queue = ?1 AND seq > ?2
+                 ORDER BY seq LIMIT ?3"
+            ))
+            .and_then(|mut s| {
+                let after = after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
+                let limit = limit.saturating_add(1).min(i64::MAX as usize) as i64;
+                s.query_map(params![queue, after, limit], |row| {
+                    Ok((row.get::<_, u64>(0)?, stored_message(row, now)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(storage)?;
+        let next = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(|(seq, _)| *seq)
+        } else {
+            None
+        };
+        Ok(MessagePage {
+            messages: rows.into_iter().map(|(_, m)| m).collect(),
+            next,
+        })
+    }
+
+    async fn get(&self, queue: &str, id: &str) -> Result<Option<StoredMessage>, QueueError> {
+        let now = now_ms();
+        self.conn()
+            .prepare_cached(&format!(
+                "SELECT {STORED_COLUMNS} FROM messages WHERE queue = ?1 AND id = ?2"
+            ))
+            .and_then(|mut s| {
+                s.query_row(params![queue, id], |row| stored_message(row, now))
+                    .optional()
+            })
+            .map_err(storage)
+    }
+
+    async fn redrive(
+        &self,
+        queue: &str,
+        selection: &Selection,
+        target: &RedriveTarget,
+    ) -> Result<RedriveSummary, QueueError> {
+        let now = now_ms();
+        let ids = selected_ids(selection);
+        let (to, known) = match target {
+            RedriveTarget::Queue(to) => (Some(to.as_str()), None),
+            RedriveTarget::Source { known } => (
+                None,
+                Some(serde_json::to_string(known).expect("strings serialize")),
+            ),
+        };
+        let (targets, skipped) = {
+            let mut conn = self.conn();
+            let tx = conn.transaction().map_err(storage)?;
+            let targets = tx
+                .prepare_cached(&format!(
+                    "UPDATE messages SET queue = COALESCE(?3, source_queue), attempts = 0,
+                     visible_ms = ?5, enqueued_ms = ?5, first_failed_ms = NULL,
+                     last_failed_ms = NULL, last_error = NULL, dead_ms = NULL,
+                     dead_reason = NULL, source_queue = NULL, source_attempts = NULL
+                     WHERE {SELECTED}
+                     AND (?3 IS NOT NULL OR source_queue IN (SELECT value FROM json_each(?4)))
+                     RETURNING queue"
+                ))
+                .and_then(|mut s| {
+                    s.query_map(params![queue, ids, to, known, now], |r| r.get(0))?
+                        .collect::<rusqlite::Result<Vec<String>>>()
+                })
+                .map_err(storage)?;
+            let skipped: u64 = tx
+                .prepare_cached(&format!("SELECT COUNT(*) FROM messages WHERE {SELECTED}"))
+                .and_then(|mut s| s.query_row(params![queue, ids], |r| r.get(0)))
+                .map_err(storage)?;
+            tx.commit().map_err(storage)?;
+            (targets, skipped)
+        };
+        let redriven = targets.len() as u64;
+        let mut woken: Vec<&String> = targets.iter().collect();
+        woken.sort();
+        woken.dedup();
+        for target in woken {
+            self.wake(target);
+        }
+        Ok(RedriveSummary { redriven, skipped })
+    }
+
+    async fn purge(&self, queue: &str, selection: &Selection) -> Result<u64, QueueError> {
+        self.conn()
+            .prepare_cached(&format!("DELETE FROM messages WHERE {SELECTED}"))
+            .and_then(|mut s| s.execute(params![queue, selected_ids(selection)]))
+            .map(|n| n as u64)
+            .map_err(storage)
+    }
+
+    async fn purge_expired(&self, queue: &str, cutoff_ms: u64) -> Result<u64, QueueError> {
+        self.conn()
+            .prepare_cached(
+                "DELETE FROM messages WHERE queue = ?1 AND leased = 0 AND enqueued_ms < ?2",
+            )
+            .and_then(|mut s| s.execute(params![queue, cutoff_ms]))
+            .map(|n| n as u64)
+            .map_err(storage)
+    }
 }
 
 /// Where a settled message ends up, once the retry policy is applied.
 enum Fate {
     Delete,
-    Retry { delay_seconds: u32, error: String },
-    DeadLetter { reason: String },
+    Retry {
+        delay_seconds: u32,
+        error: String,
+    },
+    /// `error` is the failure of this attempt when it was a retry over the limit.
+    DeadLetter {
+        reason: String,
+        error: Option<String>,
+    },
 }
 
 impl Fate {
     fn of(delivery: &Delivery, settlement: Settlement, policy: &RetryPolicy) -> Fate {
         match settlement {
             Settlement::Ack => Fate::Delete,
-            Settlement::DeadLetter { reason } => Fate::DeadLetter { reason },
+            Settlement::DeadLetter { reason } => Fate::DeadLetter {
+                reason,
+                error: None,
+            },
             Settlement::Retry { error, .. } if delivery.attempts > policy.max_retries => {
                 Fate::DeadLetter {
                     reason: format!(
                         "max_retries ({}) exceeded after {} attempts; last error: {error}",
                         policy.max_retries, delivery.attempts
                     ),
+                    error: Some(error),
                 }
             }
             Settlement::Retry {
@@ -601,6 +807,249 @@ mod tests {
             (again[0].attempts, again[0].body.as_slice()),
             (2, &b"now"[..])
         );
+    }
+
+    /// Publishes `n` messages and dead-letters them with the reason "poison"; returns
+    /// their ids.
+    async fn dead_letter(queue: &SqliteQueue, n: usize) -> Vec<String> {
+        let ids = publish(queue, n).await;
+        let got = batch(queue, n, Duration::ZERO, Duration::from_secs(5)).await;
+        let dead = Settlement::DeadLetter {
+            reason: "poison".into(),
+        };
+        settle_all(queue, got, dead, &policy(3, Some(DLQ))).await;
+        ids
+    }
+
+    fn ids_of(page: &MessagePage) -> Vec<String> {
+        page.messages.iter().map(|m| m.id.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn failures_are_recorded_and_dead_letters_keep_why_they_died() {
+        let (_dir, queue) = open();
+        let ids = publish(&queue, 2).await;
+        let p = policy(1, Some(DLQ));
+        let mut got = batch(&queue, 2, Duration::ZERO, Duration::from_secs(5)).await;
+        let second = got.pop().unwrap();
+        settle_all(&queue, got, retry(0), &p).await;
+        let dead = Settlement::DeadLetter {
+            reason: "poison pill".into(),
+        };
+        settle_all(&queue, vec![second], dead, &p).await;
+
+        let retried = queue.get(Q, &ids[0]).await.unwrap().unwrap();
+        assert_eq!(retried.attempts, 1);
+        assert_eq!(retried.state, MessageState::Ready);
+        assert_eq!(retried.last_error.as_deref(), Some("boom"));
+        let first_failure = retried.first_failed_ms.unwrap();
+        assert_eq!(retried.last_failed_ms, Some(first_failure));
+        assert_eq!(retried.dead_reason, None);
+
+        let got = batch(&queue, 1, Duration::ZERO, Duration::from_secs(5)).await;
+        let over = Settlement::Retry {
+            delay_seconds: 0,
+            error: "boom again".into(),
+        };
+        settle_all(&queue, got, over, &p).await;
+        assert_eq!(queue.counts(Q).await.unwrap(), QueueCounts::default());
+
+        let page = queue.list(DLQ, None, 10).await.unwrap();
+        assert_eq!(ids_of(&page), ids, "publish order");
+        assert_eq!(page.next, None);
+        let (retried, poisoned) = (&page.messages[0], &page.messages[1]);
+        assert_eq!(retried.attempts, 0);
+        assert_eq!(retried.source_attempts, Some(2));
+        assert_eq!(retried.source_queue.as_deref(), Some(Q));
+        assert_eq!(retried.first_failed_ms, Some(first_failure));
+        assert!(retried.last_failed_ms >= Some(first_failure));
+        assert_eq!(retried.dead_lettered_ms, retried.last_failed_ms);
+        assert_eq!(retried.last_error.as_deref(), Some("boom again"));
+        assert_eq!(
+            retried.dead_reason.as_deref(),
+            Some("max_retries (1) exceeded after 2 attempts; last error: boom again")
+        );
+        assert_eq!(poisoned.source_attempts, Some(1));
+        assert_eq!(poisoned.dead_reason.as_deref(), Some("poison pill"));
+        assert_eq!(poisoned.last_error, None);
+        assert!(poisoned.first_failed_ms.is_some());
+        assert_eq!(
+            (poisoned.content_type, poisoned.body.as_slice()),
+            (ContentType::Text, &b"m1"[..])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_queue_is_listed_page_by_page_with_each_message_state() {
+        let (_dir, queue) = open();
+        let ids = publish(&queue, 5).await;
+        queue.publish(Q, vec![text("later", 3600)]).await.unwrap();
+        batch(&queue, 1, Duration::ZERO, Duration::from_secs(5)).await;
+
+        let first = queue.list(Q, None, 2).await.unwrap();
+        assert_eq!(ids_of(&first), ids[..2]);
+        let states: Vec<_> = first.messages.iter().map(|m| m.state).collect();
+        assert_eq!(states, [MessageState::InFlight, MessageState::Ready]);
+        let second = queue.list(Q, first.next, 2).await.unwrap();
+        assert_eq!(ids_of(&second), ids[2..4]);
+        let last = queue.list(Q, second.next, 2).await.unwrap();
+        assert_eq!(last.messages.len(), 2);
+        assert_eq!(last.messages[0].id, ids[4]);
+        assert_eq!(last.messages[1].state, MessageState::Delayed);
+        assert_eq!(last.next, None, "the last page says so");
+        assert_eq!(
+            queue.list(DLQ, None, 2).await.unwrap(),
+            MessagePage::default()
+        );
+        assert_eq!(queue.get(DLQ, &ids[0]).await.unwrap(), None, "wrong queue");
+    }
+
+    #[tokio::test]
+    async fn redrive_to_the_source_queue_resets_the_message_and_wakes_its_consumer() {
+        let (_dir, queue) = open();
+        let queue = Arc::new(queue);
+        let ids = dead_letter(&queue, 3).await;
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.next_batch(Q, 1, LONG).await.unwrap() }
+        });
+        tokio::task::yield_now().await;
+
+        let source = RedriveTarget::Source {
+            known: vec![Q.to_owned()],
+        };
+        let one = Selection::Ids(vec![ids[1].clone(), "no-such-id".into()]);
+        let summary = queue.redrive(DLQ, &one, &source).await.unwrap();
+        assert_eq!(
+            summary,
+            RedriveSummary {
+                redriven: 1,
+                skipped: 0
+            }
+        );
+        assert_eq!(queue.counts(DLQ).await.unwrap().backlog, 2);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the consumer is woken")
+            .unwrap();
+        assert_eq!((got.len(), got[0].id.as_str()), (1, ids[1].as_str()));
+        assert_eq!(got[0].attempts, 1, "attempts start over");
+        let leased = queue.get(Q, &ids[1]).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                leased.dead_reason,
+                leased.source_queue,
+                leased.first_failed_ms
+            ),
+            (None, None, None)
+        );
+
+        let unknown = RedriveTarget::Source {
+            known: vec!["elsewhere".into()],
+        };
+        let summary = queue.redrive(DLQ, &Selection::All, &unknown).await.unwrap();
+        assert_eq!(
+            summary,
+            RedriveSummary {
+                redriven: 0,
+                skipped: 2
+            },
+            "a source queue that is not known is not redriven to"
+        );
+    }
+
+    #[tokio::test]
+    async fn redrive_to_a_named_queue_takes_every_message_not_in_flight() {
+        let (_dir, queue) = open();
+        dead_letter(&queue, 3).await;
+        let leased = tokio::time::timeout(Duration::from_secs(5), queue.next_batch(DLQ, 1, LONG))
+            .await
+            .unwrap()
+            .unwrap();
+        let to = RedriveTarget::Queue("other".into());
+        let summary = queue.redrive(DLQ, &Selection::All, &to).await.unwrap();
+        assert_eq!(summary.redriven, 2);
+        assert_eq!(queue.counts("other").await.unwrap().backlog, 2);
+        assert_eq!(
+            queue.list(DLQ, None, 10).await.unwrap().messages[0].id,
+            leased[0].id,
+            "the message in flight stays"
+        );
+    }
+
+    #[tokio::test]
+    async fn purge_deletes_all_or_the_given_ids_but_not_messages_in_flight() {
+        let (_dir, queue) = open();
+        let ids = publish(&queue, 4).await;
+        let leased = batch(&queue, 1, Duration::ZERO, Duration::from_secs(5)).await;
+        let some = Selection::Ids(vec![ids[0].clone(), ids[1].clone()]);
+        assert_eq!(
+            queue.purge(Q, &some).await.unwrap(),
+            1,
+            "ids[0] is in flight"
+        );
+        assert_eq!(queue.purge(DLQ, &Selection::All).await.unwrap(), 0);
+        assert_eq!(queue.purge(Q, &Selection::All).await.unwrap(), 2);
+        let left = queue.list(Q, None, 10).await.unwrap();
+        assert_eq!(ids_of(&left), [leased[0].id.clone()]);
+    }
+
+    #[tokio::test]
+    async fn expired_messages_are_purged_by_when_they_entered_the_queue() {
+        let (_dir, queue) = open();
+        let ids = publish(&queue, 2).await;
+        let cutoff = now_ms() + 1;
+        wait_past(cutoff);
+        let got = batch(&queue, 1, Duration::ZERO, Duration::from_secs(5)).await;
+        let dead = Settlement::DeadLetter {
+            reason: "poison".into(),
+        };
+        settle_all(&queue, got, dead, &policy(3, Some(DLQ))).await;
+        let young = publish(&queue, 1).await;
+
+        assert_eq!(queue.purge_expired(Q, cutoff).await.unwrap(), 1);
+        assert_eq!(ids_of(&queue.list(Q, None, 10).await.unwrap()), young);
+        assert_eq!(
+            queue.purge_expired(DLQ, cutoff).await.unwrap(),
+            0,
+            "a dead-lettered message counts from when it was dead-lettered"
+        );
+        assert_eq!(ids_of(&queue.list(DLQ, None, 10).await.unwrap()), ids[..1]);
+        let cutoff = now_ms() + 1;
+        wait_past(cutoff);
+        assert_eq!(queue.purge_expired(DLQ, cutoff).await.unwrap(), 1);
+    }
+
+    /// Waits until the clock reads past `ms`, so that later writes get later times.
+    fn wait_past(ms: u64) {
+        while now_ms() <= ms {
+            std::thread::yield_now();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_database_of_the_first_schema_opens_and_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute(
+                "INSERT INTO messages (id, queue, content_type, body, published_ms, visible_ms,
+                 source_queue, dead_reason, dead_ms)
+                 VALUES ('old', ?1, 'text', X'6869', 1000, 1000, ?2, 'gone', 2000)",
+                params![DLQ, Q],
+            )
+            .unwrap();
+        }
+        let queue = SqliteQueue::open(&path).unwrap();
+        let old = queue.get(DLQ, "old").await.unwrap().unwrap();
+        assert_eq!(old.dead_reason.as_deref(), Some("gone"));
+        assert_eq!((old.first_failed_ms, old.source_attempts), (None, None));
+        assert_eq!(queue.purge_expired(DLQ, 2000).await.unwrap(), 0);
+        assert_eq!(queue.purge_expired(DLQ, 2001).await.unwrap(), 1);
+        drop(queue);
+        SqliteQueue::open(&path).expect("opening twice adds nothing twice");
     }
 
     #[tokio::test]
