@@ -324,6 +324,20 @@ fn the_command_line_lists_shows_redrives_and_purges_and_sums_up() {
     );
     assert_eq!(row(PARKED)[1..], ["-", "1", "0", "0", "-"], "{status}");
     assert_eq!(row("clawdentity-events")[1], "crl-invalidation", "{status}");
+    assert!(
+        status.contains("connectors: 0 connected, 0 relay actors in memory, 0 receipts dropped"),
+        "{status}"
+    );
+    let handlers = status
+        .split("CONSUMER")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no handler table in {status}"));
+    assert!(
+        handlers
+            .lines()
+            .any(|l| l.starts_with("jobs ") && l.contains("scripted_handler")),
+        "{status}"
+    );
 
     let unknown = failure(&host, &["dlq", "list", "nope"]);
     assert!(

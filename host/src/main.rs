@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use clawq::agents::AgentRegistry;
 use clawq::config::Config;
+use clawq::operator::{AdminArg, Payload};
 use tokio_util::sync::CancellationToken;
 
 /// clawq hosts WASM component handlers for clawdentity's message queues.
@@ -51,8 +52,8 @@ enum Command {
     /// Browse and repair the dead-letter queues (or any queue) of a running host.
     #[command(subcommand)]
     Dlq(clawq::operator::DlqCommand),
-    /// A one-screen summary of a running host: its queues, their counts and handlers.
-    Status(clawq::operator::ServerArg),
+    /// A one-screen summary of a running host: queues, connections and handler versions.
+    Status(AdminArg),
 }
 
 #[derive(Debug, clap::Args)]
@@ -111,7 +112,7 @@ enum HandlersCommand {
     /// List the handler slots with their current version and counters.
     List {
         #[command(flatten)]
-        admin: AdminArgs,
+        admin: AdminArg,
     },
     /// Load a component into a consumer's slot and make it current.
     Deploy {
@@ -120,7 +121,7 @@ enum HandlersCommand {
         /// The component (`.wasm`).
         file: PathBuf,
         #[command(flatten)]
-        admin: AdminArgs,
+        admin: AdminArg,
     },
     /// Make the previous version (or VERSION, a hash or its prefix) current again.
     Rollback {
@@ -129,75 +130,15 @@ enum HandlersCommand {
         /// The version to go back to [default: the one before the current].
         version: Option<String>,
         #[command(flatten)]
-        admin: AdminArgs,
+        admin: AdminArg,
     },
     /// Show a consumer's version history, newest first.
     History {
         /// The consumer (queue name).
         consumer: String,
         #[command(flatten)]
-        admin: AdminArgs,
+        admin: AdminArg,
     },
-}
-
-#[derive(Debug, clap::Args)]
-struct AdminArgs {
-    /// The host's base url.
-    #[arg(long, env = "CLAWQ_SERVER", default_value = "http://127.0.0.1:8787")]
-    server: String,
-    /// The admin token [default: read from <data-dir>/admin.token].
-    #[arg(long, env = "CLAWQ_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
-    /// The host's data directory, where its generated admin token is.
-    #[arg(long, env = "CLAWQ_DATA_DIR", default_value = clawq::config::DEFAULT_DATA_DIR)]
-    data_dir: PathBuf,
-}
-
-impl AdminArgs {
-    /// Sends an admin request and returns its JSON answer, or the API's error message.
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<serde_json::Value> {
-        let token = match &self.admin_token {
-            Some(token) => token.clone(),
-            None => {
-                let file = self.data_dir.join(clawq::admin::TOKEN_FILE);
-                std::fs::read_to_string(&file)
-                    .map_err(|e| {
-                        anyhow::anyhow!("no --admin-token and cannot read {}: {e}", file.display())
-                    })?
-                    .trim()
-                    .to_owned()
-            }
-        };
-        let mut request = reqwest::Client::new()
-            .request(
-                method,
-                format!("{}{path}", self.server.trim_end_matches('/')),
-            )
-            .bearer_auth(token);
-        if let Some(body) = body {
-            request = request
-                .header("content-type", "application/wasm")
-                .body(body);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot reach {}: {e}", self.server))?;
-        let status = response.status();
-        let answer: serde_json::Value = response.json().await.unwrap_or_default();
-        if !status.is_success() {
-            let message = answer["error"]["message"]
-                .as_str()
-                .unwrap_or("no error message");
-            anyhow::bail!("{status}: {message}");
-        }
-        Ok(answer)
-    }
 }
 
 /// Runs a `handlers` subcommand against a running host.
@@ -214,7 +155,10 @@ async fn handlers(command: HandlersCommand) -> Result<()> {
     };
     match command {
         HandlersCommand::List { admin } => {
-            let answer = admin.call(Method::GET, "/v1/handlers", None).await?;
+            let answer = admin
+                .client()?
+                .call(Method::GET, &["handlers"], &[], None)
+                .await?;
             for slot in answer["handlers"].as_array().into_iter().flatten() {
                 let c = &slot["counters"];
                 println!(
@@ -237,7 +181,13 @@ async fn handlers(command: HandlersCommand) -> Result<()> {
             let wasm = std::fs::read(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
             let answer = admin
-                .call(Method::PUT, &format!("/v1/handlers/{consumer}"), Some(wasm))
+                .client()?
+                .call(
+                    Method::PUT,
+                    &["handlers", &consumer],
+                    &[],
+                    Some(Payload::Wasm(wasm)),
+                )
                 .await?;
             println!(
                 "{consumer}: now serving {} (loaded in {:.1} ms)",
@@ -250,13 +200,13 @@ async fn handlers(command: HandlersCommand) -> Result<()> {
             version,
             admin,
         } => {
-            let body = serde_json::json!({"version": version})
-                .to_string()
-                .into_bytes();
+            let body = Payload::Json(serde_json::json!({"version": version}));
             let answer = admin
+                .client()?
                 .call(
                     Method::POST,
-                    &format!("/v1/handlers/{consumer}/rollback"),
+                    &["handlers", &consumer, "rollback"],
+                    &[],
                     Some(body),
                 )
                 .await?;
@@ -264,7 +214,8 @@ async fn handlers(command: HandlersCommand) -> Result<()> {
         }
         HandlersCommand::History { consumer, admin } => {
             let answer = admin
-                .call(Method::GET, &format!("/v1/handlers/{consumer}"), None)
+                .client()?
+                .call(Method::GET, &["handlers", &consumer], &[], None)
                 .await?;
             for entry in answer["history"].as_array().into_iter().flatten() {
                 println!(

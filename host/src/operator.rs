@@ -117,7 +117,7 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
                     Method::POST,
                     &["queues", &queue, "redrive"],
                     &[],
-                    Some(body),
+                    Some(Payload::Json(body)),
                 )
                 .await?;
             render_redrive(&queue, &ids, to.as_deref(), &reply)
@@ -125,7 +125,7 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
         DlqCommand::Purge {
             queue, ids, server, ..
         } => {
-            let body = (!ids.is_empty()).then(|| json!({"ids": ids}));
+            let body = (!ids.is_empty()).then(|| Payload::Json(json!({"ids": ids})));
             let reply = Client::new(&server)?
                 .call(Method::DELETE, &["queues", &queue, "messages"], &[], body)
                 .await?;
@@ -139,22 +139,112 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
     Ok(())
 }
 
-/// Runs `clawq status`: prints every queue with its counts, handler and dead letters.
-pub async fn status(server: ServerArg) -> Result<()> {
-    let client = Client::new(&server)?;
-    let reply = client.call(Method::GET, &["queues"], &[], None).await?;
-    print!("{}", render_status(client.base.as_str(), &reply));
+/// Runs `clawq status`: every queue with its counts, handler and dead letters, the
+/// connector connections, and the handler versions when the admin token is at hand.
+pub async fn status(admin: AdminArg) -> Result<()> {
+    let client = Client::new(&admin.server)?;
+    let queues = client.call(Method::GET, &["queues"], &[], None).await?;
+    let relay = client.call(Method::GET, &["relay"], &[], None).await?;
+    print!("{}", render_status(client.base.as_str(), &queues));
+    println!(
+        "\nconnectors: {} connected, {} relay actors in memory, {} receipts dropped",
+        count(&relay, "connections"),
+        count(&relay, "resident_actors"),
+        count(&relay, "receipts_dropped")
+    );
+    let handlers = match admin.client() {
+        Ok(admin) => admin.call(Method::GET, &["handlers"], &[], None).await,
+        Err(err) => Err(err),
+    };
+    match handlers {
+        Ok(reply) => {
+            let mut rows = vec![
+                [
+                    "CONSUMER",
+                    "WORLD",
+                    "VERSION",
+                    "BATCHES",
+                    "FAILED",
+                    "LIMIT HITS",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ];
+            for slot in reply["handlers"].as_array().into_iter().flatten() {
+                let version = text(&slot["current"]["version"]);
+                rows.push(vec![
+                    text(&slot["consumer"]),
+                    text(&slot["world"]),
+                    format!(
+                        "{} {}",
+                        text(&slot["current"]["name"]),
+                        &version[..version.len().min(12)]
+                    ),
+                    count(&slot["counters"], "batches").to_string(),
+                    count(&slot["counters"], "failed").to_string(),
+                    count(&slot["counters"], "limit_hits").to_string(),
+                ]);
+            }
+            print!("\n{}", table(&rows));
+        }
+        Err(err) => println!("\nhandlers: not shown ({err:#})"),
+    }
     Ok(())
 }
 
+/// A request body.
+pub enum Payload {
+    /// JSON.
+    Json(Value),
+    /// A WebAssembly component.
+    Wasm(Vec<u8>),
+}
+
 /// The API of one host.
-struct Client {
+pub struct Client {
     http: reqwest::Client,
     base: Url,
+    token: Option<String>,
+}
+
+/// The admin API of one host: where it is and its admin token.
+#[derive(Debug, clap::Args)]
+pub struct AdminArg {
+    #[command(flatten)]
+    server: ServerArg,
+    /// The admin token [default: read from <data-dir>/admin.token].
+    #[arg(long, env = "CLAWQ_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// The host's data directory, where its generated admin token is.
+    #[arg(long, env = "CLAWQ_DATA_DIR", default_value = crate::config::DEFAULT_DATA_DIR)]
+    data_dir: std::path::PathBuf,
+}
+
+impl AdminArg {
+    /// A client of the admin API, with the token given or the host's generated one.
+    pub fn client(&self) -> Result<Client> {
+        let token = match &self.admin_token {
+            Some(token) => token.clone(),
+            None => {
+                let file = self.data_dir.join(crate::admin::TOKEN_FILE);
+                std::fs::read_to_string(&file)
+                    .with_context(|| {
+                        format!("no --admin-token and cannot read {}", file.display())
+                    })?
+                    .trim()
+                    .to_owned()
+            }
+        };
+        Ok(Client {
+            token: Some(token),
+            ..Client::new(&self.server)?
+        })
+    }
 }
 
 impl Client {
-    fn new(server: &ServerArg) -> Result<Client> {
+    /// A client of the host at `server`, without credentials.
+    pub fn new(server: &ServerArg) -> Result<Client> {
         let base = Url::parse(&server.server)
             .ok()
             .filter(|url| url.scheme() == "http" || url.scheme() == "https")
@@ -168,17 +258,21 @@ impl Client {
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .build()?;
-        Ok(Client { http, base })
+        Ok(Client {
+            http,
+            base,
+            token: None,
+        })
     }
 
     /// Sends a request to `/v1/<segments...>` (each segment escaped) and returns the JSON
     /// answer, or the API's error message.
-    async fn call(
+    pub async fn call(
         &self,
         method: Method,
         segments: &[&str],
         query: &[(&str, String)],
-        body: Option<Value>,
+        body: Option<Payload>,
     ) -> Result<Value> {
         let mut url = self.base.clone();
         url.path_segments_mut()
@@ -187,9 +281,16 @@ impl Client {
             .push("v1")
             .extend(segments);
         let mut request = self.http.request(method, url).query(query);
-        if let Some(body) = body {
-            request = request.json(&body);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
         }
+        request = match body {
+            None => request,
+            Some(Payload::Json(json)) => request.json(&json),
+            Some(Payload::Wasm(bytes)) => request
+                .header("content-type", "application/wasm")
+                .body(bytes),
+        };
         let response = request
             .send()
             .await

@@ -53,7 +53,17 @@ pub struct RelayState {
 pub fn router(state: RelayState) -> Router {
     Router::new()
         .route(CONNECT_PATH, get(connect))
+        .route("/v1/relay", get(relay_status))
         .with_state(state)
+}
+
+/// `GET /v1/relay`: open connections, actors in memory, receipts dropped since start.
+async fn relay_status(State(state): State<RelayState>) -> axum::Json<serde_json::Value> {
+    axum::Json(json!({
+        "connections": state.hub.len(),
+        "resident_actors": state.sessions.resident_actors(),
+        "receipts_dropped": state.sessions.dropped_receipts(),
+    }))
 }
 
 #[derive(Debug, Deserialize)]
