@@ -1,6 +1,8 @@
 //! Throughput benchmark (not a test): prints messages/s through the durable queue into
 //! the CRL-invalidation component end to end, the same queue with no handler at all
-//! (the engine alone) side by side, and the per-batch cost of a fresh instance.
+//! (the engine alone) side by side, the per-batch cost of a fresh instance, the
+//! compile/validate time of both bundled components and the time from a deploy to the
+//! first batch on the new version.
 //!
 //! Run with `cargo bench -p clawq --bench throughput`. `CLAWQ_BENCH_MESSAGES` sets the
 //! message count (default 50000).
@@ -239,19 +241,6 @@ async fn main() {
         .unwrap_or(50_000);
     let runtime = Arc::new(Runtime::new().unwrap());
 
-    let started = Instant::now();
-    runtime
-        .load(
-            "crl-invalidation",
-            bundled::CRL_INVALIDATION,
-            World::CrlInvalidation,
-            Limits::default(),
-        )
-        .unwrap();
-    println!(
-        "compile crl-invalidation component: {:?}",
-        started.elapsed()
-    );
     println!(
         "per-batch fresh instance + empty handle call: {:?}",
         per_batch_instance(&runtime, 20_000).await
