@@ -280,6 +280,11 @@ fn a_crash_looping_new_version_is_rolled_back_automatically() {
     let (_, slot) = host.admin("GET", &format!("/v1/handlers/{JOBS}"), vec![], None);
     assert_eq!(slot["counters"]["auto_rollbacks"], 1, "{slot}");
     assert_eq!(slot["history"][0]["loaded_by"], "auto-rollback", "{slot}");
+    assert_eq!(slot["history"][0]["status"], "current", "{slot}");
+    assert_eq!(
+        slot["history"][1]["status"], "auto_rolled_back",
+        "the failing version: {slot}"
+    );
 }
 
 #[test]

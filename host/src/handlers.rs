@@ -184,6 +184,9 @@ pub struct HistoryEntry {
     pub loaded_at: String,
     /// Who made it current: `config`, `api`, `watch`, `rollback`, `auto-rollback`.
     pub loaded_by: String,
+    /// `current`, or how it stopped being current: `superseded` (by a newer deploy),
+    /// `rolled_back` or `auto_rolled_back`.
+    pub status: &'static str,
 }
 
 /// Every handler slot of the host, with their persisted history.
@@ -404,7 +407,7 @@ impl HandlerSlots {
         let mut stmt = conn
             .prepare("SELECT version, size, loaded_ms, loaded_by FROM history WHERE consumer = ?1 ORDER BY seq DESC")
             .map_err(anyhow::Error::from)?;
-        let entries = stmt
+        let mut entries = stmt
             .query_map([consumer], |r| {
                 let ms: u64 = r.get(2)?;
                 Ok(HistoryEntry {
@@ -412,10 +415,19 @@ impl HandlerSlots {
                     size: r.get(1)?,
                     loaded_at: crate::clock::iso8601(ms),
                     loaded_by: r.get(3)?,
+                    status: "current",
                 })
             })
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(anyhow::Error::from)?;
+        // Newest first: each entry ended when the next newer one was loaded.
+        for i in 1..entries.len() {
+            entries[i].status = match entries[i - 1].loaded_by.as_str() {
+                "rollback" => "rolled_back",
+                "auto-rollback" => "auto_rolled_back",
+                _ => "superseded",
+            };
+        }
         Ok(entries)
     }
 
