@@ -162,7 +162,7 @@ fn bad_components_are_refused_with_the_reason_and_the_old_version_serves() {
 #[test]
 fn sandbox_limits_stop_the_batch_and_nothing_else() {
     let config = jobs_config(
-        "max_batch_timeout = 0\nmax_retries = 0\ncpu_timeout = 0.5\nmemory_limit_mb = 16\nmax_concurrency = 3",
+        "max_batch_size = 1\nmax_batch_timeout = 0\nmax_retries = 0\ncpu_timeout = 0.5\nmemory_limit_mb = 16\nmax_concurrency = 3",
     );
     let host = Host::start(&config);
     for action in ["loop", "hog", "trap"] {
