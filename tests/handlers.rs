@@ -334,3 +334,43 @@ fn watch_reloads_a_changed_handler_file() {
     host.publish(JOBS, json!({"do": "ack", "tag": "w"}));
     host.wait_log_all(&["seen tag=w ", &version_of(&v2)[..12]]);
 }
+
+#[test]
+fn check_names_the_worlds_that_accept_a_component() {
+    let clawq = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_clawq"))
+            .arg("check")
+            .args(args)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap()
+    };
+    let router = FAILING_HANDLER.replace("failing_handler", "receipt_router");
+    let report = clawq(&[&router]);
+    assert!(report.status.success());
+    let report = String::from_utf8(report.stdout).unwrap();
+    assert!(report.contains("targets world: receipt-router"), "{report}");
+    assert!(
+        report.contains("crl-invalidation   refuses it: imports `relay-sessions`, which world `crl-invalidation` does not grant"),
+        "{report}"
+    );
+    assert!(report.contains("receipt-handler    accepts it"), "{report}");
+
+    let refused = clawq(&[&router, "--world", "crl-invalidation"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("does not grant"));
+    assert!(
+        clawq(&[SCRIPTED_HANDLER, "--world", "crl-invalidation"])
+            .status
+            .success()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let refused = clawq(&[core.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("core WebAssembly module, not a component")
+    );
+}

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod agents;
 pub mod api;
 pub mod bundled;
+pub mod check;
 pub mod clock;
 pub mod config;
 pub mod connector;

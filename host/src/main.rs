@@ -43,6 +43,14 @@ enum Command {
     /// Receipts are kept in a durable outbox (`<data-dir>/outbox.db`) until the webhook
     /// takes them.
     Connect(ConnectArgs),
+    /// Say what a handler component imports and exports and which worlds accept it.
+    Check {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// Fail unless this world (a consumer's `world`) accepts it, e.g. `crl-invalidation`.
+        #[arg(long)]
+        world: Option<String>,
+    },
     /// Deploy, list and roll back handler versions on a running host.
     #[command(subcommand)]
     Handlers(HandlersCommand),
@@ -139,6 +147,26 @@ enum HandlersCommand {
         #[command(flatten)]
         admin: AdminArg,
     },
+}
+
+/// Runs `clawq check`.
+fn check(file: &std::path::Path, world: Option<&str>) -> Result<()> {
+    let world = world
+        .map(|name| {
+            clawq::world::World::parse(name).ok_or_else(|| {
+                let names: Vec<&str> = clawq::world::World::ALL.iter().map(|w| w.name()).collect();
+                anyhow::anyhow!("world `{name}` is not one of {}", names.join(", "))
+            })
+        })
+        .transpose()?;
+    let wasm =
+        std::fs::read(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    let runtime = clawq::runtime::Runtime::new()?;
+    print!(
+        "{}",
+        clawq::check::check(&runtime, &file.display().to_string(), &wasm, world)?
+    );
+    Ok(())
 }
 
 /// Runs a `handlers` subcommand against a running host.
@@ -342,6 +370,7 @@ fn main() -> Result<()> {
         Command::Connect(args) => runtime.block_on(connect(args)),
         Command::Agents(command) => agents(command),
         Command::Handlers(command) => runtime.block_on(handlers(command)),
+        Command::Check { file, world } => check(&file, world.as_deref()),
         Command::Dlq(command) => runtime.block_on(clawq::operator::dlq(command)),
         Command::Status(server) => runtime.block_on(clawq::operator::status(server)),
     }

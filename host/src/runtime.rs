@@ -194,6 +194,42 @@ impl Runtime {
         Ok(Runtime { engine, linker })
     }
 
+    /// Checks that `wasm` is a component (not a core module) and compiles it.
+    fn compile(&self, wasm: &[u8]) -> Result<Component, String> {
+        const MAGIC: &[u8] = b"\0asm";
+        match wasm.get(..8) {
+            Some([m0, m1, m2, m3, 1, 0, 0, 0]) if [*m0, *m1, *m2, *m3] == *MAGIC => {
+                return Err(
+                    "it is a core WebAssembly module, not a component (build it for wasm32-wasip2)"
+                        .into(),
+                );
+            }
+            Some([m0, m1, m2, m3, _, _, 1, 0]) if [*m0, *m1, *m2, *m3] == *MAGIC => {}
+            _ => return Err("it is not a WebAssembly component".into()),
+        }
+        Component::new(&self.engine, wasm).map_err(|e| {
+            format!(
+                "it does not compile: {}",
+                anyhow::Error::from(e).root_cause()
+            )
+        })
+    }
+
+    /// The names of what the component `wasm` imports and exports.
+    pub fn interface(&self, wasm: &[u8]) -> Result<(Vec<String>, Vec<String>), LoadError> {
+        let component = self.compile(wasm).map_err(LoadError)?;
+        let ty = component.component_type();
+        let imports = ty
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        let exports = ty
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        Ok((imports, exports))
+    }
+
     /// Compiles `wasm` and checks that it is a handler of `world` that instantiates.
     /// Blocking (compilation): call it off the async workers.
     pub fn load(
@@ -203,24 +239,8 @@ impl Runtime {
         world: World,
         limits: Limits,
     ) -> Result<LoadedHandler, LoadError> {
-        const MAGIC: &[u8] = b"\0asm";
         let refuse = |why: String| LoadError(format!("handler `{name}` refused: {why}"));
-        match wasm.get(..8) {
-            Some([m0, m1, m2, m3, 1, 0, 0, 0]) if [*m0, *m1, *m2, *m3] == *MAGIC => {
-                return Err(refuse(
-                    "it is a core WebAssembly module, not a component (build it for wasm32-wasip2)"
-                        .into(),
-                ));
-            }
-            Some([m0, m1, m2, m3, _, _, 1, 0]) if [*m0, *m1, *m2, *m3] == *MAGIC => {}
-            _ => return Err(refuse("it is not a WebAssembly component".into())),
-        }
-        let component = Component::new(&self.engine, wasm).map_err(|e| {
-            refuse(format!(
-                "it does not compile: {}",
-                anyhow::Error::from(e).root_cause()
-            ))
-        })?;
+        let component = self.compile(wasm).map_err(refuse)?;
         let component_type = component.component_type();
         world
             .check_imports(component_type.imports(&self.engine).map(|(name, _)| name))
