@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde_json::{Value, json};
 
+use crate::api::ApiError;
 use crate::handlers::{HandlerSlots, Slot, SlotError};
 use crate::runtime::LoadedHandler;
 
@@ -43,10 +44,7 @@ pub fn admin_token(data_dir: &Path, configured: Option<String>) -> anyhow::Resul
     if let Ok(token) = std::fs::read_to_string(&path) {
         return Ok(token.trim().to_owned());
     }
-    let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    let token: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-    let token = format!("cqadm_{token}");
+    let token = crate::crypto::random_token("cqadm_")?;
     {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
@@ -89,9 +87,8 @@ async fn require_token(State(state): State<AdminState>, request: Request, next: 
     next.run(request).await
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    let body = json!({"error": {"code": code, "message": message.into()}});
-    (status, Json(body)).into_response()
+fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+    ApiError::new(status, code, message).into_response()
 }
 
 impl IntoResponse for SlotError {

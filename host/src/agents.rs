@@ -7,9 +7,9 @@ use std::sync::Mutex;
 use anyhow::{Context, Result, bail};
 use clawq_protocol::did::validate_agent_did;
 use rusqlite::{Connection, OptionalExtension, params};
-use sha2::{Digest, Sha256};
 
 use crate::clock::now_ms;
+use crate::crypto::{random_token, sha256_hex};
 use crate::db::{self, Durability};
 
 /// The agent registry, in SQLite.
@@ -50,12 +50,10 @@ impl AgentRegistry {
     /// Registers `did` and returns its new secret token (to be shown once).
     pub fn add(&self, did: &str) -> Result<String> {
         validate_agent_did(did).with_context(|| format!("`{did}` is not a valid agent DID"))?;
-        let mut secret = [0u8; 32];
-        getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-        let token = format!("cqa_{}", hex(&secret));
+        let token = random_token("cqa_")?;
         let inserted = self.conn().execute(
             "INSERT OR IGNORE INTO agents (did, token_hash, added_ms) VALUES (?1, ?2, ?3)",
-            params![did, hash(&token), now_ms()],
+            params![did, sha256_hex(token.as_bytes()), now_ms()],
         )?;
         if inserted == 0 {
             bail!("agent {did} is already registered; remove it first to issue a new token");
@@ -91,18 +89,10 @@ impl AgentRegistry {
         let found: Option<i64> = self
             .conn()
             .prepare_cached("SELECT 1 FROM agents WHERE did = ?1 AND token_hash = ?2")?
-            .query_row(params![did, hash(token)], |r| r.get(0))
+            .query_row(params![did, sha256_hex(token.as_bytes())], |r| r.get(0))
             .optional()?;
         Ok(found.is_some())
     }
-}
-
-fn hash(token: &str) -> String {
-    hex(&Sha256::digest(token.as_bytes()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! `clawq check <file.wasm>`: what a component imports and exports, which worlds (and so
 //! which handler slots) accept it, and why the others do not.
 
-use crate::runtime::{Limits, LoadError, Runtime, hex_sha256};
+use crate::crypto::sha256_hex;
+use crate::runtime::{Limits, LoadError, Runtime};
 use crate::world::World;
 
 /// The export every handler needs.
@@ -34,7 +35,7 @@ pub fn check(
     let mut report = format!(
         "{name}: component, {} bytes, version {}\n",
         wasm.len(),
-        &hex_sha256(wasm)[..12]
+        &sha256_hex(wasm)[..12]
     );
     report += &format!("exports: {}\n", list(&exports));
     report += &format!("imports: {}\n", list(&imports));

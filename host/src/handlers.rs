@@ -19,10 +19,9 @@ use serde::Serialize;
 use crate::bundled;
 use crate::clock::now_ms;
 use crate::config::ConsumerConfig;
+use crate::crypto::sha256_hex;
 use crate::db::{self, Durability};
-use crate::runtime::{
-    BatchFailure, Capabilities, Limits, LoadError, LoadedHandler, Runtime, hex_sha256,
-};
+use crate::runtime::{BatchFailure, Capabilities, Limits, LoadError, LoadedHandler, Runtime};
 use crate::world::World;
 
 /// Why a deploy or rollback did not happen.
@@ -239,7 +238,7 @@ impl HandlerSlots {
                 continue;
             };
             let config_wasm = read_handler(reference)?;
-            let config_version = hex_sha256(&config_wasm);
+            let config_version = sha256_hex(&config_wasm);
             let stored: Option<(String, String)> = slots
                 .conn()
                 .query_row(
@@ -514,7 +513,7 @@ pub async fn watch(
                 continue;
             };
             if wasm.is_empty()
-                || hex_sha256(&wasm)
+                || sha256_hex(&wasm)
                     == slots
                         .slot(consumer)
                         .map(|s| s.current().version().to_owned())

@@ -15,6 +15,7 @@ pub mod clock;
 pub mod config;
 pub mod connector;
 pub mod consumer;
+pub mod crypto;
 pub mod db;
 pub mod frame;
 pub mod handlers;

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
@@ -21,6 +20,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::actor_storage::{ActorStorage, StorageError};
+use crate::crypto::sha256_hex;
 use crate::frame::{MAX_FRAME_BYTES, ReceiptStatus};
 use crate::relay::hub::ConnectionHub;
 use crate::relay::sessions::{Delivery, ReceiptIn, RelaySessions, SessionError};
@@ -259,21 +259,13 @@ impl Runtime {
         })?;
         Ok(LoadedHandler {
             name: name.into(),
-            version: hex_sha256(wasm),
+            version: sha256_hex(wasm),
             size: wasm.len(),
             limits,
             instances: Arc::new(Semaphore::new(limits.max_instances)),
             pre,
         })
     }
-}
-
-/// The SHA-256 of `bytes`, in hex: a component's version.
-pub fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 impl LoadedHandler {

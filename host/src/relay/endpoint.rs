@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use super::hub::{ConnectionHub, Outbound};
 use super::sessions::RelaySessions;
 use crate::agents::AgentRegistry;
+use crate::api::ApiError;
 use crate::frame::{CONNECT_PATH, Frame, FrameBody, MAX_FRAME_BYTES};
 use crate::trust::TrustStore;
 
@@ -72,8 +73,7 @@ struct ConnectQuery {
 }
 
 fn unauthorized(message: &str) -> Response {
-    let body = json!({"error": {"code": "unauthorized", "message": message}});
-    (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response()
 }
 
 async fn connect(
@@ -110,9 +110,9 @@ async fn connect(
         }
         Ok(Err(err)) => {
             tracing::error!(error = %err, "authenticating a connector failed");
-            let body =
-                json!({"error": {"code": "storage_unavailable", "message": err.to_string()}});
-            return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+            let code = "storage_unavailable";
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, err.to_string())
+                .into_response();
         }
         Err(join) => return (StatusCode::INTERNAL_SERVER_ERROR, join.to_string()).into_response(),
     }
