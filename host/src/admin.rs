@@ -110,6 +110,8 @@ fn version_json(handler: &LoadedHandler) -> Value {
 fn slot_json(consumer: &str, slot: &Slot) -> Value {
     json!({
         "consumer": consumer,
+        "queue": slot.queue(),
+        "filter": slot.filter().to_json(),
         "world": slot.world().name(),
         "current": version_json(&slot.current()),
         "counters": slot.counters(),

@@ -41,10 +41,23 @@ pub struct AppState {
 /// What the API tells about a queue besides its counts.
 #[derive(Debug, Clone, Default)]
 pub struct QueueInfo {
-    /// The handler consuming it, if any.
-    pub handler: Option<String>,
-    /// Its dead-letter queue, if any.
+    /// Its consumers; the queue's default consumer (named like it) first.
+    pub consumers: Vec<ConsumerInfo>,
+    /// The dead-letter queue of its first consumer, if any.
     pub dead_letter_queue: Option<String>,
+}
+
+/// One consumer of a queue, as the API shows it.
+#[derive(Debug, Clone)]
+pub struct ConsumerInfo {
+    /// The consumer's name (its handler slot).
+    pub name: String,
+    /// Where its copies of the queue's messages are kept.
+    pub lane: String,
+    /// Its handler, if it has one.
+    pub handler: Option<String>,
+    /// The messages it takes, field by field (`{}`: all).
+    pub filter: Value,
 }
 
 /// The API's routes.
@@ -236,6 +249,18 @@ impl AppState {
     async fn status_of(&self, queue: &str) -> Result<Value, ApiError> {
         let info = self.known_queue(queue)?;
         let counts = self.backend.counts(queue).await?;
+        let mut consumers = Vec::new();
+        for c in &info.consumers {
+            let counts = self.backend.counts(&c.lane).await?;
+            consumers.push(json!({
+                "name": c.name,
+                "handler": c.handler,
+                "filter": c.filter,
+                "backlog": counts.backlog,
+                "in_flight": counts.in_flight,
+                "delayed": counts.delayed,
+            }));
+        }
         let dead_lettered = match &info.dead_letter_queue {
             Some(dlq) => {
                 let c = self.backend.counts(dlq).await?;
@@ -248,7 +273,8 @@ impl AppState {
             "backlog": counts.backlog,
             "in_flight": counts.in_flight,
             "delayed": counts.delayed,
-            "handler": info.handler,
+            "handler": info.consumers.first().and_then(|c| c.handler.clone()),
+            "consumers": consumers,
             "dead_letter_queue": info.dead_letter_queue,
             "dead_lettered": dead_lettered,
         }))

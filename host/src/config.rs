@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
+use crate::queue::routes::{self, Filter, Routes};
 use crate::runtime::{Limits, MAX_MEMORY_BYTES};
 use crate::world::World;
 
@@ -30,7 +31,7 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the queue database and the trust store live.
     pub data_dir: PathBuf,
-    /// One consumer per queue, by queue name.
+    /// The consumers, by name: one per queue unless a queue fans out to several.
     pub consumers: BTreeMap<String, ConsumerConfig>,
     /// Queues that only receive messages (declared producers and dead-letter queues).
     pub plain_queues: Vec<String>,
@@ -72,8 +73,14 @@ impl Default for RelayConfig {
 /// How one queue is consumed (wrangler's `[[queues.consumers]]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConsumerConfig {
+    /// The consumer's name, unique on the host: its handler slot in the admin API and
+    /// its lane in the queue. The queue's name unless the config gives another, which a
+    /// second consumer of a queue must.
+    pub name: String,
     /// The queue consumed.
     pub queue: String,
+    /// The messages of the queue it takes (all when empty).
+    pub filter: Filter,
     /// The handler: the name of a bundled component or a path to a `.wasm` file. `None`
     /// leaves the queue without a consumer: messages wait until one is configured.
     pub handler: Option<String>,
@@ -114,7 +121,9 @@ impl ConsumerConfig {
             .contains(&queue)
             .then(|| format!("{queue}-dlq"));
         ConsumerConfig {
+            name: queue.to_owned(),
             queue: queue.to_owned(),
+            filter: Filter::default(),
             handler,
             max_batch_size,
             max_batch_timeout: Duration::from_secs(5),
@@ -128,8 +137,16 @@ impl ConsumerConfig {
         }
     }
 
+    /// The lane this consumer takes its batches from.
+    pub fn lane(&self) -> String {
+        routes::lane(&self.queue, &self.name)
+    }
+
     fn validate(&self) -> Result<()> {
         let q = &self.queue;
+        if self.name != *q {
+            validate_name("consumer", &self.name)?;
+        }
         if !(1..=MAX_BATCH_SIZE).contains(&self.max_batch_size) {
             bail!("queue `{q}`: max_batch_size must be between 1 and {MAX_BATCH_SIZE}");
         }
@@ -244,6 +261,8 @@ struct FileProducer {
 #[serde(deny_unknown_fields)]
 struct FileConsumer {
     queue: String,
+    name: Option<String>,
+    filter: Option<Filter>,
     handler: Option<String>,
     max_batch_size: Option<usize>,
     max_batch_timeout: Option<f64>,
@@ -316,9 +335,17 @@ impl Config {
         }
         for c in file.queues.consumers {
             set_retention(&mut retention, &c.queue, c.retention)?;
-            let base = consumers
-                .remove(&c.queue)
-                .unwrap_or_else(|| ConsumerConfig::default_for(&c.queue));
+            let name = c.name.clone().unwrap_or_else(|| c.queue.clone());
+            let base = match consumers.remove(&name) {
+                Some(base) if base.queue == c.queue => base,
+                Some(_) => bail!("consumer `{name}` is configured for two queues"),
+                // Another consumer of a queue gets its settings, but no handler.
+                None if name != c.queue => ConsumerConfig {
+                    handler: None,
+                    ..ConsumerConfig::default_for(&c.queue)
+                },
+                None => ConsumerConfig::default_for(&c.queue),
+            };
             let timeout = match c.max_batch_timeout {
                 Some(s) if !(s.is_finite() && s >= 0.0) => {
                     bail!(
@@ -357,7 +384,9 @@ impl Config {
                 max_instances: c.max_instances.unwrap_or(base.limits.max_instances),
             };
             let merged = ConsumerConfig {
+                name: name.clone(),
                 queue: c.queue.clone(),
+                filter: c.filter.unwrap_or(base.filter),
                 handler: c.handler.or(base.handler),
                 max_batch_size: c.max_batch_size.unwrap_or(base.max_batch_size),
                 max_batch_timeout: timeout,
@@ -370,7 +399,7 @@ impl Config {
                 auto_rollback_after: c.auto_rollback_after.unwrap_or(base.auto_rollback_after),
             };
             merged.validate()?;
-            consumers.insert(c.queue, merged);
+            consumers.insert(name, merged);
         }
         let mut plain_queues: Vec<String> =
             file.queues.producers.into_iter().map(|p| p.queue).collect();
@@ -379,11 +408,11 @@ impl Config {
                 .values()
                 .filter_map(|c| c.dead_letter_queue.clone()),
         );
-        plain_queues.retain(|q| !consumers.contains_key(q));
+        plain_queues.retain(|q| !consumers.values().any(|c| c.queue == *q));
         plain_queues.sort();
         plain_queues.dedup();
-        for queue in consumers.keys().chain(&plain_queues) {
-            validate_queue_name(queue)?;
+        for queue in consumers.values().map(|c| &c.queue).chain(&plain_queues) {
+            validate_name("queue", queue)?;
         }
         Ok(Config {
             listen: file
@@ -403,12 +432,27 @@ impl Config {
         })
     }
 
-    /// Every queue the host serves, consumed or not.
+    /// Every queue the host serves, consumed or not, each once.
     pub fn queue_names(&self) -> impl Iterator<Item = &str> {
-        self.consumers
-            .keys()
-            .chain(&self.plain_queues)
-            .map(String::as_str)
+        let consumed: std::collections::BTreeSet<&str> =
+            self.consumers.values().map(|c| c.queue.as_str()).collect();
+        consumed
+            .into_iter()
+            .chain(self.plain_queues.iter().map(String::as_str))
+    }
+
+    /// The consumers of `queue`, in name order.
+    pub fn consumers_of<'a>(&'a self, queue: &'a str) -> impl Iterator<Item = &'a ConsumerConfig> {
+        self.consumers.values().filter(move |c| c.queue == queue)
+    }
+
+    /// The subscriptions of every consumed queue, for the queue engine.
+    pub fn routes(&self) -> Routes {
+        let mut routes = Routes::default();
+        for c in self.consumers.values() {
+            routes.add(&c.queue, &c.name, c.filter.clone());
+        }
+        routes
     }
 
     /// How long messages of `queue` are kept.
@@ -457,14 +501,15 @@ fn set_retention(
 }
 
 /// Queue names follow Cloudflare's rule: lowercase letters, digits and dashes, ≤ 63 chars.
-fn validate_queue_name(name: &str) -> Result<()> {
+/// Checks the name of a queue or a consumer (`what`).
+fn validate_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !ok {
-        bail!("invalid queue name `{name}`: use 1-63 lowercase letters, digits and dashes");
+        bail!("invalid {what} name `{name}`: use 1-63 lowercase letters, digits and dashes");
     }
     Ok(())
 }
@@ -547,8 +592,67 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_fans_out_to_named_consumers_with_filters() {
+        let config = Config::parse(
+            r#"
+            [[queues.consumers]]
+            queue = "clawdentity-receipts"
+            name = "dead-letter-digest"
+            handler = "digest.wasm"
+            world = "receipt-handler"
+            filter = { type = "delivery_receipt", status = "dead_lettered" }
+            "#,
+        )
+        .unwrap();
+        let digest = &config.consumers["dead-letter-digest"];
+        assert_eq!(digest.queue, RECEIPTS_QUEUE);
+        assert_eq!(digest.lane(), "clawdentity-receipts#dead-letter-digest");
+        assert_eq!(
+            digest.filter.to_json(),
+            serde_json::json!({"type": ["delivery_receipt"], "status": ["dead_lettered"]})
+        );
+        assert_eq!(digest.max_batch_size, 25, "the queue's defaults apply");
+        let router = &config.consumers[RECEIPTS_QUEUE];
+        assert_eq!(router.handler.as_deref(), Some("receipt-router"));
+        assert!(
+            router.filter.is_empty(),
+            "the bundled default takes everything"
+        );
+        assert_eq!(config.consumers_of(RECEIPTS_QUEUE).count(), 2);
+        assert_eq!(
+            config
+                .queue_names()
+                .filter(|q| *q == RECEIPTS_QUEUE)
+                .count(),
+            1
+        );
+        let receipt = br#"{"type":"delivery_receipt","status":"dead_lettered"}"#;
+        let lanes = config.routes();
+        let lanes = lanes.lanes(RECEIPTS_QUEUE, crate::queue::ContentType::Json, receipt);
+        assert_eq!(
+            lanes,
+            [
+                "clawdentity-receipts",
+                "clawdentity-receipts#dead-letter-digest"
+            ]
+        );
+    }
+
+    #[test]
     fn bad_values_are_refused_with_the_key_named() {
         for (text, needle) in [
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nname = \"B#\"",
+                "invalid consumer name",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\n[[queues.consumers]]\nqueue = \"b\"\nname = \"a\"",
+                "configured for two queues",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nfilter = { type = [] }",
+                "lists no value",
+            ),
             (
                 "[[queues.consumers]]\nqueue = \"a\"\nmax_batch_size = 0",
                 "max_batch_size",

@@ -21,9 +21,12 @@ const STORAGE_BACKOFF: Duration = Duration::from_secs(1);
 /// messages are then delivered again after the next restart).
 const SETTLE_TRIES: u32 = 5;
 
-/// One queue's consumer: its settings, its handler and what they run against.
+/// One consumer of a queue: its settings, its handler and what they run against. It
+/// takes batches from its own lane of the queue, so its outcomes (retries, dead letters)
+/// never touch the copies of other consumers of the same queue.
 pub struct Consumer {
     config: ConsumerConfig,
+    lane: String,
     policy: RetryPolicy,
     slots: Arc<HandlerSlots>,
     backend: Arc<dyn QueueBackend>,
@@ -31,7 +34,8 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    /// A consumer of `config.queue` that runs the current handler of its slot in `slots`.
+    /// A consumer of `config.queue` that runs the current handler of its slot (named
+    /// `config.name`) in `slots`.
     pub fn new(
         config: ConsumerConfig,
         slots: Arc<HandlerSlots>,
@@ -43,6 +47,7 @@ impl Consumer {
             dead_letter_queue: config.dead_letter_queue.clone(),
         };
         Arc::new(Consumer {
+            lane: config.lane(),
             config,
             policy,
             slots,
@@ -56,7 +61,7 @@ impl Consumer {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.config.max_concurrency));
         let mut in_flight = JoinSet::new();
-        let queue = self.config.queue.as_str();
+        let queue = self.lane.as_str();
         loop {
             let batch = tokio::select! {
                 biased;
@@ -94,10 +99,11 @@ impl Consumer {
     /// Runs one batch through the slot's current handler version and commits every
     /// message's outcome.
     async fn handle_batch(&self, deliveries: Vec<Delivery>) {
-        let queue = self.config.queue.as_str();
-        let Ok(slot) = self.slots.slot(queue) else {
+        let (queue, consumer) = (self.config.queue.as_str(), self.config.name.as_str());
+        let Ok(slot) = self.slots.slot(consumer) else {
             tracing::error!(
                 queue,
+                consumer,
                 "no handler slot; the batch will be delivered again after a restart"
             );
             return;
@@ -106,6 +112,7 @@ impl Consumer {
         let span = tracing::info_span!(
             "batch",
             queue,
+            consumer,
             handler = handler.name(),
             version = &handler.version()[..12],
             size = deliveries.len()
@@ -115,19 +122,19 @@ impl Consumer {
 
     /// Runs `deliveries` through `handler` and commits their outcomes.
     async fn run_batch(&self, handler: &LoadedHandler, mut deliveries: Vec<Delivery>) {
-        let queue = self.config.queue.as_str();
+        let (queue, consumer) = (self.config.queue.as_str(), self.config.name.as_str());
         let messages: Vec<Message> = deliveries.iter_mut().map(to_message).collect();
         let started = Instant::now();
         let result = handler.handle(self.caps.clone(), queue, &messages).await;
         let elapsed = started.elapsed();
         metrics::batch(
-            queue,
+            consumer,
             handler.version(),
             elapsed.as_secs_f64(),
             result.as_ref().err(),
         );
         self.slots
-            .record(queue, handler, result.as_ref().map(drop))
+            .record(consumer, handler, result.as_ref().map(drop))
             .await;
         let settlements = match result {
             Ok(outcomes) => self.settlements(handler, deliveries, outcomes),
@@ -143,7 +150,7 @@ impl Consumer {
         for attempt in 1..=SETTLE_TRIES {
             match self
                 .backend
-                .settle(queue, &self.policy, settlements.clone())
+                .settle(&self.lane, &self.policy, settlements.clone())
                 .await
             {
                 Ok(summary) => {

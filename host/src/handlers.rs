@@ -21,6 +21,7 @@ use crate::clock::now_ms;
 use crate::config::ConsumerConfig;
 use crate::crypto::sha256_hex;
 use crate::db::{self, Durability};
+use crate::queue::routes::Filter;
 use crate::runtime::{BatchFailure, Capabilities, Limits, LoadError, LoadedHandler, Runtime};
 use crate::world::World;
 
@@ -82,6 +83,8 @@ struct Health {
 
 /// One consumer's handler slot.
 pub struct Slot {
+    queue: String,
+    filter: Filter,
     world: World,
     limits: Limits,
     auto_rollback_after: u32,
@@ -97,6 +100,16 @@ impl Slot {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The queue its consumer reads.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The messages of the queue its consumer takes.
+    pub fn filter(&self) -> &Filter {
+        &self.filter
     }
 
     /// The world this slot accepts.
@@ -243,7 +256,7 @@ impl HandlerSlots {
                 .conn()
                 .query_row(
                     "SELECT current, config_version FROM slots WHERE consumer = ?1",
-                    [&consumer.queue],
+                    [&consumer.name],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
@@ -261,10 +274,12 @@ impl HandlerSlots {
                 .load(&name, wasm.clone(), consumer.world, consumer.limits)
                 .await?;
             if let Some(by) = by {
-                slots.persist(&consumer.queue, &handler, &wasm, by, Some(&config_version))?;
+                slots.persist(&consumer.name, &handler, &wasm, by, Some(&config_version))?;
             }
-            tracing::info!(consumer = %consumer.queue, handler = %name, version = %handler.version(), "handler loaded");
+            tracing::info!(consumer = %consumer.name, handler = %name, version = %handler.version(), "handler loaded");
             let slot = Slot {
+                queue: consumer.queue.clone(),
+                filter: consumer.filter.clone(),
                 world: consumer.world,
                 limits: consumer.limits,
                 auto_rollback_after: consumer.auto_rollback_after,
@@ -272,7 +287,7 @@ impl HandlerSlots {
                 health: Mutex::new(Health::default()),
                 counters: SlotCounters::default(),
             };
-            slots.slots.insert(consumer.queue.clone(), Arc::new(slot));
+            slots.slots.insert(consumer.name.clone(), Arc::new(slot));
         }
         Ok(slots)
     }

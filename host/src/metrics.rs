@@ -47,6 +47,11 @@ pub fn published(queue: &str, n: usize) {
     counter!("clawq_messages_published_total", "queue" => queue.to_owned()).increment(n as u64);
 }
 
+/// Counts a published message that no consumer of its queue subscribes to.
+pub fn unrouted(queue: &str) {
+    counter!("clawq_messages_unrouted_total", "queue" => queue.to_owned()).increment(1);
+}
+
 /// Counts what a settlement did.
 pub fn settled(queue: &str, summary: &SettleSummary) {
     let q = queue.to_owned();

@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::actor_storage::ActorStorage;
 use crate::admin::{self, AdminState, admin_token};
 use crate::agents::AgentRegistry;
-use crate::api::{self, AppState, QueueInfo};
+use crate::api::{self, AppState, ConsumerInfo, QueueInfo};
 use crate::bundled;
-use crate::config::Config;
+use crate::config::{Config, ConsumerConfig};
 use crate::consumer::Consumer;
 use crate::handlers::{self, HandlerSlots};
 use crate::metrics::{self, MetricsState};
@@ -43,7 +43,8 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let backend: Arc<dyn QueueBackend> = Arc::new(
         SqliteQueue::open(&config.data_dir.join("queues.db"))
-            .context("opening the queue database")?,
+            .context("opening the queue database")?
+            .with_routes(config.routes()),
     );
     let trust = Arc::new(
         TrustStore::open(&config.data_dir.join("trust.db"), config.revocation_ttl)
@@ -84,10 +85,11 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
     let consumers_stop = CancellationToken::new();
     for consumer in config.consumers.values() {
         if consumer.handler.is_none() {
-            tracing::info!(queue = %consumer.queue, "queue has no handler: messages wait for one");
+            tracing::info!(queue = %consumer.queue, consumer = %consumer.name,
+                "consumer has no handler: its messages wait for one");
             continue;
         }
-        tracing::info!(queue = %consumer.queue, "consumer started");
+        tracing::info!(queue = %consumer.queue, consumer = %consumer.name, "consumer started");
         let consumer = Consumer::new(
             consumer.clone(),
             slots.clone(),
@@ -101,9 +103,9 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         let files = config
             .consumers
             .values()
-            .filter_map(|c| Some((c.queue.clone(), c.handler.clone()?)))
+            .filter_map(|c| Some((c.name.clone(), c.handler.clone()?)))
             .filter(|(_, handler)| bundled::find(handler).is_none())
-            .map(|(queue, handler)| (queue, PathBuf::from(handler)))
+            .map(|(name, handler)| (name, PathBuf::from(handler)))
             .collect();
         tokio::spawn(handlers::watch(slots.clone(), files, shutdown.clone()));
     }
@@ -111,10 +113,19 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
     let queues: BTreeMap<String, QueueInfo> = config
         .queue_names()
         .map(|name| {
-            let consumer = config.consumers.get(name);
+            let mut consumers: Vec<&ConsumerConfig> = config.consumers_of(name).collect();
+            consumers.sort_by_key(|c| c.name != name);
             let info = QueueInfo {
-                handler: consumer.and_then(|c| c.handler.clone()),
-                dead_letter_queue: consumer.and_then(|c| c.dead_letter_queue.clone()),
+                dead_letter_queue: consumers.first().and_then(|c| c.dead_letter_queue.clone()),
+                consumers: consumers
+                    .into_iter()
+                    .map(|c| ConsumerInfo {
+                        name: c.name.clone(),
+                        lane: c.lane(),
+                        handler: c.handler.clone(),
+                        filter: c.filter.to_json(),
+                    })
+                    .collect(),
             };
             (name.to_owned(), info)
         })

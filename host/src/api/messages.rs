@@ -95,7 +95,9 @@ pub(super) async fn show(
 /// `POST /v1/queues/{queue}/redrive` with `{"ids": [...], "to": "queue"}`, both optional:
 /// moves the messages (all, or those ids) to the queue each was dead-lettered from, or to
 /// `to`, with their attempts reset. Answers `{"redriven": n, "skipped": m}`, `skipped`
-/// counting the selected messages that record no source queue the host serves.
+/// counting the selected messages that record no source queue the host serves. A message
+/// goes back only to the consumer that gave up on it; one sent to `to` goes to the
+/// consumers of `to` that subscribe to it.
 pub(super) async fn redrive(
     State(state): State<AppState>,
     Path(queue): Path<String>,
@@ -115,7 +117,14 @@ pub(super) async fn redrive(
             RedriveTarget::Queue(to)
         }
         None => RedriveTarget::Source {
-            known: state.queues.keys().cloned().collect(),
+            known: state
+                .queues
+                .iter()
+                .flat_map(|(queue, info)| {
+                    std::iter::once(queue.clone())
+                        .chain(info.consumers.iter().map(|c| c.lane.clone()))
+                })
+                .collect(),
         },
     };
     let summary = state.backend.redrive(&queue, &selection, &target).await?;
@@ -177,6 +186,7 @@ fn message_json(m: &StoredMessage) -> Value {
     };
     json!({
         "id": m.id,
+        "consumer": m.consumer,
         "state": m.state.as_str(),
         "attempts": m.attempts,
         "published_ms": m.published_ms,
@@ -186,6 +196,7 @@ fn message_json(m: &StoredMessage) -> Value {
         "dead_lettered_ms": m.dead_lettered_ms,
         "dead_reason": m.dead_reason,
         "source_queue": m.source_queue,
+        "source_consumer": m.source_consumer,
         "source_attempts": m.source_attempts,
         "content_type": m.content_type.as_str(),
         "body": body,

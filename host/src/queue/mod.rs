@@ -1,6 +1,7 @@
 //! The durable queue engine: what a queue backend must do (spec section 1), and the
 //! publishing limits every backend shares. [`sqlite`] is the embedded backend.
 
+pub mod routes;
 pub mod sqlite;
 
 use std::time::Duration;
@@ -159,6 +160,9 @@ impl MessageState {
 pub struct StoredMessage {
     /// The message id given at publish time.
     pub id: String,
+    /// The consumer this copy of the message is for (the queue's own name for its
+    /// default consumer, or for a queue that no consumer reads).
+    pub consumer: String,
     /// Where it stands.
     pub state: MessageState,
     /// Deliveries from this queue so far (reset when it is dead-lettered or redriven).
@@ -177,6 +181,8 @@ pub struct StoredMessage {
     pub dead_reason: Option<String>,
     /// The queue it was dead-lettered from.
     pub source_queue: Option<String>,
+    /// The consumer of `source_queue` that gave up on it.
+    pub source_consumer: Option<String>,
     /// Its deliveries in `source_queue` before it was dead-lettered.
     pub source_attempts: Option<u32>,
     /// How `body` is encoded.
@@ -207,13 +213,13 @@ pub enum Selection {
 /// Where redriven messages go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RedriveTarget {
-    /// Each message back to the queue it was dead-lettered from, provided that queue is
-    /// one of `known`; the others stay where they are.
+    /// Each message back to the lane (queue and consumer) it was dead-lettered from,
+    /// provided that lane is one of `known`; the others stay where they are.
     Source {
-        /// The queues that may receive messages (the ones the host serves).
+        /// The lanes that may receive messages (the ones the host serves).
         known: Vec<String>,
     },
-    /// Every message to this queue.
+    /// Every message to this queue, to the consumers that subscribe to it there.
     Queue(String),
 }
 
@@ -298,17 +304,23 @@ pub fn check_limits(messages: &[NewMessage]) -> Result<(), LimitError> {
 
 /// A durable queue store. Messages are delivered at least once: a message leaves its
 /// queue only when it is settled as acked, dead-lettered or dropped.
+///
+/// A queue with several subscribed consumers keeps a copy of each message for every
+/// consumer whose filter takes it, in that consumer's lane ([`routes`]); consumers take
+/// batches from and settle in their lane, while every other operation names a queue and
+/// covers all of its lanes.
 #[async_trait]
 pub trait QueueBackend: Send + Sync + 'static {
-    /// Stores `messages` in `queue` after checking the limits; returns their ids.
-    /// Stores all or nothing.
+    /// Stores `messages` in `queue` after checking the limits, in the lanes of the
+    /// consumers that subscribe to each (a message no consumer takes is not stored);
+    /// returns their ids. Stores all or nothing.
     async fn publish(
         &self,
         queue: &str,
         messages: Vec<NewMessage>,
     ) -> Result<Vec<String>, QueueError>;
 
-    /// Waits for the next batch of `queue`: returns as soon as `max_size` messages are
+    /// Waits for the next batch of the lane `queue`: returns as soon as `max_size` messages are
     /// ready, or when `max_timeout` has passed since the first of them became ready.
     /// The messages returned are leased until [`QueueBackend::settle`]; a lease dies with
     /// the process, so an unsettled message is delivered again after a restart.
@@ -319,7 +331,8 @@ pub trait QueueBackend: Send + Sync + 'static {
         max_timeout: Duration,
     ) -> Result<Vec<Delivery>, QueueError>;
 
-    /// Commits the outcome of each delivered message, all in one transaction.
+    /// Commits the outcome of each message delivered from the lane `queue`, all in one
+    /// transaction. A dead-lettered message records the lane as its source.
     async fn settle(
         &self,
         queue: &str,

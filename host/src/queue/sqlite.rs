@@ -4,6 +4,10 @@
 //! so a crash at any point leaves it to be delivered again. Leases are a flag that is
 //! cleared when the database is opened: whatever was in flight when the previous process
 //! died is ready again.
+//!
+//! A queue with several consumers keeps one row per consumer that subscribes to a
+//! message, in that consumer's lane ([`super::routes`]); the `queue` column holds the
+//! lane, and every query about a queue covers all of its lanes.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,6 +22,7 @@ use tokio::time::Instant;
 use crate::clock::now_ms;
 use crate::db::{self, Durability};
 
+use super::routes::{Routes, split_lane};
 use super::{
     ContentType, Delivery, MessagePage, MessageState, NewMessage, QueueBackend, QueueCounts,
     QueueError, RedriveSummary, RedriveTarget, RetryPolicy, Selection, SettleSummary, Settlement,
@@ -56,16 +61,21 @@ const ADDED_COLUMNS: [(&str, &str); 4] = [
 /// The columns of a [`StoredMessage`], as [`stored_message`] reads them.
 const STORED_COLUMNS: &str = "seq, id, leased, visible_ms, attempts, published_ms,
     first_failed_ms, last_failed_ms, last_error, dead_ms, dead_reason, source_queue,
-    source_attempts, content_type, body";
+    source_attempts, content_type, body, queue";
 
-/// Keeps the selected rows: `?2` is `NULL` for every message or a JSON array of ids.
-const SELECTED: &str = "queue = ?1 AND leased = 0
-    AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))";
+/// Keeps the rows of queue `?1`, in all of its lanes (`<queue>#<consumer>`: `$` is the
+/// character after `#`).
+const IN_QUEUE: &str = "(queue = ?1 OR (queue > ?1 || '#' AND queue < ?1 || '$'))";
+
+/// Keeps the selected rows of an [`IN_QUEUE`]: `?2` is `NULL` for every message or a
+/// JSON array of ids.
+const SELECTED: &str = "leased = 0 AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))";
 
 /// The SQLite queue backend.
 pub struct SqliteQueue {
     conn: Mutex<Connection>,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    routes: Routes,
 }
 
 /// What the head of a queue says about the next batch.
@@ -87,7 +97,15 @@ impl SqliteQueue {
         Ok(SqliteQueue {
             conn: Mutex::new(conn),
             wakers: Mutex::new(HashMap::new()),
+            routes: Routes::default(),
         })
+    }
+
+    /// Fans the messages published to (or redriven into) a queue out to the lanes of its
+    /// subscriptions.
+    pub fn with_routes(mut self, routes: Routes) -> Self {
+        self.routes = routes;
+        self
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -179,8 +197,12 @@ fn stored_message(row: &rusqlite::Row<'_>, now: u64) -> rusqlite::Result<StoredM
     let leased: bool = row.get(2)?;
     let visible_ms: u64 = row.get(3)?;
     let content_type: String = row.get(13)?;
+    let lane: String = row.get(15)?;
+    let source_lane: Option<String> = row.get(11)?;
+    let source = source_lane.as_deref().map(split_lane);
     Ok(StoredMessage {
         id: row.get(1)?,
+        consumer: split_lane(&lane).1.to_owned(),
         state: match (leased, visible_ms <= now) {
             (true, _) => MessageState::InFlight,
             (false, true) => MessageState::Ready,
@@ -193,7 +215,8 @@ fn stored_message(row: &rusqlite::Row<'_>, now: u64) -> rusqlite::Result<StoredM
         last_error: row.get(8)?,
         dead_lettered_ms: row.get(9)?,
         dead_reason: row.get(10)?,
-        source_queue: row.get(11)?,
+        source_queue: source.map(|(queue, _)| queue.to_owned()),
+        source_consumer: source.map(|(_, consumer)| consumer.to_owned()),
         source_attempts: row.get(12)?,
         content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Bytes),
         body: row.get(14)?,
@@ -263,6 +286,7 @@ impl QueueBackend for SqliteQueue {
             .iter()
             .map(|_| ulid::Ulid::new().to_string())
             .collect();
+        let mut woken = Vec::new();
         {
             let mut conn = self.conn();
             let tx = conn.transaction().map_err(storage)?;
@@ -276,21 +300,33 @@ impl QueueBackend for SqliteQueue {
                     .map_err(storage)?;
                 for (id, m) in ids.iter().zip(&messages) {
                     let visible = now + u64::from(m.delay_seconds) * 1000;
-                    insert
-                        .execute(params![
-                            id,
-                            queue,
-                            m.content_type.as_str(),
-                            m.body,
-                            now,
-                            visible
-                        ])
-                        .map_err(storage)?;
+                    let lanes = self.routes.lanes(queue, m.content_type, &m.body);
+                    if lanes.is_empty() {
+                        tracing::debug!(queue, %id, "no consumer subscribes to the message; acked");
+                        crate::metrics::unrouted(queue);
+                    }
+                    for lane in lanes {
+                        insert
+                            .execute(params![
+                                id,
+                                lane,
+                                m.content_type.as_str(),
+                                m.body,
+                                now,
+                                visible
+                            ])
+                            .map_err(storage)?;
+                        woken.push(lane);
+                    }
                 }
             }
             tx.commit().map_err(storage)?;
         }
-        self.wake(queue);
+        woken.sort_unstable();
+        woken.dedup();
+        for lane in woken {
+            self.wake(lane);
+        }
         Ok(ids)
     }
 
@@ -390,13 +426,13 @@ impl QueueBackend for SqliteQueue {
 
     async fn counts(&self, queue: &str) -> Result<QueueCounts, QueueError> {
         let conn = self.conn();
-        conn.prepare_cached(
+        conn.prepare_cached(&format!(
             "SELECT COALESCE(SUM(leased = 0 AND visible_ms <= ?2), 0),
                     COALESCE(SUM(leased = 1), 0),
                     COALESCE(SUM(leased = 0 AND visible_ms > ?2), 0),
                     MIN(CASE WHEN leased = 0 AND visible_ms <= ?2 THEN visible_ms END)
-             FROM messages WHERE queue = ?1",
-        )
+             FROM messages WHERE {IN_QUEUE}"
+        ))
         .and_then(|mut s| {
             s.query_row(params![queue, now_ms()], |r| {
                 Ok(QueueCounts {
@@ -422,7 +458,7 @@ impl QueueBackend for SqliteQueue {
         let conn = self.conn();
         let mut rows = conn
             .prepare_cached(&format!(
-                "SELECT {STORED_COLUMNS} FROM messages WHERE queue = ?1 AND seq > ?2
+                "SELECT {STORED_COLUMNS} FROM messages WHERE {IN_QUEUE} AND seq > ?2
                  ORDER BY seq LIMIT ?3"
             ))
             .and_then(|mut s| {
@@ -450,7 +486,8 @@ impl QueueBackend for SqliteQueue {
         let now = now_ms();
         self.conn()
             .prepare_cached(&format!(
-                "SELECT {STORED_COLUMNS} FROM messages WHERE queue = ?1 AND id = ?2"
+                "SELECT {STORED_COLUMNS} FROM messages WHERE {IN_QUEUE} AND id = ?2
+                 ORDER BY seq LIMIT 1"
             ))
             .and_then(|mut s| {
                 s.query_row(params![queue, id], |row| stored_message(row, now))
@@ -467,51 +504,89 @@ impl QueueBackend for SqliteQueue {
     ) -> Result<RedriveSummary, QueueError> {
         let now = now_ms();
         let ids = selected_ids(selection);
-        let (to, known) = match target {
-            RedriveTarget::Queue(to) => (Some(to.as_str()), None),
-            RedriveTarget::Source { known } => (
-                None,
-                Some(serde_json::to_string(known).expect("strings serialize")),
-            ),
-        };
-        let (targets, skipped) = {
+        let mut woken: Vec<String> = Vec::new();
+        let mut redriven = 0;
+        let skipped = {
             let mut conn = self.conn();
             let tx = conn.transaction().map_err(storage)?;
-            let targets = tx
+            let rows: Vec<Redrivable> = tx
                 .prepare_cached(&format!(
-                    "UPDATE messages SET queue = COALESCE(?3, source_queue), attempts = 0,
-                     visible_ms = ?5, enqueued_ms = ?5, first_failed_ms = NULL,
-                     last_failed_ms = NULL, last_error = NULL, dead_ms = NULL,
-                     dead_reason = NULL, source_queue = NULL, source_attempts = NULL
-                     WHERE {SELECTED}
-                     AND (?3 IS NOT NULL OR source_queue IN (SELECT value FROM json_each(?4)))
-                     RETURNING queue"
+                    "SELECT seq, source_queue, content_type, body FROM messages
+                     WHERE {IN_QUEUE} AND {SELECTED}"
                 ))
                 .and_then(|mut s| {
-                    s.query_map(params![queue, ids, to, known, now], |r| r.get(0))?
-                        .collect::<rusqlite::Result<Vec<String>>>()
+                    s.query_map(params![queue, ids], |r| {
+                        let content_type: String = r.get(2)?;
+                        Ok(Redrivable {
+                            seq: r.get(0)?,
+                            source_lane: r.get(1)?,
+                            content_type: ContentType::parse(&content_type)
+                                .unwrap_or(ContentType::Bytes),
+                            body: r.get(3)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<_>>()
                 })
                 .map_err(storage)?;
+            for row in rows {
+                // Back to its source: the lane of the consumer that gave up on it. To a
+                // named queue: to the consumers that subscribe to it there.
+                let lanes: Vec<&str> = match target {
+                    RedriveTarget::Source { known } => row
+                        .source_lane
+                        .as_deref()
+                        .filter(|lane| known.iter().any(|k| k == lane))
+                        .into_iter()
+                        .collect(),
+                    RedriveTarget::Queue(to) => self.routes.lanes(to, row.content_type, &row.body),
+                };
+                let Some((first, copies)) = lanes.split_first() else {
+                    continue;
+                };
+                for lane in copies {
+                    tx.prepare_cached(
+                        "INSERT INTO messages
+                         (id, queue, content_type, body, published_ms, visible_ms, enqueued_ms)
+                         SELECT id, ?2, content_type, body, published_ms, ?3, ?3
+                         FROM messages WHERE seq = ?1",
+                    )
+                    .and_then(|mut s| s.execute(params![row.seq, lane, now]))
+                    .map_err(storage)?;
+                }
+                tx.prepare_cached(
+                    "UPDATE messages SET queue = ?2, attempts = 0,
+                     visible_ms = ?3, enqueued_ms = ?3, first_failed_ms = NULL,
+                     last_failed_ms = NULL, last_error = NULL, dead_ms = NULL,
+                     dead_reason = NULL, source_queue = NULL, source_attempts = NULL
+                     WHERE seq = ?1",
+                )
+                .and_then(|mut s| s.execute(params![row.seq, first, now]))
+                .map_err(storage)?;
+                redriven += 1;
+                woken.extend(lanes.iter().map(|lane| lane.to_string()));
+            }
             let skipped: u64 = tx
-                .prepare_cached(&format!("SELECT COUNT(*) FROM messages WHERE {SELECTED}"))
+                .prepare_cached(&format!(
+                    "SELECT COUNT(*) FROM messages WHERE {IN_QUEUE} AND {SELECTED}"
+                ))
                 .and_then(|mut s| s.query_row(params![queue, ids], |r| r.get(0)))
                 .map_err(storage)?;
             tx.commit().map_err(storage)?;
-            (targets, skipped)
+            skipped
         };
-        let redriven = targets.len() as u64;
-        let mut woken: Vec<&String> = targets.iter().collect();
-        woken.sort();
+        woken.sort_unstable();
         woken.dedup();
-        for target in woken {
-            self.wake(target);
+        for lane in &woken {
+            self.wake(lane);
         }
         Ok(RedriveSummary { redriven, skipped })
     }
 
     async fn purge(&self, queue: &str, selection: &Selection) -> Result<u64, QueueError> {
         self.conn()
-            .prepare_cached(&format!("DELETE FROM messages WHERE {SELECTED}"))
+            .prepare_cached(&format!(
+                "DELETE FROM messages WHERE {IN_QUEUE} AND {SELECTED}"
+            ))
             .and_then(|mut s| s.execute(params![queue, selected_ids(selection)]))
             .map(|n| n as u64)
             .map_err(storage)
@@ -519,13 +594,22 @@ impl QueueBackend for SqliteQueue {
 
     async fn purge_expired(&self, queue: &str, cutoff_ms: u64) -> Result<u64, QueueError> {
         self.conn()
-            .prepare_cached(
-                "DELETE FROM messages WHERE queue = ?1 AND leased = 0 AND enqueued_ms < ?2",
-            )
+            .prepare_cached(&format!(
+                "DELETE FROM messages WHERE {IN_QUEUE} AND leased = 0 AND enqueued_ms < ?2"
+            ))
             .and_then(|mut s| s.execute(params![queue, cutoff_ms]))
             .map(|n| n as u64)
             .map_err(storage)
     }
+}
+
+/// A selected row of a redrive.
+struct Redrivable {
+    seq: i64,
+    /// The lane it was dead-lettered from.
+    source_lane: Option<String>,
+    content_type: ContentType,
+    body: Vec<u8>,
 }
 
 /// Where a settled message ends up, once the retry policy is applied.
@@ -1061,5 +1145,106 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, QueueError::Limit(_)));
         assert_eq!(queue.counts(Q).await.unwrap(), QueueCounts::default());
+    }
+
+    /// A queue `Q` read by its default consumer (everything) and by `audit` (only
+    /// messages whose `type` is `a`).
+    fn fanned_out() -> (tempfile::TempDir, SqliteQueue) {
+        let (dir, queue) = open();
+        let mut routes = Routes::default();
+        routes.add(Q, Q, Default::default());
+        let only_a: super::super::routes::Filter =
+            serde_json::from_value(serde_json::json!({"type": "a"})).unwrap();
+        routes.add(Q, "audit", only_a);
+        (dir, queue.with_routes(routes))
+    }
+
+    fn typed(kind: &str) -> NewMessage {
+        NewMessage {
+            content_type: ContentType::Json,
+            body: format!(r#"{{"type":"{kind}"}}"#).into_bytes(),
+            delay_seconds: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn each_subscribed_consumer_settles_its_own_copy() {
+        let (_dir, queue) = fanned_out();
+        let ids = queue
+            .publish(Q, vec![typed("a"), typed("b")])
+            .await
+            .unwrap();
+        assert_eq!(queue.counts(Q).await.unwrap().backlog, 3, "a twice, b once");
+        let lane = "jobs#audit";
+        assert_eq!(queue.counts(lane).await.unwrap().backlog, 1);
+
+        let audit = tokio::time::timeout(LONG, queue.next_batch(lane, 10, Duration::ZERO))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(audit.len(), 1);
+        assert_eq!(audit[0].id, ids[0]);
+        let outcomes = vec![(
+            audit[0].clone(),
+            Settlement::DeadLetter {
+                reason: "audit failed".into(),
+            },
+        )];
+        queue
+            .settle(lane, &policy(3, Some(DLQ)), outcomes)
+            .await
+            .unwrap();
+
+        // The default consumer still gets both messages, on their first attempt.
+        let main = batch(&queue, 10, Duration::ZERO, Duration::from_secs(5)).await;
+        assert_eq!(
+            main.iter().map(|d| &d.id).collect::<Vec<_>>(),
+            [&ids[0], &ids[1]]
+        );
+        assert!(main.iter().all(|d| d.attempts == 1));
+        settle_all(&queue, main, Settlement::Ack, &policy(3, Some(DLQ))).await;
+        assert_eq!(queue.counts(Q).await.unwrap(), QueueCounts::default());
+
+        // The dead letter names the consumer that gave up, and goes back only to it.
+        let dead = queue.get(DLQ, &ids[0]).await.unwrap().unwrap();
+        assert_eq!(dead.source_queue.as_deref(), Some(Q));
+        assert_eq!(dead.source_consumer.as_deref(), Some("audit"));
+        let source = RedriveTarget::Source {
+            known: vec![Q.to_owned(), lane.to_owned()],
+        };
+        let summary = queue.redrive(DLQ, &Selection::All, &source).await.unwrap();
+        assert_eq!(summary.redriven, 1);
+        assert_eq!(queue.counts(lane).await.unwrap().backlog, 1);
+        let page = queue.list(Q, None, 10).await.unwrap();
+        assert_eq!(page.messages.len(), 1);
+        assert_eq!(page.messages[0].consumer, "audit");
+    }
+
+    #[tokio::test]
+    async fn a_message_no_consumer_takes_is_not_stored_and_a_redrive_fans_out() {
+        let (_dir, queue) = open();
+        let mut routes = Routes::default();
+        let only_a: super::super::routes::Filter =
+            serde_json::from_value(serde_json::json!({"type": "a"})).unwrap();
+        routes.add(Q, "audit", only_a);
+        let queue = queue.with_routes(routes);
+        queue.publish(Q, vec![typed("b")]).await.unwrap();
+        assert_eq!(queue.counts(Q).await.unwrap(), QueueCounts::default());
+
+        queue
+            .publish(DLQ, vec![typed("a"), typed("b")])
+            .await
+            .unwrap();
+        let to = RedriveTarget::Queue(Q.to_owned());
+        let summary = queue.redrive(DLQ, &Selection::All, &to).await.unwrap();
+        assert_eq!(
+            summary,
+            RedriveSummary {
+                redriven: 1,
+                skipped: 1
+            },
+            "the message no consumer of the target takes stays where it is"
+        );
+        assert_eq!(queue.counts("jobs#audit").await.unwrap().backlog, 1);
     }
 }

@@ -1,0 +1,244 @@
+//! Fan-out of a queue to several consumers, each with a subscription filter.
+//!
+//! A queue's messages are stored once per consumer that subscribes to them, in that
+//! consumer's *lane*: the queue's own name for the consumer named like the queue (the
+//! only consumer of a queue, usually), `<queue>#<consumer>` for the others. Each copy has
+//! its own attempts, retries and dead-letter entry, so one consumer's failures never hold
+//! up another; a message has left the queue when every copy is settled.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::ContentType;
+
+/// Separates a queue name from a consumer name in a lane (queue names never contain it).
+pub const LANE_SEPARATOR: char = '#';
+
+/// The lane where `consumer`'s copies of `queue`'s messages are kept.
+pub fn lane(queue: &str, consumer: &str) -> String {
+    if queue == consumer {
+        queue.to_owned()
+    } else {
+        format!("{queue}{LANE_SEPARATOR}{consumer}")
+    }
+}
+
+/// The queue and the consumer of a lane.
+pub fn split_lane(lane: &str) -> (&str, &str) {
+    match lane.split_once(LANE_SEPARATOR) {
+        Some((queue, consumer)) => (queue, consumer),
+        None => (lane, lane),
+    }
+}
+
+/// Which messages a consumer takes: for each field (a dotted path into a JSON body, such
+/// as `type` or `data.reason`), the values it accepts. An empty filter takes every
+/// message; a non-empty one takes only JSON objects whose every listed field holds one of
+/// its values.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "BTreeMap<String, OneOrMany>")]
+pub struct Filter {
+    fields: BTreeMap<String, Vec<String>>,
+}
+
+/// A filter value as written in the config: one value or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl TryFrom<BTreeMap<String, OneOrMany>> for Filter {
+    type Error = String;
+
+    fn try_from(written: BTreeMap<String, OneOrMany>) -> Result<Self, String> {
+        let mut fields = BTreeMap::new();
+        for (path, values) in written {
+            let values = match values {
+                OneOrMany::One(v) => vec![v],
+                OneOrMany::Many(vs) => vs,
+            };
+            if path.split('.').any(str::is_empty) {
+                return Err(format!("filter field `{path}` is not a dotted path"));
+            }
+            if values.is_empty() {
+                return Err(format!("filter field `{path}` lists no value"));
+            }
+            fields.insert(path, values);
+        }
+        Ok(Filter { fields })
+    }
+}
+
+impl Filter {
+    /// Whether this filter takes every message.
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// The filter as JSON: each field with the values it accepts.
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(&self.fields).expect("strings serialize")
+    }
+
+    /// Whether a message whose body parsed as `body` (`None`: not a JSON object) passes.
+    fn accepts(&self, body: Option<&Value>) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        let Some(body) = body else {
+            return false;
+        };
+        self.fields.iter().all(|(path, accepted)| {
+            let found = path.split('.').try_fold(body, |value, key| value.get(key));
+            match found {
+                Some(Value::String(s)) => accepted.contains(s),
+                Some(other @ (Value::Number(_) | Value::Bool(_))) => {
+                    accepted.contains(&other.to_string())
+                }
+                _ => false,
+            }
+        })
+    }
+}
+
+/// One consumer's subscription to a queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Where its copies go.
+    pub lane: String,
+    /// What it takes.
+    pub filter: Filter,
+}
+
+/// The subscriptions of every consumed queue. A queue without subscriptions (a
+/// dead-letter queue, a queue only produced to) keeps each message once, in its own lane.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
+    by_queue: HashMap<String, Vec<Route>>,
+}
+
+impl Routes {
+    /// Subscribes `consumer` to `queue` with `filter`.
+    pub fn add(&mut self, queue: &str, consumer: &str, filter: Filter) {
+        self.by_queue
+            .entry(queue.to_owned())
+            .or_default()
+            .push(Route {
+                lane: lane(queue, consumer),
+                filter,
+            });
+    }
+
+    /// The lanes a message published to `queue` is stored in: the queue itself when it
+    /// has no subscription, else the lanes of the subscriptions that accept it (none when
+    /// no consumer wants it).
+    pub fn lanes<'a>(
+        &'a self,
+        queue: &'a str,
+        content_type: ContentType,
+        body: &[u8],
+    ) -> Vec<&'a str> {
+        let Some(routes) = self.by_queue.get(queue) else {
+            return vec![queue];
+        };
+        let parsed = if routes.iter().all(|r| r.filter.is_empty()) {
+            None
+        } else {
+            parse_object(content_type, body)
+        };
+        routes
+            .iter()
+            .filter(|r| r.filter.accepts(parsed.as_ref()))
+            .map(|r| r.lane.as_str())
+            .collect()
+    }
+
+    /// Every lane of every subscribed queue.
+    pub fn all_lanes(&self) -> impl Iterator<Item = &str> {
+        self.by_queue
+            .values()
+            .flatten()
+            .map(|route| route.lane.as_str())
+    }
+}
+
+/// The body as a JSON object, if it is one (text bodies holding JSON count too).
+fn parse_object(content_type: ContentType, body: &[u8]) -> Option<Value> {
+    if content_type == ContentType::Bytes {
+        return None;
+    }
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .filter(Value::is_object)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<Filter, toml::de::Error> {
+        #[derive(Deserialize)]
+        struct Wrapper {
+            filter: Filter,
+        }
+        toml::from_str::<Wrapper>(toml_text).map(|w| w.filter)
+    }
+
+    fn filter(toml_text: &str) -> Filter {
+        parse(toml_text).unwrap()
+    }
+
+    #[test]
+    fn lanes_name_their_consumer() {
+        assert_eq!(lane("events", "events"), "events");
+        assert_eq!(lane("events", "notifier"), "events#notifier");
+        assert_eq!(split_lane("events#notifier"), ("events", "notifier"));
+        assert_eq!(split_lane("events"), ("events", "events"));
+    }
+
+    #[test]
+    fn filters_match_fields_by_dotted_path() {
+        let f = filter(r#"filter = { type = "delivery_receipt", status = ["dead_lettered"] }"#);
+        let yes = serde_json::json!({"type": "delivery_receipt", "status": "dead_lettered"});
+        let no = serde_json::json!({"type": "delivery_receipt", "status": "delivered_to_webhook"});
+        assert!(f.accepts(Some(&yes)));
+        assert!(!f.accepts(Some(&no)));
+        assert!(!f.accepts(None));
+        let nested = filter(r#"filter = { "data.reason" = "agent_revoked", v = "1" }"#);
+        let body = serde_json::json!({"data": {"reason": "agent_revoked"}, "v": 1});
+        assert!(nested.accepts(Some(&body)));
+        assert!(Filter::default().accepts(None));
+    }
+
+    #[test]
+    fn filters_refuse_empty_paths_and_value_lists() {
+        let err = parse(r#"filter = { "data." = "x" }"#).unwrap_err();
+        assert!(err.to_string().contains("not a dotted path"), "{err}");
+        let err = parse(r#"filter = { type = [] }"#).unwrap_err();
+        assert!(err.to_string().contains("lists no value"), "{err}");
+    }
+
+    #[test]
+    fn messages_fan_out_to_the_subscriptions_that_accept_them() {
+        let mut routes = Routes::default();
+        routes.add("events", "events", Filter::default());
+        routes.add(
+            "events",
+            "notifier",
+            filter(r#"filter = { type = "pair.accepted" }"#),
+        );
+        let pair = br#"{"type":"pair.accepted"}"#;
+        let other = br#"{"type":"agent.auth.issued"}"#;
+        assert_eq!(
+            routes.lanes("events", ContentType::Json, pair),
+            ["events", "events#notifier"]
+        );
+        assert_eq!(routes.lanes("events", ContentType::Json, other), ["events"]);
+        assert_eq!(routes.lanes("events", ContentType::Bytes, pair), ["events"]);
+        assert_eq!(routes.lanes("plain", ContentType::Json, pair), ["plain"]);
+    }
+}
