@@ -348,7 +348,7 @@ fn render_list(queue: &str, limit: usize, page: &Value) -> String {
             attempts(m),
             time(&m["first_failed_ms"]),
             time(&m["last_failed_ms"]),
-            text(&m["source_queue"]),
+            source(m),
             truncate(&why(m), REASON_WIDTH),
         ]);
     }
@@ -370,7 +370,7 @@ fn render_message(queue: &str, m: &Value) -> String {
         ("queue", format!("{queue} ({})", text(&m["state"]))),
         ("published", time(&m["published_ms"])),
         ("attempts", attempts(m)),
-        ("source queue", text(&m["source_queue"])),
+        ("source queue", source(m)),
         ("dead-lettered", time(&m["dead_lettered_ms"])),
         ("reason", text(&m["dead_reason"])),
         ("first failed", time(&m["first_failed_ms"])),
@@ -438,7 +438,7 @@ fn render_status(base: &str, reply: &Value) -> String {
         };
         rows.push(vec![
             text(&q["queue"]),
-            text(&q["handler"]),
+            handlers(q),
             count(q, "backlog").to_string(),
             count(q, "in_flight").to_string(),
             count(q, "delayed").to_string(),
@@ -500,15 +500,41 @@ fn count(value: &Value, field: &str) -> u64 {
     value[field].as_u64().unwrap_or(0)
 }
 
+/// The handlers of a queue's consumers, `-` for none.
+fn handlers(q: &Value) -> String {
+    let names: Vec<String> = q["consumers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["handler"].as_str())
+        .map(crate::handlers::handler_name)
+        .collect();
+    if names.is_empty() {
+        "-".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
 /// "1 message", "3 messages".
 fn messages(n: u64) -> String {
     format!("{n} message{}", if n == 1 { "" } else { "s" })
 }
 
+/// Where a dead-lettered message came from: its source queue, and the consumer of that
+/// queue that gave up on it when the queue has several (one not named like the queue).
+fn source(m: &Value) -> String {
+    let queue = text(&m["source_queue"]);
+    match m["source_consumer"].as_str() {
+        Some(consumer) if consumer != queue => format!("{queue} ({consumer})"),
+        _ => queue,
+    }
+}
+
 /// The deliveries of a message: those in its source queue for a dead-lettered one.
 fn attempts(m: &Value) -> String {
     match m["source_attempts"].as_u64() {
-        Some(before) => format!("{before} in {}", text(&m["source_queue"])),
+        Some(before) => format!("{before} in {}", source(m)),
         None => count(m, "attempts").to_string(),
     }
 }
