@@ -1,0 +1,169 @@
+//! End to end: several consumers per queue, each with its subscription filter, next to
+//! the bundled handlers (real host, real components, real sockets).
+
+mod support;
+
+use serde_json::{Value, json};
+use support::*;
+
+const EVENTS: &str = "clawdentity-events";
+const RECEIPTS: &str = "clawdentity-receipts";
+const RECEIPTS_DLQ: &str = "clawdentity-receipts-dlq";
+
+/// A consumer named `name` of `queue` running `handler` in `world`, with `settings`.
+fn consumer(queue: &str, name: &str, handler: &str, world: &str, settings: &str) -> String {
+    format!(
+        "[[queues.consumers]]\nqueue = \"{queue}\"\nname = \"{name}\"\nhandler = \"{handler}\"\n\
+         world = \"{world}\"\nmax_batch_timeout = 0.05\n{settings}\n"
+    )
+}
+
+/// The admin view of the handler slot `consumer`.
+fn slot(host: &Host, consumer: &str) -> Value {
+    let (status, body) = host.admin("GET", &format!("/v1/handlers/{consumer}"), vec![], None);
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The messages of `queue` (`GET /v1/queues/{queue}/messages`).
+fn messages(host: &Host, queue: &str) -> Vec<Value> {
+    let (status, body) = host.get(&format!("/v1/queues/{queue}/messages"));
+    assert_eq!(status, 200, "{body}");
+    body["messages"].as_array().unwrap().clone()
+}
+
+#[test]
+fn each_consumer_receives_exactly_the_messages_it_subscribes_to() {
+    let host = Host::start(&fast_config(&consumer(
+        EVENTS,
+        "audit",
+        SCRIPTED_HANDLER,
+        "crl-invalidation",
+        r#"filter = { type = ["agent.auth.issued", "agent.auth.refreshed"] }"#,
+    )));
+    let event = |kind: &str, tag: &str| json!({"type": kind, "do": "ack", "tag": tag});
+    host.publish_batch(
+        EVENTS,
+        &[
+            event("agent.auth.issued", "issued"),
+            revocation_event("agent_revoked", json!({"agentDid": DID_A})),
+            event("agent.auth.refreshed", "refreshed"),
+            event("group.member.joined", "joined"),
+        ],
+    );
+    host.publish(EVENTS, json!("not an object"));
+
+    // The bundled CRL handler still gets every event and revokes the agent...
+    wait_for("the agent to be revoked", || {
+        host.is_revoked(DID_A).then_some(())
+    });
+    // ...and the subscriber exactly the two event types it asked for, once each.
+    host.wait_log("seen tag=issued attempts=1");
+    host.wait_log("seen tag=refreshed attempts=1");
+    host.wait_drained(EVENTS);
+    let seen = host.log_lines(&["seen tag="]);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let crl = slot(&host, EVENTS);
+    assert_eq!(
+        crl["filter"],
+        json!({}),
+        "the bundled default takes everything"
+    );
+    let audit = slot(&host, "audit");
+    assert_eq!(audit["queue"], EVENTS);
+    assert_eq!(
+        audit["filter"],
+        json!({"type": ["agent.auth.issued", "agent.auth.refreshed"]})
+    );
+
+    let status = host.queue(EVENTS);
+    let names: Vec<&str> = status["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, [EVENTS, "audit"], "{status}");
+}
+
+#[test]
+fn a_failing_third_party_handler_holds_up_nothing_and_its_dead_letters_name_it() {
+    let host = Host::start(&fast_config(&consumer(
+        RECEIPTS,
+        "flaky",
+        FAILING_HANDLER,
+        "crl-invalidation",
+        "filter = { status = \"dead_lettered\" }\nmax_retries = 1",
+    )));
+    let token = host.add_agent(DID_A);
+    let mut socket = host.connect(DID_A, Some(&token)).unwrap();
+    let receipts: Vec<Value> = (0..3)
+        .map(|i| {
+            receipt(
+                &format!("req-{i}"),
+                DID_A,
+                DID_B,
+                "dead_lettered",
+                Some("hook down"),
+            )
+        })
+        .chain([receipt(
+            "req-ok",
+            DID_A,
+            DID_B,
+            "delivered_to_webhook",
+            None,
+        )])
+        .collect();
+    let ids = host.publish_batch(RECEIPTS, &receipts);
+
+    // The router pushes every receipt at once, however often the other handler traps.
+    let mut pushed: Vec<String> = (0..4)
+        .map(|_| {
+            next_frame(&mut socket)["originalFrameId"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    pushed.sort();
+    assert_eq!(pushed, ["req-0", "req-1", "req-2", "req-ok"]);
+
+    // The failing handler's copies of the three receipts it subscribes to land in the
+    // dead-letter queue, naming it; the router ran each message once.
+    let dead = wait_for("the failing handler's dead letters", || {
+        let dead = messages(&host, RECEIPTS_DLQ);
+        (dead.len() == 3).then_some(dead)
+    });
+    for m in &dead {
+        assert_eq!(m["source_queue"], RECEIPTS, "{m}");
+        assert_eq!(m["source_consumer"], "flaky", "{m}");
+        assert_eq!(m["source_attempts"], 2, "{m}");
+        assert!(
+            ids[..3].contains(&m["id"].as_str().unwrap().to_owned()),
+            "{m}"
+        );
+    }
+    host.wait_drained(RECEIPTS);
+    let router = slot(&host, RECEIPTS);
+    assert_eq!(router["counters"]["failed"], 0, "{router}");
+    let router_batches = router["counters"]["batches"].as_u64().unwrap();
+    let flaky_failed = slot(&host, "flaky")["counters"]["failed"].as_u64().unwrap();
+    assert!(
+        flaky_failed >= 2,
+        "every attempt of the failing handler failed"
+    );
+
+    // Redriven, they go back to the handler that gave up on them, not to the router.
+    let (status, body) = host.post(&format!("/v1/queues/{RECEIPTS_DLQ}/redrive"), &json!({}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["redriven"], 3, "{body}");
+    wait_for("the redriven copies to fail again", || {
+        (messages(&host, RECEIPTS_DLQ).len() == 3
+            && slot(&host, "flaky")["counters"]["failed"].as_u64() > Some(flaky_failed))
+        .then_some(())
+    });
+    host.wait_drained(RECEIPTS);
+    let router = slot(&host, RECEIPTS);
+    assert_eq!(router["counters"]["batches"], router_batches, "{router}");
+}
