@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Guest crates, by package name.
-const GUESTS: [&str; 4] = [
+const GUESTS: [&str; 6] = [
     "crl-invalidation",
     "receipt-router",
     "scripted-handler",
     "failing-handler",
+    "dead-letter-digest",
+    "event-notifier",
 ];
 
 fn main() {

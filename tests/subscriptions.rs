@@ -167,3 +167,124 @@ fn a_failing_third_party_handler_holds_up_nothing_and_its_dead_letters_name_it()
     let router = slot(&host, RECEIPTS);
     assert_eq!(router["counters"]["batches"], router_batches, "{router}");
 }
+
+const DIGEST: &str = env!("CLAWQ_GUEST_DEAD_LETTER_DIGEST");
+const NOTIFIER: &str = env!("CLAWQ_GUEST_EVENT_NOTIFIER");
+/// An agent that gets revoked, and has no connection.
+const DID_REVOKED: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PD";
+
+/// The next `notification` frame on `socket`, skipping receipts and heartbeats.
+fn next_notification(socket: &mut Socket) -> Value {
+    match next_event(socket, &["heartbeat", "receipt"]) {
+        Seen::Frame(frame) => {
+            assert_eq!(frame["type"], "notification", "{frame}");
+            frame
+        }
+        Seen::Closed(code, reason) => panic!("closed with {code} {reason}"),
+    }
+}
+
+#[test]
+fn the_example_handlers_run_next_to_the_bundled_ones() {
+    let host = Host::start(&fast_config(&format!(
+        "{}{}",
+        consumer(
+            RECEIPTS,
+            "dead-letter-digest",
+            DIGEST,
+            "receipt-handler",
+            r#"filter = { type = "delivery_receipt", status = "dead_lettered" }"#,
+        ),
+        consumer(
+            EVENTS,
+            "event-notifier",
+            NOTIFIER,
+            "receipt-handler",
+            r#"filter = { type = ["pair.accepted", "group.member.joined"] }"#,
+        ),
+    )));
+    let token_a = host.add_agent(DID_A);
+    let token_b = host.add_agent(DID_B);
+    let mut a = host.connect(DID_A, Some(&token_a)).unwrap();
+    let mut b = host.connect(DID_B, Some(&token_b)).unwrap();
+
+    // Three dead-lettered receipts of A's messages cross the digest's threshold; the
+    // router still pushes each receipt, and the delivered one does not count.
+    let receipts: Vec<Value> = (0..3)
+        .map(|i| {
+            receipt(
+                &format!("req-{i}"),
+                DID_A,
+                DID_B,
+                "dead_lettered",
+                Some("hook down"),
+            )
+        })
+        .chain([receipt(
+            "req-ok",
+            DID_A,
+            DID_B,
+            "delivered_to_webhook",
+            None,
+        )])
+        .collect();
+    host.publish_batch(RECEIPTS, &receipts);
+    let digest = next_notification(&mut a);
+    assert_eq!(
+        digest["requestId"],
+        format!("dead-letter-digest:{DID_A}:3"),
+        "{digest}"
+    );
+    assert!(
+        digest["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("3 of your messages"),
+        "{digest}"
+    );
+    assert_eq!(digest["v"], 1, "the host completes the envelope: {digest}");
+    assert!(
+        digest["id"].as_str().is_some_and(|id| id.len() == 26),
+        "{digest}"
+    );
+
+    // A pairing notifies its initiator, a group join its recipient; the CRL handler
+    // still revokes.
+    host.publish_batch(
+        EVENTS,
+        &[
+            json!({
+                "type": "pair.accepted", "initiatorAgentDid": DID_A, "responderAgentDid": DID_B,
+                "responderProfile": {"agentName": "beta", "humanName": "Bea", "proxyOrigin": "https://b.example"},
+                "issuerProxyOrigin": "https://a.example", "eventTimestampUtc": "2026-11-25T10:00:00.000Z"
+            }),
+            json!({
+                "id": "evt-join", "type": "group.member.joined", "version": "v1",
+                "timestampUtc": "2026-11-25T10:00:00.000Z", "initiatedByAccountId": null,
+                "data": {
+                    "recipientAgentDid": DID_B, "joinedAgentDid": DID_A, "joinedAgentName": "alpha",
+                    "groupId": "grp_01HZX4M3Q8V2J7K9T6R5W1N0PB", "groupName": "builders",
+                    "role": "member", "joinedAt": "2026-11-25T10:00:01.000Z"
+                }
+            }),
+            revocation_event("agent_revoked", json!({"agentDid": DID_REVOKED})),
+        ],
+    );
+    let paired = next_notification(&mut a);
+    assert_eq!(
+        paired["requestId"],
+        format!("pair.accepted:{DID_A}:{DID_B}:2026-11-25T10:00:00.000Z"),
+        "{paired}"
+    );
+    let joined = next_notification(&mut b);
+    assert_eq!(joined["message"], "alpha joined builders.", "{joined}");
+    wait_for("the revocation", || {
+        host.is_revoked(DID_REVOKED).then_some(())
+    });
+    host.wait_drained(EVENTS);
+    host.wait_drained(RECEIPTS);
+    for consumer in ["dead-letter-digest", "event-notifier"] {
+        let counters = &slot(&host, consumer)["counters"];
+        assert_eq!(counters["failed"], 0, "{consumer}: {counters}");
+    }
+}
