@@ -288,3 +288,47 @@ fn the_example_handlers_run_next_to_the_bundled_ones() {
         assert_eq!(counters["failed"], 0, "{consumer}: {counters}");
     }
 }
+
+#[test]
+fn a_pushed_notification_reaches_the_agents_hook_through_the_connector() {
+    let host = Host::start(&fast_config(&consumer(
+        EVENTS,
+        "event-notifier",
+        NOTIFIER,
+        "receipt-handler",
+        r#"filter = { type = "pair.accepted" }"#,
+    )));
+    let token = host.add_agent(DID_A);
+    let hook = FakeHook::start();
+    let dir = tempfile::tempdir().unwrap();
+    let _connector = Connector::start(&host, DID_A, &token, &hook.url, dir.path());
+    // A receipt through the same connection shows that the host holds it.
+    host.publish(
+        RECEIPTS,
+        receipt("req-1", DID_A, DID_B, "delivered_to_webhook", None),
+    );
+    assert_eq!(hook.wait_requests(1)[0].body["requestId"], "req-1");
+    host.publish(
+        EVENTS,
+        json!({
+            "type": "pair.accepted", "initiatorAgentDid": DID_A, "responderAgentDid": DID_B,
+            "responderProfile": {"agentName": "beta", "humanName": "Bea", "proxyOrigin": "https://b.example"},
+            "issuerProxyOrigin": "https://a.example", "eventTimestampUtc": "2026-11-25T10:00:00.000Z",
+            "message": "beta accepted your pairing request"
+        }),
+    );
+    let request = hook.wait_requests(2).remove(1);
+    assert_eq!(
+        request.headers["content-type"],
+        "application/vnd.clawdentity.notification+json"
+    );
+    assert_eq!(request.body["type"], "clawdentity.notification.v1");
+    assert_eq!(
+        request.body["message"],
+        "beta accepted your pairing request"
+    );
+    assert_eq!(
+        request.body["requestId"],
+        format!("pair.accepted:{DID_A}:{DID_B}:2026-11-25T10:00:00.000Z")
+    );
+}

@@ -67,6 +67,15 @@ pub enum FrameBody {
         /// The receipt frame's id.
         ack_id: String,
     },
+    /// A system notification for the connected agent, pushed by a handler (host →
+    /// connector; clawq's addition, e.g. "pairing complete"). Not acknowledged: the host
+    /// keeps no copy.
+    Notification {
+        /// Identifies what the notification is about; the same event gives the same id.
+        request_id: String,
+        /// The text for the agent.
+        message: String,
+    },
 }
 
 /// One frame.
@@ -95,7 +104,7 @@ pub enum FrameError {
     /// A field this type does not have.
     #[error("unknown field `{0}`")]
     UnknownField(String),
-    /// The `type` is not one of the four.
+    /// The `type` is not a known one.
     #[error("unknown frame type `{0}`")]
     UnknownType(String),
 }
@@ -117,6 +126,7 @@ impl Frame {
             FrameBody::HeartbeatAck { .. } => "heartbeat_ack",
             FrameBody::Receipt { .. } => "receipt",
             FrameBody::ReceiptAck { .. } => "receipt_ack",
+            FrameBody::Notification { .. } => "notification",
         }
     }
 
@@ -142,6 +152,13 @@ impl Frame {
                 if let Some(reason) = reason {
                     fields.insert("reason".into(), reason.clone().into());
                 }
+            }
+            FrameBody::Notification {
+                request_id,
+                message,
+            } => {
+                fields.insert("requestId".into(), request_id.clone().into());
+                fields.insert("message".into(), message.clone().into());
             }
         }
         object.to_string()
@@ -196,6 +213,13 @@ impl Frame {
                 };
                 (body, &["originalFrameId", "toAgentDid", "status", "reason"])
             }
+            "notification" => (
+                FrameBody::Notification {
+                    request_id: string(&fields, "requestId")?,
+                    message: string(&fields, "message")?,
+                },
+                &["requestId", "message"],
+            ),
             _ => return Err(FrameError::UnknownType(kind)),
         };
         let common = ["v", "type", "id", "ts"];
@@ -242,6 +266,10 @@ mod tests {
                 to_agent_did: "did:cdi:a.b:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB".into(),
                 status: ReceiptStatus::DeliveredToWebhook,
                 reason: None,
+            },
+            FrameBody::Notification {
+                request_id: "pair.accepted:a:b:1".into(),
+                message: "Pairing complete.".into(),
             },
         ];
         for body in bodies {

@@ -1,5 +1,6 @@
-//! Hands the outbox's receipts to the agent's local webhook (spec section 4), in storage
-//! order, retrying each failed one with backoff until it is 24 h old.
+//! Hands the outbox's receipts to the agent's local webhook (spec section 4), and the
+//! handlers' system notifications beside them, in storage order, retrying each failed one
+//! with backoff until it is 24 h old.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::outbox::{Next, Outbox, Row};
+use super::outbox::{Kind, Next, Outbox, Row};
 use super::{Tuning, now_ms};
 use crate::frame::ReceiptStatus;
 
@@ -18,6 +19,10 @@ use crate::frame::ReceiptStatus;
 pub(crate) const RECEIPT_CONTENT_TYPE: &str = "application/vnd.clawdentity.receipt+json";
 /// The `type` of a receipt posted to the hook.
 pub(crate) const RECEIPT_TYPE: &str = "clawdentity.receipt.v1";
+/// The content type of a notification posted to the hook.
+pub(crate) const NOTIFICATION_CONTENT_TYPE: &str = "application/vnd.clawdentity.notification+json";
+/// The `type` of a notification posted to the hook.
+pub(crate) const NOTIFICATION_TYPE: &str = "clawdentity.notification.v1";
 
 /// The headers the connector sets itself; a custom header may not use these names.
 const RESERVED: [&str; 4] = [
@@ -91,7 +96,7 @@ impl Hook {
         &self.url
     }
 
-    /// Posts one receipt.
+    /// Posts one receipt or notification.
     pub(crate) async fn post(&self, row: &Row) -> Outcome {
         let (Ok(to), Ok(request_id)) = (
             HeaderValue::from_str(&row.to_agent_did),
@@ -102,8 +107,14 @@ impl Hook {
             );
         };
         let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static(RECEIPT_CONTENT_TYPE));
-        headers.insert("x-clawdentity-to-agent-did", to);
+        let (content_type, body) = match row.kind {
+            Kind::Receipt(_) => {
+                headers.insert("x-clawdentity-to-agent-did", to);
+                (RECEIPT_CONTENT_TYPE, receipt_body(row))
+            }
+            Kind::Notification => (NOTIFICATION_CONTENT_TYPE, notification_body(row)),
+        };
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
         headers.insert("x-clawdentity-verified", HeaderValue::from_static("true"));
         headers.insert("x-request-id", request_id);
         for (name, value) in &self.custom {
@@ -113,13 +124,24 @@ impl Hook {
             .client
             .post(self.url.clone())
             .headers(headers)
-            .body(receipt_body(row).to_string());
+            .body(body.to_string());
         match request.send().await {
             Ok(response) if response.status().is_success() => Outcome::Delivered,
             Ok(response) => Outcome::Retry(format!("the hook answered HTTP {}", response.status())),
             Err(error) => Outcome::Retry(format!("{:#}", anyhow::Error::new(error))),
         }
     }
+}
+
+/// The JSON body posted to the hook for a notification: its text as `message`, like the
+/// system notification of a dead-lettered receipt.
+pub(crate) fn notification_body(row: &Row) -> Value {
+    json!({
+        "type": NOTIFICATION_TYPE,
+        "requestId": row.original_frame_id,
+        "message": row.reason.as_deref().unwrap_or_default(),
+        "relayMetadata": {"timestamp": row.frame_ts},
+    })
 }
 
 /// The JSON body posted to the hook for a receipt (spec section 4).
@@ -129,14 +151,14 @@ pub(crate) fn receipt_body(row: &Row) -> Value {
         "type": RECEIPT_TYPE,
         "requestId": row.original_frame_id,
         "toAgentDid": row.to_agent_did,
-        "status": row.status.as_str(),
+        "status": row.kind.as_str(),
         "relayMetadata": {"timestamp": row.frame_ts},
     });
     let fields = body.as_object_mut().expect("an object");
     if let Some(reason) = reason {
         fields.insert("reason".into(), reason.into());
     }
-    if row.status == ReceiptStatus::DeadLettered {
+    if row.kind == Kind::Receipt(ReceiptStatus::DeadLettered) {
         let message = format!(
             "Your message {} to {} could not be delivered: {}",
             row.original_frame_id,
@@ -218,7 +240,7 @@ pub(crate) async fn deliver(
                 row.frame_id,
                 row.original_frame_id,
                 row.to_agent_did,
-                row.status.as_str(),
+                row.kind.as_str(),
                 hook.url(),
                 humantime::format_duration(tuning.max_age),
                 row.attempts,
@@ -245,7 +267,7 @@ pub(crate) async fn deliver(
                     "delivered receipt {} (request {}, {}) to the hook",
                     row.frame_id,
                     row.original_frame_id,
-                    row.status.as_str()
+                    row.kind.as_str()
                 );
                 remove(&outbox, &row).await;
             }
@@ -299,7 +321,7 @@ mod tests {
             frame_id: "01HZX4M3Q8V2J7K9T6R5W1N0PB".into(),
             original_frame_id: "req-1".into(),
             to_agent_did: "did:cdi:a.b:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB".into(),
-            status,
+            kind: Kind::Receipt(status),
             reason: reason.map(Into::into),
             frame_ts: "2026-11-24T10:00:00.000Z".into(),
             stored_ms: 0,
@@ -328,6 +350,16 @@ mod tests {
             json!({"type": RECEIPT_TYPE, "requestId": "req-1", "toAgentDid": did, "status": "dead_lettered",
                    "reason": "hook_gone", "relayMetadata": meta,
                    "message": format!("Your message req-1 to {did} could not be delivered: hook_gone")})
+        );
+        let notification = Row {
+            kind: Kind::Notification,
+            to_agent_did: String::new(),
+            ..row(ReceiptStatus::DeadLettered, Some("Pairing complete."))
+        };
+        assert_eq!(
+            notification_body(&notification),
+            json!({"type": NOTIFICATION_TYPE, "requestId": "req-1",
+                   "message": "Pairing complete.", "relayMetadata": meta})
         );
     }
 

@@ -544,6 +544,19 @@ async fn serve(
                     return lost(format!("cannot acknowledge receipt {}: {error}", frame.id));
                 }
             }
+            FrameBody::Notification { request_id, .. } => {
+                // The host keeps no copy, so there is nothing to acknowledge.
+                match outbox.store(&frame, now_ms()).await {
+                    Ok(true) => {
+                        tracing::info!("stored notification {} ({request_id})", frame.id);
+                        wake.notify_one();
+                    }
+                    Ok(false) => tracing::debug!("notification {} was already stored", frame.id),
+                    Err(error) => {
+                        tracing::error!("cannot store notification {}: {error:#}", frame.id)
+                    }
+                }
+            }
             FrameBody::ReceiptAck { .. } => {
                 tracing::warn!(
                     "ignoring a receipt_ack frame from the host (it only goes the other way)"

@@ -1,5 +1,5 @@
-//! The connector's durable outbox: the receipts taken from the host and not yet handed
-//! to the agent's hook, in SQLite (`<data_dir>/outbox.db`, WAL).
+//! The connector's durable outbox: the receipts (and notifications) taken from the host
+//! and not yet handed to the agent's hook, in SQLite (`<data_dir>/outbox.db`, WAL).
 //!
 //! A receipt frame is stored before it is acknowledged to the host, and its row is only
 //! deleted once the hook answered 2xx (or the row expired), so a receipt survives any
@@ -43,7 +43,33 @@ CREATE TABLE IF NOT EXISTS seen (
 CREATE INDEX IF NOT EXISTS seen_received ON seen (received_ms);
 ";
 
-/// One stored receipt.
+/// What a row holds (its `status` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A delivery receipt with this status.
+    Receipt(ReceiptStatus),
+    /// A system notification: `reason` holds its text, `to_agent_did` is empty.
+    Notification,
+}
+
+impl Kind {
+    /// The name stored, and logged.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Kind::Receipt(status) => status.as_str(),
+            Kind::Notification => "notification",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Kind> {
+        match name {
+            "notification" => Some(Kind::Notification),
+            status => ReceiptStatus::parse(status).map(Kind::Receipt),
+        }
+    }
+}
+
+/// One stored receipt or notification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Row {
     /// Storage order.
@@ -54,9 +80,9 @@ pub(crate) struct Row {
     pub(crate) original_frame_id: String,
     /// The recipient of the original message.
     pub(crate) to_agent_did: String,
-    /// The receipt's status.
-    pub(crate) status: ReceiptStatus,
-    /// Why, when given.
+    /// A receipt and its status, or a notification.
+    pub(crate) kind: Kind,
+    /// Why, when given; a notification's text.
     pub(crate) reason: Option<String>,
     /// The frame's `ts`.
     pub(crate) frame_ts: String,
@@ -120,29 +146,39 @@ impl Outbox {
         .context("the outbox thread failed")?
     }
 
-    /// Stores a receipt frame, committed when this returns. Returns false (and stores
-    /// nothing) when a frame with this id was seen before.
+    /// Stores a receipt or notification frame, committed when this returns. Returns
+    /// false (and stores nothing) when a frame with this id was seen before.
     pub(crate) async fn store(&self, frame: &Frame, now_ms: i64) -> Result<bool> {
-        let FrameBody::Receipt {
-            original_frame_id,
-            to_agent_did,
-            status,
-            reason,
-        } = &frame.body
-        else {
-            return Err(anyhow!(
-                "frame {} is a {}, not a receipt",
-                frame.id,
-                frame.type_name()
-            ));
+        let (original, to, kind, reason) = match &frame.body {
+            FrameBody::Receipt {
+                original_frame_id,
+                to_agent_did,
+                status,
+                reason,
+            } => (
+                original_frame_id.clone(),
+                to_agent_did.clone(),
+                Kind::Receipt(*status),
+                reason.clone(),
+            ),
+            FrameBody::Notification {
+                request_id,
+                message,
+            } => (
+                request_id.clone(),
+                String::new(),
+                Kind::Notification,
+                Some(message.clone()),
+            ),
+            _ => {
+                return Err(anyhow!(
+                    "frame {} is a {}, not a receipt or a notification",
+                    frame.id,
+                    frame.type_name()
+                ));
+            }
         };
-        let (id, ts) = (frame.id.clone(), frame.ts.clone());
-        let (original, to, status, reason) = (
-            original_frame_id.clone(),
-            to_agent_did.clone(),
-            status.as_str(),
-            reason.clone(),
-        );
+        let (id, ts, status) = (frame.id.clone(), frame.ts.clone(), kind.as_str());
         self.with(move |conn| {
             let tx = conn.transaction()?;
             tx.execute("DELETE FROM seen WHERE received_ms < ?1", params![now_ms - SEEN_FOR_MS])?;
@@ -188,14 +224,14 @@ impl Outbox {
                 )
                 .optional()?;
             if let Some((seq, frame_id, original, to, status, reason, ts, stored_ms, attempts, next_ms)) = due {
-                let status = ReceiptStatus::parse(&status)
+                let kind = Kind::parse(&status)
                     .ok_or_else(|| anyhow!("outbox row {seq} has an unknown status `{status}`"))?;
                 return Ok(Next::Due(Row {
                     seq,
                     frame_id,
                     original_frame_id: original,
                     to_agent_did: to,
-                    status,
+                    kind,
                     reason,
                     frame_ts: ts,
                     stored_ms,

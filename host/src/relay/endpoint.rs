@@ -191,7 +191,9 @@ async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
                                     tracing::error!(agent = %did, error = %err, "recording a receipt ack failed");
                                 }
                             }
-                            FrameBody::HeartbeatAck { .. } | FrameBody::Receipt { .. } => {}
+                            FrameBody::HeartbeatAck { .. }
+                            | FrameBody::Receipt { .. }
+                            | FrameBody::Notification { .. } => {}
                         },
                         Err(err) => tracing::debug!(agent = %did, error = %err, "unparseable frame ignored"),
                     }
