@@ -319,7 +319,7 @@ fn the_command_line_lists_shows_redrives_and_purges_and_sums_up() {
     };
     assert_eq!(
         row(JOBS)[1..],
-        [SCRIPTED_HANDLER, "0", "0", "0", "0", "in", DLQ],
+        ["scripted_handler", "0", "0", "0", "0", "in", DLQ],
         "{status}"
     );
     assert_eq!(row(PARKED)[1..], ["-", "1", "0", "0", "-"], "{status}");
