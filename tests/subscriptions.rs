@@ -32,6 +32,30 @@ fn messages(host: &Host, queue: &str) -> Vec<Value> {
     body["messages"].as_array().unwrap().clone()
 }
 
+/// Receipts of four messages of agent A to B: `req-0` to `req-2` dead-lettered, then
+/// `req-ok` delivered.
+fn receipts_of_a() -> Vec<Value> {
+    let dead = |i| {
+        receipt(
+            &format!("req-{i}"),
+            DID_A,
+            DID_B,
+            "dead_lettered",
+            Some("hook down"),
+        )
+    };
+    (0..3)
+        .map(dead)
+        .chain([receipt(
+            "req-ok",
+            DID_A,
+            DID_B,
+            "delivered_to_webhook",
+            None,
+        )])
+        .collect()
+}
+
 #[test]
 fn each_consumer_receives_exactly_the_messages_it_subscribes_to() {
     let host = Host::start(&fast_config(&consumer(
@@ -97,25 +121,7 @@ fn a_failing_third_party_handler_holds_up_nothing_and_its_dead_letters_name_it()
     )));
     let token = host.add_agent(DID_A);
     let mut socket = host.connect(DID_A, Some(&token)).unwrap();
-    let receipts: Vec<Value> = (0..3)
-        .map(|i| {
-            receipt(
-                &format!("req-{i}"),
-                DID_A,
-                DID_B,
-                "dead_lettered",
-                Some("hook down"),
-            )
-        })
-        .chain([receipt(
-            "req-ok",
-            DID_A,
-            DID_B,
-            "delivered_to_webhook",
-            None,
-        )])
-        .collect();
-    let ids = host.publish_batch(RECEIPTS, &receipts);
+    let ids = host.publish_batch(RECEIPTS, &receipts_of_a());
 
     // The router pushes every receipt at once, however often the other handler traps.
     let mut pushed: Vec<String> = (0..4)
@@ -210,25 +216,7 @@ fn the_example_handlers_run_next_to_the_bundled_ones() {
 
     // Three dead-lettered receipts of A's messages cross the digest's threshold; the
     // router still pushes each receipt, and the delivered one does not count.
-    let receipts: Vec<Value> = (0..3)
-        .map(|i| {
-            receipt(
-                &format!("req-{i}"),
-                DID_A,
-                DID_B,
-                "dead_lettered",
-                Some("hook down"),
-            )
-        })
-        .chain([receipt(
-            "req-ok",
-            DID_A,
-            DID_B,
-            "delivered_to_webhook",
-            None,
-        )])
-        .collect();
-    host.publish_batch(RECEIPTS, &receipts);
+    host.publish_batch(RECEIPTS, &receipts_of_a());
     let digest = next_notification(&mut a);
     assert_eq!(
         digest["requestId"],
