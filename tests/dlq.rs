@@ -335,7 +335,8 @@ fn the_command_line_lists_shows_redrives_and_purges_and_sums_up() {
     assert!(
         handlers
             .lines()
-            .any(|l| l.starts_with("jobs ") && l.contains("scripted_handler")),
+            .any(|l| l.split_whitespace().take(3).eq(["jobs", "jobs", "all"])
+                && l.contains("scripted_handler")),
         "{status}"
     );
 

@@ -161,6 +161,8 @@ pub async fn status(admin: AdminArg) -> Result<()> {
             let mut rows = vec![
                 [
                     "CONSUMER",
+                    "QUEUE",
+                    "FILTER",
                     "WORLD",
                     "VERSION",
                     "BATCHES",
@@ -174,6 +176,8 @@ pub async fn status(admin: AdminArg) -> Result<()> {
                 let version = text(&slot["current"]["version"]);
                 rows.push(vec![
                     text(&slot["consumer"]),
+                    text(&slot["queue"]),
+                    filter(&slot["filter"]),
                     text(&slot["world"]),
                     format!(
                         "{} {}",
@@ -498,6 +502,24 @@ fn time(ms: &Value) -> String {
 /// A count field of an API answer (0 when absent).
 fn count(value: &Value, field: &str) -> u64 {
     value[field].as_u64().unwrap_or(0)
+}
+
+/// A subscription filter in one line: `type=a|b status=c`, or `all`.
+fn filter(value: &Value) -> String {
+    let fields: Vec<String> = value
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(path, values)| {
+            let values: Vec<String> = values.as_array().into_iter().flatten().map(text).collect();
+            format!("{path}={}", values.join("|"))
+        })
+        .collect();
+    if fields.is_empty() {
+        "all".to_owned()
+    } else {
+        fields.join(" ")
+    }
 }
 
 /// The handlers of a queue's consumers, `-` for none.
