@@ -3,7 +3,8 @@
 //! The pieces, one module each: [`config`] (TOML and defaults), [`queue`] (the durable
 //! queue engine), [`runtime`] (wasmtime, the handler components and their capabilities),
 //! [`trust`] (the trust store), [`consumer`] (feeds batches to handlers), [`api`] (the
-//! HTTP API) and [`server`] (wires them together for `clawq serve`).
+//! HTTP API) and [`server`] (wires them together for `clawq serve`); [`check`], [`run`]
+//! and [`scaffold`] are the authoring commands (`clawq check`, `clawq run`, `clawq new`).
 
 pub mod actor_storage;
 pub mod admin;
@@ -24,7 +25,9 @@ pub mod operator;
 pub mod queue;
 pub mod relay;
 pub mod retention;
+pub mod run;
 pub mod runtime;
+pub mod scaffold;
 pub mod server;
 pub mod trust;
 pub mod world;

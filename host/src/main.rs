@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use clawq::agents::AgentRegistry;
 use clawq::config::Config;
 use clawq::operator::{AdminArg, Payload};
+use clawq::world::World;
 use tokio_util::sync::CancellationToken;
 
 /// clawq hosts WASM component handlers for clawdentity's message queues.
@@ -51,6 +52,17 @@ enum Command {
         #[arg(long)]
         world: Option<String>,
     },
+    /// Run one batch of messages through a handler component locally and show what it did.
+    ///
+    /// Prints every capability call the handler makes, in order, with its arguments and
+    /// result, then each message's outcome. The capabilities are backed by a throwaway
+    /// data directory: nothing reaches a running host. Exits 0 when the batch ran
+    /// (whatever its outcomes), 1 when it failed (trap, error, limit) or the component is
+    /// refused.
+    Run(RunArgs),
+    /// Create a new handler crate (`clawq new handler <name>`).
+    #[command(subcommand)]
+    New(NewCommand),
     /// Deploy, list and roll back handler versions on a running host.
     #[command(subcommand)]
     Handlers(HandlersCommand),
@@ -62,6 +74,50 @@ enum Command {
     Dlq(clawq::operator::DlqCommand),
     /// A one-screen summary of a running host: queues, connections and handler versions.
     Status(AdminArg),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The component (`.wasm`).
+    file: PathBuf,
+    /// A message of the batch: JSON text, or `@<file>` of a JSON file (repeatable, in
+    /// order; content type `json`).
+    #[arg(long = "message", value_name = "JSON", required = true)]
+    messages: Vec<String>,
+    /// The queue the handler is told the batch comes from.
+    #[arg(long, default_value = "clawq-run")]
+    queue: String,
+    /// Refuse the component unless this world accepts it, as `clawq check --world` does
+    /// [default: handler-host, every capability].
+    #[arg(long)]
+    world: Option<String>,
+    /// The delivery count of every message (1 for a first delivery).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    attempts: u32,
+    /// Print `{"calls", "outcomes", "failure"}` as JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum NewCommand {
+    /// Write a new handler crate, `<dir>/<name>/`, that builds outside this workspace.
+    ///
+    /// The crate holds the WIT contract, a handler for the world that logs and acks each
+    /// message (and counts them in its actor storage when the world grants one), unit
+    /// tests running it against a fake host, and a README with the build, check, run and
+    /// deploy commands.
+    Handler {
+        /// The crate's name (letters, digits, `-`, `_`; e.g. `my-handler`).
+        name: String,
+        /// The world the handler targets: crl-invalidation, receipt-router,
+        /// receipt-handler or handler-host.
+        #[arg(long, default_value = "receipt-handler")]
+        world: String,
+        /// The directory the crate is created in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -124,7 +180,7 @@ enum HandlersCommand {
     },
     /// Load a component into a consumer's slot and make it current.
     Deploy {
-        /// The consumer (queue name).
+        /// The consumer: its queue's name, or the `name` the config gives it.
         consumer: String,
         /// The component (`.wasm`).
         file: PathBuf,
@@ -133,7 +189,7 @@ enum HandlersCommand {
     },
     /// Make the previous version (or VERSION, a hash or its prefix) current again.
     Rollback {
-        /// The consumer (queue name).
+        /// The consumer: its queue's name, or the `name` the config gives it.
         consumer: String,
         /// The version to go back to [default: the one before the current].
         version: Option<String>,
@@ -142,23 +198,24 @@ enum HandlersCommand {
     },
     /// Show a consumer's version history, newest first.
     History {
-        /// The consumer (queue name).
+        /// The consumer: its queue's name, or the `name` the config gives it.
         consumer: String,
         #[command(flatten)]
         admin: AdminArg,
     },
 }
 
+/// The world called `name`, or an error listing the worlds.
+fn parse_world(name: &str) -> Result<World> {
+    World::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = World::ALL.iter().map(|w| w.name()).collect();
+        anyhow::anyhow!("world `{name}` is not one of {}", names.join(", "))
+    })
+}
+
 /// Runs `clawq check`.
 fn check(file: &std::path::Path, world: Option<&str>) -> Result<()> {
-    let world = world
-        .map(|name| {
-            clawq::world::World::parse(name).ok_or_else(|| {
-                let names: Vec<&str> = clawq::world::World::ALL.iter().map(|w| w.name()).collect();
-                anyhow::anyhow!("world `{name}` is not one of {}", names.join(", "))
-            })
-        })
-        .transpose()?;
+    let world = world.map(parse_world).transpose()?;
     let wasm =
         std::fs::read(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
     let runtime = clawq::runtime::Runtime::new()?;
@@ -166,6 +223,32 @@ fn check(file: &std::path::Path, world: Option<&str>) -> Result<()> {
         "{}",
         clawq::check::check(&runtime, &file.display().to_string(), &wasm, world)?
     );
+    Ok(())
+}
+
+/// Runs `clawq run`.
+async fn run(args: RunArgs) -> Result<()> {
+    let options = clawq::run::RunOptions {
+        file: args.file,
+        messages: args.messages,
+        queue: args.queue,
+        world: args.world.as_deref().map(parse_world).transpose()?,
+        attempts: args.attempts,
+        json: args.json,
+    };
+    clawq::run::run(options).await
+}
+
+/// Runs `clawq new`.
+fn new(command: NewCommand) -> Result<()> {
+    match command {
+        NewCommand::Handler { name, world, dir } => {
+            print!(
+                "{}",
+                clawq::scaffold::new_handler(&name, parse_world(&world)?, &dir)?
+            );
+        }
+    }
     Ok(())
 }
 
@@ -190,8 +273,9 @@ async fn handlers(command: HandlersCommand) -> Result<()> {
             for slot in answer["handlers"].as_array().into_iter().flatten() {
                 let c = &slot["counters"];
                 println!(
-                    "{:<28} {:<18} {}  batches {} failed {} traps {} limits {}",
+                    "{:<28} {:<24} {:<18} {}  batches {} failed {} traps {} limits {}",
                     slot["consumer"].as_str().unwrap_or_default(),
+                    slot["queue"].as_str().unwrap_or_default(),
                     slot["world"].as_str().unwrap_or_default(),
                     show_version(&slot["current"]),
                     c["batches"],
@@ -354,10 +438,15 @@ async fn connect(args: ConnectArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // `clawq run` lists the guest's log lines with its other calls.
+    let default_filter = match cli.command {
+        Command::Run(_) => "info,clawq::guest=off",
+        _ => "info",
+    };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CLAWQ_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr);
     match cli.log_format {
@@ -371,6 +460,8 @@ fn main() -> Result<()> {
         Command::Agents(command) => agents(command),
         Command::Handlers(command) => runtime.block_on(handlers(command)),
         Command::Check { file, world } => check(&file, world.as_deref()),
+        Command::Run(args) => runtime.block_on(run(args)),
+        Command::New(command) => new(command),
         Command::Dlq(command) => runtime.block_on(clawq::operator::dlq(command)),
         Command::Status(server) => runtime.block_on(clawq::operator::status(server)),
     }

@@ -6,7 +6,8 @@
 //! no network, no environment, no clock beyond WASI's defaults. A guest's stderr (where a
 //! Rust panic message goes) is captured and reported with its trap.
 
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -21,7 +22,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::actor_storage::{ActorStorage, StorageError};
 use crate::crypto::sha256_hex;
-use crate::frame::{MAX_FRAME_BYTES, ReceiptStatus};
+use crate::frame::{MAX_FRAME_BYTES, ReceiptStatus, VERSION};
 use crate::relay::hub::ConnectionHub;
 use crate::relay::sessions::{Delivery, ReceiptIn, RelaySessions, SessionError};
 use crate::trust::{TrustError, TrustStore};
@@ -60,6 +61,31 @@ pub struct Capabilities {
     /// Backs the `actor-storage` import.
     pub storage: Arc<ActorStorage>,
 }
+
+/// One capability call a handler made, as `clawq run` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Call {
+    /// `interface.function`, e.g. `relay-sessions.deliver-receipt`; `log.<level>` for a
+    /// log line.
+    pub call: String,
+    /// The arguments, as text.
+    pub args: String,
+    /// What the call returned, as text; `None` for a log line.
+    pub result: Option<String>,
+}
+
+impl fmt::Display for Call {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.call, self.args)?;
+        match &self.result {
+            Some(result) => write!(f, " -> {result}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where the capability calls of a batch are recorded, in order.
+pub type CallLog = Arc<Mutex<Vec<Call>>>;
 
 /// The sandbox of one handler: what a batch may use before it is stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +151,8 @@ pub struct BatchState {
     handler: Arc<str>,
     version: Arc<str>,
     memory: MemoryCap,
+    /// Records every capability call when set (`clawq run`).
+    calls: Option<CallLog>,
 }
 
 /// Refuses memory growth past the handler's limit, remembering that it did.
@@ -286,7 +314,7 @@ impl LoadedHandler {
 
     /// Instantiates the handler once without calling it: proves it can run.
     pub async fn check_instantiates(&self, caps: Arc<Capabilities>) -> Result<(), LoadError> {
-        let (mut store, _) = self.store(caps);
+        let (mut store, _) = self.store(caps, None);
         self.pre
             .instantiate_async(&mut store)
             .await
@@ -300,7 +328,11 @@ impl LoadedHandler {
             })
     }
 
-    fn store(&self, caps: Arc<Capabilities>) -> (Store<BatchState>, MemoryOutputPipe) {
+    fn store(
+        &self,
+        caps: Arc<Capabilities>,
+        calls: Option<CallLog>,
+    ) -> (Store<BatchState>, MemoryOutputPipe) {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE_BYTES);
         let state = BatchState {
             wasi: WasiCtxBuilder::new().stderr(stderr.clone()).build(),
@@ -312,6 +344,7 @@ impl LoadedHandler {
                 limit: self.limits.memory_bytes,
                 exceeded: false,
             },
+            calls,
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| &mut state.memory);
@@ -333,13 +366,25 @@ impl LoadedHandler {
         queue: &str,
         messages: &[Message],
     ) -> Result<Vec<Outcome>, BatchFailure> {
+        self.handle_recorded(caps, queue, messages, None).await
+    }
+
+    /// [`LoadedHandler::handle`], appending every capability call of the batch to `calls`
+    /// when given.
+    pub async fn handle_recorded(
+        &self,
+        caps: Arc<Capabilities>,
+        queue: &str,
+        messages: &[Message],
+        calls: Option<CallLog>,
+    ) -> Result<Vec<Outcome>, BatchFailure> {
         let Ok(_instance_slot) = self.instances.try_acquire() else {
             return Err(BatchFailure::Limit(format!(
                 "all {} instances of the handler are busy (max_instances)",
                 self.limits.max_instances
             )));
         };
-        let (mut store, stderr) = self.store(caps);
+        let (mut store, stderr) = self.store(caps, calls);
         let result = async {
             let instance = self.pre.instantiate_async(&mut store).await?;
             instance
@@ -390,8 +435,45 @@ impl WasiView for BatchState {
 
 impl bindings::clawdentity::queues::types::Host for BatchState {}
 
+impl BatchState {
+    /// Records a capability call and what it returned, when calls are recorded; `args`
+    /// and `show` (the success value as text) run only then.
+    fn record<T>(
+        &self,
+        call: &str,
+        args: impl FnOnce() -> String,
+        result: &Result<T, HostError>,
+        show: impl FnOnce(&T) -> String,
+    ) {
+        if let Some(calls) = &self.calls {
+            let result = match result {
+                Ok(value) => show(value),
+                Err(err) if err.transient => format!("error (transient): {}", err.message),
+                Err(err) => format!("error: {}", err.message),
+            };
+            push_call(calls, call.to_owned(), args(), Some(result));
+        }
+    }
+}
+
+/// Appends one call to `calls`.
+fn push_call(calls: &CallLog, call: String, args: String, result: Option<String>) {
+    let mut calls = calls.lock().unwrap_or_else(|p| p.into_inner());
+    calls.push(Call { call, args, result });
+}
+
 impl log::Host for BatchState {
     async fn write(&mut self, level: log::Level, message: String) {
+        if let Some(calls) = &self.calls {
+            let name = match level {
+                log::Level::Trace => "trace",
+                log::Level::Debug => "debug",
+                log::Level::Info => "info",
+                log::Level::Warn => "warn",
+                log::Level::Error => "error",
+            };
+            push_call(calls, format!("log.{name}"), format!("{message:?}"), None);
+        }
         let (handler, version) = (&*self.handler, &*self.version);
         match level {
             log::Level::Trace => {
@@ -415,15 +497,18 @@ impl log::Host for BatchState {
 
 impl trust_store::Host for BatchState {
     async fn revoke_agent(&mut self, did: String) -> Result<(), HostError> {
-        self.caps.trust.revoke(&did).map_err(guest_error)?;
-        if self.caps.hub.close(&did, 1008, "agent_revoked") {
+        let result = self.caps.trust.revoke(&did).map_err(guest_error);
+        if result.is_ok() && self.caps.hub.close(&did, 1008, "agent_revoked") {
             tracing::info!(agent = %did, "revoked agent's connection closed");
         }
-        Ok(())
+        self.record("trust-store.revoke-agent", || did, &result, |_| "ok".into());
+        result
     }
 
     async fn is_revoked(&mut self, did: String) -> Result<bool, HostError> {
-        self.caps.trust.is_revoked(&did).map_err(guest_error)
+        let result = self.caps.trust.is_revoked(&did).map_err(guest_error);
+        self.record("trust-store.is-revoked", || did, &result, bool::to_string);
+        result
     }
 }
 
@@ -432,6 +517,7 @@ impl relay_sessions::Host for BatchState {
         &mut self,
         receipt: relay_sessions::Receipt,
     ) -> Result<relay_sessions::Delivery, HostError> {
+        let args = self.calls.as_ref().map(|_| show_receipt(&receipt));
         let receipt = ReceiptIn {
             request_id: receipt.request_id.trim().to_owned(),
             sender_agent_did: receipt.sender_agent_did,
@@ -444,7 +530,7 @@ impl relay_sessions::Host for BatchState {
             },
             reason: receipt.reason,
         };
-        match self.caps.sessions.deliver(receipt).await {
+        let result = match self.caps.sessions.deliver(receipt).await {
             Ok(Delivery::Pushed(n)) => Ok(relay_sessions::Delivery::Pushed(n)),
             Ok(Delivery::Stored) => Ok(relay_sessions::Delivery::Stored),
             Ok(Delivery::Unchanged) => Ok(relay_sessions::Delivery::Unchanged),
@@ -453,54 +539,129 @@ impl relay_sessions::Host for BatchState {
                 transient: matches!(err, SessionError::Unavailable(_)),
                 message: err.to_string(),
             }),
-        }
+        };
+        let show = |delivery: &relay_sessions::Delivery| match delivery {
+            relay_sessions::Delivery::Pushed(n) => format!("pushed({n})"),
+            relay_sessions::Delivery::Stored => "stored".into(),
+            relay_sessions::Delivery::Unchanged => "unchanged".into(),
+            relay_sessions::Delivery::Ignored => "ignored".into(),
+        };
+        let args = || args.unwrap_or_default();
+        self.record("relay-sessions.deliver-receipt", args, &result, show);
+        result
     }
+}
+
+/// A receipt as `clawq run` shows it.
+fn show_receipt(receipt: &relay_sessions::Receipt) -> String {
+    let status = match receipt.status {
+        relay_sessions::ReceiptStatus::DeliveredToWebhook => "delivered-to-webhook",
+        relay_sessions::ReceiptStatus::DeadLettered => "dead-lettered",
+    };
+    let mut text = format!(
+        "{{request-id: {:?}, sender: {}, recipient: {}, status: {status}",
+        receipt.request_id, receipt.sender_agent_did, receipt.recipient_agent_did
+    );
+    if let Some(reason) = &receipt.reason {
+        text += &format!(", reason: {reason:?}");
+    }
+    if let Some(at) = &receipt.processed_at {
+        text += &format!(", processed-at: {at:?}");
+    }
+    text + "}"
 }
 
 impl websocket::Host for BatchState {
     async fn send_frame(&mut self, agent_did: String, frame: String) -> Result<u32, HostError> {
+        let result = self.push_frame(&agent_did, &frame);
+        let args = || format!("{agent_did} {frame}");
+        let show = |n: &u32| format!("{n} connection{}", if *n == 1 { "" } else { "s" });
+        self.record("websocket.send-frame", args, &result, show);
+        result
+    }
+}
+
+impl BatchState {
+    /// Checks `frame`, completes its envelope and sends it to the connections of
+    /// `agent_did`.
+    fn push_frame(&self, agent_did: &str, frame: &str) -> Result<u32, HostError> {
         let refuse = |message: String| HostError {
             transient: false,
             message,
         };
-        clawq_protocol::did::validate_agent_did(&agent_did)
+        let too_large = |len: usize| {
+            (len > MAX_FRAME_BYTES)
+                .then(|| refuse(format!("frame of {len} bytes exceeds the 1 MiB limit")))
+        };
+        clawq_protocol::did::validate_agent_did(agent_did)
             .map_err(|e| refuse(format!("`{agent_did}`: {e}")))?;
-        if frame.len() > MAX_FRAME_BYTES {
-            return Err(refuse(format!(
-                "frame of {} bytes exceeds the 1 MiB limit",
-                frame.len()
-            )));
-        }
-        if !matches!(
-            serde_json::from_str(&frame),
-            Ok(serde_json::Value::Object(_))
-        ) {
-            return Err(refuse("frame is not a JSON object".into()));
-        }
-        Ok(self.caps.hub.send(&agent_did, frame))
+        too_large(frame.len()).map_or(Ok(()), Err)?;
+        let frame = fill_envelope(frame, crate::clock::now_ms())
+            .ok_or_else(|| refuse("frame is not a JSON object".into()))?;
+        too_large(frame.len()).map_or(Ok(()), Err)?;
+        Ok(self.caps.hub.send(agent_did, frame.into_owned()))
     }
+}
+
+/// `frame` with the envelope fields it lacks added: `"v": 1`, a new ULID `id` and `ts`,
+/// the time `now_ms` in ISO-8601. `None` when `frame` is not a JSON object.
+fn fill_envelope(frame: &str, now_ms: u64) -> Option<std::borrow::Cow<'_, str>> {
+    let serde_json::Value::Object(mut fields) = serde_json::from_str(frame).ok()? else {
+        return None;
+    };
+    if ["v", "id", "ts"].iter().all(|k| fields.contains_key(*k)) {
+        return Some(frame.into());
+    }
+    fields.entry("v").or_insert(VERSION.into());
+    fields
+        .entry("id")
+        .or_insert_with(|| ulid::Ulid::new().to_string().into());
+    fields
+        .entry("ts")
+        .or_insert_with(|| crate::clock::iso8601(now_ms).into());
+    Some(serde_json::Value::Object(fields).to_string().into())
 }
 
 impl actor_storage::Host for BatchState {
     async fn get(&mut self, actor: String, key: String) -> Result<Option<Vec<u8>>, HostError> {
-        let storage = &self.caps.storage;
-        storage
+        let result = self
+            .caps
+            .storage
             .get(&self.handler, &actor, &key)
-            .map_err(guest_error)
+            .map_err(guest_error);
+        let show = |value: &Option<Vec<u8>>| match value {
+            Some(bytes) => format!("{} bytes", bytes.len()),
+            None => "none".into(),
+        };
+        self.record(
+            "actor-storage.get",
+            || format!("{actor} {key:?}"),
+            &result,
+            show,
+        );
+        result
     }
 
     async fn put(&mut self, actor: String, key: String, value: Vec<u8>) -> Result<(), HostError> {
-        let storage = &self.caps.storage;
-        storage
+        let result = self
+            .caps
+            .storage
             .put(&self.handler, &actor, &key, &value)
-            .map_err(guest_error)
+            .map_err(guest_error);
+        let args = || format!("{actor} {key:?} ({} bytes)", value.len());
+        self.record("actor-storage.put", args, &result, |_| "ok".into());
+        result
     }
 
     async fn delete(&mut self, actor: String, key: String) -> Result<(), HostError> {
-        let storage = &self.caps.storage;
-        storage
+        let result = self
+            .caps
+            .storage
             .delete(&self.handler, &actor, &key)
-            .map_err(guest_error)
+            .map_err(guest_error);
+        let args = || format!("{actor} {key:?}");
+        self.record("actor-storage.delete", args, &result, |_| "ok".into());
+        result
     }
 
     async fn list_prefix(
@@ -508,10 +669,15 @@ impl actor_storage::Host for BatchState {
         actor: String,
         prefix: String,
     ) -> Result<Vec<(String, Vec<u8>)>, HostError> {
-        let storage = &self.caps.storage;
-        storage
+        let result = self
+            .caps
+            .storage
             .list_prefix(&self.handler, &actor, &prefix)
-            .map_err(guest_error)
+            .map_err(guest_error);
+        let args = || format!("{actor} {prefix:?}");
+        let show = |entries: &Vec<(String, Vec<u8>)>| format!("{} entries", entries.len());
+        self.record("actor-storage.list-prefix", args, &result, show);
+        result
     }
 }
 
@@ -540,5 +706,38 @@ fn guest_error<E: GuestError>(err: E) -> HostError {
     HostError {
         transient: err.is_transient(),
         message: err.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn filled(frame: &str) -> Value {
+        serde_json::from_str(&fill_envelope(frame, 1_764_072_599_776).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_pushed_frame_gets_the_envelope_fields_it_lacks() {
+        let frame = filled(r#"{"type":"nudge","n":1}"#);
+        assert_eq!(frame["v"], json!(1));
+        assert_eq!(frame["ts"], json!("2025-11-25T12:09:59.776Z"));
+        let id = frame["id"].as_str().unwrap();
+        assert!(id.len() == 26 && id.parse::<ulid::Ulid>().is_ok(), "{id}");
+        assert_eq!((&frame["type"], &frame["n"]), (&json!("nudge"), &json!(1)));
+
+        let own = r#"{"v":7,"id":"mine","ts":"then","type":"x"}"#;
+        assert_eq!(
+            fill_envelope(own, 0).unwrap(),
+            own,
+            "a complete envelope is kept as is"
+        );
+        let partial = filled(r#"{"id":"mine","type":"x"}"#);
+        assert_eq!((&partial["id"], &partial["v"]), (&json!("mine"), &json!(1)));
+
+        for not_an_object in ["[]", "1", "nope", ""] {
+            assert!(fill_envelope(not_an_object, 0).is_none(), "{not_an_object}");
+        }
     }
 }
