@@ -280,7 +280,20 @@ clawq check target/wasm32-wasip2/release/{{crate}}.wasm --world {{world}}
 # one batch on this machine, against throwaway capabilities: every call and outcome
 clawq run target/wasm32-wasip2/release/{{crate}}.wasm --world {{world}} --message '{"hello": "world"}'
 # into a running host's consumer (admin token: --admin-token or CLAWQ_ADMIN_TOKEN)
-clawq handlers deploy <queue> target/wasm32-wasip2/release/{{crate}}.wasm
+clawq handlers deploy <consumer> target/wasm32-wasip2/release/{{crate}}.wasm
+clawq handlers rollback <consumer>                # back to the previous version
+```
+
+To run it next to a queue's bundled handler, the operator gives it a consumer of its own
+in the host's config, with the messages it takes:
+
+```toml
+[[queues.consumers]]
+queue = "clawdentity-receipts"
+name = "{{name}}"
+handler = "target/wasm32-wasip2/release/{{crate}}.wasm"
+world = "{{world}}"
+filter = { type = "delivery_receipt" }
 ```
 
 Delivery is at least once: a message can be delivered again, so keep the handler
@@ -367,7 +380,7 @@ fn next_steps(name: &str, world: World, dir: &Path) -> String {
          cargo build --target wasm32-wasip2 --release\n  \
          clawq check {wasm} --world {world}\n  \
          clawq run {wasm} --world {world} --message '{{\"hello\": \"world\"}}'\n  \
-         clawq handlers deploy <queue> {wasm}\n",
+         clawq handlers deploy <consumer> {wasm}\n",
         dir = dir.display()
     )
 }
