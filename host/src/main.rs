@@ -436,7 +436,19 @@ async fn connect(args: ConnectArgs) -> Result<()> {
     clawq::connector::run(options, shutdown).await
 }
 
-fn main() -> Result<()> {
+/// Runs the command; a failure is printed as one `error:` line with its causes (never a
+/// backtrace, whatever `RUST_BACKTRACE` says) and exits with status 1.
+fn main() -> std::process::ExitCode {
+    match run_cli() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cli() -> Result<()> {
     let cli = Cli::parse();
     // `clawq run` lists the guest's log lines with its other calls.
     let default_filter = match cli.command {
