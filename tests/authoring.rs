@@ -226,6 +226,51 @@ fn run_refuses_a_component_outside_its_world_as_check_does() {
     let checked = clawq(&["check", RECEIPT_ROUTER, "--world", "crl-invalidation"]);
     assert_eq!(checked.stderr.lines().next().unwrap(), refusal);
 
+    // A consumer's slot, by name: the spec's defaults, or the consumers of a config.
+    let by_slot = clawq(&["check", RECEIPT_ROUTER, "--consumer", "clawdentity-events"]);
+    assert_eq!(by_slot.stderr.lines().next().unwrap(), refusal);
+    let by_slot = clawq(&[
+        "check",
+        RECEIPT_ROUTER,
+        "--consumer",
+        "clawdentity-receipts",
+    ]);
+    assert!(by_slot.ok, "{}", by_slot.stderr);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("clawq.toml");
+    std::fs::write(
+        &config,
+        "[[queues.consumers]]\nqueue = \"clawdentity-receipts\"\nname = \"audit\"\n\
+         world = \"crl-invalidation\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let by_slot = clawq(&[
+        "check",
+        RECEIPT_ROUTER,
+        "--consumer",
+        "audit",
+        "--config",
+        config,
+    ]);
+    assert_eq!(by_slot.stderr.lines().next().unwrap(), refusal);
+    let unknown = clawq(&[
+        "check",
+        RECEIPT_ROUTER,
+        "--consumer",
+        "nope",
+        "--config",
+        config,
+    ]);
+    assert!(
+        !unknown.ok
+            && unknown.stderr.contains(
+                "no consumer named `nope` in the config (its consumers: audit, clawdentity-events, clawdentity-receipts)"
+            ),
+        "{}",
+        unknown.stderr
+    );
+
     let ran = clawq(&["run", RECEIPT_ROUTER, "--world", "nope", "--message", "{}"]);
     assert!(!ran.ok && ran.stderr.contains("world `nope` is not one of"));
     let ran = clawq(&["run", RECEIPT_ROUTER, "--message", "{not json"]);

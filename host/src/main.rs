@@ -49,8 +49,16 @@ enum Command {
         /// The component (`.wasm`).
         file: PathBuf,
         /// Fail unless this world (a consumer's `world`) accepts it, e.g. `crl-invalidation`.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "consumer")]
         world: Option<String>,
+        /// Fail unless the slot of this consumer of the config would accept it (the
+        /// consumer's world), e.g. `clawdentity-receipts` or a named consumer.
+        #[arg(long)]
+        consumer: Option<String>,
+        /// The config file that names the consumer; without one, the defaults (the
+        /// spec's two queues).
+        #[arg(long, env = "CLAWQ_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Run one batch of messages through a handler component locally and show what it did.
     ///
@@ -213,9 +221,27 @@ fn parse_world(name: &str) -> Result<World> {
     })
 }
 
-/// Runs `clawq check`.
-fn check(file: &std::path::Path, world: Option<&str>) -> Result<()> {
-    let world = world.map(parse_world).transpose()?;
+/// Runs `clawq check`: against a world given by name, or by the consumer of a config.
+fn check(
+    file: &std::path::Path,
+    world: Option<&str>,
+    consumer: Option<&str>,
+    config: Option<&std::path::Path>,
+) -> Result<()> {
+    let world = match consumer {
+        None => world.map(parse_world).transpose()?,
+        Some(name) => {
+            let config = Config::load(config)?;
+            let consumer = config.consumers.get(name).ok_or_else(|| {
+                let names: Vec<&str> = config.consumers.keys().map(String::as_str).collect();
+                anyhow::anyhow!(
+                    "no consumer named `{name}` in the config (its consumers: {})",
+                    names.join(", ")
+                )
+            })?;
+            Some(consumer.world)
+        }
+    };
     let wasm =
         std::fs::read(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
     let runtime = clawq::runtime::Runtime::new()?;
@@ -471,7 +497,17 @@ fn run_cli() -> Result<()> {
         Command::Connect(args) => runtime.block_on(connect(args)),
         Command::Agents(command) => agents(command),
         Command::Handlers(command) => runtime.block_on(handlers(command)),
-        Command::Check { file, world } => check(&file, world.as_deref()),
+        Command::Check {
+            file,
+            world,
+            consumer,
+            config,
+        } => check(
+            &file,
+            world.as_deref(),
+            consumer.as_deref(),
+            config.as_deref(),
+        ),
         Command::Run(args) => runtime.block_on(run(args)),
         Command::New(command) => new(command),
         Command::Dlq(command) => runtime.block_on(clawq::operator::dlq(command)),
