@@ -2,7 +2,8 @@
 //! the CRL-invalidation component end to end, the same queue with no handler at all
 //! (the engine alone) side by side, the per-batch cost of a fresh instance, the
 //! compile/validate time of both bundled components and the time from a deploy to the
-//! first batch on the new version.
+//! first batch on the new version, and what a second consumer of the same queue (a
+//! subscription that takes every message, or none) costs.
 //!
 //! Run with `cargo bench -p clawq --bench throughput`. `CLAWQ_BENCH_MESSAGES` sets the
 //! message count (default 50000).
@@ -15,6 +16,7 @@ use clawq::bundled;
 use clawq::config::{ConsumerConfig, EVENTS_QUEUE};
 use clawq::consumer::Consumer;
 use clawq::handlers::HandlerSlots;
+use clawq::queue::routes::{Filter, Routes};
 use clawq::queue::sqlite::SqliteQueue;
 use clawq::queue::{ContentType, NewMessage, QueueBackend, RetryPolicy, Settlement};
 use clawq::relay::hub::ConnectionHub;
@@ -105,28 +107,65 @@ async fn end_to_end(
     batch_size: usize,
     concurrency: usize,
 ) -> f64 {
+    fanned_out(runtime, n, batch_size, concurrency, None).await
+}
+
+/// Messages/s through the CRL-invalidation consumer of the events queue and, with
+/// `second`, a second consumer (`audit`, the same component) subscribed with that filter.
+async fn fanned_out(
+    runtime: &Arc<Runtime>,
+    n: usize,
+    batch_size: usize,
+    concurrency: usize,
+    second: Option<Filter>,
+) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let queue = Arc::new(SqliteQueue::open(&dir.path().join("q.db")).unwrap());
-    let caps = capabilities(dir.path());
-    fill(&queue, n).await;
-    let config = ConsumerConfig {
+    let primary = ConsumerConfig {
         max_batch_size: batch_size,
         max_batch_timeout: Duration::ZERO,
         max_concurrency: concurrency,
         ..ConsumerConfig::default_for(EVENTS_QUEUE)
     };
-    let slots = HandlerSlots::open(dir.path(), runtime.clone(), caps.clone(), [&config])
-        .await
-        .unwrap();
+    let mut configs = vec![primary.clone()];
+    if let Some(filter) = second {
+        configs.push(ConsumerConfig {
+            name: "audit".into(),
+            filter,
+            ..primary
+        });
+    }
+    let mut routes = Routes::default();
+    for c in &configs {
+        routes.add(&c.queue, &c.name, c.filter.clone());
+    }
+    let queue = Arc::new(
+        SqliteQueue::open(&dir.path().join("q.db"))
+            .unwrap()
+            .with_routes(routes),
+    );
+    let caps = capabilities(dir.path());
+    fill(&queue, n).await;
+    let slots = Arc::new(
+        HandlerSlots::open(dir.path(), runtime.clone(), caps.clone(), &configs)
+            .await
+            .unwrap(),
+    );
     let backend: Arc<dyn QueueBackend> = queue.clone();
-    let consumer = Consumer::new(config, Arc::new(slots), backend, caps.clone());
     let stop = CancellationToken::new();
     let started = Instant::now();
-    let running = tokio::spawn(consumer.run(stop.clone()));
+    let running: Vec<_> = configs
+        .into_iter()
+        .map(|c| {
+            let consumer = Consumer::new(c, slots.clone(), backend.clone(), caps.clone());
+            tokio::spawn(consumer.run(stop.clone()))
+        })
+        .collect();
     wait_drained(&queue).await;
     let rate = n as f64 / started.elapsed().as_secs_f64();
     stop.cancel();
-    running.await.unwrap();
+    for consumer in running {
+        consumer.await.unwrap();
+    }
     let last = format!(
         "did:cdi:registry.clawdentity.com:agent:{}",
         ulid::Ulid::from_parts(n as u64 - 1, 7)
@@ -257,4 +296,18 @@ async fn main() {
             wasm / alone
         );
     }
+
+    let every: Filter = serde_json::from_value(serde_json::json!({})).unwrap();
+    let none: Filter =
+        serde_json::from_value(serde_json::json!({"type": "pair.accepted"})).unwrap();
+    let one = fanned_out(&runtime, n, 10, 1, None).await;
+    let filtered = fanned_out(&runtime, n, 10, 1, Some(none)).await;
+    let both = fanned_out(&runtime, n, 10, 1, Some(every)).await;
+    println!(
+        "events queue, batch 10: CRL alone {one:>8.0} msg/s | + a subscriber its filter keeps \
+         out {filtered:>8.0} msg/s (ratio {:.2}) | + a subscriber of every message {both:>8.0} \
+         msg/s (ratio {:.2}, each message handled twice)",
+        filtered / one,
+        both / one
+    );
 }
