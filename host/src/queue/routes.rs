@@ -45,7 +45,7 @@ pub struct Filter {
 
 /// A filter value as written in the config: one value or a list of them.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a filter value: a string, or a list of strings")]
 enum OneOrMany {
     One(String),
     Many(Vec<String>),
@@ -220,6 +220,8 @@ mod tests {
         assert!(err.to_string().contains("not a dotted path"), "{err}");
         let err = parse(r#"filter = { type = [] }"#).unwrap_err();
         assert!(err.to_string().contains("lists no value"), "{err}");
+        let err = parse(r#"filter = { type = 1 }"#).unwrap_err();
+        assert!(err.to_string().contains("a string, or a list of strings"), "{err}");
     }
 
     #[test]
