@@ -475,3 +475,70 @@ fn new_handler_refuses_bad_names_and_existing_directories() {
         "an existing directory is left alone"
     );
 }
+
+/// Longest the JavaScript toolchain may take to install and build (npm ci, componentize).
+const NPM_DEADLINE: Duration = Duration::from_secs(10 * 60);
+
+#[test]
+fn a_handler_written_in_javascript_is_checked_and_run() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../components/examples/js-handler");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/js-handler/js_handler.wasm");
+    let mut build = Command::new("bash");
+    build
+        .arg(example.join("build.sh"))
+        .arg(&out)
+        .env("BACKEND", "qjs");
+    let built = run_bounded(build, NPM_DEADLINE);
+    assert!(
+        built.status.success(),
+        "building the JavaScript handler (needs node and npm) failed: {}{}",
+        String::from_utf8_lossy(&built.stdout),
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let wasm = out.to_str().unwrap();
+
+    let checked = clawq(&["check", wasm, "--world", "receipt-handler"]);
+    assert!(checked.ok, "{}", checked.stderr);
+    let refused = clawq(&["check", wasm, "--world", "receipt-router"]);
+    assert!(
+        refused.stderr.contains("imports `websocket`"),
+        "{}",
+        refused.stderr
+    );
+
+    let dead = receipt("req-js").to_string();
+    let delivered = json!({"type": "delivery_receipt", "status": "delivered_to_webhook"});
+    let ran = clawq(&[
+        "run",
+        wasm,
+        "--world",
+        "receipt-handler",
+        "--message",
+        &dead,
+        "--message",
+        &delivered.to_string(),
+    ]);
+    assert!(ran.ok, "{}", ran.stderr);
+    // The dead-lettered receipt is pushed to its sender as a notification; the other
+    // message is only acked.
+    let calls = section(&ran.stdout, "calls:");
+    let pushes: Vec<&&str> = calls
+        .iter()
+        .filter(|c| c.starts_with("websocket.send-frame"))
+        .collect();
+    assert_eq!(pushes.len(), 1, "{}", ran.stdout);
+    assert!(
+        pushes[0].starts_with(&format!("websocket.send-frame {DID_A}"))
+            && pushes[0].contains("notification")
+            && pushes[0].contains("req-js"),
+        "{}",
+        ran.stdout
+    );
+    let outcomes = section(&ran.stdout, "outcomes:");
+    assert_eq!(outcomes.len(), 2, "{}", ran.stdout);
+    assert!(
+        outcomes.iter().all(|o| o.ends_with(": ack")),
+        "{}",
+        ran.stdout
+    );
+}

@@ -15,9 +15,8 @@ pub fn check(
     wasm: &[u8],
     world: Option<World>,
 ) -> Result<String, LoadError> {
-    let (imports, exports) = runtime
-        .interface(wasm)
-        .map_err(|e| LoadError(format!("`{name}` refused: {e}")))?;
+    let compiled = runtime.compile_component(name, wasm)?;
+    let (imports, exports) = (&compiled.imports, &compiled.exports);
     let verdicts: Vec<(World, Result<(), String>)> = World::ALL
         .into_iter()
         .map(|w| {
@@ -30,15 +29,15 @@ pub fn check(
         })
         .collect();
     if let Some(world) = world {
-        runtime.load(name, wasm, world, Limits::default())?;
+        runtime.load_compiled(name, wasm, &compiled, world, Limits::default())?;
     }
     let mut report = format!(
         "{name}: component, {} bytes, version {}\n",
         wasm.len(),
         &sha256_hex(wasm)[..12]
     );
-    report += &format!("exports: {}\n", list(&exports));
-    report += &format!("imports: {}\n", list(&imports));
+    report += &format!("exports: {}\n", list(exports));
+    report += &format!("imports: {}\n", list(imports));
     let accepted: Vec<&str> = verdicts
         .iter()
         .filter(|(_, v)| v.is_ok())

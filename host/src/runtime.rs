@@ -243,19 +243,19 @@ impl Runtime {
         })
     }
 
-    /// The names of what the component `wasm` imports and exports.
-    pub fn interface(&self, wasm: &[u8]) -> Result<(Vec<String>, Vec<String>), LoadError> {
-        let component = self.compile(wasm).map_err(LoadError)?;
+    /// Compiles the component `wasm` (blocking) for a look at what it imports and
+    /// exports; [`Runtime::load_compiled`] then loads it without compiling it again.
+    pub fn compile_component(&self, name: &str, wasm: &[u8]) -> Result<Compiled, LoadError> {
+        let component = self
+            .compile(wasm)
+            .map_err(|why| LoadError(format!("handler `{name}` refused: {why}")))?;
         let ty = component.component_type();
-        let imports = ty
-            .imports(&self.engine)
-            .map(|(name, _)| name.to_owned())
-            .collect();
-        let exports = ty
-            .exports(&self.engine)
-            .map(|(name, _)| name.to_owned())
-            .collect();
-        Ok((imports, exports))
+        let names = |items: &mut dyn Iterator<Item = &str>| items.map(str::to_owned).collect();
+        Ok(Compiled {
+            imports: names(&mut ty.imports(&self.engine).map(|(name, _)| name)),
+            exports: names(&mut ty.exports(&self.engine).map(|(name, _)| name)),
+            component,
+        })
     }
 
     /// Compiles `wasm` and checks that it is a handler of `world` that instantiates.
@@ -267,13 +267,27 @@ impl Runtime {
         world: World,
         limits: Limits,
     ) -> Result<LoadedHandler, LoadError> {
+        let compiled = self.compile_component(name, wasm)?;
+        self.load_compiled(name, wasm, &compiled, world, limits)
+    }
+
+    /// Checks that `compiled` (the component `wasm`) is a handler of `world` that
+    /// instantiates, and makes it ready to run.
+    pub fn load_compiled(
+        &self,
+        name: &str,
+        wasm: &[u8],
+        compiled: &Compiled,
+        world: World,
+        limits: Limits,
+    ) -> Result<LoadedHandler, LoadError> {
         let refuse = |why: String| LoadError(format!("handler `{name}` refused: {why}"));
-        let component = self.compile(wasm).map_err(refuse)?;
+        let component = &compiled.component;
         let component_type = component.component_type();
         world
             .check_imports(component_type.imports(&self.engine).map(|(name, _)| name))
             .map_err(refuse)?;
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+        let pre = self.linker.instantiate_pre(component).map_err(|e| {
             refuse(format!(
                 "it cannot be linked: {}",
                 anyhow::Error::from(e).root_cause()
@@ -294,6 +308,15 @@ impl Runtime {
             pre,
         })
     }
+}
+
+/// A compiled component and the names of what it imports and exports.
+pub struct Compiled {
+    /// Its imports (interface names such as `clawdentity:queues/log@0.1.0`).
+    pub imports: Vec<String>,
+    /// Its exports.
+    pub exports: Vec<String>,
+    component: Component,
 }
 
 impl LoadedHandler {

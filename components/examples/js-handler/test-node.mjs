@@ -1,0 +1,116 @@
+// Runs handler batches through the built component in Node (jco transpile), against fake
+// capabilities that record every call, and checks the outcomes.
+//
+//   node test-node.mjs [js_handler.wasm]
+//
+// This tests the handler's logic without clawq; `clawq run` tests it in the real host.
+import assert from 'node:assert/strict';
+import { mkdtemp, readFile, rm, writeFile, mkdir } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { transpile } from '@bytecodealliance/jco';
+
+const wasmPath = process.argv[2] ?? 'js_handler.wasm';
+const dir = await mkdtemp(join(tmpdir(), 'js-handler-'));
+try {
+  const { files } = await transpile(await readFile(wasmPath), {
+    name: 'handler',
+    instantiation: { tag: 'async' },
+  });
+  for (const [name, bytes] of Object.entries(files)) {
+    await mkdir(dirname(join(dir, name)), { recursive: true });
+    await writeFile(join(dir, name), bytes);
+  }
+  await writeFile(join(dir, 'package.json'), '{"type":"module"}');
+  const { instantiate } = await import(pathToFileURL(join(dir, 'handler.js')));
+
+  // A fresh instance per batch, as clawq does.
+  async function runBatch(bodies, sendFrameResult = () => 1) {
+    const calls = [];
+    const imports = {
+      'clawdentity:queues/types': {},
+      'clawdentity:queues/log': {
+        write: (level, message) => calls.push(['log', level, message]),
+      },
+      'clawdentity:queues/websocket': {
+        sendFrame: (did, frame) => {
+          calls.push(['send-frame', did, JSON.parse(frame)]);
+          return sendFrameResult();
+        },
+      },
+      'clawdentity:queues/relay-sessions': {
+        deliverReceipt: () => assert.fail('deliver-receipt is not used'),
+      },
+      'clawdentity:queues/actor-storage': {
+        get: () => assert.fail('unused'),
+        put: () => assert.fail('unused'),
+        delete: () => assert.fail('unused'),
+        listPrefix: () => assert.fail('unused'),
+      },
+    };
+    const instance = await instantiate(
+      async (file) => WebAssembly.compile(await readFile(join(dir, file))),
+      imports,
+    );
+    const enc = new TextEncoder();
+    const messages = bodies.map((body, i) => ({
+      id: `m${i}`,
+      attempts: 1,
+      timestampMs: 1_700_000_000_000n,
+      contentType: 'json',
+      body: enc.encode(typeof body === 'string' ? body : JSON.stringify(body)),
+    }));
+    const outcomes = instance['clawdentity:queues/handler@0.1.0'].handle('q', messages);
+    return { calls, outcomes };
+  }
+  // A host-error as the transpiled bindings expect an import to throw it.
+  const hostError = (transient, message) =>
+    Object.assign(new Error(message), { payload: { transient, message } });
+
+  const sender = 'did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB';
+  const recipient = 'did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC';
+  const dead = {
+    type: 'delivery_receipt',
+    requestId: 'r1',
+    senderAgentDid: sender,
+    recipientAgentDid: recipient,
+    status: 'dead_lettered',
+    reason: 'hook down',
+  };
+
+  // A dead-lettered receipt: a warning and a notification frame to the sender.
+  // A delivered receipt and a non-JSON body: ack (the latter with a warning).
+  let { calls, outcomes } = await runBatch([
+    dead,
+    { ...dead, requestId: 'r2', status: 'delivered_to_webhook' },
+    'not json {',
+  ]);
+  assert.deepEqual(outcomes, [{ tag: 'ack' }, { tag: 'ack' }, { tag: 'ack' }]);
+  assert.equal(calls[0][0], 'log');
+  assert.equal(calls[0][1], 'warn');
+  assert.match(calls[0][2], /r1 .* dead-lettered \(hook down\)/);
+  assert.deepEqual(calls[1].slice(0, 2), ['send-frame', sender]);
+  assert.equal(calls[1][2].type, 'notification');
+  assert.equal(calls[1][2].requestId, 'r1');
+  assert.match(calls[1][2].message, /could not be delivered \(hook down\)/);
+  assert.deepEqual(calls[2].slice(0, 2), ['log', 'info']);
+  assert.deepEqual(calls[3].slice(0, 2), ['log', 'warn']);
+  assert.match(calls[3][2], /m2: body is not JSON/);
+  assert.equal(calls.length, 4);
+
+  // A transient send-frame error: retry in 30 s; a permanent one: log and ack.
+  ({ outcomes } = await runBatch([dead], () => {
+    throw hostError(true, 'overloaded');
+  }));
+  assert.deepEqual(outcomes, [{ tag: 'retry', val: 30 }]);
+  ({ calls, outcomes } = await runBatch([dead], () => {
+    throw hostError(false, 'invalid did');
+  }));
+  assert.deepEqual(outcomes, [{ tag: 'ack' }]);
+  assert.deepEqual(calls.at(-1), ['log', 'warn', 'send-frame refused: invalid did']);
+
+  console.log('ok: 3 batches');
+} finally {
+  await rm(dir, { recursive: true, force: true });
+}
