@@ -1,7 +1,7 @@
 //! End to end: crash safety under load. The host is killed with SIGKILL at random points
-//! while producers publish, and restarted on the same data each time; in the end every
-//! message a publish call returned an id for has been handled at least once and none is
-//! left. The same holds for a batch killed while it is retrying with a delay.
+//! while producers publish to a queue with two consumers, and restarted on the same data
+//! each time; in the end every message a publish call returned an id for has been
+//! handled at least once by each consumer and none is left. The same holds for a batch killed while it is retrying with a delay.
 //!
 //! The random points come from a seed printed by each test; `CLAWQ_CRASH_SEED=<seed>`
 //! replays them.
@@ -26,9 +26,23 @@ const PUBLISH_BATCH: usize = 100;
 /// SIGKILLs while publishing.
 const KILLS: usize = 3;
 
+/// Batches of 100, taken as soon as they are ready.
+const BATCHES: &str = "max_batch_size = 100\nmax_batch_timeout = 0.01";
+/// The second consumer of the queue under load, which takes every message too.
+const MIRROR: &str = "mirror";
+
 /// A host consuming `queue` with the scripted handler in batches of 100.
 fn config(queue: &str) -> String {
-    scripted_consumer(queue, "max_batch_size = 100\nmax_batch_timeout = 0.01")
+    scripted_consumer(queue, BATCHES)
+}
+
+/// [`config`] plus a second consumer of `queue`, [`MIRROR`], running the same handler.
+fn fanned_out_config(queue: &str) -> String {
+    format!(
+        "{}[[queues.consumers]]\nqueue = \"{queue}\"\nname = \"{MIRROR}\"\n\
+         handler = \"{SCRIPTED_HANDLER}\"\n{BATCHES}\n",
+        config(queue)
+    )
 }
 
 /// The random generator of a test, seeded from `CLAWQ_CRASH_SEED` or at random; the seed
@@ -118,10 +132,13 @@ fn publish_until_stored(
     }
 }
 
-/// The tags the scripted handler logged across every run, each with how many times.
-fn seen_tags(host: &Host, prefix: &str) -> BTreeMap<String, usize> {
+/// The tags the scripted handler of `consumer` logged across every run, each with how
+/// many times.
+fn seen_tags(host: &Host, consumer: &str, prefix: &str) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
-    for line in host.all_log_lines(&[&format!("seen tag={prefix}"), " attempts="]) {
+    let consumer = format!("consumer=\"{consumer}\"");
+    let tag = format!("seen tag={prefix}");
+    for line in host.all_log_lines(&[&consumer, &tag, " attempts="]) {
         let tag = line.text.split("seen tag=").nth(1).unwrap();
         let tag = tag.split(' ').next().unwrap().to_owned();
         *seen.entry(tag).or_insert(0) += 1;
@@ -139,7 +156,7 @@ fn assert_drained(host: &Host, queue: &str) {
 fn nothing_is_lost_when_the_host_is_killed_under_load() {
     let started = Instant::now();
     let mut rng = rng("kills under load");
-    let mut host = Host::start(&config(QUEUE));
+    let mut host = Host::start(&fanned_out_config(QUEUE));
     let target = Arc::new(Target::new(&host.base));
     let published = Arc::new(AtomicUsize::new(0));
 
@@ -187,24 +204,26 @@ fn nothing_is_lost_when_the_host_is_killed_under_load() {
     );
 
     assert_drained(&host, QUEUE);
-    let seen = seen_tags(&host, "p");
-    let lost: Vec<_> = stored
-        .iter()
-        .filter(|(tag, _)| !seen.contains_key(*tag))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "{} of {MESSAGES} messages were never handled, e.g. (tag, id) {:?}",
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
-    let deliveries: usize = seen.values().sum();
-    eprintln!(
-        "{MESSAGES} messages, {KILLS} kills after {kill_points:?} published: {deliveries} \
-         deliveries, {} duplicates, 0 lost, in {:?}",
-        deliveries - MESSAGES,
-        started.elapsed()
-    );
+    for consumer in [QUEUE, MIRROR] {
+        let seen = seen_tags(&host, consumer, "p");
+        let lost: Vec<_> = stored
+            .iter()
+            .filter(|(tag, _)| !seen.contains_key(*tag))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "{} of {MESSAGES} messages were never handled by {consumer}, e.g. (tag, id) {:?}",
+            lost.len(),
+            &lost[..lost.len().min(5)]
+        );
+        let deliveries: usize = seen.values().sum();
+        eprintln!(
+            "{consumer}: {MESSAGES} messages, {KILLS} kills after {kill_points:?} published: \
+             {deliveries} deliveries, {} duplicates, 0 lost, in {:?}",
+            deliveries - MESSAGES,
+            started.elapsed()
+        );
+    }
 }
 
 #[test]
