@@ -81,6 +81,18 @@ fn section<'a>(report: &'a str, section: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// The outcomes `clawq run` printed, after checking that they are two acks.
+fn two_acks(ran: &Ran) -> Vec<&str> {
+    let outcomes = section(&ran.stdout, "outcomes:");
+    assert_eq!(outcomes.len(), 2, "{}", ran.stdout);
+    assert!(
+        outcomes.iter().all(|o| o.ends_with(": ack")),
+        "{}",
+        ran.stdout
+    );
+    outcomes
+}
+
 fn receipt(request_id: &str) -> Value {
     json!({
         "type": "delivery_receipt", "requestId": request_id,
@@ -116,12 +128,7 @@ fn run_shows_every_capability_call_and_outcome_of_a_batch() {
         "{}",
         ran.stdout
     );
-    let outcomes = section(&ran.stdout, "outcomes:");
-    assert_eq!(outcomes.len(), 2, "{}", ran.stdout);
-    assert!(
-        outcomes.iter().all(|o| o.ends_with(": ack")),
-        "{outcomes:?}"
-    );
+    let outcomes = two_acks(&ran);
     let malformed_id = outcomes[1].split(':').next().unwrap();
     assert!(
         calls[1].contains(malformed_id),
@@ -411,12 +418,7 @@ fn a_new_handler_tests_builds_checks_and_runs_outside_the_workspace() {
         calls[4],
         "actor-storage.get demo-handler \"handled\" -> 1 bytes"
     );
-    let outcomes = section(&ran.stdout, "outcomes:");
-    assert_eq!(outcomes.len(), 2, "{}", ran.stdout);
-    assert!(
-        outcomes.iter().all(|o| o.ends_with(": ack")),
-        "{outcomes:?}"
-    );
+    two_acks(&ran);
 
     // A world without actor storage gets the log-only handler; its tests pass too.
     let ran = clawq(&[
@@ -534,11 +536,5 @@ fn a_handler_written_in_javascript_is_checked_and_run() {
         "{}",
         ran.stdout
     );
-    let outcomes = section(&ran.stdout, "outcomes:");
-    assert_eq!(outcomes.len(), 2, "{}", ran.stdout);
-    assert!(
-        outcomes.iter().all(|o| o.ends_with(": ack")),
-        "{}",
-        ran.stdout
-    );
+    two_acks(&ran);
 }
