@@ -221,7 +221,10 @@ mod tests {
         let err = parse(r#"filter = { type = [] }"#).unwrap_err();
         assert!(err.to_string().contains("lists no value"), "{err}");
         let err = parse(r#"filter = { type = 1 }"#).unwrap_err();
-        assert!(err.to_string().contains("a string, or a list of strings"), "{err}");
+        assert!(
+            err.to_string().contains("a string, or a list of strings"),
+            "{err}"
+        );
     }
 
     #[test]
