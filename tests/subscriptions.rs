@@ -320,3 +320,29 @@ fn a_pushed_notification_reaches_the_agents_hook_through_the_connector() {
         format!("pair.accepted:{DID_A}:{DID_B}:2026-11-25T10:00:00.000Z")
     );
 }
+
+#[test]
+fn two_consumers_of_one_component_keep_their_actors_apart() {
+    let digest = |name: &str| {
+        consumer(
+            RECEIPTS,
+            name,
+            DIGEST,
+            "receipt-handler",
+            r#"filter = { status = "dead_lettered" }"#,
+        )
+    };
+    let host = Host::start(&fast_config(&(digest("digest-a") + &digest("digest-b"))));
+    let token = host.add_agent(DID_A);
+    let mut socket = host.connect(DID_A, Some(&token)).unwrap();
+    host.publish_batch(RECEIPTS, &receipts_of_a());
+    // Each counts the three dead-lettered receipts in its own actors: two digests.
+    for _ in 0..2 {
+        let digest = next_notification(&mut socket);
+        assert_eq!(
+            digest["requestId"],
+            format!("dead-letter-digest:{DID_A}:3"),
+            "{digest}"
+        );
+    }
+}

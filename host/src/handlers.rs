@@ -271,7 +271,13 @@ impl HandlerSlots {
             };
             let name = handler_name(reference);
             let handler = slots
-                .load(&name, wasm.clone(), consumer.world, consumer.limits)
+                .load(
+                    &consumer.name,
+                    &name,
+                    wasm.clone(),
+                    consumer.world,
+                    consumer.limits,
+                )
                 .await?;
             if let Some(by) = by {
                 slots.persist(&consumer.name, &handler, &wasm, by, Some(&config_version))?;
@@ -312,9 +318,11 @@ impl HandlerSlots {
         self.slots.iter()
     }
 
-    /// Compiles and validates off the async workers, then instantiates once.
+    /// Compiles and validates off the async workers, then instantiates once; the handler
+    /// gets the actors of `consumer`.
     async fn load(
         &self,
+        consumer: &str,
         name: &str,
         wasm: Vec<u8>,
         world: World,
@@ -325,7 +333,8 @@ impl HandlerSlots {
         let handler =
             tokio::task::spawn_blocking(move || runtime.load(&name_owned, &wasm, world, limits))
                 .await
-                .map_err(|e| LoadError(format!("loading `{name}` failed: {e}")))??;
+                .map_err(|e| LoadError(format!("loading `{name}` failed: {e}")))??
+                .owned_by(consumer);
         handler.check_instantiates(self.caps.clone()).await?;
         Ok(handler)
     }
@@ -370,7 +379,7 @@ impl HandlerSlots {
         let slot = self.slot(consumer)?;
         let name = slot.current().name().to_owned();
         let handler = Arc::new(
-            self.load(&name, wasm.clone(), slot.world, slot.limits)
+            self.load(consumer, &name, wasm.clone(), slot.world, slot.limits)
                 .await?,
         );
         self.persist(consumer, &handler, &wasm, by, None)?;

@@ -117,6 +117,8 @@ pub struct Runtime {
 /// A compiled and validated handler component, ready to be instantiated for each batch.
 pub struct LoadedHandler {
     name: Arc<str>,
+    /// Whose actors its `actor-storage` calls reach: its consumer's.
+    actors: Arc<str>,
     version: String,
     size: usize,
     limits: Limits,
@@ -149,6 +151,8 @@ pub struct BatchState {
     table: ResourceTable,
     caps: Arc<Capabilities>,
     handler: Arc<str>,
+    /// The actor-storage namespace of the batch: the consumer's name.
+    actors: Arc<str>,
     version: Arc<str>,
     memory: MemoryCap,
     /// Records every capability call when set (`clawq run`).
@@ -301,6 +305,7 @@ impl Runtime {
         })?;
         Ok(LoadedHandler {
             name: name.into(),
+            actors: name.into(),
             version: sha256_hex(wasm),
             size: wasm.len(),
             limits,
@@ -323,6 +328,14 @@ impl LoadedHandler {
     /// The name the handler was loaded under.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Gives the handler the actors of `consumer` (by default those of its own name), so
+    /// that its stored state follows the consumer across new versions and renames of the
+    /// component, and two consumers running one component keep theirs apart.
+    pub fn owned_by(mut self, consumer: &str) -> Self {
+        self.actors = consumer.into();
+        self
     }
 
     /// The version: the SHA-256 of the component, in hex.
@@ -362,6 +375,7 @@ impl LoadedHandler {
             table: ResourceTable::new(),
             caps,
             handler: self.name.clone(),
+            actors: self.actors.clone(),
             version: self.version[..12].into(),
             memory: MemoryCap {
                 limit: self.limits.memory_bytes,
@@ -650,7 +664,7 @@ impl actor_storage::Host for BatchState {
         let result = self
             .caps
             .storage
-            .get(&self.handler, &actor, &key)
+            .get(&self.actors, &actor, &key)
             .map_err(guest_error);
         let show = |value: &Option<Vec<u8>>| match value {
             Some(bytes) => format!("{} bytes", bytes.len()),
@@ -669,7 +683,7 @@ impl actor_storage::Host for BatchState {
         let result = self
             .caps
             .storage
-            .put(&self.handler, &actor, &key, &value)
+            .put(&self.actors, &actor, &key, &value)
             .map_err(guest_error);
         let args = || format!("{actor} {key:?} ({} bytes)", value.len());
         self.record("actor-storage.put", args, &result, |_| "ok".into());
@@ -680,7 +694,7 @@ impl actor_storage::Host for BatchState {
         let result = self
             .caps
             .storage
-            .delete(&self.handler, &actor, &key)
+            .delete(&self.actors, &actor, &key)
             .map_err(guest_error);
         let args = || format!("{actor} {key:?}");
         self.record("actor-storage.delete", args, &result, |_| "ok".into());
@@ -695,7 +709,7 @@ impl actor_storage::Host for BatchState {
         let result = self
             .caps
             .storage
-            .list_prefix(&self.handler, &actor, &prefix)
+            .list_prefix(&self.actors, &actor, &prefix)
             .map_err(guest_error);
         let args = || format!("{actor} {prefix:?}");
         let show = |entries: &Vec<(String, Vec<u8>)>| format!("{} entries", entries.len());
