@@ -346,3 +346,26 @@ fn two_consumers_of_one_component_keep_their_actors_apart() {
         );
     }
 }
+
+#[test]
+fn copies_left_for_a_removed_consumer_are_reported_at_start() {
+    // `parked` has no handler: its copy of each message waits for one.
+    let parked = format!("[[queues.consumers]]\nqueue = \"{EVENTS}\"\nname = \"parked\"\n");
+    let mut host = Host::start(&fast_config(&parked));
+    host.publish(EVENTS, json!({"type": "agent.auth.issued"}));
+    wait_for("the parked copy", || {
+        let status = host.queue(EVENTS);
+        let parked = &status["consumers"][1];
+        (parked["name"] == "parked" && parked["backlog"] == 1).then_some(())
+    });
+
+    host.set_config(&fast_config(""));
+    host.restart();
+    let warning = host.wait_log("messages wait for a consumer the config no longer has");
+    assert!(
+        warning.text.contains("parked") && warning.text.contains("messages=1"),
+        "{}",
+        warning.text
+    );
+    assert_eq!(host.queue(EVENTS)["backlog"], 1, "the copy is still there");
+}

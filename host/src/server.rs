@@ -31,6 +31,32 @@ use crate::trust::TrustStore;
 /// How long in-flight batches get to finish after a shutdown is asked for.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
+/// Logs a warning for every lane holding copies of messages for a consumer the config no
+/// longer has (removed, or renamed): nothing takes them, and they stay until they expire.
+async fn warn_of_unconsumed_lanes(config: &Config, backend: &dyn QueueBackend) -> Result<()> {
+    for queue in config.queue_names() {
+        let configured: Vec<String> = config.consumers_of(queue).map(|c| c.lane()).collect();
+        for (lane, messages) in backend.lanes(queue).await? {
+            // A queue no consumer reads (a dead-letter queue) keeps its messages in its
+            // own lane.
+            if configured.contains(&lane) || (lane == queue && configured.is_empty()) {
+                continue;
+            }
+            let (_, consumer) = crate::queue::routes::split_lane(&lane);
+            tracing::warn!(
+                queue,
+                consumer,
+                messages,
+                retention = ?config.retention_of(queue),
+                "messages wait for a consumer the config no longer has: configure it again to \
+                 handle them, or they expire with the queue's retention (see them with \
+                 GET /v1/queues/{queue}/messages)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs the host until `shutdown` is cancelled.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
     serve_with(config, false, shutdown).await
@@ -46,6 +72,7 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
             .context("opening the queue database")?
             .with_routes(config.routes()),
     );
+    warn_of_unconsumed_lanes(&config, backend.as_ref()).await?;
     let trust = Arc::new(
         TrustStore::open(&config.data_dir.join("trust.db"), config.revocation_ttl)
             .context("opening the trust store")?,

@@ -343,6 +343,9 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// Message counts of `queue`.
     async fn counts(&self, queue: &str) -> Result<QueueCounts, QueueError>;
 
+    /// The lanes of `queue` that hold messages, each with how many, in name order.
+    async fn lanes(&self, queue: &str) -> Result<Vec<(String, u64)>, QueueError>;
+
     /// Up to `limit` messages of `queue` in publish order, starting after the position
     /// `after` (a [`MessagePage::next`]; `None` for the first page).
     async fn list(

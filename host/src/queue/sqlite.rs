@@ -448,6 +448,18 @@ impl QueueBackend for SqliteQueue {
         .map(Option::unwrap_or_default)
     }
 
+    async fn lanes(&self, queue: &str) -> Result<Vec<(String, u64)>, QueueError> {
+        self.conn()
+            .prepare_cached(&format!(
+                "SELECT queue, COUNT(*) FROM messages WHERE {IN_QUEUE} GROUP BY queue ORDER BY queue"
+            ))
+            .and_then(|mut s| {
+                s.query_map([queue], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect()
+            })
+            .map_err(storage)
+    }
+
     async fn list(
         &self,
         queue: &str,
@@ -1215,6 +1227,7 @@ mod tests {
         let summary = queue.redrive(DLQ, &Selection::All, &source).await.unwrap();
         assert_eq!(summary.redriven, 1);
         assert_eq!(queue.counts(lane).await.unwrap().backlog, 1);
+        assert_eq!(queue.lanes(Q).await.unwrap(), [(lane.to_owned(), 1)]);
         let page = queue.list(Q, None, 10).await.unwrap();
         assert_eq!(page.messages.len(), 1);
         assert_eq!(page.messages[0].consumer, "audit");
