@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::queue::{ContentType, LimitError, NewMessage, QueueBackend, QueueError};
+use crate::queue::{ContentType, LimitError, NewMessage, QueueBackend, QueueCounts, QueueError};
 use crate::trust::{TrustError, TrustStore};
 
 mod messages;
@@ -249,23 +249,25 @@ impl AppState {
     async fn status_of(&self, queue: &str) -> Result<Value, ApiError> {
         let info = self.known_queue(queue)?;
         let counts = self.backend.counts(queue).await?;
-        let mut consumers = Vec::new();
-        for c in &info.consumers {
-            let counts = self.backend.counts(&c.lane).await?;
-            consumers.push(json!({
-                "name": c.name,
-                "handler": c.handler,
-                "filter": c.filter,
-                "backlog": counts.backlog,
-                "in_flight": counts.in_flight,
-                "delayed": counts.delayed,
-            }));
-        }
+        let lanes: BTreeMap<String, QueueCounts> =
+            self.backend.lanes(queue).await?.into_iter().collect();
+        let consumers: Vec<Value> = info
+            .consumers
+            .iter()
+            .map(|c| {
+                let counts = lanes.get(&c.lane).copied().unwrap_or_default();
+                json!({
+                    "name": c.name,
+                    "handler": c.handler,
+                    "filter": c.filter,
+                    "backlog": counts.backlog,
+                    "in_flight": counts.in_flight,
+                    "delayed": counts.delayed,
+                })
+            })
+            .collect();
         let dead_lettered = match &info.dead_letter_queue {
-            Some(dlq) => {
-                let c = self.backend.counts(dlq).await?;
-                Some(c.backlog + c.in_flight + c.delayed)
-            }
+            Some(dlq) => Some(self.backend.counts(dlq).await?.held()),
             None => None,
         };
         Ok(json!({

@@ -80,8 +80,7 @@ mod tests {
     }
 
     async fn held(backend: &dyn QueueBackend, queue: &str) -> u64 {
-        let c = backend.counts(queue).await.unwrap();
-        c.backlog + c.in_flight + c.delayed
+        backend.counts(queue).await.unwrap().held()
     }
 
     fn open() -> (tempfile::TempDir, Arc<dyn QueueBackend>) {

@@ -36,7 +36,7 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 async fn warn_of_unconsumed_lanes(config: &Config, backend: &dyn QueueBackend) -> Result<()> {
     for queue in config.queue_names() {
         let configured: Vec<String> = config.consumers_of(queue).map(|c| c.lane()).collect();
-        for (lane, messages) in backend.lanes(queue).await? {
+        for (lane, counts) in backend.lanes(queue).await? {
             // A queue no consumer reads (a dead-letter queue) keeps its messages in its
             // own lane.
             if configured.contains(&lane) || (lane == queue && configured.is_empty()) {
@@ -46,7 +46,7 @@ async fn warn_of_unconsumed_lanes(config: &Config, backend: &dyn QueueBackend) -
             tracing::warn!(
                 queue,
                 consumer,
-                messages,
+                messages = counts.held(),
                 retention = ?config.retention_of(queue),
                 "messages wait for a consumer the config no longer has: configure it again to \
                  handle them, or they expire with the queue's retention (see them with \

@@ -132,6 +132,13 @@ pub struct QueueCounts {
     pub oldest_ready_ms: Option<u64>,
 }
 
+impl QueueCounts {
+    /// Every message held: ready, in flight or delayed.
+    pub fn held(&self) -> u64 {
+        self.backlog + self.in_flight + self.delayed
+    }
+}
+
 /// Where a stored message stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageState {
@@ -343,8 +350,8 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// Message counts of `queue`.
     async fn counts(&self, queue: &str) -> Result<QueueCounts, QueueError>;
 
-    /// The lanes of `queue` that hold messages, each with how many, in name order.
-    async fn lanes(&self, queue: &str) -> Result<Vec<(String, u64)>, QueueError>;
+    /// The lanes of `queue` that hold messages, each with its counts, in name order.
+    async fn lanes(&self, queue: &str) -> Result<Vec<(String, QueueCounts)>, QueueError>;
 
     /// Up to `limit` messages of `queue` in publish order, starting after the position
     /// `after` (a [`MessagePage::next`]; `None` for the first page).

@@ -425,37 +425,41 @@ impl QueueBackend for SqliteQueue {
     }
 
     async fn counts(&self, queue: &str) -> Result<QueueCounts, QueueError> {
-        let conn = self.conn();
-        conn.prepare_cached(&format!(
-            "SELECT COALESCE(SUM(leased = 0 AND visible_ms <= ?2), 0),
-                    COALESCE(SUM(leased = 1), 0),
-                    COALESCE(SUM(leased = 0 AND visible_ms > ?2), 0),
-                    MIN(CASE WHEN leased = 0 AND visible_ms <= ?2 THEN visible_ms END)
-             FROM messages WHERE {IN_QUEUE}"
-        ))
-        .and_then(|mut s| {
-            s.query_row(params![queue, now_ms()], |r| {
-                Ok(QueueCounts {
-                    backlog: r.get(0)?,
-                    in_flight: r.get(1)?,
-                    delayed: r.get(2)?,
-                    oldest_ready_ms: r.get(3)?,
-                })
-            })
-        })
-        .optional()
-        .map_err(storage)
-        .map(Option::unwrap_or_default)
+        let lanes = self.lanes(queue).await?;
+        Ok(lanes
+            .into_iter()
+            .fold(QueueCounts::default(), |sum, (_, lane)| QueueCounts {
+                backlog: sum.backlog + lane.backlog,
+                in_flight: sum.in_flight + lane.in_flight,
+                delayed: sum.delayed + lane.delayed,
+                oldest_ready_ms: match (sum.oldest_ready_ms, lane.oldest_ready_ms) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                },
+            }))
     }
 
-    async fn lanes(&self, queue: &str) -> Result<Vec<(String, u64)>, QueueError> {
+    async fn lanes(&self, queue: &str) -> Result<Vec<(String, QueueCounts)>, QueueError> {
         self.conn()
             .prepare_cached(&format!(
-                "SELECT queue, COUNT(*) FROM messages WHERE {IN_QUEUE} GROUP BY queue ORDER BY queue"
+                "SELECT queue,
+                        COALESCE(SUM(leased = 0 AND visible_ms <= ?2), 0),
+                        COALESCE(SUM(leased = 1), 0),
+                        COALESCE(SUM(leased = 0 AND visible_ms > ?2), 0),
+                        MIN(CASE WHEN leased = 0 AND visible_ms <= ?2 THEN visible_ms END)
+                 FROM messages WHERE {IN_QUEUE} GROUP BY queue ORDER BY queue"
             ))
             .and_then(|mut s| {
-                s.query_map([queue], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect()
+                s.query_map(params![queue, now_ms()], |r| {
+                    let counts = QueueCounts {
+                        backlog: r.get(1)?,
+                        in_flight: r.get(2)?,
+                        delayed: r.get(3)?,
+                        oldest_ready_ms: r.get(4)?,
+                    };
+                    Ok((r.get(0)?, counts))
+                })?
+                .collect()
             })
             .map_err(storage)
     }
@@ -1227,7 +1231,9 @@ mod tests {
         let summary = queue.redrive(DLQ, &Selection::All, &source).await.unwrap();
         assert_eq!(summary.redriven, 1);
         assert_eq!(queue.counts(lane).await.unwrap().backlog, 1);
-        assert_eq!(queue.lanes(Q).await.unwrap(), [(lane.to_owned(), 1)]);
+        let lanes = queue.lanes(Q).await.unwrap();
+        assert_eq!(lanes.len(), 1);
+        assert_eq!((lanes[0].0.as_str(), lanes[0].1.backlog), (lane, 1));
         let page = queue.list(Q, None, 10).await.unwrap();
         assert_eq!(page.messages.len(), 1);
         assert_eq!(page.messages[0].consumer, "audit");
