@@ -81,6 +81,13 @@ fn section<'a>(report: &'a str, section: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// `clawq check <receipt-router> --consumer <consumer> [--config <config>]`.
+fn check_router_for(consumer: &str, config: Option<&str>) -> Ran {
+    let mut args = vec!["check", RECEIPT_ROUTER, "--consumer", consumer];
+    args.extend(config.into_iter().flat_map(|c| ["--config", c]));
+    clawq(&args)
+}
+
 /// The outcomes `clawq run` printed, after checking that they are two acks.
 fn two_acks(ran: &Ran) -> Vec<&str> {
     let outcomes = section(&ran.stdout, "outcomes:");
@@ -234,14 +241,9 @@ fn run_refuses_a_component_outside_its_world_as_check_does() {
     assert_eq!(checked.stderr.lines().next().unwrap(), refusal);
 
     // A consumer's slot, by name: the spec's defaults, or the consumers of a config.
-    let by_slot = clawq(&["check", RECEIPT_ROUTER, "--consumer", "clawdentity-events"]);
+    let by_slot = check_router_for("clawdentity-events", None);
     assert_eq!(by_slot.stderr.lines().next().unwrap(), refusal);
-    let by_slot = clawq(&[
-        "check",
-        RECEIPT_ROUTER,
-        "--consumer",
-        "clawdentity-receipts",
-    ]);
+    let by_slot = check_router_for("clawdentity-receipts", None);
     assert!(by_slot.ok, "{}", by_slot.stderr);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("clawq.toml");
@@ -252,23 +254,9 @@ fn run_refuses_a_component_outside_its_world_as_check_does() {
     )
     .unwrap();
     let config = config.to_str().unwrap();
-    let by_slot = clawq(&[
-        "check",
-        RECEIPT_ROUTER,
-        "--consumer",
-        "audit",
-        "--config",
-        config,
-    ]);
+    let by_slot = check_router_for("audit", Some(config));
     assert_eq!(by_slot.stderr.lines().next().unwrap(), refusal);
-    let unknown = clawq(&[
-        "check",
-        RECEIPT_ROUTER,
-        "--consumer",
-        "nope",
-        "--config",
-        config,
-    ]);
+    let unknown = check_router_for("nope", Some(config));
     assert!(
         !unknown.ok
             && unknown.stderr.contains(
