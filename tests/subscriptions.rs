@@ -371,4 +371,21 @@ fn copies_left_for_a_removed_consumer_are_reported_at_start() {
         warning.text
     );
     assert_eq!(host.queue(EVENTS)["backlog"], 1, "the copy is still there");
+
+    // An operator drops them by naming the consumer.
+    let purged = host.cli(&["dlq", "purge", EVENTS, "--consumer", "parked"]);
+    assert_eq!(purged, format!("purged 1 message from {EVENTS}\n"));
+    assert_eq!(host.queue(EVENTS)["backlog"], 0);
+    let (status, body) = host.delete(
+        &format!("/v1/queues/{EVENTS}/messages"),
+        Some(&json!({"ids": ["x"], "consumer": "parked"})),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not both"),
+        "{body}"
+    );
 }

@@ -55,20 +55,27 @@ pub enum DlqCommand {
         /// A message to redrive (repeatable); without it every message is.
         #[arg(long = "id", value_name = "ID")]
         ids: Vec<String>,
+        /// Only the copies kept for this consumer of the queue.
+        #[arg(long, value_name = "NAME", conflicts_with = "ids")]
+        consumer: Option<String>,
         /// Send them to this queue instead of their source queues.
         #[arg(long, value_name = "QUEUE")]
         to: Option<String>,
         #[command(flatten)]
         server: ServerArg,
     },
-    /// Delete messages for good: those given with `--id`, or every one with `--all`.
-    #[command(group = clap::ArgGroup::new("which").required(true).args(["ids", "all"]))]
+    /// Delete messages for good: those given with `--id`, the copies kept for a consumer
+    /// with `--consumer` (one the config no longer has, say), or every one with `--all`.
+    #[command(group = clap::ArgGroup::new("which").required(true).args(["ids", "consumer", "all"]))]
     Purge {
         /// The queue holding them.
         queue: String,
         /// A message to delete (repeatable).
         #[arg(long = "id", value_name = "ID")]
         ids: Vec<String>,
+        /// Delete the copies kept for this consumer of the queue.
+        #[arg(long, value_name = "NAME")]
+        consumer: Option<String>,
         /// Delete every message of the queue (messages in flight excepted).
         #[arg(long)]
         all: bool,
@@ -102,12 +109,16 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
         DlqCommand::Redrive {
             queue,
             ids,
+            consumer,
             to,
             server,
         } => {
             let mut body = json!({});
             if !ids.is_empty() {
                 body["ids"] = json!(ids);
+            }
+            if let Some(consumer) = &consumer {
+                body["consumer"] = json!(consumer);
             }
             if let Some(to) = &to {
                 body["to"] = json!(to);
@@ -123,9 +134,16 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
             render_redrive(&queue, &ids, to.as_deref(), &reply)
         }
         DlqCommand::Purge {
-            queue, ids, server, ..
+            queue,
+            ids,
+            consumer,
+            server,
+            ..
         } => {
-            let body = (!ids.is_empty()).then(|| Payload::Json(json!({"ids": ids})));
+            let body = match consumer {
+                Some(consumer) => Some(Payload::Json(json!({"consumer": consumer}))),
+                None => (!ids.is_empty()).then(|| Payload::Json(json!({"ids": ids}))),
+            };
             let reply = Client::new(&server)?
                 .call(Method::DELETE, &["queues", &queue, "messages"], &[], body)
                 .await?;

@@ -49,8 +49,8 @@ async fn warn_of_unconsumed_lanes(config: &Config, backend: &dyn QueueBackend) -
                 messages = counts.held(),
                 retention = ?config.retention_of(queue),
                 "messages wait for a consumer the config no longer has: configure it again to \
-                 handle them, or they expire with the queue's retention (see them with \
-                 GET /v1/queues/{queue}/messages)"
+                 handle them, drop them with `clawq dlq purge {queue} --consumer {consumer}`, \
+                 or they expire with the queue's retention"
             );
         }
     }

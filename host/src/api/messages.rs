@@ -33,6 +33,7 @@ pub(super) struct ListQuery {
 #[serde(deny_unknown_fields)]
 struct RedriveRequest {
     ids: Option<Vec<String>>,
+    consumer: Option<String>,
     to: Option<String>,
 }
 
@@ -41,6 +42,7 @@ struct RedriveRequest {
 #[serde(deny_unknown_fields)]
 struct PurgeRequest {
     ids: Option<Vec<String>>,
+    consumer: Option<String>,
 }
 
 /// `GET /v1/queues/{queue}/messages?limit=&cursor=`: one page of the queue's messages in
@@ -92,8 +94,9 @@ pub(super) async fn show(
     }
 }
 
-/// `POST /v1/queues/{queue}/redrive` with `{"ids": [...], "to": "queue"}`, both optional:
-/// moves the messages (all, or those ids) to the queue each was dead-lettered from, or to
+/// `POST /v1/queues/{queue}/redrive` with `{"ids": [...], "to": "queue"}` (or
+/// `"consumer"` for `ids`), all optional: moves the messages (all, those ids, or the
+/// copies kept for that consumer) to the queue each was dead-lettered from, or to
 /// `to`, with their attempts reset. Answers `{"redriven": n, "skipped": m}`, `skipped`
 /// counting the selected messages that record no source queue the host serves. A message
 /// goes back only to the consumer that gave up on it; one sent to `to` goes to the
@@ -105,7 +108,7 @@ pub(super) async fn redrive(
 ) -> Result<Json<Value>, ApiError> {
     state.known_queue(&queue)?;
     let request: RedriveRequest = parse_optional_json(body)?;
-    let selection = selection(request.ids)?;
+    let selection = selection(request.ids, request.consumer)?;
     let target = match request.to {
         Some(to) if to == queue => {
             return Err(ApiError::bad_request(format!(
@@ -134,8 +137,9 @@ pub(super) async fn redrive(
     ))
 }
 
-/// `DELETE /v1/queues/{queue}/messages` with an optional `{"ids": [...]}`: deletes the
-/// messages (all, or those ids). Answers `{"purged": n}`.
+/// `DELETE /v1/queues/{queue}/messages` with an optional `{"ids": [...]}` or
+/// `{"consumer": "name"}`: deletes the messages (all, those ids, or the copies kept for
+/// that consumer). Answers `{"purged": n}`.
 pub(super) async fn purge(
     State(state): State<AppState>,
     Path(queue): Path<String>,
@@ -145,7 +149,7 @@ pub(super) async fn purge(
     let request: PurgeRequest = parse_optional_json(body)?;
     let purged = state
         .backend
-        .purge(&queue, &selection(request.ids)?)
+        .purge(&queue, &selection(request.ids, request.consumer)?)
         .await?;
     tracing::info!(queue, purged, "messages purged");
     Ok(Json(json!({"purged": purged})))
@@ -161,15 +165,18 @@ fn parse_optional_json<T: DeserializeOwned + Default>(
     }
 }
 
-/// The messages an `ids` field selects: all without it; an empty list is refused, being
-/// more likely a mistake than a wish to do nothing.
-fn selection(ids: Option<Vec<String>>) -> Result<Selection, ApiError> {
-    match ids {
-        None => Ok(Selection::All),
-        Some(ids) if ids.is_empty() => Err(ApiError::bad_request(
+/// The messages an `ids` or a `consumer` field selects (the copies kept for that consumer
+/// of the queue): all without either; an empty list is refused, being more likely a
+/// mistake than a wish to do nothing.
+fn selection(ids: Option<Vec<String>>, consumer: Option<String>) -> Result<Selection, ApiError> {
+    match (ids, consumer) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request("give `ids` or `consumer`, not both")),
+        (None, Some(consumer)) => Ok(Selection::Consumer(consumer)),
+        (None, None) => Ok(Selection::All),
+        (Some(ids), None) if ids.is_empty() => Err(ApiError::bad_request(
             "`ids` is empty: list message ids, or leave `ids` out to select every message",
         )),
-        Some(ids) => Ok(Selection::Ids(ids)),
+        (Some(ids), None) => Ok(Selection::Ids(ids)),
     }
 }
 

@@ -215,6 +215,8 @@ pub enum Selection {
     All,
     /// The messages with these ids; ids not in the queue are ignored.
     Ids(Vec<String>),
+    /// The copies kept for this consumer of the queue (one still configured or not).
+    Consumer(String),
 }
 
 /// Where redriven messages go.

@@ -68,8 +68,9 @@ const STORED_COLUMNS: &str = "seq, id, leased, visible_ms, attempts, published_m
 const IN_QUEUE: &str = "(queue = ?1 OR (queue > ?1 || '#' AND queue < ?1 || '$'))";
 
 /// Keeps the selected rows of an [`IN_QUEUE`]: `?2` is `NULL` for every message or a
-/// JSON array of ids.
-const SELECTED: &str = "leased = 0 AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))";
+/// JSON array of ids, `?3` `NULL` for every lane or the one lane to keep.
+const SELECTED: &str = "leased = 0 AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))
+    AND (?3 IS NULL OR queue = ?3)";
 
 /// The SQLite queue backend.
 pub struct SqliteQueue {
@@ -223,11 +224,15 @@ fn stored_message(row: &rusqlite::Row<'_>, now: u64) -> rusqlite::Result<StoredM
     })
 }
 
-/// A [`Selection`] as the `?2` parameter of [`SELECTED`].
-fn selected_ids(selection: &Selection) -> Option<String> {
+/// A [`Selection`] of `queue` as the `?2` and `?3` parameters of [`SELECTED`].
+fn selected(queue: &str, selection: &Selection) -> (Option<String>, Option<String>) {
     match selection {
-        Selection::All => None,
-        Selection::Ids(ids) => Some(serde_json::to_string(ids).expect("strings serialize")),
+        Selection::All => (None, None),
+        Selection::Ids(ids) => (
+            Some(serde_json::to_string(ids).expect("strings serialize")),
+            None,
+        ),
+        Selection::Consumer(consumer) => (None, Some(super::routes::lane(queue, consumer))),
     }
 }
 
@@ -519,7 +524,7 @@ impl QueueBackend for SqliteQueue {
         target: &RedriveTarget,
     ) -> Result<RedriveSummary, QueueError> {
         let now = now_ms();
-        let ids = selected_ids(selection);
+        let (ids, lane) = selected(queue, selection);
         let mut woken: Vec<String> = Vec::new();
         let mut redriven = 0;
         let skipped = {
@@ -531,7 +536,7 @@ impl QueueBackend for SqliteQueue {
                      WHERE {IN_QUEUE} AND {SELECTED}"
                 ))
                 .and_then(|mut s| {
-                    s.query_map(params![queue, ids], |r| {
+                    s.query_map(params![queue, ids, lane], |r| {
                         let content_type: String = r.get(2)?;
                         Ok(Redrivable {
                             seq: r.get(0)?,
@@ -585,7 +590,7 @@ impl QueueBackend for SqliteQueue {
                 .prepare_cached(&format!(
                     "SELECT COUNT(*) FROM messages WHERE {IN_QUEUE} AND {SELECTED}"
                 ))
-                .and_then(|mut s| s.query_row(params![queue, ids], |r| r.get(0)))
+                .and_then(|mut s| s.query_row(params![queue, ids, lane], |r| r.get(0)))
                 .map_err(storage)?;
             tx.commit().map_err(storage)?;
             skipped
@@ -603,7 +608,10 @@ impl QueueBackend for SqliteQueue {
             .prepare_cached(&format!(
                 "DELETE FROM messages WHERE {IN_QUEUE} AND {SELECTED}"
             ))
-            .and_then(|mut s| s.execute(params![queue, selected_ids(selection)]))
+            .and_then(|mut s| {
+                let (ids, lane) = selected(queue, selection);
+                s.execute(params![queue, ids, lane])
+            })
             .map(|n| n as u64)
             .map_err(storage)
     }
@@ -1237,6 +1245,17 @@ mod tests {
         let page = queue.list(Q, None, 10).await.unwrap();
         assert_eq!(page.messages.len(), 1);
         assert_eq!(page.messages[0].consumer, "audit");
+
+        // One consumer's copies can be purged without touching the others'.
+        queue.publish(Q, vec![typed("a")]).await.unwrap();
+        let audit = Selection::Consumer("audit".into());
+        assert_eq!(queue.purge(Q, &audit).await.unwrap(), 2);
+        assert_eq!(queue.counts(lane).await.unwrap(), QueueCounts::default());
+        assert_eq!(
+            queue.counts(Q).await.unwrap().backlog,
+            1,
+            "the default copy stays"
+        );
     }
 
     #[tokio::test]
