@@ -248,9 +248,9 @@ impl AppState {
 
     async fn status_of(&self, queue: &str) -> Result<Value, ApiError> {
         let info = self.known_queue(queue)?;
-        let counts = self.backend.counts(queue).await?;
         let lanes: BTreeMap<String, QueueCounts> =
             self.backend.lanes(queue).await?.into_iter().collect();
+        let counts = QueueCounts::total(lanes.values());
         let consumers: Vec<Value> = info
             .consumers
             .iter()

@@ -47,9 +47,9 @@ pub fn published(queue: &str, n: usize) {
     counter!("clawq_messages_published_total", "queue" => queue.to_owned()).increment(n as u64);
 }
 
-/// Counts a published message that no consumer of its queue subscribes to.
-pub fn unrouted(queue: &str) {
-    counter!("clawq_messages_unrouted_total", "queue" => queue.to_owned()).increment(1);
+/// Counts `n` published messages that no consumer of their queue subscribes to.
+pub fn unrouted(queue: &str, n: u64) {
+    counter!("clawq_messages_unrouted_total", "queue" => queue.to_owned()).increment(n);
 }
 
 /// Counts what a settlement did.

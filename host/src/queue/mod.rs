@@ -137,6 +137,21 @@ impl QueueCounts {
     pub fn held(&self) -> u64 {
         self.backlog + self.in_flight + self.delayed
     }
+
+    /// The counts of a whole queue from those of its lanes.
+    pub fn total<'a>(lanes: impl IntoIterator<Item = &'a QueueCounts>) -> QueueCounts {
+        lanes
+            .into_iter()
+            .fold(QueueCounts::default(), |sum, lane| QueueCounts {
+                backlog: sum.backlog + lane.backlog,
+                in_flight: sum.in_flight + lane.in_flight,
+                delayed: sum.delayed + lane.delayed,
+                oldest_ready_ms: match (sum.oldest_ready_ms, lane.oldest_ready_ms) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                },
+            })
+    }
 }
 
 /// Where a stored message stands.

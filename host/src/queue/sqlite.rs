@@ -291,7 +291,7 @@ impl QueueBackend for SqliteQueue {
             .iter()
             .map(|_| ulid::Ulid::new().to_string())
             .collect();
-        let mut woken = Vec::new();
+        let (mut woken, mut unrouted) = (Vec::new(), 0);
         {
             let mut conn = self.conn();
             let tx = conn.transaction().map_err(storage)?;
@@ -308,7 +308,7 @@ impl QueueBackend for SqliteQueue {
                     let lanes = self.routes.lanes(queue, m.content_type, &m.body);
                     if lanes.is_empty() {
                         tracing::debug!(queue, %id, "no consumer subscribes to the message; acked");
-                        crate::metrics::unrouted(queue);
+                        unrouted += 1;
                     }
                     for lane in lanes {
                         insert
@@ -326,6 +326,9 @@ impl QueueBackend for SqliteQueue {
                 }
             }
             tx.commit().map_err(storage)?;
+        }
+        if unrouted > 0 {
+            crate::metrics::unrouted(queue, unrouted);
         }
         woken.sort_unstable();
         woken.dedup();
@@ -431,17 +434,7 @@ impl QueueBackend for SqliteQueue {
 
     async fn counts(&self, queue: &str) -> Result<QueueCounts, QueueError> {
         let lanes = self.lanes(queue).await?;
-        Ok(lanes
-            .into_iter()
-            .fold(QueueCounts::default(), |sum, (_, lane)| QueueCounts {
-                backlog: sum.backlog + lane.backlog,
-                in_flight: sum.in_flight + lane.in_flight,
-                delayed: sum.delayed + lane.delayed,
-                oldest_ready_ms: match (sum.oldest_ready_ms, lane.oldest_ready_ms) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                },
-            }))
+        Ok(QueueCounts::total(lanes.iter().map(|(_, counts)| counts)))
     }
 
     async fn lanes(&self, queue: &str) -> Result<Vec<(String, QueueCounts)>, QueueError> {
