@@ -11,7 +11,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clawq::actor_storage::ActorStorage;
 use clawq::bundled;
 use clawq::config::{ConsumerConfig, EVENTS_QUEUE};
 use clawq::consumer::Consumer;
@@ -19,10 +18,8 @@ use clawq::handlers::HandlerSlots;
 use clawq::queue::routes::{Filter, Routes};
 use clawq::queue::sqlite::SqliteQueue;
 use clawq::queue::{ContentType, NewMessage, QueueBackend, RetryPolicy, Settlement};
-use clawq::relay::hub::ConnectionHub;
-use clawq::relay::sessions::{RelaySessions, SessionLimits};
+use clawq::relay::sessions::SessionLimits;
 use clawq::runtime::{Capabilities, Limits, Runtime};
-use clawq::trust::TrustStore;
 use clawq::world::World;
 use tokio_util::sync::CancellationToken;
 
@@ -30,17 +27,11 @@ const PUBLISH_BATCH: usize = 100;
 
 /// Every capability, backed by stores in `dir`.
 fn capabilities(dir: &std::path::Path) -> Arc<Capabilities> {
-    let hub = Arc::new(ConnectionHub::default());
     let limits = SessionLimits {
         receipt_ttl: Duration::from_secs(3600),
         max_receipts_per_agent: 500,
     };
-    Arc::new(Capabilities {
-        trust: Arc::new(TrustStore::open(&dir.join("t.db"), Duration::from_secs(3600)).unwrap()),
-        sessions: Arc::new(RelaySessions::open(&dir.join("s.db"), hub.clone(), limits).unwrap()),
-        hub,
-        storage: Arc::new(ActorStorage::open(&dir.join("a.db")).unwrap()),
-    })
+    Capabilities::open(dir, Duration::from_secs(3600), limits).unwrap()
 }
 
 fn revocation(i: usize) -> NewMessage {

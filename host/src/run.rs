@@ -2,19 +2,16 @@
 //! component on this machine, against capabilities backed by a throwaway data directory,
 //! and reports every capability call the handler made and the outcome of each message.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use crate::actor_storage::ActorStorage;
 use crate::clock::now_ms;
 use crate::config::{DEFAULT_REVOCATION_TTL, RelayConfig};
-use crate::relay::hub::ConnectionHub;
-use crate::relay::sessions::{RelaySessions, SessionLimits};
+use crate::relay::sessions::SessionLimits;
 use crate::runtime::{Call, Capabilities, ContentType, Limits, Message, Outcome, Runtime};
-use crate::trust::TrustStore;
 use crate::world::World;
 
 /// What `clawq run` runs and how it reports it.
@@ -79,7 +76,13 @@ pub async fn run_batch(options: &RunOptions) -> Result<Report> {
     let handler = runtime.load(&file.display().to_string(), &wasm, world, Limits::default())?;
 
     let data = tempfile::tempdir().context("creating a temporary data directory")?;
-    let caps = throwaway_capabilities(data.path())?;
+    let relay = RelayConfig::default();
+    let limits = SessionLimits {
+        receipt_ttl: relay.receipt_ttl,
+        max_receipts_per_agent: relay.max_receipts_per_agent,
+    };
+    let caps = Capabilities::open(data.path(), DEFAULT_REVOCATION_TTL, limits)
+        .context("opening throwaway capabilities")?;
     let timestamp_ms = now_ms();
     let messages: Vec<Message> = bodies
         .into_iter()
@@ -115,28 +118,6 @@ fn read_message(arg: &str) -> Result<Vec<u8>> {
     };
     let body: Value = serde_json::from_str(&text).context("not JSON")?;
     Ok(body.to_string().into_bytes())
-}
-
-/// Every capability, backed by new stores in `dir` with the host's default settings.
-fn throwaway_capabilities(dir: &Path) -> Result<Arc<Capabilities>> {
-    let relay = RelayConfig::default();
-    let limits = SessionLimits {
-        receipt_ttl: relay.receipt_ttl,
-        max_receipts_per_agent: relay.max_receipts_per_agent,
-    };
-    let hub = Arc::new(ConnectionHub::default());
-    let trust = TrustStore::open(&dir.join("trust.db"), DEFAULT_REVOCATION_TTL)
-        .context("opening a throwaway trust store")?;
-    let sessions = RelaySessions::open(&dir.join("sessions.db"), hub.clone(), limits)
-        .context("opening throwaway relay sessions")?;
-    let storage = ActorStorage::open(&dir.join("actor-storage.db"))
-        .context("opening a throwaway actor storage")?;
-    Ok(Arc::new(Capabilities {
-        trust: Arc::new(trust),
-        sessions: Arc::new(sessions),
-        hub,
-        storage: Arc::new(storage),
-    }))
 }
 
 /// A message's outcome as text: `ack`, `retry (delay 60 s)`, `dead-letter: <reason>`,

@@ -24,7 +24,7 @@ use crate::actor_storage::{ActorStorage, StorageError};
 use crate::crypto::sha256_hex;
 use crate::frame::{MAX_FRAME_BYTES, ReceiptStatus, VERSION};
 use crate::relay::hub::ConnectionHub;
-use crate::relay::sessions::{Delivery, ReceiptIn, RelaySessions, SessionError};
+use crate::relay::sessions::{Delivery, ReceiptIn, RelaySessions, SessionError, SessionLimits};
 use crate::trust::{TrustError, TrustStore};
 use crate::world::World;
 
@@ -60,6 +60,31 @@ pub struct Capabilities {
     pub hub: Arc<ConnectionHub>,
     /// Backs the `actor-storage` import.
     pub storage: Arc<ActorStorage>,
+}
+
+impl Capabilities {
+    /// Every capability, backed by the stores in `data_dir` (created when missing):
+    /// revocation markers lasting `revocation_ttl`, relay sessions kept within `limits`,
+    /// and a connection hub of its own.
+    pub fn open(
+        data_dir: &std::path::Path,
+        revocation_ttl: Duration,
+        limits: SessionLimits,
+    ) -> Result<Arc<Capabilities>> {
+        let hub = Arc::new(ConnectionHub::default());
+        let trust = TrustStore::open(&data_dir.join("trust.db"), revocation_ttl)
+            .context("opening the trust store")?;
+        let sessions = RelaySessions::open(&data_dir.join("sessions.db"), hub.clone(), limits)
+            .context("opening the relay sessions")?;
+        let storage = ActorStorage::open(&data_dir.join("actor-storage.db"))
+            .context("opening the actor storage")?;
+        Ok(Arc::new(Capabilities {
+            trust: Arc::new(trust),
+            sessions: Arc::new(sessions),
+            hub,
+            storage: Arc::new(storage),
+        }))
+    }
 }
 
 /// One capability call a handler made, as `clawq run` reports it.

@@ -11,7 +11,6 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::actor_storage::ActorStorage;
 use crate::admin::{self, AdminState, admin_token};
 use crate::agents::AgentRegistry;
 use crate::api::{self, AppState, ConsumerInfo, QueueInfo};
@@ -23,10 +22,8 @@ use crate::metrics::{self, MetricsState};
 use crate::queue::QueueBackend;
 use crate::queue::sqlite::SqliteQueue;
 use crate::relay::endpoint::{self, Heartbeat, RelayState};
-use crate::relay::hub::ConnectionHub;
-use crate::relay::sessions::{RelaySessions, SessionLimits};
+use crate::relay::sessions::SessionLimits;
 use crate::runtime::{Capabilities, Runtime};
-use crate::trust::TrustStore;
 
 /// How long in-flight batches get to finish after a shutdown is asked for.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
@@ -73,30 +70,13 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
             .with_routes(config.routes()),
     );
     warn_of_unconsumed_lanes(&config, backend.as_ref()).await?;
-    let trust = Arc::new(
-        TrustStore::open(&config.data_dir.join("trust.db"), config.revocation_ttl)
-            .context("opening the trust store")?,
-    );
-    let hub = Arc::new(ConnectionHub::default());
     let limits = SessionLimits {
         receipt_ttl: config.relay.receipt_ttl,
         max_receipts_per_agent: config.relay.max_receipts_per_agent,
     };
-    let sessions = Arc::new(
-        RelaySessions::open(&config.data_dir.join("sessions.db"), hub.clone(), limits)
-            .context("opening the relay sessions")?,
-    );
-    let storage = Arc::new(
-        ActorStorage::open(&config.data_dir.join("actor-storage.db"))
-            .context("opening the actor storage")?,
-    );
+    let caps = Capabilities::open(&config.data_dir, config.revocation_ttl, limits)?;
+    let (trust, sessions, hub) = (caps.trust.clone(), caps.sessions.clone(), caps.hub.clone());
     let agents = Arc::new(AgentRegistry::open(&config.data_dir.join("agents.db"))?);
-    let caps = Arc::new(Capabilities {
-        trust: trust.clone(),
-        sessions: sessions.clone(),
-        hub: hub.clone(),
-        storage,
-    });
     let runtime = Arc::new(Runtime::new()?);
 
     let slots = Arc::new(
