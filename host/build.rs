@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Guest crates, by package name.
-const GUESTS: [&str; 6] = [
+const GUESTS: [&str; 8] = [
     "crl-invalidation",
     "receipt-router",
+    "event-router",
     "scripted-handler",
     "failing-handler",
+    "legacy-handler",
     "dead-letter-digest",
     "event-notifier",
 ];
@@ -26,7 +28,7 @@ fn main() {
         .unwrap_or_else(|| root.join("target"))
         .join("guests");
 
-    for dir in ["wit", "components", "tests/components"] {
+    for dir in ["wit", "host/wit-compat", "components", "tests/components"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     println!(

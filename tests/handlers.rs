@@ -118,7 +118,7 @@ fn bad_components_are_refused_with_the_reason_and_the_old_version_serves() {
         (
             "empty component",
             b"\0asm\x0d\0\x01\0".to_vec(),
-            "does not export `clawdentity:queues/handler@0.1.0`",
+            "does not export `clawdentity:queues/handler@0.2.0`",
         ),
         (
             "wrong capability",

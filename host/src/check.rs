@@ -6,7 +6,7 @@ use crate::runtime::{Limits, LoadError, Runtime};
 use crate::world::World;
 
 /// The export every handler needs.
-const HANDLER_EXPORT: &str = "clawdentity:queues/handler@0.1.0";
+const HANDLER_EXPORT: &str = "clawdentity:queues/handler@0.2.0";
 
 /// A report on `wasm`; with `world`, an error unless that world accepts it.
 pub fn check(

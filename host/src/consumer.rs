@@ -13,13 +13,16 @@ use crate::config::{ConsumerConfig, MAX_DELAY_SECONDS};
 use crate::handlers::HandlerSlots;
 use crate::metrics;
 use crate::queue::{self, Delivery, QueueBackend, RetryPolicy, Settlement};
-use crate::runtime::{Capabilities, LoadedHandler, Message, Outcome};
+use crate::runtime::{Capabilities, LoadedHandler, Message, Outcome, Unhandled};
+use crate::text::truncate;
 
 /// How long a consumer waits before asking the queue engine again after it failed.
 const STORAGE_BACKOFF: Duration = Duration::from_secs(1);
 /// How many times committing a batch's outcomes is tried before giving up on it (its
 /// messages are then delivered again after the next restart).
 const SETTLE_TRIES: u32 = 5;
+/// Most characters of a handler's `unhandled` detail written to the log.
+const MAX_UNHANDLED_DETAIL_CHARS: usize = 1024;
 
 /// One consumer of a queue: its settings, its handler and what they run against. It
 /// takes batches from its own lane of the queue, so its outcomes (retries, dead letters)
@@ -203,6 +206,10 @@ impl Consumer {
                         "handler asked for a retry",
                     ),
                     Some(Outcome::DeadLetter(reason)) => Settlement::DeadLetter { reason },
+                    Some(Outcome::Unhandled(unhandled)) => {
+                        self.unhandled(handler, &delivery.id, &unhandled);
+                        Settlement::Ack
+                    }
                     None => self.retry(
                         self.config.retry_delay,
                         "handler returned no outcome for it",
@@ -211,6 +218,15 @@ impl Consumer {
                 (delivery, settlement)
             })
             .collect()
+    }
+
+    /// Logs and counts a message the handler acknowledged without handling it.
+    fn unhandled(&self, handler: &LoadedHandler, id: &str, unhandled: &Unhandled) {
+        let reason = unhandled.reason.as_str();
+        let detail = truncate(&unhandled.detail, MAX_UNHANDLED_DETAIL_CHARS);
+        tracing::warn!(queue = %self.config.queue, handler = handler.name(), message = id,
+            reason, "message acknowledged unhandled: {detail}");
+        metrics::unhandled(&self.config.queue, reason);
     }
 
     fn retry(&self, delay_seconds: u32, error: &str) -> Settlement {

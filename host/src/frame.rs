@@ -67,6 +67,18 @@ pub enum FrameBody {
         /// The receipt frame's id.
         ack_id: String,
     },
+    /// A delivery for the connected agent (host → connector, spec section 5), kept by
+    /// its session until a `deliver_ack`.
+    Deliver(Box<Deliver>),
+    /// The connector stored (or refused) the deliver frame `ack_id` (connector → host).
+    DeliverAck {
+        /// The deliver frame's id.
+        ack_id: String,
+        /// Whether the connector took the delivery.
+        accepted: bool,
+        /// Why it refused it, when it did.
+        reason: Option<String>,
+    },
     /// A system notification for the connected agent, pushed by a handler (host →
     /// connector; clawq's addition, e.g. "pairing complete"). Not acknowledged: the host
     /// keeps no copy.
@@ -76,6 +88,41 @@ pub enum FrameBody {
         /// The text for the agent.
         message: String,
     },
+}
+
+/// The fields of a `deliver` frame (spec section 5); absent optional fields are omitted
+/// from the JSON, never `null`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deliver {
+    /// The agent the delivery is from.
+    pub from_agent_did: String,
+    /// The agent it is for.
+    pub to_agent_did: String,
+    /// Any JSON value.
+    pub payload: Value,
+    /// Where the delivery comes from, e.g. `proxy.events.queue.pair_accepted`.
+    pub delivery_source: Option<String>,
+    /// The payload's content type.
+    pub content_type: Option<String>,
+    /// The group it concerns.
+    pub group_id: Option<String>,
+    /// The conversation it belongs to.
+    pub conversation_id: Option<String>,
+    /// What it answers.
+    pub reply_to: Option<String>,
+}
+
+impl Deliver {
+    /// The optional string fields, by wire name.
+    fn optional_fields(&self) -> [(&'static str, &Option<String>); 5] {
+        [
+            ("deliverySource", &self.delivery_source),
+            ("contentType", &self.content_type),
+            ("groupId", &self.group_id),
+            ("conversationId", &self.conversation_id),
+            ("replyTo", &self.reply_to),
+        ]
+    }
 }
 
 /// One frame.
@@ -126,6 +173,8 @@ impl Frame {
             FrameBody::HeartbeatAck { .. } => "heartbeat_ack",
             FrameBody::Receipt { .. } => "receipt",
             FrameBody::ReceiptAck { .. } => "receipt_ack",
+            FrameBody::Deliver(_) => "deliver",
+            FrameBody::DeliverAck { .. } => "deliver_ack",
             FrameBody::Notification { .. } => "notification",
         }
     }
@@ -149,6 +198,27 @@ impl Frame {
                 fields.insert("originalFrameId".into(), original_frame_id.clone().into());
                 fields.insert("toAgentDid".into(), to_agent_did.clone().into());
                 fields.insert("status".into(), status.as_str().into());
+                if let Some(reason) = reason {
+                    fields.insert("reason".into(), reason.clone().into());
+                }
+            }
+            FrameBody::Deliver(deliver) => {
+                fields.insert("fromAgentDid".into(), deliver.from_agent_did.clone().into());
+                fields.insert("toAgentDid".into(), deliver.to_agent_did.clone().into());
+                fields.insert("payload".into(), deliver.payload.clone());
+                for (name, value) in deliver.optional_fields() {
+                    if let Some(value) = value {
+                        fields.insert(name.into(), value.clone().into());
+                    }
+                }
+            }
+            FrameBody::DeliverAck {
+                ack_id,
+                accepted,
+                reason,
+            } => {
+                fields.insert("ackId".into(), ack_id.clone().into());
+                fields.insert("accepted".into(), (*accepted).into());
                 if let Some(reason) = reason {
                     fields.insert("reason".into(), reason.clone().into());
                 }
@@ -197,14 +267,47 @@ impl Frame {
                 },
                 &["ackId"],
             ),
+            "deliver" => {
+                let deliver = Deliver {
+                    from_agent_did: string(&fields, "fromAgentDid")?,
+                    to_agent_did: string(&fields, "toAgentDid")?,
+                    payload: fields
+                        .get("payload")
+                        .cloned()
+                        .ok_or(FrameError::BadField("payload"))?,
+                    delivery_source: optional_string(&fields, "deliverySource")?,
+                    content_type: optional_string(&fields, "contentType")?,
+                    group_id: optional_string(&fields, "groupId")?,
+                    conversation_id: optional_string(&fields, "conversationId")?,
+                    reply_to: optional_string(&fields, "replyTo")?,
+                };
+                let allowed: &[&str] = &[
+                    "fromAgentDid",
+                    "toAgentDid",
+                    "payload",
+                    "deliverySource",
+                    "contentType",
+                    "groupId",
+                    "conversationId",
+                    "replyTo",
+                ];
+                (FrameBody::Deliver(Box::new(deliver)), allowed)
+            }
+            "deliver_ack" => {
+                let body = FrameBody::DeliverAck {
+                    ack_id: string(&fields, "ackId")?,
+                    accepted: fields
+                        .get("accepted")
+                        .and_then(Value::as_bool)
+                        .ok_or(FrameError::BadField("accepted"))?,
+                    reason: optional_string(&fields, "reason")?,
+                };
+                (body, &["ackId", "accepted", "reason"])
+            }
             "receipt" => {
                 let status = ReceiptStatus::parse(&string(&fields, "status")?)
                     .ok_or(FrameError::BadField("status"))?;
-                let reason = match fields.get("reason") {
-                    None => None,
-                    Some(Value::String(r)) => Some(r.clone()),
-                    Some(_) => return Err(FrameError::BadField("reason")),
-                };
+                let reason = optional_string(&fields, "reason")?;
                 let body = FrameBody::Receipt {
                     original_frame_id: string(&fields, "originalFrameId")?,
                     to_agent_did: string(&fields, "toAgentDid")?,
@@ -241,6 +344,18 @@ fn string(fields: &Map<String, Value>, name: &'static str) -> Result<String, Fra
     }
 }
 
+/// An optional string field: absent, or a string (possibly empty).
+fn optional_string(
+    fields: &Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<String>, FrameError> {
+    match fields.get(name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(FrameError::BadField(name)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +385,21 @@ mod tests {
             FrameBody::Notification {
                 request_id: "pair.accepted:a:b:1".into(),
                 message: "Pairing complete.".into(),
+            },
+            FrameBody::Deliver(Box::new(Deliver {
+                from_agent_did: "did:cdi:a.b:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB".into(),
+                to_agent_did: "did:cdi:a.b:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC".into(),
+                payload: json!({"system": {"type": "pair.accepted"}}),
+                delivery_source: Some("proxy.events.queue.pair_accepted".into()),
+                content_type: None,
+                group_id: Some("grp_01HZX4M3Q8V2J7K9T6R5W1N0PB".into()),
+                conversation_id: None,
+                reply_to: None,
+            })),
+            FrameBody::DeliverAck {
+                ack_id: "01HZX4M3Q8V2J7K9T6R5W1N0PB".into(),
+                accepted: false,
+                reason: Some("full".into()),
             },
         ];
         for body in bodies {
@@ -307,6 +437,22 @@ mod tests {
             (
                 format!(r#"{{"v":1,"type":"receipt_ack","id":"{id}","ts":"{ts}"}}"#),
                 FrameError::BadField("ackId"),
+            ),
+            (
+                format!(r#"{{"v":1,"type":"deliver_ack","id":"{id}","ts":"{ts}","ackId":"{id}"}}"#),
+                FrameError::BadField("accepted"),
+            ),
+            (
+                format!(
+                    r#"{{"v":1,"type":"deliver","id":"{id}","ts":"{ts}","fromAgentDid":"a","toAgentDid":"b"}}"#
+                ),
+                FrameError::BadField("payload"),
+            ),
+            (
+                format!(
+                    r#"{{"v":1,"type":"deliver","id":"{id}","ts":"{ts}","fromAgentDid":"a","toAgentDid":"b","payload":1,"groupId":null}}"#
+                ),
+                FrameError::BadField("groupId"),
             ),
         ];
         for (text, want) in cases {

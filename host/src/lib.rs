@@ -29,5 +29,6 @@ pub mod run;
 pub mod runtime;
 pub mod scaffold;
 pub mod server;
+pub mod text;
 pub mod trust;
 pub mod world;

@@ -52,6 +52,12 @@ pub fn unrouted(queue: &str, n: u64) {
     counter!("clawq_messages_unrouted_total", "queue" => queue.to_owned()).increment(n);
 }
 
+/// Counts a message its handler acknowledged without handling it, by reason.
+pub fn unhandled(queue: &str, reason: &'static str) {
+    counter!("clawq_messages_unhandled_total", "queue" => queue.to_owned(), "reason" => reason)
+        .increment(1);
+}
+
 /// Counts what a settlement did.
 pub fn settled(queue: &str, summary: &SettleSummary) {
     let q = queue.to_owned();

@@ -9,6 +9,8 @@ use anyhow::{Context, Result, bail};
 use reqwest::{Method, Url};
 use serde_json::{Value, json};
 
+use crate::text::truncate;
+
 /// How long a command waits for the host.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest failure reason shown in a `dlq list` row (`dlq show` shows all of it).
@@ -588,15 +590,6 @@ fn why(m: &Value) -> String {
     reason.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// `s` cut to `max` characters, with an ellipsis when cut.
-fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_owned();
-    }
-    let kept: String = s.chars().take(max.saturating_sub(1)).collect();
-    format!("{kept}…")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -636,12 +629,6 @@ mod tests {
             render_list("q", 20, &json!({"messages": [], "cursor": null})),
             "q holds no messages\n"
         );
-    }
-
-    #[test]
-    fn long_reasons_are_cut_in_lists() {
-        assert_eq!(truncate("abcdef", 4), "abc…");
-        assert_eq!(truncate("abc", 4), "abc");
     }
 
     #[test]

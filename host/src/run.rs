@@ -128,6 +128,11 @@ fn show_outcome(outcome: Option<&Outcome>) -> String {
         Some(Outcome::Retry(Some(delay))) => format!("retry (delay {delay} s)"),
         Some(Outcome::Retry(None)) => "retry (the consumer's retry_delay)".to_owned(),
         Some(Outcome::DeadLetter(reason)) => format!("dead-letter: {reason}"),
+        Some(Outcome::Unhandled(unhandled)) => format!(
+            "unhandled ({}): {}",
+            unhandled.reason.as_str(),
+            unhandled.detail
+        ),
         None => "no outcome (retried)".to_owned(),
     }
 }
@@ -178,6 +183,9 @@ impl Report {
                     Some(Outcome::DeadLetter(reason)) => {
                         json!({"id": id, "outcome": "dead-letter", "reason": reason})
                     }
+                    Some(Outcome::Unhandled(unhandled)) => json!({"id": id,
+                        "outcome": "unhandled", "reason": unhandled.reason.as_str(),
+                        "detail": unhandled.detail}),
                     None => json!({"id": id, "outcome": null}),
                 })
                 .collect(),

@@ -37,7 +37,22 @@ mod bindings {
     });
 }
 
-pub use bindings::clawdentity::queues::types::{ContentType, HostError, Message, Outcome};
+pub use bindings::clawdentity::queues::types::{
+    ContentType, HostError, Message, Outcome, Unhandled, UnhandledReason,
+};
+
+impl UnhandledReason {
+    /// The reason's name in logs and in the `reason` label of
+    /// `clawq_messages_unhandled_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnhandledReason::Malformed => "malformed",
+            UnhandledReason::UnknownType => "unknown_type",
+            UnhandledReason::InvalidField => "invalid_field",
+            UnhandledReason::Refused => "refused",
+        }
+    }
+}
 use bindings::clawdentity::queues::{actor_storage, log, relay_sessions, trust_store, websocket};
 use bindings::{HandlerHost, HandlerHostPre};
 
@@ -324,7 +339,7 @@ impl Runtime {
         })?;
         let pre = HandlerHostPre::new(pre).map_err(|e| {
             refuse(format!(
-                "it does not export `clawdentity:queues/handler@0.1.0` as world `{world}` requires: {}",
+                "it does not export `clawdentity:queues/handler@0.2.0` as world `{world}` requires: {}",
                 anyhow::Error::from(e).root_cause()
             ))
         })?;
@@ -342,7 +357,7 @@ impl Runtime {
 
 /// A compiled component and the names of what it imports and exports.
 pub struct Compiled {
-    /// Its imports (interface names such as `clawdentity:queues/log@0.1.0`).
+    /// Its imports (interface names such as `clawdentity:queues/log@0.2.0`).
     pub imports: Vec<String>,
     /// Its exports.
     pub exports: Vec<String>,
@@ -611,6 +626,16 @@ impl relay_sessions::Host for BatchState {
         let args = || args.unwrap_or_default();
         self.record("relay-sessions.deliver-receipt", args, &result, show);
         result
+    }
+
+    async fn deliver(
+        &mut self,
+        delivery: relay_sessions::AgentDelivery,
+    ) -> Result<relay_sessions::Delivery, HostError> {
+        Err(HostError {
+            transient: false,
+            message: format!("deliver to {} is not available yet", delivery.to_agent_did),
+        })
     }
 }
 

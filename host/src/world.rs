@@ -13,6 +13,8 @@ pub enum World {
     CrlInvalidation,
     /// `receipt-router`: relay sessions and log.
     ReceiptRouter,
+    /// `event-router`: relay sessions and log.
+    EventRouter,
     /// `receipt-handler`: relay sessions, websocket, actor storage and log.
     ReceiptHandler,
     /// `handler-host`: every capability.
@@ -21,9 +23,10 @@ pub enum World {
 
 impl World {
     /// Every world, by name.
-    pub const ALL: [World; 4] = [
+    pub const ALL: [World; 5] = [
         World::CrlInvalidation,
         World::ReceiptRouter,
+        World::EventRouter,
         World::ReceiptHandler,
         World::HandlerHost,
     ];
@@ -33,6 +36,7 @@ impl World {
         match self {
             World::CrlInvalidation => "crl-invalidation",
             World::ReceiptRouter => "receipt-router",
+            World::EventRouter => "event-router",
             World::ReceiptHandler => "receipt-handler",
             World::HandlerHost => "handler-host",
         }
@@ -47,7 +51,7 @@ impl World {
     pub fn grants(self) -> &'static [&'static str] {
         match self {
             World::CrlInvalidation => &["trust-store", "log"],
-            World::ReceiptRouter => &["relay-sessions", "log"],
+            World::ReceiptRouter | World::EventRouter => &["relay-sessions", "log"],
             World::ReceiptHandler => &["relay-sessions", "websocket", "actor-storage", "log"],
             World::HandlerHost => &[
                 "trust-store",
@@ -99,12 +103,12 @@ mod tests {
     fn imports_beyond_the_world_are_named() {
         let crl = [
             "wasi:io/streams@0.2.6",
-            "clawdentity:queues/types@0.1.0",
-            "clawdentity:queues/trust-store@0.1.0",
+            "clawdentity:queues/types@0.2.0",
+            "clawdentity:queues/trust-store@0.2.0",
         ];
         assert_eq!(World::CrlInvalidation.check_imports(crl), Ok(()));
         let err = World::CrlInvalidation
-            .check_imports(["clawdentity:queues/relay-sessions@0.1.0"])
+            .check_imports(["clawdentity:queues/relay-sessions@0.2.0"])
             .unwrap_err();
         assert!(
             err.starts_with(

@@ -557,10 +557,14 @@ async fn serve(
                     }
                 }
             }
-            FrameBody::ReceiptAck { .. } => {
+            FrameBody::ReceiptAck { .. } | FrameBody::DeliverAck { .. } => {
                 tracing::warn!(
-                    "ignoring a receipt_ack frame from the host (it only goes the other way)"
+                    "ignoring a {} frame from the host (it only goes the other way)",
+                    frame.type_name()
                 );
+            }
+            FrameBody::Deliver(_) => {
+                tracing::warn!("ignoring deliver frame {} (not handled yet)", frame.id);
             }
         }
     }

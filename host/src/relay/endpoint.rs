@@ -193,6 +193,8 @@ async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
                             }
                             FrameBody::HeartbeatAck { .. }
                             | FrameBody::Receipt { .. }
+                            | FrameBody::Deliver(_)
+                            | FrameBody::DeliverAck { .. }
                             | FrameBody::Notification { .. } => {}
                         },
                         Err(err) => tracing::debug!(agent = %did, error = %err, "unparseable frame ignored"),
