@@ -76,14 +76,23 @@ fn every_row_of_the_outcome_table() {
     );
     for ((body, reason), id) in rows.iter().zip(&ids) {
         let warned = host.log_lines(&["WARN", "crl-invalidation", id]);
-        assert_eq!(warned.len(), usize::from(reason.is_some()), "{body}: {warned:?}");
+        assert_eq!(
+            warned.len(),
+            usize::from(reason.is_some()),
+            "{body}: {warned:?}"
+        );
         if let Some(reason) = reason {
             let line = &warned[0].text;
             assert!(line.contains("acknowledged unhandled"), "{line}");
             assert!(line.contains(&format!("reason=\"{reason}\"")), "{line}");
         }
     }
-    host.wait_log_all(&["WARN", "crl-invalidation", &text_id, "text body is not JSON"]);
+    host.wait_log_all(&[
+        "WARN",
+        "crl-invalidation",
+        &text_id,
+        "text body is not JSON",
+    ]);
 }
 
 #[test]

@@ -185,7 +185,9 @@ fn parse_object(content_type: ContentType, body: &[u8]) -> Option<Value> {
         ContentType::Text => body::ContentType::Text,
         ContentType::Bytes => body::ContentType::Bytes,
     };
-    body::read_object(content_type, body).ok().map(Value::Object)
+    body::read_object(content_type, body)
+        .ok()
+        .map(Value::Object)
 }
 
 #[cfg(test)]
@@ -263,7 +265,11 @@ mod tests {
     fn filters_read_json_strings_and_text_like_the_object() {
         let mut routes = Routes::default();
         routes.add("events", "events", Filter::default());
-        routes.add("events", "router", Filter::field("type", &["pair.accepted"]));
+        routes.add(
+            "events",
+            "router",
+            Filter::field("type", &["pair.accepted"]),
+        );
         let object = r#"{"type":"pair.accepted"}"#;
         let string = serde_json::to_string(object).unwrap();
         for (content_type, body) in [
