@@ -16,11 +16,7 @@ wit_bindgen::generate!({
 
 use clawdentity::queues::log::{self, Level};
 use clawdentity::queues::trust_store;
-use clawdentity::queues::types::{
-    ContentType, HostError, Message, Outcome, Unhandled, UnhandledReason,
-};
-use clawq_protocol::body;
-use clawq_protocol::problem::{Problem, ProblemKind};
+use clawdentity::queues::types::{HostError, Message, Outcome};
 use decide::{Decision, decide};
 
 struct CrlInvalidation;
@@ -62,43 +58,21 @@ impl<R: Fn(&str) -> Result<(), HostError>, L: Fn(Level, &str)> Imports<R, L> {
                 Err(err) => {
                     let detail = format!("trust store refused {did}: {}", err.message);
                     (self.log)(Level::Error, &format!("message {}: {detail}", message.id));
-                    Outcome::Unhandled(Unhandled {
-                        reason: UnhandledReason::Refused,
-                        detail,
-                    })
+                    refused(detail)
                 }
             },
         }
     }
 }
 
-/// The protocol's view of a message's content type.
-fn content_type(content_type: ContentType) -> body::ContentType {
-    match content_type {
-        ContentType::Json => body::ContentType::Json,
-        ContentType::Text => body::ContentType::Text,
-        ContentType::Bytes => body::ContentType::Bytes,
-    }
-}
-
-/// The outcome of a message that cannot be handled.
-fn unhandled(problem: Problem) -> Outcome {
-    let reason = match problem.kind {
-        ProblemKind::Malformed => UnhandledReason::Malformed,
-        ProblemKind::UnknownType => UnhandledReason::UnknownType,
-        ProblemKind::InvalidField => UnhandledReason::InvalidField,
-    };
-    Outcome::Unhandled(Unhandled {
-        reason,
-        detail: problem.detail,
-    })
-}
+clawq_protocol::wit_glue!();
 
 export!(CrlInvalidation);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clawdentity::queues::types::{ContentType, UnhandledReason};
     use std::cell::RefCell;
 
     const DID: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";

@@ -15,12 +15,10 @@ wit_bindgen::generate!({
 
 use clawdentity::queues::log::{self, Level};
 use clawdentity::queues::relay_sessions::{self, AgentDelivery, Delivery};
-use clawdentity::queues::types::{
-    ContentType, HostError, Message, Outcome, Unhandled, UnhandledReason,
-};
-use clawq_protocol::body::{self, read_object};
+use clawdentity::queues::types::{HostError, Message, Outcome};
+use clawq_protocol::body::read_object;
 use clawq_protocol::event::agent_delivery;
-use clawq_protocol::problem::{Problem, ProblemKind};
+use clawq_protocol::problem::Problem;
 
 struct EventRouter;
 
@@ -91,13 +89,8 @@ impl<D: Fn(&AgentDelivery) -> Result<Delivery, HostError>, L: Fn(Level, &str)> I
 /// The delivery a message asks for, in the WIT's terms (`None`: an event type that is
 /// not delivered).
 fn delivery_of(message: &Message) -> Result<Option<AgentDelivery>, Problem> {
-    let content_type = match message.content_type {
-        ContentType::Json => body::ContentType::Json,
-        ContentType::Text => body::ContentType::Text,
-        ContentType::Bytes => body::ContentType::Bytes,
-    };
-    let event =
-        read_object(content_type, &message.body).map_err(|e| Problem::malformed(e.to_string()))?;
+    let event = read_object(content_type(message.content_type), &message.body)
+        .map_err(|e| Problem::malformed(e.to_string()))?;
     Ok(agent_delivery(&event)?.map(|d| AgentDelivery {
         dedup_key: d.dedup_key,
         from_agent_did: d.from_agent_did,
@@ -111,32 +104,14 @@ fn delivery_of(message: &Message) -> Result<Option<AgentDelivery>, Problem> {
     }))
 }
 
-/// The outcome of an event that cannot be handled.
-fn unhandled(problem: Problem) -> Outcome {
-    let reason = match problem.kind {
-        ProblemKind::Malformed => UnhandledReason::Malformed,
-        ProblemKind::UnknownType => UnhandledReason::UnknownType,
-        ProblemKind::InvalidField => UnhandledReason::InvalidField,
-    };
-    Outcome::Unhandled(Unhandled {
-        reason,
-        detail: problem.detail,
-    })
-}
-
-/// The outcome of a delivery the session refused for good.
-fn refused(detail: String) -> Outcome {
-    Outcome::Unhandled(Unhandled {
-        reason: UnhandledReason::Refused,
-        detail,
-    })
-}
+clawq_protocol::wit_glue!();
 
 export!(EventRouter);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clawdentity::queues::types::{ContentType, UnhandledReason};
     use serde_json::{Value, json};
     use std::cell::RefCell;
 

@@ -14,11 +14,8 @@ wit_bindgen::generate!({
 
 use clawdentity::queues::log::{self, Level};
 use clawdentity::queues::relay_sessions::{self, Delivery, Receipt, ReceiptStatus};
-use clawdentity::queues::types::{
-    ContentType, HostError, Message, Outcome, Unhandled, UnhandledReason,
-};
-use clawq_protocol::body;
-use clawq_protocol::problem::ProblemKind;
+use clawdentity::queues::types::{HostError, Message, Outcome};
+use clawq_protocol::problem::Problem;
 use clawq_protocol::receipt::{Status, parse_receipt};
 
 struct ReceiptRouter;
@@ -46,12 +43,8 @@ impl<D: Fn(&Receipt) -> Result<Delivery, HostError>, L: Fn(Level, &str)> Imports
         let receipt = match parse_receipt(content_type(message.content_type), &message.body) {
             Ok(r) => r,
             Err(problem) => {
-                let reason = match problem.kind {
-                    ProblemKind::Malformed => UnhandledReason::Malformed,
-                    ProblemKind::UnknownType => UnhandledReason::UnknownType,
-                    ProblemKind::InvalidField => UnhandledReason::InvalidField,
-                };
-                return unhandled(reason, format!("not a valid receipt: {problem}"));
+                let detail = format!("not a valid receipt: {problem}");
+                return unhandled(Problem { detail, ..problem });
             }
         };
         let wit = Receipt {
@@ -66,13 +59,10 @@ impl<D: Fn(&Receipt) -> Result<Delivery, HostError>, L: Fn(Level, &str)> Imports
             processed_at: receipt.processed_at,
         };
         match (self.deliver)(&wit) {
-            Ok(Delivery::Ignored) => unhandled(
-                UnhandledReason::Refused,
-                format!(
-                    "receipt {} conflicts with the one the session of {} holds (another sender or recipient); ignored",
-                    wit.request_id, wit.sender_agent_did
-                ),
-            ),
+            Ok(Delivery::Ignored) => refused(format!(
+                "receipt {} conflicts with the one the session of {} holds (another sender or recipient); ignored",
+                wit.request_id, wit.sender_agent_did
+            )),
             Ok(_) => Outcome::Ack,
             Err(err) if err.transient => {
                 let text = format!(
@@ -88,31 +78,20 @@ impl<D: Fn(&Receipt) -> Result<Delivery, HostError>, L: Fn(Level, &str)> Imports
                     wit.sender_agent_did, wit.request_id, err.message
                 );
                 (self.log)(Level::Error, &format!("message {}: {detail}", message.id));
-                unhandled(UnhandledReason::Refused, detail)
+                refused(detail)
             }
         }
     }
 }
 
-/// The protocol's view of a message's content type.
-fn content_type(content_type: ContentType) -> body::ContentType {
-    match content_type {
-        ContentType::Json => body::ContentType::Json,
-        ContentType::Text => body::ContentType::Text,
-        ContentType::Bytes => body::ContentType::Bytes,
-    }
-}
-
-/// A message acknowledged without being handled.
-fn unhandled(reason: UnhandledReason, detail: String) -> Outcome {
-    Outcome::Unhandled(Unhandled { reason, detail })
-}
+clawq_protocol::wit_glue!();
 
 export!(ReceiptRouter);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clawdentity::queues::types::{ContentType, UnhandledReason};
     use std::cell::RefCell;
 
     const A: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
