@@ -1,8 +1,6 @@
 //! Delivery receipts (spec section 3): what the relay publishes on the receipts queue,
 //! read with the lenient rules of spec section 5.
 
-use std::fmt;
-
 use serde_json::Value;
 
 use crate::body::{ContentType, read_object};
@@ -37,12 +35,6 @@ impl Status {
     /// The status written `text`, if it is one.
     pub fn parse(text: &str) -> Option<Status> {
         Status::ALL.into_iter().find(|s| s.as_str() == text)
-    }
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

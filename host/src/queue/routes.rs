@@ -38,7 +38,8 @@ pub fn split_lane(lane: &str) -> (&str, &str) {
 /// as `type` or `data.reason`), the values it accepts. An empty filter takes every
 /// message; a non-empty one takes only bodies that are JSON objects (in any encoding the
 /// protocol accepts: the object, a JSON string holding it, or text holding it) whose
-/// every listed field holds one of its values.
+/// every listed field holds one of its values (a string value is compared trimmed, as the
+/// bundled handlers read it).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "BTreeMap<String, OneOrMany>")]
 pub struct Filter {
@@ -106,7 +107,8 @@ impl Filter {
         self.fields.iter().all(|(path, accepted)| {
             let found = path.split('.').try_fold(body, |value, key| value.get(key));
             match found {
-                Some(Value::String(s)) => accepted.contains(s),
+                // Trimmed, as the protocol's lenient rules read fields (spec section 5).
+                Some(Value::String(s)) => accepted.iter().any(|a| a == s.trim()),
                 Some(other @ (Value::Number(_) | Value::Bool(_))) => {
                     accepted.contains(&other.to_string())
                 }
@@ -284,6 +286,12 @@ mod tests {
                 "{content_type:?} {body}"
             );
         }
+        let padded = br#"{"type":"  pair.accepted\n"}"#;
+        assert_eq!(
+            routes.lanes("events", ContentType::Json, padded),
+            ["events", "events#router"],
+            "string values are compared trimmed"
+        );
         let other = serde_json::to_string(r#"{"type":"agent.auth.issued"}"#).unwrap();
         assert_eq!(
             routes.lanes("events", ContentType::Json, other.as_bytes()),
