@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Guest crates, by package name.
-const GUESTS: [&str; 8] = [
+const GUESTS: [&str; 7] = [
     "crl-invalidation",
     "receipt-router",
     "event-router",
@@ -17,7 +17,6 @@ const GUESTS: [&str; 8] = [
     "failing-handler",
     "legacy-handler",
     "dead-letter-digest",
-    "event-notifier",
 ];
 
 fn main() {

@@ -121,7 +121,7 @@ fn run_shows_every_capability_call_and_outcome_of_a_batch() {
     let ran = clawq(&args);
     assert!(ran.ok, "{}", ran.stderr);
     let calls = section(&ran.stdout, "calls:");
-    assert_eq!(calls.len(), 2, "{}", ran.stdout);
+    assert_eq!(calls.len(), 1, "{}", ran.stdout);
     assert_eq!(
         calls[0],
         format!(
@@ -130,28 +130,31 @@ fn run_shows_every_capability_call_and_outcome_of_a_batch() {
              -> stored"
         )
     );
+    let outcomes = section(&ran.stdout, "outcomes:");
+    assert_eq!(outcomes.len(), 2, "{}", ran.stdout);
+    assert!(outcomes[0].ends_with(": ack"), "{}", ran.stdout);
     assert!(
-        calls[1].starts_with("log.warn \"message ") && calls[1].contains("not a valid receipt"),
-        "{}",
+        outcomes[1].ends_with(
+            ": unhandled (unknown_type): not a valid receipt: type `other` is not `delivery_receipt`"
+        ),
+        "the malformed receipt is acknowledged unhandled, saying why: {}",
         ran.stdout
-    );
-    let outcomes = two_acks(&ran);
-    let malformed_id = outcomes[1].split(':').next().unwrap();
-    assert!(
-        calls[1].contains(malformed_id),
-        "the warning names its message"
     );
 
     let ran = clawq(&[&args[..], &["--json"]].concat());
     assert!(ran.ok, "{}", ran.stderr);
     let report: Value = serde_json::from_str(&ran.stdout).unwrap();
+    assert_eq!(report["calls"].as_array().unwrap().len(), 1, "{report}");
     assert_eq!(report["calls"][0]["call"], "relay-sessions.deliver-receipt");
     assert_eq!(report["calls"][0]["result"], "stored");
-    assert_eq!(report["calls"][1]["call"], "log.warn");
-    assert_eq!(report["calls"][1]["result"], Value::Null);
-    let outcomes: Vec<&Value> = report["outcomes"].as_array().unwrap().iter().collect();
+    let outcomes = report["outcomes"].as_array().unwrap();
     assert_eq!(outcomes.len(), 2);
-    assert!(outcomes.iter().all(|o| o["outcome"] == "ack"), "{report}");
+    assert_eq!(outcomes[0]["outcome"], "ack", "{report}");
+    assert_eq!(
+        (&outcomes[1]["outcome"], &outcomes[1]["reason"]),
+        (&json!("unhandled"), &json!("unknown_type")),
+        "{report}"
+    );
     assert_eq!(report["failure"], Value::Null);
 }
 
@@ -260,7 +263,7 @@ fn run_refuses_a_component_outside_its_world_as_check_does() {
     assert!(
         !unknown.ok
             && unknown.stderr.contains(
-                "no consumer named `nope` in the config (its consumers: audit, clawdentity-events, clawdentity-receipts)"
+                "no consumer named `nope` in the config (its consumers: audit, clawdentity-events, clawdentity-receipts, event-router)"
             ),
         "{}",
         unknown.stderr

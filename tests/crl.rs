@@ -29,26 +29,32 @@ fn a_published_revocation_makes_the_agent_revoked() {
 fn every_row_of_the_outcome_table() {
     let host = Host::start(&fast_events_config(""));
     let human = "did:cdi:registry.clawdentity.com:human:01HZX4M3Q8V2J7K9T6R5W1N0PB";
-    // (body, whether the handler must warn about it)
-    let rows: Vec<(Value, bool)> = vec![
-        (json!("not an object"), true),
-        (json!([1, 2, 3]), true),
-        (json!({"id": "x", "data": {}}), true),
-        (json!({"type": "   "}), true),
-        (json!({"type": "agent.auth.issued", "data": {}}), false),
-        (json!({"type": "agent.auth.exploded", "data": {}}), true),
+    // (body, the reason it is acknowledged unhandled with, if it is)
+    let rows: Vec<(Value, Option<&str>)> = vec![
+        (json!("not an object"), Some("malformed")),
+        (json!([1, 2, 3]), Some("malformed")),
+        (json!({"id": "x", "data": {}}), Some("invalid_field")),
+        (json!({"type": "   "}), Some("invalid_field")),
+        (json!({"type": "agent.auth.issued", "data": {}}), None),
+        (
+            json!({"type": "agent.auth.exploded", "data": {}}),
+            Some("unknown_type"),
+        ),
         (
             revocation_event("session_revoked", json!({"agentDid": DID_B})),
-            false,
+            None,
         ),
-        (revocation_event("agent_revoked", json!({})), true),
+        (
+            revocation_event("agent_revoked", json!({})),
+            Some("invalid_field"),
+        ),
         (
             revocation_event("agent_revoked", json!({"agentDid": human})),
-            true,
+            Some("invalid_field"),
         ),
         (
             revocation_event("agent_revoked", json!({"agentDid": DID_A})),
-            false,
+            None,
         ),
     ];
     let bodies: Vec<Value> = rows.iter().map(|(body, _)| body.clone()).collect();
@@ -68,11 +74,25 @@ fn every_row_of_the_outcome_table() {
         !host.is_revoked(DID_B),
         "a session revocation does not revoke the agent"
     );
-    for ((_, warns), id) in rows.iter().zip(&ids) {
-        let warned = host.log_lines(&["WARN", "crl-invalidation", id]).len();
-        assert_eq!(warned, usize::from(*warns), "message {id}");
+    for ((body, reason), id) in rows.iter().zip(&ids) {
+        let warned = host.log_lines(&["WARN", "crl-invalidation", id]);
+        assert_eq!(
+            warned.len(),
+            usize::from(reason.is_some()),
+            "{body}: {warned:?}"
+        );
+        if let Some(reason) = reason {
+            let line = &warned[0].text;
+            assert!(line.contains("acknowledged unhandled"), "{line}");
+            assert!(line.contains(&format!("reason=\"{reason}\"")), "{line}");
+        }
     }
-    host.wait_log_all(&["WARN", "crl-invalidation", &text_id, "not a JSON object"]);
+    host.wait_log_all(&[
+        "WARN",
+        "crl-invalidation",
+        &text_id,
+        "text body is not JSON",
+    ]);
 }
 
 #[test]

@@ -323,7 +323,11 @@ fn the_command_line_lists_shows_redrives_and_purges_and_sums_up() {
         "{status}"
     );
     assert_eq!(row(PARKED)[1..], ["-", "1", "0", "0", "-"], "{status}");
-    assert_eq!(row("clawdentity-events")[1], "crl-invalidation", "{status}");
+    assert_eq!(
+        row("clawdentity-events")[1..3],
+        ["crl-invalidation,", "event-router"],
+        "{status}"
+    );
     assert!(
         status.contains("connectors: 0 connected, 0 relay actors in memory, 0 receipts dropped"),
         "{status}"

@@ -312,7 +312,10 @@ fn the_admin_api_needs_its_token() {
         .iter()
         .map(|h| h["consumer"].as_str().unwrap())
         .collect();
-    assert_eq!(consumers, ["clawdentity-events", "clawdentity-receipts"]);
+    assert_eq!(
+        consumers,
+        ["clawdentity-events", "clawdentity-receipts", "event-router"]
+    );
 }
 
 #[test]

@@ -107,7 +107,7 @@ fn each_consumer_receives_exactly_the_messages_it_subscribes_to() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, [EVENTS, "audit"], "{status}");
+    assert_eq!(names, [EVENTS, "audit", "event-router"], "{status}");
 }
 
 #[test]
@@ -175,7 +175,6 @@ fn a_failing_third_party_handler_holds_up_nothing_and_its_dead_letters_name_it()
 }
 
 const DIGEST: &str = env!("CLAWQ_GUEST_DEAD_LETTER_DIGEST");
-const NOTIFIER: &str = env!("CLAWQ_GUEST_EVENT_NOTIFIER");
 /// An agent that gets revoked, and has no connection.
 const DID_REVOKED: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PD";
 
@@ -190,29 +189,22 @@ fn next_notification(socket: &mut Socket) -> Value {
     }
 }
 
+/// The dead-letter digest as a consumer of the receipts queue named `name`.
+fn digest(name: &str) -> String {
+    consumer(
+        RECEIPTS,
+        name,
+        DIGEST,
+        "receipt-handler",
+        r#"filter = { type = "delivery_receipt", status = "dead_lettered" }"#,
+    )
+}
+
 #[test]
-fn the_example_handlers_run_next_to_the_bundled_ones() {
-    let host = Host::start(&fast_config(&format!(
-        "{}{}",
-        consumer(
-            RECEIPTS,
-            "dead-letter-digest",
-            DIGEST,
-            "receipt-handler",
-            r#"filter = { type = "delivery_receipt", status = "dead_lettered" }"#,
-        ),
-        consumer(
-            EVENTS,
-            "event-notifier",
-            NOTIFIER,
-            "receipt-handler",
-            r#"filter = { type = ["pair.accepted", "group.member.joined"] }"#,
-        ),
-    )));
+fn the_example_handler_runs_next_to_the_bundled_ones() {
+    let host = Host::start(&fast_config(&digest("dead-letter-digest")));
     let token_a = host.add_agent(DID_A);
-    let token_b = host.add_agent(DID_B);
     let mut a = host.connect(DID_A, Some(&token_a)).unwrap();
-    let mut b = host.connect(DID_B, Some(&token_b)).unwrap();
 
     // Three dead-lettered receipts of A's messages cross the digest's threshold; the
     // router still pushes each receipt, and the delivered one does not count.
@@ -236,102 +228,54 @@ fn the_example_handlers_run_next_to_the_bundled_ones() {
         "{digest}"
     );
 
-    // A pairing notifies its initiator, a group join its recipient; the CRL handler
-    // still revokes.
-    host.publish_batch(
+    // The CRL handler of the events queue revokes meanwhile.
+    host.publish(
         EVENTS,
-        &[
-            json!({
-                "type": "pair.accepted", "initiatorAgentDid": DID_A, "responderAgentDid": DID_B,
-                "responderProfile": {"agentName": "beta", "humanName": "Bea", "proxyOrigin": "https://b.example"},
-                "issuerProxyOrigin": "https://a.example", "eventTimestampUtc": "2026-11-25T10:00:00.000Z"
-            }),
-            json!({
-                "id": "evt-join", "type": "group.member.joined", "version": "v1",
-                "timestampUtc": "2026-11-25T10:00:00.000Z", "initiatedByAccountId": null,
-                "data": {
-                    "recipientAgentDid": DID_B, "joinedAgentDid": DID_A, "joinedAgentName": "alpha",
-                    "groupId": "grp_01HZX4M3Q8V2J7K9T6R5W1N0PB", "groupName": "builders",
-                    "role": "member", "joinedAt": "2026-11-25T10:00:01.000Z"
-                }
-            }),
-            revocation_event("agent_revoked", json!({"agentDid": DID_REVOKED})),
-        ],
+        revocation_event("agent_revoked", json!({"agentDid": DID_REVOKED})),
     );
-    let paired = next_notification(&mut a);
-    assert_eq!(
-        paired["requestId"],
-        format!("pair.accepted:{DID_A}:{DID_B}:2026-11-25T10:00:00.000Z"),
-        "{paired}"
-    );
-    let joined = next_notification(&mut b);
-    assert_eq!(joined["message"], "alpha joined builders.", "{joined}");
     wait_for("the revocation", || {
         host.is_revoked(DID_REVOKED).then_some(())
     });
-    host.wait_drained(EVENTS);
     host.wait_drained(RECEIPTS);
-    for consumer in ["dead-letter-digest", "event-notifier"] {
-        let counters = &slot(&host, consumer)["counters"];
-        assert_eq!(counters["failed"], 0, "{consumer}: {counters}");
-    }
+    let counters = &slot(&host, "dead-letter-digest")["counters"];
+    assert_eq!(counters["failed"], 0, "{counters}");
 }
 
 #[test]
 fn a_pushed_notification_reaches_the_agents_hook_through_the_connector() {
-    let host = Host::start(&fast_config(&consumer(
-        EVENTS,
-        "event-notifier",
-        NOTIFIER,
-        "receipt-handler",
-        r#"filter = { type = "pair.accepted" }"#,
-    )));
+    let host = Host::start(&fast_config(&digest("dead-letter-digest")));
     let token = host.add_agent(DID_A);
     let hook = FakeHook::start();
     let dir = tempfile::tempdir().unwrap();
     let _connector = Connector::start(&host, DID_A, &token, &hook.url, dir.path());
-    // A receipt through the same connection shows that the host holds it.
-    host.publish(
-        RECEIPTS,
-        receipt("req-1", DID_A, DID_B, "delivered_to_webhook", None),
-    );
-    assert_eq!(hook.wait_requests(1)[0].body["requestId"], "req-1");
-    host.publish(
-        EVENTS,
-        json!({
-            "type": "pair.accepted", "initiatorAgentDid": DID_A, "responderAgentDid": DID_B,
-            "responderProfile": {"agentName": "beta", "humanName": "Bea", "proxyOrigin": "https://b.example"},
-            "issuerProxyOrigin": "https://a.example", "eventTimestampUtc": "2026-11-25T10:00:00.000Z",
-            "message": "beta accepted your pairing request"
-        }),
-    );
-    let request = hook.wait_requests(2).remove(1);
+    // The three dead-lettered receipts reach the hook, then the digest's notification.
+    host.publish_batch(RECEIPTS, &receipts_of_a()[..3]);
+    let requests = hook.wait_requests(4);
+    let notifications: Vec<&HookRequest> = requests
+        .iter()
+        .filter(|r| r.body["type"] == "clawdentity.notification.v1")
+        .collect();
+    assert_eq!(notifications.len(), 1, "{requests:?}");
+    let request = notifications[0];
     assert_eq!(
         request.headers["content-type"],
         "application/vnd.clawdentity.notification+json"
     );
-    assert_eq!(request.body["type"], "clawdentity.notification.v1");
-    assert_eq!(
-        request.body["message"],
-        "beta accepted your pairing request"
-    );
     assert_eq!(
         request.body["requestId"],
-        format!("pair.accepted:{DID_A}:{DID_B}:2026-11-25T10:00:00.000Z")
+        format!("dead-letter-digest:{DID_A}:3")
+    );
+    assert!(
+        request.body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("3 of your messages"),
+        "{request:?}"
     );
 }
 
 #[test]
 fn two_consumers_of_one_component_keep_their_actors_apart() {
-    let digest = |name: &str| {
-        consumer(
-            RECEIPTS,
-            name,
-            DIGEST,
-            "receipt-handler",
-            r#"filter = { status = "dead_lettered" }"#,
-        )
-    };
     let host = Host::start(&fast_config(&(digest("digest-a") + &digest("digest-b"))));
     let token = host.add_agent(DID_A);
     let mut socket = host.connect(DID_A, Some(&token)).unwrap();
@@ -357,9 +301,18 @@ fn copies_left_for_a_removed_consumer_are_reported_at_start() {
     // one waits.
     wait_for("the parked copy alone", || {
         let status = host.queue(EVENTS);
-        let (crl, parked) = (&status["consumers"][0], &status["consumers"][1]);
+        let consumer = |name: &str| {
+            status["consumers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap_or_else(|| panic!("no consumer {name}: {status}"))
+                .clone()
+        };
+        let (crl, parked) = (consumer(EVENTS), consumer("parked"));
         let crl_done = crl["backlog"] == 0 && crl["in_flight"] == 0;
-        (parked["name"] == "parked" && parked["backlog"] == 1 && crl_done).then_some(())
+        (parked["backlog"] == 1 && crl_done).then_some(())
     });
 
     host.set_config(&fast_config(""));

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use clawq_protocol::event::DELIVERED_TYPES;
 use serde::Deserialize;
 
 use crate::queue::routes::{self, Filter, Routes};
@@ -17,6 +18,9 @@ use crate::world::World;
 pub const EVENTS_QUEUE: &str = "clawdentity-events";
 /// The receipts queue of the spec (section 1).
 pub const RECEIPTS_QUEUE: &str = "clawdentity-receipts";
+/// The name of the bundled event router's consumer: a second default consumer of
+/// [`EVENTS_QUEUE`] that takes the events delivered to agents (spec section 5).
+pub const EVENT_ROUTER: &str = "event-router";
 /// The longest delivery or retry delay a message may have: 12 hours.
 pub const MAX_DELAY_SECONDS: u32 = 12 * 60 * 60;
 /// The longest batch timeout wrangler accepts.
@@ -135,6 +139,25 @@ impl ConsumerConfig {
             limits: Limits::default(),
             auto_rollback_after: 3,
         }
+    }
+
+    /// The consumers of a host without a config file: each spec queue's bundled handler
+    /// (named like its queue), and the bundled event router next to the CRL handler on
+    /// [`EVENTS_QUEUE`], taking only the event types it delivers, with the queue's
+    /// batch, retry and dead-letter defaults. A config entry naming one of them overrides
+    /// only the keys it gives.
+    pub fn defaults() -> [ConsumerConfig; 3] {
+        [
+            ConsumerConfig::default_for(EVENTS_QUEUE),
+            ConsumerConfig::default_for(RECEIPTS_QUEUE),
+            ConsumerConfig {
+                name: EVENT_ROUTER.to_owned(),
+                filter: Filter::field("type", &DELIVERED_TYPES),
+                handler: Some(EVENT_ROUTER.to_owned()),
+                world: World::EventRouter,
+                ..ConsumerConfig::default_for(EVENTS_QUEUE)
+            },
+        ]
     }
 
     /// The lane this consumer takes its batches from.
@@ -325,10 +348,12 @@ impl Config {
     }
 
     fn from_file(file: FileConfig) -> Result<Config> {
-        let mut consumers: BTreeMap<String, ConsumerConfig> = [EVENTS_QUEUE, RECEIPTS_QUEUE]
+        let mut consumers: BTreeMap<String, ConsumerConfig> = ConsumerConfig::defaults()
             .into_iter()
-            .map(|q| (q.to_owned(), ConsumerConfig::default_for(q)))
+            .map(|c| (c.name.clone(), c))
             .collect();
+        // The defaults no entry has named yet.
+        let mut untouched: Vec<String> = consumers.keys().cloned().collect();
         let mut retention = BTreeMap::new();
         for p in &file.queues.producers {
             set_retention(&mut retention, &p.queue, p.retention)?;
@@ -336,8 +361,16 @@ impl Config {
         for c in file.queues.consumers {
             set_retention(&mut retention, &c.queue, c.retention)?;
             let name = c.name.clone().unwrap_or_else(|| c.queue.clone());
+            let default = untouched.contains(&name);
+            untouched.retain(|n| *n != name);
             let base = match consumers.remove(&name) {
                 Some(base) if base.queue == c.queue => base,
+                Some(base) if default => bail!(
+                    "consumer `{name}` of queue `{}`: `{name}` is the name of a bundled \
+                     consumer of queue `{}`; give this one another name",
+                    c.queue,
+                    base.queue
+                ),
                 Some(_) => bail!("consumer `{name}` is configured for two queues"),
                 // Another consumer of a queue gets its settings, but no handler.
                 None if name != c.queue => ConsumerConfig {
@@ -523,6 +556,30 @@ mod tests {
         let config = Config::load(None).unwrap();
         let events = &config.consumers[EVENTS_QUEUE];
         assert_eq!(events.handler.as_deref(), Some("crl-invalidation"));
+        assert!(events.filter.is_empty());
+        let router = &config.consumers[EVENT_ROUTER];
+        assert_eq!(
+            (router.queue.as_str(), router.handler.as_deref()),
+            (EVENTS_QUEUE, Some("event-router"))
+        );
+        assert_eq!(router.world, World::EventRouter);
+        assert_eq!(
+            router.filter.to_json(),
+            serde_json::json!({"type": ["pair.accepted", "group.member.joined"]})
+        );
+        assert_eq!(
+            (
+                router.max_batch_size,
+                router.max_batch_timeout,
+                router.max_retries
+            ),
+            (10, Duration::from_secs(5), 3)
+        );
+        assert_eq!(
+            router.dead_letter_queue.as_deref(),
+            Some("clawdentity-events-dlq")
+        );
+        assert_eq!(config.consumers.len(), 3);
         assert_eq!(events.max_batch_size, 10);
         assert_eq!(events.max_batch_timeout, Duration::from_secs(5));
         assert_eq!(
@@ -562,6 +619,63 @@ mod tests {
             Some("./jobs.wasm")
         );
         assert!(config.plain_queues.contains(&"jobs-dlq".to_owned()));
+    }
+
+    #[test]
+    fn the_event_router_is_kept_next_to_a_configured_events_consumer_and_overridden_by_name() {
+        let config = Config::parse(
+            r#"
+            [[queues.consumers]]
+            queue = "clawdentity-events"
+            max_batch_timeout = 0.25
+
+            [[queues.consumers]]
+            queue = "clawdentity-events"
+            name = "audit"
+            handler = "audit.wasm"
+            filter = { type = "pair.accepted" }
+
+            [[queues.consumers]]
+            queue = "clawdentity-events"
+            name = "event-router"
+            max_retries = 7
+            "#,
+        )
+        .unwrap();
+        let names: Vec<&str> = config
+            .consumers_of(EVENTS_QUEUE)
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names, ["audit", EVENTS_QUEUE, EVENT_ROUTER]);
+        let router = &config.consumers[EVENT_ROUTER];
+        assert_eq!(router.max_retries, 7, "the entry's key applies");
+        assert_eq!(
+            router.max_batch_timeout,
+            Duration::from_secs(5),
+            "the events consumer's entry is not the router's"
+        );
+        assert_eq!(router.handler.as_deref(), Some("event-router"));
+        assert_eq!(router.world, World::EventRouter);
+        assert!(!router.filter.is_empty(), "its filter stays");
+        let pair = br#"{"type":"pair.accepted"}"#;
+        let routes = config.routes();
+        let lanes = routes.lanes(EVENTS_QUEUE, crate::queue::ContentType::Json, pair);
+        assert_eq!(
+            lanes,
+            [
+                "clawdentity-events#audit",
+                "clawdentity-events",
+                "clawdentity-events#event-router"
+            ]
+        );
+
+        let err = Config::parse("[[queues.consumers]]\nqueue = \"jobs\"\nname = \"event-router\"")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "consumer `event-router` of queue `jobs`: `event-router` is the name of a bundled \
+             consumer of queue `clawdentity-events`; give this one another name"
+        );
     }
 
     #[test]

@@ -39,8 +39,10 @@ const LIB_RS: &str = r##"//! {{name}}: a clawq queue handler for world `{{world}
 //!
 //! The world grants the imports {{grants}}; the component imports only those it uses.
 //!
-//! `handle` gets a batch of messages and answers one outcome per message. The decisions
-//! are made by [`Imports::decide`], which reaches the host only through the closures of
+//! `handle` gets a batch of messages and answers one outcome per message: `ack`,
+//! `retry`, `dead-letter`, or `unhandled` for a message that retrying cannot fix (the host
+//! acknowledges it, logs a warning with the reason and counts it). The decisions are made
+//! by [`Imports::decide`], which reaches the host only through the closures of
 //! [`Imports`], so that `cargo test` runs it natively against a fake host.
 
 wit_bindgen::generate!({ world: "{{world}}", path: "wit" });
@@ -50,7 +52,7 @@ use clawdentity::queues::actor_storage;
 {{/storage}}
 use clawdentity::queues::log::{self, Level};
 {{#storage}}
-use clawdentity::queues::types::{HostError, Message, Outcome};
+use clawdentity::queues::types::{HostError, Message, Outcome, Unhandled, UnhandledReason};
 
 /// The handler's actor in its actor storage.
 const ACTOR: &str = "{{name}}";
@@ -58,7 +60,7 @@ const ACTOR: &str = "{{name}}";
 const HANDLED: &str = "handled";
 {{/storage}}
 {{^storage}}
-use clawdentity::queues::types::{Message, Outcome};
+use clawdentity::queues::types::{Message, Outcome, Unhandled, UnhandledReason};
 {{/storage}}
 
 struct Handler;
@@ -112,19 +114,20 @@ where
 {
 {{/storage}}
     /// Decides the outcome of one message: a JSON body is logged and acked; any other body
-    /// is acked with a warning, since delivering it again cannot fix it.
+    /// is `unhandled` (malformed), since delivering it again cannot fix it.
     fn decide(&self, message: &Message) -> Outcome {
-        match serde_json::from_slice::<serde_json::Value>(&message.body) {
-            Ok(body) => {
-                let (id, attempt) = (&message.id, message.attempts);
-                let text = format!("message {id} (attempt {attempt}): {body}");
-                (self.log)(Level::Info, &text);
-            }
+        let body = match serde_json::from_slice::<serde_json::Value>(&message.body) {
+            Ok(body) => body,
             Err(err) => {
-                let text = format!("message {}: body is not JSON ({err}); acked", message.id);
-                (self.log)(Level::Warn, &text);
+                return Outcome::Unhandled(Unhandled {
+                    reason: UnhandledReason::Malformed,
+                    detail: format!("body is not JSON: {err}"),
+                });
             }
-        }
+        };
+        let (id, attempt) = (&message.id, message.attempts);
+        let text = format!("message {id} (attempt {attempt}): {body}");
+        (self.log)(Level::Info, &text);
 {{#storage}}
         // Capability errors: retry a transient one, log and ack a permanent one.
         if let Err(err) = self.count_handled() {
@@ -226,12 +229,16 @@ mod tests {
     }
 
     #[test]
-    fn a_body_that_is_not_json_is_acked_with_a_warning() {
+    fn a_body_that_is_not_json_is_unhandled() {
         let (outcome, logged) = decide("not json");
-        assert!(matches!(outcome, Outcome::Ack));
-        assert_eq!(logged.len(), 1, "{logged:?}");
-        assert_eq!(logged[0].0, Level::Warn);
-        assert!(logged[0].1.contains("not JSON"), "{logged:?}");
+        assert!(logged.is_empty(), "{logged:?}");
+        match outcome {
+            Outcome::Unhandled(unhandled) => {
+                assert_eq!(unhandled.reason, UnhandledReason::Malformed);
+                assert!(unhandled.detail.starts_with("body is not JSON"), "{}", unhandled.detail);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 {{#storage}}
 
@@ -256,15 +263,14 @@ A clawq queue handler: a WebAssembly component for world `{{world}}` of
 `wit/queues.wit`, the whole contract, documented item by item.
 The world grants the imports {{grants}}.
 
-`src/lib.rs` answers one outcome per message (`ack`, `retry`, `dead-letter`). As
-generated, it logs each JSON message and acks it, and acks any other body with a warning
+`src/lib.rs` answers one outcome per message (`ack`, `retry`, `dead-letter`, or
+`unhandled` for a message that retrying cannot fix: the host acknowledges it, logs a
+warning with the reason and counts it in `clawq_messages_unhandled_total`). As
+generated, it logs each JSON message and acks it, and answers `unhandled` (`malformed`)
+for any other body.
 {{#storage}}
-(retrying cannot fix it); it also counts the messages it handled in its actor storage
-(actor `{{name}}`, key `handled`), and retries a message when that storage is
-unavailable for a while.
-{{/storage}}
-{{^storage}}
-(retrying cannot fix it).
+It also counts the JSON messages it handled in its actor storage (actor `{{name}}`,
+key `handled`), and retries a message when that storage is unavailable for a while.
 {{/storage}}
 The decisions are kept apart from the host's imports, so that the unit tests run them
 against a fake host.

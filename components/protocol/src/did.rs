@@ -66,8 +66,9 @@ fn is_dns_name(name: &str) -> bool {
     name.len() <= 253 && name.split('.').count() >= 2 && name.split('.').all(label_ok)
 }
 
-/// 26 characters of Crockford base32 (digits and uppercase letters except I, L, O, U).
-fn is_ulid(id: &str) -> bool {
+/// Whether `id` is a ULID: 26 characters of Crockford base32 (digits and uppercase
+/// letters except I, L, O, U).
+pub fn is_ulid(id: &str) -> bool {
     id.len() == 26
         && id
             .bytes()

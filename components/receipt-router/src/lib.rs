@@ -1,8 +1,11 @@
 //! The bundled receipt router of the `clawdentity-receipts` queue.
 //!
 //! Each delivery receipt goes to the relay session of its *sender* (spec section 3), which
-//! records it and pushes it to the sender's connector. Malformed receipts are acked with a
-//! warning (retrying cannot fix them); only a transient session failure asks for a retry.
+//! records it and pushes it to the sender's connector. Bodies are read in every encoding
+//! and with the lenient rules of spec section 5. A receipt that cannot be handled, or that
+//! the session refuses for good (a permanent error, or a conflict with the stored one), is
+//! acked `unhandled` with the reason (the host logs and counts it); only a transient
+//! session failure asks for a retry.
 
 wit_bindgen::generate!({
     world: "receipt-router",
@@ -12,7 +15,8 @@ wit_bindgen::generate!({
 use clawdentity::queues::log::{self, Level};
 use clawdentity::queues::relay_sessions::{self, Delivery, Receipt, ReceiptStatus};
 use clawdentity::queues::types::{HostError, Message, Outcome};
-use clawq_protocol::receipt::parse_receipt;
+use clawq_protocol::problem::Problem;
+use clawq_protocol::receipt::{Status, parse_receipt};
 
 struct ReceiptRouter;
 
@@ -36,37 +40,29 @@ struct Imports<D, L> {
 impl<D: Fn(&Receipt) -> Result<Delivery, HostError>, L: Fn(Level, &str)> Imports<D, L> {
     /// Routes one receipt and decides its outcome.
     fn route(&self, message: &Message) -> Outcome {
-        let receipt = match parse_receipt(&message.body) {
+        let receipt = match parse_receipt(content_type(message.content_type), &message.body) {
             Ok(r) => r,
-            Err(why) => {
-                (self.log)(
-                    Level::Warn,
-                    &format!("message {}: not a valid receipt: {why}; acked", message.id),
-                );
-                return Outcome::Ack;
+            Err(problem) => {
+                let detail = format!("not a valid receipt: {problem}");
+                return unhandled(Problem { detail, ..problem });
             }
-        };
-        let status = match receipt.status.as_str() {
-            "dead_lettered" => ReceiptStatus::DeadLettered,
-            _ => ReceiptStatus::DeliveredToWebhook,
         };
         let wit = Receipt {
             request_id: receipt.request_id,
             sender_agent_did: receipt.sender_agent_did,
             recipient_agent_did: receipt.recipient_agent_did,
-            status,
+            status: match receipt.status {
+                Status::DeadLettered => ReceiptStatus::DeadLettered,
+                Status::DeliveredToWebhook => ReceiptStatus::DeliveredToWebhook,
+            },
             reason: receipt.reason,
             processed_at: receipt.processed_at,
         };
         match (self.deliver)(&wit) {
-            Ok(Delivery::Ignored) => {
-                let text = format!(
-                    "receipt {} conflicts with the stored one; ignored",
-                    wit.request_id
-                );
-                (self.log)(Level::Warn, &text);
-                Outcome::Ack
-            }
+            Ok(Delivery::Ignored) => refused(format!(
+                "receipt {} conflicts with the one the session of {} holds (another sender or recipient); ignored",
+                wit.request_id, wit.sender_agent_did
+            )),
             Ok(_) => Outcome::Ack,
             Err(err) if err.transient => {
                 let text = format!(
@@ -77,34 +73,36 @@ impl<D: Fn(&Receipt) -> Result<Delivery, HostError>, L: Fn(Level, &str)> Imports
                 Outcome::Retry(None)
             }
             Err(err) => {
-                let text = format!(
-                    "session of {} refused receipt {}: {}; acked",
+                let detail = format!(
+                    "session of {} refused receipt {}: {}",
                     wit.sender_agent_did, wit.request_id, err.message
                 );
-                (self.log)(Level::Error, &text);
-                Outcome::Ack
+                (self.log)(Level::Error, &format!("message {}: {detail}", message.id));
+                refused(detail)
             }
         }
     }
 }
+
+clawq_protocol::wit_glue!();
 
 export!(ReceiptRouter);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clawdentity::queues::types::ContentType;
+    use clawdentity::queues::types::{ContentType, UnhandledReason};
     use std::cell::RefCell;
 
     const A: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
     const B: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
 
-    fn message(body: &str) -> Message {
+    fn message(content_type: ContentType, body: &str) -> Message {
         Message {
             id: "m1".into(),
             attempts: 1,
             timestamp_ms: 0,
-            content_type: ContentType::Json,
+            content_type,
             body: body.into(),
         }
     }
@@ -115,40 +113,106 @@ mod tests {
         )
     }
 
-    /// Routes `body` against a session answering `answer`; returns the outcome, the log
-    /// levels and how many receipts reached the session.
-    fn run(body: &str, answer: Result<Delivery, HostError>) -> (Outcome, Vec<Level>, usize) {
+    /// Routes `message` against a session answering `answer`; returns the outcome, the
+    /// log levels and the receipts that reached the session.
+    fn run_message(
+        message: &Message,
+        answer: Result<Delivery, HostError>,
+    ) -> (Outcome, Vec<Level>, Vec<Receipt>) {
         let logged = RefCell::new(Vec::new());
-        let calls = RefCell::new(0);
+        let calls = RefCell::new(Vec::new());
         let host = Imports {
             deliver: |r: &Receipt| {
-                assert_eq!(
-                    (r.sender_agent_did.as_str(), r.status),
-                    (A, ReceiptStatus::DeadLettered)
-                );
-                *calls.borrow_mut() += 1;
+                calls.borrow_mut().push(r.clone());
                 answer.clone()
             },
             log: |level, _: &str| logged.borrow_mut().push(level),
         };
-        let outcome = host.route(&message(body));
+        let outcome = host.route(message);
         (outcome, logged.into_inner(), calls.into_inner())
     }
 
+    fn run(body: &str, answer: Result<Delivery, HostError>) -> (Outcome, Vec<Level>, usize) {
+        let (outcome, levels, calls) = run_message(&message(ContentType::Json, body), answer);
+        (outcome, levels, calls.len())
+    }
+
+    fn reason_of(outcome: &Outcome) -> Option<UnhandledReason> {
+        match outcome {
+            Outcome::Unhandled(u) => Some(u.reason),
+            _ => None,
+        }
+    }
+
     #[test]
-    fn malformed_receipts_are_acked_with_a_warning_and_never_routed() {
-        for body in [
-            "nope",
-            "[]",
-            r#"{"type":"other"}"#,
-            &receipt_body().replace("dead_lettered", "lost"),
+    fn what_cannot_be_handled_is_unhandled_with_its_reason_and_never_routed() {
+        for (body, want) in [
+            ("nope".to_owned(), UnhandledReason::Malformed),
+            ("[]".to_owned(), UnhandledReason::Malformed),
+            (
+                r#"{"type":"other"}"#.to_owned(),
+                UnhandledReason::UnknownType,
+            ),
+            (
+                receipt_body().replace("dead_lettered", "lost"),
+                UnhandledReason::InvalidField,
+            ),
+            (
+                receipt_body().replace(A, "did:cdi:x"),
+                UnhandledReason::InvalidField,
+            ),
         ] {
-            let (outcome, levels, calls) = run(body, Ok(Delivery::Stored));
-            assert!(
-                matches!(outcome, Outcome::Ack) && levels == [Level::Warn] && calls == 0,
-                "{body}"
+            let (outcome, levels, calls) = run(&body, Ok(Delivery::Stored));
+            assert_eq!(reason_of(&outcome), Some(want), "{body}");
+            assert!(levels.is_empty() && calls == 0, "{body}");
+        }
+    }
+
+    #[test]
+    fn a_receipt_is_routed_the_same_in_every_encoding() {
+        let text = receipt_body();
+        let string = serde_json::Value::String(text.clone()).to_string();
+        for m in [
+            message(ContentType::Json, &text),
+            message(ContentType::Json, &string),
+            message(ContentType::Text, &text),
+        ] {
+            let (outcome, _, calls) = run_message(&m, Ok(Delivery::Pushed(1)));
+            assert!(matches!(outcome, Outcome::Ack));
+            assert_eq!(calls.len(), 1);
+            let r = &calls[0];
+            assert_eq!(
+                (
+                    r.request_id.as_str(),
+                    r.sender_agent_did.as_str(),
+                    r.recipient_agent_did.as_str()
+                ),
+                ("r1", A, B)
+            );
+            assert_eq!(
+                (r.status, r.reason.as_deref()),
+                (ReceiptStatus::DeadLettered, Some("gone"))
             );
         }
+    }
+
+    #[test]
+    fn lenient_fields_are_trimmed_or_dropped_and_the_receipt_still_routed() {
+        let padded = format!(
+            r#"{{"type":" delivery_receipt ","requestId":" r1 ","senderAgentDid":" {A} ","recipientAgentDid":"{B} ","status":"dead_lettered","reason":42,"processedAt":"whenever"}}"#
+        );
+        let (outcome, _, calls) =
+            run_message(&message(ContentType::Json, &padded), Ok(Delivery::Stored));
+        assert!(matches!(outcome, Outcome::Ack));
+        let r = &calls[0];
+        assert_eq!(
+            (r.request_id.as_str(), r.sender_agent_did.as_str()),
+            ("r1", A)
+        );
+        assert_eq!(
+            (r.reason.as_deref(), r.processed_at.as_deref()),
+            (None, None)
+        );
     }
 
     #[test]
@@ -160,7 +224,16 @@ mod tests {
     }
 
     #[test]
-    fn transient_failures_retry_and_permanent_ones_ack_with_an_error() {
+    fn a_conflicting_receipt_is_unhandled_refused() {
+        let (outcome, levels, calls) = run(&receipt_body(), Ok(Delivery::Ignored));
+        assert_eq!(
+            (reason_of(&outcome), levels.len(), calls),
+            (Some(UnhandledReason::Refused), 0, 1)
+        );
+    }
+
+    #[test]
+    fn transient_failures_retry_and_permanent_ones_are_refused_with_an_error() {
         let busy = HostError {
             transient: true,
             message: "overloaded".into(),
@@ -172,8 +245,10 @@ mod tests {
             transient: false,
             message: "refused".into(),
         };
-        assert!(
-            matches!(run(&receipt_body(), Err(refused)), (Outcome::Ack, l, 1) if l == [Level::Error])
+        let (outcome, levels, calls) = run(&receipt_body(), Err(refused));
+        assert_eq!(
+            (reason_of(&outcome), levels, calls),
+            (Some(UnhandledReason::Refused), vec![Level::Error], 1)
         );
     }
 }

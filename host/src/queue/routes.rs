@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use clawq_protocol::body;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -35,8 +36,10 @@ pub fn split_lane(lane: &str) -> (&str, &str) {
 
 /// Which messages a consumer takes: for each field (a dotted path into a JSON body, such
 /// as `type` or `data.reason`), the values it accepts. An empty filter takes every
-/// message; a non-empty one takes only JSON objects whose every listed field holds one of
-/// its values.
+/// message; a non-empty one takes only bodies that are JSON objects (in any encoding the
+/// protocol accepts: the object, a JSON string holding it, or text holding it) whose
+/// every listed field holds one of its values (a string value is compared trimmed, as the
+/// bundled handlers read it).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "BTreeMap<String, OneOrMany>")]
 pub struct Filter {
@@ -74,6 +77,15 @@ impl TryFrom<BTreeMap<String, OneOrMany>> for Filter {
 }
 
 impl Filter {
+    /// The filter that takes the messages whose field `path` (dotted) holds one of
+    /// `values`.
+    pub fn field(path: &str, values: &[&str]) -> Filter {
+        let values = values.iter().map(|v| (*v).to_owned()).collect();
+        Filter {
+            fields: BTreeMap::from([(path.to_owned(), values)]),
+        }
+    }
+
     /// Whether this filter takes every message.
     pub fn is_empty(&self) -> bool {
         self.fields.is_empty()
@@ -95,7 +107,8 @@ impl Filter {
         self.fields.iter().all(|(path, accepted)| {
             let found = path.split('.').try_fold(body, |value, key| value.get(key));
             match found {
-                Some(Value::String(s)) => accepted.contains(s),
+                // Trimmed, as the protocol's lenient rules read fields (spec section 5).
+                Some(Value::String(s)) => accepted.iter().any(|a| a == s.trim()),
                 Some(other @ (Value::Number(_) | Value::Bool(_))) => {
                     accepted.contains(&other.to_string())
                 }
@@ -166,14 +179,17 @@ impl Routes {
     }
 }
 
-/// The body as a JSON object, if it is one (text bodies holding JSON count too).
+/// The body as a JSON object, read as the bundled handlers read it
+/// ([`clawq_protocol::body::read_object`]), if it is one.
 fn parse_object(content_type: ContentType, body: &[u8]) -> Option<Value> {
-    if content_type == ContentType::Bytes {
-        return None;
-    }
-    serde_json::from_slice::<Value>(body)
+    let content_type = match content_type {
+        ContentType::Json => body::ContentType::Json,
+        ContentType::Text => body::ContentType::Text,
+        ContentType::Bytes => body::ContentType::Bytes,
+    };
+    body::read_object(content_type, body)
         .ok()
-        .filter(Value::is_object)
+        .map(Value::Object)
 }
 
 #[cfg(test)]
@@ -245,5 +261,47 @@ mod tests {
         assert_eq!(routes.lanes("events", ContentType::Json, other), ["events"]);
         assert_eq!(routes.lanes("events", ContentType::Bytes, pair), ["events"]);
         assert_eq!(routes.lanes("plain", ContentType::Json, pair), ["plain"]);
+    }
+
+    #[test]
+    fn filters_read_json_strings_and_text_like_the_object() {
+        let mut routes = Routes::default();
+        routes.add("events", "events", Filter::default());
+        routes.add(
+            "events",
+            "router",
+            Filter::field("type", &["pair.accepted"]),
+        );
+        let object = r#"{"type":"pair.accepted"}"#;
+        let string = serde_json::to_string(object).unwrap();
+        for (content_type, body) in [
+            (ContentType::Json, object),
+            (ContentType::Json, string.as_str()),
+            (ContentType::Text, object),
+            (ContentType::Text, string.as_str()),
+        ] {
+            assert_eq!(
+                routes.lanes("events", content_type, body.as_bytes()),
+                ["events", "events#router"],
+                "{content_type:?} {body}"
+            );
+        }
+        let padded = br#"{"type":"  pair.accepted\n"}"#;
+        assert_eq!(
+            routes.lanes("events", ContentType::Json, padded),
+            ["events", "events#router"],
+            "string values are compared trimmed"
+        );
+        let other = serde_json::to_string(r#"{"type":"agent.auth.issued"}"#).unwrap();
+        assert_eq!(
+            routes.lanes("events", ContentType::Json, other.as_bytes()),
+            ["events"]
+        );
+        for not_an_object in [&b"\"[1]\""[..], b"\"{nope\"", b"hello"] {
+            assert_eq!(
+                routes.lanes("events", ContentType::Text, not_an_object),
+                ["events"]
+            );
+        }
     }
 }
