@@ -762,34 +762,17 @@ pub struct FakeRelay {
 impl FakeRelay {
     /// Listens on a free port for connectors of `did` with `token`.
     pub fn start(did: &str, token: &str) -> FakeRelay {
-        use tungstenite::handshake::server::{ErrorResponse, Request, Response};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (sender, connections) = std::sync::mpsc::channel();
-        let path = format!("/v1/relay/connect?agent={}", did.replace(':', "%3A"));
-        let bearer = format!("Bearer {token}");
+        let check = Upgrade {
+            path: format!("/v1/relay/connect?agent={}", did.replace(':', "%3A")),
+            bearer: format!("Bearer {token}"),
+        };
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { return };
-                let check = |request: &Request, response: Response| {
-                    let authorized = request.uri().to_string() == path
-                        && request
-                            .headers()
-                            .get("authorization")
-                            .is_some_and(|value| value == bearer.as_str());
-                    if authorized {
-                        Ok(response)
-                    } else {
-                        let mut refusal = ErrorResponse::new(Some(format!(
-                            "refused {} ({:?})",
-                            request.uri(),
-                            request.headers().get("authorization")
-                        )));
-                        *refusal.status_mut() = tungstenite::http::StatusCode::UNAUTHORIZED;
-                        Err(refusal)
-                    }
-                };
-                if let Ok(socket) = tungstenite::accept_hdr(stream, check) {
+                if let Ok(socket) = tungstenite::accept_hdr(stream, check.clone()) {
                     socket
                         .get_ref()
                         .set_read_timeout(Some(Duration::from_millis(100)))
@@ -808,5 +791,36 @@ impl FakeRelay {
         self.connections
             .recv_timeout(DEADLINE)
             .expect("a connector connected")
+    }
+}
+
+/// The [`FakeRelay`]'s check of an upgrade request: its path and query, and its token.
+#[derive(Clone)]
+struct Upgrade {
+    path: String,
+    bearer: String,
+}
+
+impl tungstenite::handshake::server::Callback for Upgrade {
+    fn on_request(
+        self,
+        request: &tungstenite::handshake::server::Request,
+        response: tungstenite::handshake::server::Response,
+    ) -> Result<
+        tungstenite::handshake::server::Response,
+        tungstenite::handshake::server::ErrorResponse,
+    > {
+        let authorization = request.headers().get("authorization");
+        if request.uri().to_string() == self.path
+            && authorization.is_some_and(|value| value == self.bearer.as_str())
+        {
+            return Ok(response);
+        }
+        let mut refusal = tungstenite::handshake::server::ErrorResponse::new(Some(format!(
+            "refused {} ({authorization:?})",
+            request.uri()
+        )));
+        *refusal.status_mut() = tungstenite::http::StatusCode::UNAUTHORIZED;
+        Err(refusal)
     }
 }
