@@ -243,7 +243,11 @@ fn deliver_frames_are_acked_once_stored_and_posted_to_the_hook() {
         &stray,
         Some(&format!("speaks for {DID_A}, not for {DID_B}")),
     );
-    connector.log.wait_for(&["refusing delivery", DID_B]);
+    connector.log.wait_for(&[
+        "refusing delivery",
+        DID_B,
+        "(1 refused since the connector started)",
+    ]);
 
     let request = hook.wait_requests(1).remove(0);
     let headers: BTreeMap<&str, &str> = request

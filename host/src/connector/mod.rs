@@ -313,8 +313,9 @@ async fn relay(
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let mut failures: u32 = 0;
+    let mut refused: u64 = 0;
     loop {
-        match session(endpoint, tuning, outbox, wake, shutdown).await {
+        match session(endpoint, tuning, outbox, wake, &mut refused, shutdown).await {
             End::Shutdown => {
                 tracing::info!("connector for {} stopped", endpoint.agent_did);
                 return Ok(());
@@ -365,12 +366,14 @@ async fn relay(
     }
 }
 
-/// One connection: connect, then serve it until it ends.
+/// One connection: connect, then serve it until it ends. `refused` counts the
+/// deliveries for other agents refused since the connector started.
 async fn session(
     endpoint: &Endpoint,
     tuning: &Tuning,
     outbox: &Outbox,
     wake: &Notify,
+    refused: &mut u64,
     shutdown: &CancellationToken,
 ) -> End {
     let mut request = match endpoint.url.as_str().into_client_request() {
@@ -421,16 +424,19 @@ async fn session(
         }
     };
     tracing::info!("connected to {} as {}", endpoint.url, endpoint.agent_did);
-    serve(&mut ws, &endpoint.agent_did, tuning, outbox, wake, shutdown).await
+    let agent_did = &endpoint.agent_did;
+    serve(&mut ws, agent_did, tuning, outbox, wake, refused, shutdown).await
 }
 
-/// Serves an established connection of `agent_did` until it ends.
+/// Serves an established connection of `agent_did` until it ends, counting in `refused`
+/// the deliveries for other agents it refuses.
 async fn serve(
     ws: &mut Socket,
     agent_did: &str,
     tuning: &Tuning,
     outbox: &Outbox,
     wake: &Notify,
+    refused: &mut u64,
     shutdown: &CancellationToken,
 ) -> End {
     let lost = |why: String| End::Lost {
@@ -531,7 +537,11 @@ async fn serve(
                     "this connector speaks for {agent_did}, not for {}",
                     deliver.to_agent_did
                 );
-                tracing::warn!("refusing {}: {reason}", outbox::describe(&frame));
+                *refused += 1;
+                tracing::warn!(
+                    "refusing {}: {reason} ({refused} refused since the connector started)",
+                    outbox::describe(&frame)
+                );
                 let ack = FrameBody::DeliverAck {
                     ack_id: frame.id.clone(),
                     accepted: false,
