@@ -373,3 +373,86 @@ fn notifications_left_by_an_older_connector_reach_the_hook_as_deliveries() {
                                  "deliverySource": "clawq.notification"}})
     );
 }
+
+/// The dead-letter digest example (`components/examples/dead-letter-digest`).
+const DIGEST: &str = env!("CLAWQ_GUEST_DEAD_LETTER_DIGEST");
+
+#[test]
+fn a_dead_letter_digest_reaches_the_hook_as_a_delivery_through_the_host() {
+    let digest = format!(
+        "[[queues.consumers]]\nqueue = \"{RECEIPTS}\"\nname = \"dead-letter-digest\"\n\
+         handler = \"{DIGEST}\"\nworld = \"receipt-handler\"\nmax_batch_timeout = 0.05\n\
+         filter = {{ type = \"delivery_receipt\", status = \"dead_lettered\" }}\n"
+    );
+    let host = Host::start(&fast_config(&digest));
+    let token = host.add_agent(DID_A);
+    let hook = FakeHook::start();
+    let dir = tempfile::tempdir().unwrap();
+    let connector = Connector::start(&host, DID_A, &token, &hook.url, dir.path());
+    for n in 1..=3 {
+        host.publish(
+            RECEIPTS,
+            receipt(
+                &format!("req-{n}"),
+                DID_A,
+                DID_B,
+                "dead_lettered",
+                Some("gone"),
+            ),
+        );
+    }
+
+    // The router's three receipts and the digest's one delivery.
+    let requests = hook.wait_requests(4);
+    let deliveries: Vec<&HookRequest> = requests
+        .iter()
+        .filter(|r| r.headers["content-type"] == DELIVERY_CONTENT_TYPE)
+        .collect();
+    assert_eq!(deliveries.len(), 1, "{requests:?}");
+    let request = deliveries[0];
+    let id = request.body["requestId"].as_str().unwrap();
+    assert!(
+        id.parse::<ulid::Ulid>().is_ok(),
+        "the deliver frame's id: {id}"
+    );
+    assert_eq!(request.headers["x-request-id"], id);
+    assert_eq!(request.headers["x-clawdentity-agent-did"], DID_A);
+    assert_eq!(request.headers["x-clawdentity-to-agent-did"], DID_A);
+    assert_eq!(request.headers["x-clawdentity-verified"], "true");
+    assert!(!request.headers.contains_key("x-clawdentity-group-id"));
+    let body = &request.body;
+    assert_eq!(
+        keys(body),
+        [
+            "fromAgentDid",
+            "payload",
+            "relayMetadata",
+            "requestId",
+            "toAgentDid",
+            "type"
+        ]
+    );
+    assert_eq!(body["type"], "clawdentity.delivery.v1");
+    assert_eq!(
+        (&body["fromAgentDid"], &body["toAgentDid"]),
+        (&json!(DID_A), &json!(DID_A))
+    );
+    assert_eq!(
+        keys(&body["relayMetadata"]),
+        ["deliverySource", "timestamp"]
+    );
+    assert_eq!(
+        body["relayMetadata"]["deliverySource"],
+        "clawq.examples.dead-letter-digest"
+    );
+    let system = &body["payload"]["system"];
+    assert_eq!(system["type"], "clawq.dead-letter-digest", "{body}");
+    assert_eq!(system["count"], 3, "{body}");
+    assert!(
+        system["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("3 of your messages could not be delivered")),
+        "{body}"
+    );
+    connector.log.wait_for(&["stored delivery", id]);
+}
