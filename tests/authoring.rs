@@ -512,18 +512,30 @@ fn a_handler_written_in_javascript_is_checked_and_run() {
         &delivered.to_string(),
     ]);
     assert!(ran.ok, "{}", ran.stderr);
-    // The dead-lettered receipt is pushed to its sender as a notification; the other
-    // message is only acked.
+    // The dead-lettered receipt is handed to its sender's relay session as a delivery
+    // from the sender to itself; the other message is only acked.
     let calls = section(&ran.stdout, "calls:");
-    let pushes: Vec<&&str> = calls
-        .iter()
-        .filter(|c| c.starts_with("websocket.send-frame"))
-        .collect();
-    assert_eq!(pushes.len(), 1, "{}", ran.stdout);
     assert!(
-        pushes[0].starts_with(&format!("websocket.send-frame {DID_A}"))
-            && pushes[0].contains("notification")
-            && pushes[0].contains("req-js"),
+        !calls.iter().any(|c| c.starts_with("websocket.")),
+        "{}",
+        ran.stdout
+    );
+    let deliveries: Vec<&&str> = calls
+        .iter()
+        .filter(|c| c.starts_with("relay-sessions.deliver "))
+        .collect();
+    assert_eq!(deliveries.len(), 1, "{}", ran.stdout);
+    assert!(
+        deliveries[0].contains(DID_A)
+            && deliveries[0].contains("req-js")
+            && deliveries[0].contains("clawq.examples.js-handler"),
+        "{}",
+        ran.stdout
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.starts_with("log.info") && c.contains(&format!("told {DID_A} about req-js"))),
         "{}",
         ran.stdout
     );

@@ -178,6 +178,34 @@ const DIGEST: &str = env!("CLAWQ_GUEST_DEAD_LETTER_DIGEST");
 /// An agent that gets revoked, and has no connection.
 const DID_REVOKED: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PD";
 
+/// The `deliverySource` of the dead-letter digest's deliveries.
+const DIGEST_SOURCE: &str = "clawq.examples.dead-letter-digest";
+
+/// The next `deliver` frame on `socket` (skipping receipts and heartbeats), checked to be
+/// a dead-letter digest from `did` to itself, and acknowledged (else the session pushes
+/// it again).
+fn next_digest(socket: &mut Socket, did: &str) -> Value {
+    let digest = match next_event(socket, &["heartbeat", "receipt"]) {
+        Seen::Frame(frame) => frame,
+        Seen::Closed(code, reason) => panic!("closed with {code} {reason}"),
+    };
+    assert_eq!(digest["type"], "deliver", "{digest}");
+    assert_eq!(digest["deliverySource"], DIGEST_SOURCE, "{digest}");
+    assert_eq!(
+        (&digest["fromAgentDid"], &digest["toAgentDid"]),
+        (&json!(did), &json!(did)),
+        "a system message to itself: {digest}"
+    );
+    send_frame(
+        socket,
+        &frame(
+            "deliver_ack",
+            json!({"ackId": digest["id"], "accepted": true}),
+        ),
+    );
+    digest
+}
+
 /// The next `notification` frame on `socket`, skipping receipts and heartbeats.
 fn next_notification(socket: &mut Socket) -> Value {
     match next_event(socket, &["heartbeat", "receipt"]) {
@@ -209,20 +237,16 @@ fn the_example_handler_runs_next_to_the_bundled_ones() {
     // Three dead-lettered receipts of A's messages cross the digest's threshold; the
     // router still pushes each receipt, and the delivered one does not count.
     host.publish_batch(RECEIPTS, &receipts_of_a());
-    let digest = next_notification(&mut a);
-    assert_eq!(
-        digest["requestId"],
-        format!("dead-letter-digest:{DID_A}:3"),
-        "{digest}"
-    );
+    let digest = next_digest(&mut a, DID_A);
+    assert_eq!(digest["payload"]["system"]["count"], 3, "{digest}");
     assert!(
-        digest["message"]
+        digest["payload"]["system"]["message"]
             .as_str()
             .unwrap()
             .starts_with("3 of your messages"),
         "{digest}"
     );
-    assert_eq!(digest["v"], 1, "the host completes the envelope: {digest}");
+    assert_eq!(digest["v"], 1, "the host builds the frame: {digest}");
     assert!(
         digest["id"].as_str().is_some_and(|id| id.len() == 26),
         "{digest}"
@@ -278,17 +302,21 @@ fn a_pushed_notification_reaches_the_agents_hook_through_the_connector() {
 fn two_consumers_of_one_component_keep_their_actors_apart() {
     let host = Host::start(&fast_config(&(digest("digest-a") + &digest("digest-b"))));
     let token = host.add_agent(DID_A);
-    let mut socket = host.connect(DID_A, Some(&token)).unwrap();
+    let _socket = host.connect(DID_A, Some(&token)).unwrap();
     host.publish_batch(RECEIPTS, &receipts_of_a());
-    // Each counts the three dead-lettered receipts in its own actors: two digests.
-    for _ in 0..2 {
-        let digest = next_notification(&mut socket);
-        assert_eq!(
-            digest["requestId"],
-            format!("dead-letter-digest:{DID_A}:3"),
-            "{digest}"
-        );
+    // Each counts the three dead-lettered receipts in its own actors, so each hands over
+    // a digest of 3; both have the same dedup key, so the session keeps one (the agent is
+    // told once) and answers the other `unchanged`.
+    let needles = ["digest of 3 for", DID_A];
+    for name in ["digest-a", "digest-b"] {
+        host.wait_log_all(&[needles[0], needles[1], &format!("consumer=\"{name}\"")]);
     }
+    let lines = host.log_lines(&needles);
+    let handed_over_again = lines
+        .iter()
+        .filter(|line| line.text.contains("already handed over"))
+        .count();
+    assert_eq!((lines.len(), handed_over_again), (2, 1), "{lines:?}");
 }
 
 #[test]

@@ -79,15 +79,6 @@ pub enum FrameBody {
         /// Why it refused it, when it did.
         reason: Option<String>,
     },
-    /// A system notification for the connected agent, pushed by a handler (host →
-    /// connector; clawq's addition, e.g. "pairing complete"). Not acknowledged: the host
-    /// keeps no copy.
-    Notification {
-        /// Identifies what the notification is about; the same event gives the same id.
-        request_id: String,
-        /// The text for the agent.
-        message: String,
-    },
 }
 
 /// The fields of a `deliver` frame (spec section 5); absent optional fields are omitted
@@ -175,7 +166,6 @@ impl Frame {
             FrameBody::ReceiptAck { .. } => "receipt_ack",
             FrameBody::Deliver(_) => "deliver",
             FrameBody::DeliverAck { .. } => "deliver_ack",
-            FrameBody::Notification { .. } => "notification",
         }
     }
 
@@ -222,13 +212,6 @@ impl Frame {
                 if let Some(reason) = reason {
                     fields.insert("reason".into(), reason.clone().into());
                 }
-            }
-            FrameBody::Notification {
-                request_id,
-                message,
-            } => {
-                fields.insert("requestId".into(), request_id.clone().into());
-                fields.insert("message".into(), message.clone().into());
             }
         }
         object.to_string()
@@ -316,13 +299,6 @@ impl Frame {
                 };
                 (body, &["originalFrameId", "toAgentDid", "status", "reason"])
             }
-            "notification" => (
-                FrameBody::Notification {
-                    request_id: string(&fields, "requestId")?,
-                    message: string(&fields, "message")?,
-                },
-                &["requestId", "message"],
-            ),
             _ => return Err(FrameError::UnknownType(kind)),
         };
         let common = ["v", "type", "id", "ts"];
@@ -382,10 +358,6 @@ mod tests {
                 status: ReceiptStatus::DeliveredToWebhook,
                 reason: None,
             },
-            FrameBody::Notification {
-                request_id: "pair.accepted:a:b:1".into(),
-                message: "Pairing complete.".into(),
-            },
             FrameBody::Deliver(Box::new(Deliver {
                 from_agent_did: "did:cdi:a.b:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB".into(),
                 to_agent_did: "did:cdi:a.b:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC".into(),
@@ -429,6 +401,12 @@ mod tests {
             (
                 format!(r#"{{"v":1,"type":"nudge","id":"{id}","ts":"{ts}"}}"#),
                 FrameError::UnknownType("nudge".into()),
+            ),
+            (
+                format!(
+                    r#"{{"v":1,"type":"notification","id":"{id}","ts":"{ts}","requestId":"r","message":"m"}}"#
+                ),
+                FrameError::UnknownType("notification".into()),
             ),
             (
                 format!(r#"{{"v":1,"type":"heartbeat","id":"{id}","ts":"{ts}","extra":1}}"#),

@@ -482,8 +482,12 @@ pub enum Seen {
     Closed(u16, String),
 }
 
-/// The next frame or close on `socket`, skipping frames of the types in `skip`.
-pub fn next_event(socket: &mut Socket, skip: &[&str]) -> Seen {
+/// The next frame or close on `socket` (either end of a connection), skipping frames of
+/// the types in `skip`.
+pub fn next_event<S: std::io::Read + std::io::Write>(
+    socket: &mut tungstenite::WebSocket<S>,
+    skip: &[&str],
+) -> Seen {
     let deadline = Instant::now() + DEADLINE;
     loop {
         assert!(
@@ -518,7 +522,9 @@ pub fn next_event(socket: &mut Socket, skip: &[&str]) -> Seen {
 }
 
 /// The next frame on `socket` other than heartbeats.
-pub fn next_frame(socket: &mut Socket) -> Value {
+pub fn next_frame<S: std::io::Read + std::io::Write>(
+    socket: &mut tungstenite::WebSocket<S>,
+) -> Value {
     match next_event(socket, &["heartbeat"]) {
         Seen::Frame(frame) => frame,
         Seen::Closed(code, reason) => {
@@ -528,7 +534,10 @@ pub fn next_frame(socket: &mut Socket) -> Value {
 }
 
 /// Sends a frame (JSON) on `socket`.
-pub fn send_frame(socket: &mut Socket, frame: &Value) {
+pub fn send_frame<S: std::io::Read + std::io::Write>(
+    socket: &mut tungstenite::WebSocket<S>,
+    frame: &Value,
+) {
     socket
         .send(tungstenite::Message::Text(frame.to_string().into()))
         .unwrap();
@@ -699,10 +708,22 @@ impl Connector {
         hook_url: &str,
         data_dir: &Path,
     ) -> Connector {
+        Connector::start_at(&host.base, did, token, hook_url, data_dir)
+    }
+
+    /// [`Connector::start`] against the host at `server` (`http://host:port`), e.g. a
+    /// [`FakeRelay`].
+    pub fn start_at(
+        server: &str,
+        did: &str,
+        token: &str,
+        hook_url: &str,
+        data_dir: &Path,
+    ) -> Connector {
         let mut command = Command::new(env!("CARGO_BIN_EXE_clawq"));
         command
             .args([
-                "connect", "--server", &host.base, "--agent", did, "--hook", hook_url,
+                "connect", "--server", server, "--agent", did, "--hook", hook_url,
             ])
             .args(["--hook-header", "x-hook-token: hook-secret", "--data-dir"])
             .arg(data_dir)
@@ -722,5 +743,84 @@ impl Drop for Connector {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The host's end of a connector WebSocket, driven synchronously by a test.
+pub type HostSocket = tungstenite::WebSocket<std::net::TcpStream>;
+
+/// A stand-in for the host's connector endpoint on loopback, for connector tests that
+/// need frames the real host does not send yet: it accepts `GET /v1/relay/connect` of one
+/// agent with one bearer token (anything else gets 401) and hands each connection to the
+/// test, which plays the host frame by frame.
+pub struct FakeRelay {
+    /// The base url to give `clawq connect --server`.
+    pub base: String,
+    connections: std::sync::mpsc::Receiver<HostSocket>,
+}
+
+impl FakeRelay {
+    /// Listens on a free port for connectors of `did` with `token`.
+    pub fn start(did: &str, token: &str) -> FakeRelay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (sender, connections) = std::sync::mpsc::channel();
+        let check = Upgrade {
+            path: format!("/v1/relay/connect?agent={}", did.replace(':', "%3A")),
+            bearer: format!("Bearer {token}"),
+        };
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                if let Ok(socket) = tungstenite::accept_hdr(stream, check.clone()) {
+                    socket
+                        .get_ref()
+                        .set_read_timeout(Some(Duration::from_millis(100)))
+                        .unwrap();
+                    if sender.send(socket).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        FakeRelay { base, connections }
+    }
+
+    /// The next accepted connection (waits at most [`DEADLINE`]).
+    pub fn accept(&self) -> HostSocket {
+        self.connections
+            .recv_timeout(DEADLINE)
+            .expect("a connector connected")
+    }
+}
+
+/// The [`FakeRelay`]'s check of an upgrade request: its path and query, and its token.
+#[derive(Clone)]
+struct Upgrade {
+    path: String,
+    bearer: String,
+}
+
+impl tungstenite::handshake::server::Callback for Upgrade {
+    fn on_request(
+        self,
+        request: &tungstenite::handshake::server::Request,
+        response: tungstenite::handshake::server::Response,
+    ) -> Result<
+        tungstenite::handshake::server::Response,
+        tungstenite::handshake::server::ErrorResponse,
+    > {
+        let authorization = request.headers().get("authorization");
+        if request.uri().to_string() == self.path
+            && authorization.is_some_and(|value| value == self.bearer.as_str())
+        {
+            return Ok(response);
+        }
+        let mut refusal = tungstenite::handshake::server::ErrorResponse::new(Some(format!(
+            "refused {} ({authorization:?})",
+            request.uri()
+        )));
+        *refusal.status_mut() = tungstenite::http::StatusCode::UNAUTHORIZED;
+        Err(refusal)
     }
 }

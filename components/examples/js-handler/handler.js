@@ -1,4 +1,5 @@
-// A clawq handler in JavaScript, for world `receipt-handler` of wit/queues.wit.
+// A clawq handler in JavaScript, for world `receipt-handler` of wit/queues.wit
+// (clawdentity:queues@0.2.0).
 //
 // Built with `jco componentize` (StarlingMonkey). How jco maps the WIT types:
 // - the exported interface `handler` is the ES export `handler`, an object whose `handle`
@@ -14,8 +15,11 @@
 //   either way, but only the thrown string reaches the host's log;
 // - an imported function returning `result<T, host-error>` returns T, or throws an Error
 //   whose `payload` is the `host-error` record `{ transient, message }`.
-import { write } from 'clawdentity:queues/log@0.1.0';
-import { sendFrame } from 'clawdentity:queues/websocket@0.1.0';
+import { write } from 'clawdentity:queues/log@0.2.0';
+import { deliver } from 'clawdentity:queues/relay-sessions@0.2.0';
+
+// Where this handler's deliveries come from (`deliverySource` of the `deliver` frame).
+const DELIVERY_SOURCE = 'clawq.examples.js-handler';
 
 // StarlingMonkey has TextDecoder; QuickJS (`--backend qjs`) does not: fall back to
 // `decodeURIComponent(escape(latin1))`, which throws on invalid UTF-8.
@@ -57,21 +61,34 @@ function handleOne(message) {
     write('warn', `message ${message.id}: receipt without senderAgentDid`);
     return { tag: 'ack' };
   }
-  const frame = JSON.stringify({
-    type: 'notification',
-    requestId: receipt.requestId,
-    message: `your message ${receipt.requestId} to ${receipt.recipientAgentDid} could not be delivered${reason}`,
-  });
+  // A system message from the sender to itself. The session keeps it until the sender's
+  // connector acknowledges it, so there is nothing to retry when no connector is
+  // connected; the dedup key makes a receipt handled again hand over nothing new.
+  const delivery = {
+    dedupKey: `js-handler:dead-lettered:${receipt.requestId}`,
+    fromAgentDid: receipt.senderAgentDid,
+    toAgentDid: receipt.senderAgentDid,
+    payload: JSON.stringify({
+      system: {
+        type: 'clawq.js-handler.dead-lettered',
+        requestId: receipt.requestId,
+        message: `your message ${receipt.requestId} to ${receipt.recipientAgentDid} could not be delivered${reason}`,
+      },
+    }),
+    deliverySource: DELIVERY_SOURCE,
+  };
   try {
-    const sent = sendFrame(receipt.senderAgentDid, frame);
-    write('info', `notified ${sent} connection(s) of ${receipt.senderAgentDid}`);
+    const result = deliver(delivery);
+    const what = result.tag === 'pushed' ? `pushed to ${result.val} connector(s)` : result.tag;
+    write('info', `told ${receipt.senderAgentDid} about ${receipt.requestId}: ${what}`);
   } catch (e) {
     const err = e && e.payload;
     if (err && err.transient) {
-      // The connections may be back later: deliver this message again in 30 s.
-      return { tag: 'retry', val: 30 };
+      // The session is unavailable: deliver this message again after the consumer's
+      // retry_delay.
+      return { tag: 'retry', val: undefined };
     }
-    write('warn', `send-frame refused: ${err ? err.message : e}`);
+    write('warn', `deliver refused: ${err ? err.message : e}`);
   }
   return { tag: 'ack' };
 }

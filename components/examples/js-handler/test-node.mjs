@@ -26,7 +26,7 @@ try {
   const { instantiate } = await import(pathToFileURL(join(dir, 'handler.js')));
 
   // A fresh instance per batch, as clawq does.
-  async function runBatch(bodies, sendFrameResult = () => 1) {
+  async function runBatch(bodies, deliverResult = () => ({ tag: 'pushed', val: 1 })) {
     const calls = [];
     const imports = {
       'clawdentity:queues/types': {},
@@ -34,13 +34,14 @@ try {
         write: (level, message) => calls.push(['log', level, message]),
       },
       'clawdentity:queues/websocket': {
-        sendFrame: (did, frame) => {
-          calls.push(['send-frame', did, JSON.parse(frame)]);
-          return sendFrameResult();
-        },
+        sendFrame: () => assert.fail('send-frame is not used'),
       },
       'clawdentity:queues/relay-sessions': {
         deliverReceipt: () => assert.fail('deliver-receipt is not used'),
+        deliver: (delivery) => {
+          calls.push(['deliver', { ...delivery, payload: JSON.parse(delivery.payload) }]);
+          return deliverResult();
+        },
       },
       'clawdentity:queues/actor-storage': {
         get: () => assert.fail('unused'),
@@ -61,7 +62,7 @@ try {
       contentType: 'json',
       body: enc.encode(typeof body === 'string' ? body : JSON.stringify(body)),
     }));
-    const outcomes = instance['clawdentity:queues/handler@0.1.0'].handle('q', messages);
+    const outcomes = instance['clawdentity:queues/handler@0.2.0'].handle('q', messages);
     return { calls, outcomes };
   }
   // A host-error as the transpiled bindings expect an import to throw it.
@@ -79,7 +80,7 @@ try {
     reason: 'hook down',
   };
 
-  // A dead-lettered receipt: a warning and a notification frame to the sender.
+  // A dead-lettered receipt: a warning and a delivery from the sender to itself.
   // A delivered receipt and a non-JSON body: ack (the latter with a warning).
   let { calls, outcomes } = await runBatch([
     dead,
@@ -90,27 +91,50 @@ try {
   assert.equal(calls[0][0], 'log');
   assert.equal(calls[0][1], 'warn');
   assert.match(calls[0][2], /r1 .* dead-lettered \(hook down\)/);
-  assert.deepEqual(calls[1].slice(0, 2), ['send-frame', sender]);
-  assert.equal(calls[1][2].type, 'notification');
-  assert.equal(calls[1][2].requestId, 'r1');
-  assert.match(calls[1][2].message, /could not be delivered \(hook down\)/);
-  assert.deepEqual(calls[2].slice(0, 2), ['log', 'info']);
+  assert.equal(calls[1][0], 'deliver');
+  const { contentType, groupId, conversationId, replyTo, ...delivery } = calls[1][1];
+  assert.deepEqual([contentType, groupId, conversationId, replyTo], [
+    undefined,
+    undefined,
+    undefined,
+    undefined,
+  ]);
+  assert.deepEqual(delivery, {
+    dedupKey: 'js-handler:dead-lettered:r1',
+    fromAgentDid: sender,
+    toAgentDid: sender,
+    payload: {
+      system: {
+        type: 'clawq.js-handler.dead-lettered',
+        requestId: 'r1',
+        message: `your message r1 to ${recipient} could not be delivered (hook down)`,
+      },
+    },
+    deliverySource: 'clawq.examples.js-handler',
+  });
+  assert.deepEqual(calls[2], ['log', 'info', `told ${sender} about r1: pushed to 1 connector(s)`]);
   assert.deepEqual(calls[3].slice(0, 2), ['log', 'warn']);
   assert.match(calls[3][2], /m2: body is not JSON/);
   assert.equal(calls.length, 4);
 
-  // A transient send-frame error: retry in 30 s; a permanent one: log and ack.
+  // Kept for a connector that is not connected: nothing to retry.
+  ({ calls, outcomes } = await runBatch([dead], () => ({ tag: 'stored' })));
+  assert.deepEqual(outcomes, [{ tag: 'ack' }]);
+  assert.deepEqual(calls.at(-1), ['log', 'info', `told ${sender} about r1: stored`]);
+
+  // A transient deliver error: retry (after the consumer's retry_delay); a permanent one:
+  // log and ack.
   ({ outcomes } = await runBatch([dead], () => {
     throw hostError(true, 'overloaded');
   }));
-  assert.deepEqual(outcomes, [{ tag: 'retry', val: 30 }]);
+  assert.deepEqual(outcomes, [{ tag: 'retry', val: undefined }]);
   ({ calls, outcomes } = await runBatch([dead], () => {
     throw hostError(false, 'invalid did');
   }));
   assert.deepEqual(outcomes, [{ tag: 'ack' }]);
-  assert.deepEqual(calls.at(-1), ['log', 'warn', 'send-frame refused: invalid did']);
+  assert.deepEqual(calls.at(-1), ['log', 'warn', 'deliver refused: invalid did']);
 
-  console.log('ok: 3 batches');
+  console.log('ok: 4 batches');
 } finally {
   await rm(dir, { recursive: true, force: true });
 }

@@ -1,33 +1,35 @@
-//! Hands the outbox's receipts to the agent's local webhook (spec section 4), and the
-//! handlers' system notifications beside them, in storage order, retrying each failed one
-//! with backoff until it is 24 h old.
+//! Hands the outbox's receipts (spec section 4) and deliveries (spec section 5) to the
+//! agent's local webhook, in storage order, retrying each failed one with backoff until
+//! it is 24 h old.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::outbox::{Kind, Next, Outbox, Row};
+use super::outbox::{Next, Outbox, Row, describe};
 use super::{Tuning, now_ms};
-use crate::frame::ReceiptStatus;
+use crate::frame::{Deliver, Frame, FrameBody, ReceiptStatus};
 
 /// The content type of a receipt posted to the hook.
 pub(crate) const RECEIPT_CONTENT_TYPE: &str = "application/vnd.clawdentity.receipt+json";
 /// The `type` of a receipt posted to the hook.
 pub(crate) const RECEIPT_TYPE: &str = "clawdentity.receipt.v1";
-/// The content type of a notification posted to the hook.
-pub(crate) const NOTIFICATION_CONTENT_TYPE: &str = "application/vnd.clawdentity.notification+json";
-/// The `type` of a notification posted to the hook.
-pub(crate) const NOTIFICATION_TYPE: &str = "clawdentity.notification.v1";
+/// The content type of a delivery posted to the hook.
+pub(crate) const DELIVERY_CONTENT_TYPE: &str = "application/vnd.clawdentity.delivery+json";
+/// The `type` of a delivery posted to the hook.
+pub(crate) const DELIVERY_TYPE: &str = "clawdentity.delivery.v1";
 
 /// The headers the connector sets itself; a custom header may not use these names.
-const RESERVED: [&str; 4] = [
+const RESERVED: [&str; 6] = [
     "content-type",
+    "x-clawdentity-agent-did",
     "x-clawdentity-to-agent-did",
+    "x-clawdentity-group-id",
     "x-clawdentity-verified",
     "x-request-id",
 ];
@@ -39,7 +41,7 @@ pub(crate) enum Outcome {
     Delivered,
     /// It failed; try again later.
     Retry(String),
-    /// It can never succeed (the receipt cannot be expressed as a request).
+    /// It can never succeed (the frame cannot be expressed as a request).
     Undeliverable(String),
 }
 
@@ -96,27 +98,12 @@ impl Hook {
         &self.url
     }
 
-    /// Posts one receipt or notification.
+    /// Posts one receipt or delivery.
     pub(crate) async fn post(&self, row: &Row) -> Outcome {
-        let (Ok(to), Ok(request_id)) = (
-            HeaderValue::from_str(&row.to_agent_did),
-            HeaderValue::from_str(&row.original_frame_id),
-        ) else {
-            return Outcome::Undeliverable(
-                "its toAgentDid or originalFrameId cannot be sent as a header".into(),
-            );
+        let (mut headers, body) = match request(&row.frame) {
+            Ok(request) => request,
+            Err(why) => return Outcome::Undeliverable(why),
         };
-        let mut headers = HeaderMap::new();
-        let (content_type, body) = match row.kind {
-            Kind::Receipt(_) => {
-                headers.insert("x-clawdentity-to-agent-did", to);
-                (RECEIPT_CONTENT_TYPE, receipt_body(row))
-            }
-            Kind::Notification => (NOTIFICATION_CONTENT_TYPE, notification_body(row)),
-        };
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-        headers.insert("x-clawdentity-verified", HeaderValue::from_static("true"));
-        headers.insert("x-request-id", request_id);
         for (name, value) in &self.custom {
             headers.append(name.clone(), value.clone());
         }
@@ -133,40 +120,125 @@ impl Hook {
     }
 }
 
-/// The JSON body posted to the hook for a notification: its text as `message`, like the
-/// system notification of a dead-lettered receipt.
-pub(crate) fn notification_body(row: &Row) -> Value {
-    json!({
-        "type": NOTIFICATION_TYPE,
-        "requestId": row.original_frame_id,
-        "message": row.reason.as_deref().unwrap_or_default(),
-        "relayMetadata": {"timestamp": row.frame_ts},
-    })
+/// The connector's own headers and the JSON body of the hook request for a stored
+/// `receipt` or `deliver` frame; `Err` says why the frame cannot be posted.
+pub(crate) fn request(frame: &Frame) -> Result<(HeaderMap, Value), String> {
+    let mut headers = HeaderMap::new();
+    let mut set = |name: &'static str, value: &str| {
+        HeaderValue::from_str(value)
+            .map(|value| {
+                headers.insert(name, value);
+            })
+            .map_err(|_| format!("its {name} `{value}` cannot be sent as a header"))
+    };
+    set("x-clawdentity-verified", "true")?;
+    let body = match &frame.body {
+        FrameBody::Receipt {
+            original_frame_id,
+            to_agent_did,
+            status,
+            reason,
+        } => {
+            set(CONTENT_TYPE.as_str(), RECEIPT_CONTENT_TYPE)?;
+            set("x-clawdentity-to-agent-did", to_agent_did)?;
+            set("x-request-id", original_frame_id)?;
+            receipt_body(
+                frame,
+                original_frame_id,
+                to_agent_did,
+                *status,
+                reason.as_deref(),
+            )
+        }
+        FrameBody::Deliver(deliver) => {
+            set(CONTENT_TYPE.as_str(), DELIVERY_CONTENT_TYPE)?;
+            set("x-clawdentity-agent-did", &deliver.from_agent_did)?;
+            set("x-clawdentity-to-agent-did", &deliver.to_agent_did)?;
+            set("x-request-id", &frame.id)?;
+            if let Some(group_id) = present(&deliver.group_id) {
+                set("x-clawdentity-group-id", group_id)?;
+            }
+            delivery_body(frame, deliver)
+        }
+        _ => return Err(format!("a {} frame is not for the hook", frame.type_name())),
+    };
+    Ok((headers, body))
+}
+
+/// An optional field's value unless it is absent or blank (the reference connector
+/// omits blank fields too).
+fn present(value: &Option<String>) -> Option<&str> {
+    value.as_deref().filter(|value| !value.trim().is_empty())
 }
 
 /// The JSON body posted to the hook for a receipt (spec section 4).
-pub(crate) fn receipt_body(row: &Row) -> Value {
-    let reason = row.reason.as_deref().filter(|r| !r.trim().is_empty());
+fn receipt_body(
+    frame: &Frame,
+    request_id: &str,
+    to_agent_did: &str,
+    status: ReceiptStatus,
+    reason: Option<&str>,
+) -> Value {
+    let reason = reason.filter(|r| !r.trim().is_empty());
     let mut body = json!({
         "type": RECEIPT_TYPE,
-        "requestId": row.original_frame_id,
-        "toAgentDid": row.to_agent_did,
-        "status": row.kind.as_str(),
-        "relayMetadata": {"timestamp": row.frame_ts},
+        "requestId": request_id,
+        "toAgentDid": to_agent_did,
+        "status": status.as_str(),
+        "relayMetadata": {"timestamp": frame.ts},
     });
     let fields = body.as_object_mut().expect("an object");
     if let Some(reason) = reason {
         fields.insert("reason".into(), reason.into());
     }
-    if row.kind == Kind::Receipt(ReceiptStatus::DeadLettered) {
+    if status == ReceiptStatus::DeadLettered {
         let message = format!(
-            "Your message {} to {} could not be delivered: {}",
-            row.original_frame_id,
-            row.to_agent_did,
+            "Your message {request_id} to {to_agent_did} could not be delivered: {}",
             reason.unwrap_or("no reason given")
         );
         fields.insert("message".into(), message.into());
     }
+    body
+}
+
+/// The JSON body posted to the hook for a delivery (spec section 5): absent or blank
+/// optional fields are omitted, never null; `relayMetadata.groupName` is the payload's
+/// `groupName` when that is a non-blank string.
+fn delivery_body(frame: &Frame, deliver: &Deliver) -> Value {
+    let mut body = json!({
+        "type": DELIVERY_TYPE,
+        "requestId": frame.id,
+        "fromAgentDid": deliver.from_agent_did,
+        "toAgentDid": deliver.to_agent_did,
+        "payload": deliver.payload,
+    });
+    let fields = body.as_object_mut().expect("an object");
+    for (name, value) in [
+        ("conversationId", &deliver.conversation_id),
+        ("groupId", &deliver.group_id),
+    ] {
+        if let Some(value) = present(value) {
+            fields.insert(name.into(), value.into());
+        }
+    }
+    let mut metadata = Map::new();
+    metadata.insert("timestamp".into(), frame.ts.clone().into());
+    let group_name = deliver
+        .payload
+        .get("groupName")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    for (name, value) in [
+        ("deliverySource", &deliver.delivery_source),
+        ("contentType", &deliver.content_type),
+        ("replyTo", &deliver.reply_to),
+        ("groupName", &group_name),
+    ] {
+        if let Some(value) = present(value) {
+            metadata.insert(name.into(), value.into());
+        }
+    }
+    fields.insert("relayMetadata".into(), metadata.into());
     body
 }
 
@@ -192,7 +264,7 @@ pub(crate) async fn deliver(
     match outbox.pending().await {
         Ok(0) => {}
         Ok(n) => tracing::info!(
-            "{n} receipts wait in the outbox for the hook {}",
+            "{n} receipts and deliveries wait in the outbox for the hook {}",
             hook.url()
         ),
         Err(error) => tracing::error!("cannot read the outbox: {error:#}"),
@@ -235,12 +307,9 @@ pub(crate) async fn deliver(
         if age_ms >= max_age_ms {
             dropped += 1;
             tracing::error!(
-                "dropping receipt {} (request {} to {}, {}): the hook {} did not take it within {} \
-                 ({} attempts; {dropped} receipts dropped since the connector started)",
-                row.frame_id,
-                row.original_frame_id,
-                row.to_agent_did,
-                row.kind.as_str(),
+                "dropping {}: the hook {} did not take it within {} ({} attempts; {dropped} dropped \
+                 since the connector started)",
+                describe(&row.frame),
                 hook.url(),
                 humantime::format_duration(tuning.max_age),
                 row.attempts,
@@ -257,18 +326,16 @@ pub(crate) async fn deliver(
         let outcome = tokio::select! {
             outcome = &mut post => outcome,
             _ = grace => {
-                tracing::warn!("shutting down during the delivery of receipt {}; it will be delivered again", row.frame_id);
+                tracing::warn!(
+                    "shutting down while posting {}; it will be posted again",
+                    describe(&row.frame)
+                );
                 return;
             }
         };
         match outcome {
             Outcome::Delivered => {
-                tracing::info!(
-                    "delivered receipt {} (request {}, {}) to the hook",
-                    row.frame_id,
-                    row.original_frame_id,
-                    row.kind.as_str()
-                );
+                tracing::info!("posted {} to the hook", describe(&row.frame));
                 remove(&outbox, &row).await;
             }
             Outcome::Retry(why) => {
@@ -277,23 +344,20 @@ pub(crate) async fn deliver(
                 let next_ms =
                     now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
                 tracing::warn!(
-                    "the hook {} did not take receipt {} (attempt {attempts}): {why}; retrying in {}",
+                    "the hook {} did not take {} (attempt {attempts}): {why}; retrying in {}",
                     hook.url(),
-                    row.frame_id,
+                    describe(&row.frame),
                     humantime::format_duration(delay),
                 );
                 if let Err(error) = outbox.reschedule(row.seq, attempts, next_ms).await {
-                    tracing::error!("cannot reschedule receipt {}: {error:#}", row.frame_id);
+                    tracing::error!("cannot reschedule {}: {error:#}", describe(&row.frame));
                 }
             }
             Outcome::Undeliverable(why) => {
                 dropped += 1;
                 tracing::error!(
-                    "dropping receipt {} (request {:?} to {:?}): {why} ({dropped} receipts dropped since the \
-                     connector started)",
-                    row.frame_id,
-                    row.original_frame_id,
-                    row.to_agent_did,
+                    "dropping {}: {why} ({dropped} dropped since the connector started)",
+                    describe(&row.frame),
                 );
                 remove(&outbox, &row).await;
             }
@@ -305,62 +369,260 @@ pub(crate) async fn deliver(
 async fn remove(outbox: &Outbox, row: &Row) {
     if let Err(error) = outbox.delete(row.seq).await {
         tracing::error!(
-            "cannot delete receipt {} from the outbox: {error:#}",
-            row.frame_id
+            "cannot delete {} from the outbox: {error:#}",
+            describe(&row.frame)
         );
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
-    fn row(status: ReceiptStatus, reason: Option<&str>) -> Row {
-        Row {
-            seq: 1,
-            frame_id: "01HZX4M3Q8V2J7K9T6R5W1N0PB".into(),
+    const FROM: &str = "did:cdi:a.b:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
+    const TO: &str = "did:cdi:a.b:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
+    const ID: &str = "01HZX4M3Q8V2J7K9T6R5W1N0PD";
+    const TS: &str = "2026-11-24T10:00:00.000Z";
+
+    fn frame(body: FrameBody) -> Frame {
+        Frame {
+            id: ID.into(),
+            ts: TS.into(),
+            body,
+        }
+    }
+
+    fn receipt(status: ReceiptStatus, reason: Option<&str>) -> Frame {
+        frame(FrameBody::Receipt {
             original_frame_id: "req-1".into(),
-            to_agent_did: "did:cdi:a.b:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB".into(),
-            kind: Kind::Receipt(status),
+            to_agent_did: TO.into(),
+            status,
             reason: reason.map(Into::into),
-            frame_ts: "2026-11-24T10:00:00.000Z".into(),
-            stored_ms: 0,
-            attempts: 0,
-            next_attempt_ms: 0,
+        })
+    }
+
+    /// A delivery with no optional field.
+    fn bare() -> Deliver {
+        Deliver {
+            from_agent_did: FROM.into(),
+            to_agent_did: TO.into(),
+            payload: json!({"system": {"type": "pair.accepted"}}),
+            delivery_source: None,
+            content_type: None,
+            group_id: None,
+            conversation_id: None,
+            reply_to: None,
+        }
+    }
+
+    fn delivery(deliver: Deliver) -> Frame {
+        frame(FrameBody::Deliver(Box::new(deliver)))
+    }
+
+    /// Every header of the request, by name.
+    fn headers(frame: &Frame) -> BTreeMap<String, String> {
+        let (headers, _) = request(frame).unwrap();
+        headers
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    fn body(frame: &Frame) -> Value {
+        request(frame).unwrap().1
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn receipts_follow_the_spec() {
+        let meta = json!({"timestamp": TS});
+        assert_eq!(
+            body(&receipt(ReceiptStatus::DeliveredToWebhook, Some(""))),
+            json!({"type": RECEIPT_TYPE, "requestId": "req-1", "toAgentDid": TO,
+                   "status": "delivered_to_webhook", "relayMetadata": meta})
+        );
+        assert_eq!(
+            body(&receipt(ReceiptStatus::DeadLettered, None)),
+            json!({"type": RECEIPT_TYPE, "requestId": "req-1", "toAgentDid": TO, "status": "dead_lettered",
+                   "relayMetadata": meta,
+                   "message": format!("Your message req-1 to {TO} could not be delivered: no reason given")})
+        );
+        assert_eq!(
+            body(&receipt(ReceiptStatus::DeadLettered, Some("hook_gone"))),
+            json!({"type": RECEIPT_TYPE, "requestId": "req-1", "toAgentDid": TO, "status": "dead_lettered",
+                   "reason": "hook_gone", "relayMetadata": meta,
+                   "message": format!("Your message req-1 to {TO} could not be delivered: hook_gone")})
+        );
+        assert_eq!(
+            headers(&receipt(ReceiptStatus::DeadLettered, None)),
+            map(&[
+                ("content-type", RECEIPT_CONTENT_TYPE),
+                ("x-clawdentity-to-agent-did", TO),
+                ("x-clawdentity-verified", "true"),
+                ("x-request-id", "req-1"),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_bare_delivery_has_only_the_required_fields() {
+        let frame = delivery(bare());
+        assert_eq!(
+            headers(&frame),
+            map(&[
+                ("content-type", DELIVERY_CONTENT_TYPE),
+                ("x-clawdentity-agent-did", FROM),
+                ("x-clawdentity-to-agent-did", TO),
+                ("x-clawdentity-verified", "true"),
+                ("x-request-id", ID),
+            ])
+        );
+        assert_eq!(
+            body(&frame),
+            json!({"type": DELIVERY_TYPE, "requestId": ID, "fromAgentDid": FROM, "toAgentDid": TO,
+                   "payload": {"system": {"type": "pair.accepted"}},
+                   "relayMetadata": {"timestamp": TS}})
+        );
+        let null = delivery(Deliver {
+            payload: Value::Null,
+            ..bare()
+        });
+        assert_eq!(body(&null)["payload"], Value::Null);
+        assert!(body(&null).as_object().unwrap().contains_key("payload"));
+    }
+
+    #[test]
+    fn a_full_delivery_has_every_field() {
+        let frame = delivery(Deliver {
+            payload: json!({"groupName": "builders", "text": "hi"}),
+            delivery_source: Some("proxy.events.queue.group_member_joined".into()),
+            content_type: Some("application/json".into()),
+            group_id: Some("grp_01HZX4M3Q8V2J7K9T6R5W1N0PB".into()),
+            conversation_id: Some("conv-1".into()),
+            reply_to: Some("req-0".into()),
+            ..bare()
+        });
+        assert_eq!(
+            headers(&frame),
+            map(&[
+                ("content-type", DELIVERY_CONTENT_TYPE),
+                ("x-clawdentity-agent-did", FROM),
+                ("x-clawdentity-to-agent-did", TO),
+                ("x-clawdentity-group-id", "grp_01HZX4M3Q8V2J7K9T6R5W1N0PB"),
+                ("x-clawdentity-verified", "true"),
+                ("x-request-id", ID),
+            ])
+        );
+        assert_eq!(
+            body(&frame),
+            json!({"type": DELIVERY_TYPE, "requestId": ID, "fromAgentDid": FROM, "toAgentDid": TO,
+                   "payload": {"groupName": "builders", "text": "hi"},
+                   "conversationId": "conv-1", "groupId": "grp_01HZX4M3Q8V2J7K9T6R5W1N0PB",
+                   "relayMetadata": {"timestamp": TS,
+                                     "deliverySource": "proxy.events.queue.group_member_joined",
+                                     "contentType": "application/json", "replyTo": "req-0",
+                                     "groupName": "builders"}})
+        );
+    }
+
+    #[test]
+    fn each_optional_field_lands_alone_in_its_place() {
+        type Set = fn(&mut Deliver);
+        let cases: [(Set, Option<&str>, Option<&str>); 6] = [
+            (
+                |d| d.conversation_id = Some("v".into()),
+                Some("conversationId"),
+                None,
+            ),
+            (|d| d.group_id = Some("v".into()), Some("groupId"), None),
+            (
+                |d| d.delivery_source = Some("v".into()),
+                None,
+                Some("deliverySource"),
+            ),
+            (
+                |d| d.content_type = Some("v".into()),
+                None,
+                Some("contentType"),
+            ),
+            (|d| d.reply_to = Some("v".into()), None, Some("replyTo")),
+            (
+                |d| d.payload = json!({"groupName": "v"}),
+                None,
+                Some("groupName"),
+            ),
+        ];
+        let keys = |value: &Value| -> Vec<String> {
+            let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+            keys.sort();
+            keys
+        };
+        let base = [
+            "fromAgentDid",
+            "payload",
+            "relayMetadata",
+            "requestId",
+            "toAgentDid",
+            "type",
+        ];
+        for (set, top, meta) in cases {
+            let mut deliver = bare();
+            set(&mut deliver);
+            let body = body(&delivery(deliver));
+            let mut want: Vec<String> = base.iter().map(|k| (*k).to_owned()).collect();
+            want.extend(top.map(str::to_owned));
+            want.sort();
+            assert_eq!(keys(&body), want, "{body}");
+            let mut want_meta = vec!["timestamp".to_owned()];
+            want_meta.extend(meta.map(str::to_owned));
+            want_meta.sort();
+            assert_eq!(keys(&body["relayMetadata"]), want_meta, "{body}");
+            if let Some(top) = top {
+                assert_eq!(body[top], "v");
+            }
+            if let Some(meta) = meta {
+                assert_eq!(body["relayMetadata"][meta], "v");
+            }
         }
     }
 
     #[test]
-    fn bodies_follow_the_spec() {
-        let did = "did:cdi:a.b:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
-        let meta = json!({"timestamp": "2026-11-24T10:00:00.000Z"});
+    fn blank_optional_fields_and_a_group_name_that_is_not_text_are_omitted() {
+        let blank = Some(" ".to_owned());
+        let frame = delivery(Deliver {
+            payload: json!({"groupName": 7}),
+            delivery_source: blank.clone(),
+            content_type: Some(String::new()),
+            group_id: blank.clone(),
+            conversation_id: blank.clone(),
+            reply_to: blank,
+            ..bare()
+        });
+        assert!(!headers(&frame).contains_key("x-clawdentity-group-id"));
         assert_eq!(
-            receipt_body(&row(ReceiptStatus::DeliveredToWebhook, Some(""))),
-            json!({"type": RECEIPT_TYPE, "requestId": "req-1", "toAgentDid": did,
-                   "status": "delivered_to_webhook", "relayMetadata": meta})
+            body(&frame),
+            json!({"type": DELIVERY_TYPE, "requestId": ID, "fromAgentDid": FROM, "toAgentDid": TO,
+                   "payload": {"groupName": 7}, "relayMetadata": {"timestamp": TS}})
         );
-        assert_eq!(
-            receipt_body(&row(ReceiptStatus::DeadLettered, None)),
-            json!({"type": RECEIPT_TYPE, "requestId": "req-1", "toAgentDid": did, "status": "dead_lettered",
-                   "relayMetadata": meta,
-                   "message": format!("Your message req-1 to {did} could not be delivered: no reason given")})
-        );
-        assert_eq!(
-            receipt_body(&row(ReceiptStatus::DeadLettered, Some("hook_gone"))),
-            json!({"type": RECEIPT_TYPE, "requestId": "req-1", "toAgentDid": did, "status": "dead_lettered",
-                   "reason": "hook_gone", "relayMetadata": meta,
-                   "message": format!("Your message req-1 to {did} could not be delivered: hook_gone")})
-        );
-        let notification = Row {
-            kind: Kind::Notification,
-            to_agent_did: String::new(),
-            ..row(ReceiptStatus::DeadLettered, Some("Pairing complete."))
-        };
-        assert_eq!(
-            notification_body(&notification),
-            json!({"type": NOTIFICATION_TYPE, "requestId": "req-1",
-                   "message": "Pairing complete.", "relayMetadata": meta})
-        );
+    }
+
+    #[test]
+    fn a_frame_that_cannot_be_a_request_is_undeliverable() {
+        let bad = delivery(Deliver {
+            from_agent_did: "line\nbreak".into(),
+            ..bare()
+        });
+        let why = request(&bad).unwrap_err();
+        assert!(why.contains("x-clawdentity-agent-did"), "{why}");
+        assert!(request(&frame(FrameBody::Heartbeat)).is_err());
     }
 
     #[test]
@@ -386,6 +648,8 @@ mod tests {
             ("bad name", "v"),
             ("x-ok", "line\nbreak"),
             ("Content-Type", "text/plain"),
+            ("X-Clawdentity-Agent-Did", "did"),
+            ("x-clawdentity-group-id", "grp"),
         ] {
             let headers = [(bad.0.to_owned(), bad.1.to_owned())];
             assert!(

@@ -1,11 +1,14 @@
-//! The connector (`clawq connect`, spec section 4): the agent-side process that holds the
-//! agent's WebSocket to the host's `GET /v1/relay/connect` and hands each delivery
-//! receipt to the agent's local webhook.
+//! The connector (`clawq connect`, spec sections 4 and 5): the agent-side process that
+//! holds the agent's WebSocket to the host's `GET /v1/relay/connect` and hands each
+//! delivery receipt and each delivery to the agent's local webhook.
 //!
-//! A receipt frame is stored in a durable outbox (`outbox`, SQLite) before it is
-//! acknowledged to the host with `receipt_ack`; a delivery task (`hook`) drains the
-//! outbox into the webhook independently of the WebSocket, retrying with backoff, so a
-//! receipt survives a down hook, a lost connection and a restart of the connector.
+//! A `receipt` or `deliver` frame is stored in a durable outbox (`outbox`, SQLite) before
+//! it is acknowledged to the host (`receipt_ack`, `deliver_ack` with `accepted: true`); a
+//! delivery task (`hook`) drains the outbox into the webhook independently of the
+//! WebSocket, retrying with backoff, so it survives a down hook, a lost connection and a
+//! restart of the connector. A frame pushed again is acknowledged again, never stored
+//! twice; a `deliver` frame for another agent is refused (`accepted: false`, with a
+//! reason); a frame that cannot be stored is not acknowledged (the host pushes it again).
 //!
 //! The connection is kept with heartbeats (answered, and sent every 30 s; 60 s of silence
 //! from the host drops it) and re-established with backoff (1 s doubling to 30 s, ±20%).
@@ -59,7 +62,7 @@ pub struct ConnectorOptions {
     pub token: String,
     /// The agent's local webhook (default [`DEFAULT_HOOK_URL`]).
     pub hook_url: String,
-    /// Extra headers sent to the webhook with every receipt (e.g. a hook token).
+    /// Extra headers sent to the webhook with every request (e.g. a hook token).
     pub hook_headers: Vec<(String, String)>,
     /// The directory of the outbox (`outbox.db`); one connector at a time may use it.
     pub data_dir: PathBuf,
@@ -120,7 +123,7 @@ pub(crate) struct Tuning {
     pub(crate) retry_base: Duration,
     /// ... up to this (60 s).
     pub(crate) retry_max: Duration,
-    /// Age at which an undelivered receipt is dropped (24 h).
+    /// Age at which a receipt or delivery the hook never took is dropped (24 h).
     pub(crate) max_age: Duration,
     /// How long one hook request may take (30 s).
     pub(crate) hook_timeout: Duration,
@@ -170,7 +173,7 @@ pub(crate) async fn run_with(
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("creating the data directory {}", options.data_dir.display()))?;
     let _lock = lock_data_dir(&options.data_dir)?;
-    let outbox = Outbox::open(&options.data_dir)?;
+    let outbox = Outbox::open(&options.data_dir, &options.agent_did)?;
 
     let wake = Arc::new(Notify::new());
     let stop_delivery = CancellationToken::new();
@@ -195,7 +198,8 @@ pub(crate) async fn run_with(
     }
     if let Ok(pending @ 1..) = outbox.pending().await {
         tracing::info!(
-            "{pending} receipts stay in the outbox; they are delivered when the connector starts again"
+            "{pending} receipts and deliveries stay in the outbox; they are posted when the connector \
+             starts again"
         );
     }
     result
@@ -245,7 +249,7 @@ impl Endpoint {
 }
 
 /// Holds `<dir>/connector.lock` for as long as the value lives: two connectors draining
-/// one outbox would post every receipt twice.
+/// one outbox would post everything twice.
 fn lock_data_dir(dir: &Path) -> Result<File> {
     let path = dir.join("connector.lock");
     let file = File::options()
@@ -309,8 +313,9 @@ async fn relay(
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let mut failures: u32 = 0;
+    let mut refused: u64 = 0;
     loop {
-        match session(endpoint, tuning, outbox, wake, shutdown).await {
+        match session(endpoint, tuning, outbox, wake, &mut refused, shutdown).await {
             End::Shutdown => {
                 tracing::info!("connector for {} stopped", endpoint.agent_did);
                 return Ok(());
@@ -361,12 +366,14 @@ async fn relay(
     }
 }
 
-/// One connection: connect, then serve it until it ends.
+/// One connection: connect, then serve it until it ends. `refused` counts the
+/// deliveries for other agents refused since the connector started.
 async fn session(
     endpoint: &Endpoint,
     tuning: &Tuning,
     outbox: &Outbox,
     wake: &Notify,
+    refused: &mut u64,
     shutdown: &CancellationToken,
 ) -> End {
     let mut request = match endpoint.url.as_str().into_client_request() {
@@ -417,15 +424,19 @@ async fn session(
         }
     };
     tracing::info!("connected to {} as {}", endpoint.url, endpoint.agent_did);
-    serve(&mut ws, tuning, outbox, wake, shutdown).await
+    let agent_did = &endpoint.agent_did;
+    serve(&mut ws, agent_did, tuning, outbox, wake, refused, shutdown).await
 }
 
-/// Serves an established connection until it ends.
+/// Serves an established connection of `agent_did` until it ends, counting in `refused`
+/// the deliveries for other agents it refuses.
 async fn serve(
     ws: &mut Socket,
+    agent_did: &str,
     tuning: &Tuning,
     outbox: &Outbox,
     wake: &Notify,
+    refused: &mut u64,
     shutdown: &CancellationToken,
 ) -> End {
     let lost = |why: String| End::Lost {
@@ -513,48 +524,41 @@ async fn serve(
                 }
             }
             FrameBody::HeartbeatAck { .. } => {}
-            FrameBody::Receipt {
-                original_frame_id,
-                status,
-                ..
-            } => {
-                match outbox.store(&frame, now_ms()).await {
-                    Ok(true) => {
-                        tracing::info!(
-                            "stored receipt {} (request {original_frame_id}, {})",
-                            frame.id,
-                            status.as_str()
-                        );
-                        wake.notify_one();
-                    }
-                    Ok(false) => tracing::debug!("receipt {} was already stored", frame.id),
-                    Err(error) => {
-                        // Not acknowledged: the host pushes it again on the next connect.
-                        return lost(format!("cannot store receipt {}: {error:#}", frame.id));
-                    }
-                }
-                if let Err(error) = send(
-                    ws,
-                    FrameBody::ReceiptAck {
-                        ack_id: frame.id.clone(),
-                    },
-                )
-                .await
-                {
-                    return lost(format!("cannot acknowledge receipt {}: {error}", frame.id));
+            FrameBody::Receipt { .. } => {
+                let ack = FrameBody::ReceiptAck {
+                    ack_id: frame.id.clone(),
+                };
+                if let Err(why) = store_then_ack(ws, outbox, wake, &frame, ack).await {
+                    return lost(why);
                 }
             }
-            FrameBody::Notification { request_id, .. } => {
-                // The host keeps no copy, so there is nothing to acknowledge.
-                match outbox.store(&frame, now_ms()).await {
-                    Ok(true) => {
-                        tracing::info!("stored notification {} ({request_id})", frame.id);
-                        wake.notify_one();
-                    }
-                    Ok(false) => tracing::debug!("notification {} was already stored", frame.id),
-                    Err(error) => {
-                        tracing::error!("cannot store notification {}: {error:#}", frame.id)
-                    }
+            FrameBody::Deliver(deliver) if deliver.to_agent_did != agent_did => {
+                let reason = format!(
+                    "this connector speaks for {agent_did}, not for {}",
+                    deliver.to_agent_did
+                );
+                *refused += 1;
+                tracing::warn!(
+                    "refusing {}: {reason} ({refused} refused since the connector started)",
+                    outbox::describe(&frame)
+                );
+                let ack = FrameBody::DeliverAck {
+                    ack_id: frame.id.clone(),
+                    accepted: false,
+                    reason: Some(reason),
+                };
+                if let Err(error) = send(ws, ack).await {
+                    return lost(format!("cannot refuse delivery {}: {error}", frame.id));
+                }
+            }
+            FrameBody::Deliver(_) => {
+                let ack = FrameBody::DeliverAck {
+                    ack_id: frame.id.clone(),
+                    accepted: true,
+                    reason: None,
+                };
+                if let Err(why) = store_then_ack(ws, outbox, wake, &frame, ack).await {
+                    return lost(why);
                 }
             }
             FrameBody::ReceiptAck { .. } | FrameBody::DeliverAck { .. } => {
@@ -563,11 +567,33 @@ async fn serve(
                     frame.type_name()
                 );
             }
-            FrameBody::Deliver(_) => {
-                tracing::warn!("ignoring deliver frame {} (not handled yet)", frame.id);
-            }
         }
     }
+}
+
+/// Stores a `receipt` or `deliver` frame in the outbox (once: a frame seen before is not
+/// stored again), wakes the delivery task, then sends `ack`. `Err` (the connection is to
+/// be dropped) says why; when storing failed nothing is sent, so the host pushes the frame
+/// again.
+async fn store_then_ack(
+    ws: &mut Socket,
+    outbox: &Outbox,
+    wake: &Notify,
+    frame: &Frame,
+    ack: FrameBody,
+) -> Result<(), String> {
+    let what = outbox::describe(frame);
+    match outbox.store(frame, now_ms()).await {
+        Ok(true) => {
+            tracing::info!("stored {what}");
+            wake.notify_one();
+        }
+        Ok(false) => tracing::debug!("{what} was already stored; acknowledging it again"),
+        Err(error) => return Err(format!("cannot store {what}: {error:#}")),
+    }
+    send(ws, ack)
+        .await
+        .map_err(|error| format!("cannot acknowledge {what}: {error}"))
 }
 
 /// Sends a new frame.
@@ -673,18 +699,61 @@ mod tests {
 
         /// The next frame from the connector, skipping its own heartbeats.
         async fn recv_frame(&mut self) -> Frame {
+            Frame::parse(&self.recv_raw().await.to_string()).unwrap()
+        }
+
+        /// The next frame from the connector as the JSON it sent (checked to parse as a
+        /// frame), skipping its own heartbeats.
+        async fn recv_raw(&mut self) -> Value {
             loop {
                 match self.recv().await {
                     Some(WsMessage::Text(text)) => {
                         let frame =
                             Frame::parse(text.as_str()).expect("the connector sends valid frames");
                         if frame.body != FrameBody::Heartbeat {
-                            return frame;
+                            return serde_json::from_str(text.as_str()).unwrap();
                         }
                     }
                     Some(WsMessage::Ping(_) | WsMessage::Pong(_)) => {}
                     other => panic!("expected a frame, got {other:?}"),
                 }
+            }
+        }
+
+        /// Expects the `deliver_ack` of `deliver`, checked field by field on the wire.
+        async fn expect_deliver_ack(&mut self, deliver: &Frame, refusal: Option<&str>) {
+            let ack = self.recv_raw().await;
+            let mut keys: Vec<&str> = ack
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            keys.sort_unstable();
+            let mut want = vec!["accepted", "ackId", "id", "ts", "type", "v"];
+            if refusal.is_some() {
+                want.push("reason");
+                want.sort_unstable();
+            }
+            assert_eq!(keys, want, "{ack}");
+            assert_eq!(ack["v"], 1, "{ack}");
+            assert_eq!(ack["type"], "deliver_ack", "{ack}");
+            assert!(
+                ack["id"]
+                    .as_str()
+                    .is_some_and(|id| id.parse::<ulid::Ulid>().is_ok() && id != deliver.id),
+                "{ack}"
+            );
+            assert!(
+                ack["ts"]
+                    .as_str()
+                    .is_some_and(|ts| humantime::parse_rfc3339(ts).is_ok()),
+                "{ack}"
+            );
+            assert_eq!(ack["ackId"], deliver.id.as_str(), "{ack}");
+            assert_eq!(ack["accepted"], refusal.is_none(), "{ack}");
+            if let Some(refusal) = refusal {
+                assert!(ack["reason"].as_str().unwrap().contains(refusal), "{ack}");
             }
         }
 
@@ -1138,7 +1207,7 @@ mod tests {
     #[tokio::test]
     async fn receipts_older_than_the_maximum_age_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(dir.path()).unwrap();
+        let outbox = Outbox::open(dir.path(), AGENT).unwrap();
         let old = receipt("req-old", ReceiptStatus::DeliveredToWebhook, None);
         outbox
             .store(&old, now_ms() - 25 * 60 * 60 * 1000)
@@ -1156,6 +1225,139 @@ mod tests {
         wait_until_outbox_is_empty(dir.path()).await;
         stop.cancel();
         within("the delivery task", task).await.unwrap();
+    }
+
+    /// A delivery from [`RECIPIENT`] to `to`, with a group and a source.
+    fn deliver_frame(to: &str) -> Frame {
+        Frame::new(FrameBody::Deliver(Box::new(crate::frame::Deliver {
+            from_agent_did: RECIPIENT.into(),
+            to_agent_did: to.into(),
+            payload: json!({"type": "clawdentity:group-member-joined", "groupName": "builders"}),
+            delivery_source: Some("proxy.events.queue.group_member_joined".into()),
+            content_type: None,
+            group_id: Some("grp_01HZX4M3Q8V2J7K9T6R5W1N0PB".into()),
+            conversation_id: None,
+            reply_to: None,
+        })))
+    }
+
+    #[tokio::test]
+    async fn deliveries_are_acked_once_stored_and_reach_the_hook_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut relay = Relay::start().await;
+        let mut hook = HookServer::start(&[503]).await;
+        let connector = Running::start(&relay.url, TOKEN, &hook.url, dir.path(), fast());
+        let mut conn = relay.next_conn().await;
+
+        let frame = deliver_frame(AGENT);
+        conn.send(&frame);
+        conn.expect_deliver_ack(&frame, None).await;
+        // Pushed again (the host had not seen the ack): acked again, not stored twice.
+        conn.send(&frame);
+        conn.expect_deliver_ack(&frame, None).await;
+
+        // The first post fails (503) and is retried with the same request.
+        for _ in 0..2 {
+            let (headers, body) = hook.next().await;
+            assert_eq!(
+                header(&headers, "content-type"),
+                "application/vnd.clawdentity.delivery+json"
+            );
+            assert_eq!(header(&headers, "x-clawdentity-agent-did"), RECIPIENT);
+            assert_eq!(header(&headers, "x-clawdentity-to-agent-did"), AGENT);
+            assert_eq!(header(&headers, "x-clawdentity-verified"), "true");
+            assert_eq!(header(&headers, "x-request-id"), frame.id);
+            assert_eq!(
+                header(&headers, "x-clawdentity-group-id"),
+                "grp_01HZX4M3Q8V2J7K9T6R5W1N0PB"
+            );
+            assert_eq!(header(&headers, "x-hook-token"), "s3cret");
+            assert_eq!(
+                body,
+                json!({"type": "clawdentity.delivery.v1", "requestId": frame.id,
+                       "fromAgentDid": RECIPIENT, "toAgentDid": AGENT,
+                       "payload": {"type": "clawdentity:group-member-joined", "groupName": "builders"},
+                       "groupId": "grp_01HZX4M3Q8V2J7K9T6R5W1N0PB",
+                       "relayMetadata": {"timestamp": frame.ts,
+                                         "deliverySource": "proxy.events.queue.group_member_joined",
+                                         "groupName": "builders"}})
+            );
+        }
+        wait_until_outbox_is_empty(dir.path()).await;
+
+        // After the delivery, a push of the same frame is still only acked.
+        conn.send(&frame);
+        conn.expect_deliver_ack(&frame, None).await;
+        let receipt = receipt("req-after", ReceiptStatus::DeliveredToWebhook, None);
+        conn.send(&receipt);
+        conn.expect_receipt_ack(&receipt).await;
+        assert_eq!(header(&hook.next().await.0, "x-request-id"), "req-after");
+        connector.stop().await;
+        assert!(
+            hook.requests.try_recv().is_err(),
+            "the delivery was posted once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_delivery_for_another_agent_is_refused_and_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut relay = Relay::start().await;
+        let mut hook = HookServer::start(&[]).await;
+        let connector = Running::start(&relay.url, TOKEN, &hook.url, dir.path(), fast());
+        let mut conn = relay.next_conn().await;
+
+        let stray = deliver_frame(RECIPIENT);
+        conn.send(&stray);
+        conn.expect_deliver_ack(
+            &stray,
+            Some(&format!("speaks for {AGENT}, not for {RECIPIENT}")),
+        )
+        .await;
+        assert!(outbox_rows(dir.path()).is_empty());
+        // The connection goes on: a delivery for the agent is taken.
+        let frame = deliver_frame(AGENT);
+        conn.send(&frame);
+        conn.expect_deliver_ack(&frame, None).await;
+        assert_eq!(header(&hook.next().await.0, "x-request-id"), frame.id);
+        wait_until_outbox_is_empty(dir.path()).await;
+        connector.stop().await;
+        assert!(
+            hook.requests.try_recv().is_err(),
+            "the refused delivery is not posted"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_delivery_that_cannot_be_stored_is_not_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut relay = Relay::start().await;
+        let connector = Running::start(&relay.url, TOKEN, &dead_url(), dir.path(), fast());
+        let mut conn = relay.next_conn().await;
+        let heartbeat = Frame::new(FrameBody::Heartbeat);
+        conn.send(&heartbeat);
+        conn.recv_frame().await; // the outbox is open and the connection served
+        rusqlite::Connection::open(dir.path().join(outbox::OUTBOX_FILE))
+            .unwrap()
+            .execute_batch("DROP TABLE seen")
+            .unwrap();
+
+        let frame = deliver_frame(AGENT);
+        conn.send(&frame);
+        // No ack: the connector drops the connection, so the host pushes it again.
+        loop {
+            match conn.recv().await {
+                Some(WsMessage::Text(text)) => {
+                    let got = Frame::parse(text.as_str()).unwrap();
+                    assert_eq!(got.body, FrameBody::Heartbeat, "no ack: {text}");
+                }
+                Some(WsMessage::Ping(_) | WsMessage::Pong(_)) => {}
+                Some(WsMessage::Close(_)) | None => break,
+                Some(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        relay.next_conn().await;
+        connector.stop().await;
     }
 
     #[test]

@@ -1,27 +1,46 @@
-//! The connector's durable outbox: the receipts (and notifications) taken from the host
-//! and not yet handed to the agent's hook, in SQLite (`<data_dir>/outbox.db`, WAL).
+//! The connector's durable outbox: the receipts and deliveries taken from the host and not
+//! yet handed to the agent's hook, in SQLite (`<data_dir>/outbox.db`, WAL).
 //!
-//! A receipt frame is stored before it is acknowledged to the host, and its row is only
-//! deleted once the hook answered 2xx (or the row expired), so a receipt survives any
+//! A `receipt` or `deliver` frame is stored before it is acknowledged to the host, and its
+//! row is only deleted once the hook answered 2xx (or the row expired), so it survives any
 //! restart of the connector. The frame ids seen are remembered for a week in a second
 //! table: the host re-pushes every unacknowledged frame on each connect, and a frame
-//! pushed again after its receipt was delivered must not reach the hook twice.
+//! pushed again after it was delivered must not reach the hook twice.
+//!
+//! Connectors before the `deliver` frame also stored clawq's `notification` frames
+//! (`status = 'notification'`, the text in `reason`, no recipient). That frame type is
+//! gone; [`Outbox::open`] turns each such row, logging it, into a delivery from the agent
+//! to itself with the payload `{"system": {"type": "clawq.notification", "requestId",
+//! "message"}}` and `deliverySource` [`LEGACY_NOTIFICATION_SOURCE`], which the hook then
+//! gets like any delivery.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
-use rusqlite::{Connection, OptionalExtension, params};
+use anyhow::{Context, Result, anyhow, bail};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde_json::json;
 
-use crate::frame::{Frame, FrameBody, ReceiptStatus};
+use crate::frame::{Deliver, Frame, FrameBody, ReceiptStatus};
 
 /// The file name of the outbox database inside the data directory.
 pub(crate) const OUTBOX_FILE: &str = "outbox.db";
 
+/// The `deliverySource` of a delivery made from a notification row of an older connector.
+pub(crate) const LEGACY_NOTIFICATION_SOURCE: &str = "clawq.notification";
+
 /// How long a frame id is remembered for deduplication.
 const SEEN_FOR_MS: i64 = 7 * 24 * 60 * 60 * 1000;
 
+/// The `status` of a delivery row (a receipt row holds the receipt's status).
+const DELIVER_STATUS: &str = "deliver";
+
+/// The `status` of a notification row stored by an older connector.
+const LEGACY_NOTIFICATION_STATUS: &str = "notification";
+
+/// The tables as the first connector made them; [`DELIVERY_COLUMNS`] are added to
+/// `outbox` at open when missing.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS outbox (
     seq               INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -43,49 +62,29 @@ CREATE TABLE IF NOT EXISTS seen (
 CREATE INDEX IF NOT EXISTS seen_received ON seen (received_ms);
 ";
 
-/// What a row holds (its `status` column).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
-    /// A delivery receipt with this status.
-    Receipt(ReceiptStatus),
-    /// A system notification: `reason` holds its text, `to_agent_did` is empty.
-    Notification,
-}
+/// The nullable text columns of a delivery row (NULL in receipt rows): `payload` holds
+/// the payload's JSON text, the others the `deliver` frame's fields of the same names.
+const DELIVERY_COLUMNS: [&str; 7] = [
+    "from_agent_did",
+    "payload",
+    "delivery_source",
+    "content_type",
+    "group_id",
+    "conversation_id",
+    "reply_to",
+];
 
-impl Kind {
-    /// The name stored, and logged.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Kind::Receipt(status) => status.as_str(),
-            Kind::Notification => "notification",
-        }
-    }
+/// Every column a stored frame fills, in the order of [`Columns`].
+const FRAME_COLUMNS: &str = "frame_id, frame_ts, original_frame_id, to_agent_did, status, reason, \
+     from_agent_did, payload, delivery_source, content_type, group_id, conversation_id, reply_to";
 
-    fn parse(name: &str) -> Option<Kind> {
-        match name {
-            "notification" => Some(Kind::Notification),
-            status => ReceiptStatus::parse(status).map(Kind::Receipt),
-        }
-    }
-}
-
-/// One stored receipt or notification.
+/// One stored receipt or delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Row {
     /// Storage order.
     pub(crate) seq: i64,
-    /// The receipt frame's id.
-    pub(crate) frame_id: String,
-    /// The receipt's `requestId`.
-    pub(crate) original_frame_id: String,
-    /// The recipient of the original message.
-    pub(crate) to_agent_did: String,
-    /// A receipt and its status, or a notification.
-    pub(crate) kind: Kind,
-    /// Why, when given; a notification's text.
-    pub(crate) reason: Option<String>,
-    /// The frame's `ts`.
-    pub(crate) frame_ts: String,
+    /// The frame as the host sent it (a `receipt` or a `deliver`).
+    pub(crate) frame: Frame,
     /// When the connector stored it, ms since the Unix epoch.
     pub(crate) stored_ms: i64,
     /// Failed hook deliveries so far.
@@ -105,6 +104,162 @@ pub(crate) enum Next {
     Empty,
 }
 
+/// A `receipt` or `deliver` frame, for log lines: its type, id and what it is about.
+pub(crate) fn describe(frame: &Frame) -> String {
+    match &frame.body {
+        FrameBody::Receipt {
+            original_frame_id,
+            to_agent_did,
+            status,
+            ..
+        } => format!(
+            "receipt {} (request {original_frame_id} to {to_agent_did}, {})",
+            frame.id,
+            status.as_str()
+        ),
+        FrameBody::Deliver(deliver) => format!(
+            "delivery {} (from {} to {}{})",
+            frame.id,
+            deliver.from_agent_did,
+            deliver.to_agent_did,
+            deliver
+                .delivery_source
+                .as_deref()
+                .map(|source| format!(", {source}"))
+                .unwrap_or_default()
+        ),
+        _ => format!("{} frame {}", frame.type_name(), frame.id),
+    }
+}
+
+/// A frame's values as a row stores them, in the order of [`FRAME_COLUMNS`].
+struct Columns {
+    frame_id: String,
+    frame_ts: String,
+    original_frame_id: String,
+    to_agent_did: String,
+    status: String,
+    reason: Option<String>,
+    /// [`DELIVERY_COLUMNS`], in their order.
+    delivery: [Option<String>; 7],
+}
+
+impl Columns {
+    /// The columns of a `receipt` or `deliver` frame.
+    fn of(frame: &Frame) -> Result<Columns> {
+        let (original_frame_id, to_agent_did, status, reason, delivery) = match &frame.body {
+            FrameBody::Receipt {
+                original_frame_id,
+                to_agent_did,
+                status,
+                reason,
+            } => (
+                original_frame_id.clone(),
+                to_agent_did.clone(),
+                status.as_str().to_owned(),
+                reason.clone(),
+                Default::default(),
+            ),
+            FrameBody::Deliver(deliver) => (
+                String::new(),
+                deliver.to_agent_did.clone(),
+                DELIVER_STATUS.to_owned(),
+                None,
+                [
+                    Some(deliver.from_agent_did.clone()),
+                    Some(deliver.payload.to_string()),
+                    deliver.delivery_source.clone(),
+                    deliver.content_type.clone(),
+                    deliver.group_id.clone(),
+                    deliver.conversation_id.clone(),
+                    deliver.reply_to.clone(),
+                ],
+            ),
+            _ => bail!(
+                "frame {} is a {}, not a receipt or a delivery",
+                frame.id,
+                frame.type_name()
+            ),
+        };
+        Ok(Columns {
+            frame_id: frame.id.clone(),
+            frame_ts: frame.ts.clone(),
+            original_frame_id,
+            to_agent_did,
+            status,
+            reason,
+            delivery,
+        })
+    }
+
+    /// Reads the columns of [`FRAME_COLUMNS`] from `row`, starting at index `first`.
+    fn read(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Columns> {
+        let mut delivery: [Option<String>; 7] = Default::default();
+        for (i, value) in delivery.iter_mut().enumerate() {
+            *value = row.get(first + 6 + i)?;
+        }
+        Ok(Columns {
+            frame_id: row.get(first)?,
+            frame_ts: row.get(first + 1)?,
+            original_frame_id: row.get(first + 2)?,
+            to_agent_did: row.get(first + 3)?,
+            status: row.get(first + 4)?,
+            reason: row.get(first + 5)?,
+            delivery,
+        })
+    }
+
+    /// The frame these columns hold.
+    fn into_frame(self) -> Result<Frame> {
+        let body = if self.status == DELIVER_STATUS {
+            let [
+                from,
+                payload,
+                delivery_source,
+                content_type,
+                group_id,
+                conversation_id,
+                reply_to,
+            ] = self.delivery;
+            let (Some(from_agent_did), Some(payload)) = (from, payload) else {
+                bail!("delivery {} has no sender or no payload", self.frame_id);
+            };
+            let payload = serde_json::from_str(&payload).with_context(|| {
+                format!("the payload of delivery {} is not JSON", self.frame_id)
+            })?;
+            FrameBody::Deliver(Box::new(Deliver {
+                from_agent_did,
+                to_agent_did: self.to_agent_did,
+                payload,
+                delivery_source,
+                content_type,
+                group_id,
+                conversation_id,
+                reply_to,
+            }))
+        } else {
+            let status = ReceiptStatus::parse(&self.status).ok_or_else(|| {
+                anyhow!(
+                    "frame {} has an unknown status `{}`",
+                    self.frame_id,
+                    self.status
+                )
+            })?;
+            FrameBody::Receipt {
+                original_frame_id: self.original_frame_id,
+                to_agent_did: self.to_agent_did,
+                status,
+                reason: self.reason,
+            }
+        };
+        Ok(Frame {
+            id: self.frame_id,
+            ts: self.frame_ts,
+            body,
+        })
+    }
+}
+
 /// The outbox; cheap to clone (one shared connection).
 #[derive(Clone)]
 pub(crate) struct Outbox {
@@ -112,18 +267,26 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
-    /// Opens (creating if needed) `<dir>/outbox.db`.
-    pub(crate) fn open(dir: &Path) -> Result<Outbox> {
+    /// Opens (creating or upgrading if needed) `<dir>/outbox.db` for the connector of
+    /// `agent_did`, which receives the deliveries made of an older connector's
+    /// notification rows (see the module documentation).
+    pub(crate) fn open(dir: &Path, agent_did: &str) -> Result<Outbox> {
         let path = dir.join(OUTBOX_FILE);
-        let conn = Connection::open(&path)
+        let mut conn = Connection::open(&path)
             .with_context(|| format!("opening the outbox {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: an acknowledged receipt is gone from the host, so its row must survive
-        // an OS crash too. Receipts are few; the fsync per commit is affordable.
+        // FULL: an acknowledged frame is gone from the host, so its row must survive an
+        // OS crash too. Receipts and deliveries are few; the fsync per commit is
+        // affordable.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA)
             .context("creating the outbox schema")?;
+        add_delivery_columns(&tx).context("adding the delivery columns to the outbox")?;
+        convert_legacy_notifications(&tx, agent_did)
+            .context("converting the notifications of an older connector")?;
+        tx.commit()?;
         Ok(Outbox {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -146,50 +309,51 @@ impl Outbox {
         .context("the outbox thread failed")?
     }
 
-    /// Stores a receipt or notification frame, committed when this returns. Returns
-    /// false (and stores nothing) when a frame with this id was seen before.
+    /// Stores a `receipt` or `deliver` frame, committed when this returns. Returns false
+    /// (and stores nothing) when a frame with this id was seen before.
     pub(crate) async fn store(&self, frame: &Frame, now_ms: i64) -> Result<bool> {
-        let (original, to, kind, reason) = match &frame.body {
-            FrameBody::Receipt {
-                original_frame_id,
-                to_agent_did,
-                status,
-                reason,
-            } => (
-                original_frame_id.clone(),
-                to_agent_did.clone(),
-                Kind::Receipt(*status),
-                reason.clone(),
-            ),
-            FrameBody::Notification {
-                request_id,
-                message,
-            } => (
-                request_id.clone(),
-                String::new(),
-                Kind::Notification,
-                Some(message.clone()),
-            ),
-            _ => {
-                return Err(anyhow!(
-                    "frame {} is a {}, not a receipt or a notification",
-                    frame.id,
-                    frame.type_name()
-                ));
-            }
-        };
-        let (id, ts, status) = (frame.id.clone(), frame.ts.clone(), kind.as_str());
+        let c = Columns::of(frame)?;
         self.with(move |conn| {
             let tx = conn.transaction()?;
-            tx.execute("DELETE FROM seen WHERE received_ms < ?1", params![now_ms - SEEN_FOR_MS])?;
-            let new = tx.execute("INSERT OR IGNORE INTO seen (frame_id, received_ms) VALUES (?1, ?2)", params![id, now_ms])?
-                == 1;
+            tx.execute(
+                "DELETE FROM seen WHERE received_ms < ?1",
+                params![now_ms - SEEN_FOR_MS],
+            )?;
+            let new = tx.execute(
+                "INSERT OR IGNORE INTO seen (frame_id, received_ms) VALUES (?1, ?2)",
+                params![c.frame_id, now_ms],
+            )? == 1;
             if new {
+                let [
+                    from,
+                    payload,
+                    source,
+                    content_type,
+                    group,
+                    conversation,
+                    reply_to,
+                ] = &c.delivery;
                 tx.execute(
-                    "INSERT OR IGNORE INTO outbox
-                     (frame_id, original_frame_id, to_agent_did, status, reason, frame_ts, stored_ms, next_attempt_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-                    params![id, original, to, status, reason, ts, now_ms],
+                    &format!(
+                        "INSERT OR IGNORE INTO outbox ({FRAME_COLUMNS}, stored_ms, next_attempt_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)"
+                    ),
+                    params![
+                        c.frame_id,
+                        c.frame_ts,
+                        c.original_frame_id,
+                        c.to_agent_did,
+                        c.status,
+                        c.reason,
+                        from,
+                        payload,
+                        source,
+                        content_type,
+                        group,
+                        conversation,
+                        reply_to,
+                        now_ms
+                    ],
                 )?;
             }
             tx.commit()?;
@@ -203,43 +367,36 @@ impl Outbox {
         self.with(move |conn| {
             let due = conn
                 .query_row(
-                    "SELECT seq, frame_id, original_frame_id, to_agent_did, status, reason, frame_ts,
-                            stored_ms, attempts, next_attempt_ms
-                     FROM outbox WHERE next_attempt_ms <= ?1 ORDER BY seq LIMIT 1",
+                    &format!(
+                        "SELECT seq, stored_ms, attempts, next_attempt_ms, {FRAME_COLUMNS}
+                         FROM outbox WHERE next_attempt_ms <= ?1 ORDER BY seq LIMIT 1"
+                    ),
                     params![now_ms],
                     |r| {
                         Ok((
                             r.get::<_, i64>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, String>(3)?,
-                            r.get::<_, String>(4)?,
-                            r.get::<_, Option<String>>(5)?,
-                            r.get::<_, String>(6)?,
-                            r.get::<_, i64>(7)?,
-                            r.get::<_, u32>(8)?,
-                            r.get::<_, i64>(9)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, u32>(2)?,
+                            r.get::<_, i64>(3)?,
+                            Columns::read(r, 4)?,
                         ))
                     },
                 )
                 .optional()?;
-            if let Some((seq, frame_id, original, to, status, reason, ts, stored_ms, attempts, next_ms)) = due {
-                let kind = Kind::parse(&status)
-                    .ok_or_else(|| anyhow!("outbox row {seq} has an unknown status `{status}`"))?;
+            if let Some((seq, stored_ms, attempts, next_attempt_ms, columns)) = due {
+                let frame = columns
+                    .into_frame()
+                    .with_context(|| format!("reading outbox row {seq}"))?;
                 return Ok(Next::Due(Row {
                     seq,
-                    frame_id,
-                    original_frame_id: original,
-                    to_agent_did: to,
-                    kind,
-                    reason,
-                    frame_ts: ts,
+                    frame,
                     stored_ms,
                     attempts,
-                    next_attempt_ms: next_ms,
+                    next_attempt_ms,
                 }));
             }
-            let earliest: Option<i64> = conn.query_row("SELECT MIN(next_attempt_ms) FROM outbox", [], |r| r.get(0))?;
+            let earliest: Option<i64> =
+                conn.query_row("SELECT MIN(next_attempt_ms) FROM outbox", [], |r| r.get(0))?;
             Ok(earliest.map_or(Next::Empty, Next::WaitUntil))
         })
         .await
@@ -271,31 +428,109 @@ impl Outbox {
         .await
     }
 
-    /// How many receipts wait for the hook.
+    /// How many receipts and deliveries wait for the hook.
     pub(crate) async fn pending(&self) -> Result<u64> {
         self.with(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?))
             .await
     }
 }
 
+/// Adds the [`DELIVERY_COLUMNS`] that `outbox` lacks (all of them in an outbox made by a
+/// connector before the `deliver` frame, none in one made since).
+fn add_delivery_columns(tx: &Transaction<'_>) -> Result<()> {
+    let existing: Vec<String> = tx
+        .prepare("SELECT name FROM pragma_table_info('outbox')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for column in DELIVERY_COLUMNS {
+        if !existing.iter().any(|name| name == column) {
+            tx.execute(&format!("ALTER TABLE outbox ADD COLUMN {column} TEXT"), [])?;
+        }
+    }
+    Ok(())
+}
+
+/// Turns each notification row of an older connector into a delivery from `agent_did`
+/// to itself, in place (same frame id, storage order and retry state), logging each.
+fn convert_legacy_notifications(tx: &Transaction<'_>, agent_did: &str) -> Result<()> {
+    let legacy: Vec<(i64, String, String, Option<String>)> = tx
+        .prepare(
+            "SELECT seq, frame_id, original_frame_id, reason FROM outbox WHERE status = ?1 ORDER BY seq",
+        )?
+        .query_map(params![LEGACY_NOTIFICATION_STATUS], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for (seq, frame_id, request_id, message) in legacy {
+        let message = message.unwrap_or_default();
+        let payload = json!({"system": {
+            "type": LEGACY_NOTIFICATION_SOURCE,
+            "requestId": request_id,
+            "message": message,
+        }});
+        tx.execute(
+            "UPDATE outbox SET status = ?2, from_agent_did = ?3, to_agent_did = ?3, payload = ?4,
+                               delivery_source = ?5, original_frame_id = '', reason = NULL
+             WHERE seq = ?1",
+            params![
+                seq,
+                DELIVER_STATUS,
+                agent_did,
+                payload.to_string(),
+                LEGACY_NOTIFICATION_SOURCE
+            ],
+        )?;
+        tracing::warn!(
+            "the outbox holds notification {frame_id} (request {request_id:?}: {message:?}) from an older \
+             connector; notification frames are gone, so it goes to the hook as a delivery from {agent_did} \
+             to itself with deliverySource {LEGACY_NOTIFICATION_SOURCE}"
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const AGENT: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
+    const OTHER: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
+
     fn receipt(reason: Option<&str>) -> Frame {
         Frame::new(FrameBody::Receipt {
             original_frame_id: "req-1".into(),
-            to_agent_did: "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB"
-                .into(),
+            to_agent_did: OTHER.into(),
             status: ReceiptStatus::DeadLettered,
             reason: reason.map(Into::into),
         })
     }
 
+    /// A delivery from [`OTHER`] to [`AGENT`], with every optional field or none.
+    fn delivery(full: bool) -> Frame {
+        let some = |value: &str| full.then(|| value.to_owned());
+        Frame::new(FrameBody::Deliver(Box::new(Deliver {
+            from_agent_did: OTHER.into(),
+            to_agent_did: AGENT.into(),
+            payload: json!({"system": {"type": "pair.accepted", "n": [1, 2.5, null]}}),
+            delivery_source: some("proxy.events.queue.pair_accepted"),
+            content_type: some("application/json"),
+            group_id: some("grp_01HZX4M3Q8V2J7K9T6R5W1N0PB"),
+            conversation_id: some("conv-1"),
+            reply_to: some("req-0"),
+        })))
+    }
+
+    async fn due(outbox: &Outbox, now_ms: i64) -> Row {
+        match outbox.next(now_ms).await.unwrap() {
+            Next::Due(row) => row,
+            other => panic!("expected a due row, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn stores_dedupes_reschedules_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(dir.path()).unwrap();
+        let outbox = Outbox::open(dir.path(), AGENT).unwrap();
         assert_eq!(outbox.next(0).await.unwrap(), Next::Empty);
         let first = receipt(Some("hook gone"));
         let second = receipt(None);
@@ -307,18 +542,13 @@ mod tests {
         assert!(outbox.store(&second, 1_002).await.unwrap());
         assert_eq!(outbox.pending().await.unwrap(), 2);
 
-        let Next::Due(row) = outbox.next(5_000).await.unwrap() else {
-            panic!("a due row")
-        };
-        assert_eq!(row.frame_id, first.id);
-        assert_eq!(row.reason.as_deref(), Some("hook gone"));
+        let row = due(&outbox, 5_000).await;
+        assert_eq!(row.frame, first);
         assert_eq!((row.stored_ms, row.attempts), (1_000, 0));
         outbox.reschedule(row.seq, 1, 9_000).await.unwrap();
-        let Next::Due(row2) = outbox.next(5_000).await.unwrap() else {
-            panic!("a due row")
-        };
+        let row2 = due(&outbox, 5_000).await;
         assert_eq!(
-            row2.frame_id, second.id,
+            row2.frame, second,
             "a row in backoff does not block the next one"
         );
         outbox.delete(row2.seq).await.unwrap();
@@ -329,13 +559,110 @@ mod tests {
         );
         drop(outbox);
 
-        let reopened = Outbox::open(dir.path()).unwrap();
-        let Next::Due(again) = reopened.next(9_000).await.unwrap() else {
-            panic!("a due row")
-        };
-        assert_eq!(
-            (again.frame_id.as_str(), again.attempts),
-            (first.id.as_str(), 1)
+        let reopened = Outbox::open(dir.path(), AGENT).unwrap();
+        let again = due(&reopened, 9_000).await;
+        assert_eq!((&again.frame, again.attempts), (&first, 1));
+    }
+
+    #[tokio::test]
+    async fn deliveries_keep_every_field_and_their_place_among_receipts() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), AGENT).unwrap();
+        let frames = [delivery(true), receipt(None), delivery(false)];
+        for (n, frame) in frames.iter().enumerate() {
+            assert!(outbox.store(frame, 1_000 + n as i64).await.unwrap());
+        }
+        assert!(
+            !outbox.store(&frames[0], 2_000).await.unwrap(),
+            "a delivery pushed again is a duplicate"
         );
+        drop(outbox);
+        let outbox = Outbox::open(dir.path(), AGENT).unwrap();
+        for frame in &frames {
+            let row = due(&outbox, 5_000).await;
+            assert_eq!(&row.frame, frame, "stored and read back whole, in order");
+            outbox.delete(row.seq).await.unwrap();
+        }
+        assert_eq!(outbox.next(5_000).await.unwrap(), Next::Empty);
+    }
+
+    #[tokio::test]
+    async fn only_receipts_and_deliveries_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), AGENT).unwrap();
+        let error = outbox
+            .store(&Frame::new(FrameBody::Heartbeat), 1_000)
+            .await
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("is a heartbeat, not a receipt or a delivery"),
+            "{error:#}"
+        );
+        assert_eq!(outbox.pending().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn notifications_of_an_older_connector_become_deliveries_to_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let notification_id = "01HZX4M3Q8V2J7K9T6R5W1N0PD";
+        let receipt = receipt(Some("gone"));
+        {
+            // The outbox as a connector with notification frames left it.
+            let conn = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute(
+                "INSERT INTO outbox (frame_id, original_frame_id, to_agent_did, status, reason, frame_ts,
+                                     stored_ms, attempts, next_attempt_ms)
+                 VALUES (?1, 'digest:3', '', 'notification', '3 of your messages failed',
+                         '2026-11-24T10:00:00.000Z', 1000, 2, 4000)",
+                params![notification_id],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO outbox (frame_id, original_frame_id, to_agent_did, status, reason, frame_ts,
+                                     stored_ms, next_attempt_ms)
+                 VALUES (?1, 'req-1', ?2, 'dead_lettered', 'gone', ?3, 1001, 1001)",
+                params![receipt.id, OTHER, receipt.ts],
+            )
+            .unwrap();
+        }
+        let outbox = Outbox::open(dir.path(), AGENT).unwrap();
+        let converted = due(&outbox, 5_000).await;
+        assert_eq!(
+            converted.frame,
+            Frame {
+                id: notification_id.into(),
+                ts: "2026-11-24T10:00:00.000Z".into(),
+                body: FrameBody::Deliver(Box::new(Deliver {
+                    from_agent_did: AGENT.into(),
+                    to_agent_did: AGENT.into(),
+                    payload: json!({"system": {"type": "clawq.notification", "requestId": "digest:3",
+                                               "message": "3 of your messages failed"}}),
+                    delivery_source: Some(LEGACY_NOTIFICATION_SOURCE.into()),
+                    content_type: None,
+                    group_id: None,
+                    conversation_id: None,
+                    reply_to: None,
+                })),
+            }
+        );
+        assert_eq!(
+            (
+                converted.stored_ms,
+                converted.attempts,
+                converted.next_attempt_ms
+            ),
+            (1_000, 2, 4_000),
+            "its place and retry state are kept"
+        );
+        drop(outbox);
+
+        // Opening again changes nothing; the receipt beside it is untouched.
+        let outbox = Outbox::open(dir.path(), AGENT).unwrap();
+        assert_eq!(due(&outbox, 5_000).await, converted);
+        outbox.delete(converted.seq).await.unwrap();
+        assert_eq!(due(&outbox, 5_000).await.frame, receipt);
     }
 }

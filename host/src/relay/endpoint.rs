@@ -194,8 +194,7 @@ async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
                             FrameBody::HeartbeatAck { .. }
                             | FrameBody::Receipt { .. }
                             | FrameBody::Deliver(_)
-                            | FrameBody::DeliverAck { .. }
-                            | FrameBody::Notification { .. } => {}
+                            | FrameBody::DeliverAck { .. } => {}
                         },
                         Err(err) => tracing::debug!(agent = %did, error = %err, "unparseable frame ignored"),
                     }

@@ -2,9 +2,11 @@
 //! digest.
 //!
 //! It counts, per sender, the delivery receipts whose status is `dead_lettered` (spec
-//! section 3), and every [`THRESHOLD`] of them pushes the sender a `notification` frame
-//! saying how many of its messages failed and which one failed last. The count lives in
-//! the handler's actor storage, in the actor of the sender's DID:
+//! section 3), and every [`THRESHOLD`] of them hands the sender's relay session a
+//! delivery (`relay-sessions.deliver`, a system message from the agent to itself) saying
+//! how many of its messages failed and which one failed last; the session keeps it until
+//! the agent's connector acknowledges the `deliver` frame. The count lives in the
+//! handler's actor storage, in the actor of the sender's DID:
 //!
 //! - `count`: how many distinct dead-lettered receipts were counted (decimal text);
 //! - `seen/<requestId>`: the count a receipt was given, so that a receipt delivered
@@ -18,14 +20,21 @@ wit_bindgen::generate!({
     path: "../../../wit",
 });
 
+use clawdentity::queues::actor_storage;
 use clawdentity::queues::log::{self, Level};
+use clawdentity::queues::relay_sessions::{self, AgentDelivery, Delivery};
 use clawdentity::queues::types::{HostError, Message, Outcome};
-use clawdentity::queues::{actor_storage, websocket};
 use serde_json::{Value, json};
 
-/// A digest is pushed each time a sender's count of dead-lettered receipts reaches a
+/// A digest is delivered each time a sender's count of dead-lettered receipts reaches a
 /// multiple of this number.
 const THRESHOLD: u32 = 3;
+
+/// The `deliverySource` of a digest.
+const DELIVERY_SOURCE: &str = "clawq.examples.dead-letter-digest";
+
+/// The `type` of a digest's system payload.
+const DIGEST_TYPE: &str = "clawq.dead-letter-digest";
 
 /// The actor-storage key of a sender's count.
 const COUNT_KEY: &str = "count";
@@ -48,8 +57,8 @@ trait Host {
     fn get(&mut self, actor: &str, key: &str) -> Result<Option<Vec<u8>>, HostError>;
     /// Writes `key` of actor `actor` (`actor-storage.put`).
     fn put(&mut self, actor: &str, key: &str, value: &[u8]) -> Result<(), HostError>;
-    /// Pushes `frame` to the open connections of `agent_did` (`websocket.send-frame`).
-    fn send_frame(&mut self, agent_did: &str, frame: &str) -> Result<u32, HostError>;
+    /// Hands `delivery` to its agent's relay session (`relay-sessions.deliver`).
+    fn deliver(&mut self, delivery: &AgentDelivery) -> Result<Delivery, HostError>;
     /// Writes a log line (`log.write`).
     fn log(&mut self, level: Level, message: &str);
 }
@@ -66,8 +75,8 @@ impl Host for Imports {
         actor_storage::put(actor, key, value)
     }
 
-    fn send_frame(&mut self, agent_did: &str, frame: &str) -> Result<u32, HostError> {
-        websocket::send_frame(agent_did, frame)
+    fn deliver(&mut self, delivery: &AgentDelivery) -> Result<Delivery, HostError> {
+        relay_sessions::deliver(delivery)
     }
 
     fn log(&mut self, level: Level, message: &str) {
@@ -80,7 +89,7 @@ impl Host for Imports {
 struct DeadLetter {
     /// The failed message's id.
     request_id: String,
-    /// Who sent it: the actor whose count grows, and who gets the digest.
+    /// Who sent it: the actor whose count grows, and the agent the digest is for.
     sender: String,
     /// Who it was for.
     recipient: String,
@@ -119,19 +128,27 @@ fn parse(body: &[u8]) -> Result<Option<DeadLetter>, String> {
     Ok((text("status") == Some("dead_lettered")).then_some(receipt))
 }
 
-/// The JSON text of the digest frame for a sender that has reached `count`, `latest`
-/// being the receipt that made it so. The host fills in `v`, `id` and `ts`.
-fn digest_frame(latest: &DeadLetter, count: u32) -> String {
+/// The digest for a sender that has reached `count`, `latest` being the receipt that
+/// made it so: a system message from the sender to itself, whose dedup key is the same
+/// each time the same count is reached (so a digest handed over again is `unchanged`).
+fn digest_delivery(latest: &DeadLetter, count: u32) -> AgentDelivery {
     let reason = latest.reason.as_deref().unwrap_or("no reason given");
-    json!({
-        "type": "notification",
-        "requestId": format!("dead-letter-digest:{}:{count}", latest.sender),
-        "message": format!(
-            "{count} of your messages could not be delivered; the latest, {} to {}, failed: {reason}",
-            latest.request_id, latest.recipient
-        ),
-    })
-    .to_string()
+    let message = format!(
+        "{count} of your messages could not be delivered; the latest, {} to {}, failed: {reason}",
+        latest.request_id, latest.recipient
+    );
+    AgentDelivery {
+        dedup_key: format!("dead-letter-digest:{}:{count}", latest.sender),
+        from_agent_did: latest.sender.clone(),
+        to_agent_did: latest.sender.clone(),
+        payload: json!({"system": {"type": DIGEST_TYPE, "message": message, "count": count}})
+            .to_string(),
+        delivery_source: Some(DELIVERY_SOURCE.into()),
+        content_type: None,
+        group_id: None,
+        conversation_id: None,
+        reply_to: None,
+    }
 }
 
 /// A capability call that failed, with what the digest was doing.
@@ -183,13 +200,14 @@ fn digest(host: &mut impl Host, message: &Message) -> Outcome {
     }
 }
 
-/// Counts a dead-lettered receipt once, and pushes the digest when the count reaches a
+/// Counts a dead-lettered receipt once, and delivers the digest when the count reaches a
 /// multiple of [`THRESHOLD`].
 ///
-/// Order matters under at-least-once delivery: the frame goes first (a transient failure
+/// Order matters under at-least-once delivery: the digest goes first (a transient failure
 /// retries with nothing stored), then `seen/<requestId>`, then `count`. A crash between
-/// the two writes is repaired when the receipt comes again; a crash after the push but
-/// before the writes pushes the same digest again, with the same `requestId`.
+/// the two writes is repaired when the receipt comes again; a crash after the delivery
+/// but before the writes hands the same digest over again, with the same dedup key, which
+/// the session answers `unchanged`.
 fn count(host: &mut impl Host, receipt: &DeadLetter) -> Result<(), Failure> {
     let actor = receipt.sender.as_str();
     let seen_key = format!("seen/{}", receipt.request_id);
@@ -208,14 +226,21 @@ fn count(host: &mut impl Host, receipt: &DeadLetter) -> Result<(), Failure> {
 
     let count = stored + 1;
     if count.is_multiple_of(THRESHOLD) {
-        let frame = digest_frame(receipt, count);
-        match host.send_frame(actor, &frame) {
-            Ok(reached) => {
-                let text = format!("digest of {count} sent to {reached} connection(s) of {actor}");
-                host.log(Level::Info, &text);
+        match host.deliver(&digest_delivery(receipt, count)) {
+            Ok(delivery) => {
+                let what = match delivery {
+                    Delivery::Pushed(n) => format!("pushed to {n} connector(s)"),
+                    Delivery::Stored => "kept by the session until a connector takes it".into(),
+                    Delivery::Unchanged => "already handed over".into(),
+                    Delivery::Ignored => "ignored by the session".into(),
+                };
+                host.log(
+                    Level::Info,
+                    &format!("digest of {count} for {actor}: {what}"),
+                );
             }
             Err(error) if error.transient => {
-                return Err(doing(format!("pushing the digest to {actor}"))(error));
+                return Err(doing(format!("delivering the digest to {actor}"))(error));
             }
             Err(error) => {
                 // The count is still kept: the next digest tells the sender.
@@ -261,16 +286,16 @@ mod tests {
     struct Fake {
         /// Actor storage: (actor, key) → value.
         storage: HashMap<(String, String), Vec<u8>>,
-        /// Frames pushed: (agent, frame JSON).
-        frames: Vec<(String, Value)>,
+        /// Deliveries the sessions took (a repeated dedup key is not taken again).
+        deliveries: Vec<AgentDelivery>,
         /// Log lines written.
         logs: Vec<(Level, String)>,
-        /// Connections each push reaches.
+        /// Connectors each delivery is pushed to (0: the session keeps it).
         connections: u32,
         /// The error of every storage call, when set.
         storage_error: Option<HostError>,
-        /// The error of every push, when set.
-        send_error: Option<HostError>,
+        /// The error of every delivery, when set.
+        deliver_error: Option<HostError>,
         /// Fail `put` of keys starting with this prefix (transiently), when set.
         fail_put_of: Option<&'static str>,
     }
@@ -295,13 +320,20 @@ mod tests {
             Ok(())
         }
 
-        fn send_frame(&mut self, agent_did: &str, frame: &str) -> Result<u32, HostError> {
-            if let Some(e) = &self.send_error {
+        fn deliver(&mut self, delivery: &AgentDelivery) -> Result<Delivery, HostError> {
+            if let Some(e) = &self.deliver_error {
                 return Err(e.clone());
             }
-            let frame = serde_json::from_str(frame).expect("frames are JSON");
-            self.frames.push((agent_did.into(), frame));
-            Ok(self.connections)
+            if self.deliveries.iter().any(|d| {
+                (&d.dedup_key, &d.to_agent_did) == (&delivery.dedup_key, &delivery.to_agent_did)
+            }) {
+                return Ok(Delivery::Unchanged);
+            }
+            self.deliveries.push(delivery.clone());
+            Ok(match self.connections {
+                0 => Delivery::Stored,
+                n => Delivery::Pushed(n),
+            })
         }
 
         fn log(&mut self, level: Level, message: &str) {
@@ -314,6 +346,11 @@ mod tests {
         fn count(&self, actor: &str) -> Option<u32> {
             let value = self.storage.get(&(actor.into(), COUNT_KEY.into()))?;
             Some(decode(value))
+        }
+
+        /// The payload of delivery `n`, parsed.
+        fn payload(&self, n: usize) -> Value {
+            serde_json::from_str(&self.deliveries[n].payload).expect("payloads are JSON")
         }
 
         /// The levels of the log lines written so far.
@@ -387,7 +424,10 @@ mod tests {
             let outcome = digest(&mut host, &message(&body));
             assert!(matches!(outcome, Outcome::Ack), "{body}");
             assert_eq!(host.levels(), [Level::Warn], "{body}");
-            assert!(host.storage.is_empty() && host.frames.is_empty(), "{body}");
+            assert!(
+                host.storage.is_empty() && host.deliveries.is_empty(),
+                "{body}"
+            );
         }
     }
 
@@ -403,7 +443,7 @@ mod tests {
     }
 
     #[test]
-    fn counts_each_receipt_and_pushes_a_digest_at_every_multiple_of_the_threshold() {
+    fn counts_each_receipt_and_delivers_a_digest_at_every_multiple_of_the_threshold() {
         let mut host = Fake {
             connections: 2,
             ..Fake::default()
@@ -413,22 +453,53 @@ mod tests {
             assert!(matches!(run(&mut host, &body), Outcome::Ack));
             assert_eq!(host.count(A), Some(n));
         }
-        assert_eq!(host.frames.len(), 2);
-        let (to, frame) = &host.frames[0];
-        assert_eq!(to, A);
+        assert_eq!(host.deliveries.len(), 2);
+        let AgentDelivery {
+            dedup_key,
+            from_agent_did,
+            to_agent_did,
+            payload: _,
+            delivery_source,
+            content_type,
+            group_id,
+            conversation_id,
+            reply_to,
+        } = host.deliveries[0].clone();
+        assert_eq!(dedup_key, format!("dead-letter-digest:{A}:3"));
         assert_eq!(
-            frame,
-            &json!({
-                "type": "notification",
-                "requestId": format!("dead-letter-digest:{A}:3"),
-                "message": format!("3 of your messages could not be delivered; the latest, r3 to {B}, failed: recipient hook unreachable"),
-            })
+            (from_agent_did.as_str(), to_agent_did.as_str()),
+            (A, A),
+            "a system message to itself"
         );
         assert_eq!(
-            host.frames[1].1["requestId"],
+            delivery_source.as_deref(),
+            Some("clawq.examples.dead-letter-digest")
+        );
+        assert!(
+            content_type.is_none()
+                && group_id.is_none()
+                && conversation_id.is_none()
+                && reply_to.is_none()
+        );
+        assert_eq!(
+            host.payload(0),
+            json!({"system": {
+                "type": "clawq.dead-letter-digest",
+                "message": format!("3 of your messages could not be delivered; the latest, r3 to {B}, failed: recipient hook unreachable"),
+                "count": 3,
+            }})
+        );
+        assert_eq!(
+            host.deliveries[1].dedup_key,
             format!("dead-letter-digest:{A}:6")
         );
+        assert_eq!(host.payload(1)["system"]["count"], 6);
         assert_eq!(host.levels(), [Level::Info, Level::Info]);
+        assert!(
+            host.logs[0].1.ends_with("pushed to 2 connector(s)"),
+            "{:?}",
+            host.logs
+        );
         assert!(host.count(B).is_none(), "only the sender is counted");
     }
 
@@ -438,7 +509,8 @@ mod tests {
         for n in 1..=THRESHOLD {
             run(&mut host, &receipt(&format!("r{n}"), None));
         }
-        let message = host.frames[0].1["message"].as_str().unwrap();
+        let payload = host.payload(0);
+        let message = payload["system"]["message"].as_str().unwrap();
         assert!(message.ends_with("failed: no reason given"), "{message}");
     }
 
@@ -451,11 +523,11 @@ mod tests {
         run(&mut host, &receipt("r2", None));
         run(&mut host, &receipt("r2", None));
         assert_eq!(host.count(A), Some(2));
-        assert!(host.frames.is_empty());
+        assert!(host.deliveries.is_empty());
         run(&mut host, &receipt("r3", None));
         run(&mut host, &receipt("r3", None));
         assert_eq!(host.count(A), Some(3));
-        assert_eq!(host.frames.len(), 1, "the digest is pushed once");
+        assert_eq!(host.deliveries.len(), 1, "the digest is delivered once");
     }
 
     #[test]
@@ -475,7 +547,7 @@ mod tests {
     }
 
     #[test]
-    fn no_connection_open_still_acks_and_keeps_the_count() {
+    fn a_digest_kept_for_a_connector_that_is_not_connected_counts_as_delivered() {
         let mut host = Fake::default();
         for n in 1..=THRESHOLD {
             assert!(matches!(
@@ -483,8 +555,37 @@ mod tests {
                 Outcome::Ack
             ));
         }
-        assert_eq!(host.frames.len(), 1);
+        assert_eq!(host.deliveries.len(), 1);
+        assert!(
+            host.logs[0]
+                .1
+                .ends_with("kept by the session until a connector takes it"),
+            "{:?}",
+            host.logs
+        );
         assert_eq!(host.count(A), Some(THRESHOLD));
+    }
+
+    #[test]
+    fn a_crash_after_the_digest_hands_over_the_same_digest_again() {
+        let mut host = Fake::default();
+        run(&mut host, &receipt("r1", None));
+        run(&mut host, &receipt("r2", None));
+        // The digest is handed over, then the writes fail: the receipt comes again.
+        host.fail_put_of = Some("seen/");
+        assert!(matches!(
+            run(&mut host, &receipt("r3", None)),
+            Outcome::Retry(None)
+        ));
+        host.fail_put_of = None;
+        assert!(matches!(run(&mut host, &receipt("r3", None)), Outcome::Ack));
+        assert_eq!(host.count(A), Some(3));
+        assert_eq!(host.deliveries.len(), 1, "the session kept one digest");
+        assert!(
+            host.logs.last().unwrap().1.ends_with("already handed over"),
+            "{:?}",
+            host.logs
+        );
     }
 
     #[test]
@@ -511,11 +612,11 @@ mod tests {
     }
 
     #[test]
-    fn a_transient_push_error_retries_and_stores_nothing() {
+    fn a_transient_delivery_error_retries_and_stores_nothing() {
         let mut host = Fake::default();
         run(&mut host, &receipt("r1", None));
         run(&mut host, &receipt("r2", None));
-        host.send_error = Some(error(true));
+        host.deliver_error = Some(error(true));
         assert!(matches!(
             run(&mut host, &receipt("r3", None)),
             Outcome::Retry(None)
@@ -523,16 +624,16 @@ mod tests {
         assert_eq!(host.levels(), [Level::Warn]);
         assert_eq!(host.count(A), Some(2));
 
-        host.send_error = None;
+        host.deliver_error = None;
         assert!(matches!(run(&mut host, &receipt("r3", None)), Outcome::Ack));
         assert_eq!(host.count(A), Some(3));
-        assert_eq!(host.frames.len(), 1);
+        assert_eq!(host.deliveries.len(), 1);
     }
 
     #[test]
-    fn a_permanent_push_error_acks_with_an_error_and_keeps_the_count() {
+    fn a_permanent_delivery_error_acks_with_an_error_and_keeps_the_count() {
         let mut host = Fake {
-            send_error: Some(error(false)),
+            deliver_error: Some(error(false)),
             ..Fake::default()
         };
         for n in 1..=THRESHOLD {
