@@ -206,17 +206,6 @@ fn next_digest(socket: &mut Socket, did: &str) -> Value {
     digest
 }
 
-/// The next `notification` frame on `socket`, skipping receipts and heartbeats.
-fn next_notification(socket: &mut Socket) -> Value {
-    match next_event(socket, &["heartbeat", "receipt"]) {
-        Seen::Frame(frame) => {
-            assert_eq!(frame["type"], "notification", "{frame}");
-            frame
-        }
-        Seen::Closed(code, reason) => panic!("closed with {code} {reason}"),
-    }
-}
-
 /// The dead-letter digest as a consumer of the receipts queue named `name`.
 fn digest(name: &str) -> String {
     consumer(
@@ -263,39 +252,6 @@ fn the_example_handler_runs_next_to_the_bundled_ones() {
     host.wait_drained(RECEIPTS);
     let counters = &slot(&host, "dead-letter-digest")["counters"];
     assert_eq!(counters["failed"], 0, "{counters}");
-}
-
-#[test]
-fn a_pushed_notification_reaches_the_agents_hook_through_the_connector() {
-    let host = Host::start(&fast_config(&digest("dead-letter-digest")));
-    let token = host.add_agent(DID_A);
-    let hook = FakeHook::start();
-    let dir = tempfile::tempdir().unwrap();
-    let _connector = Connector::start(&host, DID_A, &token, &hook.url, dir.path());
-    // The three dead-lettered receipts reach the hook, then the digest's notification.
-    host.publish_batch(RECEIPTS, &receipts_of_a()[..3]);
-    let requests = hook.wait_requests(4);
-    let notifications: Vec<&HookRequest> = requests
-        .iter()
-        .filter(|r| r.body["type"] == "clawdentity.notification.v1")
-        .collect();
-    assert_eq!(notifications.len(), 1, "{requests:?}");
-    let request = notifications[0];
-    assert_eq!(
-        request.headers["content-type"],
-        "application/vnd.clawdentity.notification+json"
-    );
-    assert_eq!(
-        request.body["requestId"],
-        format!("dead-letter-digest:{DID_A}:3")
-    );
-    assert!(
-        request.body["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("3 of your messages"),
-        "{request:?}"
-    );
 }
 
 #[test]
