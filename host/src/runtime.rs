@@ -24,7 +24,9 @@ use crate::actor_storage::{ActorStorage, StorageError};
 use crate::crypto::sha256_hex;
 use crate::frame::{MAX_FRAME_BYTES, ReceiptStatus, VERSION};
 use crate::relay::hub::ConnectionHub;
-use crate::relay::sessions::{Delivery, ReceiptIn, RelaySessions, SessionError, SessionLimits};
+use crate::relay::sessions::{
+    Delivery, DeliveryIn, ReceiptIn, RelaySessions, SessionError, SessionLimits,
+};
 use crate::trust::{TrustError, TrustStore};
 use crate::world::World;
 
@@ -597,34 +599,19 @@ impl relay_sessions::Host for BatchState {
         let args = self.calls.as_ref().map(|_| show_receipt(&receipt));
         let receipt = ReceiptIn {
             request_id: receipt.request_id.trim().to_owned(),
-            sender_agent_did: receipt.sender_agent_did,
-            recipient_agent_did: receipt.recipient_agent_did,
+            sender_agent_did: receipt.sender_agent_did.trim().to_owned(),
+            recipient_agent_did: receipt.recipient_agent_did.trim().to_owned(),
             status: match receipt.status {
                 relay_sessions::ReceiptStatus::DeliveredToWebhook => {
                     ReceiptStatus::DeliveredToWebhook
                 }
                 relay_sessions::ReceiptStatus::DeadLettered => ReceiptStatus::DeadLettered,
             },
-            reason: receipt.reason,
+            reason: trimmed_option(receipt.reason),
         };
-        let result = match self.caps.sessions.deliver(receipt).await {
-            Ok(Delivery::Pushed(n)) => Ok(relay_sessions::Delivery::Pushed(n)),
-            Ok(Delivery::Stored) => Ok(relay_sessions::Delivery::Stored),
-            Ok(Delivery::Unchanged) => Ok(relay_sessions::Delivery::Unchanged),
-            Ok(Delivery::Ignored) => Ok(relay_sessions::Delivery::Ignored),
-            Err(err) => Err(HostError {
-                transient: matches!(err, SessionError::Unavailable(_)),
-                message: err.to_string(),
-            }),
-        };
-        let show = |delivery: &relay_sessions::Delivery| match delivery {
-            relay_sessions::Delivery::Pushed(n) => format!("pushed({n})"),
-            relay_sessions::Delivery::Stored => "stored".into(),
-            relay_sessions::Delivery::Unchanged => "unchanged".into(),
-            relay_sessions::Delivery::Ignored => "ignored".into(),
-        };
+        let result = session_result(self.caps.sessions.deliver_receipt(receipt).await);
         let args = || args.unwrap_or_default();
-        self.record("relay-sessions.deliver-receipt", args, &result, show);
+        self.record("relay-sessions.deliver-receipt", args, &result, show_delivery);
         result
     }
 
@@ -632,10 +619,56 @@ impl relay_sessions::Host for BatchState {
         &mut self,
         delivery: relay_sessions::AgentDelivery,
     ) -> Result<relay_sessions::Delivery, HostError> {
-        Err(HostError {
-            transient: false,
-            message: format!("deliver to {} is not available yet", delivery.to_agent_did),
-        })
+        let args = self.calls.as_ref().map(|_| format!("{delivery:?}"));
+        let delivery = DeliveryIn {
+            dedup_key: delivery.dedup_key.trim().to_owned(),
+            from_agent_did: delivery.from_agent_did.trim().to_owned(),
+            to_agent_did: delivery.to_agent_did.trim().to_owned(),
+            payload: delivery.payload.trim().to_owned(),
+            delivery_source: trimmed_option(delivery.delivery_source),
+            content_type: trimmed_option(delivery.content_type),
+            group_id: trimmed_option(delivery.group_id),
+            conversation_id: trimmed_option(delivery.conversation_id),
+            reply_to: trimmed_option(delivery.reply_to),
+        };
+        let result = session_result(self.caps.sessions.deliver(delivery).await);
+        let args = || args.unwrap_or_default();
+        self.record("relay-sessions.deliver", args, &result, show_delivery);
+        result
+    }
+}
+
+/// `value` trimmed; `None` when it is blank.
+fn trimmed_option(value: Option<String>) -> Option<String> {
+    value
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// A session's answer as the guest sees it: a refusal is permanent, an unavailable
+/// session transient.
+fn session_result(
+    result: Result<Delivery, SessionError>,
+) -> Result<relay_sessions::Delivery, HostError> {
+    match result {
+        Ok(Delivery::Pushed(n)) => Ok(relay_sessions::Delivery::Pushed(n)),
+        Ok(Delivery::Stored) => Ok(relay_sessions::Delivery::Stored),
+        Ok(Delivery::Unchanged) => Ok(relay_sessions::Delivery::Unchanged),
+        Ok(Delivery::Ignored) => Ok(relay_sessions::Delivery::Ignored),
+        Err(err) => Err(HostError {
+            transient: matches!(err, SessionError::Unavailable(_)),
+            message: err.to_string(),
+        }),
+    }
+}
+
+/// What a session did, as `clawq run` shows it.
+fn show_delivery(delivery: &relay_sessions::Delivery) -> String {
+    match delivery {
+        relay_sessions::Delivery::Pushed(n) => format!("pushed({n})"),
+        relay_sessions::Delivery::Stored => "stored".into(),
+        relay_sessions::Delivery::Unchanged => "unchanged".into(),
+        relay_sessions::Delivery::Ignored => "ignored".into(),
     }
 }
 

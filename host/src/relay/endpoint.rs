@@ -2,8 +2,10 @@
 //!
 //! The connector proves that it speaks for `?agent=<did>` with `Authorization: Bearer
 //! <token>` before the upgrade; a missing or wrong token, or a revoked agent, gets 401 and
-//! no upgrade. Once connected, the agent's unacked receipts are pushed, new ones follow as
-//! they come, heartbeats go both ways and a `receipt_ack` marks a receipt delivered.
+//! no upgrade. Once connected, every unacked frame of the agent's relay session (receipts
+//! and deliveries) is pushed, new ones follow as they come, unacked ones are pushed again
+//! when their retry is due (a timer to the session's next due time), heartbeats go both
+//! ways, and `receipt_ack` / `deliver_ack` settle a frame.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,13 +16,14 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
 use super::hub::{ConnectionHub, Outbound};
-use super::sessions::RelaySessions;
+use super::sessions::{Ask, Kind, RelaySessions};
 use crate::agents::AgentRegistry;
 use crate::api::ApiError;
 use crate::frame::{CONNECT_PATH, Frame, FrameBody, MAX_FRAME_BYTES};
@@ -58,13 +61,24 @@ pub fn router(state: RelayState) -> Router {
         .with_state(state)
 }
 
-/// `GET /v1/relay`: open connections, actors in memory, receipts dropped since start.
-async fn relay_status(State(state): State<RelayState>) -> axum::Json<serde_json::Value> {
-    axum::Json(json!({
-        "connections": state.hub.len(),
-        "resident_actors": state.sessions.resident_actors(),
-        "receipts_dropped": state.sessions.dropped_receipts(),
-    }))
+/// `GET /v1/relay`: open connections, actors in memory, receipts and deliveries dropped
+/// unacked since start, deliveries waiting for an ack.
+async fn relay_status(State(state): State<RelayState>) -> Response {
+    let sessions = &state.sessions;
+    match sessions.pending(Kind::Deliver) {
+        Ok(pending) => axum::Json(json!({
+            "connections": state.hub.len(),
+            "resident_actors": sessions.resident_actors(),
+            "receipts_dropped": sessions.dropped_total(Kind::Receipt),
+            "deliveries_dropped": sessions.dropped_total(Kind::Deliver),
+            "deliveries_pending": pending,
+        }))
+        .into_response(),
+        Err(err) => {
+            let code = "storage_unavailable";
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, err.to_string()).into_response()
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,28 +147,49 @@ fn close(code: u16, reason: &'static str) -> Message {
     }))
 }
 
+/// Sends what the session of `did` holds for the connection (`ask`); returns when to
+/// ask again (`None`: nothing is waiting), or `Err` when the socket failed. A session
+/// that cannot be read is asked again after the first retry delay.
+async fn push_from_session(
+    sessions: &RelaySessions,
+    did: &str,
+    ask: Ask,
+    sink: &mut SplitSink<WebSocket, Message>,
+) -> Result<Option<Instant>, ()> {
+    let push = match sessions.to_push(did, ask).await {
+        Ok(push) => push,
+        Err(err) => {
+            tracing::error!(agent = %did, error = %err, "reading the relay session failed");
+            return Ok(Some(Instant::now() + sessions.limits().retry.initial));
+        }
+    };
+    for frame in push.frames {
+        sink.send(Message::Text(frame.into())).await.map_err(drop)?;
+    }
+    Ok(push.next_at_ms.map(|at| {
+        Instant::now() + Duration::from_millis(at.saturating_sub(crate::clock::now_ms()))
+    }))
+}
+
+/// Sleeps until `at`, or forever when `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs one connector connection until it closes.
 async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
     let (id, mut outbound) = state.hub.register(&did);
     tracing::info!(agent = %did, "connector connected");
     let (mut sink, mut stream) = socket.split();
+    let sessions = &*state.sessions;
     let why = 'conn: {
-        match state.sessions.pending(&did).await {
-            Ok(frames) => {
-                for frame in frames {
-                    if sink
-                        .send(Message::Text(frame.to_json().into()))
-                        .await
-                        .is_err()
-                    {
-                        break 'conn "send failed";
-                    }
-                }
-            }
-            Err(err) => {
-                tracing::error!(agent = %did, error = %err, "reading pending receipts failed")
-            }
-        }
+        let Ok(mut retry_at) = push_from_session(sessions, &did, Ask::Connected, &mut sink).await
+        else {
+            break 'conn "send failed";
+        };
         let mut heartbeat = tokio::time::interval_at(
             Instant::now() + state.heartbeat.interval,
             state.heartbeat.interval,
@@ -187,14 +222,22 @@ async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
                                 }
                             }
                             FrameBody::ReceiptAck { ack_id } => {
-                                if let Err(err) = state.sessions.ack(&did, &ack_id).await {
-                                    tracing::error!(agent = %did, error = %err, "recording a receipt ack failed");
-                                }
+                                let acked = sessions.ack(&did, Kind::Receipt, &ack_id).await;
+                                settled(&did, "receipt_ack", &ack_id, acked);
+                            }
+                            FrameBody::DeliverAck { ack_id, accepted: true, .. } => {
+                                let acked = sessions.ack(&did, Kind::Deliver, &ack_id).await;
+                                settled(&did, "deliver_ack", &ack_id, acked);
+                            }
+                            FrameBody::DeliverAck { ack_id, accepted: false, reason } => {
+                                let rejected = sessions
+                                    .reject(&did, Kind::Deliver, &ack_id, reason.as_deref())
+                                    .await;
+                                settled(&did, "deliver_ack", &ack_id, rejected);
                             }
                             FrameBody::HeartbeatAck { .. }
                             | FrameBody::Receipt { .. }
                             | FrameBody::Deliver(_)
-                            | FrameBody::DeliverAck { .. }
                             | FrameBody::Notification { .. } => {}
                         },
                         Err(err) => tracing::debug!(agent = %did, error = %err, "unparseable frame ignored"),
@@ -206,12 +249,24 @@ async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
                             break 'conn "send failed";
                         }
                     }
+                    Some(Outbound::Wake) => {
+                        match push_from_session(sessions, &did, Ask::Due, &mut sink).await {
+                            Ok(at) => retry_at = at,
+                            Err(()) => break 'conn "send failed",
+                        }
+                    }
                     Some(Outbound::Close(code, reason)) => {
                         let _ = sink.send(close(code, reason)).await;
                         break 'conn reason;
                     }
                     None => break 'conn "hub closed",
                 },
+                _ = sleep_until(retry_at) => {
+                    match push_from_session(sessions, &did, Ask::Due, &mut sink).await {
+                        Ok(at) => retry_at = at,
+                        Err(()) => break 'conn "send failed",
+                    }
+                }
                 _ = heartbeat.tick() => {
                     let beat = Frame::new(FrameBody::Heartbeat);
                     if sink.send(Message::Text(beat.to_json().into())).await.is_err() {
@@ -227,4 +282,21 @@ async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
     };
     state.hub.unregister(&did, id);
     tracing::info!(agent = %did, why, "connector disconnected");
+}
+
+/// Logs what settling the frame `ack_id` (with a `frame_type` ack) did, when it did
+/// not simply settle it.
+fn settled(
+    did: &str,
+    frame_type: &str,
+    ack_id: &str,
+    result: Result<bool, super::sessions::SessionError>,
+) {
+    match result {
+        Ok(true) => {}
+        Ok(false) => tracing::debug!(agent = %did, ack_id, frame_type,
+            "ack of a frame the session does not hold ignored"),
+        Err(err) => tracing::error!(agent = %did, ack_id, frame_type, error = %err,
+            "recording an ack failed"),
+    }
 }
