@@ -218,8 +218,13 @@ impl FileRelay {
         let (sessions, retry) = (defaults.sessions, defaults.sessions.retry);
         let relay = RelayConfig {
             sessions: SessionLimits {
-                ttl: self.receipt_ttl.map(Duration::from_secs).unwrap_or(sessions.ttl),
-                max_per_agent: self.max_receipts_per_agent.unwrap_or(sessions.max_per_agent),
+                ttl: self
+                    .receipt_ttl
+                    .map(Duration::from_secs)
+                    .unwrap_or(sessions.ttl),
+                max_per_agent: self
+                    .max_receipts_per_agent
+                    .unwrap_or(sessions.max_per_agent),
                 retry: Retry {
                     initial: seconds(self.retry_initial, "retry_initial", retry.initial)?,
                     max: seconds(self.retry_max, "retry_max", retry.max)?,

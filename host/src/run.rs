@@ -76,8 +76,12 @@ pub async fn run_batch(options: &RunOptions) -> Result<Report> {
     let handler = runtime.load(&file.display().to_string(), &wasm, world, Limits::default())?;
 
     let data = tempfile::tempdir().context("creating a temporary data directory")?;
-    let caps = Capabilities::open(data.path(), DEFAULT_REVOCATION_TTL, SessionLimits::default())
-        .context("opening throwaway capabilities")?;
+    let caps = Capabilities::open(
+        data.path(),
+        DEFAULT_REVOCATION_TTL,
+        SessionLimits::default(),
+    )
+    .context("opening throwaway capabilities")?;
     let timestamp_ms = now_ms();
     let messages: Vec<Message> = bodies
         .into_iter()

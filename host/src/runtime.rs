@@ -611,7 +611,12 @@ impl relay_sessions::Host for BatchState {
         };
         let result = session_result(self.caps.sessions.deliver_receipt(receipt).await);
         let args = || args.unwrap_or_default();
-        self.record("relay-sessions.deliver-receipt", args, &result, show_delivery);
+        self.record(
+            "relay-sessions.deliver-receipt",
+            args,
+            &result,
+            show_delivery,
+        );
         result
     }
 
@@ -640,9 +645,7 @@ impl relay_sessions::Host for BatchState {
 
 /// `value` trimmed; `None` when it is blank.
 fn trimmed_option(value: Option<String>) -> Option<String> {
-    value
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
+    value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
 }
 
 /// A session's answer as the guest sees it: a refusal is permanent, an unavailable

@@ -290,7 +290,10 @@ impl RelaySessions {
         let mut conn = db::open(path, Durability::Process, SCHEMA)?;
         let migrated = migrate_receipts_table(&mut conn)?;
         if migrated > 0 {
-            tracing::info!(receipts = migrated, "moved the receipts of an older sessions.db");
+            tracing::info!(
+                receipts = migrated,
+                "moved the receipts of an older sessions.db"
+            );
         }
         Ok(RelaySessions {
             db: Mutex::new(conn),
@@ -536,14 +539,24 @@ impl RelaySessions {
         self.turn(did, |tx, _, dropped| {
             let row: Option<(String, bool)> = tx
                 .prepare_cached(
-                    "UPDATE outbound SET acked = 1 WHERE agent_did = ?1 AND kind = ?2
-                     AND frame_id = ?3 RETURNING key, acked",
+                    "SELECT key, acked FROM outbound WHERE agent_did = ?1 AND kind = ?2
+                     AND frame_id = ?3",
                 )?
                 .query_row(params![did, kind.as_str(), frame_id], |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })
                 .optional()?;
-            if let (Some((key, _)), Some(why)) = (&row, rejected) {
+            let Some((key, acked)) = &row else {
+                return Ok(false);
+            };
+            if *acked {
+                return Ok(true);
+            }
+            tx.prepare_cached(
+                "UPDATE outbound SET acked = 1 WHERE agent_did = ?1 AND kind = ?2 AND key = ?3",
+            )?
+            .execute(params![did, kind.as_str(), key])?;
+            if let Some(why) = rejected {
                 dropped.push(Dropped {
                     kind,
                     key: key.clone(),
@@ -764,3 +777,499 @@ fn migrate_receipts_table(conn: &mut Connection) -> rusqlite::Result<usize> {
     Ok(rows.len())
 }
 
+#[cfg(test)]
+mod tests {
+    use super::super::hub::Outbound;
+    use super::*;
+    use serde_json::{Value, json};
+
+    const A: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
+    const B: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
+    const C: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PD";
+    /// How long a test waits for a due retry before failing.
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    fn open(dir: &Path, limits: SessionLimits) -> (Arc<ConnectionHub>, RelaySessions) {
+        let hub = Arc::new(ConnectionHub::default());
+        let sessions = RelaySessions::open(&dir.join("s.db"), hub.clone(), limits).unwrap();
+        (hub, sessions)
+    }
+
+    fn capped(dir: &Path, max: usize) -> (Arc<ConnectionHub>, RelaySessions) {
+        let limits = SessionLimits {
+            max_per_agent: max,
+            ..SessionLimits::default()
+        };
+        open(dir, limits)
+    }
+
+    fn receipt(id: &str, status: ReceiptStatus, reason: Option<&str>) -> ReceiptIn {
+        ReceiptIn {
+            request_id: id.into(),
+            sender_agent_did: A.into(),
+            recipient_agent_did: B.into(),
+            status,
+            reason: reason.map(Into::into),
+        }
+    }
+
+    fn delivery(key: &str) -> DeliveryIn {
+        DeliveryIn {
+            dedup_key: key.into(),
+            from_agent_did: B.into(),
+            to_agent_did: A.into(),
+            payload: r#"{"system": {"type": "pair.accepted"}}"#.into(),
+            delivery_source: Some("proxy.events.queue.pair_accepted".into()),
+            content_type: None,
+            group_id: Some("grp_01HZX4M3Q8V2J7K9T6R5W1N0PB".into()),
+            conversation_id: Some(" ".into()),
+            reply_to: None,
+        }
+    }
+
+    fn json(frame: &str) -> Value {
+        serde_json::from_str(frame).unwrap()
+    }
+
+    /// The frames pushed on connect, parsed.
+    async fn on_connect(sessions: &RelaySessions, did: &str) -> Vec<Value> {
+        let push = sessions.to_push(did, Ask::Connected).await.unwrap();
+        push.frames.iter().map(|f| json(f)).collect()
+    }
+
+    /// Waits until the session of `did` has frames due, and takes them.
+    async fn next_retry(sessions: &RelaySessions, did: &str) -> Push {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let push = sessions.to_push(did, Ask::Due).await.unwrap();
+            if !push.frames.is_empty() {
+                return push;
+            }
+            let at = push.next_at_ms.expect("a frame is waiting for its retry");
+            let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+            assert!(
+                tokio::time::Instant::now() + wait < deadline,
+                "no retry due within {DEADLINE:?}"
+            );
+            // Waits for the due time the session announced, not for a guess.
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn one_receipt_row_per_request_id_pushed_only_when_new_or_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, sessions) = capped(dir.path(), 500);
+        let delivered = receipt("r1", ReceiptStatus::DeliveredToWebhook, None);
+        let first = sessions.deliver_receipt(delivered.clone()).await.unwrap();
+        assert_eq!(first, Delivery::Stored);
+        let again = sessions.deliver_receipt(delivered).await.unwrap();
+        assert_eq!(again, Delivery::Unchanged);
+
+        let (_, mut woken) = hub.register(A);
+        let dead = receipt("r1", ReceiptStatus::DeadLettered, Some("gone"));
+        let changed = sessions.deliver_receipt(dead).await.unwrap();
+        assert_eq!(changed, Delivery::Pushed(1));
+        assert_eq!(woken.try_recv().unwrap(), Outbound::Wake);
+        let pushed = sessions.to_push(A, Ask::Due).await.unwrap().frames;
+        assert_eq!(pushed.len(), 1, "the changed row is due at once");
+        let frame = json(&pushed[0]);
+        assert_eq!(
+            (&frame["type"], &frame["status"]),
+            (&json!("receipt"), &json!("dead_lettered"))
+        );
+
+        let mut conflicting = receipt("r1", ReceiptStatus::DeliveredToWebhook, None);
+        conflicting.recipient_agent_did = C.into();
+        let ignored = sessions.deliver_receipt(conflicting).await.unwrap();
+        assert_eq!(ignored, Delivery::Ignored);
+
+        let pending = on_connect(&sessions, A).await;
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            pending[0]["id"], frame["id"],
+            "the same frame, pushed again"
+        );
+        let id = pending[0]["id"].as_str().unwrap();
+        assert!(
+            !sessions.ack(A, Kind::Deliver, id).await.unwrap(),
+            "a receipt is not a delivery"
+        );
+        assert!(sessions.ack(A, Kind::Receipt, id).await.unwrap());
+        assert!(on_connect(&sessions, A).await.is_empty());
+        assert_eq!(sessions.resident_actors(), 0, "idle actors are unloaded");
+    }
+
+    #[tokio::test]
+    async fn a_repeated_dedup_key_is_unchanged_acked_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, sessions) = capped(dir.path(), 500);
+        assert_eq!(
+            sessions.deliver(delivery("k1")).await.unwrap(),
+            Delivery::Stored
+        );
+        let mut other_payload = delivery("k1");
+        other_payload.payload = "2".into();
+        assert_eq!(
+            sessions.deliver(other_payload).await.unwrap(),
+            Delivery::Unchanged
+        );
+
+        let frames = on_connect(&sessions, A).await;
+        assert_eq!(frames.len(), 1);
+        let id = frames[0]["id"].as_str().unwrap();
+        assert!(sessions.ack(A, Kind::Deliver, id).await.unwrap());
+        assert_eq!(
+            sessions.deliver(delivery("k1")).await.unwrap(),
+            Delivery::Unchanged,
+            "an acked delivery still dedups"
+        );
+        assert_eq!(
+            sessions.deliver(delivery("k2")).await.unwrap(),
+            Delivery::Stored
+        );
+        assert_eq!(sessions.pending(Kind::Deliver).unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn deliveries_are_pushed_on_every_connect_as_the_same_frame_until_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, sessions) = capped(dir.path(), 500);
+        sessions.deliver(delivery("k1")).await.unwrap();
+        let first = on_connect(&sessions, A).await;
+        assert_eq!(first.len(), 1);
+        let frame = &first[0];
+        assert_eq!(frame["type"], "deliver");
+        assert_eq!(
+            (&frame["fromAgentDid"], &frame["toAgentDid"]),
+            (&json!(B), &json!(A))
+        );
+        assert_eq!(
+            frame["payload"],
+            json!({"system": {"type": "pair.accepted"}})
+        );
+        assert_eq!(frame["deliverySource"], "proxy.events.queue.pair_accepted");
+        assert_eq!(frame["groupId"], "grp_01HZX4M3Q8V2J7K9T6R5W1N0PB");
+        for absent in ["contentType", "conversationId", "replyTo"] {
+            assert!(frame.get(absent).is_none(), "{absent} is omitted: {frame}");
+        }
+        assert!(
+            Frame::parse(&frame.to_string()).is_ok(),
+            "a valid frame: {frame}"
+        );
+
+        let second = on_connect(&sessions, A).await;
+        assert_eq!(
+            (&second[0]["id"], &second[0]["ts"]),
+            (&frame["id"], &frame["ts"])
+        );
+        let id = frame["id"].as_str().unwrap();
+        assert!(sessions.ack(A, Kind::Deliver, id).await.unwrap());
+        let after = sessions.to_push(A, Ask::Connected).await.unwrap();
+        assert_eq!(
+            after,
+            Push {
+                frames: vec![],
+                next_at_ms: None
+            },
+            "never pushed again"
+        );
+        assert!(
+            on_connect(&sessions, B).await.is_empty(),
+            "only the recipient's session holds it"
+        );
+    }
+
+    #[tokio::test]
+    async fn unacked_frames_are_retried_with_backoff_then_dropped_after_the_last_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let retry = Retry {
+            initial: Duration::from_millis(40),
+            max: Duration::from_millis(100),
+            jitter: 0.0,
+            max_attempts: 4,
+        };
+        let limits = SessionLimits {
+            retry,
+            ..SessionLimits::default()
+        };
+        let (_, sessions) = open(dir.path(), limits);
+        sessions.deliver(delivery("k1")).await.unwrap();
+        sessions
+            .deliver_receipt(receipt("r1", ReceiptStatus::DeliveredToWebhook, None))
+            .await
+            .unwrap();
+
+        // The delay the session announces after a push, seen right after it.
+        let delay = |push: &Push| push.next_at_ms.unwrap().saturating_sub(now_ms());
+        let push = sessions.to_push(A, Ask::Connected).await.unwrap();
+        let mut delays = vec![delay(&push)];
+        assert_eq!(push.frames.len(), 2, "attempt 1 of both");
+        let first_ids: Vec<Value> = push.frames.iter().map(|f| json(f)["id"].clone()).collect();
+        for attempt in 2..=4 {
+            let push = next_retry(&sessions, A).await;
+            delays.push(delay(&push));
+            let ids: Vec<Value> = push.frames.iter().map(|f| json(f)["id"].clone()).collect();
+            assert_eq!(ids, first_ids, "attempt {attempt}: the same frames");
+        }
+        // 40, 80, 100 (the max), 100 ms, less the time the check took.
+        let want = [40, 80, 100, 100];
+        for (got, want) in delays.iter().zip(want) {
+            assert!(
+                *got <= want && *got + 30 >= want,
+                "delays {delays:?}, want {want:?}"
+            );
+        }
+
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let last = loop {
+            let push = sessions.to_push(A, Ask::Due).await.unwrap();
+            assert!(push.frames.is_empty(), "no fifth attempt");
+            match push.next_at_ms {
+                None => break push,
+                Some(at) => {
+                    assert!(tokio::time::Instant::now() < deadline, "never dropped");
+                    tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await;
+                }
+            }
+        };
+        assert_eq!(last.next_at_ms, None, "nothing left to retry");
+        assert_eq!(sessions.dropped(Kind::Deliver, DropReason::Attempts), 1);
+        assert_eq!(sessions.dropped(Kind::Receipt, DropReason::Attempts), 1);
+        assert!(
+            on_connect(&sessions, A).await.is_empty(),
+            "dropped for good"
+        );
+    }
+
+    #[tokio::test]
+    async fn receipts_are_retried_while_connected_until_receipt_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let retry = Retry {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(20),
+            jitter: 0.2,
+            max_attempts: 25,
+        };
+        let limits = SessionLimits {
+            retry,
+            ..SessionLimits::default()
+        };
+        let (_, sessions) = open(dir.path(), limits);
+        sessions
+            .deliver_receipt(receipt("r1", ReceiptStatus::DeadLettered, Some("gone")))
+            .await
+            .unwrap();
+        let first = sessions.to_push(A, Ask::Due).await.unwrap();
+        assert_eq!(first.frames.len(), 1, "due at once");
+        let retried = next_retry(&sessions, A).await;
+        assert_eq!(retried.frames, first.frames, "pushed again while unacked");
+        let id = json(&first.frames[0])["id"].as_str().unwrap().to_owned();
+        assert!(sessions.ack(A, Kind::Receipt, &id).await.unwrap());
+        let after = sessions.to_push(A, Ask::Due).await.unwrap();
+        assert_eq!(
+            after,
+            Push {
+                frames: vec![],
+                next_at_ms: None
+            },
+            "no retry after the ack"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_oldest_rows_of_a_kind_are_dropped_past_the_cap_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, sessions) = capped(dir.path(), 3);
+        for i in 0..5 {
+            let id = format!("r{i}");
+            sessions
+                .deliver_receipt(receipt(&id, ReceiptStatus::DeliveredToWebhook, None))
+                .await
+                .unwrap();
+            sessions.deliver(delivery(&format!("k{i}"))).await.unwrap();
+        }
+        let kept: Vec<String> = on_connect(&sessions, A)
+            .await
+            .iter()
+            .map(|f| {
+                let key = if f["type"] == "receipt" {
+                    &f["originalFrameId"]
+                } else {
+                    &f["id"]
+                };
+                key.as_str().unwrap().to_owned()
+            })
+            .filter(|key| key.starts_with('r'))
+            .collect();
+        assert_eq!(kept, ["r2", "r3", "r4"]);
+        assert_eq!(sessions.dropped(Kind::Receipt, DropReason::Cap), 2);
+        assert_eq!(sessions.dropped(Kind::Deliver, DropReason::Cap), 2);
+        assert_eq!(sessions.pending(Kind::Deliver).unwrap(), 3);
+        assert_eq!(sessions.dropped_total(Kind::Deliver), 2);
+    }
+
+    #[tokio::test]
+    async fn expired_rows_are_dropped_and_counted_unless_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        // A zero TTL: every row expires at the session's next turn.
+        let limits = SessionLimits {
+            ttl: Duration::ZERO,
+            ..SessionLimits::default()
+        };
+        let (_, sessions) = open(dir.path(), limits);
+        sessions.deliver(delivery("k1")).await.unwrap();
+        sessions
+            .deliver_receipt(receipt("r1", ReceiptStatus::DeliveredToWebhook, None))
+            .await
+            .unwrap();
+        assert!(on_connect(&sessions, A).await.is_empty());
+        assert_eq!(sessions.dropped(Kind::Deliver, DropReason::Expired), 1);
+        assert_eq!(sessions.dropped(Kind::Receipt, DropReason::Expired), 1);
+        assert_eq!(
+            sessions.deliver(delivery("k1")).await.unwrap(),
+            Delivery::Stored,
+            "an expired key no longer dedups"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rejected_delivery_is_counted_and_never_pushed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, sessions) = capped(dir.path(), 500);
+        sessions.deliver(delivery("k1")).await.unwrap();
+        let frames = on_connect(&sessions, A).await;
+        let id = frames[0]["id"].as_str().unwrap();
+        assert!(
+            sessions
+                .reject(A, Kind::Deliver, id, Some("outbox full"))
+                .await
+                .unwrap()
+        );
+        assert_eq!(sessions.dropped(Kind::Deliver, DropReason::Rejected), 1);
+        assert!(on_connect(&sessions, A).await.is_empty());
+        assert!(
+            sessions.reject(A, Kind::Deliver, id, None).await.unwrap(),
+            "known frame"
+        );
+        assert_eq!(
+            sessions.dropped(Kind::Deliver, DropReason::Rejected),
+            1,
+            "a second refusal drops nothing more"
+        );
+        let unknown = ulid::Ulid::new().to_string();
+        assert!(
+            !sessions
+                .reject(A, Kind::Deliver, &unknown, None)
+                .await
+                .unwrap()
+        );
+        assert_eq!(sessions.dropped(Kind::Deliver, DropReason::Rejected), 1);
+        assert_eq!(
+            sessions.deliver(delivery("k1")).await.unwrap(),
+            Delivery::Unchanged,
+            "a refused delivery still dedups"
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_receipts_and_deliveries_are_refused_permanently_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, sessions) = capped(dir.path(), 3);
+        let mut bad = receipt(" ", ReceiptStatus::DeliveredToWebhook, None);
+        assert!(matches!(
+            sessions.deliver_receipt(bad.clone()).await,
+            Err(SessionError::Invalid(_))
+        ));
+        bad.request_id = "r".into();
+        bad.sender_agent_did = "did:cdi:nope".into();
+        assert!(matches!(
+            sessions.deliver_receipt(bad).await,
+            Err(SessionError::Invalid(_))
+        ));
+
+        let long = "x".repeat(MAX_DELIVERY_FIELD_BYTES + 1);
+        let cases: Vec<(&str, Box<dyn Fn(&mut DeliveryIn)>)> = vec![
+            (
+                "`dedup-key` is blank",
+                Box::new(|d| d.dedup_key = " ".into()),
+            ),
+            (
+                "`dedup-key` is 1025 bytes",
+                Box::new(|d| d.dedup_key = long.clone()),
+            ),
+            (
+                "`from-agent-did`",
+                Box::new(|d| d.from_agent_did = "did:cdi:x".into()),
+            ),
+            (
+                "`to-agent-did`",
+                Box::new(|d| d.to_agent_did = A.replace("agent", "human")),
+            ),
+            (
+                "`payload` is not JSON",
+                Box::new(|d| d.payload = "{oops".into()),
+            ),
+            (
+                "`reply-to` is 1025 bytes",
+                Box::new(|d| d.reply_to = Some(long.clone())),
+            ),
+            (
+                "its frame is",
+                Box::new(|d| d.payload = format!("\"{}\"", "p".repeat(MAX_FRAME_BYTES))),
+            ),
+        ];
+        for (want, spoil) in cases {
+            let mut bad = delivery("k");
+            spoil(&mut bad);
+            match sessions.deliver(bad).await {
+                Err(SessionError::Invalid(why)) => assert!(why.contains(want), "{why}"),
+                other => panic!("{want}: {other:?}"),
+            }
+        }
+        assert!(on_connect(&sessions, A).await.is_empty(), "nothing stored");
+    }
+
+    #[tokio::test]
+    async fn the_receipts_of_an_older_sessions_db_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(&format!(
+            "CREATE TABLE receipts (
+                 agent_did TEXT NOT NULL, request_id TEXT NOT NULL, recipient TEXT NOT NULL,
+                 status TEXT NOT NULL, reason TEXT, frame_id TEXT NOT NULL,
+                 frame_ts TEXT NOT NULL, updated_ms INTEGER NOT NULL,
+                 expires_ms INTEGER NOT NULL, acked INTEGER NOT NULL DEFAULT 0,
+                 PRIMARY KEY (agent_did, request_id));
+             INSERT INTO receipts VALUES ('{A}', 'old-1', '{B}', 'dead_lettered', 'gone',
+                 '01HZX4M3Q8V2J7K9T6R5W1N0PB', '2026-11-25T10:00:00.000Z', {now}, {later}, 0);
+             INSERT INTO receipts VALUES ('{A}', 'old-2', '{B}', 'dead_lettered', NULL,
+                 '01HZX4M3Q8V2J7K9T6R5W1N0PC', '2026-11-25T10:00:00.000Z', {now}, {later}, 1);",
+            now = now_ms(),
+            later = now_ms() + 3_600_000,
+        ))
+        .unwrap();
+        drop(old);
+        let sessions =
+            RelaySessions::open(&path, Arc::default(), SessionLimits::default()).unwrap();
+        let frames = on_connect(&sessions, A).await;
+        assert_eq!(frames.len(), 1, "the acked receipt stays acked: {frames:?}");
+        let want = json!({"v": 1, "type": "receipt", "id": "01HZX4M3Q8V2J7K9T6R5W1N0PB",
+            "ts": "2026-11-25T10:00:00.000Z", "originalFrameId": "old-1", "toAgentDid": B,
+            "status": "dead_lettered", "reason": "gone"});
+        assert_eq!(frames[0], want);
+        let unchanged = receipt("old-1", ReceiptStatus::DeadLettered, Some("gone"));
+        assert_eq!(
+            sessions.deliver_receipt(unchanged).await.unwrap(),
+            Delivery::Unchanged
+        );
+        drop(sessions);
+        let reopened = RelaySessions::open(&path, Arc::default(), SessionLimits::default());
+        assert_eq!(
+            on_connect(&reopened.unwrap(), A).await.len(),
+            1,
+            "migrated once"
+        );
+    }
+}
