@@ -1189,7 +1189,8 @@ mod tests {
         ));
 
         let long = "x".repeat(MAX_DELIVERY_FIELD_BYTES + 1);
-        let cases: Vec<(&str, Box<dyn Fn(&mut DeliveryIn)>)> = vec![
+        type Spoil<'a> = Box<dyn Fn(&mut DeliveryIn) + 'a>;
+        let cases: Vec<(&str, Spoil)> = vec![
             (
                 "`dedup-key` is blank",
                 Box::new(|d| d.dedup_key = " ".into()),
