@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::sync::Semaphore;
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
     Trap,
@@ -29,6 +29,11 @@ use crate::relay::sessions::{
 };
 use crate::trust::{TrustError, TrustStore};
 use crate::world::World;
+
+mod compat;
+
+use compat::HandlerPre;
+pub use compat::{HANDLER_EXPORT, LEGACY_HANDLER_EXPORT};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -56,7 +61,6 @@ impl UnhandledReason {
     }
 }
 use bindings::clawdentity::queues::{actor_storage, log, relay_sessions, trust_store, websocket};
-use bindings::{HandlerHost, HandlerHostPre};
 
 /// Most bytes of a guest's stderr kept for a trap report.
 const STDERR_CAPTURE_BYTES: usize = 16 * 1024;
@@ -165,7 +169,7 @@ pub struct LoadedHandler {
     size: usize,
     limits: Limits,
     instances: Arc<Semaphore>,
-    pre: HandlerHostPre<BatchState>,
+    pre: HandlerPre,
 }
 
 /// Why a component cannot be loaded; the message names the problem.
@@ -264,7 +268,7 @@ impl Runtime {
             })?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        HandlerHost::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        compat::add_to_linker(&mut linker)?;
         Ok(Runtime { engine, linker })
     }
 
@@ -339,9 +343,9 @@ impl Runtime {
                 anyhow::Error::from(e).root_cause()
             ))
         })?;
-        let pre = HandlerHostPre::new(pre).map_err(|e| {
+        let pre = HandlerPre::new(pre, &compiled.exports).map_err(|e| {
             refuse(format!(
-                "it does not export `clawdentity:queues/handler@0.2.0` as world `{world}` requires: {}",
+                "it does not export `{HANDLER_EXPORT}` as world `{world}` requires: {}",
                 anyhow::Error::from(e).root_cause()
             ))
         })?;
@@ -393,17 +397,13 @@ impl LoadedHandler {
     /// Instantiates the handler once without calling it: proves it can run.
     pub async fn check_instantiates(&self, caps: Arc<Capabilities>) -> Result<(), LoadError> {
         let (mut store, _) = self.store(caps, None);
-        self.pre
-            .instantiate_async(&mut store)
-            .await
-            .map(drop)
-            .map_err(|e| {
-                LoadError(format!(
-                    "handler `{}` refused: it does not instantiate: {}",
-                    self.name,
-                    anyhow::Error::from(e).root_cause()
-                ))
-            })
+        self.pre.instantiate(&mut store).await.map_err(|e| {
+            LoadError(format!(
+                "handler `{}` refused: it does not instantiate: {}",
+                self.name,
+                anyhow::Error::from(e).root_cause()
+            ))
+        })
     }
 
     fn store(
@@ -464,14 +464,7 @@ impl LoadedHandler {
             )));
         };
         let (mut store, stderr) = self.store(caps, calls);
-        let result = async {
-            let instance = self.pre.instantiate_async(&mut store).await?;
-            instance
-                .clawdentity_queues_handler()
-                .call_handle(&mut store, queue, messages)
-                .await
-        }
-        .await;
+        let result = self.pre.handle(&mut store, queue, messages).await;
         match result {
             Ok(outcomes) => outcomes.map_err(BatchFailure::Error),
             Err(err) => {
