@@ -300,3 +300,156 @@ fn settled(
             "recording an ack failed"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::stream::SplitStream;
+    use serde_json::Value;
+    use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+
+    use super::*;
+    use crate::relay::sessions::{Delivery, DeliveryIn, DropReason, Retry, SessionLimits};
+
+    const A: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
+    const B: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    type Client = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    /// The endpoint on a loopback port, with agent `A` registered; returns the sessions,
+    /// a connected client of `A` and the temporary directory of the stores.
+    async fn connected(
+        limits: SessionLimits,
+    ) -> (
+        Arc<RelaySessions>,
+        futures_util::stream::SplitSink<Client, tungstenite::Message>,
+        SplitStream<Client>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Arc::new(ConnectionHub::default());
+        let sessions =
+            Arc::new(RelaySessions::open(&dir.path().join("s.db"), hub.clone(), limits).unwrap());
+        let agents = Arc::new(AgentRegistry::open(&dir.path().join("agents.db")).unwrap());
+        let token = agents.add(A).unwrap();
+        let trust = TrustStore::open(&dir.path().join("trust.db"), Duration::from_secs(60));
+        let state = RelayState {
+            agents,
+            trust: Arc::new(trust.unwrap()),
+            sessions: sessions.clone(),
+            hub,
+            heartbeat: Heartbeat {
+                interval: Duration::from_secs(60),
+                timeout: Duration::from_secs(60),
+            },
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router(state)).await });
+        let url = format!("ws://{address}{CONNECT_PATH}?agent={A}");
+        let mut request = url.into_client_request().unwrap();
+        let bearer = format!("Bearer {token}").parse().unwrap();
+        request.headers_mut().insert("authorization", bearer);
+        let (client, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let (sink, stream) = client.split();
+        (sessions, sink, stream, dir)
+    }
+
+    fn delivery(key: &str) -> DeliveryIn {
+        DeliveryIn {
+            dedup_key: key.into(),
+            from_agent_did: B.into(),
+            to_agent_did: A.into(),
+            payload: r#"{"n": 1}"#.into(),
+            delivery_source: None,
+            content_type: None,
+            group_id: None,
+            conversation_id: None,
+            reply_to: None,
+        }
+    }
+
+    /// The next frame whose id is not in `skip`.
+    async fn next_frame(stream: &mut SplitStream<Client>, skip: &[&Value]) -> Value {
+        loop {
+            let message = tokio::time::timeout(DEADLINE, stream.next())
+                .await
+                .expect("a frame within the deadline")
+                .expect("the connection open")
+                .unwrap();
+            if let tungstenite::Message::Text(text) = message {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if !skip.contains(&&frame["id"]) {
+                    return frame;
+                }
+            }
+        }
+    }
+
+    fn connector_frame(body: FrameBody) -> tungstenite::Message {
+        tungstenite::Message::Text(Frame::new(body).to_json().into())
+    }
+
+    #[tokio::test]
+    async fn deliver_acks_settle_deliveries_and_refusals_are_dropped_and_counted() {
+        let retry = Retry {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(100),
+            jitter: 0.0,
+            max_attempts: 25,
+        };
+        let limits = SessionLimits {
+            retry,
+            ..SessionLimits::default()
+        };
+        let (sessions, mut sink, mut stream, _dir) = connected(limits).await;
+
+        let pushed = sessions.deliver(delivery("k1")).await.unwrap();
+        assert_eq!(pushed, Delivery::Pushed(1));
+        let first = next_frame(&mut stream, &[]).await;
+        assert_eq!(first["type"], "deliver", "{first}");
+        let again = next_frame(&mut stream, &[]).await;
+        assert_eq!(again, first, "retried while connected and unacked");
+        let accepted = FrameBody::DeliverAck {
+            ack_id: first["id"].as_str().unwrap().into(),
+            accepted: true,
+            reason: None,
+        };
+        sink.send(connector_frame(accepted)).await.unwrap();
+
+        sessions.deliver(delivery("k2")).await.unwrap();
+        // Retries of the first sent before its ack was read may come first.
+        let second = next_frame(&mut stream, &[&first["id"]]).await;
+        assert_eq!(second["payload"], json!({"n": 1}), "{second}");
+        let refused = FrameBody::DeliverAck {
+            ack_id: second["id"].as_str().unwrap().into(),
+            accepted: false,
+            reason: Some("no room".into()),
+        };
+        sink.send(connector_frame(refused)).await.unwrap();
+        let unknown = FrameBody::DeliverAck {
+            ack_id: ulid::Ulid::new().to_string(),
+            accepted: false,
+            reason: None,
+        };
+        sink.send(connector_frame(unknown)).await.unwrap();
+        let beat = Frame::new(FrameBody::Heartbeat);
+        sink.send(tungstenite::Message::Text(beat.to_json().into()))
+            .await
+            .unwrap();
+        let skip = [&first["id"], &second["id"]];
+        let ack = next_frame(&mut stream, &skip).await;
+        assert_eq!(
+            ack["ackId"],
+            beat.id.as_str(),
+            "the acks before it are settled"
+        );
+
+        assert_eq!(sessions.dropped(Kind::Deliver, DropReason::Rejected), 1);
+        let left = sessions.to_push(A, Ask::Connected).await.unwrap();
+        assert!(left.frames.is_empty(), "both settled: {left:?}");
+        assert_eq!(left.next_at_ms, None);
+    }
+}
