@@ -617,7 +617,7 @@ impl relay_sessions::Host for BatchState {
         &mut self,
         delivery: relay_sessions::AgentDelivery,
     ) -> Result<relay_sessions::Delivery, HostError> {
-        let args = self.calls.as_ref().map(|_| format!("{delivery:?}"));
+        let args = self.calls.as_ref().map(|_| show_agent_delivery(&delivery));
         let delivery = DeliveryIn {
             dedup_key: delivery.dedup_key.trim().to_owned(),
             from_agent_did: delivery.from_agent_did.trim().to_owned(),
@@ -666,6 +666,27 @@ fn show_delivery(delivery: &relay_sessions::Delivery) -> String {
         relay_sessions::Delivery::Unchanged => "unchanged".into(),
         relay_sessions::Delivery::Ignored => "ignored".into(),
     }
+}
+
+/// A delivery as `clawq run` shows it.
+fn show_agent_delivery(delivery: &relay_sessions::AgentDelivery) -> String {
+    let mut text = format!(
+        "{{dedup-key: {:?}, from: {}, to: {}, payload: {}",
+        delivery.dedup_key, delivery.from_agent_did, delivery.to_agent_did, delivery.payload
+    );
+    let optional = [
+        ("delivery-source", &delivery.delivery_source),
+        ("content-type", &delivery.content_type),
+        ("group-id", &delivery.group_id),
+        ("conversation-id", &delivery.conversation_id),
+        ("reply-to", &delivery.reply_to),
+    ];
+    for (name, value) in optional {
+        if let Some(value) = value {
+            text += &format!(", {name}: {value:?}");
+        }
+    }
+    text + "}"
 }
 
 /// A receipt as `clawq run` shows it.

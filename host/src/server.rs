@@ -143,6 +143,11 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         hub: hub.clone(),
         sessions: sessions.clone(),
     };
+    tokio::spawn(
+        sessions
+            .clone()
+            .sweep_every(crate::retention::SWEEP_INTERVAL, shutdown.clone()),
+    );
     let relay = RelayState {
         agents,
         trust: trust.clone(),

@@ -25,7 +25,8 @@
 //!
 //! An actor exists in memory only while a call for it runs: calls for one agent run one
 //! at a time, and an idle actor is dropped, so 10,000 agents cost nothing resident. Each
-//! call is one transaction, which starts by dropping the agent's expired rows.
+//! call is one transaction, which starts by dropping the agent's expired rows; a periodic
+//! sweep ([`RelaySessions::sweep_every`]) does it for the agents nobody calls.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -567,6 +568,41 @@ impl RelaySessions {
             Ok(row.is_some())
         })
         .await
+    }
+
+    /// Drops the expired rows of every session (logging and counting the unacked ones),
+    /// so that an agent that never calls again still has its expiries accounted for.
+    /// Returns how many sessions had some.
+    pub async fn sweep_expired(&self) -> Result<usize, SessionError> {
+        let agents: Vec<String> = {
+            let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+            db.prepare_cached("SELECT DISTINCT agent_did FROM outbound WHERE expires_ms <= ?1")?
+                .query_map(params![now_ms()], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        for did in &agents {
+            self.turn(did, |_, _, _| Ok(())).await?;
+        }
+        Ok(agents.len())
+    }
+
+    /// Runs [`RelaySessions::sweep_expired`] every `every` until `stop` is cancelled.
+    pub async fn sweep_every(
+        self: Arc<Self>,
+        every: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut ticks = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticks.tick() => {
+                    if let Err(err) = self.sweep_expired().await {
+                        tracing::error!(error = %err, "sweeping expired relay session rows failed");
+                    }
+                }
+            }
+        }
     }
 
     /// Actors in memory right now.
@@ -1131,6 +1167,10 @@ mod tests {
             Delivery::Stored,
             "an expired key no longer dedups"
         );
+        // A session nobody calls again: the sweep accounts for its expired row.
+        assert_eq!(sessions.sweep_expired().await.unwrap(), 1);
+        assert_eq!(sessions.dropped(Kind::Deliver, DropReason::Expired), 2);
+        assert_eq!(sessions.sweep_expired().await.unwrap(), 0, "nothing left");
     }
 
     #[tokio::test]
