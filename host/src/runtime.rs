@@ -877,4 +877,117 @@ mod tests {
             assert!(fill_envelope(not_an_object, 0).is_none(), "{not_an_object}");
         }
     }
+
+    const A: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
+    const B: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
+
+    /// The state of a batch over fresh capabilities in `dir`, recording its calls.
+    fn batch_state(dir: &std::path::Path) -> BatchState {
+        let caps = Capabilities::open(dir, Duration::from_secs(60), SessionLimits::default());
+        BatchState {
+            wasi: WasiCtxBuilder::new().build(),
+            table: ResourceTable::new(),
+            caps: caps.unwrap(),
+            handler: "test".into(),
+            actors: "test".into(),
+            version: "test".into(),
+            memory: MemoryCap {
+                limit: 1 << 20,
+                exceeded: false,
+            },
+            calls: Some(CallLog::default()),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_deliver_capability_trims_checks_and_records() {
+        use relay_sessions::Host;
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = batch_state(dir.path());
+        let padded = relay_sessions::AgentDelivery {
+            dedup_key: " pair.accepted:a:b:1 ".into(),
+            from_agent_did: format!(" {B}"),
+            to_agent_did: format!("{A}\n"),
+            payload: r#" {"system": {}} "#.into(),
+            delivery_source: Some(" proxy.events.queue.pair_accepted ".into()),
+            content_type: None,
+            group_id: None,
+            conversation_id: Some("  ".into()),
+            reply_to: None,
+        };
+        let stored = state.deliver(padded.clone()).await.unwrap();
+        assert_eq!(show_delivery(&stored), "stored");
+        let again = state.deliver(padded.clone()).await.unwrap();
+        assert_eq!(show_delivery(&again), "unchanged", "the trimmed key dedups");
+
+        let sessions = state.caps.sessions.clone();
+        let push = sessions
+            .to_push(A, crate::relay::sessions::Ask::Connected)
+            .await;
+        let frames = push.unwrap().frames;
+        assert_eq!(frames.len(), 1);
+        let frame: Value = serde_json::from_str(&frames[0]).unwrap();
+        assert_eq!(
+            (&frame["fromAgentDid"], &frame["toAgentDid"]),
+            (&json!(B), &json!(A))
+        );
+        assert_eq!(frame["deliverySource"], "proxy.events.queue.pair_accepted");
+        assert!(
+            frame.get("conversationId").is_none(),
+            "a blank field is left out: {frame}"
+        );
+
+        let not_json = relay_sessions::AgentDelivery {
+            payload: "{oops".into(),
+            ..padded.clone()
+        };
+        let err = state.deliver(not_json).await.unwrap_err();
+        assert!(
+            !err.transient && err.message.contains("`payload`"),
+            "{err:?}"
+        );
+        let long_group = relay_sessions::AgentDelivery {
+            group_id: Some("g".repeat(2000)),
+            ..padded
+        };
+        let err = state.deliver(long_group).await.unwrap_err();
+        assert!(
+            !err.transient && err.message.contains("`group-id`"),
+            "{err:?}"
+        );
+
+        let receipt = relay_sessions::Receipt {
+            request_id: " r1 ".into(),
+            sender_agent_did: format!("  {A} "),
+            recipient_agent_did: format!("{B} "),
+            status: relay_sessions::ReceiptStatus::DeadLettered,
+            reason: Some(" ".into()),
+            processed_at: None,
+        };
+        let routed = state.deliver_receipt(receipt).await.unwrap();
+        assert_eq!(show_delivery(&routed), "stored", "padded values are routed");
+        let push = sessions.to_push(A, crate::relay::sessions::Ask::Due).await;
+        let receipt: Value = serde_json::from_str(&push.unwrap().frames[0]).unwrap();
+        assert_eq!(receipt["originalFrameId"], "r1");
+        assert!(
+            receipt.get("reason").is_none(),
+            "a blank reason is none: {receipt}"
+        );
+
+        let calls = state.calls.as_ref().unwrap().lock().unwrap().clone();
+        let shown: Vec<String> = calls
+            .iter()
+            .map(|c| format!("{} -> {:?}", c.call, c.result))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "relay-sessions.deliver -> Some(\"stored\")",
+                "relay-sessions.deliver -> Some(\"unchanged\")",
+                "relay-sessions.deliver -> Some(\"error: invalid delivery: `payload` is not JSON: key must be a string at line 1 column 2\")",
+                "relay-sessions.deliver -> Some(\"error: invalid delivery: `group-id` is 2000 bytes, over the 1024-byte limit\")",
+                "relay-sessions.deliver-receipt -> Some(\"stored\")",
+            ]
+        );
+    }
 }
