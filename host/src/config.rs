@@ -656,6 +656,36 @@ mod tests {
     }
 
     #[test]
+    fn relay_keys_set_the_session_limits() {
+        let config = Config::parse(
+            "[relay]\nreceipt_ttl = 60\nmax_receipts_per_agent = 7\n\
+             retry_initial = 0.5\nretry_max = 4\nretry_max_attempts = 3\n",
+        )
+        .unwrap();
+        let sessions = config.relay.sessions;
+        assert_eq!(
+            (sessions.ttl, sessions.max_per_agent),
+            (Duration::from_secs(60), 7)
+        );
+        let retry = sessions.retry;
+        assert_eq!(
+            (retry.initial, retry.max, retry.max_attempts, retry.jitter),
+            (Duration::from_millis(500), Duration::from_secs(4), 3, 0.2)
+        );
+        assert_eq!(
+            Config::parse("").unwrap().relay.sessions,
+            SessionLimits::default()
+        );
+        for (text, needle) in [
+            ("[relay]\nretry_max_attempts = 0", "retry_max_attempts"),
+            ("[relay]\nretry_initial = -1", "retry_initial"),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn bad_values_are_refused_with_the_key_named() {
         for (text, needle) in [
             (
