@@ -377,3 +377,53 @@ fn check_names_the_worlds_that_accept_a_component() {
             .contains("core WebAssembly module, not a component")
     );
 }
+
+/// A handler built against the frozen `clawdentity:queues@0.1.0` contract.
+const LEGACY_HANDLER: &str = env!("CLAWQ_GUEST_LEGACY_HANDLER");
+
+#[test]
+fn a_component_built_against_0_1_0_still_loads_and_routes_receipts() {
+    let host = Host::start(&fast_config(""));
+    let receipts = "clawdentity-receipts";
+    let (status, body) = deploy(&host, receipts, std::fs::read(LEGACY_HANDLER).unwrap());
+    assert_eq!(status, 200, "{body}");
+    let token = host.add_agent(DID_A);
+    let mut a = host.connect(DID_A, Some(&token)).unwrap();
+
+    // Padded DIDs and reason, as the reference's producers may send them: the host trims.
+    let padded = receipt(
+        "legacy-1",
+        &format!("  {DID_A} "),
+        &format!("{DID_B}\n"),
+        "dead_lettered",
+        Some(" hook gone "),
+    );
+    host.publish(receipts, padded);
+    let pushed = next_frame(&mut a);
+    assert_eq!(pushed["type"], "receipt", "{pushed}");
+    assert_eq!(pushed["originalFrameId"], "legacy-1");
+    assert_eq!(pushed["toAgentDid"], DID_B);
+    assert_eq!(
+        (&pushed["status"], &pushed["reason"]),
+        (&json!("dead_lettered"), &json!("hook gone"))
+    );
+    host.wait_log_all(&["legacy routed legacy-1: ", "Pushed(1)"]);
+    let status = host.wait_drained(receipts);
+    assert_eq!(status["dead_lettered"], 0, "{status}");
+
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_clawq"))
+        .args(["check", LEGACY_HANDLER, "--world", "receipt-handler"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        report.contains("clawdentity:queues/handler@0.1.0"),
+        "{report}"
+    );
+    assert!(report.contains("receipt-handler    accepts it"), "{report}");
+}

@@ -8,6 +8,10 @@ use support::*;
 
 const RECEIPTS: &str = "clawdentity-receipts";
 const C: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PD";
+/// Sessions that push an unacked frame again only after a minute, so that the frames a
+/// test reads are the first pushes, however slow the machine (`tests/deliveries.rs`
+/// tests the retries).
+const UNHURRIED_RETRIES: &str = "[relay]\nretry_initial = 60\nretry_max = 60\n";
 
 #[test]
 fn connectors_must_authenticate_before_the_upgrade() {
@@ -43,7 +47,7 @@ fn connectors_must_authenticate_before_the_upgrade() {
 
 #[test]
 fn receipts_reach_only_their_sender_and_are_pushed_once() {
-    let host = Host::start(&fast_config(""));
+    let host = Host::start(&fast_config(UNHURRIED_RETRIES));
     let (token_a, token_b) = (host.add_agent(DID_A), host.add_agent(DID_B));
     let mut a = host.connect(DID_A, Some(&token_a)).unwrap();
     let mut b = host.connect(DID_B, Some(&token_b)).unwrap();
@@ -95,7 +99,7 @@ fn receipts_reach_only_their_sender_and_are_pushed_once() {
 
 #[test]
 fn unacked_receipts_are_pushed_again_on_connect_until_acked() {
-    let mut host = Host::start(&fast_config(""));
+    let mut host = Host::start(&fast_config(UNHURRIED_RETRIES));
     let token = host.add_agent(DID_A);
     host.publish(
         RECEIPTS,

@@ -27,11 +27,7 @@ const PUBLISH_BATCH: usize = 100;
 
 /// Every capability, backed by stores in `dir`.
 fn capabilities(dir: &std::path::Path) -> Arc<Capabilities> {
-    let limits = SessionLimits {
-        receipt_ttl: Duration::from_secs(3600),
-        max_receipts_per_agent: 500,
-    };
-    Capabilities::open(dir, Duration::from_secs(3600), limits).unwrap()
+    Capabilities::open(dir, Duration::from_secs(3600), SessionLimits::default()).unwrap()
 }
 
 fn revocation(i: usize) -> NewMessage {

@@ -2,11 +2,8 @@
 //! which handler slots) accept it, and why the others do not.
 
 use crate::crypto::sha256_hex;
-use crate::runtime::{Limits, LoadError, Runtime};
+use crate::runtime::{HANDLER_EXPORT, LEGACY_HANDLER_EXPORT, Limits, LoadError, Runtime};
 use crate::world::World;
-
-/// The export every handler needs.
-const HANDLER_EXPORT: &str = "clawdentity:queues/handler@0.2.0";
 
 /// A report on `wasm`; with `world`, an error unless that world accepts it.
 pub fn check(
@@ -20,10 +17,13 @@ pub fn check(
     let verdicts: Vec<(World, Result<(), String>)> = World::ALL
         .into_iter()
         .map(|w| {
-            let verdict = if exports.iter().any(|e| e == HANDLER_EXPORT) {
+            let handler = [HANDLER_EXPORT, LEGACY_HANDLER_EXPORT];
+            let verdict = if exports.iter().any(|e| handler.contains(&e.as_str())) {
                 w.check_imports(imports.iter().map(String::as_str))
             } else {
-                Err(format!("does not export `{HANDLER_EXPORT}`"))
+                Err(format!(
+                    "does not export `{HANDLER_EXPORT}` (or `{LEGACY_HANDLER_EXPORT}`)"
+                ))
             };
             (w, verdict)
         })

@@ -11,6 +11,7 @@ use clawq_protocol::event::DELIVERED_TYPES;
 use serde::Deserialize;
 
 use crate::queue::routes::{self, Filter, Routes};
+use crate::relay::sessions::{Retry, SessionLimits};
 use crate::runtime::{Limits, MAX_MEMORY_BYTES};
 use crate::world::World;
 
@@ -53,10 +54,8 @@ pub struct Config {
 /// Relay sessions and connector connections (`[relay]`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RelayConfig {
-    /// How long a receipt row lives in a session.
-    pub receipt_ttl: Duration,
-    /// Most receipt rows kept per agent.
-    pub max_receipts_per_agent: usize,
+    /// What the relay sessions keep, how long, and how they retry.
+    pub sessions: SessionLimits,
     /// How often the host sends a heartbeat to each connector.
     pub heartbeat_interval: Duration,
     /// Silence from a connector after which its connection is closed.
@@ -66,8 +65,7 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
-            receipt_ttl: Duration::from_secs(3600),
-            max_receipts_per_agent: 500,
+            sessions: SessionLimits::default(),
             heartbeat_interval: Duration::from_secs(30),
             heartbeat_timeout: Duration::from_secs(60),
         }
@@ -216,9 +214,16 @@ struct FileConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileRelay {
-    /// Seconds a receipt row lives.
+    /// Seconds a session row (receipt or delivery) lives; the key predates deliveries.
     receipt_ttl: Option<u64>,
+    /// Most rows of each kind per agent; the key predates deliveries.
     max_receipts_per_agent: Option<usize>,
+    /// Seconds before an unacked frame is first pushed again.
+    retry_initial: Option<f64>,
+    /// Longest delay between pushes of an unacked frame, in seconds.
+    retry_max: Option<f64>,
+    /// Most pushes of one frame before it is dropped.
+    retry_max_attempts: Option<u32>,
     /// Seconds between heartbeats.
     heartbeat_interval: Option<f64>,
     /// Seconds of silence before a connection is closed.
@@ -233,14 +238,23 @@ impl FileRelay {
             Some(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
             Some(_) => bail!("relay.{key} must be a number of seconds > 0"),
         };
+        let (sessions, retry) = (defaults.sessions, defaults.sessions.retry);
         let relay = RelayConfig {
-            receipt_ttl: self
-                .receipt_ttl
-                .map(Duration::from_secs)
-                .unwrap_or(defaults.receipt_ttl),
-            max_receipts_per_agent: self
-                .max_receipts_per_agent
-                .unwrap_or(defaults.max_receipts_per_agent),
+            sessions: SessionLimits {
+                ttl: self
+                    .receipt_ttl
+                    .map(Duration::from_secs)
+                    .unwrap_or(sessions.ttl),
+                max_per_agent: self
+                    .max_receipts_per_agent
+                    .unwrap_or(sessions.max_per_agent),
+                retry: Retry {
+                    initial: seconds(self.retry_initial, "retry_initial", retry.initial)?,
+                    max: seconds(self.retry_max, "retry_max", retry.max)?,
+                    max_attempts: self.retry_max_attempts.unwrap_or(retry.max_attempts),
+                    jitter: retry.jitter,
+                },
+            },
             heartbeat_interval: seconds(
                 self.heartbeat_interval,
                 "heartbeat_interval",
@@ -252,8 +266,11 @@ impl FileRelay {
                 defaults.heartbeat_timeout,
             )?,
         };
-        if relay.max_receipts_per_agent == 0 {
+        if relay.sessions.max_per_agent == 0 {
             bail!("relay.max_receipts_per_agent must be at least 1");
+        }
+        if relay.sessions.retry.max_attempts == 0 {
+            bail!("relay.retry_max_attempts must be at least 1");
         }
         Ok(relay)
     }
@@ -750,6 +767,36 @@ mod tests {
                 "clawdentity-receipts#dead-letter-digest"
             ]
         );
+    }
+
+    #[test]
+    fn relay_keys_set_the_session_limits() {
+        let config = Config::parse(
+            "[relay]\nreceipt_ttl = 60\nmax_receipts_per_agent = 7\n\
+             retry_initial = 0.5\nretry_max = 4\nretry_max_attempts = 3\n",
+        )
+        .unwrap();
+        let sessions = config.relay.sessions;
+        assert_eq!(
+            (sessions.ttl, sessions.max_per_agent),
+            (Duration::from_secs(60), 7)
+        );
+        let retry = sessions.retry;
+        assert_eq!(
+            (retry.initial, retry.max, retry.max_attempts, retry.jitter),
+            (Duration::from_millis(500), Duration::from_secs(4), 3, 0.2)
+        );
+        assert_eq!(
+            Config::parse("").unwrap().relay.sessions,
+            SessionLimits::default()
+        );
+        for (text, needle) in [
+            ("[relay]\nretry_max_attempts = 0", "retry_max_attempts"),
+            ("[relay]\nretry_initial = -1", "retry_initial"),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
     }
 
     #[test]

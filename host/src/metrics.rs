@@ -15,7 +15,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use crate::handlers::HandlerSlots;
 use crate::queue::{QueueBackend, SettleSummary};
 use crate::relay::hub::ConnectionHub;
-use crate::relay::sessions::RelaySessions;
+use crate::relay::sessions::{Kind, RelaySessions};
 use crate::runtime::BatchFailure;
 
 /// Buckets of the batch duration histogram, in seconds.
@@ -56,6 +56,12 @@ pub fn unrouted(queue: &str, n: u64) {
 pub fn unhandled(queue: &str, reason: &'static str) {
     counter!("clawq_messages_unhandled_total", "queue" => queue.to_owned(), "reason" => reason)
         .increment(1);
+}
+
+/// Counts a frame a relay session dropped unacked (`kind`: `receipt` or `deliver`;
+/// `reason`: `cap`, `expired`, `attempts` or `rejected`).
+pub fn relay_frame_dropped(kind: &'static str, reason: &'static str) {
+    counter!("clawq_relay_frames_dropped_total", "kind" => kind, "reason" => reason).increment(1);
 }
 
 /// Counts what a settlement did.
@@ -141,7 +147,8 @@ async fn scrape(State(state): State<MetricsState>) -> Response {
     }
     gauge!("clawq_websocket_connections").set(state.hub.len() as f64);
     gauge!("clawq_relay_resident_actors").set(state.sessions.resident_actors() as f64);
-    counter!("clawq_relay_receipts_dropped_total").absolute(state.sessions.dropped_receipts());
+    counter!("clawq_relay_receipts_dropped_total")
+        .absolute(state.sessions.dropped_total(Kind::Receipt));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         handle.render(),

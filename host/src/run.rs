@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use crate::clock::now_ms;
-use crate::config::{DEFAULT_REVOCATION_TTL, RelayConfig};
+use crate::config::DEFAULT_REVOCATION_TTL;
 use crate::relay::sessions::SessionLimits;
 use crate::runtime::{Call, Capabilities, ContentType, Limits, Message, Outcome, Runtime};
 use crate::world::World;
@@ -76,13 +76,12 @@ pub async fn run_batch(options: &RunOptions) -> Result<Report> {
     let handler = runtime.load(&file.display().to_string(), &wasm, world, Limits::default())?;
 
     let data = tempfile::tempdir().context("creating a temporary data directory")?;
-    let relay = RelayConfig::default();
-    let limits = SessionLimits {
-        receipt_ttl: relay.receipt_ttl,
-        max_receipts_per_agent: relay.max_receipts_per_agent,
-    };
-    let caps = Capabilities::open(data.path(), DEFAULT_REVOCATION_TTL, limits)
-        .context("opening throwaway capabilities")?;
+    let caps = Capabilities::open(
+        data.path(),
+        DEFAULT_REVOCATION_TTL,
+        SessionLimits::default(),
+    )
+    .context("opening throwaway capabilities")?;
     let timestamp_ms = now_ms();
     let messages: Vec<Message> = bodies
         .into_iter()

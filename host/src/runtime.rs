@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::sync::Semaphore;
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
     Trap,
@@ -24,9 +24,16 @@ use crate::actor_storage::{ActorStorage, StorageError};
 use crate::crypto::sha256_hex;
 use crate::frame::{MAX_FRAME_BYTES, ReceiptStatus, VERSION};
 use crate::relay::hub::ConnectionHub;
-use crate::relay::sessions::{Delivery, ReceiptIn, RelaySessions, SessionError, SessionLimits};
+use crate::relay::sessions::{
+    Delivery, DeliveryIn, ReceiptIn, RelaySessions, SessionError, SessionLimits,
+};
 use crate::trust::{TrustError, TrustStore};
 use crate::world::World;
+
+mod compat;
+
+use compat::HandlerPre;
+pub use compat::{HANDLER_EXPORT, LEGACY_HANDLER_EXPORT};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -54,7 +61,6 @@ impl UnhandledReason {
     }
 }
 use bindings::clawdentity::queues::{actor_storage, log, relay_sessions, trust_store, websocket};
-use bindings::{HandlerHost, HandlerHostPre};
 
 /// Most bytes of a guest's stderr kept for a trap report.
 const STDERR_CAPTURE_BYTES: usize = 16 * 1024;
@@ -163,7 +169,7 @@ pub struct LoadedHandler {
     size: usize,
     limits: Limits,
     instances: Arc<Semaphore>,
-    pre: HandlerHostPre<BatchState>,
+    pre: HandlerPre,
 }
 
 /// Why a component cannot be loaded; the message names the problem.
@@ -262,7 +268,7 @@ impl Runtime {
             })?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        HandlerHost::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        compat::add_to_linker(&mut linker)?;
         Ok(Runtime { engine, linker })
     }
 
@@ -337,9 +343,9 @@ impl Runtime {
                 anyhow::Error::from(e).root_cause()
             ))
         })?;
-        let pre = HandlerHostPre::new(pre).map_err(|e| {
+        let pre = HandlerPre::new(pre, &compiled.exports).map_err(|e| {
             refuse(format!(
-                "it does not export `clawdentity:queues/handler@0.2.0` as world `{world}` requires: {}",
+                "it does not export `{HANDLER_EXPORT}` as world `{world}` requires: {}",
                 anyhow::Error::from(e).root_cause()
             ))
         })?;
@@ -391,17 +397,13 @@ impl LoadedHandler {
     /// Instantiates the handler once without calling it: proves it can run.
     pub async fn check_instantiates(&self, caps: Arc<Capabilities>) -> Result<(), LoadError> {
         let (mut store, _) = self.store(caps, None);
-        self.pre
-            .instantiate_async(&mut store)
-            .await
-            .map(drop)
-            .map_err(|e| {
-                LoadError(format!(
-                    "handler `{}` refused: it does not instantiate: {}",
-                    self.name,
-                    anyhow::Error::from(e).root_cause()
-                ))
-            })
+        self.pre.instantiate(&mut store).await.map_err(|e| {
+            LoadError(format!(
+                "handler `{}` refused: it does not instantiate: {}",
+                self.name,
+                anyhow::Error::from(e).root_cause()
+            ))
+        })
     }
 
     fn store(
@@ -462,14 +464,7 @@ impl LoadedHandler {
             )));
         };
         let (mut store, stderr) = self.store(caps, calls);
-        let result = async {
-            let instance = self.pre.instantiate_async(&mut store).await?;
-            instance
-                .clawdentity_queues_handler()
-                .call_handle(&mut store, queue, messages)
-                .await
-        }
-        .await;
+        let result = self.pre.handle(&mut store, queue, messages).await;
         match result {
             Ok(outcomes) => outcomes.map_err(BatchFailure::Error),
             Err(err) => {
@@ -597,34 +592,24 @@ impl relay_sessions::Host for BatchState {
         let args = self.calls.as_ref().map(|_| show_receipt(&receipt));
         let receipt = ReceiptIn {
             request_id: receipt.request_id.trim().to_owned(),
-            sender_agent_did: receipt.sender_agent_did,
-            recipient_agent_did: receipt.recipient_agent_did,
+            sender_agent_did: receipt.sender_agent_did.trim().to_owned(),
+            recipient_agent_did: receipt.recipient_agent_did.trim().to_owned(),
             status: match receipt.status {
                 relay_sessions::ReceiptStatus::DeliveredToWebhook => {
                     ReceiptStatus::DeliveredToWebhook
                 }
                 relay_sessions::ReceiptStatus::DeadLettered => ReceiptStatus::DeadLettered,
             },
-            reason: receipt.reason,
+            reason: trimmed_option(receipt.reason),
         };
-        let result = match self.caps.sessions.deliver(receipt).await {
-            Ok(Delivery::Pushed(n)) => Ok(relay_sessions::Delivery::Pushed(n)),
-            Ok(Delivery::Stored) => Ok(relay_sessions::Delivery::Stored),
-            Ok(Delivery::Unchanged) => Ok(relay_sessions::Delivery::Unchanged),
-            Ok(Delivery::Ignored) => Ok(relay_sessions::Delivery::Ignored),
-            Err(err) => Err(HostError {
-                transient: matches!(err, SessionError::Unavailable(_)),
-                message: err.to_string(),
-            }),
-        };
-        let show = |delivery: &relay_sessions::Delivery| match delivery {
-            relay_sessions::Delivery::Pushed(n) => format!("pushed({n})"),
-            relay_sessions::Delivery::Stored => "stored".into(),
-            relay_sessions::Delivery::Unchanged => "unchanged".into(),
-            relay_sessions::Delivery::Ignored => "ignored".into(),
-        };
+        let result = session_result(self.caps.sessions.deliver_receipt(receipt).await);
         let args = || args.unwrap_or_default();
-        self.record("relay-sessions.deliver-receipt", args, &result, show);
+        self.record(
+            "relay-sessions.deliver-receipt",
+            args,
+            &result,
+            show_delivery,
+        );
         result
     }
 
@@ -632,11 +617,76 @@ impl relay_sessions::Host for BatchState {
         &mut self,
         delivery: relay_sessions::AgentDelivery,
     ) -> Result<relay_sessions::Delivery, HostError> {
-        Err(HostError {
-            transient: false,
-            message: format!("deliver to {} is not available yet", delivery.to_agent_did),
-        })
+        let args = self.calls.as_ref().map(|_| show_agent_delivery(&delivery));
+        let delivery = DeliveryIn {
+            dedup_key: delivery.dedup_key.trim().to_owned(),
+            from_agent_did: delivery.from_agent_did.trim().to_owned(),
+            to_agent_did: delivery.to_agent_did.trim().to_owned(),
+            payload: delivery.payload.trim().to_owned(),
+            delivery_source: trimmed_option(delivery.delivery_source),
+            content_type: trimmed_option(delivery.content_type),
+            group_id: trimmed_option(delivery.group_id),
+            conversation_id: trimmed_option(delivery.conversation_id),
+            reply_to: trimmed_option(delivery.reply_to),
+        };
+        let result = session_result(self.caps.sessions.deliver(delivery).await);
+        let args = || args.unwrap_or_default();
+        self.record("relay-sessions.deliver", args, &result, show_delivery);
+        result
     }
+}
+
+/// `value` trimmed; `None` when it is blank.
+fn trimmed_option(value: Option<String>) -> Option<String> {
+    value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+}
+
+/// A session's answer as the guest sees it: a refusal is permanent, an unavailable
+/// session transient.
+fn session_result(
+    result: Result<Delivery, SessionError>,
+) -> Result<relay_sessions::Delivery, HostError> {
+    match result {
+        Ok(Delivery::Pushed(n)) => Ok(relay_sessions::Delivery::Pushed(n)),
+        Ok(Delivery::Stored) => Ok(relay_sessions::Delivery::Stored),
+        Ok(Delivery::Unchanged) => Ok(relay_sessions::Delivery::Unchanged),
+        Ok(Delivery::Ignored) => Ok(relay_sessions::Delivery::Ignored),
+        Err(err) => Err(HostError {
+            transient: matches!(err, SessionError::Unavailable(_)),
+            message: err.to_string(),
+        }),
+    }
+}
+
+/// What a session did, as `clawq run` shows it.
+fn show_delivery(delivery: &relay_sessions::Delivery) -> String {
+    match delivery {
+        relay_sessions::Delivery::Pushed(n) => format!("pushed({n})"),
+        relay_sessions::Delivery::Stored => "stored".into(),
+        relay_sessions::Delivery::Unchanged => "unchanged".into(),
+        relay_sessions::Delivery::Ignored => "ignored".into(),
+    }
+}
+
+/// A delivery as `clawq run` shows it.
+fn show_agent_delivery(delivery: &relay_sessions::AgentDelivery) -> String {
+    let mut text = format!(
+        "{{dedup-key: {:?}, from: {}, to: {}, payload: {}",
+        delivery.dedup_key, delivery.from_agent_did, delivery.to_agent_did, delivery.payload
+    );
+    let optional = [
+        ("delivery-source", &delivery.delivery_source),
+        ("content-type", &delivery.content_type),
+        ("group-id", &delivery.group_id),
+        ("conversation-id", &delivery.conversation_id),
+        ("reply-to", &delivery.reply_to),
+    ];
+    for (name, value) in optional {
+        if let Some(value) = value {
+            text += &format!(", {name}: {value:?}");
+        }
+    }
+    text + "}"
 }
 
 /// A receipt as `clawq run` shows it.
@@ -826,5 +876,118 @@ mod tests {
         for not_an_object in ["[]", "1", "nope", ""] {
             assert!(fill_envelope(not_an_object, 0).is_none(), "{not_an_object}");
         }
+    }
+
+    const A: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
+    const B: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
+
+    /// The state of a batch over fresh capabilities in `dir`, recording its calls.
+    fn batch_state(dir: &std::path::Path) -> BatchState {
+        let caps = Capabilities::open(dir, Duration::from_secs(60), SessionLimits::default());
+        BatchState {
+            wasi: WasiCtxBuilder::new().build(),
+            table: ResourceTable::new(),
+            caps: caps.unwrap(),
+            handler: "test".into(),
+            actors: "test".into(),
+            version: "test".into(),
+            memory: MemoryCap {
+                limit: 1 << 20,
+                exceeded: false,
+            },
+            calls: Some(CallLog::default()),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_deliver_capability_trims_checks_and_records() {
+        use relay_sessions::Host;
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = batch_state(dir.path());
+        let padded = relay_sessions::AgentDelivery {
+            dedup_key: " pair.accepted:a:b:1 ".into(),
+            from_agent_did: format!(" {B}"),
+            to_agent_did: format!("{A}\n"),
+            payload: r#" {"system": {}} "#.into(),
+            delivery_source: Some(" proxy.events.queue.pair_accepted ".into()),
+            content_type: None,
+            group_id: None,
+            conversation_id: Some("  ".into()),
+            reply_to: None,
+        };
+        let stored = state.deliver(padded.clone()).await.unwrap();
+        assert_eq!(show_delivery(&stored), "stored");
+        let again = state.deliver(padded.clone()).await.unwrap();
+        assert_eq!(show_delivery(&again), "unchanged", "the trimmed key dedups");
+
+        let sessions = state.caps.sessions.clone();
+        let push = sessions
+            .to_push(A, crate::relay::sessions::Ask::Connected)
+            .await;
+        let frames = push.unwrap().frames;
+        assert_eq!(frames.len(), 1);
+        let frame: Value = serde_json::from_str(&frames[0]).unwrap();
+        assert_eq!(
+            (&frame["fromAgentDid"], &frame["toAgentDid"]),
+            (&json!(B), &json!(A))
+        );
+        assert_eq!(frame["deliverySource"], "proxy.events.queue.pair_accepted");
+        assert!(
+            frame.get("conversationId").is_none(),
+            "a blank field is left out: {frame}"
+        );
+
+        let not_json = relay_sessions::AgentDelivery {
+            payload: "{oops".into(),
+            ..padded.clone()
+        };
+        let err = state.deliver(not_json).await.unwrap_err();
+        assert!(
+            !err.transient && err.message.contains("`payload`"),
+            "{err:?}"
+        );
+        let long_group = relay_sessions::AgentDelivery {
+            group_id: Some("g".repeat(2000)),
+            ..padded
+        };
+        let err = state.deliver(long_group).await.unwrap_err();
+        assert!(
+            !err.transient && err.message.contains("`group-id`"),
+            "{err:?}"
+        );
+
+        let receipt = relay_sessions::Receipt {
+            request_id: " r1 ".into(),
+            sender_agent_did: format!("  {A} "),
+            recipient_agent_did: format!("{B} "),
+            status: relay_sessions::ReceiptStatus::DeadLettered,
+            reason: Some(" ".into()),
+            processed_at: None,
+        };
+        let routed = state.deliver_receipt(receipt).await.unwrap();
+        assert_eq!(show_delivery(&routed), "stored", "padded values are routed");
+        let push = sessions.to_push(A, crate::relay::sessions::Ask::Due).await;
+        let receipt: Value = serde_json::from_str(&push.unwrap().frames[0]).unwrap();
+        assert_eq!(receipt["originalFrameId"], "r1");
+        assert!(
+            receipt.get("reason").is_none(),
+            "a blank reason is none: {receipt}"
+        );
+
+        let calls = state.calls.as_ref().unwrap().lock().unwrap().clone();
+        let shown: Vec<String> = calls
+            .iter()
+            .map(|c| format!("{} -> {:?}", c.call, c.result))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "relay-sessions.deliver -> Some(\"stored\")",
+                "relay-sessions.deliver -> Some(\"unchanged\")",
+                "relay-sessions.deliver -> Some(\"error: invalid delivery: `payload` is not JSON: key must be a string at line 1 column 2\")",
+                "relay-sessions.deliver -> Some(\"error: invalid delivery: `group-id` is 2000 bytes, over the 1024-byte limit\")",
+                "relay-sessions.deliver-receipt -> Some(\"stored\")",
+            ]
+        );
     }
 }

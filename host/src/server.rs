@@ -22,7 +22,6 @@ use crate::metrics::{self, MetricsState};
 use crate::queue::QueueBackend;
 use crate::queue::sqlite::SqliteQueue;
 use crate::relay::endpoint::{self, Heartbeat, RelayState};
-use crate::relay::sessions::SessionLimits;
 use crate::runtime::{Capabilities, Runtime};
 
 /// How long in-flight batches get to finish after a shutdown is asked for.
@@ -70,11 +69,11 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
             .with_routes(config.routes()),
     );
     warn_of_unconsumed_lanes(&config, backend.as_ref()).await?;
-    let limits = SessionLimits {
-        receipt_ttl: config.relay.receipt_ttl,
-        max_receipts_per_agent: config.relay.max_receipts_per_agent,
-    };
-    let caps = Capabilities::open(&config.data_dir, config.revocation_ttl, limits)?;
+    let caps = Capabilities::open(
+        &config.data_dir,
+        config.revocation_ttl,
+        config.relay.sessions,
+    )?;
     let (trust, sessions, hub) = (caps.trust.clone(), caps.sessions.clone(), caps.hub.clone());
     let agents = Arc::new(AgentRegistry::open(&config.data_dir.join("agents.db"))?);
     let runtime = Arc::new(Runtime::new()?);
@@ -144,6 +143,11 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         hub: hub.clone(),
         sessions: sessions.clone(),
     };
+    tokio::spawn(
+        sessions
+            .clone()
+            .sweep_every(crate::retention::SWEEP_INTERVAL, shutdown.clone()),
+    );
     let relay = RelayState {
         agents,
         trust: trust.clone(),

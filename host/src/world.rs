@@ -5,6 +5,8 @@ use std::fmt;
 
 /// The WIT package every capability interface belongs to.
 const PACKAGE: &str = "clawdentity:queues/";
+/// The versions of that package the host links (0.1.0 for components built before 0.2.0).
+const VERSIONS: [&str; 2] = ["0.2.0", "0.1.0"];
 
 /// A world a handler slot accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +66,8 @@ impl World {
     }
 
     /// Checks the import names of a component: WASI interfaces and the capabilities this
-    /// world grants are allowed; the error names the first one that is not.
+    /// world grants, in a version the host links, are allowed; the error names the first
+    /// one that is not.
     pub fn check_imports<'a>(
         self,
         imports: impl IntoIterator<Item = &'a str>,
@@ -76,7 +79,13 @@ impl World {
             let Some(rest) = import.strip_prefix(PACKAGE) else {
                 return Err(format!("imports `{import}`, which no clawq world grants"));
             };
-            let interface = rest.split('@').next().unwrap_or(rest);
+            let (interface, version) = rest.split_once('@').unwrap_or((rest, ""));
+            if !VERSIONS.contains(&version) {
+                return Err(format!(
+                    "imports `{import}`, a version of `clawdentity:queues` this host does not implement (it implements {})",
+                    VERSIONS.join(", ")
+                ));
+            }
             if interface != "types" && !self.grants().contains(&interface) {
                 return Err(format!(
                     "imports `{interface}`, which world `{}` does not grant (it grants {})",
@@ -107,6 +116,19 @@ mod tests {
             "clawdentity:queues/trust-store@0.2.0",
         ];
         assert_eq!(World::CrlInvalidation.check_imports(crl), Ok(()));
+        let legacy = [
+            "clawdentity:queues/types@0.1.0",
+            "clawdentity:queues/log@0.1.0",
+        ];
+        assert_eq!(World::ReceiptRouter.check_imports(legacy), Ok(()));
+        let future = World::ReceiptRouter
+            .check_imports(["clawdentity:queues/log@0.3.0"])
+            .unwrap_err();
+        assert!(
+            future.contains("`clawdentity:queues/log@0.3.0`, a version")
+                && future.contains("0.2.0, 0.1.0"),
+            "{future}"
+        );
         let err = World::CrlInvalidation
             .check_imports(["clawdentity:queues/relay-sessions@0.2.0"])
             .unwrap_err();

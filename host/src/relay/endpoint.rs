@@ -2,8 +2,10 @@
 //!
 //! The connector proves that it speaks for `?agent=<did>` with `Authorization: Bearer
 //! <token>` before the upgrade; a missing or wrong token, or a revoked agent, gets 401 and
-//! no upgrade. Once connected, the agent's unacked receipts are pushed, new ones follow as
-//! they come, heartbeats go both ways and a `receipt_ack` marks a receipt delivered.
+//! no upgrade. Once connected, every unacked frame of the agent's relay session (receipts
+//! and deliveries) is pushed, new ones follow as they come, unacked ones are pushed again
+//! when their retry is due (a timer to the session's next due time), heartbeats go both
+//! ways, and `receipt_ack` / `deliver_ack` settle a frame.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,13 +16,14 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
 use super::hub::{ConnectionHub, Outbound};
-use super::sessions::RelaySessions;
+use super::sessions::{Ask, Kind, RelaySessions};
 use crate::agents::AgentRegistry;
 use crate::api::ApiError;
 use crate::frame::{CONNECT_PATH, Frame, FrameBody, MAX_FRAME_BYTES};
@@ -58,13 +61,24 @@ pub fn router(state: RelayState) -> Router {
         .with_state(state)
 }
 
-/// `GET /v1/relay`: open connections, actors in memory, receipts dropped since start.
-async fn relay_status(State(state): State<RelayState>) -> axum::Json<serde_json::Value> {
-    axum::Json(json!({
-        "connections": state.hub.len(),
-        "resident_actors": state.sessions.resident_actors(),
-        "receipts_dropped": state.sessions.dropped_receipts(),
-    }))
+/// `GET /v1/relay`: open connections, actors in memory, receipts and deliveries dropped
+/// unacked since start, deliveries waiting for an ack.
+async fn relay_status(State(state): State<RelayState>) -> Response {
+    let sessions = &state.sessions;
+    match sessions.pending(Kind::Deliver) {
+        Ok(pending) => axum::Json(json!({
+            "connections": state.hub.len(),
+            "resident_actors": sessions.resident_actors(),
+            "receipts_dropped": sessions.dropped_total(Kind::Receipt),
+            "deliveries_dropped": sessions.dropped_total(Kind::Deliver),
+            "deliveries_pending": pending,
+        }))
+        .into_response(),
+        Err(err) => {
+            let code = "storage_unavailable";
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, err.to_string()).into_response()
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,28 +147,49 @@ fn close(code: u16, reason: &'static str) -> Message {
     }))
 }
 
+/// Sends what the session of `did` holds for the connection (`ask`); returns when to
+/// ask again (`None`: nothing is waiting), or `Err` when the socket failed. A session
+/// that cannot be read is asked again after the first retry delay.
+async fn push_from_session(
+    sessions: &RelaySessions,
+    did: &str,
+    ask: Ask,
+    sink: &mut SplitSink<WebSocket, Message>,
+) -> Result<Option<Instant>, ()> {
+    let push = match sessions.to_push(did, ask).await {
+        Ok(push) => push,
+        Err(err) => {
+            tracing::error!(agent = %did, error = %err, "reading the relay session failed");
+            return Ok(Some(Instant::now() + sessions.limits().retry.initial));
+        }
+    };
+    for frame in push.frames {
+        sink.send(Message::Text(frame.into())).await.map_err(drop)?;
+    }
+    Ok(push.next_at_ms.map(|at| {
+        Instant::now() + Duration::from_millis(at.saturating_sub(crate::clock::now_ms()))
+    }))
+}
+
+/// Sleeps until `at`, or forever when `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs one connector connection until it closes.
 async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
     let (id, mut outbound) = state.hub.register(&did);
     tracing::info!(agent = %did, "connector connected");
     let (mut sink, mut stream) = socket.split();
+    let sessions = &*state.sessions;
     let why = 'conn: {
-        match state.sessions.pending(&did).await {
-            Ok(frames) => {
-                for frame in frames {
-                    if sink
-                        .send(Message::Text(frame.to_json().into()))
-                        .await
-                        .is_err()
-                    {
-                        break 'conn "send failed";
-                    }
-                }
-            }
-            Err(err) => {
-                tracing::error!(agent = %did, error = %err, "reading pending receipts failed")
-            }
-        }
+        let Ok(mut retry_at) = push_from_session(sessions, &did, Ask::Connected, &mut sink).await
+        else {
+            break 'conn "send failed";
+        };
         let mut heartbeat = tokio::time::interval_at(
             Instant::now() + state.heartbeat.interval,
             state.heartbeat.interval,
@@ -187,14 +222,22 @@ async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
                                 }
                             }
                             FrameBody::ReceiptAck { ack_id } => {
-                                if let Err(err) = state.sessions.ack(&did, &ack_id).await {
-                                    tracing::error!(agent = %did, error = %err, "recording a receipt ack failed");
-                                }
+                                let acked = sessions.ack(&did, Kind::Receipt, &ack_id).await;
+                                settled(&did, "receipt_ack", &ack_id, acked);
+                            }
+                            FrameBody::DeliverAck { ack_id, accepted: true, .. } => {
+                                let acked = sessions.ack(&did, Kind::Deliver, &ack_id).await;
+                                settled(&did, "deliver_ack", &ack_id, acked);
+                            }
+                            FrameBody::DeliverAck { ack_id, accepted: false, reason } => {
+                                let rejected = sessions
+                                    .reject(&did, Kind::Deliver, &ack_id, reason.as_deref())
+                                    .await;
+                                settled(&did, "deliver_ack", &ack_id, rejected);
                             }
                             FrameBody::HeartbeatAck { .. }
                             | FrameBody::Receipt { .. }
-                            | FrameBody::Deliver(_)
-                            | FrameBody::DeliverAck { .. } => {}
+                            | FrameBody::Deliver(_) => {}
                         },
                         Err(err) => tracing::debug!(agent = %did, error = %err, "unparseable frame ignored"),
                     }
@@ -205,12 +248,24 @@ async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
                             break 'conn "send failed";
                         }
                     }
+                    Some(Outbound::Wake) => {
+                        match push_from_session(sessions, &did, Ask::Due, &mut sink).await {
+                            Ok(at) => retry_at = at,
+                            Err(()) => break 'conn "send failed",
+                        }
+                    }
                     Some(Outbound::Close(code, reason)) => {
                         let _ = sink.send(close(code, reason)).await;
                         break 'conn reason;
                     }
                     None => break 'conn "hub closed",
                 },
+                _ = sleep_until(retry_at) => {
+                    match push_from_session(sessions, &did, Ask::Due, &mut sink).await {
+                        Ok(at) => retry_at = at,
+                        Err(()) => break 'conn "send failed",
+                    }
+                }
                 _ = heartbeat.tick() => {
                     let beat = Frame::new(FrameBody::Heartbeat);
                     if sink.send(Message::Text(beat.to_json().into())).await.is_err() {
@@ -226,4 +281,174 @@ async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
     };
     state.hub.unregister(&did, id);
     tracing::info!(agent = %did, why, "connector disconnected");
+}
+
+/// Logs what settling the frame `ack_id` (with a `frame_type` ack) did, when it did
+/// not simply settle it.
+fn settled(
+    did: &str,
+    frame_type: &str,
+    ack_id: &str,
+    result: Result<bool, super::sessions::SessionError>,
+) {
+    match result {
+        Ok(true) => {}
+        Ok(false) => tracing::debug!(agent = %did, ack_id, frame_type,
+            "ack of a frame the session does not hold ignored"),
+        Err(err) => tracing::error!(agent = %did, ack_id, frame_type, error = %err,
+            "recording an ack failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::stream::SplitStream;
+    use serde_json::Value;
+    use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+
+    use super::*;
+    use crate::relay::sessions::{Delivery, DeliveryIn, DropReason, Retry, SessionLimits};
+
+    const A: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
+    const B: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    type Client = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    /// The endpoint on a loopback port, with agent `A` registered; returns the sessions,
+    /// a connected client of `A` and the temporary directory of the stores.
+    async fn connected(
+        limits: SessionLimits,
+    ) -> (
+        Arc<RelaySessions>,
+        futures_util::stream::SplitSink<Client, tungstenite::Message>,
+        SplitStream<Client>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Arc::new(ConnectionHub::default());
+        let sessions =
+            Arc::new(RelaySessions::open(&dir.path().join("s.db"), hub.clone(), limits).unwrap());
+        let agents = Arc::new(AgentRegistry::open(&dir.path().join("agents.db")).unwrap());
+        let token = agents.add(A).unwrap();
+        let trust = TrustStore::open(&dir.path().join("trust.db"), Duration::from_secs(60));
+        let state = RelayState {
+            agents,
+            trust: Arc::new(trust.unwrap()),
+            sessions: sessions.clone(),
+            hub,
+            heartbeat: Heartbeat {
+                interval: Duration::from_secs(60),
+                timeout: Duration::from_secs(60),
+            },
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router(state)).await });
+        let url = format!("ws://{address}{CONNECT_PATH}?agent={A}");
+        let mut request = url.into_client_request().unwrap();
+        let bearer = format!("Bearer {token}").parse().unwrap();
+        request.headers_mut().insert("authorization", bearer);
+        let (client, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let (sink, stream) = client.split();
+        (sessions, sink, stream, dir)
+    }
+
+    fn delivery(key: &str) -> DeliveryIn {
+        DeliveryIn {
+            dedup_key: key.into(),
+            from_agent_did: B.into(),
+            to_agent_did: A.into(),
+            payload: r#"{"n": 1}"#.into(),
+            delivery_source: None,
+            content_type: None,
+            group_id: None,
+            conversation_id: None,
+            reply_to: None,
+        }
+    }
+
+    /// The next frame whose id is not in `skip`.
+    async fn next_frame(stream: &mut SplitStream<Client>, skip: &[&Value]) -> Value {
+        loop {
+            let message = tokio::time::timeout(DEADLINE, stream.next())
+                .await
+                .expect("a frame within the deadline")
+                .expect("the connection open")
+                .unwrap();
+            if let tungstenite::Message::Text(text) = message {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if !skip.contains(&&frame["id"]) {
+                    return frame;
+                }
+            }
+        }
+    }
+
+    fn connector_frame(body: FrameBody) -> tungstenite::Message {
+        tungstenite::Message::Text(Frame::new(body).to_json().into())
+    }
+
+    #[tokio::test]
+    async fn deliver_acks_settle_deliveries_and_refusals_are_dropped_and_counted() {
+        let retry = Retry {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(100),
+            jitter: 0.0,
+            max_attempts: 25,
+        };
+        let limits = SessionLimits {
+            retry,
+            ..SessionLimits::default()
+        };
+        let (sessions, mut sink, mut stream, _dir) = connected(limits).await;
+
+        let pushed = sessions.deliver(delivery("k1")).await.unwrap();
+        assert_eq!(pushed, Delivery::Pushed(1));
+        let first = next_frame(&mut stream, &[]).await;
+        assert_eq!(first["type"], "deliver", "{first}");
+        let again = next_frame(&mut stream, &[]).await;
+        assert_eq!(again, first, "retried while connected and unacked");
+        let accepted = FrameBody::DeliverAck {
+            ack_id: first["id"].as_str().unwrap().into(),
+            accepted: true,
+            reason: None,
+        };
+        sink.send(connector_frame(accepted)).await.unwrap();
+
+        sessions.deliver(delivery("k2")).await.unwrap();
+        // Retries of the first sent before its ack was read may come first.
+        let second = next_frame(&mut stream, &[&first["id"]]).await;
+        assert_eq!(second["payload"], json!({"n": 1}), "{second}");
+        let refused = FrameBody::DeliverAck {
+            ack_id: second["id"].as_str().unwrap().into(),
+            accepted: false,
+            reason: Some("no room".into()),
+        };
+        sink.send(connector_frame(refused)).await.unwrap();
+        let unknown = FrameBody::DeliverAck {
+            ack_id: ulid::Ulid::new().to_string(),
+            accepted: false,
+            reason: None,
+        };
+        sink.send(connector_frame(unknown)).await.unwrap();
+        let beat = Frame::new(FrameBody::Heartbeat);
+        sink.send(tungstenite::Message::Text(beat.to_json().into()))
+            .await
+            .unwrap();
+        let skip = [&first["id"], &second["id"]];
+        let ack = next_frame(&mut stream, &skip).await;
+        assert_eq!(
+            ack["ackId"],
+            beat.id.as_str(),
+            "the acks before it are settled"
+        );
+
+        assert_eq!(sessions.dropped(Kind::Deliver, DropReason::Rejected), 1);
+        let left = sessions.to_push(A, Ask::Connected).await.unwrap();
+        assert!(left.frames.is_empty(), "both settled: {left:?}");
+        assert_eq!(left.next_at_ms, None);
+    }
 }

@@ -12,6 +12,8 @@ use tokio::sync::mpsc;
 pub enum Outbound {
     /// Send this text frame.
     Text(String),
+    /// Ask the agent's relay session for the frames due now and send them.
+    Wake,
     /// Close with this code and reason.
     Close(u16, &'static str),
 }
@@ -57,9 +59,20 @@ impl ConnectionHub {
 
     /// Sends `text` to the open connection of `did`; returns how many got it (0 or 1).
     pub fn send(&self, did: &str, text: String) -> u32 {
+        self.post(did, Outbound::Text(text))
+    }
+
+    /// Wakes the open connection of `did` to push what its session holds; returns how
+    /// many were woken (0 or 1).
+    pub fn wake(&self, did: &str) -> u32 {
+        self.post(did, Outbound::Wake)
+    }
+
+    /// Hands `what` to the open connection of `did`; returns how many got it (0 or 1).
+    fn post(&self, did: &str, what: Outbound) -> u32 {
         self.lock()
             .get(did)
-            .map_or(0, |c| u32::from(c.tx.send(Outbound::Text(text)).is_ok()))
+            .map_or(0, |c| u32::from(c.tx.send(what).is_ok()))
     }
 
     /// Closes the open connection of `did`, if any.
