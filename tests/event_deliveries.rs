@@ -88,12 +88,15 @@ fn next_deliver(socket: &mut Socket) -> Value {
 fn ack(socket: &mut Socket, frame: &Value) {
     send_frame(
         socket,
-        &support::frame("deliver_ack", json!({"ackId": frame["id"], "accepted": true})),
+        &support::frame(
+            "deliver_ack",
+            json!({"ackId": frame["id"], "accepted": true}),
+        ),
     );
 }
 
 /// Proves that `socket` gets nothing but heartbeats before a fresh receipt for `did`:
-/// publishes the receipt and expects its frame to be the next one.
+/// publishes the receipt, expects its frame to be the next one and acknowledges it.
 fn expect_nothing_before_a_probe(host: &Host, socket: &mut Socket, did: &str, probe: &str) {
     host.publish(
         RECEIPTS,
@@ -104,6 +107,10 @@ fn expect_nothing_before_a_probe(host: &Host, socket: &mut Socket, did: &str, pr
         (&frame["type"], &frame["originalFrameId"]),
         (&json!("receipt"), &json!(probe)),
         "a frame came before the probe receipt: {frame}"
+    );
+    send_frame(
+        socket,
+        &support::frame("receipt_ack", json!({"ackId": frame["id"]})),
     );
 }
 
@@ -168,7 +175,10 @@ fn a_delivery_made_while_offline_arrives_on_connect_and_not_again_after_its_ack(
 
     // Unacknowledged, it is pushed again while the connector stays connected.
     let again = next_deliver(&mut socket);
-    assert_eq!(again["id"], frame["id"], "the same delivery, the same frame");
+    assert_eq!(
+        again["id"], frame["id"],
+        "the same delivery, the same frame"
+    );
     ack(&mut socket, &again);
     expect_nothing_before_a_probe(&host, &mut socket, DID_A, "probe-1");
     drop(socket);
@@ -260,7 +270,11 @@ fn events_the_event_router_cannot_deliver_are_acked_and_counted_unhandled() {
     let host = Host::start(&config());
     let mut bad_group = member_joined(DID_A, DID_B, None);
     bad_group["data"]["groupId"] = "group-7".into();
-    let mut bad_pair = pair_accepted(DID_A, "did:cdi:registry.clawdentity.com:human:01HZX4M3Q8V2J7K9T6R5W1N0PB", "t");
+    let mut bad_pair = pair_accepted(
+        DID_A,
+        "did:cdi:registry.clawdentity.com:human:01HZX4M3Q8V2J7K9T6R5W1N0PB",
+        "t",
+    );
     bad_pair["eventTimestampUtc"] = "2026-11-24T10:00:00.000Z".into();
     host.publish(EVENTS, bad_group);
     host.publish(EVENTS, bad_pair);
