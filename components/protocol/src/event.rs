@@ -162,23 +162,7 @@ mod tests {
     use crate::problem::ProblemKind;
     use std::collections::BTreeSet;
 
-    const A: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
-    const B: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
-    const GROUP: &str = "grp_01HZX4M3Q8V2J7K9T6R5W1N0PE";
-    const TS: &str = "2026-11-24T10:00:00.000Z";
-
-    fn pair() -> Value {
-        json!({"type": "pair.accepted", "initiatorAgentDid": A, "responderAgentDid": B,
-            "responderProfile": {"agentName": "beta", "humanName": "Bea", "proxyOrigin": "https://b.example"},
-            "issuerProxyOrigin": "https://a.example", "eventTimestampUtc": TS})
-    }
-
-    fn joined() -> Value {
-        json!({"id": "evt-1", "type": "group.member.joined", "version": "v1",
-            "timestampUtc": TS, "initiatedByAccountId": null,
-            "data": {"recipientAgentDid": B, "joinedAgentDid": A, "joinedAgentName": "alpha",
-                "groupId": GROUP, "groupName": "builders", "role": "member", "joinedAt": TS}})
-    }
+    use crate::samples::{A, B, GROUP, TS, member_joined as joined, pair_accepted as pair};
 
     fn delivery(event: &Value) -> Result<Option<AgentDelivery>, Problem> {
         agent_delivery(event.as_object().unwrap())

@@ -7,6 +7,8 @@ pub mod event;
 pub mod fields;
 pub mod problem;
 pub mod receipt;
+#[cfg(any(test, feature = "samples"))]
+pub mod samples;
 
 /// Defines, in a handler component crate, the glue between its WIT bindings and this
 /// crate (each crate's `wit_bindgen::generate!` makes its own copy of the WIT types, so the

@@ -825,6 +825,15 @@ mod tests {
     /// How long a test waits for a due retry before failing.
     const DEADLINE: Duration = Duration::from_secs(10);
 
+    /// Sessions with the default limits but `retry`.
+    fn open_with_retry(dir: &Path, retry: Retry) -> (Arc<ConnectionHub>, RelaySessions) {
+        let limits = SessionLimits {
+            retry,
+            ..SessionLimits::default()
+        };
+        open(dir, limits)
+    }
+
     fn open(dir: &Path, limits: SessionLimits) -> (Arc<ConnectionHub>, RelaySessions) {
         let hub = Arc::new(ConnectionHub::default());
         let sessions = RelaySessions::open(&dir.join("s.db"), hub.clone(), limits).unwrap();
@@ -1025,11 +1034,7 @@ mod tests {
             jitter: 0.0,
             max_attempts: 4,
         };
-        let limits = SessionLimits {
-            retry,
-            ..SessionLimits::default()
-        };
-        let (_, sessions) = open(dir.path(), limits);
+        let (_, sessions) = open_with_retry(dir.path(), retry);
         sessions.deliver(delivery("k1")).await.unwrap();
         sessions
             .deliver_receipt(receipt("r1", ReceiptStatus::DeliveredToWebhook, None))
@@ -1087,11 +1092,7 @@ mod tests {
             jitter: 0.2,
             max_attempts: 25,
         };
-        let limits = SessionLimits {
-            retry,
-            ..SessionLimits::default()
-        };
-        let (_, sessions) = open(dir.path(), limits);
+        let (_, sessions) = open_with_retry(dir.path(), retry);
         sessions
             .deliver_receipt(receipt("r1", ReceiptStatus::DeadLettered, Some("gone")))
             .await
