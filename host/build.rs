@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Guest crates, by package name.
-const GUESTS: [&str; 7] = [
+const GUESTS: [&str; 8] = [
     "crl-invalidation",
     "receipt-router",
     "event-router",
     "scripted-handler",
     "failing-handler",
     "legacy-handler",
+    "hostile-handler",
     "dead-letter-digest",
 ];
 

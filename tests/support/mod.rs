@@ -15,6 +15,8 @@ use serde_json::Value;
 pub const SCRIPTED_HANDLER: &str = env!("CLAWQ_GUEST_SCRIPTED_HANDLER");
 /// The test handler that traps on every batch.
 pub const FAILING_HANDLER: &str = env!("CLAWQ_GUEST_FAILING_HANDLER");
+/// The test handler whose messages script attacks on the sandbox.
+pub const HOSTILE_HANDLER: &str = env!("CLAWQ_GUEST_HOSTILE_HANDLER");
 /// A valid agent DID.
 pub const DID_A: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
 /// Another valid agent DID.
