@@ -98,14 +98,9 @@ pub fn reason(reason: Option<&str>) -> Option<String> {
 }
 
 /// Checks the fields every receipt needs, however it arrived: a non-blank request id and
-/// two valid agent DIDs, each after trimming. A blank `reason` is not an error: it is
-/// dropped (see [`reason`]), so it is accepted here for the callers that pass one.
-pub fn check_receipt(
-    request_id: &str,
-    sender: &str,
-    recipient: &str,
-    _reason: Option<&str>,
-) -> Result<(), String> {
+/// two valid agent DIDs, each after trimming. (A blank `reason` is not an error: it is
+/// dropped, see [`reason`].)
+pub fn check_receipt(request_id: &str, sender: &str, recipient: &str) -> Result<(), String> {
     if request_id.trim().is_empty() {
         return Err("requestId is blank".into());
     }
@@ -290,22 +285,15 @@ mod tests {
 
     #[test]
     fn check_receipt_trims_and_accepts_a_blank_reason() {
-        assert_eq!(
-            check_receipt(" r ", &format!(" {A} "), B, Some("  ")),
-            Ok(())
-        );
+        assert_eq!(check_receipt(" r ", &format!(" {A} "), B), Ok(()));
+        assert!(check_receipt("  ", A, B).unwrap_err().contains("requestId"));
         assert!(
-            check_receipt("  ", A, B, None)
-                .unwrap_err()
-                .contains("requestId")
-        );
-        assert!(
-            check_receipt("r", "x", B, None)
+            check_receipt("r", "x", B)
                 .unwrap_err()
                 .contains("senderAgentDid")
         );
         assert!(
-            check_receipt("r", A, "x", None)
+            check_receipt("r", A, "x")
                 .unwrap_err()
                 .contains("recipientAgentDid")
         );

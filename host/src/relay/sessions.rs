@@ -369,7 +369,6 @@ impl RelaySessions {
             &receipt.request_id,
             &receipt.sender_agent_did,
             &receipt.recipient_agent_did,
-            receipt.reason.as_deref(),
         )
         .map_err(|why| SessionError::Invalid(format!("receipt: {why}")))?;
         let did = &receipt.sender_agent_did;
