@@ -355,3 +355,29 @@ fn the_command_line_lists_shows_redrives_and_purges_and_sums_up() {
         "{unreachable}"
     );
 }
+
+#[test]
+fn clawq_status_ends_quietly_when_its_reader_goes_away() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let host = Host::start(&fast_config(""));
+    // As `clawq status | head -0`: the reader is gone before anything is written.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clawq"))
+        .arg("status")
+        .env("CLAWQ_SERVER", &host.base)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    const SIGPIPE: i32 = 13;
+    assert_eq!(
+        output.status.signal(),
+        Some(SIGPIPE),
+        "ended by the broken pipe like any tool: {:?} {stderr}",
+        output.status
+    );
+}

@@ -474,6 +474,18 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Lets a printing command end quietly when its reader goes away (`clawq status | head`),
+/// as other command-line tools do, instead of panicking on a broken pipe. Only for the
+/// commands that hold no socket open: Rust ignores SIGPIPE so that a peer closing a
+/// socket is an error, not the end of the server.
+fn end_quietly_on_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: restoring a signal's default disposition before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn run_cli() -> Result<()> {
     let cli = Cli::parse();
     // `clawq run` lists the guest's log lines with its other calls.
@@ -490,6 +502,9 @@ fn run_cli() -> Result<()> {
     match cli.log_format {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => logs.json().init(),
+    }
+    if !matches!(cli.command, Command::Serve(_) | Command::Connect(_)) {
+        end_quietly_on_closed_stdout();
     }
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
