@@ -456,3 +456,18 @@ fn a_dead_letter_digest_reaches_the_hook_as_a_delivery_through_the_host() {
     );
     connector.log.wait_for(&["stored delivery", id]);
 }
+
+#[test]
+fn a_connector_without_a_token_says_where_to_put_it() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_clawq"))
+        .args(["connect", "--agent", DID_A])
+        .env_remove("CLAWQ_AGENT_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no agent token: set CLAWQ_AGENT_TOKEN"),
+        "{stderr}"
+    );
+}

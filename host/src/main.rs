@@ -36,13 +36,23 @@ enum LogFormat {
 enum Command {
     /// Serve the queues, their handlers and the HTTP API.
     ///
-    /// With no config file this serves `clawdentity-events` (CRL-invalidation handler)
-    /// and `clawdentity-receipts` with the spec's defaults.
-    Serve(ServeArgs),
-    /// Connect an agent to the host and hand its delivery receipts to its local webhook.
+    /// With no config file this serves `clawdentity-events` (the bundled
+    /// `crl-invalidation` and `event-router` handlers) and `clawdentity-receipts` (the
+    /// bundled `receipt-router`) with clawdentity's defaults.
     ///
-    /// Receipts are kept in a durable outbox (`<data-dir>/outbox.db`) until the webhook
-    /// takes them.
+    /// The data directory holds the queues (`queues.db`), the trust store (`trust.db`),
+    /// the relay sessions (`sessions.db`), the handlers' actor storage
+    /// (`actor-storage.db`), the registered agents (`agents.db`), the deployed handler
+    /// versions (`handlers/`) and the generated admin token (`admin.token`). Logs go to
+    /// stderr; `CLAWQ_LOG` takes a `tracing` filter (default `info`, e.g.
+    /// `CLAWQ_LOG=clawq=debug`).
+    Serve(ServeArgs),
+    /// Connect an agent to the host and hand what its relay session sends (delivery
+    /// receipts and deliveries) to its local webhook.
+    ///
+    /// Each frame is kept in a durable outbox (`<data-dir>/outbox.db`) before it is
+    /// acknowledged, until the webhook takes it. The agent's token comes from
+    /// `CLAWQ_AGENT_TOKEN` (or `--token`, which other users of the machine can see).
     Connect(ConnectArgs),
     /// Say what a handler component imports and exports and which worlds accept it.
     Check {
@@ -412,9 +422,10 @@ struct ConnectArgs {
     /// The agent's DID: did:cdi:<authority>:agent:<ULID>.
     #[arg(long, value_name = "DID", value_parser = parse_agent_did)]
     agent: String,
-    /// The agent's connector token (from `clawq agents add`).
+    /// The agent's connector token (from `clawq agents add`); prefer `CLAWQ_AGENT_TOKEN`,
+    /// since a command line is visible to other users.
     #[arg(long, env = "CLAWQ_AGENT_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
     /// The agent's local webhook.
     #[arg(long, default_value = clawq::connector::DEFAULT_HOOK_URL)]
     hook: String,
@@ -452,7 +463,11 @@ async fn connect(args: ConnectArgs) -> Result<()> {
     let options = clawq::connector::ConnectorOptions {
         server: args.server,
         agent_did: args.agent,
-        token: args.token,
+        token: args.token.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no agent token: set CLAWQ_AGENT_TOKEN to the token `clawq agents add` printed"
+            )
+        })?,
         hook_url: args.hook,
         hook_headers: args.hook_headers,
         data_dir: args.data_dir,
