@@ -252,8 +252,12 @@ fn group_member_joined_reaches_the_recipients_hook_through_clawq_connect() {
     assert_eq!(metadata["groupName"], "Research");
     assert!(metadata["timestamp"].as_str().unwrap().ends_with('Z'));
 
-    // The connector acknowledged it: after a restart of the connector nothing comes again
-    // but the probe receipt.
+    // The connector acknowledged it (once the host has that ack, the session holds
+    // nothing pending): after a restart of the connector nothing comes again but the
+    // probe receipt.
+    wait_for("the host to record the deliver_ack", || {
+        (host.get("/v1/relay").1["deliveries_pending"] == 0).then_some(())
+    });
     drop(connector);
     let _connector = Connector::start(&host, DID_A, &token, &hook.url, dir.path());
     host.publish(
