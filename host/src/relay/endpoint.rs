@@ -6,6 +6,11 @@
 //! and deliveries) is pushed, new ones follow as they come, unacked ones are pushed again
 //! when their retry is due (a timer to the session's next due time), heartbeats go both
 //! ways, and `receipt_ack` / `deliver_ack` settle a frame.
+//!
+//! Every send has a timeout ([`Backpressure::send_timeout`], never more than the
+//! heartbeat timeout) and gives way to a close the hub asks for, so a connector that
+//! stops reading (or a half-open TCP connection) never holds its connection task: it is
+//! dropped, and what its relay session holds is pushed again on its next connect.
 
 use std::sync::Arc;
 use std::time::Duration;
