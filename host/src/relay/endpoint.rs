@@ -188,6 +188,15 @@ enum End {
     Quiet(&'static str),
 }
 
+impl End {
+    /// Why the connection ends: the close reason, or why it ends without a close.
+    fn reason(self) -> &'static str {
+        match self {
+            End::Close(_, reason) | End::Quiet(reason) => reason,
+        }
+    }
+}
+
 /// The sending half of a connection: every send is bounded by a timeout, and gives way
 /// to a close the hub asks for meanwhile, so that a peer that does not read never holds
 /// the connection task.
@@ -262,13 +271,11 @@ async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
         outgoing: &outgoing,
         timeout: state.backpressure.send_timeout.min(state.heartbeat.timeout),
     };
-    let why = match converse(&did, &state, &mut link, stream).await {
-        End::Close(code, reason) => {
-            link.close(code, reason).await;
-            reason
-        }
-        End::Quiet(why) => why,
-    };
+    let end = converse(&did, &state, &mut link, stream).await;
+    if let End::Close(code, reason) = end {
+        link.close(code, reason).await;
+    }
+    let why = end.reason();
     drop(link);
     state.hub.disconnect(&did, id, outgoing, why);
     tracing::info!(agent = %did, why, "connector disconnected");
@@ -300,7 +307,16 @@ async fn converse(
                 receive(did, sessions, link, incoming).await
             }
             out = outgoing.next() => match out {
-                Outbound::Text(text) => link.send(Message::Text(text.into())).await,
+                Outbound::Text(text) => {
+                    let sent = link.send(Message::Text(text.into())).await;
+                    if let Err(end) = sent {
+                        let reason = end.reason();
+                        tracing::warn!(agent = %did, reason,
+                            "a frame pushed with websocket.send-frame dropped: its connection ended while sending it");
+                        crate::metrics::websocket_frames_dropped(reason, 1);
+                    }
+                    sent
+                }
                 Outbound::Wake => push_from_session(sessions, did, Ask::Due, link)
                     .await
                     .map(|at| retry_at = at),
@@ -424,12 +440,17 @@ mod tests {
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >;
 
-    /// The endpoint on a loopback port, with agent `A` registered; returns the sessions,
-    /// a connected client of `A` and the temporary directory of the stores.
+    /// The endpoint on a loopback port, with agent `A` registered, sessions within
+    /// `limits` and connections within `heartbeat` and `backpressure`; returns the
+    /// sessions, the hub, a connected client of `A` and the temporary directory of the
+    /// stores.
     async fn connected(
         limits: SessionLimits,
+        heartbeat: Heartbeat,
+        backpressure: Backpressure,
     ) -> (
         Arc<RelaySessions>,
+        Arc<ConnectionHub>,
         futures_util::stream::SplitSink<Client, tungstenite::Message>,
         SplitStream<Client>,
         tempfile::TempDir,
@@ -445,12 +466,9 @@ mod tests {
             agents,
             trust: Arc::new(trust.unwrap()),
             sessions: sessions.clone(),
-            hub,
-            heartbeat: Heartbeat {
-                interval: Duration::from_secs(60),
-                timeout: Duration::from_secs(60),
-            },
-            backpressure: Backpressure::default(),
+            hub: hub.clone(),
+            heartbeat,
+            backpressure,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -461,8 +479,14 @@ mod tests {
         request.headers_mut().insert("authorization", bearer);
         let (client, _) = tokio_tungstenite::connect_async(request).await.unwrap();
         let (sink, stream) = client.split();
-        (sessions, sink, stream, dir)
+        (sessions, hub, sink, stream, dir)
     }
+
+    /// Heartbeats every minute, a connection closed after a minute of silence.
+    const UNHURRIED: Heartbeat = Heartbeat {
+        interval: Duration::from_secs(60),
+        timeout: Duration::from_secs(60),
+    };
 
     fn delivery(key: &str) -> DeliveryIn {
         DeliveryIn {
@@ -511,7 +535,8 @@ mod tests {
             retry,
             ..SessionLimits::default()
         };
-        let (sessions, mut sink, mut stream, _dir) = connected(limits).await;
+        let (sessions, _hub, mut sink, mut stream, _dir) =
+            connected(limits, UNHURRIED, Backpressure::default()).await;
 
         let pushed = sessions.deliver(delivery("k1")).await.unwrap();
         assert_eq!(pushed, Delivery::Pushed(1));
@@ -558,5 +583,52 @@ mod tests {
         let left = sessions.to_push(A, Ask::Connected).await.unwrap();
         assert!(left.frames.is_empty(), "both settled: {left:?}");
         assert_eq!(left.next_at_ms, None);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_talks_but_never_reads_is_dropped_within_the_heartbeat_timeout() {
+        let heartbeat = Heartbeat {
+            interval: Duration::from_secs(60),
+            timeout: Duration::from_secs(1),
+        };
+        // A queue that holds the whole flood and a send timeout of a minute: only the
+        // heartbeat timeout bounds the stuck send.
+        let backpressure = Backpressure {
+            queue: QueueBounds {
+                max_frames: 1000,
+                max_bytes: 256 << 20,
+            },
+            send_timeout: Duration::from_secs(60),
+        };
+        let (_sessions, hub, mut sink, _stream, _dir) =
+            connected(SessionLimits::default(), heartbeat, backpressure).await;
+        // The peer keeps talking, so only a send that cannot go through can end it.
+        let talking = tokio::spawn(async move {
+            let mut beats = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                beats.tick().await;
+                if sink
+                    .send(connector_frame(FrameBody::Heartbeat))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let pad = "f".repeat(1_000_000);
+        for _ in 0..40 {
+            let frame = json!({"type": "flood", "pad": pad}).to_string();
+            assert_eq!(hub.send(A, frame), 1, "the queue holds the flood");
+        }
+        let ended = async {
+            while !hub.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), ended)
+            .await
+            .expect("dropped well before the send timeout of a minute");
+        talking.abort();
     }
 }
