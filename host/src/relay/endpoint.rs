@@ -631,4 +631,28 @@ mod tests {
             .expect("dropped well before the send timeout of a minute");
         talking.abort();
     }
+
+    #[tokio::test]
+    async fn a_message_over_the_socket_limit_is_closed_as_too_large() {
+        let (_sessions, _hub, mut sink, mut stream, _dir) =
+            connected(SessionLimits::default(), UNHURRIED, Backpressure::default()).await;
+        let huge = "x".repeat(2 * MAX_FRAME_BYTES + 1);
+        // The host may close before it has read the whole message.
+        let _ = sink.send(tungstenite::Message::Text(huge.into())).await;
+        let close = loop {
+            let message = tokio::time::timeout(DEADLINE, stream.next())
+                .await
+                .expect("an answer within the deadline");
+            match message {
+                Some(Ok(tungstenite::Message::Close(close))) => break close,
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        let close = close.expect("a close code");
+        assert_eq!(
+            (u16::from(close.code), close.reason.as_str()),
+            (1009, "frame_too_large")
+        );
+    }
 }
