@@ -64,6 +64,18 @@ pub fn relay_frame_dropped(kind: &'static str, reason: &'static str) {
     counter!("clawq_relay_frames_dropped_total", "kind" => kind, "reason" => reason).increment(1);
 }
 
+/// Counts a connector connection that closed, by why (the close reason sent, or
+/// `closed_by_connector`, `send_failed`, `send_timeout`, `receive_failed`).
+pub fn connection_closed(reason: &'static str) {
+    counter!("clawq_websocket_connections_closed_total", "reason" => reason).increment(1);
+}
+
+/// Counts `n` frames pushed with `websocket.send-frame` that were dropped unsent, by why
+/// (`connector_too_slow`: the queue was full; else why the connection closed).
+pub fn websocket_frames_dropped(reason: &'static str, n: u64) {
+    counter!("clawq_websocket_frames_dropped_total", "reason" => reason).increment(n);
+}
+
 /// Counts what a settlement did.
 pub fn settled(queue: &str, summary: &SettleSummary) {
     let q = queue.to_owned();

@@ -157,6 +157,7 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
             interval: config.relay.heartbeat_interval,
             timeout: config.relay.heartbeat_timeout,
         },
+        backpressure: config.relay.backpressure,
     };
     tokio::spawn(crate::retention::run(
         backend.clone(),

@@ -357,6 +357,34 @@ impl Host {
         )
     }
 
+    /// The host process's resident memory in KiB: now (`VmRSS`) and at its peak so far
+    /// (`VmHWM`), read from `/proc/<pid>/status`.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let path = format!("/proc/{}/status", self.child.id());
+        let status = std::fs::read_to_string(&path).unwrap();
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {path}"))
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// The host's metrics (`GET /metrics`), parsed.
+    pub fn scrape(&self) -> prometheus_parse::Scrape {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+            .expect("valid Prometheus text")
+    }
+
     /// Whether the trust store says `did` is revoked.
     pub fn is_revoked(&self, did: &str) -> bool {
         let (status, body) = self.get(&format!("/v1/trust/agents/{did}"));
@@ -381,6 +409,25 @@ pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The value of the sample `name` whose labels include every one of `labels`, if the
+/// scrape has one.
+pub fn find_sample(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    let found = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
+    match found.map(|s| &s.value)? {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => Some(*v),
+        other => panic!("sample {name} {labels:?} is not a number: {other:?}"),
     }
 }
 

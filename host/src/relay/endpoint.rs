@@ -6,6 +6,11 @@
 //! and deliveries) is pushed, new ones follow as they come, unacked ones are pushed again
 //! when their retry is due (a timer to the session's next due time), heartbeats go both
 //! ways, and `receipt_ack` / `deliver_ack` settle a frame.
+//!
+//! Every send has a timeout ([`Backpressure::send_timeout`], never more than the
+//! heartbeat timeout) and gives way to a close the hub asks for, so a connector that
+//! stops reading (or a half-open TCP connection) never holds its connection task: it is
+//! dropped, and what its relay session holds is pushed again on its next connect.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,13 +21,13 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures_util::stream::SplitSink;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::hub::{ConnectionHub, Outbound};
+use super::hub::{ConnectionHub, Outbound, Outgoing, QueueBounds};
 use super::sessions::{Ask, Kind, RelaySessions};
 use crate::agents::AgentRegistry;
 use crate::api::ApiError;
@@ -38,6 +43,26 @@ pub struct Heartbeat {
     pub timeout: Duration,
 }
 
+/// How far a connector connection may fall behind before it is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backpressure {
+    /// What may wait in a connection's queue; a connection whose queue is full is closed
+    /// (4008 `connector_too_slow`).
+    pub queue: QueueBounds,
+    /// How long one frame may take to send (bounded by the heartbeat timeout too); a
+    /// connection whose send takes longer is dropped.
+    pub send_timeout: Duration,
+}
+
+impl Default for Backpressure {
+    fn default() -> Self {
+        Backpressure {
+            queue: QueueBounds::default(),
+            send_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// What the endpoint serves from.
 #[derive(Clone)]
 pub struct RelayState {
@@ -51,6 +76,8 @@ pub struct RelayState {
     pub hub: Arc<ConnectionHub>,
     /// Heartbeat timing.
     pub heartbeat: Heartbeat,
+    /// How far a connection may fall behind.
+    pub backpressure: Backpressure,
 }
 
 /// The endpoint's route.
@@ -140,22 +167,77 @@ async fn connect(
     }
 }
 
-fn close(code: u16, reason: &'static str) -> Message {
+fn close_frame(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
         code,
         reason: reason.into(),
     }))
 }
 
+/// How long the close frame of a connection that is ending may take to send: a peer
+/// that does not take it by then is dropped without it.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// How a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// With this close frame.
+    Close(u16, &'static str),
+    /// Without a close frame, for this reason (the peer closed, or the socket failed or
+    /// could not take a frame in time).
+    Quiet(&'static str),
+}
+
+impl End {
+    /// Why the connection ends: the close reason, or why it ends without a close.
+    fn reason(self) -> &'static str {
+        match self {
+            End::Close(_, reason) | End::Quiet(reason) => reason,
+        }
+    }
+}
+
+/// The sending half of a connection: every send is bounded by a timeout, and gives way
+/// to a close the hub asks for meanwhile, so that a peer that does not read never holds
+/// the connection task.
+struct Link<'a> {
+    sink: SplitSink<WebSocket, Message>,
+    outgoing: &'a Outgoing,
+    timeout: Duration,
+}
+
+impl Link<'_> {
+    /// Sends `message` within the send timeout.
+    async fn send(&mut self, message: Message) -> Result<(), End> {
+        tokio::select! {
+            biased;
+            (code, reason) = self.outgoing.closed() => Err(End::Close(code, reason)),
+            sent = tokio::time::timeout(self.timeout, self.sink.send(message)) => match sent {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(End::Quiet("send_failed")),
+                Err(_) => Err(End::Quiet("send_timeout")),
+            },
+        }
+    }
+
+    /// Sends the close frame `code` and `reason`, if the peer takes it within
+    /// [`CLOSE_GRACE`].
+    async fn close(&mut self, code: u16, reason: &'static str) {
+        let grace = CLOSE_GRACE.min(self.timeout);
+        let _ = tokio::time::timeout(grace, self.sink.send(close_frame(code, reason))).await;
+    }
+}
+
 /// Sends what the session of `did` holds for the connection (`ask`); returns when to
-/// ask again (`None`: nothing is waiting), or `Err` when the socket failed. A session
-/// that cannot be read is asked again after the first retry delay.
+/// ask again (`None`: nothing is waiting), or how the connection ends when a send did
+/// not go through. A session that cannot be read is asked again after the first retry
+/// delay.
 async fn push_from_session(
     sessions: &RelaySessions,
     did: &str,
     ask: Ask,
-    sink: &mut SplitSink<WebSocket, Message>,
-) -> Result<Option<Instant>, ()> {
+    link: &mut Link<'_>,
+) -> Result<Option<Instant>, End> {
     let push = match sessions.to_push(did, ask).await {
         Ok(push) => push,
         Err(err) => {
@@ -164,7 +246,7 @@ async fn push_from_session(
         }
     };
     for frame in push.frames {
-        sink.send(Message::Text(frame.into())).await.map_err(drop)?;
+        link.send(Message::Text(frame.into())).await?;
     }
     Ok(push.next_at_ms.map(|at| {
         Instant::now() + Duration::from_millis(at.saturating_sub(crate::clock::now_ms()))
@@ -181,106 +263,147 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// Runs one connector connection until it closes.
 async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
-    let (id, mut outbound) = state.hub.register(&did);
+    let (id, outgoing) = state.hub.register(&did, state.backpressure.queue);
     tracing::info!(agent = %did, "connector connected");
-    let (mut sink, mut stream) = socket.split();
+    let (sink, stream) = socket.split();
+    let mut link = Link {
+        sink,
+        outgoing: &outgoing,
+        timeout: state.backpressure.send_timeout.min(state.heartbeat.timeout),
+    };
+    let end = converse(&did, &state, &mut link, stream).await;
+    if let End::Close(code, reason) = end {
+        link.close(code, reason).await;
+    }
+    let why = end.reason();
+    drop(link);
+    state.hub.disconnect(&did, id, outgoing, why);
+    tracing::info!(agent = %did, why, "connector disconnected");
+}
+
+/// Pushes what the session of `did` holds and what the hub hands the connection,
+/// heartbeats, and handles what the connector sends, until the connection ends.
+async fn converse(
+    did: &str,
+    state: &RelayState,
+    link: &mut Link<'_>,
+    mut stream: SplitStream<WebSocket>,
+) -> End {
     let sessions = &*state.sessions;
-    let why = 'conn: {
-        let Ok(mut retry_at) = push_from_session(sessions, &did, Ask::Connected, &mut sink).await
-        else {
-            break 'conn "send failed";
-        };
-        let mut heartbeat = tokio::time::interval_at(
-            Instant::now() + state.heartbeat.interval,
-            state.heartbeat.interval,
-        );
-        let mut last_heard = Instant::now();
-        loop {
-            tokio::select! {
-                incoming = stream.next() => {
-                    last_heard = Instant::now();
-                    let text = match incoming {
-                        Some(Ok(Message::Text(text))) => text,
-                        Some(Ok(Message::Close(_))) | None => break 'conn "closed by the connector",
-                        Some(Ok(_)) => continue,
-                        Some(Err(err)) => {
-                            let _ = sink.send(close(1009, "frame_too_large")).await;
-                            tracing::info!(agent = %did, error = %err, "connection failed");
-                            break 'conn "receive failed";
-                        }
-                    };
-                    if text.len() > MAX_FRAME_BYTES {
-                        let _ = sink.send(close(1009, "frame_too_large")).await;
-                        break 'conn "frame too large";
-                    }
-                    match Frame::parse(&text) {
-                        Ok(frame) => match frame.body {
-                            FrameBody::Heartbeat => {
-                                let ack = Frame::new(FrameBody::HeartbeatAck { ack_id: frame.id });
-                                if sink.send(Message::Text(ack.to_json().into())).await.is_err() {
-                                    break 'conn "send failed";
-                                }
-                            }
-                            FrameBody::ReceiptAck { ack_id } => {
-                                let acked = sessions.ack(&did, Kind::Receipt, &ack_id).await;
-                                settled(&did, "receipt_ack", &ack_id, acked);
-                            }
-                            FrameBody::DeliverAck { ack_id, accepted: true, .. } => {
-                                let acked = sessions.ack(&did, Kind::Deliver, &ack_id).await;
-                                settled(&did, "deliver_ack", &ack_id, acked);
-                            }
-                            FrameBody::DeliverAck { ack_id, accepted: false, reason } => {
-                                let rejected = sessions
-                                    .reject(&did, Kind::Deliver, &ack_id, reason.as_deref())
-                                    .await;
-                                settled(&did, "deliver_ack", &ack_id, rejected);
-                            }
-                            FrameBody::HeartbeatAck { .. }
-                            | FrameBody::Receipt { .. }
-                            | FrameBody::Deliver(_) => {}
-                        },
-                        Err(err) => tracing::debug!(agent = %did, error = %err, "unparseable frame ignored"),
-                    }
-                }
-                out = outbound.recv() => match out {
-                    Some(Outbound::Text(text)) => {
-                        if sink.send(Message::Text(text.into())).await.is_err() {
-                            break 'conn "send failed";
-                        }
-                    }
-                    Some(Outbound::Wake) => {
-                        match push_from_session(sessions, &did, Ask::Due, &mut sink).await {
-                            Ok(at) => retry_at = at,
-                            Err(()) => break 'conn "send failed",
-                        }
-                    }
-                    Some(Outbound::Close(code, reason)) => {
-                        let _ = sink.send(close(code, reason)).await;
-                        break 'conn reason;
-                    }
-                    None => break 'conn "hub closed",
-                },
-                _ = sleep_until(retry_at) => {
-                    match push_from_session(sessions, &did, Ask::Due, &mut sink).await {
-                        Ok(at) => retry_at = at,
-                        Err(()) => break 'conn "send failed",
-                    }
-                }
-                _ = heartbeat.tick() => {
-                    let beat = Frame::new(FrameBody::Heartbeat);
-                    if sink.send(Message::Text(beat.to_json().into())).await.is_err() {
-                        break 'conn "send failed";
-                    }
-                }
-                _ = tokio::time::sleep_until(last_heard + state.heartbeat.timeout) => {
-                    let _ = sink.send(close(1011, "heartbeat_ack_timeout")).await;
-                    break 'conn "heartbeat_ack_timeout";
-                }
+    let outgoing = link.outgoing;
+    let mut retry_at = match push_from_session(sessions, did, Ask::Connected, link).await {
+        Ok(at) => at,
+        Err(end) => return end,
+    };
+    let mut heartbeat = tokio::time::interval_at(
+        Instant::now() + state.heartbeat.interval,
+        state.heartbeat.interval,
+    );
+    let mut last_heard = Instant::now();
+    loop {
+        let step = tokio::select! {
+            incoming = stream.next() => {
+                last_heard = Instant::now();
+                receive(did, sessions, link, incoming).await
             }
+            out = outgoing.next() => match out {
+                Outbound::Text(text) => {
+                    let sent = link.send(Message::Text(text.into())).await;
+                    if let Err(end) = sent {
+                        let reason = end.reason();
+                        tracing::warn!(agent = %did, reason,
+                            "a frame pushed with websocket.send-frame dropped: its connection ended while sending it");
+                        crate::metrics::websocket_frames_dropped(reason, 1);
+                    }
+                    sent
+                }
+                Outbound::Wake => push_from_session(sessions, did, Ask::Due, link)
+                    .await
+                    .map(|at| retry_at = at),
+                Outbound::Close(code, reason) => Err(End::Close(code, reason)),
+            },
+            _ = sleep_until(retry_at) => push_from_session(sessions, did, Ask::Due, link)
+                .await
+                .map(|at| retry_at = at),
+            _ = heartbeat.tick() => {
+                let beat = Frame::new(FrameBody::Heartbeat);
+                link.send(Message::Text(beat.to_json().into())).await
+            }
+            _ = tokio::time::sleep_until(last_heard + state.heartbeat.timeout) => {
+                Err(End::Close(1011, "heartbeat_ack_timeout"))
+            }
+        };
+        if let Err(end) = step {
+            return end;
+        }
+    }
+}
+
+/// Handles what the connector sent (`incoming`); `Err` says how the connection ends.
+async fn receive(
+    did: &str,
+    sessions: &RelaySessions,
+    link: &mut Link<'_>,
+    incoming: Option<Result<Message, axum::Error>>,
+) -> Result<(), End> {
+    const TOO_LARGE: End = End::Close(1009, "frame_too_large");
+    let text = match incoming {
+        Some(Ok(Message::Text(text))) => text,
+        Some(Ok(Message::Close(_))) | None => return Err(End::Quiet("closed_by_connector")),
+        Some(Ok(_)) => return Ok(()),
+        Some(Err(err)) => {
+            tracing::info!(agent = %did, error = %err, "connection failed");
+            let inner = err.into_inner();
+            let capacity = inner
+                .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+                .is_some_and(|e| matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
+            return Err(if capacity {
+                TOO_LARGE
+            } else {
+                End::Quiet("receive_failed")
+            });
         }
     };
-    state.hub.unregister(&did, id);
-    tracing::info!(agent = %did, why, "connector disconnected");
+    if text.len() > MAX_FRAME_BYTES {
+        return Err(TOO_LARGE);
+    }
+    let frame = match Frame::parse(&text) {
+        Ok(frame) => frame,
+        Err(err) => {
+            tracing::debug!(agent = %did, error = %err, "unparseable frame ignored");
+            return Ok(());
+        }
+    };
+    match frame.body {
+        FrameBody::Heartbeat => {
+            let ack = Frame::new(FrameBody::HeartbeatAck { ack_id: frame.id });
+            link.send(Message::Text(ack.to_json().into())).await?;
+        }
+        FrameBody::ReceiptAck { ack_id } => {
+            let acked = sessions.ack(did, Kind::Receipt, &ack_id).await;
+            settled(did, "receipt_ack", &ack_id, acked);
+        }
+        FrameBody::DeliverAck {
+            ack_id,
+            accepted: true,
+            ..
+        } => {
+            let acked = sessions.ack(did, Kind::Deliver, &ack_id).await;
+            settled(did, "deliver_ack", &ack_id, acked);
+        }
+        FrameBody::DeliverAck {
+            ack_id,
+            accepted: false,
+            reason,
+        } => {
+            let rejected = sessions
+                .reject(did, Kind::Deliver, &ack_id, reason.as_deref())
+                .await;
+            settled(did, "deliver_ack", &ack_id, rejected);
+        }
+        FrameBody::HeartbeatAck { .. } | FrameBody::Receipt { .. } | FrameBody::Deliver(_) => {}
+    }
+    Ok(())
 }
 
 /// Logs what settling the frame `ack_id` (with a `frame_type` ack) did, when it did
@@ -317,12 +440,17 @@ mod tests {
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >;
 
-    /// The endpoint on a loopback port, with agent `A` registered; returns the sessions,
-    /// a connected client of `A` and the temporary directory of the stores.
+    /// The endpoint on a loopback port, with agent `A` registered, sessions within
+    /// `limits` and connections within `heartbeat` and `backpressure`; returns the
+    /// sessions, the hub, a connected client of `A` and the temporary directory of the
+    /// stores.
     async fn connected(
         limits: SessionLimits,
+        heartbeat: Heartbeat,
+        backpressure: Backpressure,
     ) -> (
         Arc<RelaySessions>,
+        Arc<ConnectionHub>,
         futures_util::stream::SplitSink<Client, tungstenite::Message>,
         SplitStream<Client>,
         tempfile::TempDir,
@@ -338,11 +466,9 @@ mod tests {
             agents,
             trust: Arc::new(trust.unwrap()),
             sessions: sessions.clone(),
-            hub,
-            heartbeat: Heartbeat {
-                interval: Duration::from_secs(60),
-                timeout: Duration::from_secs(60),
-            },
+            hub: hub.clone(),
+            heartbeat,
+            backpressure,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -353,8 +479,14 @@ mod tests {
         request.headers_mut().insert("authorization", bearer);
         let (client, _) = tokio_tungstenite::connect_async(request).await.unwrap();
         let (sink, stream) = client.split();
-        (sessions, sink, stream, dir)
+        (sessions, hub, sink, stream, dir)
     }
+
+    /// Heartbeats every minute, a connection closed after a minute of silence.
+    const UNHURRIED: Heartbeat = Heartbeat {
+        interval: Duration::from_secs(60),
+        timeout: Duration::from_secs(60),
+    };
 
     fn delivery(key: &str) -> DeliveryIn {
         DeliveryIn {
@@ -403,7 +535,8 @@ mod tests {
             retry,
             ..SessionLimits::default()
         };
-        let (sessions, mut sink, mut stream, _dir) = connected(limits).await;
+        let (sessions, _hub, mut sink, mut stream, _dir) =
+            connected(limits, UNHURRIED, Backpressure::default()).await;
 
         let pushed = sessions.deliver(delivery("k1")).await.unwrap();
         assert_eq!(pushed, Delivery::Pushed(1));
@@ -450,5 +583,76 @@ mod tests {
         let left = sessions.to_push(A, Ask::Connected).await.unwrap();
         assert!(left.frames.is_empty(), "both settled: {left:?}");
         assert_eq!(left.next_at_ms, None);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_talks_but_never_reads_is_dropped_within_the_heartbeat_timeout() {
+        let heartbeat = Heartbeat {
+            interval: Duration::from_secs(60),
+            timeout: Duration::from_secs(1),
+        };
+        // A queue that holds the whole flood and a send timeout of a minute: only the
+        // heartbeat timeout bounds the stuck send.
+        let backpressure = Backpressure {
+            queue: QueueBounds {
+                max_frames: 1000,
+                max_bytes: 256 << 20,
+            },
+            send_timeout: Duration::from_secs(60),
+        };
+        let (_sessions, hub, mut sink, _stream, _dir) =
+            connected(SessionLimits::default(), heartbeat, backpressure).await;
+        // The peer keeps talking, so only a send that cannot go through can end it.
+        let talking = tokio::spawn(async move {
+            let mut beats = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                beats.tick().await;
+                if sink
+                    .send(connector_frame(FrameBody::Heartbeat))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let pad = "f".repeat(1_000_000);
+        for _ in 0..40 {
+            let frame = json!({"type": "flood", "pad": pad}).to_string();
+            assert_eq!(hub.send(A, frame), 1, "the queue holds the flood");
+        }
+        let ended = async {
+            while !hub.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), ended)
+            .await
+            .expect("dropped well before the send timeout of a minute");
+        talking.abort();
+    }
+
+    #[tokio::test]
+    async fn a_message_over_the_socket_limit_is_closed_as_too_large() {
+        let (_sessions, _hub, mut sink, mut stream, _dir) =
+            connected(SessionLimits::default(), UNHURRIED, Backpressure::default()).await;
+        let huge = "x".repeat(2 * MAX_FRAME_BYTES + 1);
+        // The host may close before it has read the whole message.
+        let _ = sink.send(tungstenite::Message::Text(huge.into())).await;
+        let close = loop {
+            let message = tokio::time::timeout(DEADLINE, stream.next())
+                .await
+                .expect("an answer within the deadline");
+            match message {
+                Some(Ok(tungstenite::Message::Close(close))) => break close,
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        let close = close.expect("a close code");
+        assert_eq!(
+            (u16::from(close.code), close.reason.as_str()),
+            (1009, "frame_too_large")
+        );
     }
 }

@@ -814,7 +814,7 @@ fn migrate_receipts_table(conn: &mut Connection) -> rusqlite::Result<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::hub::Outbound;
+    use super::super::hub::{Outbound, QueueBounds};
     use super::*;
     use serde_json::{Value, json};
 
@@ -910,11 +910,11 @@ mod tests {
         let again = sessions.deliver_receipt(delivered).await.unwrap();
         assert_eq!(again, Delivery::Unchanged);
 
-        let (_, mut woken) = hub.register(A);
+        let (_, woken) = hub.register(A, QueueBounds::default());
         let dead = receipt("r1", ReceiptStatus::DeadLettered, Some("gone"));
         let changed = sessions.deliver_receipt(dead).await.unwrap();
         assert_eq!(changed, Delivery::Pushed(1));
-        assert_eq!(woken.try_recv().unwrap(), Outbound::Wake);
+        assert_eq!(woken.next().await, Outbound::Wake);
         let pushed = sessions.to_push(A, Ask::Due).await.unwrap().frames;
         assert_eq!(pushed.len(), 1, "the changed row is due at once");
         let frame = json(&pushed[0]);
