@@ -50,6 +50,7 @@ pub struct SlotCounters {
     traps: AtomicU64,
     errors: AtomicU64,
     limit_hits: AtomicU64,
+    capacity_releases: AtomicU64,
     auto_rollbacks: AtomicU64,
 }
 
@@ -66,6 +67,9 @@ pub struct CounterSnapshot {
     pub errors: u64,
     /// Batches stopped by a sandbox limit.
     pub limit_hits: u64,
+    /// Batches released without running (nor counting an attempt) because the host had
+    /// no room for their instance.
+    pub capacity_releases: u64,
     /// Automatic rollbacks after a crash loop.
     pub auto_rollbacks: u64,
 }
@@ -127,6 +131,7 @@ impl Slot {
             traps: get(&c.traps),
             errors: get(&c.errors),
             limit_hits: get(&c.limit_hits),
+            capacity_releases: get(&c.capacity_releases),
             auto_rollbacks: get(&c.auto_rollbacks),
         }
     }
@@ -153,15 +158,21 @@ impl Slot {
         outcome: Result<(), &BatchFailure>,
     ) -> Option<String> {
         let c = &self.counters;
-        c.batches.fetch_add(1, Ordering::Relaxed);
         if let Err(failure) = outcome {
-            c.failed.fetch_add(1, Ordering::Relaxed);
-            match failure {
-                BatchFailure::Trap(_) => c.traps.fetch_add(1, Ordering::Relaxed),
-                BatchFailure::Error(_) => c.errors.fetch_add(1, Ordering::Relaxed),
-                BatchFailure::Limit(_) => c.limit_hits.fetch_add(1, Ordering::Relaxed),
+            let kind = match failure {
+                BatchFailure::Trap(_) => &c.traps,
+                BatchFailure::Error(_) => &c.errors,
+                BatchFailure::Limit(_) => &c.limit_hits,
+                // The host's fault: the handler's counters and health are left alone.
+                BatchFailure::Capacity(_) => {
+                    c.capacity_releases.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
             };
+            kind.fetch_add(1, Ordering::Relaxed);
+            c.failed.fetch_add(1, Ordering::Relaxed);
         }
+        c.batches.fetch_add(1, Ordering::Relaxed);
         if handler.version() != self.current().version() {
             return None; // a batch of a version already replaced
         }
