@@ -320,3 +320,58 @@ impl LoadedHandler {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::sessions::SessionLimits;
+    use crate::runtime::{ContentType, Runtime};
+    use crate::world::World;
+
+    /// One `hostile-handler` message scripting `attack`.
+    fn message(attack: &str) -> Message {
+        Message {
+            id: "m".into(),
+            attempts: 1,
+            timestamp_ms: 0,
+            content_type: ContentType::Json,
+            body: attack.as_bytes().to_vec(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_waits_for_an_instance_instead_of_failing() {
+        let runtime = Runtime::new().unwrap();
+        let wasm = std::fs::read(env!("CLAWQ_GUEST_HOSTILE_HANDLER")).unwrap();
+        let limits = Limits {
+            max_instances: 1,
+            ..Limits::default()
+        };
+        let handler = runtime
+            .load("hostile", &wasm, World::HandlerHost, limits)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let caps = crate::server::open_capabilities(
+            dir.path(),
+            Duration::from_secs(60),
+            SessionLimits::default(),
+        )
+        .unwrap();
+        let sleep = [message(r#"{"do": "sleep", "seconds": 1}"#)];
+        let started = std::time::Instant::now();
+        let (first, second) = tokio::join!(
+            handler.handle(caps.clone(), "q", &sleep),
+            handler.handle(caps.clone(), "q", &sleep)
+        );
+        assert!(matches!(first.unwrap()[..], [Outcome::Ack]));
+        assert!(
+            matches!(second.unwrap()[..], [Outcome::Ack]),
+            "the second waited"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "one instance at a time: {:?}",
+            started.elapsed()
+        );
+    }
+}
