@@ -339,24 +339,54 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_batch_waits_for_an_instance_instead_of_failing() {
+    /// The hostile handler loaded within `limits`, and capabilities in `dir`.
+    fn hostile(limits: Limits, dir: &std::path::Path) -> (LoadedHandler, Arc<Capabilities>) {
         let runtime = Runtime::new().unwrap();
         let wasm = std::fs::read(env!("CLAWQ_GUEST_HOSTILE_HANDLER")).unwrap();
-        let limits = Limits {
-            max_instances: 1,
-            ..Limits::default()
-        };
         let handler = runtime
             .load("hostile", &wasm, World::HandlerHost, limits)
             .unwrap();
-        let dir = tempfile::tempdir().unwrap();
         let caps = crate::server::open_capabilities(
-            dir.path(),
+            dir,
             Duration::from_secs(60),
             SessionLimits::default(),
         )
         .unwrap();
+        (handler, caps)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wall_clock_deadline_stops_a_spinning_guest_between_its_slices() {
+        let limits = Limits {
+            cpu_timeout: Duration::from_secs(60),
+            wall_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (handler, caps) = hostile(limits, dir.path());
+        let started = std::time::Instant::now();
+        let spin = [message(r#"{"do": "spin"}"#)];
+        let failure = handler.handle(caps, "q", &spin).await.unwrap_err();
+        assert_eq!(
+            failure.to_string(),
+            "handler stopped: wall-clock deadline of 300ms exceeded"
+        );
+        assert!(failure.is_guest_fault());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_waits_for_an_instance_instead_of_failing() {
+        let limits = Limits {
+            max_instances: 1,
+            ..Limits::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (handler, caps) = hostile(limits, dir.path());
         let sleep = [message(r#"{"do": "sleep", "seconds": 1}"#)];
         let started = std::time::Instant::now();
         let (first, second) = tokio::join!(
