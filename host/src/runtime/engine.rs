@@ -40,6 +40,10 @@ impl Runtime {
     /// Builds the engine (async, pooling allocator, epoch interruption) and the linker of
     /// every capability, and starts the epoch ticker.
     pub fn new() -> Result<Self> {
+        // A batch holds one of POOL_INSTANCES permits while its instance lives, so the
+        // pool never runs out of component instances. Its other limits (core instances,
+        // memories, tables) are shared: a batch that finds them exhausted is the host's
+        // fault, released without counting an attempt (`BatchFailure::Capacity`).
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(POOL_INSTANCES)
             .total_core_instances(POOL_INSTANCES * 4)
