@@ -23,10 +23,10 @@ mod failure;
 mod record;
 mod stderr;
 
-pub use batch::{BatchState, Limits, LoadedHandler};
+pub use batch::{Limits, LoadedHandler};
 pub use capabilities::Capabilities;
 pub use compat::{HANDLER_EXPORT, LEGACY_HANDLER_EXPORT};
-pub use engine::{Compiled, EPOCH_TICK, LoadError, MAX_MEMORY_BYTES, Runtime};
+pub use engine::{Compiled, LoadError, MAX_MEMORY_BYTES, Runtime};
 pub use failure::{BatchFailure, MAX_GUEST_TEXT_BYTES, bounded};
 pub use record::{Call, CallLog};
 

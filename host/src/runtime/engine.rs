@@ -20,7 +20,7 @@ const POOL_INSTANCES: u32 = 256;
 pub const MAX_MEMORY_BYTES: usize = 1 << 30;
 /// How often the epoch advances: the slice after which a running guest yields its
 /// thread, and the granularity of CPU budgets.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+pub(super) const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// The shared compiler and linker of every handler.
 pub struct Runtime {
