@@ -850,6 +850,26 @@ mod tests {
     }
 
     #[test]
+    fn a_full_batch_of_the_largest_messages_fits_twice_in_the_smallest_memory() {
+        assert_eq!(min_memory_mb(1), 3);
+        assert_eq!(min_memory_mb(10), 5);
+        assert_eq!(min_memory_mb(100), 27);
+        let defaults = ConsumerConfig::default_for("jobs").limits;
+        assert_eq!(
+            (defaults.cpu_timeout, defaults.wall_timeout),
+            (Duration::from_secs(10), Duration::from_secs(30))
+        );
+        let config = Config::parse(
+            "[[queues.consumers]]\nqueue = \"jobs\"\ncpu_timeout = 0.5\nwall_timeout = 2.5\n\
+             max_batch_size = 100\nmemory_limit_mb = 27",
+        )
+        .unwrap();
+        let limits = config.consumers["jobs"].limits;
+        assert_eq!(limits.cpu_timeout, Duration::from_millis(500));
+        assert_eq!(limits.wall_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
     fn bad_values_are_refused_with_the_key_named() {
         for (text, needle) in [
             (
@@ -893,6 +913,30 @@ mod tests {
                 "[[queues.producers]]\nqueue = \"a\"\nretention = 600\n\n\
                  [[queues.consumers]]\nqueue = \"a\"\nretention = 700",
                 "by two entries",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nwall_timeout = 0",
+                "wall_timeout must be a number of seconds > 0",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nwall_timeout = 901\ncpu_timeout = 1",
+                "wall_timeout must be at most 900 s",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\ncpu_timeout = 300.5",
+                "cpu_timeout must be at most 300 s",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nwall_timeout = 5",
+                "wall_timeout (5 s) must be at least cpu_timeout (10 s)",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nmax_concurrency = 17",
+                "max_concurrency (17) cannot exceed max_instances (16)",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nmemory_limit_mb = 4",
+                "memory_limit_mb (4) is too small for a full batch: max_batch_size 10",
             ),
         ] {
             let err = format!("{:#}", Config::parse(text).unwrap_err());
