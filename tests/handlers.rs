@@ -180,7 +180,7 @@ fn sandbox_limits_stop_the_batch_and_nothing_else() {
     wait_for("all three dead-lettered", || {
         (host.queue(JOBS)["dead_lettered"] == 3).then_some(())
     });
-    host.wait_log_all(&["batch failed", "CPU deadline of 500ms exceeded"]);
+    host.wait_log_all(&["batch failed", "CPU budget of 500ms used up"]);
     host.wait_log_all(&["batch failed", "memory limit of 16 MiB exceeded"]);
     host.wait_log_all(&["batch failed", "handler trapped"]);
     let (_, slot) = host.admin("GET", &format!("/v1/handlers/{JOBS}"), vec![], None);

@@ -27,7 +27,8 @@ const PUBLISH_BATCH: usize = 100;
 
 /// Every capability, backed by stores in `dir`.
 fn capabilities(dir: &std::path::Path) -> Arc<Capabilities> {
-    Capabilities::open(dir, Duration::from_secs(3600), SessionLimits::default()).unwrap()
+    clawq::server::open_capabilities(dir, Duration::from_secs(3600), SessionLimits::default())
+        .unwrap()
 }
 
 fn revocation(i: usize) -> NewMessage {
@@ -238,7 +239,10 @@ async fn swap(runtime: &Arc<Runtime>) {
         let mut v2 = bundled::CRL_INVALIDATION.to_vec();
         v2.extend_from_slice(&[0, 3, 2, b'v', b'0' + round as u8]);
         let called = Instant::now();
-        slots.deploy(EVENTS_QUEUE, v2, "bench").await.unwrap();
+        slots
+            .deploy(EVENTS_QUEUE, Some("crl-v2"), v2, "bench")
+            .await
+            .unwrap();
         let returned = Instant::now();
         let message = revocation(1_000_000 + round as usize);
         queue.publish(EVENTS_QUEUE, vec![message]).await.unwrap();

@@ -137,13 +137,24 @@ async fn show(
     Ok(Json(body))
 }
 
+/// The query of a deploy: `?name=` names the component (logs, listings).
+#[derive(serde::Deserialize)]
+struct DeployQuery {
+    name: Option<String>,
+}
+
 async fn deploy(
     State(state): State<AdminState>,
     UrlPath(consumer): UrlPath<String>,
+    axum::extract::Query(query): axum::extract::Query<DeployQuery>,
     wasm: Bytes,
 ) -> Result<Json<Value>, SlotError> {
     let started = std::time::Instant::now();
-    let handler = state.slots.deploy(&consumer, wasm.to_vec(), "api").await?;
+    let name = query.name.as_deref();
+    let handler = state
+        .slots
+        .deploy(&consumer, name, wasm.to_vec(), "api")
+        .await?;
     let mut body = version_json(&handler);
     body["consumer"] = consumer.into();
     body["load_ms"] = (started.elapsed().as_secs_f64() * 1000.0).into();

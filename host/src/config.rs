@@ -31,6 +31,18 @@ pub const MAX_DELAY_SECONDS: u32 = 12 * 60 * 60;
 const MAX_BATCH_TIMEOUT_SECONDS: f64 = 60.0;
 /// The largest batch wrangler accepts.
 const MAX_BATCH_SIZE: usize = 100;
+/// The largest CPU budget of a batch (`cpu_timeout`).
+pub const MAX_CPU_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest wall-clock deadline of a batch (`wall_timeout`): 15 minutes, as
+/// Cloudflare's consumers.
+pub const MAX_WALL_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The smallest memory cap, in MiB, that holds a full batch of `max_batch_size`
+/// messages of the largest size: the messages twice (as the host lowers them and as the
+/// guest decodes them) and 2 MiB for the guest itself.
+pub fn min_memory_mb(max_batch_size: usize) -> usize {
+    (2 * max_batch_size * crate::queue::MAX_BODY_BYTES).div_ceil(1 << 20) + 2
+}
 
 /// Everything `clawq serve` needs, after defaults are applied.
 #[derive(Debug, Clone)]
@@ -195,6 +207,43 @@ impl ConsumerConfig {
         if self.limits.max_instances == 0 {
             bail!("queue `{q}`: max_instances must be at least 1");
         }
+        if self.max_concurrency > self.limits.max_instances {
+            bail!(
+                "queue `{q}`: max_concurrency ({}) cannot exceed max_instances ({}): every \
+                 batch needs an instance of its own",
+                self.max_concurrency,
+                self.limits.max_instances
+            );
+        }
+        let needed_mb = min_memory_mb(self.max_batch_size);
+        if self.limits.memory_bytes >> 20 < needed_mb {
+            bail!(
+                "queue `{q}`: memory_limit_mb ({}) is too small for a full batch: \
+                 max_batch_size {} of messages up to 128 KiB needs at least {needed_mb}",
+                self.limits.memory_bytes >> 20,
+                self.max_batch_size
+            );
+        }
+        let (cpu, wall) = (self.limits.cpu_timeout, self.limits.wall_timeout);
+        if cpu > MAX_CPU_TIMEOUT {
+            bail!(
+                "queue `{q}`: cpu_timeout must be at most {} s",
+                MAX_CPU_TIMEOUT.as_secs()
+            );
+        }
+        if wall > MAX_WALL_TIMEOUT {
+            bail!(
+                "queue `{q}`: wall_timeout must be at most {} s",
+                MAX_WALL_TIMEOUT.as_secs()
+            );
+        }
+        if wall < cpu {
+            bail!(
+                "queue `{q}`: wall_timeout ({} s) must be at least cpu_timeout ({} s)",
+                wall.as_secs_f64(),
+                cpu.as_secs_f64()
+            );
+        }
         if self.dead_letter_queue.as_deref() == Some(q) {
             bail!("queue `{q}`: dead_letter_queue cannot be the queue itself");
         }
@@ -346,8 +395,10 @@ struct FileConsumer {
     world: Option<String>,
     /// Memory limit of an instance, in MiB.
     memory_limit_mb: Option<usize>,
-    /// CPU deadline of a batch, in seconds.
+    /// CPU budget of a batch, in seconds.
     cpu_timeout: Option<f64>,
+    /// Wall-clock deadline of a batch, in seconds.
+    wall_timeout: Option<f64>,
     max_instances: Option<usize>,
     auto_rollback_after: Option<u32>,
     /// Seconds a message is kept.
@@ -450,20 +501,19 @@ impl Config {
                     )
                 })?,
             };
+            let seconds = |value: Option<f64>, key: &str, default: Duration| match value {
+                Some(s) if !(s.is_finite() && s > 0.0) => {
+                    bail!("queue `{}`: {key} must be a number of seconds > 0", c.queue)
+                }
+                Some(s) => Ok(Duration::from_secs_f64(s)),
+                None => Ok(default),
+            };
             let limits = Limits {
                 memory_bytes: c
                     .memory_limit_mb
                     .map_or(base.limits.memory_bytes, |mb| mb << 20),
-                timeout: match c.cpu_timeout {
-                    Some(s) if !(s.is_finite() && s > 0.0) => {
-                        bail!(
-                            "queue `{}`: cpu_timeout must be a number of seconds > 0",
-                            c.queue
-                        )
-                    }
-                    Some(s) => Duration::from_secs_f64(s),
-                    None => base.limits.timeout,
-                },
+                cpu_timeout: seconds(c.cpu_timeout, "cpu_timeout", base.limits.cpu_timeout)?,
+                wall_timeout: seconds(c.wall_timeout, "wall_timeout", base.limits.wall_timeout)?,
                 max_instances: c.max_instances.unwrap_or(base.limits.max_instances),
             };
             let merged = ConsumerConfig {
@@ -859,6 +909,26 @@ mod tests {
     }
 
     #[test]
+    fn a_full_batch_of_the_largest_messages_fits_twice_in_the_smallest_memory() {
+        assert_eq!(min_memory_mb(1), 3);
+        assert_eq!(min_memory_mb(10), 5);
+        assert_eq!(min_memory_mb(100), 27);
+        let defaults = ConsumerConfig::default_for("jobs").limits;
+        assert_eq!(
+            (defaults.cpu_timeout, defaults.wall_timeout),
+            (Duration::from_secs(10), Duration::from_secs(30))
+        );
+        let config = Config::parse(
+            "[[queues.consumers]]\nqueue = \"jobs\"\ncpu_timeout = 0.5\nwall_timeout = 2.5\n\
+             max_batch_size = 100\nmemory_limit_mb = 27",
+        )
+        .unwrap();
+        let limits = config.consumers["jobs"].limits;
+        assert_eq!(limits.cpu_timeout, Duration::from_millis(500));
+        assert_eq!(limits.wall_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
     fn bad_values_are_refused_with_the_key_named() {
         for (text, needle) in [
             (
@@ -902,6 +972,30 @@ mod tests {
                 "[[queues.producers]]\nqueue = \"a\"\nretention = 600\n\n\
                  [[queues.consumers]]\nqueue = \"a\"\nretention = 700",
                 "by two entries",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nwall_timeout = 0",
+                "wall_timeout must be a number of seconds > 0",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nwall_timeout = 901\ncpu_timeout = 1",
+                "wall_timeout must be at most 900 s",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\ncpu_timeout = 300.5",
+                "cpu_timeout must be at most 300 s",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nwall_timeout = 5",
+                "wall_timeout (5 s) must be at least cpu_timeout (10 s)",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nmax_concurrency = 17",
+                "max_concurrency (17) cannot exceed max_instances (16)",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nmemory_limit_mb = 4",
+                "memory_limit_mb (4) is too small for a full batch: max_batch_size 10",
             ),
         ] {
             let err = format!("{:#}", Config::parse(text).unwrap_err());

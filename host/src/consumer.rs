@@ -13,16 +13,15 @@ use crate::config::{ConsumerConfig, MAX_DELAY_SECONDS};
 use crate::handlers::HandlerSlots;
 use crate::metrics;
 use crate::queue::{self, Delivery, QueueBackend, RetryPolicy, Settlement};
-use crate::runtime::{Capabilities, LoadedHandler, Message, Outcome, Unhandled};
-use crate::text::truncate;
+use crate::runtime::{Capabilities, LoadedHandler, Message, Outcome, Unhandled, bounded};
 
 /// How long a consumer waits before asking the queue engine again after it failed.
 const STORAGE_BACKOFF: Duration = Duration::from_secs(1);
 /// How many times committing a batch's outcomes is tried before giving up on it (its
 /// messages are then delivered again after the next restart).
 const SETTLE_TRIES: u32 = 5;
-/// Most characters of a handler's `unhandled` detail written to the log.
-const MAX_UNHANDLED_DETAIL_CHARS: usize = 1024;
+/// How long a batch the host had no room for waits before it is taken again.
+const CAPACITY_BACKOFF_SECONDS: u32 = 1;
 
 /// One consumer of a queue: its settings, its handler and what they run against. It
 /// takes batches from its own lane of the queue, so its outcomes (retries, dead letters)
@@ -141,6 +140,17 @@ impl Consumer {
             .await;
         let settlements = match result {
             Ok(outcomes) => self.settlements(handler, deliveries, outcomes),
+            Err(failure) if !failure.is_guest_fault() => {
+                tracing::warn!(%failure,
+                    "batch not run: released without counting an attempt, tried again shortly");
+                let release = Settlement::Release {
+                    delay_seconds: CAPACITY_BACKOFF_SECONDS,
+                };
+                deliveries
+                    .into_iter()
+                    .map(|d| (d, release.clone()))
+                    .collect()
+            }
             Err(failure) => {
                 tracing::warn!(%failure, "batch failed; every message of it will be retried");
                 let error = failure.to_string();
@@ -164,6 +174,7 @@ impl Consumer {
                         retried = summary.retried,
                         dead_lettered = summary.dead_lettered,
                         dropped = summary.dropped,
+                        released = summary.released,
                         "batch handled"
                     );
                     return;
@@ -205,7 +216,9 @@ impl Consumer {
                         delay.unwrap_or(self.config.retry_delay),
                         "handler asked for a retry",
                     ),
-                    Some(Outcome::DeadLetter(reason)) => Settlement::DeadLetter { reason },
+                    Some(Outcome::DeadLetter(reason)) => Settlement::DeadLetter {
+                        reason: bounded(&reason),
+                    },
                     Some(Outcome::Unhandled(unhandled)) => {
                         self.unhandled(handler, &delivery.id, &unhandled);
                         Settlement::Ack
@@ -223,7 +236,7 @@ impl Consumer {
     /// Logs and counts a message the handler acknowledged without handling it.
     fn unhandled(&self, handler: &LoadedHandler, id: &str, unhandled: &Unhandled) {
         let reason = unhandled.reason.as_str();
-        let detail = truncate(&unhandled.detail, MAX_UNHANDLED_DETAIL_CHARS);
+        let detail = bounded(&unhandled.detail);
         tracing::warn!(queue = %self.config.queue, handler = handler.name(), message = id,
             reason, "message acknowledged unhandled: {detail}");
         metrics::unhandled(&self.config.queue, reason);

@@ -50,6 +50,7 @@ pub struct SlotCounters {
     traps: AtomicU64,
     errors: AtomicU64,
     limit_hits: AtomicU64,
+    capacity_releases: AtomicU64,
     auto_rollbacks: AtomicU64,
 }
 
@@ -66,6 +67,9 @@ pub struct CounterSnapshot {
     pub errors: u64,
     /// Batches stopped by a sandbox limit.
     pub limit_hits: u64,
+    /// Batches released without running (nor counting an attempt) because the host had
+    /// no room for their instance.
+    pub capacity_releases: u64,
     /// Automatic rollbacks after a crash loop.
     pub auto_rollbacks: u64,
 }
@@ -127,6 +131,7 @@ impl Slot {
             traps: get(&c.traps),
             errors: get(&c.errors),
             limit_hits: get(&c.limit_hits),
+            capacity_releases: get(&c.capacity_releases),
             auto_rollbacks: get(&c.auto_rollbacks),
         }
     }
@@ -153,15 +158,21 @@ impl Slot {
         outcome: Result<(), &BatchFailure>,
     ) -> Option<String> {
         let c = &self.counters;
-        c.batches.fetch_add(1, Ordering::Relaxed);
         if let Err(failure) = outcome {
-            c.failed.fetch_add(1, Ordering::Relaxed);
-            match failure {
-                BatchFailure::Trap(_) => c.traps.fetch_add(1, Ordering::Relaxed),
-                BatchFailure::Error(_) => c.errors.fetch_add(1, Ordering::Relaxed),
-                BatchFailure::Limit(_) => c.limit_hits.fetch_add(1, Ordering::Relaxed),
+            let kind = match failure {
+                BatchFailure::Trap(_) => &c.traps,
+                BatchFailure::Error(_) => &c.errors,
+                BatchFailure::Limit(_) => &c.limit_hits,
+                // The host's fault: the handler's counters and health are left alone.
+                BatchFailure::Capacity(_) => {
+                    c.capacity_releases.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
             };
+            kind.fetch_add(1, Ordering::Relaxed);
+            c.failed.fetch_add(1, Ordering::Relaxed);
         }
+        c.batches.fetch_add(1, Ordering::Relaxed);
         if handler.version() != self.current().version() {
             return None; // a batch of a version already replaced
         }
@@ -190,6 +201,8 @@ impl Slot {
 pub struct HistoryEntry {
     /// The version (SHA-256 of the component).
     pub version: String,
+    /// The name it was deployed under (`null` in histories older than names).
+    pub name: Option<String>,
     /// Its size in bytes.
     pub size: u64,
     /// When it became current, ISO-8601.
@@ -239,6 +252,15 @@ impl HandlerSlots {
                  loaded_by TEXT NOT NULL
              );",
         )?;
+        // Histories written before versions kept their name get the column, empty.
+        let named: bool = db.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('history') WHERE name = 'name'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !named {
+            db.execute("ALTER TABLE history ADD COLUMN name TEXT", [])?;
+        }
         let mut slots = HandlerSlots {
             slots: BTreeMap::new(),
             runtime,
@@ -269,7 +291,11 @@ impl HandlerSlots {
                 }
                 _ => (config_wasm, Some("config")),
             };
-            let name = handler_name(reference);
+            let name = match by {
+                None => slots.kept_name(&consumer.name, &sha256_hex(&wasm))?,
+                Some(_) => None,
+            }
+            .unwrap_or_else(|| handler_name(reference));
             let handler = slots
                 .load(
                     &consumer.name,
@@ -300,6 +326,19 @@ impl HandlerSlots {
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The name `version` last had in the history of `consumer`, if it kept one.
+    fn kept_name(&self, consumer: &str, version: &str) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT name FROM history WHERE consumer = ?1 AND version = ?2 AND name IS NOT NULL
+                 ORDER BY seq DESC LIMIT 1",
+                [consumer, version],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     fn blob(&self, version: &str) -> PathBuf {
@@ -362,24 +401,49 @@ impl HandlerSlots {
             params![consumer, handler.version(), config_version],
         )?;
         tx.execute(
-            "INSERT INTO history (consumer, version, size, loaded_ms, loaded_by) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![consumer, handler.version(), handler.size() as i64, now_ms(), by],
+            "INSERT INTO history (consumer, version, size, loaded_ms, loaded_by, name)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                consumer,
+                handler.version(),
+                handler.size() as i64,
+                now_ms(),
+                by,
+                handler.name()
+            ],
         )?;
         tx.commit()?;
         Ok(())
     }
 
-    /// Loads `wasm` into the slot of `consumer` and makes it current; `by` says who asked.
+    /// Loads `wasm` into the slot of `consumer` and makes it current, logged and listed
+    /// under `name` (letters, digits, `.`, `_`, `-`; at most 64) or, without one, under
+    /// `unnamed-<version>`; `by` says who asked.
     pub async fn deploy(
         &self,
         consumer: &str,
+        name: Option<&str>,
+        wasm: Vec<u8>,
+        by: &str,
+    ) -> Result<Arc<LoadedHandler>, SlotError> {
+        let name = match name {
+            Some(name) => valid_name(name)?.to_owned(),
+            None => format!("unnamed-{}", &sha256_hex(&wasm)[..12]),
+        };
+        self.switch(consumer, &name, wasm, by).await
+    }
+
+    /// Loads `wasm` as `name` into the slot of `consumer` and makes it current.
+    async fn switch(
+        &self,
+        consumer: &str,
+        name: &str,
         wasm: Vec<u8>,
         by: &str,
     ) -> Result<Arc<LoadedHandler>, SlotError> {
         let slot = self.slot(consumer)?;
-        let name = slot.current().name().to_owned();
         let handler = Arc::new(
-            self.load(consumer, &name, wasm.clone(), slot.world, slot.limits)
+            self.load(consumer, name, wasm.clone(), slot.world, slot.limits)
                 .await?,
         );
         self.persist(consumer, &handler, &wasm, by, None)?;
@@ -387,7 +451,8 @@ impl HandlerSlots {
         metrics::gauge!("clawq_handler_current_version", "consumer" => consumer.to_owned(),
             "version" => old.version()[..12].to_owned())
         .set(0.0);
-        tracing::info!(consumer, from = %&old.version()[..12], to = %&handler.version()[..12], by, "handler swapped");
+        tracing::info!(consumer, handler = name, from = %&old.version()[..12],
+            to = %&handler.version()[..12], by, "handler swapped");
         Ok(handler)
     }
 
@@ -420,7 +485,10 @@ impl HandlerSlots {
         })?;
         let wasm = std::fs::read(self.blob(&target))
             .with_context(|| format!("reading kept version {target}"))?;
-        self.deploy(consumer, wasm, by).await
+        let name = self
+            .kept_name(consumer, &target)?
+            .unwrap_or_else(|| format!("unnamed-{}", &target[..12]));
+        self.switch(consumer, &name, wasm, by).await
     }
 
     /// The history of `consumer`, newest first.
@@ -428,7 +496,7 @@ impl HandlerSlots {
         self.slot(consumer)?;
         let conn = self.conn();
         let mut stmt = conn
-            .prepare("SELECT version, size, loaded_ms, loaded_by FROM history WHERE consumer = ?1 ORDER BY seq DESC")
+            .prepare("SELECT version, size, loaded_ms, loaded_by, name FROM history WHERE consumer = ?1 ORDER BY seq DESC")
             .map_err(anyhow::Error::from)?;
         let mut entries = stmt
             .query_map([consumer], |r| {
@@ -438,6 +506,7 @@ impl HandlerSlots {
                     size: r.get(1)?,
                     loaded_at: crate::clock::iso8601(ms),
                     loaded_by: r.get(3)?,
+                    name: r.get(4)?,
                     status: "current",
                 })
             })
@@ -479,6 +548,21 @@ impl HandlerSlots {
             }
             Err(err) => tracing::error!(consumer, error = %err, "automatic rollback failed"),
         }
+    }
+}
+
+/// `name` when it may name a handler: 1 to 64 letters, digits, `.`, `_` or `-`.
+fn valid_name(name: &str) -> Result<&str, SlotError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(SlotError::Refused(LoadError(format!(
+            "handler name `{name}` refused: use 1 to 64 letters, digits, `.`, `_` or `-`"
+        ))))
     }
 }
 
@@ -545,7 +629,8 @@ pub async fn watch(
             {
                 continue;
             }
-            match slots.deploy(consumer, wasm, "watch").await {
+            let name = handler_name(&path.to_string_lossy());
+            match slots.deploy(consumer, Some(&name), wasm, "watch").await {
                 Ok(handler) => {
                     tracing::info!(consumer, version = %&handler.version()[..12], "reloaded the changed handler")
                 }

@@ -328,12 +328,13 @@ async fn handlers(command: HandlersCommand) -> Result<()> {
         } => {
             let wasm = std::fs::read(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let name = clawq::handlers::handler_name(&file.to_string_lossy());
             let answer = admin
                 .client()?
                 .call(
                     Method::PUT,
                     &["handlers", &consumer],
-                    &[],
+                    &[("name", name)],
                     Some(Payload::Wasm(wasm)),
                 )
                 .await?;

@@ -84,25 +84,36 @@ pub fn settled(queue: &str, summary: &SettleSummary) {
         .increment(summary.retried as u64);
     counter!("clawq_messages_dead_lettered_total", "queue" => q.clone())
         .increment(summary.dead_lettered as u64);
-    counter!("clawq_messages_dropped_total", "queue" => q).increment(summary.dropped as u64);
+    counter!("clawq_messages_dropped_total", "queue" => q.clone())
+        .increment(summary.dropped as u64);
+    counter!("clawq_messages_released_total", "queue" => q).increment(summary.released as u64);
 }
 
-/// Counts a handler batch and its duration.
+/// Counts a handler batch, its duration and its failure; a batch the host had no room
+/// for counts only as a capacity release.
 pub fn batch(consumer: &str, version: &str, seconds: f64, failure: Option<&BatchFailure>) {
     let (c, v) = (
         consumer.to_owned(),
         version[..12.min(version.len())].to_owned(),
     );
+    let kind = match failure {
+        None => None,
+        Some(BatchFailure::Trap(_)) => Some("clawq_handler_traps_total"),
+        Some(BatchFailure::Error(_)) => Some("clawq_handler_errors_total"),
+        Some(BatchFailure::Limit(_)) => Some("clawq_handler_limit_hits_total"),
+        Some(BatchFailure::Capacity(_)) => {
+            // Not run: no batch to count, only the host's shortfall.
+            counter!("clawq_handler_capacity_releases_total", "consumer" => c, "version" => v)
+                .increment(1);
+            return;
+        }
+    };
     counter!("clawq_handler_batches_total", "consumer" => c.clone(), "version" => v.clone())
         .increment(1);
     histogram!("clawq_handler_batch_duration_seconds", "consumer" => c.clone()).record(seconds);
-    let kind = match failure {
-        None => return,
-        Some(BatchFailure::Trap(_)) => "clawq_handler_traps_total",
-        Some(BatchFailure::Error(_)) => "clawq_handler_errors_total",
-        Some(BatchFailure::Limit(_)) => "clawq_handler_limit_hits_total",
-    };
-    counter!(kind, "consumer" => c, "version" => v).increment(1);
+    if let Some(kind) = kind {
+        counter!(kind, "consumer" => c, "version" => v).increment(1);
+    }
 }
 
 /// What a scrape reads the gauges from.

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::clock::now_ms;
 use crate::config::DEFAULT_REVOCATION_TTL;
 use crate::relay::sessions::SessionLimits;
-use crate::runtime::{Call, Capabilities, ContentType, Limits, Message, Outcome, Runtime};
+use crate::runtime::{Call, ContentType, Limits, Message, Outcome, Runtime};
 use crate::world::World;
 
 /// What `clawq run` runs and how it reports it.
@@ -76,7 +76,7 @@ pub async fn run_batch(options: &RunOptions) -> Result<Report> {
     let handler = runtime.load(&file.display().to_string(), &wasm, world, Limits::default())?;
 
     let data = tempfile::tempdir().context("creating a temporary data directory")?;
-    let caps = Capabilities::open(
+    let caps = crate::server::open_capabilities(
         data.path(),
         DEFAULT_REVOCATION_TTL,
         SessionLimits::default(),

@@ -2,7 +2,7 @@
 //! the HTTP API, and shuts all of it down cleanly.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::actor_storage::ActorStorage;
 use crate::admin::{self, AdminState, admin_token};
 use crate::agents::AgentRegistry;
 use crate::api::{self, AppState, ConsumerInfo, QueueInfo};
@@ -22,7 +23,10 @@ use crate::metrics::{self, MetricsState};
 use crate::queue::QueueBackend;
 use crate::queue::sqlite::SqliteQueue;
 use crate::relay::endpoint::{self, Heartbeat, RelayState};
+use crate::relay::hub::ConnectionHub;
+use crate::relay::sessions::{RelaySessions, SessionLimits};
 use crate::runtime::{Capabilities, Runtime};
+use crate::trust::TrustStore;
 
 /// How long in-flight batches get to finish after a shutdown is asked for.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
@@ -53,6 +57,29 @@ async fn warn_of_unconsumed_lanes(config: &Config, backend: &dyn QueueBackend) -
     Ok(())
 }
 
+/// Every capability a handler may import, backed by the stores in `data_dir` (created
+/// when missing): revocation markers lasting `revocation_ttl`, relay sessions kept within
+/// `limits`, actor storage, and a connection hub of its own.
+pub fn open_capabilities(
+    data_dir: &Path,
+    revocation_ttl: Duration,
+    limits: SessionLimits,
+) -> Result<Arc<Capabilities>> {
+    let hub = Arc::new(ConnectionHub::default());
+    let trust = TrustStore::open(&data_dir.join("trust.db"), revocation_ttl)
+        .context("opening the trust store")?;
+    let sessions = RelaySessions::open(&data_dir.join("sessions.db"), hub.clone(), limits)
+        .context("opening the relay sessions")?;
+    let storage = ActorStorage::open(&data_dir.join("actor-storage.db"))
+        .context("opening the actor storage")?;
+    Ok(Arc::new(Capabilities {
+        trust: Arc::new(trust),
+        sessions: Arc::new(sessions),
+        hub,
+        storage: Arc::new(storage),
+    }))
+}
+
 /// Runs the host until `shutdown` is cancelled.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
     serve_with(config, false, shutdown).await
@@ -69,7 +96,7 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
             .with_routes(config.routes()),
     );
     warn_of_unconsumed_lanes(&config, backend.as_ref()).await?;
-    let caps = Capabilities::open(
+    let caps = open_capabilities(
         &config.data_dir,
         config.revocation_ttl,
         config.relay.sessions,

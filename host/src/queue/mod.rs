@@ -94,6 +94,12 @@ pub enum Settlement {
         /// Why the handler gave up on it.
         reason: String,
     },
+    /// Give it back untouched after `delay_seconds`, without counting the delivery as an
+    /// attempt: the host, not the handler, could not handle it.
+    Release {
+        /// Seconds before the next delivery.
+        delay_seconds: u32,
+    },
 }
 
 /// How failed messages of a queue are treated.
@@ -116,6 +122,8 @@ pub struct SettleSummary {
     pub dead_lettered: usize,
     /// Deleted because they failed for good and the queue has no dead-letter queue.
     pub dropped: usize,
+    /// Given back without counting an attempt.
+    pub released: usize,
 }
 
 /// Message counts of one queue.

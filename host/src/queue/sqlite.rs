@@ -394,6 +394,15 @@ impl QueueBackend for SqliteQueue {
                             s.execute(params![delivery.lease, visible, error, now])
                         })
                     }
+                    Fate::Release { delay_seconds } => {
+                        summary.released += 1;
+                        let visible = now + u64::from(*delay_seconds) * 1000;
+                        tx.prepare_cached(
+                            "UPDATE messages SET leased = 0, visible_ms = ?2,
+                             attempts = MAX(attempts - 1, 0) WHERE seq = ?1",
+                        )
+                        .and_then(|mut s| s.execute(params![delivery.lease, visible]))
+                    }
                     Fate::DeadLetter { reason, error } => match &policy.dead_letter_queue {
                         Some(dlq) => {
                             summary.dead_lettered += 1;
@@ -423,7 +432,7 @@ impl QueueBackend for SqliteQueue {
             }
             tx.commit().map_err(storage)?;
         }
-        if summary.retried > 0 {
+        if summary.retried + summary.released > 0 {
             self.wake(queue);
         }
         if let (Some(dlq), true) = (&policy.dead_letter_queue, summary.dead_lettered > 0) {
@@ -636,6 +645,9 @@ enum Fate {
         delay_seconds: u32,
         error: String,
     },
+    Release {
+        delay_seconds: u32,
+    },
     /// `error` is the failure of this attempt when it was a retry over the limit.
     DeadLetter {
         reason: String,
@@ -647,6 +659,7 @@ impl Fate {
     fn of(delivery: &Delivery, settlement: Settlement, policy: &RetryPolicy) -> Fate {
         match settlement {
             Settlement::Ack => Fate::Delete,
+            Settlement::Release { delay_seconds } => Fate::Release { delay_seconds },
             Settlement::DeadLetter { reason } => Fate::DeadLetter {
                 reason,
                 error: None,
@@ -794,6 +807,22 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(got.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_released_message_comes_back_without_an_attempt_counted() {
+        let (_dir, queue) = open();
+        publish(&queue, 1).await;
+        let p = policy(0, Some(DLQ));
+        let got = batch(&queue, 1, LONG, Duration::from_secs(5)).await;
+        assert_eq!(got[0].attempts, 1);
+        let release = Settlement::Release { delay_seconds: 0 };
+        let summary = settle_all(&queue, got, release, &p).await;
+        assert_eq!(summary.released, 1);
+        let again = batch(&queue, 1, LONG, Duration::from_secs(5)).await;
+        assert_eq!(again[0].attempts, 1, "the released delivery is not counted");
+        let stored = queue.get(Q, &again[0].id).await.unwrap().unwrap();
+        assert_eq!(stored.last_error, None, "nothing failed");
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@
 use wasmtime::component::{HasSelf, InstancePre, Linker};
 use wasmtime::{Engine, Store};
 
-use super::BatchState;
+use super::batch::BatchState;
 use super::bindings as current;
 use super::{Message, Outcome};
 use current::clawdentity::queues as now;

@@ -1,0 +1,244 @@
+//! The `relay-sessions` import: receipts and deliveries handed to an agent's session.
+
+use super::BatchState;
+use crate::frame::ReceiptStatus;
+use crate::relay::sessions::{Delivery, DeliveryIn, ReceiptIn, SessionError};
+use crate::runtime::HostError;
+use crate::runtime::bindings::clawdentity::queues::relay_sessions;
+
+impl relay_sessions::Host for BatchState {
+    async fn deliver_receipt(
+        &mut self,
+        receipt: relay_sessions::Receipt,
+    ) -> Result<relay_sessions::Delivery, HostError> {
+        let args = self.calls.as_ref().map(|_| show_receipt(&receipt));
+        let receipt = ReceiptIn {
+            request_id: receipt.request_id.trim().to_owned(),
+            sender_agent_did: receipt.sender_agent_did.trim().to_owned(),
+            recipient_agent_did: receipt.recipient_agent_did.trim().to_owned(),
+            status: match receipt.status {
+                relay_sessions::ReceiptStatus::DeliveredToWebhook => {
+                    ReceiptStatus::DeliveredToWebhook
+                }
+                relay_sessions::ReceiptStatus::DeadLettered => ReceiptStatus::DeadLettered,
+            },
+            reason: trimmed_option(receipt.reason),
+        };
+        let result = session_result(self.caps.sessions.deliver_receipt(receipt).await);
+        let args = || args.unwrap_or_default();
+        self.record(
+            "relay-sessions.deliver-receipt",
+            args,
+            &result,
+            show_delivery,
+        );
+        result
+    }
+
+    async fn deliver(
+        &mut self,
+        delivery: relay_sessions::AgentDelivery,
+    ) -> Result<relay_sessions::Delivery, HostError> {
+        let args = self.calls.as_ref().map(|_| show_agent_delivery(&delivery));
+        let delivery = DeliveryIn {
+            dedup_key: delivery.dedup_key.trim().to_owned(),
+            from_agent_did: delivery.from_agent_did.trim().to_owned(),
+            to_agent_did: delivery.to_agent_did.trim().to_owned(),
+            payload: delivery.payload.trim().to_owned(),
+            delivery_source: trimmed_option(delivery.delivery_source),
+            content_type: trimmed_option(delivery.content_type),
+            group_id: trimmed_option(delivery.group_id),
+            conversation_id: trimmed_option(delivery.conversation_id),
+            reply_to: trimmed_option(delivery.reply_to),
+        };
+        let result = session_result(self.caps.sessions.deliver(delivery).await);
+        let args = || args.unwrap_or_default();
+        self.record("relay-sessions.deliver", args, &result, show_delivery);
+        result
+    }
+}
+
+/// `value` trimmed; `None` when it is blank.
+fn trimmed_option(value: Option<String>) -> Option<String> {
+    value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+}
+
+/// A session's answer as the guest sees it: a refusal is permanent, an unavailable
+/// session transient.
+fn session_result(
+    result: Result<Delivery, SessionError>,
+) -> Result<relay_sessions::Delivery, HostError> {
+    match result {
+        Ok(Delivery::Pushed(n)) => Ok(relay_sessions::Delivery::Pushed(n)),
+        Ok(Delivery::Stored) => Ok(relay_sessions::Delivery::Stored),
+        Ok(Delivery::Unchanged) => Ok(relay_sessions::Delivery::Unchanged),
+        Ok(Delivery::Ignored) => Ok(relay_sessions::Delivery::Ignored),
+        Err(err) => Err(HostError {
+            transient: matches!(err, SessionError::Unavailable(_)),
+            message: err.to_string(),
+        }),
+    }
+}
+
+/// What a session did, as `clawq run` shows it.
+fn show_delivery(delivery: &relay_sessions::Delivery) -> String {
+    match delivery {
+        relay_sessions::Delivery::Pushed(n) => format!("pushed({n})"),
+        relay_sessions::Delivery::Stored => "stored".into(),
+        relay_sessions::Delivery::Unchanged => "unchanged".into(),
+        relay_sessions::Delivery::Ignored => "ignored".into(),
+    }
+}
+
+/// A delivery as `clawq run` shows it.
+fn show_agent_delivery(delivery: &relay_sessions::AgentDelivery) -> String {
+    let mut text = format!(
+        "{{dedup-key: {:?}, from: {}, to: {}, payload: {}",
+        delivery.dedup_key, delivery.from_agent_did, delivery.to_agent_did, delivery.payload
+    );
+    let optional = [
+        ("delivery-source", &delivery.delivery_source),
+        ("content-type", &delivery.content_type),
+        ("group-id", &delivery.group_id),
+        ("conversation-id", &delivery.conversation_id),
+        ("reply-to", &delivery.reply_to),
+    ];
+    for (name, value) in optional {
+        if let Some(value) = value {
+            text += &format!(", {name}: {value:?}");
+        }
+    }
+    text + "}"
+}
+
+/// A receipt as `clawq run` shows it.
+fn show_receipt(receipt: &relay_sessions::Receipt) -> String {
+    let status = match receipt.status {
+        relay_sessions::ReceiptStatus::DeliveredToWebhook => "delivered-to-webhook",
+        relay_sessions::ReceiptStatus::DeadLettered => "dead-lettered",
+    };
+    let mut text = format!(
+        "{{request-id: {:?}, sender: {}, recipient: {}, status: {status}",
+        receipt.request_id, receipt.sender_agent_did, receipt.recipient_agent_did
+    );
+    if let Some(reason) = &receipt.reason {
+        text += &format!(", reason: {reason:?}");
+    }
+    if let Some(at) = &receipt.processed_at {
+        text += &format!(", processed-at: {at:?}");
+    }
+    text + "}"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    const A: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
+    const B: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
+
+    /// The state of a batch over fresh capabilities in `dir`, recording its calls.
+    fn batch_state(dir: &std::path::Path) -> BatchState {
+        let caps = crate::server::open_capabilities(
+            dir,
+            std::time::Duration::from_secs(60),
+            crate::relay::sessions::SessionLimits::default(),
+        );
+        BatchState::recording(caps.unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_deliver_capability_trims_checks_and_records() {
+        use crate::runtime::CallLog;
+        use relay_sessions::Host;
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = batch_state(dir.path());
+        let padded = relay_sessions::AgentDelivery {
+            dedup_key: " pair.accepted:a:b:1 ".into(),
+            from_agent_did: format!(" {B}"),
+            to_agent_did: format!("{A}\n"),
+            payload: r#" {"system": {}} "#.into(),
+            delivery_source: Some(" proxy.events.queue.pair_accepted ".into()),
+            content_type: None,
+            group_id: None,
+            conversation_id: Some("  ".into()),
+            reply_to: None,
+        };
+        let stored = state.deliver(padded.clone()).await.unwrap();
+        assert_eq!(show_delivery(&stored), "stored");
+        let again = state.deliver(padded.clone()).await.unwrap();
+        assert_eq!(show_delivery(&again), "unchanged", "the trimmed key dedups");
+
+        let sessions = state.caps.sessions.clone();
+        let push = sessions
+            .to_push(A, crate::relay::sessions::Ask::Connected)
+            .await;
+        let frames = push.unwrap().frames;
+        assert_eq!(frames.len(), 1);
+        let frame: Value = serde_json::from_str(&frames[0]).unwrap();
+        assert_eq!(
+            (&frame["fromAgentDid"], &frame["toAgentDid"]),
+            (&json!(B), &json!(A))
+        );
+        assert_eq!(frame["deliverySource"], "proxy.events.queue.pair_accepted");
+        assert!(
+            frame.get("conversationId").is_none(),
+            "a blank field is left out: {frame}"
+        );
+
+        let not_json = relay_sessions::AgentDelivery {
+            payload: "{oops".into(),
+            ..padded.clone()
+        };
+        let err = state.deliver(not_json).await.unwrap_err();
+        assert!(
+            !err.transient && err.message.contains("`payload`"),
+            "{err:?}"
+        );
+        let long_group = relay_sessions::AgentDelivery {
+            group_id: Some("g".repeat(2000)),
+            ..padded
+        };
+        let err = state.deliver(long_group).await.unwrap_err();
+        assert!(
+            !err.transient && err.message.contains("`group-id`"),
+            "{err:?}"
+        );
+
+        let receipt = relay_sessions::Receipt {
+            request_id: " r1 ".into(),
+            sender_agent_did: format!("  {A} "),
+            recipient_agent_did: format!("{B} "),
+            status: relay_sessions::ReceiptStatus::DeadLettered,
+            reason: Some(" ".into()),
+            processed_at: None,
+        };
+        let routed = state.deliver_receipt(receipt).await.unwrap();
+        assert_eq!(show_delivery(&routed), "stored", "padded values are routed");
+        let push = sessions.to_push(A, crate::relay::sessions::Ask::Due).await;
+        let receipt: Value = serde_json::from_str(&push.unwrap().frames[0]).unwrap();
+        assert_eq!(receipt["originalFrameId"], "r1");
+        assert!(
+            receipt.get("reason").is_none(),
+            "a blank reason is none: {receipt}"
+        );
+
+        let calls: CallLog = state.calls.clone().unwrap();
+        let calls = calls.lock().unwrap().clone();
+        let shown: Vec<String> = calls
+            .iter()
+            .map(|c| format!("{} -> {:?}", c.call, c.result))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "relay-sessions.deliver -> Some(\"stored\")",
+                "relay-sessions.deliver -> Some(\"unchanged\")",
+                "relay-sessions.deliver -> Some(\"error: invalid delivery: `payload` is not JSON: key must be a string at line 1 column 2\")",
+                "relay-sessions.deliver -> Some(\"error: invalid delivery: `group-id` is 2000 bytes, over the 1024-byte limit\")",
+                "relay-sessions.deliver-receipt -> Some(\"stored\")",
+            ]
+        );
+    }
+}

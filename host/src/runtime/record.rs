@@ -1,0 +1,69 @@
+//! Recording the capability calls of a batch, for `clawq run`: every capability reports
+//! its call through [`BatchState::record`] (or [`BatchState::record_line`] for a log
+//! line), which does nothing unless the batch records.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use super::HostError;
+use super::batch::BatchState;
+
+/// One capability call a handler made, as `clawq run` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Call {
+    /// `interface.function`, e.g. `relay-sessions.deliver-receipt`; `log.<level>` for a
+    /// log line.
+    pub call: String,
+    /// The arguments, as text.
+    pub args: String,
+    /// What the call returned, as text; `None` for a log line.
+    pub result: Option<String>,
+}
+
+impl fmt::Display for Call {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.call, self.args)?;
+        match &self.result {
+            Some(result) => write!(f, " -> {result}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where the capability calls of a batch are recorded, in order.
+pub type CallLog = Arc<Mutex<Vec<Call>>>;
+
+impl BatchState {
+    /// Records a capability call and what it returned, when calls are recorded; `args`
+    /// and `show` (the success value as text) run only then.
+    pub(super) fn record<T>(
+        &self,
+        call: &str,
+        args: impl FnOnce() -> String,
+        result: &Result<T, HostError>,
+        show: impl FnOnce(&T) -> String,
+    ) {
+        if let Some(calls) = &self.calls {
+            let result = match result {
+                Ok(value) => show(value),
+                Err(err) if err.transient => format!("error (transient): {}", err.message),
+                Err(err) => format!("error: {}", err.message),
+            };
+            push(calls, call.to_owned(), args(), Some(result));
+        }
+    }
+
+    /// Records a log line (`log.<level>`, the message as its argument), when calls are
+    /// recorded.
+    pub(super) fn record_line(&self, level: &str, message: &str) {
+        if let Some(calls) = &self.calls {
+            push(calls, format!("log.{level}"), format!("{message:?}"), None);
+        }
+    }
+}
+
+/// Appends one call to `calls`.
+fn push(calls: &CallLog, call: String, args: String, result: Option<String>) {
+    let mut calls = calls.lock().unwrap_or_else(|p| p.into_inner());
+    calls.push(Call { call, args, result });
+}
