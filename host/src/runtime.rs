@@ -21,6 +21,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::actor_storage::{ActorStorage, StorageError};
+use crate::bounds::{self, BatchLog, GuestLogs};
 use crate::crypto::sha256_hex;
 use crate::frame::{MAX_FRAME_BYTES, ReceiptStatus, VERSION};
 use crate::relay::hub::ConnectionHub;
@@ -81,6 +82,8 @@ pub struct Capabilities {
     pub hub: Arc<ConnectionHub>,
     /// Backs the `actor-storage` import.
     pub storage: Arc<ActorStorage>,
+    /// The log rate limits of the `log` import.
+    pub logs: Arc<GuestLogs>,
 }
 
 impl Capabilities {
@@ -104,6 +107,7 @@ impl Capabilities {
             sessions: Arc::new(sessions),
             hub,
             storage: Arc::new(storage),
+            logs: Arc::default(),
         }))
     }
 }
@@ -203,6 +207,8 @@ pub struct BatchState {
     memory: MemoryCap,
     /// Records every capability call when set (`clawq run`).
     calls: Option<CallLog>,
+    /// The batch's share of its consumer's log rate.
+    log: BatchLog,
 }
 
 /// Refuses memory growth past the handler's limit, remembering that it did.
@@ -412,18 +418,21 @@ impl LoadedHandler {
         calls: Option<CallLog>,
     ) -> (Store<BatchState>, MemoryOutputPipe) {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE_BYTES);
+        let version: Arc<str> = self.version[..12].into();
+        let log = caps.logs.batch(&self.actors, &self.name, &version);
         let state = BatchState {
             wasi: WasiCtxBuilder::new().stderr(stderr.clone()).build(),
             table: ResourceTable::new(),
             caps,
             handler: self.name.clone(),
             actors: self.actors.clone(),
-            version: self.version[..12].into(),
+            version,
             memory: MemoryCap {
                 limit: self.limits.memory_bytes,
                 exceeded: false,
             },
             calls,
+            log,
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| &mut state.memory);
@@ -536,6 +545,10 @@ fn push_call(calls: &CallLog, call: String, args: String, result: Option<String>
 
 impl log::Host for BatchState {
     async fn write(&mut self, level: log::Level, message: String) {
+        if !self.log.admit() {
+            return;
+        }
+        let message = bounds::log_line(message);
         if let Some(calls) = &self.calls {
             let name = match level {
                 log::Level::Trace => "trace",
@@ -726,16 +739,12 @@ impl BatchState {
             transient: false,
             message,
         };
-        let too_large = |len: usize| {
-            (len > MAX_FRAME_BYTES)
-                .then(|| refuse(format!("frame of {len} bytes exceeds the 1 MiB limit")))
-        };
         clawq_protocol::did::validate_agent_did(agent_did)
             .map_err(|e| refuse(format!("`{agent_did}`: {e}")))?;
-        too_large(frame.len()).map_or(Ok(()), Err)?;
+        bounds::check("frame", frame.len(), MAX_FRAME_BYTES)?;
         let frame = fill_envelope(frame, crate::clock::now_ms())
             .ok_or_else(|| refuse("frame is not a JSON object".into()))?;
-        too_large(frame.len()).map_or(Ok(()), Err)?;
+        bounds::check("frame", frame.len(), MAX_FRAME_BYTES)?;
         Ok(self.caps.hub.send(agent_did, frame.into_owned()))
     }
 }
@@ -805,13 +814,16 @@ impl actor_storage::Host for BatchState {
         &mut self,
         actor: String,
         prefix: String,
+        start_after: Option<String>,
+        limit: u32,
     ) -> Result<Vec<(String, Vec<u8>)>, HostError> {
+        let after = start_after.as_deref();
         let result = self
             .caps
             .storage
-            .list_prefix(&self.actors, &actor, &prefix)
+            .list_prefix(&self.actors, &actor, &prefix, after, limit)
             .map_err(guest_error);
-        let args = || format!("{actor} {prefix:?}");
+        let args = || format!("{actor} {prefix:?} after {after:?} limit {limit}");
         let show = |entries: &Vec<(String, Vec<u8>)>| format!("{} entries", entries.len());
         self.record("actor-storage.list-prefix", args, &result, show);
         result
@@ -884,10 +896,13 @@ mod tests {
     /// The state of a batch over fresh capabilities in `dir`, recording its calls.
     fn batch_state(dir: &std::path::Path) -> BatchState {
         let caps = Capabilities::open(dir, Duration::from_secs(60), SessionLimits::default());
+        let caps = caps.unwrap();
+        let test: Arc<str> = "test".into();
         BatchState {
             wasi: WasiCtxBuilder::new().build(),
             table: ResourceTable::new(),
-            caps: caps.unwrap(),
+            log: caps.logs.batch(&test, &test, &test),
+            caps,
             handler: "test".into(),
             actors: "test".into(),
             version: "test".into(),
