@@ -27,6 +27,11 @@ pub const MAX_LIST_PAGE: u32 = 1000;
 /// least one entry), so that a page fits a small guest's memory.
 pub const MAX_LIST_PAGE_BYTES: usize = 1 << 20;
 
+/// Largest request id of a receipt handed to `relay-sessions` (as a delivery's dedup key).
+pub const MAX_REQUEST_ID_BYTES: usize = 1024;
+/// Largest reason of a receipt handed to `relay-sessions`.
+pub const MAX_REASON_BYTES: usize = 4096;
+
 /// A capability argument over its bound.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{what} of {len} bytes exceeds the {limit}-byte limit")]
@@ -60,6 +65,13 @@ pub fn check(what: &'static str, len: usize, limit: usize) -> Result<(), TooLarg
 pub fn storage_address(actor: &str, key: &str) -> Result<(), TooLarge> {
     check("actor name", actor.len(), MAX_ACTOR_BYTES)?;
     check("key", key.len(), MAX_KEY_BYTES)
+}
+
+/// Checks the request id and the reason of a receipt handed to `relay-sessions`, which
+/// keeps them in the sender's session until its connector acknowledges the receipt.
+pub fn receipt_fields(request_id: &str, reason: Option<&str>) -> Result<(), TooLarge> {
+    check("request-id", request_id.len(), MAX_REQUEST_ID_BYTES)?;
+    check("reason", reason.map_or(0, str::len), MAX_REASON_BYTES)
 }
 
 /// `line` as the host writes it: whole up to [`MAX_LOG_LINE_BYTES`], else cut there (on a
@@ -230,6 +242,16 @@ mod tests {
         let err = storage_address(&"a".repeat(300), "k").unwrap_err();
         assert_eq!(err.what, "actor name");
         assert!(check("value", MAX_VALUE_BYTES + 1, MAX_VALUE_BYTES).is_err());
+        assert_eq!(
+            receipt_fields("r", Some(&"x".repeat(MAX_REASON_BYTES))),
+            Ok(())
+        );
+        let err = receipt_fields("r", Some(&"x".repeat(2 << 20))).unwrap_err();
+        assert_eq!(err.what, "reason");
+        assert_eq!(
+            receipt_fields(&"r".repeat(1025), None).unwrap_err().what,
+            "request-id"
+        );
     }
 
     #[test]
