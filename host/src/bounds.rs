@@ -148,10 +148,9 @@ pub struct GuestLogs {
 impl GuestLogs {
     /// Sets the log rate of `consumer`, from its next batch on.
     pub fn set_rate(&self, consumer: &str, rate: LogRate) {
-        let mut rates = self.rates.write().unwrap_or_else(|p| p.into_inner());
-        rates.insert(consumer.to_owned(), rate);
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        buckets.remove(consumer);
+        // One lock at a time: `batch` takes the buckets' lock, then the rates'.
+        (self.rates.write().unwrap_or_else(|p| p.into_inner())).insert(consumer.to_owned(), rate);
+        (self.buckets.lock().unwrap_or_else(|p| p.into_inner())).remove(consumer);
     }
 
     /// The log budget of one batch of `consumer`'s handler `handler` at `version`.
