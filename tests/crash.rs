@@ -40,7 +40,7 @@ fn config(queue: &str) -> String {
 fn fanned_out_config(queue: &str) -> String {
     format!(
         "{}[[queues.consumers]]\nqueue = \"{queue}\"\nname = \"{MIRROR}\"\n\
-         handler = \"{SCRIPTED_HANDLER}\"\n{BATCHES}\n",
+         handler = \"{SCRIPTED_HANDLER}\"\n{BATCHES}\n{UNLIMITED_LOGS}\n",
         config(queue)
     )
 }

@@ -10,6 +10,8 @@ use anyhow::{Context, Result, bail};
 use clawq_protocol::event::DELIVERED_TYPES;
 use serde::Deserialize;
 
+use crate::actor_storage::Quota;
+use crate::bounds::LogRate;
 use crate::frame::MAX_FRAME_BYTES;
 use crate::queue::routes::{self, Filter, Routes};
 use crate::relay::endpoint::Backpressure;
@@ -122,6 +124,10 @@ pub struct ConsumerConfig {
     pub limits: Limits,
     /// Failed batches in a row after which a new version is rolled back (0: never).
     pub auto_rollback_after: u32,
+    /// How many log lines its handler may write (`log_burst`, `log_rate`).
+    pub log_rate: LogRate,
+    /// How much its actors may keep (`storage_max_keys`, `storage_limit_mb`).
+    pub storage_quota: Quota,
 }
 
 impl ConsumerConfig {
@@ -154,6 +160,8 @@ impl ConsumerConfig {
             world,
             limits: Limits::default(),
             auto_rollback_after: 3,
+            log_rate: LogRate::default(),
+            storage_quota: Quota::default(),
         }
     }
 
@@ -243,6 +251,14 @@ impl ConsumerConfig {
                 wall.as_secs_f64(),
                 cpu.as_secs_f64()
             );
+        }
+        if self.log_rate.burst == 0
+            || !(self.log_rate.per_second.is_finite() && self.log_rate.per_second > 0.0)
+        {
+            bail!("queue `{q}`: log_burst must be at least 1 and log_rate a number of lines > 0");
+        }
+        if self.storage_quota.keys == 0 || self.storage_quota.bytes == 0 {
+            bail!("queue `{q}`: storage_max_keys and storage_limit_mb must be at least 1");
         }
         if self.dead_letter_queue.as_deref() == Some(q) {
             bail!("queue `{q}`: dead_letter_queue cannot be the queue itself");
@@ -403,6 +419,14 @@ struct FileConsumer {
     auto_rollback_after: Option<u32>,
     /// Seconds a message is kept.
     retention: Option<u64>,
+    /// Guest log lines written at once before `log_rate` applies.
+    log_burst: Option<u32>,
+    /// Guest log lines a second.
+    log_rate: Option<f64>,
+    /// Most keys in the consumer's actor storage.
+    storage_max_keys: Option<u64>,
+    /// Most MiB in the consumer's actor storage.
+    storage_limit_mb: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -530,6 +554,16 @@ impl Config {
                 world,
                 limits,
                 auto_rollback_after: c.auto_rollback_after.unwrap_or(base.auto_rollback_after),
+                log_rate: LogRate {
+                    burst: c.log_burst.unwrap_or(base.log_rate.burst),
+                    per_second: c.log_rate.unwrap_or(base.log_rate.per_second),
+                },
+                storage_quota: Quota {
+                    keys: c.storage_max_keys.unwrap_or(base.storage_quota.keys),
+                    bytes: c
+                        .storage_limit_mb
+                        .map_or(base.storage_quota.bytes, |mb| mb.saturating_mul(1 << 20)),
+                },
             };
             merged.validate()?;
             consumers.insert(name, merged);
@@ -1000,6 +1034,35 @@ mod tests {
         ] {
             let err = format!("{:#}", Config::parse(text).unwrap_err());
             assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn output_keys_set_the_log_rate_and_the_storage_quota() {
+        let config = Config::parse(
+            "[[queues.consumers]]\nqueue = \"a\"\nlog_burst = 5\nlog_rate = 0.5\n\
+             storage_max_keys = 20\nstorage_limit_mb = 2",
+        )
+        .unwrap();
+        let a = &config.consumers["a"];
+        let rate = LogRate {
+            burst: 5,
+            per_second: 0.5,
+        };
+        assert_eq!((a.log_rate, a.storage_quota.keys), (rate, 20));
+        assert_eq!(a.storage_quota.bytes, 2 << 20);
+        let b = &config.consumers[EVENTS_QUEUE];
+        assert_eq!((b.log_rate, b.storage_quota), Default::default());
+        for (key, value) in [
+            ("log_burst", "0"),
+            ("log_rate", "0"),
+            ("log_rate", "-1"),
+            ("storage_max_keys", "0"),
+            ("storage_limit_mb", "0"),
+        ] {
+            let text = format!("[[queues.consumers]]\nqueue = \"a\"\n{key} = {value}");
+            let err = format!("{:#}", Config::parse(&text).unwrap_err());
+            assert!(err.contains(key), "{key} = {value}: {err}");
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod actor_storage;
 pub mod admin;
 pub mod agents;
 pub mod api;
+pub mod bounds;
 pub mod bundled;
 pub mod check;
 pub mod clock;

@@ -12,6 +12,7 @@ use axum::routing::get;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::actor_storage::ActorStorage;
 use crate::handlers::HandlerSlots;
 use crate::queue::{QueueBackend, SettleSummary};
 use crate::relay::hub::ConnectionHub;
@@ -76,6 +77,12 @@ pub fn websocket_frames_dropped(reason: &'static str, n: u64) {
     counter!("clawq_websocket_frames_dropped_total", "reason" => reason).increment(n);
 }
 
+/// Counts `n` guest log lines of `consumer`'s handler dropped over its log rate.
+pub fn log_lines_dropped(consumer: &str, n: u64) {
+    counter!("clawq_handler_log_lines_dropped_total", "consumer" => consumer.to_owned())
+        .increment(n);
+}
+
 /// Counts what a settlement did.
 pub fn settled(queue: &str, summary: &SettleSummary) {
     let q = queue.to_owned();
@@ -129,6 +136,8 @@ pub struct MetricsState {
     pub hub: Arc<ConnectionHub>,
     /// The relay sessions.
     pub sessions: Arc<RelaySessions>,
+    /// The actor storage, for each consumer's usage.
+    pub storage: Arc<ActorStorage>,
 }
 
 /// The `/metrics` route.
@@ -167,6 +176,16 @@ async fn scrape(State(state): State<MetricsState>) -> Response {
     for (consumer, slot) in state.slots.all() {
         let version = slot.current().version()[..12].to_owned();
         gauge!("clawq_handler_current_version", "consumer" => consumer.clone(), "version" => version).set(1.0);
+    }
+    match state.storage.usage() {
+        Ok(usage) => {
+            for (consumer, usage) in usage {
+                gauge!("clawq_actor_storage_keys", "consumer" => consumer.clone())
+                    .set(usage.keys as f64);
+                gauge!("clawq_actor_storage_bytes", "consumer" => consumer).set(usage.bytes as f64);
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "reading actor storage usage for metrics failed"),
     }
     gauge!("clawq_websocket_connections").set(state.hub.len() as f64);
     gauge!("clawq_relay_resident_actors").set(state.sessions.resident_actors() as f64);

@@ -77,6 +77,7 @@ pub fn open_capabilities(
         sessions: Arc::new(sessions),
         hub,
         storage: Arc::new(storage),
+        logs: Arc::default(),
     }))
 }
 
@@ -101,6 +102,11 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         config.revocation_ttl,
         config.relay.sessions,
     )?;
+    for consumer in config.consumers.values() {
+        caps.logs.set_rate(&consumer.name, consumer.log_rate);
+        caps.storage
+            .set_quota(&consumer.name, consumer.storage_quota);
+    }
     let (trust, sessions, hub) = (caps.trust.clone(), caps.sessions.clone(), caps.hub.clone());
     let agents = Arc::new(AgentRegistry::open(&config.data_dir.join("agents.db"))?);
     let runtime = Arc::new(Runtime::new()?);
@@ -169,6 +175,7 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         slots: slots.clone(),
         hub: hub.clone(),
         sessions: sessions.clone(),
+        storage: caps.storage.clone(),
     };
     tokio::spawn(
         sessions

@@ -9,6 +9,20 @@ pub fn truncate(s: &str, max: usize) -> String {
     format!("{kept}…")
 }
 
+/// `text` whole up to `max` bytes, else cut there (on a character boundary) and marked
+/// with its full length: `<head>… (<length> bytes)`. What a guest hands the host is kept
+/// this way, so that a 20 MB string costs a few KiB.
+pub fn cut_bytes(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -450,10 +450,16 @@ pub fn fast_events_config(extra: &str) -> String {
     )
 }
 
-/// A consumer of `queue` running the scripted test handler, with `settings` appended.
+/// Consumer settings that let a handler log every message it handles: the scripted
+/// handler's log lines are how the tests see what it did, so they must not meet the
+/// default log rate (100 lines, then 50 a second).
+pub const UNLIMITED_LOGS: &str = "log_burst = 1000000\nlog_rate = 1000000";
+
+/// A consumer of `queue` running the scripted test handler, logging without a rate
+/// limit, with `settings` appended.
 pub fn scripted_consumer(queue: &str, settings: &str) -> String {
     format!(
-        "[[queues.consumers]]\nqueue = \"{queue}\"\nhandler = \"{SCRIPTED_HANDLER}\"\ndead_letter_queue = \"{queue}-dlq\"\n{settings}\n"
+        "[[queues.consumers]]\nqueue = \"{queue}\"\nhandler = \"{SCRIPTED_HANDLER}\"\ndead_letter_queue = \"{queue}-dlq\"\n{UNLIMITED_LOGS}\n{settings}\n"
     )
 }
 

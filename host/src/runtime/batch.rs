@@ -16,6 +16,7 @@ use super::failure::{BatchFailure, bounded};
 use super::record::CallLog;
 use super::stderr::StderrCapture;
 use super::{Message, Outcome, cpu};
+use crate::bounds::BatchLog;
 use crate::crypto::sha256_hex;
 
 /// The sandbox of one handler: what a batch may use before it is stopped.
@@ -91,13 +92,17 @@ pub struct BatchState {
     memory: MemoryCap,
     /// Records every capability call when set (`clawq run`).
     pub(super) calls: Option<CallLog>,
+    /// The batch's share of its consumer's log rate.
+    pub(super) log: BatchLog,
 }
 
 impl BatchState {
     /// The state of a batch of a handler named `test` over `caps`, recording its calls.
     #[cfg(test)]
     pub(super) fn recording(caps: Arc<Capabilities>) -> Self {
+        let test: Arc<str> = "test".into();
         BatchState {
+            log: caps.logs.batch(&test, &test, &test),
             wasi: WasiCtxBuilder::new().build(),
             table: ResourceTable::new(),
             caps,
@@ -227,18 +232,21 @@ impl LoadedHandler {
         calls: Option<CallLog>,
     ) -> (Store<BatchState>, StderrCapture) {
         let stderr = StderrCapture::default();
+        let version: Arc<str> = self.version[..12].into();
+        let log = caps.logs.batch(&self.actors, &self.name, &version);
         let state = BatchState {
             wasi: WasiCtxBuilder::new().stderr(stderr.clone()).build(),
             table: ResourceTable::new(),
             caps,
             handler: self.name.clone(),
             actors: self.actors.clone(),
-            version: self.version[..12].into(),
+            version,
             memory: MemoryCap {
                 limit: self.limits.memory_bytes,
                 exceeded: false,
             },
             calls,
+            log,
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| &mut state.memory);

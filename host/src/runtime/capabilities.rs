@@ -7,6 +7,7 @@ use super::HostError;
 use super::batch::BatchState;
 use super::bindings::clawdentity::queues::types;
 use crate::actor_storage::{ActorStorage, StorageError};
+use crate::bounds::GuestLogs;
 use crate::relay::hub::ConnectionHub;
 use crate::relay::sessions::RelaySessions;
 use crate::trust::{TrustError, TrustStore};
@@ -28,6 +29,8 @@ pub struct Capabilities {
     pub hub: Arc<ConnectionHub>,
     /// Backs the `actor-storage` import.
     pub storage: Arc<ActorStorage>,
+    /// The log rate limits of the `log` import.
+    pub logs: Arc<GuestLogs>,
 }
 
 impl types::Host for BatchState {}

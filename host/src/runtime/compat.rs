@@ -11,6 +11,7 @@ use wasmtime::{Engine, Store};
 use super::batch::BatchState;
 use super::bindings as current;
 use super::{Message, Outcome};
+use crate::bounds::MAX_LIST_PAGE;
 use current::clawdentity::queues as now;
 
 mod bindings {
@@ -213,11 +214,15 @@ impl actor_storage::Host for BatchState {
         legacy(now::actor_storage::Host::delete(self, actor, key).await)
     }
 
+    /// 0.1.0's `list-prefix` has no paging: it gets the first page of the 0.2.0 one
+    /// (at most [`MAX_LIST_PAGE`] keys and about 1 MiB), not every key.
     async fn list_prefix(
         &mut self,
         actor: String,
         prefix: String,
     ) -> Result<Vec<(String, Vec<u8>)>, types::HostError> {
-        legacy(now::actor_storage::Host::list_prefix(self, actor, prefix).await)
+        let first_page =
+            now::actor_storage::Host::list_prefix(self, actor, prefix, None, MAX_LIST_PAGE);
+        legacy(first_page.await)
     }
 }

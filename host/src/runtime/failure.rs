@@ -36,14 +36,7 @@ impl BatchFailure {
 /// `text` cut to [`MAX_GUEST_TEXT_BYTES`] (at a character boundary), followed by
 /// `… (<n> bytes)` with its original length when it was longer.
 pub fn bounded(text: &str) -> String {
-    if text.len() <= MAX_GUEST_TEXT_BYTES {
-        return text.to_owned();
-    }
-    let mut end = MAX_GUEST_TEXT_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes)", &text[..end], text.len())
+    crate::text::cut_bytes(text, MAX_GUEST_TEXT_BYTES)
 }
 
 #[cfg(test)]

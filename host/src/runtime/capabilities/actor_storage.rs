@@ -50,13 +50,16 @@ impl actor_storage::Host for BatchState {
         &mut self,
         actor: String,
         prefix: String,
+        start_after: Option<String>,
+        limit: u32,
     ) -> Result<Vec<(String, Vec<u8>)>, HostError> {
+        let after = start_after.as_deref();
         let result = self
             .caps
             .storage
-            .list_prefix(&self.actors, &actor, &prefix)
+            .list_prefix(&self.actors, &actor, &prefix, after, limit)
             .map_err(guest_error);
-        let args = || format!("{actor} {prefix:?}");
+        let args = || format!("{actor} {prefix:?} after {after:?} limit {limit}");
         let show = |entries: &Vec<(String, Vec<u8>)>| format!("{} entries", entries.len());
         self.record("actor-storage.list-prefix", args, &result, show);
         result

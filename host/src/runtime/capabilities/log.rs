@@ -1,10 +1,15 @@
 //! The `log` import: leveled log lines, attributed to the calling handler.
 
 use super::BatchState;
+use crate::bounds;
 use crate::runtime::bindings::clawdentity::queues::log;
 
 impl log::Host for BatchState {
     async fn write(&mut self, level: log::Level, message: String) {
+        if !self.log.admit() {
+            return;
+        }
+        let message = bounds::log_line(message);
         let name = match level {
             log::Level::Trace => "trace",
             log::Level::Debug => "debug",

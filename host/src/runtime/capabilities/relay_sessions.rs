@@ -1,6 +1,7 @@
 //! The `relay-sessions` import: receipts and deliveries handed to an agent's session.
 
 use super::BatchState;
+use crate::bounds;
 use crate::frame::ReceiptStatus;
 use crate::relay::sessions::{Delivery, DeliveryIn, ReceiptIn, SessionError};
 use crate::runtime::HostError;
@@ -24,7 +25,10 @@ impl relay_sessions::Host for BatchState {
             },
             reason: trimmed_option(receipt.reason),
         };
-        let result = session_result(self.caps.sessions.deliver_receipt(receipt).await);
+        let result = match bounds::receipt_fields(&receipt.request_id, receipt.reason.as_deref()) {
+            Ok(()) => session_result(self.caps.sessions.deliver_receipt(receipt).await),
+            Err(too_large) => Err(too_large.into()),
+        };
         let args = || args.unwrap_or_default();
         self.record(
             "relay-sessions.deliver-receipt",

@@ -1,6 +1,7 @@
 //! The `websocket` import: frames pushed to an agent's open connector connections.
 
 use super::BatchState;
+use crate::bounds;
 use crate::frame::{MAX_FRAME_BYTES, VERSION};
 use crate::runtime::HostError;
 use crate::runtime::bindings::clawdentity::queues::websocket;
@@ -23,16 +24,12 @@ impl BatchState {
             transient: false,
             message,
         };
-        let too_large = |len: usize| {
-            (len > MAX_FRAME_BYTES)
-                .then(|| refuse(format!("frame of {len} bytes exceeds the 1 MiB limit")))
-        };
         clawq_protocol::did::validate_agent_did(agent_did)
             .map_err(|e| refuse(format!("`{agent_did}`: {e}")))?;
-        too_large(frame.len()).map_or(Ok(()), Err)?;
+        bounds::check("frame", frame.len(), MAX_FRAME_BYTES)?;
         let frame = fill_envelope(frame, crate::clock::now_ms())
             .ok_or_else(|| refuse("frame is not a JSON object".into()))?;
-        too_large(frame.len()).map_or(Ok(()), Err)?;
+        bounds::check("frame", frame.len(), MAX_FRAME_BYTES)?;
         Ok(self.caps.hub.send(agent_did, frame.into_owned()))
     }
 }

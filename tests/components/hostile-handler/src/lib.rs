@@ -12,7 +12,8 @@
 //! - `stderr`: writes `size` bytes to stderr, then traps;
 //! - `put`: puts `n` values of `size` bytes under new keys of actor `hostile`;
 //! - `big-key`: puts one value under a key of `size` bytes;
-//! - `list`: lists every key of actor `hostile` and logs how many came back;
+//! - `list`: lists every key of actor `hostile` in pages of `n` (the host caps them) and
+//!   logs `hostile listed <keys> keys in <pages> pages of at most <largest>`;
 //! - `frames`: pushes `n` frames of `size` bytes to `agent` with `websocket.send-frame`;
 //! - `ack` (or anything else): acks.
 //!
@@ -95,8 +96,19 @@ fn capability_attack(action: &str, attack: &Attack) -> Result<(), HostError> {
         }
         "big-key" => actor_storage::put("hostile", &"k".repeat(attack.size), b"v")?,
         "list" => {
-            let entries = actor_storage::list_prefix("hostile", "")?;
-            log::write(Level::Info, &format!("hostile listed {}", entries.len()));
+            let (mut keys, mut pages, mut largest) = (0, 0, 0);
+            let mut after: Option<String> = None;
+            loop {
+                let page = actor_storage::list_prefix("hostile", "", after.as_deref(), attack.n)?;
+                let Some((last, _)) = page.last() else { break };
+                after = Some(last.clone());
+                (keys, pages, largest) = (keys + page.len(), pages + 1, largest.max(page.len()));
+            }
+            let pages = format!("{pages} pages of at most {largest}");
+            log::write(
+                Level::Info,
+                &format!("hostile listed {keys} keys in {pages}"),
+            );
         }
         "frames" => {
             let frame = format!(r#"{{"type":"flood","pad":"{}"}}"#, "f".repeat(attack.size));

@@ -1,0 +1,177 @@
+//! End to end: a hostile handler on a queue of its own meets the bounds of its output at
+//! the capability boundary. A log flood is rate limited, counted and summed up; a huge
+//! log line is cut; oversized keys and values are refused with a permanent error; puts
+//! past the consumer's storage quota are refused and the store's file stays bounded;
+//! `list-prefix` pages through more keys than one page holds.
+
+mod support;
+
+use std::time::Instant;
+
+use serde_json::json;
+use support::*;
+
+const HOSTILE: &str = "hostile";
+
+/// A host whose queue `hostile` runs the hostile handler one message at a time, with
+/// `settings` appended to its consumer.
+fn hostile_host(settings: &str) -> Host {
+    Host::start(&format!(
+        "[[queues.consumers]]\nqueue = \"{HOSTILE}\"\nhandler = \"{HOSTILE_HANDLER}\"\n\
+         max_batch_timeout = 0\nmax_batch_size = 1\nmax_retries = 0\n{settings}\n"
+    ))
+}
+
+/// The value of the sample `name` of the hostile consumer in `/metrics`.
+fn hostile_sample(host: &Host, name: &str) -> f64 {
+    sample(host, name, "consumer")
+}
+
+/// The value of the sample `name` whose `label` is `hostile` in `/metrics`.
+fn sample(host: &Host, name: &str, label: &str) -> f64 {
+    let text = reqwest::blocking::get(format!("{}/metrics", host.base))
+        .unwrap()
+        .text()
+        .unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("valid Prometheus text");
+    let found = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && s.labels.get(label) == Some(HOSTILE));
+    match found.map(|s| &s.value) {
+        Some(prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v)) => *v,
+        other => panic!("no sample {name}: {other:?}"),
+    }
+}
+
+/// Bytes of the host's log (stderr) so far.
+fn log_bytes(host: &Host) -> usize {
+    host.log_lines(&[]).iter().map(|l| l.text.len() + 1).sum()
+}
+
+/// The number after `key=` in `text`.
+fn field(text: &str, key: &str) -> u64 {
+    let tail = &text[text.find(&format!("{key}=")).expect(key) + key.len() + 1..];
+    let digits: String = tail.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap()
+}
+
+#[test]
+fn a_log_flood_is_rate_limited_counted_and_summed_up_once() {
+    let host = hostile_host("");
+    let (before, start) = (log_bytes(&host), Instant::now());
+    let lines: u64 = 1_000_000;
+    host.publish(HOSTILE, json!({"do": "log", "n": lines, "size": 200}));
+    let summary = host.wait_log("guest log lines over the consumer's log rate dropped");
+    let elapsed = start.elapsed().as_secs_f64();
+    host.wait_drained(HOSTILE);
+
+    let dropped = field(&summary.text, "dropped");
+    let line = "l".repeat(200);
+    let written = host.log_lines(&[&line]).len() as u64;
+    assert_eq!(written + dropped, lines, "every line written or dropped");
+    // The default rate: a burst of 100 lines (the attack's first line takes one), then
+    // 50 lines a second.
+    assert!(written >= 99, "the burst is written: {written}");
+    let allowed = 100.0 + 50.0 * elapsed;
+    assert!(
+        (written as f64) <= allowed,
+        "{written} lines in {elapsed:.1} s, over {allowed:.0}"
+    );
+    let bytes = log_bytes(&host) - before;
+    assert!(
+        bytes as f64 <= allowed * 600.0,
+        "{bytes} bytes of log for {written} lines"
+    );
+    eprintln!(
+        "log flood: {lines} lines of 200 bytes in {elapsed:.2} s, {written} written, \
+         {dropped} dropped, {bytes} bytes of host log"
+    );
+    assert_eq!(
+        host.log_lines(&["guest log lines over the consumer's log rate"])
+            .len(),
+        1,
+        "one summary for the batch"
+    );
+    assert_eq!(
+        hostile_sample(&host, "clawq_handler_log_lines_dropped_total"),
+        dropped as f64
+    );
+}
+
+#[test]
+fn a_huge_log_line_is_cut_and_oversized_arguments_are_refused() {
+    let host = hostile_host("");
+    host.publish(HOSTILE, json!({"do": "log", "n": 1, "size": 1_000_000}));
+    let cut = host.wait_log("… (1000000 bytes)");
+    assert!(cut.text.len() < 4096 + 512, "{} bytes", cut.text.len());
+
+    host.publish(HOSTILE, json!({"do": "big-key", "size": 8_000_000}));
+    host.wait_log_all(&["hostile refused: key of 8000000 bytes exceeds the 1024-byte limit"]);
+    host.publish(HOSTILE, json!({"do": "put", "n": 1, "size": 200_000}));
+    host.wait_log_all(&["hostile refused: value of 200000 bytes exceeds the 131072-byte limit"]);
+    host.publish(HOSTILE, json!({"do": "list", "n": 10}));
+    host.wait_log("hostile listed 0 keys in 0 pages");
+    host.wait_drained(HOSTILE);
+    assert_eq!(
+        sample(&host, "clawq_messages_acked_total", "queue"),
+        4.0,
+        "a refusal is no failure: every message is acked"
+    );
+}
+
+/// Bytes of the actor storage's files (database and write-ahead log).
+fn storage_bytes(host: &Host) -> u64 {
+    ["actor-storage.db", "actor-storage.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(host.data_dir().join(f)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[test]
+fn puts_past_the_quota_are_refused_and_the_store_stays_bounded() {
+    let host = hostile_host("storage_limit_mb = 1\nstorage_max_keys = 50");
+    let before = storage_bytes(&host);
+    // 200 values of 128 KiB: 25 MiB asked for.
+    host.publish(HOSTILE, json!({"do": "put", "n": 200, "size": 128 * 1024}));
+    let refused = host.wait_log("hostile refused: actor storage quota of 1048576 bytes");
+    assert!(
+        refused.text.contains("consumer `hostile`"),
+        "{}",
+        refused.text
+    );
+    host.wait_drained(HOSTILE);
+    let grown = storage_bytes(&host) - before;
+    eprintln!("actor storage grew by {grown} bytes for 25 MiB of puts");
+    assert!(grown < 3 << 20, "actor storage grew by {grown} bytes");
+    assert_eq!(hostile_sample(&host, "clawq_actor_storage_keys"), 7.0);
+    let bytes = hostile_sample(&host, "clawq_actor_storage_bytes");
+    assert!(
+        bytes <= f64::from(1 << 20) && bytes > 7.0 * 131072.0,
+        "{bytes}"
+    );
+
+    // Small values replace the first 7 (freeing their bytes) until the 50th key.
+    host.publish(HOSTILE, json!({"do": "put", "n": 200, "size": 10}));
+    host.wait_log("hostile refused: actor storage quota of 50 keys reached");
+    host.publish(HOSTILE, json!({"do": "list", "n": 1000}));
+    host.wait_log("hostile listed 50 keys in 1 pages of at most 50");
+    assert_eq!(hostile_sample(&host, "clawq_actor_storage_keys"), 50.0);
+    assert_eq!(
+        hostile_sample(&host, "clawq_actor_storage_bytes"),
+        50.0 * (7 + 12 + 10) as f64,
+        "the replaced values count their new size"
+    );
+}
+
+#[test]
+fn list_prefix_pages_through_more_keys_than_one_page() {
+    let host = hostile_host("");
+    host.publish(HOSTILE, json!({"do": "put", "n": 2500, "size": 10}));
+    host.publish(HOSTILE, json!({"do": "list", "n": 100_000}));
+    host.wait_log("hostile listed 2500 keys in 3 pages of at most 1000");
+    host.publish(HOSTILE, json!({"do": "list", "n": 700}));
+    host.wait_log("hostile listed 2500 keys in 4 pages of at most 700");
+}
