@@ -400,6 +400,142 @@ impl Drop for Host {
     }
 }
 
+/// The longest `/healthz` may take while a hostile handler runs (the issue's bound).
+pub const HEALTHZ_BOUND: Duration = Duration::from_millis(100);
+/// The most the host's resident memory may peak at while a hostile handler attacks it
+/// ([`Host::under_attack`]), in MiB: the host, a guest at its memory cap, and the
+/// batch's copies of what it returned. Without the bounds, a 20 MB error for 25
+/// messages took the host to 4.4 GB.
+pub const ATTACK_RSS_BOUND_MIB: u64 = 256;
+/// The most rounds [`Host::under_attack`] runs before it gives up on seeing the other
+/// queue flow during the attack.
+const MAX_ATTACK_ROUNDS: u32 = 50;
+
+/// One probe while handlers run (`what` measures one request): its latency, which must
+/// stay under [`HEALTHZ_BOUND`]. A single probe over it (the machine is shared, and
+/// another test's host may hold the cores for a moment) is probed again at once; the
+/// second must be under it: a guest holding a runtime thread would hold it for its whole
+/// CPU budget.
+pub fn probe(what: &str, mut measure: impl FnMut() -> Duration) -> Duration {
+    let latency = measure();
+    if latency >= HEALTHZ_BOUND {
+        let again = measure();
+        assert!(
+            again < HEALTHZ_BOUND,
+            "{what} took {latency:?}, then {again:?}, while handlers ran"
+        );
+    }
+    latency
+}
+
+/// What a host showed while a hostile handler attacked it ([`Host::under_attack`]).
+#[derive(Debug)]
+pub struct AttackFigures {
+    /// The rounds of the attack that ran.
+    pub rounds: u32,
+    /// The `/healthz` probes made during the attack.
+    pub probes: usize,
+    /// The slowest of them.
+    pub healthz_max: Duration,
+    /// The host's resident memory when the attack began, in KiB.
+    pub rss_before_kib: u64,
+    /// The host's peak resident memory when the attack was over, in KiB.
+    pub rss_peak_kib: u64,
+}
+
+impl Host {
+    /// How long `GET /healthz` takes, on a fresh connection.
+    pub fn healthz_latency(&self) -> Duration {
+        let started = Instant::now();
+        let (status, body) = self.get("/healthz");
+        assert_eq!((status, &body["status"]), (200, &serde_json::json!("ok")));
+        started.elapsed()
+    }
+
+    /// A `/healthz` probe (see [`probe`]).
+    pub fn healthz_probe(&self) -> Duration {
+        probe("healthz", || self.healthz_latency())
+    }
+
+    /// Bytes of the SQLite database `name` in the data directory, with its write-ahead
+    /// log.
+    pub fn db_bytes(&self, name: &str) -> u64 {
+        [name.to_owned(), format!("{name}-wal")]
+            .iter()
+            .filter_map(|f| std::fs::metadata(self.data_dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Runs an attack in rounds and proves the host holds while it runs: `start(r)`
+    /// publishes round `r` (from 1), `over(r)` says whether round `r` is over. Once the
+    /// first round is published, a revocation of [`DID_A`] is published on
+    /// `clawdentity-events`; rounds run until [`DID_A`] is seen revoked while a round
+    /// was not over yet (the other queue flowed during the attack). Every poll probes
+    /// `/healthz` ([`probe`]: within [`HEALTHZ_BOUND`]); the host's peak resident memory
+    /// must stay under [`ATTACK_RSS_BOUND_MIB`]. The figures are printed as `what` and
+    /// returned.
+    pub fn under_attack(
+        &self,
+        what: &str,
+        mut start: impl FnMut(u32),
+        mut over: impl FnMut(u32) -> bool,
+    ) -> AttackFigures {
+        let (rss_before_kib, _) = self.memory_kib();
+        let mut latencies = Vec::new();
+        let (mut rounds, mut revoked_during) = (0, false);
+        while !revoked_during {
+            rounds += 1;
+            assert!(
+                rounds <= MAX_ATTACK_ROUNDS,
+                "{what}: no revocation went through while {MAX_ATTACK_ROUNDS} rounds ran"
+            );
+            start(rounds);
+            if rounds == 1 {
+                self.publish(
+                    "clawdentity-events",
+                    revocation_event("agent_revoked", serde_json::json!({"agentDid": DID_A})),
+                );
+            }
+            let deadline = Instant::now() + DEADLINE;
+            loop {
+                latencies.push(self.healthz_probe());
+                // Seen revoked, then the round seen still running: revoked during it.
+                let revoked = self.is_revoked(DID_A);
+                if over(rounds) {
+                    break;
+                }
+                revoked_during |= revoked;
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: round {rounds} not over within {DEADLINE:?}"
+                );
+            }
+        }
+        let (_, rss_peak_kib) = self.memory_kib();
+        let figures = AttackFigures {
+            rounds,
+            probes: latencies.len(),
+            healthz_max: latencies.iter().max().copied().unwrap_or_default(),
+            rss_before_kib,
+            rss_peak_kib,
+        };
+        eprintln!(
+            "{what}: {rounds} rounds; /healthz {} probes, max {:?}; RSS {} MiB before, \
+             peak {} MiB (bound {ATTACK_RSS_BOUND_MIB} MiB)",
+            figures.probes,
+            figures.healthz_max,
+            rss_before_kib / 1024,
+            rss_peak_kib / 1024,
+        );
+        assert!(
+            rss_peak_kib < ATTACK_RSS_BOUND_MIB * 1024,
+            "{what}: the host's RSS peaked at {rss_peak_kib} KiB"
+        );
+        figures
+    }
+}
+
 /// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].
 pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + DEADLINE;
