@@ -1,6 +1,7 @@
-//! Recording the capability calls of a batch, for `clawq run`: every capability reports
-//! its call through [`BatchState::record`] (or [`BatchState::record_line`] for a log
-//! line), which does nothing unless the batch records.
+//! Recording the capability calls of a batch, for `clawq run`: every capability call is
+//! made through [`BatchState::recorded`], which makes it and records it (a log line
+//! through [`BatchState::record_line`]); neither does anything more unless the batch
+//! records.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -34,23 +35,28 @@ impl fmt::Display for Call {
 pub type CallLog = Arc<Mutex<Vec<Call>>>;
 
 impl BatchState {
-    /// Records a capability call and what it returned, when calls are recorded; `args`
-    /// and `show` (the success value as text) run only then.
-    pub(super) fn record<T>(
-        &self,
+    /// Makes the capability call `call` (`run`, on this batch's state) and, when the
+    /// batch records its calls, records it: its arguments as `args` shows them, taken
+    /// before the call, and what it returned, a success as `show` shows it. `args` and
+    /// `show` run only when the batch records.
+    pub(super) async fn recorded<T>(
+        &mut self,
         call: &str,
         args: impl FnOnce() -> String,
-        result: &Result<T, HostError>,
         show: impl FnOnce(&T) -> String,
-    ) {
-        if let Some(calls) = &self.calls {
-            let result = match result {
+        run: impl AsyncFnOnce(&mut Self) -> Result<T, HostError>,
+    ) -> Result<T, HostError> {
+        let args = self.calls.is_some().then(args);
+        let result = run(self).await;
+        if let (Some(calls), Some(args)) = (&self.calls, args) {
+            let shown = match &result {
                 Ok(value) => show(value),
                 Err(err) if err.transient => format!("error (transient): {}", err.message),
                 Err(err) => format!("error: {}", err.message),
             };
-            push(calls, call.to_owned(), args(), Some(result));
+            push(calls, call.to_owned(), args, Some(shown));
         }
+        result
     }
 
     /// Records a log line (`log.<level>`, the message as its argument), when calls are

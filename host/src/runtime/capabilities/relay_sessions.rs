@@ -12,59 +12,61 @@ impl relay_sessions::Host for BatchState {
         &mut self,
         receipt: relay_sessions::Receipt,
     ) -> Result<relay_sessions::Delivery, HostError> {
-        let args = self.calls.as_ref().map(|_| show_receipt(&receipt));
-        let receipt = ReceiptIn {
-            request_id: receipt.request_id.trim().to_owned(),
-            sender_agent_did: receipt.sender_agent_did.trim().to_owned(),
-            recipient_agent_did: receipt.recipient_agent_did.trim().to_owned(),
-            status: match receipt.status {
-                relay_sessions::ReceiptStatus::DeliveredToWebhook => {
-                    ReceiptStatus::DeliveredToWebhook
-                }
-                relay_sessions::ReceiptStatus::DeadLettered => ReceiptStatus::DeadLettered,
-            },
-            reason: trimmed_option(receipt.reason),
-        };
-        let result = match bounds::receipt_fields(&receipt.request_id, receipt.reason.as_deref()) {
-            Ok(()) => session_result(self.caps.sessions.deliver_receipt(receipt).await),
-            Err(too_large) => Err(too_large.into()),
-        };
-        let args = || args.unwrap_or_default();
-        self.record(
-            "relay-sessions.deliver-receipt",
-            args,
-            &result,
-            show_delivery,
-        );
-        result
+        let args = || show_receipt(&receipt);
+        let call = "relay-sessions.deliver-receipt";
+        self.recorded(call, args, show_delivery, async |state| {
+            let receipt = ReceiptIn {
+                request_id: receipt.request_id.trim().to_owned(),
+                sender_agent_did: receipt.sender_agent_did.trim().to_owned(),
+                recipient_agent_did: receipt.recipient_agent_did.trim().to_owned(),
+                status: match receipt.status {
+                    relay_sessions::ReceiptStatus::DeliveredToWebhook => {
+                        ReceiptStatus::DeliveredToWebhook
+                    }
+                    relay_sessions::ReceiptStatus::DeadLettered => ReceiptStatus::DeadLettered,
+                },
+                reason: trimmed_option(receipt.reason.as_deref()),
+            };
+            bounds::receipt_fields(&receipt.request_id, receipt.reason.as_deref())?;
+            session_result(state.caps.sessions.deliver_receipt(receipt).await)
+        })
+        .await
     }
 
     async fn deliver(
         &mut self,
         delivery: relay_sessions::AgentDelivery,
     ) -> Result<relay_sessions::Delivery, HostError> {
-        let args = self.calls.as_ref().map(|_| show_agent_delivery(&delivery));
-        let delivery = DeliveryIn {
-            dedup_key: delivery.dedup_key.trim().to_owned(),
-            from_agent_did: delivery.from_agent_did.trim().to_owned(),
-            to_agent_did: delivery.to_agent_did.trim().to_owned(),
-            payload: delivery.payload.trim().to_owned(),
-            delivery_source: trimmed_option(delivery.delivery_source),
-            content_type: trimmed_option(delivery.content_type),
-            group_id: trimmed_option(delivery.group_id),
-            conversation_id: trimmed_option(delivery.conversation_id),
-            reply_to: trimmed_option(delivery.reply_to),
-        };
-        let result = session_result(self.caps.sessions.deliver(delivery).await);
-        let args = || args.unwrap_or_default();
-        self.record("relay-sessions.deliver", args, &result, show_delivery);
-        result
+        let args = || show_agent_delivery(&delivery);
+        self.recorded(
+            "relay-sessions.deliver",
+            args,
+            show_delivery,
+            async |state| {
+                let delivery = DeliveryIn {
+                    dedup_key: delivery.dedup_key.trim().to_owned(),
+                    from_agent_did: delivery.from_agent_did.trim().to_owned(),
+                    to_agent_did: delivery.to_agent_did.trim().to_owned(),
+                    payload: delivery.payload.trim().to_owned(),
+                    delivery_source: trimmed_option(delivery.delivery_source.as_deref()),
+                    content_type: trimmed_option(delivery.content_type.as_deref()),
+                    group_id: trimmed_option(delivery.group_id.as_deref()),
+                    conversation_id: trimmed_option(delivery.conversation_id.as_deref()),
+                    reply_to: trimmed_option(delivery.reply_to.as_deref()),
+                };
+                session_result(state.caps.sessions.deliver(delivery).await)
+            },
+        )
+        .await
     }
 }
 
 /// `value` trimmed; `None` when it is blank.
-fn trimmed_option(value: Option<String>) -> Option<String> {
-    value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+fn trimmed_option(value: Option<&str>) -> Option<String> {
+    value
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
 }
 
 /// A session's answer as the guest sees it: a refusal is permanent, an unavailable

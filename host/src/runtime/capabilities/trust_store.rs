@@ -7,17 +7,30 @@ use crate::runtime::bindings::clawdentity::queues::trust_store;
 
 impl trust_store::Host for BatchState {
     async fn revoke_agent(&mut self, did: String) -> Result<(), HostError> {
-        let result = self.caps.trust.revoke(&did).map_err(guest_error);
-        if result.is_ok() && self.caps.hub.close(&did, 1008, "agent_revoked") {
-            tracing::info!(agent = %did, "revoked agent's connection closed");
-        }
-        self.record("trust-store.revoke-agent", || did, &result, |_| "ok".into());
-        result
+        let args = || did.clone();
+        self.recorded(
+            "trust-store.revoke-agent",
+            args,
+            |_| "ok".into(),
+            async |state| {
+                state.caps.trust.revoke(&did).map_err(guest_error)?;
+                if state.caps.hub.close(&did, 1008, "agent_revoked") {
+                    tracing::info!(agent = %did, "revoked agent's connection closed");
+                }
+                Ok(())
+            },
+        )
+        .await
     }
 
     async fn is_revoked(&mut self, did: String) -> Result<bool, HostError> {
-        let result = self.caps.trust.is_revoked(&did).map_err(guest_error);
-        self.record("trust-store.is-revoked", || did, &result, bool::to_string);
-        result
+        let args = || did.clone();
+        self.recorded(
+            "trust-store.is-revoked",
+            args,
+            bool::to_string,
+            async |state| state.caps.trust.is_revoked(&did).map_err(guest_error),
+        )
+        .await
     }
 }

@@ -8,11 +8,12 @@ use crate::runtime::bindings::clawdentity::queues::websocket;
 
 impl websocket::Host for BatchState {
     async fn send_frame(&mut self, agent_did: String, frame: String) -> Result<u32, HostError> {
-        let result = self.push_frame(&agent_did, &frame);
         let args = || format!("{agent_did} {frame}");
         let show = |n: &u32| format!("{n} connection{}", if *n == 1 { "" } else { "s" });
-        self.record("websocket.send-frame", args, &result, show);
-        result
+        self.recorded("websocket.send-frame", args, show, async |state| {
+            state.push_frame(&agent_did, &frame)
+        })
+        .await
     }
 }
 
