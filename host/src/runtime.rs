@@ -7,7 +7,8 @@
 //!   host has room for its instance; [`failure`] says what went wrong and whose fault
 //!   it was, and bounds the guest text it carries;
 //! - [`capabilities`]: one file per import of `wit/`, each implementing its generated
-//!   `Host` trait; [`record`] records their calls for `clawq run`;
+//!   `Host` trait on a narrow view of the batch's state; [`record`] wraps their calls,
+//!   recording them for `clawq run`;
 //! - [`compat`]: the 0.1.0 contract, linked next to the current one.
 //!
 //! Each batch runs in a fresh store whose WASI context grants nothing: no filesystem,

@@ -1,5 +1,7 @@
 //! The capability imports of `wit/`, one file per interface, each implementing its
-//! generated `Host` trait on the batch's state; and the host services behind them.
+//! generated `Host` trait on a narrow view of the batch's state (what that import
+//! reaches, borrowed for one call: wasmtime's `HasData`, as `wasmtime-wasi` views its
+//! context); and the host services behind them.
 
 use std::sync::Arc;
 
@@ -17,6 +19,12 @@ mod log;
 mod relay_sessions;
 mod trust_store;
 mod websocket;
+
+pub(super) use actor_storage::{ActorStorageView, HasActorStorage};
+pub(super) use log::{HasLog, LogView};
+pub(super) use relay_sessions::{HasRelaySessions, RelaySessionsView};
+pub(super) use trust_store::{HasTrustStore, TrustStoreView};
+pub(super) use websocket::{HasWebsocket, WebsocketView};
 
 /// The host services a handler's imports reach. The server's wiring opens them
 /// ([`crate::server::open_capabilities`]).

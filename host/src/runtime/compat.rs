@@ -10,6 +10,10 @@ use wasmtime::{Engine, Store};
 
 use super::batch::BatchState;
 use super::bindings as current;
+use super::capabilities::{
+    ActorStorageView, HasActorStorage, HasLog, HasRelaySessions, HasTrustStore, HasWebsocket,
+    LogView, RelaySessionsView, TrustStoreView, WebsocketView,
+};
 use super::{Message, Outcome};
 use crate::bounds::MAX_LIST_PAGE;
 use current::clawdentity::queues as now;
@@ -32,10 +36,26 @@ pub const HANDLER_EXPORT: &str = "clawdentity:queues/handler@0.2.0";
 /// The handler export of the 0.1.0 contract.
 pub const LEGACY_HANDLER_EXPORT: &str = "clawdentity:queues/handler@0.1.0";
 
-/// Adds the capabilities of both contract versions to `linker`.
+/// Adds the capabilities of both contract versions to `linker`, each on its view of the
+/// batch's state.
 pub(super) fn add_to_linker(linker: &mut Linker<BatchState>) -> wasmtime::Result<()> {
-    current::HandlerHost::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
-    bindings::HandlerHost::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
+    now::types::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
+    types::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
+    /// Links the interfaces named, of both versions, to their views.
+    macro_rules! link {
+        ($($interface:ident: $view:ident),*) => {$(
+            now::$interface::add_to_linker::<_, $view>(linker, $view::view)?;
+            $interface::add_to_linker::<_, $view>(linker, $view::view)?;
+        )*};
+    }
+    link!(
+        log: HasLog,
+        trust_store: HasTrustStore,
+        relay_sessions: HasRelaySessions,
+        websocket: HasWebsocket,
+        actor_storage: HasActorStorage
+    );
+    Ok(())
 }
 
 /// A handler ready to instantiate, by the contract version it exports.
@@ -129,7 +149,7 @@ fn legacy<T>(result: Result<T, now::types::HostError>) -> Result<T, types::HostE
 
 impl types::Host for BatchState {}
 
-impl log::Host for BatchState {
+impl log::Host for LogView<'_> {
     async fn write(&mut self, level: log::Level, message: String) {
         let level = match level {
             log::Level::Trace => now::log::Level::Trace,
@@ -142,7 +162,7 @@ impl log::Host for BatchState {
     }
 }
 
-impl trust_store::Host for BatchState {
+impl trust_store::Host for TrustStoreView<'_> {
     async fn revoke_agent(&mut self, did: String) -> Result<(), types::HostError> {
         legacy(now::trust_store::Host::revoke_agent(self, did).await)
     }
@@ -152,7 +172,7 @@ impl trust_store::Host for BatchState {
     }
 }
 
-impl relay_sessions::Host for BatchState {
+impl relay_sessions::Host for RelaySessionsView<'_> {
     async fn deliver_receipt(
         &mut self,
         receipt: relay_sessions::Receipt,
@@ -182,7 +202,7 @@ impl relay_sessions::Host for BatchState {
     }
 }
 
-impl websocket::Host for BatchState {
+impl websocket::Host for WebsocketView<'_> {
     async fn send_frame(
         &mut self,
         agent_did: String,
@@ -192,7 +212,7 @@ impl websocket::Host for BatchState {
     }
 }
 
-impl actor_storage::Host for BatchState {
+impl actor_storage::Host for ActorStorageView<'_> {
     async fn get(
         &mut self,
         actor: String,

@@ -1,13 +1,11 @@
 //! Recording the capability calls of a batch, for `clawq run`: every capability call is
-//! made through [`BatchState::recorded`], which makes it and records it (a log line
-//! through [`BatchState::record_line`]); neither does anything more unless the batch
-//! records.
+//! made through [`recorded`], which makes it and records it (a log line through
+//! [`record_line`]); neither does anything more unless the batch records.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use super::HostError;
-use super::batch::BatchState;
 
 /// One capability call a handler made, as `clawq run` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -34,37 +32,35 @@ impl fmt::Display for Call {
 /// Where the capability calls of a batch are recorded, in order.
 pub type CallLog = Arc<Mutex<Vec<Call>>>;
 
-impl BatchState {
-    /// Makes the capability call `call` (`run`, on this batch's state) and, when the
-    /// batch records its calls, records it: its arguments as `args` shows them, taken
-    /// before the call, and what it returned, a success as `show` shows it. `args` and
-    /// `show` run only when the batch records.
-    pub(super) async fn recorded<T>(
-        &mut self,
-        call: &str,
-        args: impl FnOnce() -> String,
-        show: impl FnOnce(&T) -> String,
-        run: impl AsyncFnOnce(&mut Self) -> Result<T, HostError>,
-    ) -> Result<T, HostError> {
-        let args = self.calls.is_some().then(args);
-        let result = run(self).await;
-        if let (Some(calls), Some(args)) = (&self.calls, args) {
-            let shown = match &result {
-                Ok(value) => show(value),
-                Err(err) if err.transient => format!("error (transient): {}", err.message),
-                Err(err) => format!("error: {}", err.message),
-            };
-            push(calls, call.to_owned(), args, Some(shown));
-        }
-        result
+/// Makes the capability call `call` (the future `run`) and, when the batch records its
+/// calls (`calls`), records it: its arguments as `args` shows them, taken before the
+/// call, and what it returned, a success as `show` shows it. `args` and `show` run only
+/// when the batch records.
+pub(super) async fn recorded<T>(
+    calls: Option<&CallLog>,
+    call: &str,
+    args: impl FnOnce() -> String,
+    show: impl FnOnce(&T) -> String,
+    run: impl Future<Output = Result<T, HostError>>,
+) -> Result<T, HostError> {
+    let args = calls.is_some().then(args);
+    let result = run.await;
+    if let (Some(calls), Some(args)) = (calls, args) {
+        let shown = match &result {
+            Ok(value) => show(value),
+            Err(err) if err.transient => format!("error (transient): {}", err.message),
+            Err(err) => format!("error: {}", err.message),
+        };
+        push(calls, call.to_owned(), args, Some(shown));
     }
+    result
+}
 
-    /// Records a log line (`log.<level>`, the message as its argument), when calls are
-    /// recorded.
-    pub(super) fn record_line(&self, level: &str, message: &str) {
-        if let Some(calls) = &self.calls {
-            push(calls, format!("log.{level}"), format!("{message:?}"), None);
-        }
+/// Records a log line (`log.<level>`, the message as its argument), when the batch
+/// records its calls (`calls`).
+pub(super) fn record_line(calls: Option<&CallLog>, level: &str, message: &str) {
+    if let Some(calls) = calls {
+        push(calls, format!("log.{level}"), format!("{message:?}"), None);
     }
 }
 

@@ -1,53 +1,72 @@
 //! The `actor-storage` import: each consumer's durable key-value actors.
 
+use wasmtime::component::HasData;
+
 use super::{BatchState, guest_error};
+use crate::actor_storage::ActorStorage;
 use crate::runtime::HostError;
 use crate::runtime::bindings::clawdentity::queues::actor_storage;
+use crate::runtime::record::{CallLog, recorded};
 
-impl actor_storage::Host for BatchState {
+/// What the `actor-storage` import reaches of a batch: the store, the actors of the
+/// batch's consumer, and the batch's call log.
+pub(in crate::runtime) struct ActorStorageView<'a> {
+    storage: &'a ActorStorage,
+    actors: &'a str,
+    calls: Option<&'a CallLog>,
+}
+
+/// The `actor-storage` import's view of a batch's state, for the linker.
+pub(in crate::runtime) struct HasActorStorage;
+
+impl HasData for HasActorStorage {
+    type Data<'a> = ActorStorageView<'a>;
+}
+
+impl HasActorStorage {
+    /// The view of `state`.
+    pub(in crate::runtime) fn view(state: &mut BatchState) -> ActorStorageView<'_> {
+        ActorStorageView {
+            storage: &state.caps.storage,
+            actors: &state.actors,
+            calls: state.calls.as_ref(),
+        }
+    }
+}
+
+impl actor_storage::Host for ActorStorageView<'_> {
     async fn get(&mut self, actor: String, key: String) -> Result<Option<Vec<u8>>, HostError> {
         let args = || format!("{actor} {key:?}");
         let show = |value: &Option<Vec<u8>>| match value {
             Some(bytes) => format!("{} bytes", bytes.len()),
             None => "none".into(),
         };
-        self.recorded("actor-storage.get", args, show, async |state| {
-            let storage = &state.caps.storage;
-            storage
-                .get(&state.actors, &actor, &key)
-                .map_err(guest_error)
+        recorded(self.calls, "actor-storage.get", args, show, async {
+            (self.storage.get(self.actors, &actor, &key)).map_err(guest_error)
         })
         .await
     }
 
     async fn put(&mut self, actor: String, key: String, value: Vec<u8>) -> Result<(), HostError> {
         let args = || format!("{actor} {key:?} ({} bytes)", value.len());
-        self.recorded(
+        recorded(
+            self.calls,
             "actor-storage.put",
             args,
             |_| "ok".into(),
-            async |state| {
-                let storage = &state.caps.storage;
-                storage
-                    .put(&state.actors, &actor, &key, &value)
-                    .map_err(guest_error)
-            },
+            async { (self.storage.put(self.actors, &actor, &key, &value)).map_err(guest_error) },
         )
         .await
     }
 
     async fn delete(&mut self, actor: String, key: String) -> Result<(), HostError> {
         let args = || format!("{actor} {key:?}");
-        self.recorded(
+        recorded(
+            self.calls,
             "actor-storage.delete",
             args,
             |_| "ok".into(),
-            async |state| {
-                let storage = &state.caps.storage;
-                storage
-                    .delete(&state.actors, &actor, &key)
-                    .map_err(guest_error)
-            },
+            async { (self.storage.delete(self.actors, &actor, &key)).map_err(guest_error) },
         )
         .await
     }
@@ -62,9 +81,11 @@ impl actor_storage::Host for BatchState {
         let after = start_after.as_deref();
         let args = || format!("{actor} {prefix:?} after {after:?} limit {limit}");
         let show = |entries: &Vec<(String, Vec<u8>)>| format!("{} entries", entries.len());
-        self.recorded("actor-storage.list-prefix", args, show, async |state| {
-            let storage = &state.caps.storage;
-            (storage.list_prefix(&state.actors, &actor, &prefix, after, limit)).map_err(guest_error)
+        recorded(self.calls, "actor-storage.list-prefix", args, show, async {
+            let page = self
+                .storage
+                .list_prefix(self.actors, &actor, &prefix, after, limit);
+            page.map_err(guest_error)
         })
         .await
     }

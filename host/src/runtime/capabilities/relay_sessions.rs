@@ -1,20 +1,47 @@
 //! The `relay-sessions` import: receipts and deliveries handed to an agent's session.
 
+use wasmtime::component::HasData;
+
 use super::BatchState;
 use crate::bounds;
 use crate::frame::ReceiptStatus;
-use crate::relay::sessions::{Delivery, DeliveryIn, ReceiptIn, SessionError};
+use crate::relay::sessions::{Delivery, DeliveryIn, ReceiptIn, RelaySessions, SessionError};
 use crate::runtime::HostError;
 use crate::runtime::bindings::clawdentity::queues::relay_sessions;
+use crate::runtime::record::{CallLog, recorded};
 
-impl relay_sessions::Host for BatchState {
+/// What the `relay-sessions` import reaches of a batch: the agents' sessions, and the
+/// batch's call log.
+pub(in crate::runtime) struct RelaySessionsView<'a> {
+    sessions: &'a RelaySessions,
+    calls: Option<&'a CallLog>,
+}
+
+/// The `relay-sessions` import's view of a batch's state, for the linker.
+pub(in crate::runtime) struct HasRelaySessions;
+
+impl HasData for HasRelaySessions {
+    type Data<'a> = RelaySessionsView<'a>;
+}
+
+impl HasRelaySessions {
+    /// The view of `state`.
+    pub(in crate::runtime) fn view(state: &mut BatchState) -> RelaySessionsView<'_> {
+        RelaySessionsView {
+            sessions: &state.caps.sessions,
+            calls: state.calls.as_ref(),
+        }
+    }
+}
+
+impl relay_sessions::Host for RelaySessionsView<'_> {
     async fn deliver_receipt(
         &mut self,
         receipt: relay_sessions::Receipt,
     ) -> Result<relay_sessions::Delivery, HostError> {
         let args = || show_receipt(&receipt);
         let call = "relay-sessions.deliver-receipt";
-        self.recorded(call, args, show_delivery, async |state| {
+        recorded(self.calls, call, args, show_delivery, async {
             let receipt = ReceiptIn {
                 request_id: receipt.request_id.trim().to_owned(),
                 sender_agent_did: receipt.sender_agent_did.trim().to_owned(),
@@ -28,7 +55,7 @@ impl relay_sessions::Host for BatchState {
                 reason: trimmed_option(receipt.reason.as_deref()),
             };
             bounds::receipt_fields(&receipt.request_id, receipt.reason.as_deref())?;
-            session_result(state.caps.sessions.deliver_receipt(receipt).await)
+            session_result(self.sessions.deliver_receipt(receipt).await)
         })
         .await
     }
@@ -38,25 +65,21 @@ impl relay_sessions::Host for BatchState {
         delivery: relay_sessions::AgentDelivery,
     ) -> Result<relay_sessions::Delivery, HostError> {
         let args = || show_agent_delivery(&delivery);
-        self.recorded(
-            "relay-sessions.deliver",
-            args,
-            show_delivery,
-            async |state| {
-                let delivery = DeliveryIn {
-                    dedup_key: delivery.dedup_key.trim().to_owned(),
-                    from_agent_did: delivery.from_agent_did.trim().to_owned(),
-                    to_agent_did: delivery.to_agent_did.trim().to_owned(),
-                    payload: delivery.payload.trim().to_owned(),
-                    delivery_source: trimmed_option(delivery.delivery_source.as_deref()),
-                    content_type: trimmed_option(delivery.content_type.as_deref()),
-                    group_id: trimmed_option(delivery.group_id.as_deref()),
-                    conversation_id: trimmed_option(delivery.conversation_id.as_deref()),
-                    reply_to: trimmed_option(delivery.reply_to.as_deref()),
-                };
-                session_result(state.caps.sessions.deliver(delivery).await)
-            },
-        )
+        let call = "relay-sessions.deliver";
+        recorded(self.calls, call, args, show_delivery, async {
+            let delivery = DeliveryIn {
+                dedup_key: delivery.dedup_key.trim().to_owned(),
+                from_agent_did: delivery.from_agent_did.trim().to_owned(),
+                to_agent_did: delivery.to_agent_did.trim().to_owned(),
+                payload: delivery.payload.trim().to_owned(),
+                delivery_source: trimmed_option(delivery.delivery_source.as_deref()),
+                content_type: trimmed_option(delivery.content_type.as_deref()),
+                group_id: trimmed_option(delivery.group_id.as_deref()),
+                conversation_id: trimmed_option(delivery.conversation_id.as_deref()),
+                reply_to: trimmed_option(delivery.reply_to.as_deref()),
+            };
+            session_result(self.sessions.deliver(delivery).await)
+        })
         .await
     }
 }
@@ -156,10 +179,11 @@ mod tests {
 
     #[tokio::test]
     async fn the_deliver_capability_trims_checks_and_records() {
-        use crate::runtime::CallLog;
         use relay_sessions::Host;
         let dir = tempfile::tempdir().unwrap();
-        let mut state = batch_state(dir.path());
+        let mut batch = batch_state(dir.path());
+        let (sessions, calls) = (batch.caps.sessions.clone(), batch.calls.clone().unwrap());
+        let mut state = HasRelaySessions::view(&mut batch);
         let padded = relay_sessions::AgentDelivery {
             dedup_key: " pair.accepted:a:b:1 ".into(),
             from_agent_did: format!(" {B}"),
@@ -176,7 +200,6 @@ mod tests {
         let again = state.deliver(padded.clone()).await.unwrap();
         assert_eq!(show_delivery(&again), "unchanged", "the trimmed key dedups");
 
-        let sessions = state.caps.sessions.clone();
         let push = sessions
             .to_push(A, crate::relay::sessions::Ask::Connected)
             .await;
@@ -230,7 +253,6 @@ mod tests {
             "a blank reason is none: {receipt}"
         );
 
-        let calls: CallLog = state.calls.clone().unwrap();
         let calls = calls.lock().unwrap().clone();
         let shown: Vec<String> = calls
             .iter()

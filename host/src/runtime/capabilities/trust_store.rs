@@ -1,20 +1,52 @@
 //! The `trust-store` import: revoking agents (which also closes their connections) and
 //! asking whether one is revoked.
 
+use wasmtime::component::HasData;
+
 use super::{BatchState, guest_error};
+use crate::relay::hub::ConnectionHub;
 use crate::runtime::HostError;
 use crate::runtime::bindings::clawdentity::queues::trust_store;
+use crate::runtime::record::{CallLog, recorded};
+use crate::trust::TrustStore;
 
-impl trust_store::Host for BatchState {
+/// What the `trust-store` import reaches of a batch: the trust store, the connections a
+/// revocation closes, and the batch's call log.
+pub(in crate::runtime) struct TrustStoreView<'a> {
+    trust: &'a TrustStore,
+    hub: &'a ConnectionHub,
+    calls: Option<&'a CallLog>,
+}
+
+/// The `trust-store` import's view of a batch's state, for the linker.
+pub(in crate::runtime) struct HasTrustStore;
+
+impl HasData for HasTrustStore {
+    type Data<'a> = TrustStoreView<'a>;
+}
+
+impl HasTrustStore {
+    /// The view of `state`.
+    pub(in crate::runtime) fn view(state: &mut BatchState) -> TrustStoreView<'_> {
+        TrustStoreView {
+            trust: &state.caps.trust,
+            hub: &state.caps.hub,
+            calls: state.calls.as_ref(),
+        }
+    }
+}
+
+impl trust_store::Host for TrustStoreView<'_> {
     async fn revoke_agent(&mut self, did: String) -> Result<(), HostError> {
         let args = || did.clone();
-        self.recorded(
+        recorded(
+            self.calls,
             "trust-store.revoke-agent",
             args,
             |_| "ok".into(),
-            async |state| {
-                state.caps.trust.revoke(&did).map_err(guest_error)?;
-                if state.caps.hub.close(&did, 1008, "agent_revoked") {
+            async {
+                self.trust.revoke(&did).map_err(guest_error)?;
+                if self.hub.close(&did, 1008, "agent_revoked") {
                     tracing::info!(agent = %did, "revoked agent's connection closed");
                 }
                 Ok(())
@@ -25,11 +57,12 @@ impl trust_store::Host for BatchState {
 
     async fn is_revoked(&mut self, did: String) -> Result<bool, HostError> {
         let args = || did.clone();
-        self.recorded(
+        recorded(
+            self.calls,
             "trust-store.is-revoked",
             args,
             bool::to_string,
-            async |state| state.caps.trust.is_revoked(&did).map_err(guest_error),
+            async { self.trust.is_revoked(&did).map_err(guest_error) },
         )
         .await
     }

@@ -1,23 +1,51 @@
 //! The `websocket` import: frames pushed to an agent's open connector connections.
 
+use wasmtime::component::HasData;
+
 use super::BatchState;
 use crate::bounds;
 use crate::frame::{MAX_FRAME_BYTES, VERSION};
+use crate::relay::hub::ConnectionHub;
 use crate::runtime::HostError;
 use crate::runtime::bindings::clawdentity::queues::websocket;
+use crate::runtime::record::{CallLog, recorded};
 
-impl websocket::Host for BatchState {
+/// What the `websocket` import reaches of a batch: the connector connections, and the
+/// batch's call log.
+pub(in crate::runtime) struct WebsocketView<'a> {
+    hub: &'a ConnectionHub,
+    calls: Option<&'a CallLog>,
+}
+
+/// The `websocket` import's view of a batch's state, for the linker.
+pub(in crate::runtime) struct HasWebsocket;
+
+impl HasData for HasWebsocket {
+    type Data<'a> = WebsocketView<'a>;
+}
+
+impl HasWebsocket {
+    /// The view of `state`.
+    pub(in crate::runtime) fn view(state: &mut BatchState) -> WebsocketView<'_> {
+        WebsocketView {
+            hub: &state.caps.hub,
+            calls: state.calls.as_ref(),
+        }
+    }
+}
+
+impl websocket::Host for WebsocketView<'_> {
     async fn send_frame(&mut self, agent_did: String, frame: String) -> Result<u32, HostError> {
         let args = || format!("{agent_did} {frame}");
         let show = |n: &u32| format!("{n} connection{}", if *n == 1 { "" } else { "s" });
-        self.recorded("websocket.send-frame", args, show, async |state| {
-            state.push_frame(&agent_did, &frame)
+        recorded(self.calls, "websocket.send-frame", args, show, async {
+            self.push_frame(&agent_did, &frame)
         })
         .await
     }
 }
 
-impl BatchState {
+impl WebsocketView<'_> {
     /// Checks `frame`, completes its envelope and sends it to the connections of
     /// `agent_did`.
     fn push_frame(&self, agent_did: &str, frame: &str) -> Result<u32, HostError> {
@@ -31,7 +59,7 @@ impl BatchState {
         let frame = fill_envelope(frame, crate::clock::now_ms())
             .ok_or_else(|| refuse("frame is not a JSON object".into()))?;
         bounds::check("frame", frame.len(), MAX_FRAME_BYTES)?;
-        Ok(self.caps.hub.send(agent_did, frame.into_owned()))
+        Ok(self.hub.send(agent_did, frame.into_owned()))
     }
 }
 
