@@ -20,8 +20,8 @@ use crate::agents::{AgentError, AgentRegistry};
 use crate::api::ApiError;
 use crate::handlers::{HandlerSlots, Slot, SlotError};
 use crate::relay::hub::ConnectionHub;
-use crate::trust::TrustStore;
 use crate::runtime::LoadedHandler;
+use crate::trust::TrustStore;
 
 /// Largest component accepted by a deploy.
 const MAX_COMPONENT_BYTES: usize = 64 << 20;
@@ -185,7 +185,9 @@ async fn remove_agent(
     blocking(move || agents.remove(&removed)).await?;
     let closed = state.hub.close(&did, 1008, AGENT_REMOVED);
     tracing::info!(agent = %did, closed, "agent removed");
-    Ok(Json(json!({"did": did, "removed": true, "connection_closed": closed})))
+    Ok(Json(
+        json!({"did": did, "removed": true, "connection_closed": closed}),
+    ))
 }
 
 fn version_json(handler: &LoadedHandler) -> Value {

@@ -200,11 +200,8 @@ mod tests {
     fn a_revoked_agent_is_not_registered() {
         let dir = tempfile::tempdir().unwrap();
         let agents = AgentRegistry::open(&dir.path().join("a.db")).unwrap();
-        let trust = TrustStore::open(
-            &dir.path().join("t.db"),
-            std::time::Duration::from_secs(60),
-        )
-        .unwrap();
+        let trust =
+            TrustStore::open(&dir.path().join("t.db"), std::time::Duration::from_secs(60)).unwrap();
         trust.revoke(DID).unwrap();
         let err = agents.register(DID, &trust).unwrap_err();
         assert!(matches!(err, AgentError::Revoked(_)), "{err}");

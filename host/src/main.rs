@@ -459,11 +459,7 @@ fn agents_offline(command: &AgentsCommand, dir: &std::path::Path) -> Result<()> 
         }
         AgentsCommand::List { .. } => {
             for agent in registry.list()? {
-                println!(
-                    "{}\t{}",
-                    agent.did,
-                    clawq::clock::iso8601(agent.added_ms)
-                );
+                println!("{}\t{}", agent.did, clawq::clock::iso8601(agent.added_ms));
             }
         }
     }
