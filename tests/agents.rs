@@ -77,6 +77,16 @@ fn agents_added_from_another_directory_are_registered_in_the_running_host() {
         ("CLAWQ_ADMIN_TOKEN", admin.as_str()),
     ];
 
+    let no_token = clawq_in(
+        elsewhere.path(),
+        &[("CLAWQ_SERVER", &host.base)],
+        &["agents", "add", DID_A],
+    );
+    let said = failed(no_token);
+    assert!(
+        said.contains("works through the running host and needs its admin token"),
+        "{said}"
+    );
     let token = succeeded(clawq_in(elsewhere.path(), &env, &["agents", "add", DID_A]));
     let token = token.trim();
     assert!(token.starts_with("cqa_"), "{token}");

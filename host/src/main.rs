@@ -84,7 +84,8 @@ enum Command {
     /// Deploy, list and roll back handler versions on a running host.
     #[command(subcommand)]
     Handlers(HandlersCommand),
-    /// Register the agents whose connectors may connect (`clawq agents add <did>`).
+    /// Add, list and remove the agents whose connectors may connect, through the running
+    /// host (or offline on a data directory given with `--data-dir`).
     #[command(subcommand)]
     Agents(AgentsCommand),
     /// Browse and repair the dead-letter queues (or any queue) of a running host.
@@ -397,15 +398,13 @@ async fn agents(command: AgentsCommand, offline: Option<PathBuf>) -> Result<()> 
     match command {
         AgentsCommand::Add { did, admin } => {
             let body = Payload::Json(serde_json::json!({"did": did}));
-            let answer = admin
-                .client()?
+            let answer = host_client(&admin)?
                 .call(Method::POST, &["agents"], &[], Some(body))
                 .await?;
             print_token(&did, answer["token"].as_str().unwrap_or_default());
         }
         AgentsCommand::Remove { did, admin } => {
-            let answer = admin
-                .client()?
+            let answer = host_client(&admin)?
                 .call(Method::DELETE, &["agents", &did], &[], None)
                 .await?;
             let closed = if answer["connection_closed"] == true {
@@ -416,8 +415,7 @@ async fn agents(command: AgentsCommand, offline: Option<PathBuf>) -> Result<()> 
             eprintln!("agent {did} removed{closed}");
         }
         AgentsCommand::List { admin } => {
-            let answer = admin
-                .client()?
+            let answer = host_client(&admin)?
                 .call(Method::GET, &["agents"], &[], None)
                 .await?;
             for agent in answer["agents"].as_array().into_iter().flatten() {
@@ -427,6 +425,18 @@ async fn agents(command: AgentsCommand, offline: Option<PathBuf>) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// The admin API client of `clawq agents`, saying how else to work when no admin token
+/// is at hand.
+fn host_client(admin: &AdminArg) -> Result<clawq::operator::Client> {
+    admin.client().map_err(|e| {
+        e.context(
+            "`clawq agents` works through the running host and needs its admin token \
+             (--admin-token or CLAWQ_ADMIN_TOKEN, or CLAWQ_DATA_DIR naming its data \
+             directory); --data-dir <dir> works on a data directory offline",
+        )
+    })
 }
 
 /// Prints the token of the agent `did` just registered, and that it is shown once.
