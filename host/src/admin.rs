@@ -1,6 +1,7 @@
 //! The admin HTTP API: handler versions (deploy, list, history, rollback) and the agents
-//! whose connectors may connect (add, list, remove). Every route needs `Authorization: Bearer <admin token>`; the token is generated into the data
-//! directory on first start unless the config or `CLAWQ_ADMIN_TOKEN` gives one.
+//! whose connectors may connect (add, list, remove). Every route needs `Authorization:
+//! Bearer <admin token>`; the token is generated into the data directory on first start
+//! unless the config or `CLAWQ_ADMIN_TOKEN` gives one.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -13,9 +13,9 @@
 //! The connection is kept with heartbeats (answered, and sent every 30 s; 60 s of silence
 //! from the host drops it) and re-established with backoff (1 s doubling to 30 s, ±20%).
 //! A refusal with HTTP 401 ends the connector with an error naming the host's reason
-//! (unknown agent or wrong token, agent revoked; every other failure is
-//! retried); a close `1000 superseded_by_new_connection` (another connector took over)
-//! ends it with `Ok`, as does the shutdown token.
+//! (unknown agent or wrong token, or agent revoked); every other failure is retried. A
+//! close `1000 superseded_by_new_connection` (another connector took over) ends it with
+//! `Ok`, as does the shutdown token.
 
 mod hook;
 mod outbox;

@@ -5,10 +5,11 @@
 //! no upgrade, the body's message naming which. Removing the agent (`DELETE
 //! /v1/agents/{did}`) or revoking it closes its connection (1008 `agent_removed` /
 //! `agent_revoked`); both are checked again once a new connection is registered, so one
-//! that lands while the connection is set up closes it too. Once connected, every unacked frame of the agent's relay session (receipts
-//! and deliveries) is pushed, new ones follow as they come, unacked ones are pushed again
-//! when their retry is due (a timer to the session's next due time), heartbeats go both
-//! ways, and `receipt_ack` / `deliver_ack` settle a frame.
+//! that lands while the connection is set up closes it too. Once connected, every unacked
+//! frame of the agent's relay session (receipts and deliveries) is pushed, new ones follow
+//! as they come, unacked ones are pushed again when their retry is due (a timer to the
+//! session's next due time), heartbeats go both ways, and `receipt_ack` / `deliver_ack`
+//! settle a frame.
 //!
 //! Every send has a timeout ([`Backpressure::send_timeout`], never more than the
 //! heartbeat timeout) and gives way to a close the hub asks for, so a connector that
