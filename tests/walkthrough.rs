@@ -89,7 +89,6 @@ fn shown_fields(shown: &str) -> Vec<(String, Option<bool>)> {
         .split('"')
         .collect::<Vec<_>>()
         .windows(3)
-        .step_by(1)
         .filter(|w| w[2].starts_with(':') && !w[1].is_empty() && !w[1].contains(' '))
         .map(|w| {
             let value = w[2][1..].trim_start();
