@@ -427,14 +427,14 @@ async fn agents(command: AgentsCommand, offline: Option<PathBuf>) -> Result<()> 
     Ok(())
 }
 
-/// The admin API client of `clawq agents`, saying how else to work when no admin token
-/// is at hand.
+/// The admin API client of `clawq agents`; when it cannot be made (no admin token at
+/// hand, a bad `--server`), the error says what the command needs.
 fn host_client(admin: &AdminArg) -> Result<clawq::operator::Client> {
     admin.client().map_err(|e| {
         e.context(
-            "`clawq agents` works through the running host and needs its admin token \
-             (--admin-token or CLAWQ_ADMIN_TOKEN, or CLAWQ_DATA_DIR naming its data \
-             directory); --data-dir <dir> works on a data directory offline",
+            "`clawq agents` works through the running host (--server, and its admin token: \
+             --admin-token, CLAWQ_ADMIN_TOKEN, or CLAWQ_DATA_DIR naming its data \
+             directory), or offline with --data-dir <dir>",
         )
     })
 }
