@@ -1,6 +1,7 @@
-//! The admin HTTP API: handler versions (deploy, list, history, rollback). Every route
-//! needs `Authorization: Bearer <admin token>`; the token is generated into the data
-//! directory on first start unless the config or `CLAWQ_ADMIN_TOKEN` gives one.
+//! The admin HTTP API: handler versions (deploy, list, history, rollback) and the agents
+//! whose connectors may connect (add, list, remove). Every route needs `Authorization:
+//! Bearer <admin token>`; the token is generated into the data directory on first start
+//! unless the config or `CLAWQ_ADMIN_TOKEN` gives one.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,12 +14,15 @@ use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use serde_json::{Value, json};
 
+use crate::agents::{AgentError, AgentRegistry};
 use crate::api::ApiError;
 use crate::handlers::{HandlerSlots, Slot, SlotError};
+use crate::relay::hub::ConnectionHub;
 use crate::runtime::LoadedHandler;
+use crate::trust::TrustStore;
 
 /// Largest component accepted by a deploy.
 const MAX_COMPONENT_BYTES: usize = 64 << 20;
@@ -32,7 +36,16 @@ pub struct AdminState {
     pub slots: Arc<HandlerSlots>,
     /// The token every request must present.
     pub token: Arc<str>,
+    /// The agents whose connectors may connect.
+    pub agents: Arc<AgentRegistry>,
+    /// Who is revoked (a revoked agent is not added).
+    pub trust: Arc<TrustStore>,
+    /// The open connector connections (a removed agent's is closed).
+    pub hub: Arc<ConnectionHub>,
 }
+
+/// The close reason of the connection of an agent that is removed (code 1008).
+pub const AGENT_REMOVED: &str = "agent_removed";
 
 /// The admin token: `configured` if given, else the one in `data_dir`, generated (mode
 /// 0600) on first start.
@@ -66,6 +79,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/handlers", get(list))
         .route("/v1/handlers/{consumer}", put(deploy).get(show))
         .route("/v1/handlers/{consumer}/rollback", post(rollback))
+        .route("/v1/agents", post(add_agent).get(list_agents))
+        .route("/v1/agents/{did}", delete(remove_agent))
         .layer(DefaultBodyLimit::max(MAX_COMPONENT_BYTES))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
@@ -101,6 +116,79 @@ impl IntoResponse for SlotError {
         };
         error(status, code, self.to_string())
     }
+}
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            AgentError::InvalidDid { .. } => (StatusCode::BAD_REQUEST, "invalid_did"),
+            AgentError::AlreadyRegistered(_) => (StatusCode::CONFLICT, "agent_exists"),
+            AgentError::Revoked(_) => (StatusCode::CONFLICT, "agent_revoked"),
+            AgentError::NotRegistered(_) => (StatusCode::NOT_FOUND, "agent_not_found"),
+            AgentError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+        };
+        error(status, code, self.to_string())
+    }
+}
+
+/// Runs a registry call off the async threads (SQLite blocks).
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| AgentError::Storage(e.to_string()))?
+}
+
+/// The body of `POST /v1/agents`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddAgent {
+    did: String,
+}
+
+/// `POST /v1/agents`: registers an agent (unless it is revoked) and answers its token,
+/// which is not shown again.
+async fn add_agent(State(state): State<AdminState>, body: Bytes) -> Result<Json<Value>, Response> {
+    let request: AddAgent = serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("expected {{\"did\": \"<agent DID>\"}}: {e}"),
+        )
+    })?;
+    let did = request.did.clone();
+    let token = blocking(move || state.agents.register(&request.did, &state.trust))
+        .await
+        .map_err(IntoResponse::into_response)?;
+    tracing::info!(agent = %did, "agent registered");
+    Ok(Json(json!({"did": did, "token": token})))
+}
+
+/// `GET /v1/agents`: the registered agents (never their tokens).
+async fn list_agents(State(state): State<AdminState>) -> Result<Json<Value>, AgentError> {
+    let agents = blocking(move || Ok(state.agents.list()?)).await?;
+    let agents: Vec<Value> = agents
+        .into_iter()
+        .map(|a| json!({"did": a.did, "addedAt": crate::clock::iso8601(a.added_ms)}))
+        .collect();
+    Ok(Json(json!({"agents": agents})))
+}
+
+/// `DELETE /v1/agents/{did}`: removes an agent and closes its open connection (1008
+/// [`AGENT_REMOVED`]).
+async fn remove_agent(
+    State(state): State<AdminState>,
+    UrlPath(did): UrlPath<String>,
+) -> Result<Json<Value>, AgentError> {
+    let agents = state.agents.clone();
+    let removed = did.clone();
+    blocking(move || agents.remove(&removed)).await?;
+    let closed = state.hub.close(&did, 1008, AGENT_REMOVED);
+    tracing::info!(agent = %did, closed, "agent removed");
+    Ok(Json(
+        json!({"did": did, "removed": true, "connection_closed": closed}),
+    ))
 }
 
 fn version_json(handler: &LoadedHandler) -> Value {

@@ -1,16 +1,68 @@
 //! The agents allowed to connect a connector: each has a secret token, shown once when
-//! the agent is added and stored only as its SHA-256 hash.
+//! the agent is added and stored only as its SHA-256 hash. The running host manages them
+//! through `POST/GET/DELETE /v1/agents` (see `admin`), `clawq agents` through that API or,
+//! offline, on a data directory.
 
 use std::path::Path;
 use std::sync::Mutex;
 
-use anyhow::{Context, Result, bail};
-use clawq_protocol::did::validate_agent_did;
+use anyhow::Result;
+use clawq_protocol::did::{DidError, validate_agent_did};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::clock::now_ms;
 use crate::crypto::{random_token, sha256_hex};
 use crate::db::{self, Durability};
+use crate::trust::{TrustError, TrustStore};
+
+/// Why an agent cannot be added or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The DID is not a valid agent DID.
+    #[error("`{did}` is not a valid agent DID: {reason}")]
+    InvalidDid {
+        /// The DID given.
+        did: String,
+        /// What is wrong with it.
+        reason: DidError,
+    },
+    /// The agent is registered already.
+    #[error("agent {0} is already registered; remove it first to issue a new token")]
+    AlreadyRegistered(String),
+    /// The trust store holds the agent revoked: its connector would be refused.
+    #[error(
+        "agent {0} is revoked: its connector would be refused, so it is not registered \
+         (a revocation lasts the trust store's `revocation_ttl`)"
+    )]
+    Revoked(String),
+    /// The agent is not registered.
+    #[error("agent {0} is not registered")]
+    NotRegistered(String),
+    /// The registry or the trust store failed; a later attempt may succeed.
+    #[error("the agent registry is unavailable: {0}")]
+    Storage(String),
+}
+
+impl From<rusqlite::Error> for AgentError {
+    fn from(err: rusqlite::Error) -> Self {
+        AgentError::Storage(err.to_string())
+    }
+}
+
+impl From<anyhow::Error> for AgentError {
+    fn from(err: anyhow::Error) -> Self {
+        AgentError::Storage(format!("{err:#}"))
+    }
+}
+
+impl From<TrustError> for AgentError {
+    fn from(err: TrustError) -> Self {
+        match err {
+            TrustError::InvalidDid { did, reason } => AgentError::InvalidDid { did, reason },
+            TrustError::Unavailable(why) => AgentError::Storage(why),
+        }
+    }
+}
 
 /// The agent registry, in SQLite.
 pub struct AgentRegistry {
@@ -47,26 +99,43 @@ impl AgentRegistry {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers `did` and returns its new secret token (to be shown once).
-    pub fn add(&self, did: &str) -> Result<String> {
-        validate_agent_did(did).with_context(|| format!("`{did}` is not a valid agent DID"))?;
+    /// Registers `did` and returns its new secret token (to be shown once), whatever the
+    /// trust store says (see [`AgentRegistry::register`]).
+    pub fn add(&self, did: &str) -> Result<String, AgentError> {
+        validate_agent_did(did).map_err(|reason| AgentError::InvalidDid {
+            did: did.to_owned(),
+            reason,
+        })?;
         let token = random_token("cqa_")?;
         let inserted = self.conn().execute(
             "INSERT OR IGNORE INTO agents (did, token_hash, added_ms) VALUES (?1, ?2, ?3)",
             params![did, sha256_hex(token.as_bytes()), now_ms()],
         )?;
         if inserted == 0 {
-            bail!("agent {did} is already registered; remove it first to issue a new token");
+            return Err(AgentError::AlreadyRegistered(did.to_owned()));
         }
         Ok(token)
     }
 
-    /// Removes `did`; returns whether it was registered.
-    pub fn remove(&self, did: &str) -> Result<bool> {
-        Ok(self
+    /// Registers `did` unless `trust` holds it revoked (its connector could never
+    /// connect), and returns its new secret token (to be shown once).
+    pub fn register(&self, did: &str, trust: &TrustStore) -> Result<String, AgentError> {
+        if trust.is_revoked(did)? {
+            return Err(AgentError::Revoked(did.to_owned()));
+        }
+        self.add(did)
+    }
+
+    /// Removes `did`, which must be registered. Its open connection, if any, is the
+    /// caller's to close.
+    pub fn remove(&self, did: &str) -> Result<(), AgentError> {
+        let removed = self
             .conn()
-            .execute("DELETE FROM agents WHERE did = ?1", [did])?
-            > 0)
+            .execute("DELETE FROM agents WHERE did = ?1", [did])?;
+        if removed == 0 {
+            return Err(AgentError::NotRegistered(did.to_owned()));
+        }
+        Ok(())
     }
 
     /// Every registered agent, by DID.
@@ -119,7 +188,25 @@ mod tests {
         );
         assert!(agents.add("did:cdi:bad").is_err());
         assert_eq!(agents.list().unwrap().len(), 1);
-        assert!(agents.remove(DID).unwrap());
+        agents.remove(DID).unwrap();
         assert!(!agents.authenticate(DID, &token).unwrap());
+        assert!(matches!(
+            agents.remove(DID),
+            Err(AgentError::NotRegistered(_))
+        ));
+    }
+
+    #[test]
+    fn a_revoked_agent_is_not_registered() {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = AgentRegistry::open(&dir.path().join("a.db")).unwrap();
+        let trust =
+            TrustStore::open(&dir.path().join("t.db"), std::time::Duration::from_secs(60)).unwrap();
+        trust.revoke(DID).unwrap();
+        let err = agents.register(DID, &trust).unwrap_err();
+        assert!(matches!(err, AgentError::Revoked(_)), "{err}");
+        assert!(agents.list().unwrap().is_empty(), "nothing stored");
+        let other = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
+        assert!(agents.register(other, &trust).unwrap().starts_with("cqa_"));
     }
 }

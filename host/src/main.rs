@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use clawq::agents::AgentRegistry;
 use clawq::config::Config;
 use clawq::operator::{AdminArg, Payload};
@@ -84,7 +84,8 @@ enum Command {
     /// Deploy, list and roll back handler versions on a running host.
     #[command(subcommand)]
     Handlers(HandlersCommand),
-    /// Register the agents whose connectors may connect (`clawq agents add <did>`).
+    /// Add, list and remove the agents whose connectors may connect, through the running
+    /// host (or offline on a data directory given with `--data-dir`).
     #[command(subcommand)]
     Agents(AgentsCommand),
     /// Browse and repair the dead-letter queues (or any queue) of a running host.
@@ -161,32 +162,39 @@ struct ServeArgs {
 
 #[derive(Debug, Subcommand)]
 enum AgentsCommand {
-    /// Register an agent and print its connector token (shown once, stored hashed).
+    /// Register an agent and print its connector token (shown once, stored hashed). A
+    /// revoked agent is refused: its connector could never connect.
+    #[command(mut_arg("data_dir", offline_help))]
     Add {
         /// The agent's DID: did:cdi:<authority>:agent:<ULID>.
         did: String,
         #[command(flatten)]
-        data: DataDirArg,
+        admin: AdminArg,
     },
-    /// Remove an agent: its token stops working at its next connect.
+    /// Remove an agent: its token stops working, and the running host closes its open
+    /// connection at once.
+    #[command(mut_arg("data_dir", offline_help))]
     Remove {
         /// The agent's DID.
         did: String,
         #[command(flatten)]
-        data: DataDirArg,
+        admin: AdminArg,
     },
     /// List the registered agents.
+    #[command(mut_arg("data_dir", offline_help))]
     List {
         #[command(flatten)]
-        data: DataDirArg,
+        admin: AdminArg,
     },
 }
 
-#[derive(Debug, clap::Args)]
-struct DataDirArg {
-    /// The host's data directory.
-    #[arg(long, env = "CLAWQ_DATA_DIR", default_value = clawq::config::DEFAULT_DATA_DIR)]
-    data_dir: PathBuf,
+/// The help of `--data-dir` in `clawq agents`.
+fn offline_help(arg: clap::Arg) -> clap::Arg {
+    arg.help(
+        "The host's data directory: where its generated admin token is read from. Given \
+         on the command line, the agents of that directory are managed offline instead, \
+         without the running host",
+    )
 }
 
 #[derive(Debug, Subcommand)]
@@ -380,39 +388,101 @@ async fn handlers(command: HandlersCommand) -> Result<()> {
     Ok(())
 }
 
-/// Runs an `agents` subcommand against the data directory (the host may be running).
-fn agents(command: AgentsCommand) -> Result<()> {
-    let open = |data: &DataDirArg| -> Result<AgentRegistry> {
-        std::fs::create_dir_all(&data.data_dir)?;
-        AgentRegistry::open(&data.data_dir.join("agents.db"))
-    };
+/// Runs an `agents` subcommand: through the running host, or, when `offline` names a
+/// data directory, on its registry without the host.
+async fn agents(command: AgentsCommand, offline: Option<PathBuf>) -> Result<()> {
+    use reqwest::Method;
+    if let Some(dir) = offline {
+        return agents_offline(&command, &dir);
+    }
     match command {
-        AgentsCommand::Add { did, data } => {
-            let token = open(&data)?.add(&did)?;
-            println!("{token}");
-            eprintln!(
-                "agent {did} registered; give this token to its connector (it is not shown again)"
-            );
+        AgentsCommand::Add { did, admin } => {
+            let body = Payload::Json(serde_json::json!({"did": did}));
+            let answer = host_client(&admin)?
+                .call(Method::POST, &["agents"], &[], Some(body))
+                .await?;
+            print_token(&did, answer["token"].as_str().unwrap_or_default());
         }
-        AgentsCommand::Remove { did, data } => {
-            if !open(&data)?.remove(&did)? {
-                anyhow::bail!("agent {did} is not registered");
-            }
-            eprintln!("agent {did} removed");
+        AgentsCommand::Remove { did, admin } => {
+            let answer = host_client(&admin)?
+                .call(Method::DELETE, &["agents", &did], &[], None)
+                .await?;
+            let closed = if answer["connection_closed"] == true {
+                "; its connection is closed"
+            } else {
+                ""
+            };
+            eprintln!("agent {did} removed{closed}");
         }
-        AgentsCommand::List { data } => {
-            for agent in open(&data)?.list()? {
-                let added =
-                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(agent.added_ms);
-                println!(
-                    "{}\t{}",
-                    agent.did,
-                    humantime::format_rfc3339_seconds(added)
-                );
+        AgentsCommand::List { admin } => {
+            let answer = host_client(&admin)?
+                .call(Method::GET, &["agents"], &[], None)
+                .await?;
+            for agent in answer["agents"].as_array().into_iter().flatten() {
+                let field = |name: &str| agent[name].as_str().unwrap_or_default().to_owned();
+                println!("{}\t{}", field("did"), field("addedAt"));
             }
         }
     }
     Ok(())
+}
+
+/// The admin API client of `clawq agents`; when it cannot be made (no admin token at
+/// hand, a bad `--server`), the error says what the command needs.
+fn host_client(admin: &AdminArg) -> Result<clawq::operator::Client> {
+    admin.client().map_err(|e| {
+        e.context(
+            "`clawq agents` works through the running host (--server, and its admin token: \
+             --admin-token, CLAWQ_ADMIN_TOKEN, or CLAWQ_DATA_DIR naming its data \
+             directory), or offline with --data-dir <dir>",
+        )
+    })
+}
+
+/// Prints the token of the agent `did` just registered, and that it is shown once.
+fn print_token(did: &str, token: &str) {
+    println!("{token}");
+    eprintln!("agent {did} registered; give this token to its connector (it is not shown again)");
+}
+
+/// Runs an `agents` subcommand on the registry of the data directory `dir`, without the
+/// host; an agent its trust store holds revoked is not added.
+fn agents_offline(command: &AgentsCommand, dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", dir.display()))?;
+    let registry = AgentRegistry::open(&dir.join("agents.db"))?;
+    match command {
+        AgentsCommand::Add { did, .. } => {
+            let trust = clawq::trust::TrustStore::open(
+                &dir.join("trust.db"),
+                clawq::config::DEFAULT_REVOCATION_TTL,
+            )?;
+            print_token(did, &registry.register(did, &trust)?);
+        }
+        AgentsCommand::Remove { did, .. } => {
+            registry.remove(did)?;
+            eprintln!(
+                "agent {did} removed from {}; a host serving it refuses its next connect \
+                 (remove it through the host to close its open connection too)",
+                dir.display()
+            );
+        }
+        AgentsCommand::List { .. } => {
+            for agent in registry.list()? {
+                println!("{}\t{}", agent.did, clawq::clock::iso8601(agent.added_ms));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The data directory given on the command line of `clawq agents ...` (`--data-dir`, not
+/// `CLAWQ_DATA_DIR`): the agents are then managed offline, in that directory.
+fn agents_offline_dir(matches: &clap::ArgMatches) -> Option<PathBuf> {
+    let (_, agents) = matches.subcommand_matches("agents")?.subcommand()?;
+    (agents.value_source("data_dir") == Some(clap::parser::ValueSource::CommandLine))
+        .then(|| agents.get_one::<PathBuf>("data_dir").cloned())
+        .flatten()
 }
 
 #[derive(Debug, clap::Args)]
@@ -503,7 +573,8 @@ fn end_quietly_on_closed_stdout() {
 }
 
 fn run_cli() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // `clawq run` lists the guest's log lines with its other calls.
     let default_filter = match cli.command {
         Command::Run(_) => "info,clawq::guest=off",
@@ -526,7 +597,7 @@ fn run_cli() -> Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Connect(args) => runtime.block_on(connect(args)),
-        Command::Agents(command) => agents(command),
+        Command::Agents(command) => runtime.block_on(agents(command, agents_offline_dir(&matches))),
         Command::Handlers(command) => runtime.block_on(handlers(command)),
         Command::Check {
             file,

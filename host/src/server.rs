@@ -183,7 +183,7 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
             .sweep_every(crate::retention::SWEEP_INTERVAL, shutdown.clone()),
     );
     let relay = RelayState {
-        agents,
+        agents: agents.clone(),
         trust: trust.clone(),
         sessions,
         hub: hub.clone(),
@@ -209,6 +209,9 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
     .merge(admin::router(AdminState {
         slots: slots.clone(),
         token: admin_token(&config.data_dir, config.admin_token.clone())?.into(),
+        agents,
+        trust: caps.trust.clone(),
+        hub: hub.clone(),
     }));
     let listener = TcpListener::bind(config.listen)
         .await

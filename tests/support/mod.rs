@@ -919,6 +919,12 @@ impl Connector {
             .args(["--hook-header", "x-hook-token: hook-secret", "--data-dir"])
             .arg(data_dir)
             .env("CLAWQ_AGENT_TOKEN", token);
+        Connector::spawn(command)
+    }
+
+    /// Starts `command` (a connector, however it is launched: e.g. `bash -c` running a
+    /// documented command line) with its log read as a connector's.
+    pub fn spawn(command: Command) -> Connector {
         let (child, log) = spawn_logged(command, "connector");
         Connector { child, log }
     }

@@ -12,9 +12,10 @@
 //!
 //! The connection is kept with heartbeats (answered, and sent every 30 s; 60 s of silence
 //! from the host drops it) and re-established with backoff (1 s doubling to 30 s, ±20%).
-//! A refusal with HTTP 401 ends the connector with an error (every other failure is
-//! retried); a close `1000 superseded_by_new_connection` (another connector took over)
-//! ends it with `Ok`, as does the shutdown token.
+//! A refusal with HTTP 401 ends the connector with an error naming the host's reason
+//! (unknown agent or wrong token, or agent revoked); every other failure is retried. A
+//! close `1000 superseded_by_new_connection` (another connector took over) ends it with
+//! `Ok`, as does the shutdown token.
 
 mod hook;
 mod outbox;
@@ -296,8 +297,8 @@ enum End {
     Shutdown,
     /// The host closed it with 1000 `superseded_by_new_connection`.
     Superseded,
-    /// The upgrade was refused with 401.
-    Unauthorized,
+    /// The upgrade was refused with 401, for this reason (the host's message).
+    Unauthorized(String),
     /// A failure that retrying cannot fix.
     Fatal(anyhow::Error),
     /// Anything else: reconnect.
@@ -328,15 +329,10 @@ async fn relay(
                 );
                 return Ok(());
             }
-            End::Unauthorized => {
-                tracing::error!(
-                    "the host refused agent {}: unknown/invalid token or revoked agent",
-                    endpoint.agent_did
-                );
-                bail!(
-                    "the host refused agent {} (HTTP 401): unknown/invalid token or revoked agent",
-                    endpoint.agent_did
-                );
+            End::Unauthorized(why) => {
+                let refused = format!("the host refused agent {}: {why}", endpoint.agent_did);
+                tracing::error!("{refused}");
+                bail!(refused);
             }
             End::Fatal(error) => {
                 tracing::error!("connector for {} stopping: {error:#}", endpoint.agent_did);
@@ -396,7 +392,7 @@ async fn session(
         Ok(Err(tungstenite::Error::Http(response)))
             if response.status() == StatusCode::UNAUTHORIZED =>
         {
-            return End::Unauthorized;
+            return End::Unauthorized(refusal_reason(response.body().as_deref()));
         }
         Ok(Err(tungstenite::Error::Http(response))) => {
             return End::Lost {
@@ -426,6 +422,15 @@ async fn session(
     tracing::info!("connected to {} as {}", endpoint.url, endpoint.agent_did);
     let agent_did = &endpoint.agent_did;
     serve(&mut ws, agent_did, tuning, outbox, wake, refused, shutdown).await
+}
+
+/// Why the host refused the connector, from the body of its 401 (`{"error": {"message"}}`,
+/// e.g. `agent is revoked`), or a generic reason when it gives none.
+fn refusal_reason(body: Option<&[u8]>) -> String {
+    body.and_then(|body| serde_json::from_slice::<serde_json::Value>(body).ok())
+        .and_then(|body| body["error"]["message"].as_str().map(str::to_owned))
+        .filter(|message| !message.trim().is_empty())
+        .unwrap_or_else(|| "HTTP 401 (unknown agent, wrong token or revoked agent)".to_owned())
 }
 
 /// Serves an established connection of `agent_did` until it ends, counting in `refused`
@@ -1170,6 +1175,15 @@ mod tests {
         let error = connector.finish().await.expect_err("a 401 is fatal");
         assert!(error.to_string().contains("refused agent"), "{error:#}");
         assert_eq!(relay.refused.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_refusal_names_the_hosts_reason() {
+        let body = br#"{"error": {"code": "unauthorized", "message": "agent is revoked"}}"#;
+        assert_eq!(refusal_reason(Some(body)), "agent is revoked");
+        for unclear in [None, Some(&b"<html>"[..]), Some(&br#"{"error": {}}"#[..])] {
+            assert!(refusal_reason(unclear).starts_with("HTTP 401 (unknown agent"));
+        }
     }
 
     #[tokio::test]

@@ -2,10 +2,14 @@
 //!
 //! The connector proves that it speaks for `?agent=<did>` with `Authorization: Bearer
 //! <token>` before the upgrade; a missing or wrong token, or a revoked agent, gets 401 and
-//! no upgrade. Once connected, every unacked frame of the agent's relay session (receipts
-//! and deliveries) is pushed, new ones follow as they come, unacked ones are pushed again
-//! when their retry is due (a timer to the session's next due time), heartbeats go both
-//! ways, and `receipt_ack` / `deliver_ack` settle a frame.
+//! no upgrade, the body's message naming which. Removing the agent (`DELETE
+//! /v1/agents/{did}`) or revoking it closes its connection (1008 `agent_removed` /
+//! `agent_revoked`); both are checked again once a new connection is registered, so one
+//! that lands while the connection is set up closes it too. Once connected, every unacked
+//! frame of the agent's relay session (receipts and deliveries) is pushed, new ones follow
+//! as they come, unacked ones are pushed again when their retry is due (a timer to the
+//! session's next due time), heartbeats go both ways, and `receipt_ack` / `deliver_ack`
+//! settle a frame.
 //!
 //! Every send has a timeout ([`Backpressure::send_timeout`], never more than the
 //! heartbeat timeout) and gives way to a close the hub asks for, so a connector that
@@ -117,6 +121,49 @@ fn unauthorized(message: &str) -> Response {
     ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response()
 }
 
+/// Why a connector of an agent is not (or no longer) let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The agent is not registered (or was removed), or the token is not its token.
+    UnknownOrWrongToken,
+    /// The trust store holds the agent revoked.
+    Revoked,
+}
+
+impl Refusal {
+    /// The reason the 401 body gives (the connector prints it).
+    fn message(self) -> &'static str {
+        match self {
+            Refusal::UnknownOrWrongToken => "unknown agent or wrong token",
+            Refusal::Revoked => "agent is revoked",
+        }
+    }
+
+    /// The close (1008) of a connection whose agent became refused while it was set up.
+    fn close(self) -> End {
+        match self {
+            Refusal::UnknownOrWrongToken => End::Close(1008, crate::admin::AGENT_REMOVED),
+            Refusal::Revoked => End::Close(1008, "agent_revoked"),
+        }
+    }
+}
+
+/// Whether the connector of `did` presenting `token` may be connected: `Ok(None)` if so,
+/// else why not; `Err` when the stores cannot say.
+async fn admission(state: &RelayState, did: &str, token: &str) -> anyhow::Result<Option<Refusal>> {
+    let (state, did, token) = (state.clone(), did.to_owned(), token.to_owned());
+    tokio::task::spawn_blocking(move || {
+        if !state.agents.authenticate(&did, &token)? {
+            return Ok(Some(Refusal::UnknownOrWrongToken));
+        }
+        if state.trust.is_revoked(&did)? {
+            return Ok(Some(Refusal::Revoked));
+        }
+        Ok(None)
+    })
+    .await?
+}
+
 async fn connect(
     State(state): State<RelayState>,
     Query(query): Query<ConnectQuery>,
@@ -130,38 +177,26 @@ async fn connect(
     let (Some(did), Some(token)) = (query.agent, token) else {
         return unauthorized("an ?agent=<did> and an `Authorization: Bearer <token>` are required");
     };
-    let check = {
-        let (state, did, token) = (state.clone(), did.clone(), token.to_owned());
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Result<(), &'static str>> {
-            if !state.agents.authenticate(&did, &token)? {
-                return Ok(Err("unknown agent or wrong token"));
-            }
-            if state.trust.is_revoked(&did)? {
-                return Ok(Err("agent is revoked"));
-            }
-            Ok(Ok(()))
-        })
-        .await
-    };
-    match check {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(why))) => {
+    match admission(&state, &did, token).await {
+        Ok(None) => {}
+        Ok(Some(refusal)) => {
+            let why = refusal.message();
             tracing::info!(agent = %did, why, "connector refused");
             return unauthorized(why);
         }
-        Ok(Err(err)) => {
+        Err(err) => {
             tracing::error!(error = %err, "authenticating a connector failed");
             let code = "storage_unavailable";
             return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, err.to_string())
                 .into_response();
         }
-        Err(join) => return (StatusCode::INTERNAL_SERVER_ERROR, join.to_string()).into_response(),
     }
+    let token = token.to_owned();
     match upgrade {
         Ok(upgrade) => upgrade
             .max_message_size(2 * MAX_FRAME_BYTES)
             .max_frame_size(2 * MAX_FRAME_BYTES)
-            .on_upgrade(move |socket| serve_connection(socket, did, state))
+            .on_upgrade(move |socket| serve_connection(socket, did, token, state))
             .into_response(),
         Err(rejection) => rejection.into_response(),
     }
@@ -261,8 +296,11 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Runs one connector connection until it closes.
-async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
+/// Runs one connector connection until it closes. The agent's admission (with its
+/// `token`) is checked again once the connection is registered, so that a removal or a
+/// revocation that landed while it was set up (and found no connection to close) still
+/// closes it.
+async fn serve_connection(socket: WebSocket, did: String, token: String, state: RelayState) {
     let (id, outgoing) = state.hub.register(&did, state.backpressure.queue);
     tracing::info!(agent = %did, "connector connected");
     let (sink, stream) = socket.split();
@@ -271,7 +309,14 @@ async fn serve_connection(socket: WebSocket, did: String, state: RelayState) {
         outgoing: &outgoing,
         timeout: state.backpressure.send_timeout.min(state.heartbeat.timeout),
     };
-    let end = converse(&did, &state, &mut link, stream).await;
+    let end = match admission(&state, &did, &token).await {
+        Ok(None) => converse(&did, &state, &mut link, stream).await,
+        Ok(Some(refusal)) => refusal.close(),
+        Err(err) => {
+            tracing::error!(agent = %did, error = %err, "authenticating a connector failed");
+            End::Close(1011, "storage_unavailable")
+        }
+    };
     if let End::Close(code, reason) = end {
         link.close(code, reason).await;
     }
