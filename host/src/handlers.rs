@@ -448,9 +448,7 @@ impl HandlerSlots {
         );
         self.persist(consumer, &handler, &wasm, by, None)?;
         let old = slot.swap(handler.clone());
-        metrics::gauge!("clawq_handler_current_version", "consumer" => consumer.to_owned(),
-            "version" => old.version()[..12].to_owned())
-        .set(0.0);
+        crate::metrics::version_switched(consumer, old.version(), handler.version());
         tracing::info!(consumer, handler = name, from = %&old.version()[..12],
             to = %&handler.version()[..12], by, "handler swapped");
         Ok(handler)
