@@ -421,3 +421,42 @@ fn clawq_status_ends_quietly_when_its_reader_goes_away() {
         output.status
     );
 }
+
+/// What `clawq <args>` printed on stdout, expecting it to succeed (no host needed).
+fn help(args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_clawq"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "clawq {args:?}: {output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn the_log_format_is_told_in_one_line_per_subcommand_and_in_full_once() {
+    for args in [
+        &["dlq", "purge", "--help"][..],
+        &["status", "--help"],
+        &["serve", "--help"],
+    ] {
+        let text = help(args);
+        assert_eq!(
+            text.matches("Log format on stderr: `text` (the default) or `json`")
+                .count(),
+            1,
+            "{args:?}:\n{text}"
+        );
+        for long in [
+            "Possible values",
+            "CLAWQ_LOG_FORMAT",
+            "one JSON object per line",
+        ] {
+            assert!(!text.contains(long), "{args:?} repeats {long}:\n{text}");
+        }
+    }
+    let top = help(&["--help"]);
+    assert!(
+        top.contains("one JSON object per line") && top.contains("CLAWQ_LOG_FORMAT"),
+        "{top}"
+    );
+}
