@@ -189,39 +189,25 @@ fn read_endpoints_answer_in_json() {
 /// Every error code the host's source answers with: each string literal that follows a
 /// `StatusCode::...,` (as in `ApiError::new(StatusCode::NOT_FOUND, "queue_not_found", ..)`
 /// or `(StatusCode::BAD_REQUEST, "empty_batch")`).
-fn error_codes_in_source(dir: &std::path::Path, codes: &mut std::collections::BTreeSet<String>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            error_codes_in_source(&path, codes);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            let source = std::fs::read_to_string(&path).unwrap();
-            for (at, _) in source.match_indices("StatusCode::") {
-                let rest = source[at + "StatusCode::".len()..]
-                    .trim_start_matches(|c: char| c.is_ascii_uppercase() || c == '_');
-                let Some(rest) = rest.trim_start().strip_prefix(',') else {
-                    continue;
-                };
-                let Some(rest) = rest.trim_start().strip_prefix('"') else {
-                    continue;
-                };
-                let code: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-                    .collect();
-                if rest[code.len()..].starts_with('"') && !code.is_empty() {
-                    codes.insert(code);
-                }
-            }
+fn error_codes_in_source() -> std::collections::BTreeSet<String> {
+    let mut codes = std::collections::BTreeSet::new();
+    for (_, source) in host_sources() {
+        for (at, _) in source.match_indices("StatusCode::") {
+            let rest = source[at + "StatusCode::".len()..]
+                .trim_start_matches(|c: char| c.is_ascii_uppercase() || c == '_');
+            let Some(rest) = rest.trim_start().strip_prefix(',') else {
+                continue;
+            };
+            codes.extend(leading_literal(rest.trim_start()).map(str::to_owned));
         }
     }
+    codes
 }
 
 #[test]
 fn the_readme_lists_every_error_code_the_api_answers_with() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut codes = std::collections::BTreeSet::new();
-    error_codes_in_source(&root.join("src"), &mut codes);
+    let codes = error_codes_in_source();
     for code in ["queue_not_found", "invalid_request", "consumer_not_found"] {
         assert!(codes.contains(code), "{code} not found in {codes:?}");
     }

@@ -176,6 +176,57 @@ fn every_documented_series_is_there_from_the_start_at_zero() {
     }
 }
 
+/// Every reason the host's code closes a connector connection for: the literal after a
+/// close code (`(1008, "agent_revoked")`, `End::Close(1011, "heartbeat_ack_timeout")`)
+/// and those of `End::Quiet("...")`, a connection ending without a close frame.
+fn close_reasons_in_source() -> std::collections::BTreeSet<String> {
+    let mut reasons = std::collections::BTreeSet::new();
+    for (_, source) in host_sources() {
+        for (at, _) in source.match_indices("End::Quiet(") {
+            reasons.extend(leading_literal(&source[at + "End::Quiet(".len()..]).map(str::to_owned));
+        }
+        let bytes = source.as_bytes();
+        for (at, _) in source.match_indices(", \"") {
+            let code = at
+                .checked_sub(4)
+                .map(|start| &bytes[start..at])
+                .filter(|code| {
+                    matches!(code[0], b'1' | b'4') && code.iter().all(u8::is_ascii_digit)
+                })
+                .filter(|_| at < 5 || !bytes[at - 5].is_ascii_digit());
+            if code.is_some() {
+                reasons.extend(leading_literal(&source[at + 2..]).map(str::to_owned));
+            }
+        }
+    }
+    reasons
+}
+
+#[test]
+fn the_readme_lists_every_reason_a_connection_closes_for() {
+    let in_source = close_reasons_in_source();
+    assert!(
+        in_source.contains("agent_revoked") && in_source.contains("send_timeout"),
+        "{in_source:?}"
+    );
+    for name in [
+        "clawq_websocket_connections_closed_total",
+        "clawq_websocket_frames_dropped_total",
+    ] {
+        let series = documented_series();
+        let documented: std::collections::BTreeSet<String> = series
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.labels.iter().find(|(label, _)| label == "reason"))
+            .map(|(_, values)| values.iter().cloned().collect())
+            .unwrap_or_else(|| panic!("{name} has no `reason` in the README"));
+        assert_eq!(
+            documented, in_source,
+            "{name}: the README's reasons, the code's"
+        );
+    }
+}
+
 #[test]
 fn counters_match_what_happened() {
     let host = Host::start(&scripted_consumer(
