@@ -185,3 +185,45 @@ fn read_endpoints_answer_in_json() {
     assert_eq!(events["handler"], "crl-invalidation");
     assert_eq!(events["dead_letter_queue"], "clawdentity-events-dlq");
 }
+
+/// Every error code the host's source answers with: each string literal that follows a
+/// `StatusCode::...,` (as in `ApiError::new(StatusCode::NOT_FOUND, "queue_not_found", ..)`
+/// or `(StatusCode::BAD_REQUEST, "empty_batch")`).
+fn error_codes_in_source() -> std::collections::BTreeSet<String> {
+    let mut codes = std::collections::BTreeSet::new();
+    for (_, source) in host_sources() {
+        for (at, _) in source.match_indices("StatusCode::") {
+            let rest = source[at + "StatusCode::".len()..]
+                .trim_start_matches(|c: char| c.is_ascii_uppercase() || c == '_');
+            let Some(rest) = rest.trim_start().strip_prefix(',') else {
+                continue;
+            };
+            codes.extend(leading_literal(rest.trim_start()).map(str::to_owned));
+        }
+    }
+    codes
+}
+
+#[test]
+fn the_readme_lists_every_error_code_the_api_answers_with() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let codes = error_codes_in_source();
+    for code in ["queue_not_found", "invalid_request", "consumer_not_found"] {
+        assert!(codes.contains(code), "{code} not found in {codes:?}");
+    }
+    let readme = std::fs::read_to_string(root.join("../README.md")).unwrap();
+    let table: Vec<&str> = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("| refusal | status | code |"))
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert!(!table.is_empty(), "the README has no error-code table");
+    let missing: Vec<&String> = codes
+        .iter()
+        .filter(|code| !table.iter().any(|row| row.contains(&format!("`{code}`"))))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "error codes missing from the README's table: {missing:?}"
+    );
+}

@@ -162,7 +162,18 @@ fn dead_letters_are_listed_with_why_they_died_then_redriven_and_purged() {
     let path = format!("/v1/queues/{PARKED}/messages");
     let (status, reply) = host.delete(&path, Some(&json!({"ids": [ids[0], "nope"]})));
     assert_eq!((status, reply), (200, json!({"purged": 1})));
-    let (status, reply) = host.delete(&path, None);
+    for refused in [None, Some(json!({})), Some(json!({"all": false}))] {
+        let (status, reply) = host.delete(&path, refused.as_ref());
+        assert_eq!(status, 400, "{refused:?}: {reply}");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(message.contains(r#""all": true"#), "{message}");
+    }
+    assert_eq!(
+        host.queue(PARKED)["backlog"],
+        2,
+        "a refused purge deletes nothing"
+    );
+    let (status, reply) = host.delete(&path, Some(&json!({"all": true})));
     assert_eq!((status, reply), (200, json!({"purged": 2})));
     assert_eq!(host.queue(PARKED)["backlog"], 0);
 }
@@ -235,6 +246,29 @@ fn bad_requests_get_clear_errors() {
     assert_eq!((status, error_code(&reply)), (400, "invalid_request"));
     let (status, reply) = host.delete(&messages, Some(&json!({"to": JOBS})));
     assert_eq!((status, error_code(&reply)), (400, "invalid_request"));
+    let (status, reply) = host.delete(&messages, Some(&json!({"all": true, "ids": ["x"]})));
+    assert_eq!((status, error_code(&reply)), (400, "invalid_request"));
+    // A consumer name the queue neither has nor holds copies for is a mistake, not a
+    // purge or redrive of nothing.
+    let typo = json!({"consumer": "jbos"});
+    let (status, reply) = host.delete(&format!("/v1/queues/{JOBS}/messages"), Some(&typo));
+    assert_eq!((status, error_code(&reply)), (404, "consumer_not_found"));
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`jbos`") && message.contains("its consumers: jobs"),
+        "{message}"
+    );
+    let (status, reply) = host.post(&redrive, &typo);
+    assert_eq!((status, error_code(&reply)), (404, "consumer_not_found"));
+    let (status, reply) = host.delete(
+        &format!("/v1/queues/{JOBS}/messages"),
+        Some(&json!({"consumer": JOBS})),
+    );
+    assert_eq!(
+        (status, reply),
+        (200, json!({"purged": 0})),
+        "a configured consumer"
+    );
 
     let (status, reply) = host.get(&format!("{messages}/01NOSUCHMESSAGE"));
     assert_eq!((status, error_code(&reply)), (404, "message_not_found"));
@@ -296,6 +330,12 @@ fn the_command_line_lists_shows_redrives_and_purges_and_sums_up() {
 
     let refused = failure(&host, &["dlq", "purge", DLQ]);
     assert!(refused.contains("--all"), "{refused}");
+    let unknown = failure(&host, &["dlq", "purge", DLQ, "--consumer", "nobody"]);
+    assert!(
+        unknown.contains("has no consumer `nobody`"),
+        "the API's message: {unknown}"
+    );
+    assert_eq!(host.queue(DLQ)["backlog"], 2, "nothing purged");
     let purged = host.cli(&["dlq", "purge", DLQ, "--id", &ids[0]]);
     assert_eq!(purged, "purged 1 message from jobs-dlq\n");
     let purged = host.cli(&["dlq", "purge", DLQ, "--all"]);
@@ -379,5 +419,44 @@ fn clawq_status_ends_quietly_when_its_reader_goes_away() {
         Some(SIGPIPE),
         "ended by the broken pipe like any tool: {:?} {stderr}",
         output.status
+    );
+}
+
+/// What `clawq <args>` printed on stdout, expecting it to succeed (no host needed).
+fn help(args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_clawq"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "clawq {args:?}: {output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn the_log_format_is_told_in_one_line_per_subcommand_and_in_full_once() {
+    for args in [
+        &["dlq", "purge", "--help"][..],
+        &["status", "--help"],
+        &["serve", "--help"],
+    ] {
+        let text = help(args);
+        assert_eq!(
+            text.matches("Log format on stderr: `text` (the default) or `json`")
+                .count(),
+            1,
+            "{args:?}:\n{text}"
+        );
+        for long in [
+            "Possible values",
+            "CLAWQ_LOG_FORMAT",
+            "one JSON object per line",
+        ] {
+            assert!(!text.contains(long), "{args:?} repeats {long}:\n{text}");
+        }
+    }
+    let top = help(&["--help"]);
+    assert!(
+        top.contains("one JSON object per line") && top.contains("CLAWQ_LOG_FORMAT"),
+        "{top}"
     );
 }

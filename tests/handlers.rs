@@ -261,19 +261,31 @@ fn rollback_by_api_and_cli_and_history_survives_a_restart() {
 
 #[test]
 fn a_crash_looping_new_version_is_rolled_back_automatically() {
-    let host = Host::start(&jobs_config(
-        "max_batch_timeout = 0\nmax_retries = 20\nauto_rollback_after = 2",
-    ));
+    // The defaults: rolled back after 3 failed batches, 4 deliveries per message; the
+    // version replaced has run no batch yet, and the new one never succeeds.
+    let host = Host::start(&jobs_config("max_batch_timeout = 0"));
     let v1 = current_version(&host);
-    host.publish(JOBS, json!({"do": "ack", "tag": "healthy"}));
-    host.wait_log("seen tag=healthy attempts=1 ");
-    host.wait_drained(JOBS);
 
-    let (status, body) = deploy(&host, JOBS, std::fs::read(FAILING_HANDLER).unwrap());
+    let failing = std::fs::read(FAILING_HANDLER).unwrap();
+    let v2 = version_of(&failing);
+    let (status, body) = deploy(&host, JOBS, failing);
     assert_eq!(status, 200, "{body}");
+    // The new version's counters are there from its deploy, at 0.
+    let metrics = reqwest::blocking::get(format!("{}/metrics", host.base))
+        .unwrap()
+        .text()
+        .unwrap();
+    for counter in ["batches", "traps", "errors", "limit_hits"] {
+        let series = format!(
+            "clawq_handler_{counter}_total{{consumer=\"{JOBS}\",version=\"{}\"}} 0\n",
+            &v2[..12]
+        );
+        assert!(metrics.contains(&series), "{series} in\n{metrics}");
+    }
     host.publish(JOBS, json!({"do": "ack", "tag": "survivor"}));
     host.wait_log("new handler version keeps failing: rolling back");
-    host.wait_log_all(&["seen tag=survivor ", &v1[..12]]);
+    // Its 3 failed deliveries cost it 3 attempts: the restored version gets its last one.
+    host.wait_log_all(&["seen tag=survivor attempts=4 ", &v1[..12]]);
     let status = host.wait_drained(JOBS);
     assert_eq!(status["dead_lettered"], 0, "{status}");
     assert_eq!(current_version(&host), v1);
@@ -285,6 +297,28 @@ fn a_crash_looping_new_version_is_rolled_back_automatically() {
         slot["history"][1]["status"], "auto_rolled_back",
         "the failing version: {slot}"
     );
+}
+
+#[test]
+fn a_new_version_is_never_rolled_back_to_a_failing_one() {
+    let host = Host::start(&jobs_config("max_batch_timeout = 0"));
+    host.publish(JOBS, json!({"do": "trap", "tag": "broken"}));
+    // Its 2nd delivery: the 1st failed batch is on record, and every later batch of this
+    // version fails too.
+    host.wait_log("seen tag=broken attempts=2 ");
+
+    let failing = std::fs::read(FAILING_HANDLER).unwrap();
+    let (status, body) = deploy(&host, JOBS, failing.clone());
+    assert_eq!(status, 200, "{body}");
+    host.publish(JOBS, json!({"do": "ack", "tag": "stuck"}));
+    // Both messages use up their 4 deliveries on the new version (past the 3 failed
+    // batches that would roll back a version that replaced a healthy one).
+    wait_for("both messages to be dead-lettered", || {
+        (host.queue(JOBS)["dead_lettered"] == 2).then_some(())
+    });
+    assert_eq!(current_version(&host), version_of(&failing));
+    let (_, slot) = host.admin("GET", &format!("/v1/handlers/{JOBS}"), vec![], None);
+    assert_eq!(slot["counters"]["auto_rollbacks"], 0, "{slot}");
 }
 
 #[test]

@@ -18,7 +18,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::queue::{ContentType, LimitError, NewMessage, QueueBackend, QueueCounts, QueueError};
+use crate::queue::{
+    ContentType, LimitError, NewMessage, QueueBackend, QueueCounts, QueueError, Selection,
+};
 use crate::trust::{TrustError, TrustStore};
 
 mod messages;
@@ -228,6 +230,43 @@ impl AppState {
                 format!("no queue named `{queue}`"),
             )
         })
+    }
+
+    /// Refuses a selection of the copies kept for a consumer that `queue` neither has in
+    /// the config nor holds messages for (a name mistyped, most likely): acting on it
+    /// would silently do nothing.
+    async fn known_selection(&self, queue: &str, selection: &Selection) -> Result<(), ApiError> {
+        let Selection::Consumer(consumer) = selection else {
+            return Ok(());
+        };
+        let info = self.known_queue(queue)?;
+        if info.consumers.iter().any(|c| &c.name == consumer) {
+            return Ok(());
+        }
+        let lane = crate::queue::routes::lane(queue, consumer);
+        if self
+            .backend
+            .lanes(queue)
+            .await?
+            .iter()
+            .any(|(l, _)| *l == lane)
+        {
+            return Ok(());
+        }
+        let configured: Vec<&str> = info.consumers.iter().map(|c| c.name.as_str()).collect();
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "consumer_not_found",
+            format!(
+                "queue `{queue}` has no consumer `{consumer}` and holds no messages kept for one \
+                 (its consumers: {})",
+                if configured.is_empty() {
+                    "none".to_owned()
+                } else {
+                    configured.join(", ")
+                }
+            ),
+        ))
     }
 
     async fn publish(

@@ -77,11 +77,12 @@ pub struct CounterSnapshot {
 /// How the current version has fared.
 #[derive(Debug, Default)]
 struct Health {
-    /// Failed batches in a row of the current version.
+    /// Failed batches in a row of the current version (0: its latest batch succeeded,
+    /// or it has run none).
     consecutive_failures: u32,
-    /// Whether the current version's latest batch succeeded.
-    last_ok: bool,
-    /// The version before the current one, if it was healthy when it was replaced.
+    /// The version before the current one, if it was healthy when it was replaced: its
+    /// latest batch had not failed (it may have run none, as a version just loaded at
+    /// start). A new version is never rolled back to one that was failing.
     healthy_previous: Option<String>,
 }
 
@@ -142,7 +143,7 @@ impl Slot {
             handler,
         );
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        let previous_ok = health.last_ok && health.consecutive_failures == 0;
+        let previous_ok = health.consecutive_failures == 0;
         *health = Health {
             healthy_previous: previous_ok.then(|| old.version().to_owned()),
             ..Health::default()
@@ -180,12 +181,10 @@ impl Slot {
         match outcome {
             Ok(()) => {
                 health.consecutive_failures = 0;
-                health.last_ok = true;
                 None
             }
             Err(_) => {
                 health.consecutive_failures += 1;
-                health.last_ok = false;
                 let crash_loop = self.auto_rollback_after > 0
                     && health.consecutive_failures == self.auto_rollback_after;
                 crash_loop
@@ -448,9 +447,7 @@ impl HandlerSlots {
         );
         self.persist(consumer, &handler, &wasm, by, None)?;
         let old = slot.swap(handler.clone());
-        metrics::gauge!("clawq_handler_current_version", "consumer" => consumer.to_owned(),
-            "version" => old.version()[..12].to_owned())
-        .set(0.0);
+        crate::metrics::version_switched(consumer, old.version(), handler.version());
         tracing::info!(consumer, handler = name, from = %&old.version()[..12],
             to = %&handler.version()[..12], by, "handler swapped");
         Ok(handler)
@@ -524,7 +521,10 @@ impl HandlerSlots {
     }
 
     /// Counts a finished batch of `handler` in `consumer`'s slot and rolls a crash-looping
-    /// new version back to the healthy one it replaced.
+    /// new version (`auto_rollback_after` failed batches in a row, whether or not it ever
+    /// succeeded) back to the healthy one it replaced. The messages of those batches were
+    /// retried, each failure costing them one attempt: the restored version gets them
+    /// with the attempts they have left.
     pub async fn record(
         &self,
         consumer: &str,
@@ -538,7 +538,8 @@ impl HandlerSlots {
             return;
         };
         tracing::error!(consumer, version = %&handler.version()[..12], failures = slot.auto_rollback_after,
-            "new handler version keeps failing: rolling back to {}", &previous[..12]);
+            "new handler version keeps failing: rolling back to {}, which gets its messages \
+             with the attempts they have left", &previous[..12]);
         match self
             .rollback(consumer, Some(&previous), "auto-rollback")
             .await

@@ -14,14 +14,21 @@ use tokio_util::sync::CancellationToken;
 
 /// clawq hosts WASM component handlers for clawdentity's message queues.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, after_long_help = LOG_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log format on stderr: `text` for people, `json` (one object per line) for machines.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CLAWQ_LOG_FORMAT")]
+    /// Log format on stderr: `text` (the default) or `json` (see the end of `clawq --help`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CLAWQ_LOG_FORMAT",
+        hide_possible_values = true, hide_default_value = true, hide_env = true)]
     log_format: LogFormat,
 }
+
+/// The whole story of `--log-format`, told once, under the top-level help.
+const LOG_HELP: &str = "Logs go to stderr. `--log-format text` (the default) writes lines for \
+people; `--log-format json` writes one JSON object per line, with the span fields (queue, \
+handler, version), for machines. `CLAWQ_LOG_FORMAT` sets the format too; `CLAWQ_LOG` takes a \
+`tracing` filter (default `info`).";
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

@@ -1,6 +1,8 @@
 //! `GET /metrics`: Prometheus text format. Counters are recorded where things happen
 //! (publish, settle, batch); gauges (backlog, oldest ready message, connections,
-//! resident actors, current versions) are read at scrape time.
+//! resident actors, current versions) are read at scrape time. Every series a queue, a
+//! consumer, the relay or the connector WebSocket can export exists from the start, at
+//! 0 ([`register`]): dashboards and alerts need not wait for a first event.
 
 use std::sync::{Arc, OnceLock};
 
@@ -16,8 +18,45 @@ use crate::actor_storage::ActorStorage;
 use crate::handlers::HandlerSlots;
 use crate::queue::{QueueBackend, SettleSummary};
 use crate::relay::hub::ConnectionHub;
-use crate::relay::sessions::{Kind, RelaySessions};
-use crate::runtime::BatchFailure;
+use crate::relay::sessions::{DropReason, Kind, RelaySessions};
+use crate::runtime::{BatchFailure, UnhandledReason};
+
+/// Why a connector connection closes, as `clawq_websocket_connections_closed_total` and
+/// `clawq_websocket_frames_dropped_total` label it: the close reasons the host sends,
+/// then why a connection ends without one.
+const CLOSE_REASONS: [&str; 10] = [
+    "superseded_by_new_connection",
+    "agent_revoked",
+    "connector_too_slow",
+    "heartbeat_ack_timeout",
+    "frame_too_large",
+    "host_shutting_down",
+    "closed_by_connector",
+    "send_failed",
+    "send_timeout",
+    "receive_failed",
+];
+
+/// The counters of a queue, labelled `queue`.
+const QUEUE_COUNTERS: [&str; 8] = [
+    "clawq_messages_published_total",
+    "clawq_messages_acked_total",
+    "clawq_messages_retried_total",
+    "clawq_messages_dead_lettered_total",
+    "clawq_messages_dropped_total",
+    "clawq_messages_expired_total",
+    "clawq_messages_unrouted_total",
+    "clawq_messages_released_total",
+];
+
+/// The counters of a handler version, labelled `consumer` and `version`.
+const VERSION_COUNTERS: [&str; 5] = [
+    "clawq_handler_batches_total",
+    "clawq_handler_traps_total",
+    "clawq_handler_errors_total",
+    "clawq_handler_limit_hits_total",
+    "clawq_handler_capacity_releases_total",
+];
 
 /// Buckets of the batch duration histogram, in seconds.
 const DURATION_BUCKETS: [f64; 12] = [
@@ -43,6 +82,62 @@ pub fn install() {
     handle();
 }
 
+/// The first 12 characters of a version hash, as the `version` label gives it.
+fn short(version: &str) -> String {
+    version[..12.min(version.len())].to_owned()
+}
+
+/// Installs the recorder and creates, at 0, every counter of `queues` and of the
+/// consumers of `slots` (for each label value they can take), the batch duration
+/// histogram, and the relay's and the connector WebSocket's counters.
+pub fn register<'a>(queues: impl IntoIterator<Item = &'a str>, slots: &HandlerSlots) {
+    install();
+    for queue in queues {
+        for name in QUEUE_COUNTERS {
+            counter!(name, "queue" => queue.to_owned()).increment(0);
+        }
+        for reason in [
+            UnhandledReason::Malformed,
+            UnhandledReason::UnknownType,
+            UnhandledReason::InvalidField,
+            UnhandledReason::Refused,
+        ] {
+            unhandled_counter(queue, reason.as_str()).increment(0);
+        }
+    }
+    for (consumer, slot) in slots.all() {
+        register_version(consumer, slot.current().version());
+        // Registered without a sample: its buckets read 0 until a batch is recorded.
+        let _ = histogram!("clawq_handler_batch_duration_seconds", "consumer" => consumer.clone());
+        log_lines_dropped(consumer, 0);
+    }
+    for kind in Kind::ALL {
+        for reason in DropReason::ALL {
+            relay_frame_dropped_counter(kind.as_str(), reason.as_str()).increment(0);
+        }
+    }
+    for reason in CLOSE_REASONS {
+        connection_closed_counter(reason).increment(0);
+        websocket_frames_dropped(reason, 0);
+    }
+}
+
+/// Creates, at 0, the counters of `version` of `consumer`'s handler: at start, and when a
+/// deploy or a rollback makes it current.
+pub fn register_version(consumer: &str, version: &str) {
+    for name in VERSION_COUNTERS {
+        counter!(name, "consumer" => consumer.to_owned(), "version" => short(version)).increment(0);
+    }
+}
+
+/// Marks `old` no longer the current version of `consumer`'s handler, and creates the
+/// counters of `new`, which replaced it.
+pub fn version_switched(consumer: &str, old: &str, new: &str) {
+    gauge!("clawq_handler_current_version", "consumer" => consumer.to_owned(), "version" => short(old))
+        .set(0.0);
+    register_version(consumer, new);
+}
+
 /// Counts published messages.
 pub fn published(queue: &str, n: usize) {
     counter!("clawq_messages_published_total", "queue" => queue.to_owned()).increment(n as u64);
@@ -55,20 +150,31 @@ pub fn unrouted(queue: &str, n: u64) {
 
 /// Counts a message its handler acknowledged without handling it, by reason.
 pub fn unhandled(queue: &str, reason: &'static str) {
+    unhandled_counter(queue, reason).increment(1);
+}
+
+fn unhandled_counter(queue: &str, reason: &'static str) -> metrics::Counter {
     counter!("clawq_messages_unhandled_total", "queue" => queue.to_owned(), "reason" => reason)
-        .increment(1);
 }
 
 /// Counts a frame a relay session dropped unacked (`kind`: `receipt` or `deliver`;
 /// `reason`: `cap`, `expired`, `attempts` or `rejected`).
 pub fn relay_frame_dropped(kind: &'static str, reason: &'static str) {
-    counter!("clawq_relay_frames_dropped_total", "kind" => kind, "reason" => reason).increment(1);
+    relay_frame_dropped_counter(kind, reason).increment(1);
+}
+
+fn relay_frame_dropped_counter(kind: &'static str, reason: &'static str) -> metrics::Counter {
+    counter!("clawq_relay_frames_dropped_total", "kind" => kind, "reason" => reason)
 }
 
 /// Counts a connector connection that closed, by why (the close reason sent, or
 /// `closed_by_connector`, `send_failed`, `send_timeout`, `receive_failed`).
 pub fn connection_closed(reason: &'static str) {
-    counter!("clawq_websocket_connections_closed_total", "reason" => reason).increment(1);
+    connection_closed_counter(reason).increment(1);
+}
+
+fn connection_closed_counter(reason: &'static str) -> metrics::Counter {
+    counter!("clawq_websocket_connections_closed_total", "reason" => reason)
 }
 
 /// Counts `n` frames pushed with `websocket.send-frame` that were dropped unsent, by why
@@ -99,10 +205,7 @@ pub fn settled(queue: &str, summary: &SettleSummary) {
 /// Counts a handler batch, its duration and its failure; a batch the host had no room
 /// for counts only as a capacity release.
 pub fn batch(consumer: &str, version: &str, seconds: f64, failure: Option<&BatchFailure>) {
-    let (c, v) = (
-        consumer.to_owned(),
-        version[..12.min(version.len())].to_owned(),
-    );
+    let (c, v) = (consumer.to_owned(), short(version));
     let kind = match failure {
         None => None,
         Some(BatchFailure::Trap(_)) => Some("clawq_handler_traps_total"),
@@ -174,12 +277,19 @@ async fn scrape(State(state): State<MetricsState>) -> Response {
         }
     }
     for (consumer, slot) in state.slots.all() {
-        let version = slot.current().version()[..12].to_owned();
+        let version = short(slot.current().version());
         gauge!("clawq_handler_current_version", "consumer" => consumer.clone(), "version" => version).set(1.0);
     }
     match state.storage.usage() {
         Ok(usage) => {
-            for (consumer, usage) in usage {
+            // A consumer that never stored anything has no usage row: it uses nothing.
+            let unused = state
+                .slots
+                .all()
+                .filter(|(consumer, _)| !usage.iter().any(|(c, _)| c == *consumer))
+                .map(|(consumer, _)| (consumer.clone(), Default::default()))
+                .collect::<Vec<_>>();
+            for (consumer, usage) in usage.into_iter().chain(unused) {
                 gauge!("clawq_actor_storage_keys", "consumer" => consumer.clone())
                     .set(usage.keys as f64);
                 gauge!("clawq_actor_storage_bytes", "consumer" => consumer).set(usage.bytes as f64);

@@ -139,15 +139,22 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
             queue,
             ids,
             consumer,
+            all,
             server,
-            ..
         } => {
+            // The argument group makes exactly one of them given.
             let body = match consumer {
-                Some(consumer) => Some(Payload::Json(json!({"consumer": consumer}))),
-                None => (!ids.is_empty()).then(|| Payload::Json(json!({"ids": ids}))),
+                Some(consumer) => json!({"consumer": consumer}),
+                None if all => json!({"all": true}),
+                None => json!({"ids": ids}),
             };
             let reply = Client::new(&server)?
-                .call(Method::DELETE, &["queues", &queue, "messages"], &[], body)
+                .call(
+                    Method::DELETE,
+                    &["queues", &queue, "messages"],
+                    &[],
+                    Some(Payload::Json(body)),
+                )
                 .await?;
             format!(
                 "purged {} from {queue}\n",

@@ -120,6 +120,7 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         )
         .await?,
     );
+    metrics::register(config.queue_names(), &slots);
     let mut consumers = JoinSet::new();
     let consumers_stop = CancellationToken::new();
     for consumer in config.consumers.values() {

@@ -1021,3 +1021,32 @@ impl tungstenite::handshake::server::Callback for Upgrade {
         Err(refusal)
     }
 }
+
+/// Every Rust source file of the host (`host/src`), with its text: for the tests that
+/// check the documentation against what the code can answer or export.
+pub fn host_sources() -> Vec<(PathBuf, String)> {
+    fn walk(dir: &Path, files: &mut Vec<(PathBuf, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, files);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                files.push((path, text));
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
+    files
+}
+
+/// The snake_case string literal `text` starts with (`"name"...`), if any.
+pub fn leading_literal(text: &str) -> Option<&str> {
+    let rest = text.strip_prefix('"')?;
+    let end = rest.find(|c: char| !(c.is_ascii_lowercase() || c == '_'))?;
+    (end > 0 && rest[end..].starts_with('"')).then(|| &rest[..end])
+}

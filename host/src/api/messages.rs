@@ -37,12 +37,14 @@ struct RedriveRequest {
     to: Option<String>,
 }
 
-/// `DELETE /v1/queues/{queue}/messages` body; optional.
+/// `DELETE /v1/queues/{queue}/messages` body: exactly one of its fields.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PurgeRequest {
     ids: Option<Vec<String>>,
     consumer: Option<String>,
+    #[serde(default)]
+    all: bool,
 }
 
 /// `GET /v1/queues/{queue}/messages?limit=&cursor=`: one page of the queue's messages in
@@ -109,6 +111,7 @@ pub(super) async fn redrive(
     state.known_queue(&queue)?;
     let request: RedriveRequest = parse_optional_json(body)?;
     let selection = selection(request.ids, request.consumer)?;
+    state.known_selection(&queue, &selection).await?;
     let target = match request.to {
         Some(to) if to == queue => {
             return Err(ApiError::bad_request(format!(
@@ -137,9 +140,10 @@ pub(super) async fn redrive(
     ))
 }
 
-/// `DELETE /v1/queues/{queue}/messages` with an optional `{"ids": [...]}` or
-/// `{"consumer": "name"}`: deletes the messages (all, those ids, or the copies kept for
-/// that consumer). Answers `{"purged": n}`.
+/// `DELETE /v1/queues/{queue}/messages` with `{"ids": [...]}`, `{"consumer": "name"}` or
+/// `{"all": true}`: deletes those messages, the copies kept for that consumer, or every
+/// message. A request without any of them is refused: deleting a whole queue must be
+/// asked for. Answers `{"purged": n}`.
 pub(super) async fn purge(
     State(state): State<AppState>,
     Path(queue): Path<String>,
@@ -147,10 +151,22 @@ pub(super) async fn purge(
 ) -> Result<Json<Value>, ApiError> {
     state.known_queue(&queue)?;
     let request: PurgeRequest = parse_optional_json(body)?;
-    let purged = state
-        .backend
-        .purge(&queue, &selection(request.ids, request.consumer)?)
-        .await?;
+    let selection = match (request.all, selection(request.ids, request.consumer)?) {
+        (true, Selection::All) => Selection::All,
+        (true, _) => {
+            return Err(ApiError::bad_request(
+                "give one of `ids`, `consumer` or `all`, not several",
+            ));
+        }
+        (false, Selection::All) => {
+            return Err(ApiError::bad_request(
+                "say which messages to purge: `ids`, `consumer`, or `\"all\": true` to delete every message of the queue",
+            ));
+        }
+        (false, selection) => selection,
+    };
+    state.known_selection(&queue, &selection).await?;
+    let purged = state.backend.purge(&queue, &selection).await?;
     tracing::info!(queue, purged, "messages purged");
     Ok(Json(json!({"purged": purged})))
 }
