@@ -44,9 +44,6 @@ pub struct AdminState {
     pub hub: Arc<ConnectionHub>,
 }
 
-/// The close reason of the connection of an agent that is removed (code 1008).
-pub const AGENT_REMOVED: &str = "agent_removed";
-
 /// The admin token: `configured` if given, else the one in `data_dir`, generated (mode
 /// 0600) on first start.
 pub fn admin_token(data_dir: &Path, configured: Option<String>) -> anyhow::Result<String> {
@@ -176,7 +173,7 @@ async fn list_agents(State(state): State<AdminState>) -> Result<Json<Value>, Age
 }
 
 /// `DELETE /v1/agents/{did}`: removes an agent and closes its open connection (1008
-/// [`AGENT_REMOVED`]).
+/// `agent_removed`).
 async fn remove_agent(
     State(state): State<AdminState>,
     UrlPath(did): UrlPath<String>,
@@ -184,7 +181,7 @@ async fn remove_agent(
     let agents = state.agents.clone();
     let removed = did.clone();
     blocking(move || agents.remove(&removed)).await?;
-    let closed = state.hub.close(&did, 1008, AGENT_REMOVED);
+    let closed = state.hub.close(&did, 1008, "agent_removed");
     tracing::info!(agent = %did, closed, "agent removed");
     Ok(Json(
         json!({"did": did, "removed": true, "connection_closed": closed}),

@@ -24,9 +24,11 @@ use crate::runtime::{BatchFailure, UnhandledReason};
 /// Why a connector connection closes, as `clawq_websocket_connections_closed_total` and
 /// `clawq_websocket_frames_dropped_total` label it: the close reasons the host sends,
 /// then why a connection ends without one.
-const CLOSE_REASONS: [&str; 10] = [
+const CLOSE_REASONS: [&str; 12] = [
     "superseded_by_new_connection",
     "agent_revoked",
+    "agent_removed",
+    "storage_unavailable",
     "connector_too_slow",
     "heartbeat_ack_timeout",
     "frame_too_large",

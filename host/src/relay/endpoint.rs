@@ -142,7 +142,7 @@ impl Refusal {
     /// The close (1008) of a connection whose agent became refused while it was set up.
     fn close(self) -> End {
         match self {
-            Refusal::UnknownOrWrongToken => End::Close(1008, crate::admin::AGENT_REMOVED),
+            Refusal::UnknownOrWrongToken => End::Close(1008, "agent_removed"),
             Refusal::Revoked => End::Close(1008, "agent_revoked"),
         }
     }
