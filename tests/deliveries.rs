@@ -90,19 +90,7 @@ fn a_receipt_never_acked_is_dropped_after_its_last_attempt_logged_and_counted() 
 
 /// The value of `clawq_relay_frames_dropped_total{kind, reason}`.
 fn dropped_metric(host: &Host, kind: &str, reason: &str) -> f64 {
-    let text = reqwest::blocking::get(format!("{}/metrics", host.base))
-        .unwrap()
-        .text()
-        .unwrap();
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-        .expect("valid Prometheus text");
-    let sample = scrape.samples.iter().find(|s| {
-        s.metric == "clawq_relay_frames_dropped_total"
-            && s.labels.get("kind") == Some(kind)
-            && s.labels.get("reason") == Some(reason)
-    });
-    match sample.map(|s| &s.value) {
-        Some(prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v)) => *v,
-        other => panic!("no dropped-frames sample for {kind} {reason}: {other:?}\n{text}"),
-    }
+    let labels = [("kind", kind), ("reason", reason)];
+    find_sample(&host.scrape(), "clawq_relay_frames_dropped_total", &labels)
+        .unwrap_or_else(|| panic!("no dropped-frames sample for {kind} {reason}"))
 }

@@ -209,20 +209,7 @@ fn lenient_receipts_are_routed() {
 /// The value of the sample `name` whose labels include every one of `labels` (0 when
 /// there is none).
 fn sample(host: &Host, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = reqwest::blocking::get(format!("{}/metrics", host.base))
-        .unwrap()
-        .text()
-        .unwrap();
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-        .expect("valid Prometheus text");
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map_or(0.0, |s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            ref other => panic!("{name} is not a counter: {other:?}"),
-        })
+    find_sample(&host.scrape(), name, labels).unwrap_or(0.0)
 }
 
 #[test]

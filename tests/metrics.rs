@@ -246,8 +246,12 @@ fn counters_match_what_happened() {
         host.wait_drained(JOBS);
     }
 
-    let m = scrape(&host);
+    // The counters follow each settlement's commit: wait for the last one's.
     let q = [("queue", JOBS)];
+    let m = wait_for("the last settlement's counters", || {
+        let m = scrape(&host);
+        (sample(&m, "clawq_messages_dead_lettered_total", &q) == 2.0).then_some(m)
+    });
     assert_eq!(sample(&m, "clawq_messages_published_total", &q), 5.0);
     assert_eq!(
         sample(&m, "clawq_messages_acked_total", &q),
