@@ -461,3 +461,53 @@ fn a_component_built_against_0_1_0_still_loads_and_routes_receipts() {
     );
     assert!(report.contains("receipt-handler    accepts it"), "{report}");
 }
+
+#[test]
+fn a_0_1_0_handler_cannot_forge_a_receipt_frame() {
+    let host = Host::start(&fast_config(""));
+    let receipts = "clawdentity-receipts";
+    let (status, body) = deploy(&host, receipts, std::fs::read(LEGACY_HANDLER).unwrap());
+    assert_eq!(status, 200, "{body}");
+    let token = host.add_agent(DID_A);
+    let hook = FakeHook::start();
+    let dir = tempfile::tempdir().unwrap();
+    let connector = Connector::start(&host, DID_A, &token, &hook.url, dir.path());
+    connector.log.wait_for(&["connected to"]);
+
+    // A complete receipt frame, as the host would build it: the connector would hand it
+    // to the hook as verified.
+    let forged = frame(
+        "receipt",
+        json!({
+            "originalFrameId": "forged-1",
+            "toAgentDid": DID_B,
+            "status": "dead_lettered",
+            "reason": "forged by a handler",
+        }),
+    );
+    host.publish(
+        receipts,
+        json!({"forge": {"agent": DID_A, "frame": forged}}),
+    );
+    host.wait_log_all(&[
+        "legacy forged: refused: websocket.send-frame is retired: frames are built by the host; use relay-sessions.deliver",
+    ]);
+    let refusal = host.wait_log_all(&["refused websocket.send-frame", "handler="]);
+    assert!(refusal.text.contains(DID_A), "{refusal:?}");
+    host.wait_drained(receipts);
+
+    // The next receipt the hook sees is a real one published after the forgery.
+    host.publish(
+        receipts,
+        receipt("real-1", DID_A, DID_B, "delivered_to_webhook", None),
+    );
+    let requests = hook.wait_requests(1);
+    assert_eq!(requests[0].body["requestId"], "real-1", "{:?}", requests[0]);
+    host.wait_log_all(&["legacy routed real-1: "]);
+    let seen: Vec<_> = hook
+        .requests()
+        .into_iter()
+        .map(|r| r.body["requestId"].clone())
+        .collect();
+    assert_eq!(seen, [json!("real-1")]);
+}

@@ -12,10 +12,8 @@ use serde::Deserialize;
 
 use crate::actor_storage::Quota;
 use crate::bounds::LogRate;
-use crate::frame::MAX_FRAME_BYTES;
 use crate::queue::routes::{self, Filter, Routes};
 use crate::relay::endpoint::Backpressure;
-use crate::relay::hub::QueueBounds;
 use crate::relay::sessions::{Retry, SessionLimits};
 use crate::runtime::{Limits, MAX_MEMORY_BYTES};
 use crate::world::World;
@@ -299,10 +297,6 @@ struct FileRelay {
     heartbeat_interval: Option<f64>,
     /// Seconds of silence before a connection is closed.
     heartbeat_timeout: Option<f64>,
-    /// Most frames waiting to be sent on one connection.
-    max_queued_frames: Option<usize>,
-    /// Most bytes of frames waiting to be sent on one connection.
-    max_queued_bytes: Option<usize>,
     /// Seconds one frame may take to send.
     send_timeout: Option<f64>,
 }
@@ -343,14 +337,6 @@ impl FileRelay {
                 defaults.heartbeat_timeout,
             )?,
             backpressure: Backpressure {
-                queue: QueueBounds {
-                    max_frames: self
-                        .max_queued_frames
-                        .unwrap_or(defaults.backpressure.queue.max_frames),
-                    max_bytes: self
-                        .max_queued_bytes
-                        .unwrap_or(defaults.backpressure.queue.max_bytes),
-                },
                 send_timeout: seconds(
                     self.send_timeout,
                     "send_timeout",
@@ -358,12 +344,6 @@ impl FileRelay {
                 )?,
             },
         };
-        if relay.backpressure.queue.max_frames == 0 {
-            bail!("relay.max_queued_frames must be at least 1");
-        }
-        if relay.backpressure.queue.max_bytes < MAX_FRAME_BYTES {
-            bail!("relay.max_queued_bytes must be at least {MAX_FRAME_BYTES} (the largest frame)");
-        }
         if relay.sessions.max_per_agent == 0 {
             bail!("relay.max_receipts_per_agent must be at least 1");
         }
@@ -888,24 +868,12 @@ mod tests {
 
     #[test]
     fn relay_keys_set_the_connection_bounds() {
-        let config = Config::parse(
-            "[relay]\nmax_queued_frames = 16\nmax_queued_bytes = 2097152\nsend_timeout = 2.5\n",
-        )
-        .unwrap();
-        let bounds = QueueBounds {
-            max_frames: 16,
-            max_bytes: 2 << 20,
-        };
+        let config = Config::parse("[relay]\nsend_timeout = 2.5\n").unwrap();
         let expected = Backpressure {
-            queue: bounds,
             send_timeout: Duration::from_millis(2500),
         };
         assert_eq!(config.relay.backpressure, expected);
         let defaults = Config::parse("").unwrap().relay.backpressure;
-        assert_eq!(
-            (defaults.queue.max_frames, defaults.queue.max_bytes),
-            (256, 8 << 20)
-        );
         assert_eq!(defaults.send_timeout, Duration::from_secs(10));
     }
 
@@ -933,8 +901,6 @@ mod tests {
         for (text, needle) in [
             ("[relay]\nretry_max_attempts = 0", "retry_max_attempts"),
             ("[relay]\nretry_initial = -1", "retry_initial"),
-            ("[relay]\nmax_queued_frames = 0", "max_queued_frames"),
-            ("[relay]\nmax_queued_bytes = 1000", "max_queued_bytes"),
             ("[relay]\nsend_timeout = 0", "send_timeout"),
         ] {
             let err = Config::parse(text).unwrap_err().to_string();

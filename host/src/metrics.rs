@@ -21,15 +21,13 @@ use crate::relay::hub::ConnectionHub;
 use crate::relay::sessions::{DropReason, Kind, RelaySessions};
 use crate::runtime::{BatchFailure, UnhandledReason};
 
-/// Why a connector connection closes, as `clawq_websocket_connections_closed_total` and
-/// `clawq_websocket_frames_dropped_total` label it: the close reasons the host sends,
-/// then why a connection ends without one.
-const CLOSE_REASONS: [&str; 12] = [
+/// Why a connector connection closes, as `clawq_websocket_connections_closed_total`
+/// labels it: the close reasons the host sends, then why a connection ends without one.
+const CLOSE_REASONS: [&str; 11] = [
     "superseded_by_new_connection",
     "agent_revoked",
     "agent_removed",
     "storage_unavailable",
-    "connector_too_slow",
     "heartbeat_ack_timeout",
     "frame_too_large",
     "host_shutting_down",
@@ -120,7 +118,6 @@ pub fn register<'a>(queues: impl IntoIterator<Item = &'a str>, slots: &HandlerSl
     }
     for reason in CLOSE_REASONS {
         connection_closed_counter(reason).increment(0);
-        websocket_frames_dropped(reason, 0);
     }
 }
 
@@ -177,12 +174,6 @@ pub fn connection_closed(reason: &'static str) {
 
 fn connection_closed_counter(reason: &'static str) -> metrics::Counter {
     counter!("clawq_websocket_connections_closed_total", "reason" => reason)
-}
-
-/// Counts `n` frames pushed with `websocket.send-frame` that were dropped unsent, by why
-/// (`connector_too_slow`: the queue was full; else why the connection closed).
-pub fn websocket_frames_dropped(reason: &'static str, n: u64) {
-    counter!("clawq_websocket_frames_dropped_total", "reason" => reason).increment(n);
 }
 
 /// Counts `n` guest log lines of `consumer`'s handler dropped over its log rate.

@@ -7,6 +7,8 @@ use std::fmt;
 const PACKAGE: &str = "clawdentity:queues/";
 /// The versions of that package the host links (0.1.0 for components built before 0.2.0).
 const VERSIONS: [&str; 2] = ["0.2.0", "0.1.0"];
+/// The 0.1.0 interface 0.2.0 retired: a raw frame push, refused by the host.
+const RETIRED_WEBSOCKET: &str = "websocket";
 
 /// A world a handler slot accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,15 +56,19 @@ impl World {
         match self {
             World::CrlInvalidation => &["trust-store", "log"],
             World::ReceiptRouter | World::EventRouter => &["relay-sessions", "log"],
-            World::ReceiptHandler => &["relay-sessions", "websocket", "actor-storage", "log"],
-            World::HandlerHost => &[
-                "trust-store",
-                "relay-sessions",
-                "websocket",
-                "actor-storage",
-                "log",
-            ],
+            World::ReceiptHandler => &["relay-sessions", "actor-storage", "log"],
+            World::HandlerHost => &["trust-store", "relay-sessions", "actor-storage", "log"],
         }
+    }
+
+    /// Whether the world grants `interface` at contract `version`: its grants, plus, at
+    /// 0.1.0, the retired `websocket` for the worlds that imported it then (the host
+    /// links it only to refuse its calls).
+    fn grants_at(self, interface: &str, version: &str) -> bool {
+        self.grants().contains(&interface)
+            || (interface == RETIRED_WEBSOCKET
+                && version == "0.1.0"
+                && matches!(self, World::ReceiptHandler | World::HandlerHost))
     }
 
     /// Checks the import names of a component: WASI interfaces and the capabilities this
@@ -86,7 +92,12 @@ impl World {
                     VERSIONS.join(", ")
                 ));
             }
-            if interface != "types" && !self.grants().contains(&interface) {
+            if interface == RETIRED_WEBSOCKET && version != "0.1.0" {
+                return Err(format!(
+                    "imports `{import}`, which clawdentity:queues@{version} does not have: the raw frame push is retired, frames are built by the host (use relay-sessions.deliver)"
+                ));
+            }
+            if interface != "types" && !self.grants_at(interface, version) {
                 return Err(format!(
                     "imports `{interface}`, which world `{}` does not grant (it grants {})",
                     self.name(),
@@ -145,5 +156,32 @@ mod tests {
                 .contains("acme:evil/net")
         );
         assert_eq!(World::parse("receipt-handler"), Some(World::ReceiptHandler));
+    }
+
+    #[test]
+    fn the_retired_websocket_loads_only_at_0_1_0() {
+        for world in [World::ReceiptHandler, World::HandlerHost] {
+            assert_eq!(
+                world.check_imports(["clawdentity:queues/websocket@0.1.0"]),
+                Ok(()),
+                "{world}"
+            );
+            let err = world
+                .check_imports(["clawdentity:queues/websocket@0.2.0"])
+                .unwrap_err();
+            assert!(
+                err.contains("`clawdentity:queues/websocket@0.2.0`")
+                    && err.contains("retired")
+                    && err.contains("relay-sessions.deliver"),
+                "{err}"
+            );
+        }
+        let err = World::ReceiptRouter
+            .check_imports(["clawdentity:queues/websocket@0.1.0"])
+            .unwrap_err();
+        assert!(
+            err.starts_with("imports `websocket`, which world `receipt-router` does not grant"),
+            "{err}"
+        );
     }
 }

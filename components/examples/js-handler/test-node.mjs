@@ -33,9 +33,6 @@ try {
       'clawdentity:queues/log': {
         write: (level, message) => calls.push(['log', level, message]),
       },
-      'clawdentity:queues/websocket': {
-        sendFrame: () => assert.fail('send-frame is not used'),
-      },
       'clawdentity:queues/relay-sessions': {
         deliverReceipt: () => assert.fail('deliver-receipt is not used'),
         deliver: (delivery) => {

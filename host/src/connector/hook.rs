@@ -622,7 +622,21 @@ mod tests {
         });
         let why = request(&bad).unwrap_err();
         assert!(why.contains("x-clawdentity-agent-did"), "{why}");
-        assert!(request(&frame(FrameBody::Heartbeat)).is_err());
+        // Only the session's kinds reach the hook (as verified): no other frame does.
+        let ack_id = || "01HZX4M3Q8V2J7K9T6R5W1N0PB".to_owned();
+        for other in [
+            FrameBody::Heartbeat,
+            FrameBody::HeartbeatAck { ack_id: ack_id() },
+            FrameBody::ReceiptAck { ack_id: ack_id() },
+            FrameBody::DeliverAck {
+                ack_id: ack_id(),
+                accepted: true,
+                reason: None,
+            },
+        ] {
+            let why = request(&frame(other)).unwrap_err();
+            assert!(why.ends_with("frame is not for the hook"), "{why}");
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::hub::{ConnectionHub, Outbound, Outgoing, QueueBounds};
+use super::hub::{ConnectionHub, Outbound, Outgoing};
 use super::sessions::{Ask, Kind, RelaySessions};
 use crate::agents::AgentRegistry;
 use crate::api::ApiError;
@@ -50,9 +50,6 @@ pub struct Heartbeat {
 /// How far a connector connection may fall behind before it is closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backpressure {
-    /// What may wait in a connection's queue; a connection whose queue is full is closed
-    /// (4008 `connector_too_slow`).
-    pub queue: QueueBounds,
     /// How long one frame may take to send (bounded by the heartbeat timeout too); a
     /// connection whose send takes longer is dropped.
     pub send_timeout: Duration,
@@ -61,7 +58,6 @@ pub struct Backpressure {
 impl Default for Backpressure {
     fn default() -> Self {
         Backpressure {
-            queue: QueueBounds::default(),
             send_timeout: Duration::from_secs(10),
         }
     }
@@ -301,7 +297,7 @@ async fn sleep_until(at: Option<Instant>) {
 /// revocation that landed while it was set up (and found no connection to close) still
 /// closes it.
 async fn serve_connection(socket: WebSocket, did: String, token: String, state: RelayState) {
-    let (id, outgoing) = state.hub.register(&did, state.backpressure.queue);
+    let (id, outgoing) = state.hub.register(&did);
     tracing::info!(agent = %did, "connector connected");
     let (sink, stream) = socket.split();
     let mut link = Link {
@@ -322,11 +318,12 @@ async fn serve_connection(socket: WebSocket, did: String, token: String, state: 
     }
     let why = end.reason();
     drop(link);
-    state.hub.disconnect(&did, id, outgoing, why);
+    drop(outgoing);
+    state.hub.disconnect(&did, id, why);
     tracing::info!(agent = %did, why, "connector disconnected");
 }
 
-/// Pushes what the session of `did` holds and what the hub hands the connection,
+/// Pushes what the session of `did` holds when the hub wakes the connection,
 /// heartbeats, and handles what the connector sends, until the connection ends.
 async fn converse(
     did: &str,
@@ -352,16 +349,6 @@ async fn converse(
                 receive(did, sessions, link, incoming).await
             }
             out = outgoing.next() => match out {
-                Outbound::Text(text) => {
-                    let sent = link.send(Message::Text(text.into())).await;
-                    if let Err(end) = sent {
-                        let reason = end.reason();
-                        tracing::warn!(agent = %did, reason,
-                            "a frame pushed with websocket.send-frame dropped: its connection ended while sending it");
-                        crate::metrics::websocket_frames_dropped(reason, 1);
-                    }
-                    sent
-                }
                 Outbound::Wake => push_from_session(sessions, did, Ask::Due, link)
                     .await
                     .map(|at| retry_at = at),
@@ -636,16 +623,11 @@ mod tests {
             interval: Duration::from_secs(60),
             timeout: Duration::from_secs(1),
         };
-        // A queue that holds the whole flood and a send timeout of a minute: only the
-        // heartbeat timeout bounds the stuck send.
+        // A send timeout of a minute: only the heartbeat timeout bounds the stuck send.
         let backpressure = Backpressure {
-            queue: QueueBounds {
-                max_frames: 1000,
-                max_bytes: 256 << 20,
-            },
             send_timeout: Duration::from_secs(60),
         };
-        let (_sessions, hub, mut sink, _stream, _dir) =
+        let (sessions, hub, mut sink, _stream, _dir) =
             connected(SessionLimits::default(), heartbeat, backpressure).await;
         // The peer keeps talking, so only a send that cannot go through can end it.
         let talking = tokio::spawn(async move {
@@ -661,10 +643,13 @@ mod tests {
                 }
             }
         });
-        let pad = "f".repeat(1_000_000);
-        for _ in 0..40 {
-            let frame = json!({"type": "flood", "pad": pad}).to_string();
-            assert_eq!(hub.send(A, frame), 1, "the queue holds the flood");
+        let pad = json!("f".repeat(1_000_000)).to_string();
+        for i in 0..40 {
+            let flood = DeliveryIn {
+                payload: pad.clone(),
+                ..delivery(&format!("flood-{i}"))
+            };
+            sessions.deliver(flood).await.unwrap();
         }
         let ended = async {
             while !hub.is_empty() {

@@ -814,7 +814,7 @@ fn migrate_receipts_table(conn: &mut Connection) -> rusqlite::Result<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::hub::{Outbound, QueueBounds};
+    use super::super::hub::Outbound;
     use super::*;
     use serde_json::{Value, json};
 
@@ -910,7 +910,7 @@ mod tests {
         let again = sessions.deliver_receipt(delivered).await.unwrap();
         assert_eq!(again, Delivery::Unchanged);
 
-        let (_, woken) = hub.register(A, QueueBounds::default());
+        let (_, woken) = hub.register(A);
         let dead = receipt("r1", ReceiptStatus::DeadLettered, Some("gone"));
         let changed = sessions.deliver_receipt(dead).await.unwrap();
         assert_eq!(changed, Delivery::Pushed(1));

@@ -18,13 +18,11 @@ mod actor_storage;
 mod log;
 mod relay_sessions;
 mod trust_store;
-mod websocket;
 
 pub(super) use actor_storage::{ActorStorageView, HasActorStorage};
 pub(super) use log::{HasLog, LogView};
 pub(super) use relay_sessions::{HasRelaySessions, RelaySessionsView};
 pub(super) use trust_store::{HasTrustStore, TrustStoreView};
-pub(super) use websocket::{HasWebsocket, WebsocketView};
 
 /// The host services a handler's imports reach. The server's wiring opens them
 /// ([`crate::server::open_capabilities`]).
@@ -33,7 +31,7 @@ pub struct Capabilities {
     pub trust: Arc<TrustStore>,
     /// Backs the `relay-sessions` import.
     pub sessions: Arc<RelaySessions>,
-    /// Backs the `websocket` import; revocations close connections through it too.
+    /// The agents' connector connections: revocations close them through it.
     pub hub: Arc<ConnectionHub>,
     /// Backs the `actor-storage` import.
     pub storage: Arc<ActorStorage>,

@@ -3,17 +3,20 @@
 //! so that components built against 0.1.0 keep loading. wasmtime does not match 0.1.x
 //! imports to 0.2.x definitions, so the linker holds both; each 0.1.0 capability
 //! converts its types and calls the 0.2.0 implementation, and a 0.1.0 handler's messages
-//! and outcomes are converted on the way in and out.
+//! and outcomes are converted on the way in and out. 0.1.0's `websocket`, retired in
+//! 0.2.0, is linked only so that such components still instantiate: its `send-frame` is
+//! refused with a permanent error and a warning, and sends nothing.
 
-use wasmtime::component::{HasSelf, InstancePre, Linker};
+use wasmtime::component::{HasData, HasSelf, InstancePre, Linker};
 use wasmtime::{Engine, Store};
 
 use super::batch::BatchState;
 use super::bindings as current;
 use super::capabilities::{
-    ActorStorageView, HasActorStorage, HasLog, HasRelaySessions, HasTrustStore, HasWebsocket,
-    LogView, RelaySessionsView, TrustStoreView, WebsocketView,
+    ActorStorageView, HasActorStorage, HasLog, HasRelaySessions, HasTrustStore, LogView,
+    RelaySessionsView, TrustStoreView,
 };
+use super::record::{CallLog, recorded};
 use super::{Message, Outcome};
 use crate::bounds::MAX_LIST_PAGE;
 use current::clawdentity::queues as now;
@@ -52,9 +55,9 @@ pub(super) fn add_to_linker(linker: &mut Linker<BatchState>) -> wasmtime::Result
         log: HasLog,
         trust_store: HasTrustStore,
         relay_sessions: HasRelaySessions,
-        websocket: HasWebsocket,
         actor_storage: HasActorStorage
     );
+    websocket::add_to_linker::<_, HasRetiredWebsocket>(linker, HasRetiredWebsocket::view)?;
     Ok(())
 }
 
@@ -202,13 +205,63 @@ impl relay_sessions::Host for RelaySessionsView<'_> {
     }
 }
 
-impl websocket::Host for WebsocketView<'_> {
+/// Why a 0.1.0 `websocket.send-frame` is refused.
+const SEND_FRAME_RETIRED: &str =
+    "websocket.send-frame is retired: frames are built by the host; use relay-sessions.deliver";
+
+/// What the retired 0.1.0 `websocket` import reaches of a batch: the handler it names in
+/// its warning, and the batch's call log.
+struct RetiredWebsocketView<'a> {
+    handler: &'a str,
+    version: &'a str,
+    calls: Option<&'a CallLog>,
+}
+
+/// The retired `websocket` import's view of a batch's state, for the linker.
+struct HasRetiredWebsocket;
+
+impl HasData for HasRetiredWebsocket {
+    type Data<'a> = RetiredWebsocketView<'a>;
+}
+
+impl HasRetiredWebsocket {
+    /// The view of `state`.
+    fn view(state: &mut BatchState) -> RetiredWebsocketView<'_> {
+        RetiredWebsocketView {
+            handler: &state.handler,
+            version: &state.version,
+            calls: state.calls.as_ref(),
+        }
+    }
+}
+
+impl websocket::Host for RetiredWebsocketView<'_> {
+    /// Refused, permanently: nothing reaches any connection.
     async fn send_frame(
         &mut self,
         agent_did: String,
         frame: String,
     ) -> Result<u32, types::HostError> {
-        legacy(now::websocket::Host::send_frame(self, agent_did, frame).await)
+        let (handler, version) = (self.handler, self.version);
+        tracing::warn!(handler, version, agent = %agent_did,
+            "refused websocket.send-frame of a 0.1.0 handler: {SEND_FRAME_RETIRED}");
+        let args = || format!("{agent_did} {frame}");
+        let refused = async {
+            Err(now::types::HostError {
+                transient: false,
+                message: SEND_FRAME_RETIRED.into(),
+            })
+        };
+        legacy(
+            recorded(
+                self.calls,
+                "websocket.send-frame",
+                args,
+                |_: &u32| String::new(),
+                refused,
+            )
+            .await,
+        )
     }
 }
 

@@ -14,7 +14,9 @@
 //! - `big-key`: puts one value under a key of `size` bytes;
 //! - `list`: lists every key of actor `hostile` in pages of `n` (the host caps them) and
 //!   logs `hostile listed <keys> keys in <pages> pages of at most <largest>`;
-//! - `frames`: pushes `n` frames of `size` bytes to `agent` with `websocket.send-frame`;
+//! - `frames`: hands `n` deliveries with a payload of `size` bytes to `agent` through
+//!   `relay-sessions.deliver` (dedup keys `flood-<message id>-<i>`), which pushes each as
+//!   a `deliver` frame;
 //! - `ack` (or anything else): acks.
 //!
 //! Every message is first logged as `hostile <attack> attempts=<n>`. A capability error
@@ -25,9 +27,10 @@ wit_bindgen::generate!({
     path: "../../../wit",
 });
 
+use clawdentity::queues::actor_storage;
 use clawdentity::queues::log::{self, Level};
+use clawdentity::queues::relay_sessions::{self, AgentDelivery};
 use clawdentity::queues::types::{HostError, Message, Outcome};
-use clawdentity::queues::{actor_storage, websocket};
 use serde::Deserialize;
 
 #[derive(Deserialize, Default)]
@@ -67,7 +70,7 @@ impl exports::clawdentity::queues::handler::Guest for Hostile {
                     panic!("hostile stderr flood of {} bytes", attack.size);
                 }
                 action => {
-                    if let Err(err) = capability_attack(action, &attack) {
+                    if let Err(err) = capability_attack(action, &attack, &message.id) {
                         log::write(Level::Warn, &format!("hostile refused: {}", err.message));
                     }
                     Outcome::Ack
@@ -79,8 +82,8 @@ impl exports::clawdentity::queues::handler::Guest for Hostile {
     }
 }
 
-/// The attacks made through capability calls.
-fn capability_attack(action: &str, attack: &Attack) -> Result<(), HostError> {
+/// The attacks made through capability calls, by the message `id`.
+fn capability_attack(action: &str, attack: &Attack, id: &str) -> Result<(), HostError> {
     let value = vec![b'v'; attack.size];
     match action {
         "log" => {
@@ -111,9 +114,19 @@ fn capability_attack(action: &str, attack: &Attack) -> Result<(), HostError> {
             );
         }
         "frames" => {
-            let frame = format!(r#"{{"type":"flood","pad":"{}"}}"#, "f".repeat(attack.size));
-            for _ in 0..attack.n {
-                websocket::send_frame(&attack.agent, &frame)?;
+            let payload = format!(r#""{}""#, "f".repeat(attack.size.saturating_sub(2)));
+            for i in 0..attack.n {
+                relay_sessions::deliver(&AgentDelivery {
+                    dedup_key: format!("flood-{id}-{i}"),
+                    from_agent_did: attack.agent.clone(),
+                    to_agent_did: attack.agent.clone(),
+                    payload: payload.clone(),
+                    delivery_source: None,
+                    content_type: None,
+                    group_id: None,
+                    conversation_id: None,
+                    reply_to: None,
+                })?;
             }
         }
         _ => {}
