@@ -49,16 +49,6 @@ fn member_joined(recipient: &str, joined: &str, message: Option<&str>) -> Value 
     })
 }
 
-/// The keys of a JSON object.
-fn keys(value: &Value) -> BTreeSet<&str> {
-    value
-        .as_object()
-        .unwrap_or_else(|| panic!("{value} is not an object"))
-        .keys()
-        .map(String::as_str)
-        .collect()
-}
-
 /// Publishes `body` on `queue` in one of the three shapes producers use: the object,
 /// the JSON string of it, or a `text` body holding it.
 fn publish_as(host: &Host, queue: &str, body: &Value, shape: &str) {
@@ -126,7 +116,7 @@ fn pair_accepted_reaches_the_initiator_as_a_deliver_frame_in_every_body_shape() 
         publish_as(&host, EVENTS, &event, shape);
         let frame = next_deliver(&mut socket);
         assert_eq!(
-            keys(&frame),
+            json_keys(&frame),
             BTreeSet::from([
                 "v",
                 "type",
@@ -212,7 +202,7 @@ fn group_member_joined_reaches_the_recipients_hook_through_clawq_connect() {
 
     let body = &request.body;
     assert_eq!(
-        keys(body),
+        json_keys(body),
         BTreeSet::from([
             "type",
             "requestId",
@@ -241,7 +231,7 @@ fn group_member_joined_reaches_the_recipients_hook_through_clawq_connect() {
     );
     let metadata = &body["relayMetadata"];
     assert_eq!(
-        keys(metadata),
+        json_keys(metadata),
         BTreeSet::from(["timestamp", "deliverySource", "groupName"]),
         "{metadata}"
     );

@@ -79,16 +79,6 @@ fn next_receipt(socket: &mut Socket) -> Value {
     frame
 }
 
-/// The keys of a JSON object.
-fn keys(value: &Value) -> BTreeSet<&str> {
-    value
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect()
-}
-
 /// Checks a receipt frame field by field, with its exact key set.
 fn assert_receipt_frame(frame: &Value, request_id: &str, reason: Option<&str>) {
     let mut want: BTreeSet<&str> = BTreeSet::from([
@@ -103,7 +93,7 @@ fn assert_receipt_frame(frame: &Value, request_id: &str, reason: Option<&str>) {
     if reason.is_some() {
         want.insert("reason");
     }
-    assert_eq!(keys(frame), want, "{frame}");
+    assert_eq!(json_keys(frame), want, "{frame}");
     assert_eq!(frame["v"], 1, "{frame}");
     assert_eq!(frame["type"], "receipt", "{frame}");
     assert_eq!(frame["id"].as_str().unwrap().len(), 26, "a ULID: {frame}");

@@ -11,27 +11,7 @@ const JOBS: &str = "jobs";
 
 /// The value of the sample `name` whose labels include every one of `labels`.
 fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let found = scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
-    match found.map(|s| &s.value) {
-        Some(
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v),
-        ) => *v,
-        other => panic!("no sample {name} {labels:?}: {other:?}"),
-    }
-}
-
-fn scrape(host: &Host) -> prometheus_parse::Scrape {
-    let text = reqwest::blocking::get(format!("{}/metrics", host.base))
-        .unwrap()
-        .text()
-        .unwrap();
-    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-        .expect("valid Prometheus text")
+    find_sample(scrape, name, labels).unwrap_or_else(|| panic!("no sample {name} {labels:?}"))
 }
 
 /// A series of the README's metrics table: its name and its labels, each with the values
@@ -107,7 +87,7 @@ fn every_documented_series_is_there_from_the_start_at_zero() {
     assert_eq!(queue_names.len(), 4, "{queue_names:?}");
     assert_eq!(consumers.len(), 3, "{consumers:?}");
 
-    let m = scrape(&host);
+    let m = host.scrape();
     let documented = documented_series();
     for series in &documented {
         // Every combination of the label values the series must have.
@@ -245,7 +225,7 @@ fn counters_match_what_happened() {
     // The counters follow each settlement's commit: wait for the last one's.
     let q = [("queue", JOBS)];
     let m = wait_for("the last settlement's counters", || {
-        let m = scrape(&host);
+        let m = host.scrape();
         (sample(&m, "clawq_messages_dead_lettered_total", &q) == 2.0).then_some(m)
     });
     assert_eq!(sample(&m, "clawq_messages_published_total", &q), 5.0);

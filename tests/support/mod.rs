@@ -567,6 +567,17 @@ pub fn find_sample(
     }
 }
 
+/// The keys of a JSON object, in order (panics when `value` is not an object), for exact
+/// key-set checks of frames and hook bodies.
+pub fn json_keys(value: &Value) -> std::collections::BTreeSet<&str> {
+    value
+        .as_object()
+        .unwrap_or_else(|| panic!("not a JSON object: {value}"))
+        .keys()
+        .map(String::as_str)
+        .collect()
+}
+
 /// An `agent.auth.revoked` event envelope.
 pub fn revocation_event(reason: &str, metadata: Value) -> Value {
     serde_json::json!({
