@@ -31,14 +31,15 @@ struct Pending {
     close: Option<(u16, &'static str)>,
 }
 
-/// A connection's queue, shared by the hub (which fills it) and the connection task.
+/// What the hub has asked of a connection's task (a wake, a close), shared by the hub
+/// and the task.
 #[derive(Default)]
-struct Queue {
+struct Signals {
     pending: Mutex<Pending>,
     changed: Notify,
 }
 
-impl Queue {
+impl Signals {
     fn lock(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -57,9 +58,9 @@ impl Queue {
     }
 }
 
-/// The receiving end of a connection's queue, held by its task.
+/// The receiving end of a connection's signals, held by its task.
 pub struct Outgoing {
-    queue: Arc<Queue>,
+    signals: Arc<Signals>,
 }
 
 impl Outgoing {
@@ -67,7 +68,7 @@ impl Outgoing {
     pub async fn next(&self) -> Outbound {
         loop {
             {
-                let mut pending = self.queue.lock();
+                let mut pending = self.signals.lock();
                 if let Some((code, reason)) = pending.close {
                     return Outbound::Close(code, reason);
                 }
@@ -75,24 +76,24 @@ impl Outgoing {
                     return Outbound::Wake;
                 }
             }
-            self.queue.changed.notified().await;
+            self.signals.changed.notified().await;
         }
     }
 
     /// Waits until the hub asks the connection to close; returns the code and reason.
     pub async fn closed(&self) -> (u16, &'static str) {
         loop {
-            if let Some(close) = self.queue.lock().close {
+            if let Some(close) = self.signals.lock().close {
                 return close;
             }
-            self.queue.changed.notified().await;
+            self.signals.changed.notified().await;
         }
     }
 }
 
 struct Connection {
     id: u64,
-    queue: Arc<Queue>,
+    signals: Arc<Signals>,
 }
 
 /// The registry of open connections, by agent DID.
@@ -108,18 +109,18 @@ impl ConnectionHub {
     }
 
     /// Registers a new connection of `did`, closing the previous one; returns the
-    /// connection's id and the queue of what it must do.
+    /// connection's id and the signals of what it must do.
     pub fn register(&self, did: &str) -> (u64, Outgoing) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let queue = Arc::new(Queue::default());
+        let signals = Arc::new(Signals::default());
         let connection = Connection {
             id,
-            queue: queue.clone(),
+            signals: signals.clone(),
         };
         if let Some(old) = self.lock().insert(did.to_owned(), connection) {
-            old.queue.close(SUPERSEDED);
+            old.signals.close(SUPERSEDED);
         }
-        (id, Outgoing { queue })
+        (id, Outgoing { signals })
     }
 
     /// Ends connection `id` of `did`, which closed for `reason`: forgets it (unless a
@@ -138,7 +139,7 @@ impl ConnectionHub {
     /// many were woken (0 or 1). Wakes not yet handled count once.
     pub fn wake(&self, did: &str) -> u32 {
         self.lock().get(did).map_or(0, |c| {
-            c.queue.update(|p| p.wake = true);
+            c.signals.update(|p| p.wake = true);
             1
         })
     }
@@ -146,13 +147,13 @@ impl ConnectionHub {
     /// Closes the open connection of `did`, if any.
     pub fn close(&self, did: &str, code: u16, reason: &'static str) -> bool {
         let closed = self.lock().remove(did);
-        closed.map(|c| c.queue.close((code, reason))).is_some()
+        closed.map(|c| c.signals.close((code, reason))).is_some()
     }
 
     /// Closes every open connection (the host is shutting down).
     pub fn close_all(&self, code: u16, reason: &'static str) {
         for (_, c) in self.lock().drain() {
-            c.queue.close((code, reason));
+            c.signals.close((code, reason));
         }
     }
 
