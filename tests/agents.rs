@@ -3,13 +3,11 @@
 //! data directory; a removal or a revocation closes the agent's connection at once, a
 //! revoked agent cannot be added, and `clawq connect` says why the host refused it.
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 /// Runs `clawq <args>` in the directory `cwd` with only the environment `env` set for
 /// clawq (no `CLAWQ_DATA_DIR` unless given), as an operator would from anywhere.

@@ -1,10 +1,8 @@
 //! End to end: the HTTP API refuses bad requests with clear JSON errors and stores
 //! nothing for them.
 
-mod support;
-
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 /// The receipts queue has no consumer yet, so whatever is stored stays countable.
 const QUEUE: &str = "clawdentity-receipts";

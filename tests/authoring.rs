@@ -2,14 +2,12 @@
 //! batch on this machine, every capability call and outcome shown) and `clawq new
 //! handler` (a crate that tests, builds, checks and runs outside this workspace).
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use crate::support::{DID_A, DID_B, SCRIPTED_HANDLER};
 use serde_json::{Value, json};
-use support::{DID_A, DID_B, SCRIPTED_HANDLER};
 
 const RECEIPT_ROUTER: &str = env!("CLAWQ_GUEST_RECEIPT_ROUTER");
 /// Longest a `clawq` command may take (it compiles the component).

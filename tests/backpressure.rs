@@ -5,12 +5,10 @@
 //! connect (nothing durable is lost), and a connector that reads slowly but keeps within
 //! the timeout stays open.
 
-mod support;
-
 use std::time::Instant;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 const RECEIPTS: &str = "clawdentity-receipts";
 const HOSTILE: &str = "hostile";

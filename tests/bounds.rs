@@ -4,12 +4,10 @@
 //! past the consumer's storage quota are refused and the store's file stays bounded;
 //! `list-prefix` pages through more keys than one page holds.
 
-mod support;
-
 use std::time::Instant;
 
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 const HOSTILE: &str = "hostile";
 

@@ -2,12 +2,10 @@
 //! (a fake OpenClaw) through the real `clawq connect` (spec section 4), and so does a
 //! `deliver` frame (spec section 5).
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 const RECEIPTS: &str = "clawdentity-receipts";
 const RECEIPT_CONTENT_TYPE: &str = "application/vnd.clawdentity.receipt+json";
@@ -362,7 +360,7 @@ fn notifications_left_by_an_older_connector_reach_the_hook_as_deliveries() {
 }
 
 /// The dead-letter digest example (`components/examples/dead-letter-digest`).
-const DIGEST: &str = env!("CLAWQ_GUEST_DEAD_LETTER_DIGEST");
+const DIGEST: &str = clawq_test_guests::DEAD_LETTER_DIGEST;
 
 #[test]
 fn a_dead_letter_digest_reaches_the_hook_as_a_delivery_through_the_host() {

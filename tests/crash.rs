@@ -6,15 +6,13 @@
 //! The random points come from a seed printed by each test; `CLAWQ_CRASH_SEED=<seed>`
 //! replays them.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 const QUEUE: &str = "load";
 /// Messages published in all.

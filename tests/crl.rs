@@ -1,10 +1,8 @@
 //! End to end: revocations published over HTTP reach the trust store through the real
 //! CRL-invalidation component, with every row of spec section 2's outcome table.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 #[test]
 fn a_published_revocation_makes_the_agent_revoked() {

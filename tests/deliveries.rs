@@ -3,10 +3,8 @@
 //! connected, dropped after its last attempt, and every drop is logged and counted in
 //! `GET /v1/relay` and `/metrics`.
 
-mod support;
-
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 const RECEIPTS: &str = "clawdentity-receipts";
 

@@ -2,10 +2,8 @@
 //! `POST .../redrive`, `DELETE .../messages`) and by command line (`clawq dlq`), and
 //! `clawq status`.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 const JOBS: &str = "jobs";
 const DLQ: &str = "jobs-dlq";

@@ -3,12 +3,10 @@
 //! relay session), which `clawq connect` stores, acknowledges and POSTs to the agent's
 //! hook (docs/protocol.md sections 5 to 8).
 
-mod support;
-
 use std::collections::BTreeSet;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 const EVENTS: &str = "clawdentity-events";
 const RECEIPTS: &str = "clawdentity-receipts";
@@ -78,7 +76,7 @@ fn next_deliver(socket: &mut Socket) -> Value {
 fn ack(socket: &mut Socket, frame: &Value) {
     send_frame(
         socket,
-        &support::frame(
+        &crate::support::frame(
             "deliver_ack",
             json!({"ackId": frame["id"], "accepted": true}),
         ),
@@ -100,7 +98,7 @@ fn expect_nothing_before_a_probe(host: &Host, socket: &mut Socket, did: &str, pr
     );
     send_frame(
         socket,
-        &support::frame("receipt_ack", json!({"ackId": frame["id"]})),
+        &crate::support::frame("receipt_ack", json!({"ackId": frame["id"]})),
     );
 }
 

@@ -1,12 +1,10 @@
 //! End to end: hot swap, rejections, rollback, sandbox limits and crash-loop protection
 //! of handler components (real components, real host).
 
-mod support;
-
 use std::time::Instant;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 const JOBS: &str = "jobs";
 
@@ -413,7 +411,7 @@ fn check_names_the_worlds_that_accept_a_component() {
 }
 
 /// A handler built against the frozen `clawdentity:queues@0.1.0` contract.
-const LEGACY_HANDLER: &str = env!("CLAWQ_GUEST_LEGACY_HANDLER");
+const LEGACY_HANDLER: &str = clawq_test_guests::LEGACY_HANDLER;
 
 #[test]
 fn a_component_built_against_0_1_0_still_loads_and_routes_receipts() {

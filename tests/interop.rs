@@ -4,12 +4,10 @@
 //! the lenient rules hold end to end; what cannot be handled is acked and counted; and
 //! the bundled event router is on by default, taking exactly the events it delivers.
 
-mod support;
-
 use std::collections::BTreeSet;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 const EVENTS: &str = "clawdentity-events";
 const RECEIPTS: &str = "clawdentity-receipts";

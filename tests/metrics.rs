@@ -2,10 +2,8 @@
 //! start, at 0, and nothing it does not; it parses as Prometheus text and its counters
 //! match what the test did; JSON logs carry the batch span and attribute guest lines.
 
-mod support;
-
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 const JOBS: &str = "jobs";
 

@@ -1,12 +1,10 @@
 //! End to end: queue semantics (spec section 1) through the real host and a real
 //! component whose outcomes the message bodies script.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 const JOBS: &str = "jobs";
 

@@ -1,10 +1,8 @@
 //! End to end: delivery receipts through the real receipt-router component, relay
 //! sessions and the connector WebSocket (spec sections 3 and 4).
 
-mod support;
-
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 const RECEIPTS: &str = "clawdentity-receipts";
 const C: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PD";

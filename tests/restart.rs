@@ -1,10 +1,8 @@
 //! End to end: a host killed with SIGKILL and started again keeps its queued messages
 //! and its revocations.
 
-mod support;
-
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 #[test]
 fn queued_messages_and_revocations_survive_a_kill() {

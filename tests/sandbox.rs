@@ -6,12 +6,10 @@
 //! in rounds while `/healthz` answers within 100 ms, the events queue revokes, the
 //! host's memory stays bounded and `queues.db` grows by a bounded amount per message.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 const HOSTILE: &str = "hostile";
 const HOSTILE_DLQ: &str = "hostile-dlq";

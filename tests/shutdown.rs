@@ -2,12 +2,10 @@
 //! batches in flight commit, closes connector WebSockets with a close frame and exits 0;
 //! after a restart nothing is lost.
 
-mod support;
-
 use std::collections::BTreeMap;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 const JOBS: &str = "jobs";
 /// Enough messages that batches are still being handled when SIGTERM arrives.

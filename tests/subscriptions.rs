@@ -1,10 +1,8 @@
 //! End to end: several consumers per queue, each with its subscription filter, next to
 //! the bundled handlers (real host, real components, real sockets).
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 const EVENTS: &str = "clawdentity-events";
 const RECEIPTS: &str = "clawdentity-receipts";
@@ -174,7 +172,7 @@ fn a_failing_third_party_handler_holds_up_nothing_and_its_dead_letters_name_it()
     assert_eq!(router["counters"]["batches"], router_batches, "{router}");
 }
 
-const DIGEST: &str = env!("CLAWQ_GUEST_DEAD_LETTER_DIGEST");
+const DIGEST: &str = clawq_test_guests::DEAD_LETTER_DIGEST;
 /// An agent that gets revoked, and has no connection.
 const DID_REVOKED: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PD";
 

@@ -5,13 +5,11 @@
 //! commands run with `bash -c` (curl, and the `clawq` under test on `PATH`), so the README
 //! cannot drift from what works.
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
+use crate::support::*;
 use serde_json::Value;
-use support::*;
 
 /// The sections of the walk-through, in the order a reader runs them.
 const SECTIONS: [&str; 3] = [

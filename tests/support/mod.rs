@@ -1,8 +1,6 @@
 //! Test support: starts the real `clawq` binary on a loopback port with its own data
 //! directory, reads its log, and talks to it over HTTP.
 
-#![allow(dead_code)] // each test file uses its own part of the support
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,11 +10,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 /// The test handler whose outcomes the message bodies script.
-pub const SCRIPTED_HANDLER: &str = env!("CLAWQ_GUEST_SCRIPTED_HANDLER");
+pub const SCRIPTED_HANDLER: &str = clawq_test_guests::SCRIPTED_HANDLER;
 /// The test handler that traps on every batch.
-pub const FAILING_HANDLER: &str = env!("CLAWQ_GUEST_FAILING_HANDLER");
+pub const FAILING_HANDLER: &str = clawq_test_guests::FAILING_HANDLER;
 /// The test handler whose messages script attacks on the sandbox.
-pub const HOSTILE_HANDLER: &str = env!("CLAWQ_GUEST_HOSTILE_HANDLER");
+pub const HOSTILE_HANDLER: &str = clawq_test_guests::HOSTILE_HANDLER;
 /// A valid agent DID.
 pub const DID_A: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
 /// Another valid agent DID.
@@ -437,10 +435,6 @@ pub struct AttackFigures {
     pub probes: usize,
     /// The slowest of them.
     pub healthz_max: Duration,
-    /// The host's resident memory when the attack began, in KiB.
-    pub rss_before_kib: u64,
-    /// The host's peak resident memory when the attack was over, in KiB.
-    pub rss_peak_kib: u64,
 }
 
 impl Host {
@@ -517,8 +511,6 @@ impl Host {
             rounds,
             probes: latencies.len(),
             healthz_max: latencies.iter().max().copied().unwrap_or_default(),
-            rss_before_kib,
-            rss_peak_kib,
         };
         eprintln!(
             "{what}: {rounds} rounds; /healthz {} probes, max {:?}; RSS {} MiB before, \

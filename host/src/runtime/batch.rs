@@ -350,7 +350,7 @@ mod tests {
     /// The hostile handler loaded within `limits`, and capabilities in `dir`.
     fn hostile(limits: Limits, dir: &std::path::Path) -> (LoadedHandler, Arc<Capabilities>) {
         let runtime = Runtime::new().unwrap();
-        let wasm = std::fs::read(env!("CLAWQ_GUEST_HOSTILE_HANDLER")).unwrap();
+        let wasm = std::fs::read(clawq_test_guests::HOSTILE_HANDLER).unwrap();
         let handler = runtime
             .load("hostile", &wasm, World::HandlerHost, limits)
             .unwrap();

@@ -1,0 +1,28 @@
+//! clawq's end-to-end tests, one module per file of this folder, in one test binary
+//! (one build and one link instead of one per file). Each test starts the real `clawq`
+//! binary (see `support`) and talks to it over loopback sockets.
+
+mod support;
+
+mod agents;
+mod api;
+mod authoring;
+mod backpressure;
+mod bounds;
+mod connector;
+mod crash;
+mod crl;
+mod deliveries;
+mod dlq;
+mod docs;
+mod event_deliveries;
+mod handlers;
+mod interop;
+mod metrics;
+mod queue;
+mod relay;
+mod restart;
+mod sandbox;
+mod shutdown;
+mod subscriptions;
+mod walkthrough;
