@@ -22,8 +22,7 @@ const OUTER_BUILD_VARS: [&str; 7] = [
     "CARGO_PRIMARY_PACKAGE",
 ];
 
-/// Builds the workspace packages `guests` (crates of type `cdylib`, which for
-/// `wasm32-wasip2` is a component) in one cargo invocation with the `guest` profile, and
+/// Builds the workspace packages `guests` as components with the `guest` profile, and
 /// exports each `.wasm` path as `CLAWQ_GUEST_<NAME>` to the crate whose build script calls
 /// this. Panics (failing that build) when a guest does not build.
 pub fn build(guests: &[&str]) {
@@ -45,32 +44,28 @@ pub fn build(guests: &[&str]) {
     );
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .current_dir(&root)
-        .args([
-            "build",
-            "--lib",
-            "--target",
-            "wasm32-wasip2",
-            "--profile",
-            "guest",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir);
     for name in guests {
-        command.args(["-p", name]);
+        // Each guest crate is a plain library (so that its unit tests and clippy run
+        // natively); `cargo rustc` makes it a `cdylib`, which for `wasm32-wasip2` is a
+        // component. (A `cdylib` crate type in the manifest would not link natively.)
+        let mut command = Command::new(&cargo);
+        command
+            .current_dir(&root)
+            .args(["rustc", "--lib", "--crate-type", "cdylib", "-p", name])
+            .args(["--target", "wasm32-wasip2", "--profile", "guest"])
+            .arg("--target-dir")
+            .arg(&target_dir);
+        for var in OUTER_BUILD_VARS {
+            command.env_remove(var);
+        }
+        let status = command
+            .status()
+            .expect("running cargo to build the guest components");
+        assert!(
+            status.success(),
+            "building the guest component {name} failed"
+        );
     }
-    for var in OUTER_BUILD_VARS {
-        command.env_remove(var);
-    }
-    let status = command
-        .status()
-        .expect("running cargo to build the guest components");
-    assert!(
-        status.success(),
-        "building the guest components {guests:?} failed"
-    );
 
     for name in guests {
         let file = target_dir

@@ -7,7 +7,6 @@ pub mod event;
 pub mod fields;
 pub mod problem;
 pub mod receipt;
-#[cfg(any(test, feature = "samples"))]
 pub mod samples;
 
 /// Defines, in a handler component crate, the glue between its WIT bindings and this

@@ -1,5 +1,5 @@
 //! Sample messages in clawdentity's exact shapes, for the tests of this crate and of the
-//! handler components (feature `samples`).
+//! handler components.
 
 use serde_json::{Value, json};
 
