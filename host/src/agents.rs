@@ -4,7 +4,7 @@
 //! offline, on a data directory.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use clawq_protocol::did::{DidError, validate_agent_did};
@@ -60,6 +60,25 @@ impl From<TrustError> for AgentError {
         match err {
             TrustError::InvalidDid { did, reason } => AgentError::InvalidDid { did, reason },
             TrustError::Unavailable(why) => AgentError::Storage(why),
+        }
+    }
+}
+
+/// Why a connector of an agent is not (or no longer) let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The agent is not registered (or was removed), or the token is not its token.
+    UnknownOrWrongToken,
+    /// The trust store holds the agent revoked.
+    Revoked,
+}
+
+impl Refusal {
+    /// The reason a refused connect's 401 body gives (the connector prints it).
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::UnknownOrWrongToken => "unknown agent or wrong token",
+            Refusal::Revoked => "agent is revoked",
         }
     }
 }
@@ -153,6 +172,18 @@ impl AgentRegistry {
         Ok(agents)
     }
 
+    /// Whether the connector of `did` presenting `token` may connect: `Ok(None)` if so,
+    /// else why not; `Err` when the stores cannot say.
+    pub fn admission(&self, did: &str, token: &str, trust: &TrustStore) -> Result<Option<Refusal>> {
+        if !self.authenticate(did, token)? {
+            return Ok(Some(Refusal::UnknownOrWrongToken));
+        }
+        if trust.is_revoked(did)? {
+            return Ok(Some(Refusal::Revoked));
+        }
+        Ok(None)
+    }
+
     /// Whether `token` is the token of agent `did`.
     pub fn authenticate(&self, did: &str, token: &str) -> Result<bool> {
         let found: Option<i64> = self
@@ -162,6 +193,16 @@ impl AgentRegistry {
             .optional()?;
         Ok(found.is_some())
     }
+}
+
+/// [`AgentRegistry::admission`] off the async threads (SQLite blocks).
+pub async fn admit(
+    agents: Arc<AgentRegistry>,
+    trust: Arc<TrustStore>,
+    did: String,
+    token: String,
+) -> Result<Option<Refusal>> {
+    tokio::task::spawn_blocking(move || agents.admission(&did, &token, &trust)).await?
 }
 
 #[cfg(test)]
