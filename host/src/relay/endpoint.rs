@@ -441,9 +441,14 @@ mod tests {
         let agents = Arc::new(AgentRegistry::open(&dir.path().join("agents.db")).unwrap());
         let token = agents.add(A).unwrap();
         let trust = TrustStore::open(&dir.path().join("trust.db"), Duration::from_secs(60));
+        let trust = Arc::new(trust.unwrap());
+        let tokens = crate::tokens::TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let admin = "a".repeat(crate::auth::MIN_TOKEN_CHARS);
+        let auth =
+            crate::auth::AuthState::new(&admin, Arc::new(tokens), agents.clone(), trust.clone());
         let state = RelayState {
             agents,
-            trust: Arc::new(trust.unwrap()),
+            trust,
             sessions: sessions.clone(),
             hub: hub.clone(),
             heartbeat,
@@ -451,7 +456,8 @@ mod tests {
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router(state)).await });
+        let app = crate::auth::protect(router(state), auth);
+        tokio::spawn(async move { axum::serve(listener, app).await });
         let url = format!("ws://{address}{CONNECT_PATH}?agent={A}");
         let mut request = url.into_client_request().unwrap();
         let bearer = format!("Bearer {token}").parse().unwrap();
