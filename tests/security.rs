@@ -90,6 +90,18 @@ fn expected(access: Access, caller: Caller, allowed: u16) -> u16 {
     }
 }
 
+/// The status and JSON body of `method` `path` with `body`, sent to `host` as the holder
+/// of `token` (`None`: without credentials).
+fn call(
+    host: &Host,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    answer(host.send_as(token, method, path, body))
+}
+
 /// A token issued through the API.
 fn issue(host: &Host, role: &str, queues: &[&str]) -> (String, String) {
     let (status, reply) = host.post("/v1/tokens", &json!({"role": role, "queues": queues}));
@@ -132,7 +144,47 @@ fn every_route_answers_each_caller_as_its_access_says_and_refusals_change_nothin
     };
     let id = host.publish("jobs", json!({"n": "shown"}));
     let victim = host.publish("jobs", json!({"n": "purged"}));
-    let call = |method, pattern: &'static str, path: &str, body: Option<Value>, allowed| Call {
+    // Each route with the body sent to it and what its own credential gets. The
+    // connector's token passes its route, where a plain GET is then no WebSocket
+    // upgrade (400); the deploy is refused as no component (400); there is no earlier
+    // version to roll back to (404).
+    let publish = Some(json!({"body": 1}));
+    let batch = Some(json!({"messages": [{"body": 2}]}));
+    let purge = Some(json!({"ids": [victim]}));
+    let redrive = Some(json!({"ids": [id], "to": "other"}));
+    let agent = Some(json!({"did": DID_B}));
+    let token = Some(json!({"role": "producer", "queues": ["jobs"]}));
+    let rows: [(&'static str, &'static str, Option<Value>, u16); 23] = [
+        ("GET", "/healthz", None, 200),
+        ("GET", "/metrics", None, 200),
+        ("POST", "/v1/queues/{queue}/messages", publish, 200),
+        ("POST", "/v1/queues/{queue}/messages/batch", batch, 200),
+        ("GET", "/v1/relay/connect", None, 400),
+        ("GET", "/v1/queues", None, 200),
+        ("GET", "/v1/queues/{queue}", None, 200),
+        ("GET", "/v1/queues/{queue}/messages", None, 200),
+        ("GET", "/v1/queues/{queue}/messages/{id}", None, 200),
+        ("DELETE", "/v1/queues/{queue}/messages", purge, 200),
+        ("POST", "/v1/queues/{queue}/redrive", redrive, 200),
+        ("GET", "/v1/trust/agents/{did}", None, 200),
+        ("GET", "/v1/relay", None, 200),
+        ("GET", "/v1/handlers", None, 200),
+        ("GET", "/v1/handlers/{consumer}", None, 200),
+        (
+            "PUT",
+            "/v1/handlers/{consumer}",
+            Some(json!("not wasm")),
+            400,
+        ),
+        ("POST", "/v1/handlers/{consumer}/rollback", None, 404),
+        ("POST", "/v1/agents", agent, 200),
+        ("GET", "/v1/agents", None, 200),
+        ("DELETE", "/v1/agents/{did}", None, 200),
+        ("POST", "/v1/tokens", token, 200),
+        ("GET", "/v1/tokens", None, 200),
+        ("DELETE", "/v1/tokens/{id}", None, 200),
+    ];
+    let calls = rows.map(|(method, pattern, body, allowed)| Call {
         method,
         pattern,
         access: match pattern {
@@ -146,128 +198,19 @@ fn every_route_answers_each_caller_as_its_access_says_and_refusals_change_nothin
             }
             _ => Access::Admin,
         },
-        path: path.to_owned(),
+        path: match pattern {
+            "/v1/relay/connect" => format!("{pattern}?agent={DID_A}"),
+            "/v1/agents/{did}" => format!("/v1/agents/{DID_B}"),
+            "/v1/tokens/{id}" => format!("/v1/tokens/{victim_token}"),
+            _ => pattern
+                .replace("{queue}", "jobs")
+                .replace("{id}", &id)
+                .replace("{did}", DID_A)
+                .replace("{consumer}", "clawdentity-events"),
+        },
         body,
         allowed,
-    };
-    let calls = [
-        call("GET", "/healthz", "/healthz", None, 200),
-        call("GET", "/metrics", "/metrics", None, 200),
-        call(
-            "POST",
-            "/v1/queues/{queue}/messages",
-            "/v1/queues/jobs/messages",
-            Some(json!({"body": {"n": 1}})),
-            200,
-        ),
-        call(
-            "POST",
-            "/v1/queues/{queue}/messages/batch",
-            "/v1/queues/jobs/messages/batch",
-            Some(json!({"messages": [{"body": {"n": 2}}]})),
-            200,
-        ),
-        // The agent's own token passes; a plain GET is then no WebSocket upgrade.
-        call(
-            "GET",
-            "/v1/relay/connect",
-            &format!("/v1/relay/connect?agent={DID_A}"),
-            None,
-            400,
-        ),
-        call("GET", "/v1/queues", "/v1/queues", None, 200),
-        call("GET", "/v1/queues/{queue}", "/v1/queues/jobs", None, 200),
-        call(
-            "GET",
-            "/v1/queues/{queue}/messages",
-            "/v1/queues/jobs/messages",
-            None,
-            200,
-        ),
-        call(
-            "GET",
-            "/v1/queues/{queue}/messages/{id}",
-            &format!("/v1/queues/jobs/messages/{id}"),
-            None,
-            200,
-        ),
-        call(
-            "DELETE",
-            "/v1/queues/{queue}/messages",
-            "/v1/queues/jobs/messages",
-            Some(json!({"ids": [victim]})),
-            200,
-        ),
-        call(
-            "POST",
-            "/v1/queues/{queue}/redrive",
-            "/v1/queues/jobs/redrive",
-            Some(json!({"ids": [id], "to": "other"})),
-            200,
-        ),
-        call(
-            "GET",
-            "/v1/trust/agents/{did}",
-            &format!("/v1/trust/agents/{DID_A}"),
-            None,
-            200,
-        ),
-        call("GET", "/v1/relay", "/v1/relay", None, 200),
-        call("GET", "/v1/handlers", "/v1/handlers", None, 200),
-        call(
-            "GET",
-            "/v1/handlers/{consumer}",
-            "/v1/handlers/clawdentity-events",
-            None,
-            200,
-        ),
-        // Not a component: refused by the deploy itself, once the token passed.
-        call(
-            "PUT",
-            "/v1/handlers/{consumer}",
-            "/v1/handlers/clawdentity-events",
-            Some(json!("not wasm")),
-            400,
-        ),
-        // No earlier version to go back to.
-        call(
-            "POST",
-            "/v1/handlers/{consumer}/rollback",
-            "/v1/handlers/clawdentity-events/rollback",
-            None,
-            404,
-        ),
-        call(
-            "POST",
-            "/v1/agents",
-            "/v1/agents",
-            Some(json!({"did": DID_B})),
-            200,
-        ),
-        call("GET", "/v1/agents", "/v1/agents", None, 200),
-        call(
-            "DELETE",
-            "/v1/agents/{did}",
-            &format!("/v1/agents/{DID_B}"),
-            None,
-            200,
-        ),
-        call(
-            "POST",
-            "/v1/tokens",
-            "/v1/tokens",
-            Some(json!({"role": "producer", "queues": ["jobs"]})),
-            200,
-        ),
-        call("GET", "/v1/tokens", "/v1/tokens", None, 200),
-        call(
-            "DELETE",
-            "/v1/tokens/{id}",
-            &format!("/v1/tokens/{victim_token}"),
-            None,
-            200,
-        ),
-    ];
+    });
     let key = |method: &str, path: &str, access: Access| format!("{method} {path} {access:?}");
     let mut tabled: Vec<String> = ROUTES
         .iter()
@@ -320,7 +263,7 @@ fn every_route_answers_each_caller_as_its_access_says_and_refusals_change_nothin
     // A route the table does not know: a token first, then the router's answer.
     for (method, path, allowed) in [("GET", "/v1/nope", 404), ("DELETE", "/healthz", 405)] {
         assert_eq!(
-            host.call_as(None, method, path, None).0,
+            call(&host, None, method, path, None).0,
             401,
             "{method} {path}"
         );
@@ -334,7 +277,8 @@ fn a_producer_token_cannot_revoke_an_agent_through_another_queue() {
     let host = Host::start(CONFIG);
     let (_, producer) = issue(&host, "producer", &["jobs"]);
     let revocation = json!({"body": revocation_event("agent_revoked", json!({"agentDid": DID_A}))});
-    let (status, body) = host.call_as(
+    let (status, body) = call(
+        &host,
         Some(&producer),
         "POST",
         "/v1/queues/clawdentity-events/messages",
@@ -367,7 +311,8 @@ fn tokens_are_shown_once_listed_without_secret_and_refused_once_removed() {
     assert!(said.contains("it is not shown again"), "{said}");
     let publish = || {
         let body = json!({"body": {"n": 1}});
-        host.call_as(
+        call(
+            &host,
             Some(&secret),
             "POST",
             "/v1/queues/jobs/messages",
@@ -412,7 +357,7 @@ fn tokens_are_shown_once_listed_without_secret_and_refused_once_removed() {
 
     let admin = host.cli(&["tokens", "add", "--role", "admin"]);
     let admin = admin.trim();
-    assert_eq!(host.call_as(Some(admin), "GET", "/v1/queues", None).0, 200);
+    assert_eq!(call(&host, Some(admin), "GET", "/v1/queues", None).0, 200);
 }
 
 /// Runs `clawq serve` with `args` and the config `CONFIG` after `settings`, on a fresh
@@ -461,7 +406,7 @@ fn a_non_loopback_host_needs_a_token_or_insecure_no_auth() {
     let token = "t".repeat(40);
     let config = format!("admin_token = \"{token}\"\n{CONFIG}");
     let host = Host::start_on("0.0.0.0:0", &config, &[]).with_admin_token(&token);
-    assert_eq!(host.call_as(None, "GET", "/v1/queues", None).0, 401);
+    assert_eq!(call(&host, None, "GET", "/v1/queues", None).0, 401);
     assert_eq!(host.get("/v1/queues").0, 200);
     assert!(
         !host.data_dir().join("admin.token").exists(),
@@ -471,9 +416,9 @@ fn a_non_loopback_host_needs_a_token_or_insecure_no_auth() {
 
     let open = Host::start_on("0.0.0.0:0", CONFIG, &["--insecure-no-auth"]);
     open.wait_log_all(&["INSECURE", "without a token"]);
-    assert_eq!(open.call_as(None, "GET", "/v1/queues", None).0, 200);
+    assert_eq!(call(&open, None, "GET", "/v1/queues", None).0, 200);
     let body = json!({"body": {"n": 1}});
-    let published = open.call_as(None, "POST", "/v1/queues/jobs/messages", Some(&body));
+    let published = call(&open, None, "POST", "/v1/queues/jobs/messages", Some(&body));
     assert_eq!(published.0, 200, "{published:?}");
     assert_eq!(
         open.refused_status(DID_A, None),
@@ -506,13 +451,13 @@ fn an_empty_or_short_admin_token_is_refused_naming_where_it_came_from() {
 #[test]
 fn metrics_are_open_only_when_the_config_says_so() {
     let host = Host::start(CONFIG);
-    assert_eq!(host.call_as(None, "GET", "/metrics", None).0, 401);
+    assert_eq!(call(&host, None, "GET", "/metrics", None).0, 401);
     let public = Host::start(&format!("metrics_public = true\n{CONFIG}"));
     let response = public.send_as(None, "GET", "/metrics", None);
     assert_eq!(response.status(), 200);
     assert!(response.text().unwrap().contains("clawq_queue_backlog"));
     assert_eq!(
-        public.call_as(None, "GET", "/v1/queues", None).0,
+        call(&public, None, "GET", "/v1/queues", None).0,
         401,
         "only /metrics"
     );

@@ -4,10 +4,9 @@
 //! `tokens.db` of the data directory.
 
 use std::path::Path;
-use std::sync::Mutex;
 
 use anyhow::Result;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{OptionalExtension, params};
 
 use crate::clock::now_ms;
 use crate::crypto::{random_token, sha256_hex};
@@ -54,33 +53,27 @@ pub struct Token {
     pub created_ms: u64,
 }
 
+/// The table of the issued tokens.
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS tokens (
+             id         TEXT PRIMARY KEY,
+             name       TEXT NOT NULL,
+             role       TEXT NOT NULL,
+             queues     TEXT NOT NULL,
+             token_hash TEXT NOT NULL UNIQUE,
+             created_ms INTEGER NOT NULL
+         );";
+
 /// The issued tokens, in SQLite.
 pub struct TokenStore {
-    conn: Mutex<Connection>,
+    db: db::Shared,
 }
 
 impl TokenStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = db::open(
-            path,
-            Durability::Process,
-            "CREATE TABLE IF NOT EXISTS tokens (
-                 id         TEXT PRIMARY KEY,
-                 name       TEXT NOT NULL,
-                 role       TEXT NOT NULL,
-                 queues     TEXT NOT NULL,
-                 token_hash TEXT NOT NULL UNIQUE,
-                 created_ms INTEGER NOT NULL
-             );",
-        )?;
         Ok(TokenStore {
-            conn: Mutex::new(conn),
+            db: db::Shared::open(path, Durability::Process, SCHEMA)?,
         })
-    }
-
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Issues a token of `role` for `queues`, named `name`; returns it and its secret
@@ -97,7 +90,7 @@ impl TokenStore {
             queues: queues.to_vec(),
             created_ms: now_ms(),
         };
-        self.conn().execute(
+        self.db.lock().execute(
             "INSERT INTO tokens (id, name, role, queues, token_hash, created_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
@@ -114,7 +107,7 @@ impl TokenStore {
 
     /// Every issued token, oldest first.
     pub fn list(&self) -> Result<Vec<Token>> {
-        let conn = self.conn();
+        let conn = self.db.lock();
         let mut stmt = conn.prepare(
             "SELECT id, name, role, queues, created_ms FROM tokens ORDER BY created_ms, id",
         )?;
@@ -127,7 +120,8 @@ impl TokenStore {
     /// Removes the token `id`; whether there was one.
     pub fn remove(&self, id: &str) -> Result<bool> {
         Ok(self
-            .conn()
+            .db
+            .lock()
             .execute("DELETE FROM tokens WHERE id = ?1", [id])?
             > 0)
     }
@@ -136,7 +130,8 @@ impl TokenStore {
     /// is looked up by its SHA-256 hash, so the lookup's timing tells nothing about it.
     pub fn find(&self, secret: &str) -> Result<Option<Token>> {
         let found = self
-            .conn()
+            .db
+            .lock()
             .prepare_cached(
                 "SELECT id, name, role, queues, created_ms FROM tokens WHERE token_hash = ?1",
             )?

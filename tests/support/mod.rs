@@ -278,18 +278,6 @@ impl Host {
         request.send().unwrap()
     }
 
-    /// Sends `method` `path` with an optional JSON `body` as the holder of `token`
-    /// (`None`: without credentials) and returns the status and JSON body.
-    pub fn call_as(
-        &self,
-        token: Option<&str>,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> (u16, Value) {
-        answer(self.send_as(token, method, path, body))
-    }
-
     /// A request to `path` with the admin token.
     fn admin_request(
         &self,
@@ -323,7 +311,7 @@ impl Host {
     /// DELETEs `path` with an optional JSON `body` (with the admin token) and returns the
     /// status and JSON body.
     pub fn delete(&self, path: &str, body: Option<&Value>) -> (u16, Value) {
-        self.call_as(Some(&self.admin_token()), "DELETE", path, body)
+        answer(self.send_as(Some(&self.admin_token()), "DELETE", path, body))
     }
 
     /// POSTs `body` to `path` (with the admin token) and returns the status and JSON body.
