@@ -100,6 +100,7 @@ impl Target {
 fn publish_until_stored(
     target: &Target,
     http: &reqwest::blocking::Client,
+    token: &str,
     queue: &str,
     tags: &[String],
 ) -> Vec<String> {
@@ -112,6 +113,7 @@ fn publish_until_stored(
         let (run, base) = target.current();
         let reply = http
             .post(format!("{base}/v1/queues/{queue}/messages/batch"))
+            .bearer_auth(token)
             .json(&body)
             .send()
             .and_then(|r| r.error_for_status())
@@ -161,6 +163,7 @@ fn nothing_is_lost_when_the_host_is_killed_under_load() {
     let producers: Vec<_> = (0..PRODUCERS)
         .map(|p| {
             let (target, published) = (target.clone(), published.clone());
+            let token = host.admin_token();
             std::thread::spawn(move || {
                 let http = reqwest::blocking::Client::builder()
                     .timeout(DEADLINE)
@@ -171,7 +174,7 @@ fn nothing_is_lost_when_the_host_is_killed_under_load() {
                     .collect();
                 let mut stored = BTreeMap::new();
                 for chunk in tags.chunks(PUBLISH_BATCH) {
-                    let ids = publish_until_stored(&target, &http, QUEUE, chunk);
+                    let ids = publish_until_stored(&target, &http, &token, QUEUE, chunk);
                     assert_eq!(ids.len(), chunk.len());
                     stored.extend(chunk.iter().cloned().zip(ids));
                     published.fetch_add(chunk.len(), Ordering::SeqCst);

@@ -403,6 +403,7 @@ fn clawq_status_ends_quietly_when_its_reader_goes_away() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_clawq"))
         .arg("status")
         .env("CLAWQ_SERVER", &host.base)
+        .env("CLAWQ_DATA_DIR", host.data_dir())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -23,6 +23,7 @@ mod queue;
 mod relay;
 mod restart;
 mod sandbox;
+mod security;
 mod shutdown;
 mod subscriptions;
 mod walkthrough;

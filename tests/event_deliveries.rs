@@ -278,10 +278,7 @@ fn events_the_event_router_cannot_deliver_are_acked_and_counted_unhandled() {
         "responderAgentDid",
     ]);
     let metrics = wait_for("the unhandled counter", || {
-        let text = reqwest::blocking::get(format!("{}/metrics", host.base))
-            .unwrap()
-            .text()
-            .unwrap();
+        let text = host.metrics_text();
         text.lines()
             .any(|l| {
                 l.starts_with("clawq_messages_unhandled_total{")

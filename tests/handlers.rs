@@ -269,10 +269,7 @@ fn a_crash_looping_new_version_is_rolled_back_automatically() {
     let (status, body) = deploy(&host, JOBS, failing);
     assert_eq!(status, 200, "{body}");
     // The new version's counters are there from its deploy, at 0.
-    let metrics = reqwest::blocking::get(format!("{}/metrics", host.base))
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = host.metrics_text();
     for counter in ["batches", "traps", "errors", "limit_hits"] {
         let series = format!(
             "clawq_handler_{counter}_total{{consumer=\"{JOBS}\",version=\"{}\"}} 0\n",

@@ -1,18 +1,15 @@
-//! The admin HTTP API: handler versions (deploy, list, history, rollback) and the agents
-//! whose connectors may connect (add, list, remove). Every route needs `Authorization:
-//! Bearer <admin token>`; the token is generated into the data directory on first start
-//! unless the config or `CLAWQ_ADMIN_TOKEN` gives one.
+//! The admin HTTP API: handler versions (deploy, list, history, rollback), the agents
+//! whose connectors may connect (add, list, remove) and the issued API tokens (add, list,
+//! remove). Every route needs an admin token (see `auth`).
 
-use std::path::Path;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use anyhow::Context;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
-use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use serde_json::{Value, json};
@@ -22,52 +19,27 @@ use crate::api::ApiError;
 use crate::handlers::{HandlerSlots, Slot, SlotError};
 use crate::relay::hub::ConnectionHub;
 use crate::runtime::LoadedHandler;
+use crate::tokens::{Role, Token, TokenStore};
 use crate::trust::TrustStore;
 
 /// Largest component accepted by a deploy.
 const MAX_COMPONENT_BYTES: usize = 64 << 20;
-/// The file of the generated admin token, in the data directory.
-pub const TOKEN_FILE: &str = "admin.token";
 
 /// What the admin API serves from.
 #[derive(Clone)]
 pub struct AdminState {
     /// The handler slots.
     pub slots: Arc<HandlerSlots>,
-    /// The token every request must present.
-    pub token: Arc<str>,
+    /// The issued API tokens.
+    pub tokens: Arc<TokenStore>,
+    /// The queues served (a producer token names some of them).
+    pub queues: Arc<BTreeSet<String>>,
     /// The agents whose connectors may connect.
     pub agents: Arc<AgentRegistry>,
     /// Who is revoked (a revoked agent is not added).
     pub trust: Arc<TrustStore>,
     /// The open connector connections (a removed agent's is closed).
     pub hub: Arc<ConnectionHub>,
-}
-
-/// The admin token: `configured` if given, else the one in `data_dir`, generated (mode
-/// 0600) on first start.
-pub fn admin_token(data_dir: &Path, configured: Option<String>) -> anyhow::Result<String> {
-    if let Some(token) = configured.filter(|t| !t.trim().is_empty()) {
-        return Ok(token);
-    }
-    let path = data_dir.join(TOKEN_FILE);
-    if let Ok(token) = std::fs::read_to_string(&path) {
-        return Ok(token.trim().to_owned());
-    }
-    let token = crate::crypto::random_token("cqadm_")?;
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("writing the admin token to {}", path.display()))?;
-        writeln!(file, "{token}")?;
-    }
-    tracing::info!(path = %path.display(), "generated the admin API token");
-    Ok(token)
 }
 
 /// The admin routes.
@@ -78,25 +50,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/handlers/{consumer}/rollback", post(rollback))
         .route("/v1/agents", post(add_agent).get(list_agents))
         .route("/v1/agents/{did}", delete(remove_agent))
+        .route("/v1/tokens", post(add_token).get(list_tokens))
+        .route("/v1/tokens/{id}", delete(remove_token))
         .layer(DefaultBodyLimit::max(MAX_COMPONENT_BYTES))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
-}
-
-async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given != Some(&*state.token) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the admin API needs `Authorization: Bearer <admin token>`",
-        );
-    }
-    next.run(request).await
 }
 
 fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
@@ -186,6 +143,118 @@ async fn remove_agent(
     Ok(Json(
         json!({"did": did, "removed": true, "connection_closed": closed}),
     ))
+}
+
+/// The body of `POST /v1/tokens`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddToken {
+    role: Role,
+    #[serde(default)]
+    queues: Vec<String>,
+    #[serde(default)]
+    name: String,
+}
+
+fn token_json(token: &Token) -> Value {
+    json!({
+        "id": token.id,
+        "name": token.name,
+        "role": token.role.name(),
+        "queues": token.queues,
+        "createdAt": crate::clock::iso8601(token.created_ms),
+    })
+}
+
+fn storage_error(err: impl std::fmt::Display) -> Response {
+    let code = "storage_unavailable";
+    error(StatusCode::SERVICE_UNAVAILABLE, code, err.to_string())
+}
+
+/// Runs a token store call off the async threads (SQLite blocks).
+async fn tokens_blocking<T: Send + 'static>(
+    state: &AdminState,
+    call: impl FnOnce(&TokenStore) -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, Response> {
+    let tokens = state.tokens.clone();
+    tokio::task::spawn_blocking(move || call(&tokens))
+        .await
+        .map_err(storage_error)?
+        .map_err(|e| storage_error(format!("{e:#}")))
+}
+
+/// `POST /v1/tokens`: issues a token (a producer token for the served queues it names,
+/// or an admin token) and answers it with its secret, which is not shown again.
+async fn add_token(State(state): State<AdminState>, body: Bytes) -> Result<Json<Value>, Response> {
+    let request: AddToken = serde_json::from_slice(&body).map_err(|e| {
+        let expected = r#"expected {"role": "producer" | "admin", "queues": [...], "name": "..."}"#;
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{expected}: {e}"),
+        )
+    })?;
+    match request.role {
+        Role::Producer if request.queues.is_empty() => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "a producer token names the queues it publishes to (`queues`)",
+            ));
+        }
+        Role::Admin if !request.queues.is_empty() => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "an admin token may call every route: it names no queues",
+            ));
+        }
+        _ => {}
+    }
+    if let Some(unknown) = request.queues.iter().find(|q| !state.queues.contains(*q)) {
+        let served: Vec<&str> = state.queues.iter().map(String::as_str).collect();
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "queue_not_found",
+            format!(
+                "no queue named `{unknown}` is served, so no token publishes to it (the \
+                 queues: {})",
+                served.join(", ")
+            ),
+        ));
+    }
+    let (token, secret) = tokens_blocking(&state, move |tokens| {
+        tokens.create(request.role, &request.queues, &request.name)
+    })
+    .await?;
+    tracing::info!(id = %token.id, role = token.role.name(), queues = ?token.queues, "token issued");
+    let mut body = token_json(&token);
+    body["token"] = secret.into();
+    Ok(Json(body))
+}
+
+/// `GET /v1/tokens`: the issued tokens (never their secrets).
+async fn list_tokens(State(state): State<AdminState>) -> Result<Json<Value>, Response> {
+    let tokens = tokens_blocking(&state, TokenStore::list).await?;
+    let tokens: Vec<Value> = tokens.iter().map(token_json).collect();
+    Ok(Json(json!({"tokens": tokens})))
+}
+
+/// `DELETE /v1/tokens/{id}`: removes a token; the next request with it is refused.
+async fn remove_token(
+    State(state): State<AdminState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<Value>, Response> {
+    let removing = id.clone();
+    if !tokens_blocking(&state, move |tokens| tokens.remove(&removing)).await? {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "token_not_found",
+            format!("no token with id `{id}`"),
+        ));
+    }
+    tracing::info!(id = %id, "token removed");
+    Ok(Json(json!({"id": id, "removed": true})))
 }
 
 fn version_json(handler: &LoadedHandler) -> Value {

@@ -4,11 +4,11 @@
 //! offline, on a data directory.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use anyhow::Result;
 use clawq_protocol::did::{DidError, validate_agent_did};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{OptionalExtension, params};
 
 use crate::clock::now_ms;
 use crate::crypto::{random_token, sha256_hex};
@@ -64,9 +64,28 @@ impl From<TrustError> for AgentError {
     }
 }
 
+/// Why a connector of an agent is not (or no longer) let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The agent is not registered (or was removed), or the token is not its token.
+    UnknownOrWrongToken,
+    /// The trust store holds the agent revoked.
+    Revoked,
+}
+
+impl Refusal {
+    /// The reason a refused connect's 401 body gives (the connector prints it).
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::UnknownOrWrongToken => "unknown agent or wrong token",
+            Refusal::Revoked => "agent is revoked",
+        }
+    }
+}
+
 /// The agent registry, in SQLite.
 pub struct AgentRegistry {
-    conn: Mutex<Connection>,
+    db: db::Shared,
 }
 
 /// A registered agent.
@@ -81,7 +100,7 @@ pub struct Agent {
 impl AgentRegistry {
     /// Opens (or creates) the registry at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = db::open(
+        let db = db::Shared::open(
             path,
             Durability::Process,
             "CREATE TABLE IF NOT EXISTS agents (
@@ -90,13 +109,7 @@ impl AgentRegistry {
                  added_ms   INTEGER NOT NULL
              );",
         )?;
-        Ok(AgentRegistry {
-            conn: Mutex::new(conn),
-        })
-    }
-
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        Ok(AgentRegistry { db })
     }
 
     /// Registers `did` and returns its new secret token (to be shown once), whatever the
@@ -107,7 +120,7 @@ impl AgentRegistry {
             reason,
         })?;
         let token = random_token("cqa_")?;
-        let inserted = self.conn().execute(
+        let inserted = self.db.lock().execute(
             "INSERT OR IGNORE INTO agents (did, token_hash, added_ms) VALUES (?1, ?2, ?3)",
             params![did, sha256_hex(token.as_bytes()), now_ms()],
         )?;
@@ -130,7 +143,8 @@ impl AgentRegistry {
     /// caller's to close.
     pub fn remove(&self, did: &str) -> Result<(), AgentError> {
         let removed = self
-            .conn()
+            .db
+            .lock()
             .execute("DELETE FROM agents WHERE did = ?1", [did])?;
         if removed == 0 {
             return Err(AgentError::NotRegistered(did.to_owned()));
@@ -140,7 +154,7 @@ impl AgentRegistry {
 
     /// Every registered agent, by DID.
     pub fn list(&self) -> Result<Vec<Agent>> {
-        let conn = self.conn();
+        let conn = self.db.lock();
         let mut stmt = conn.prepare("SELECT did, added_ms FROM agents ORDER BY did")?;
         let agents = stmt
             .query_map([], |r| {
@@ -153,15 +167,38 @@ impl AgentRegistry {
         Ok(agents)
     }
 
+    /// Whether the connector of `did` presenting `token` may connect: `Ok(None)` if so,
+    /// else why not; `Err` when the stores cannot say.
+    pub fn admission(&self, did: &str, token: &str, trust: &TrustStore) -> Result<Option<Refusal>> {
+        if !self.authenticate(did, token)? {
+            return Ok(Some(Refusal::UnknownOrWrongToken));
+        }
+        if trust.is_revoked(did)? {
+            return Ok(Some(Refusal::Revoked));
+        }
+        Ok(None)
+    }
+
     /// Whether `token` is the token of agent `did`.
     pub fn authenticate(&self, did: &str, token: &str) -> Result<bool> {
         let found: Option<i64> = self
-            .conn()
+            .db
+            .lock()
             .prepare_cached("SELECT 1 FROM agents WHERE did = ?1 AND token_hash = ?2")?
             .query_row(params![did, sha256_hex(token.as_bytes())], |r| r.get(0))
             .optional()?;
         Ok(found.is_some())
     }
+}
+
+/// [`AgentRegistry::admission`] off the async threads (SQLite blocks).
+pub async fn admit(
+    agents: Arc<AgentRegistry>,
+    trust: Arc<TrustStore>,
+    did: String,
+    token: String,
+) -> Result<Option<Refusal>> {
+    tokio::task::spawn_blocking(move || agents.admission(&did, &token, &trust)).await?
 }
 
 #[cfg(test)]

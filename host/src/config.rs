@@ -11,6 +11,7 @@ use clawq_protocol::event::DELIVERED_TYPES;
 use serde::Deserialize;
 
 use crate::actor_storage::Quota;
+use crate::auth::AdminTokenSetting;
 use crate::bounds::LogRate;
 use crate::queue::routes::{self, Filter, Routes};
 use crate::relay::endpoint::Backpressure;
@@ -62,8 +63,14 @@ pub struct Config {
     pub revocation_ttl: Duration,
     /// Relay sessions and connector connections.
     pub relay: RelayConfig,
-    /// The admin API token (`admin_token` or `CLAWQ_ADMIN_TOKEN`); generated when `None`.
-    pub admin_token: Option<String>,
+    /// The admin token (`admin_token`, or `--admin-token` / `CLAWQ_ADMIN_TOKEN`), with
+    /// where it was given; generated when `None` (see [`crate::auth::admin_token`]).
+    pub admin_token: Option<AdminTokenSetting>,
+    /// Whether `GET /metrics` needs no token (`metrics_public`).
+    pub metrics_public: bool,
+    /// Whether every route but the connector's needs no token (`insecure_no_auth`, or
+    /// `clawq serve --insecure-no-auth`).
+    pub insecure_no_auth: bool,
 }
 
 /// Relay sessions and connector connections (`[relay]`).
@@ -272,6 +279,10 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     admin_token: Option<String>,
+    #[serde(default)]
+    metrics_public: bool,
+    #[serde(default)]
+    insecure_no_auth: bool,
     #[serde(default)]
     queues: FileQueues,
     #[serde(default)]
@@ -575,7 +586,12 @@ impl Config {
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_REVOCATION_TTL),
             relay: file.relay.apply()?,
-            admin_token: file.admin_token,
+            admin_token: file.admin_token.map(|token| AdminTokenSetting {
+                token,
+                origin: "the config's `admin_token`".to_owned(),
+            }),
+            metrics_public: file.metrics_public,
+            insecure_no_auth: file.insecure_no_auth,
         })
     }
 

@@ -2,6 +2,7 @@
 //! schema created if missing.
 
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -31,4 +32,21 @@ pub fn open(path: &Path, durability: Durability, schema: &str) -> rusqlite::Resu
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.execute_batch(schema)?;
     Ok(conn)
+}
+
+/// One connection to a store's database, shared behind a lock by stores whose calls are
+/// short (a row or two).
+pub struct Shared(Mutex<Connection>);
+
+impl Shared {
+    /// Opens (or creates) the database at `path` as [`open`] does.
+    pub fn open(path: &Path, durability: Durability, schema: &str) -> rusqlite::Result<Shared> {
+        Ok(Shared(Mutex::new(open(path, durability, schema)?)))
+    }
+
+    /// The connection, once no other call holds it (a call that panicked left it as it
+    /// was: SQLite rolled back what it did not commit).
+    pub fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }

@@ -3,13 +3,15 @@
 //! The pieces, one module each: [`config`] (TOML and defaults), [`queue`] (the durable
 //! queue engine), [`runtime`] (wasmtime, the handler components and their capabilities),
 //! [`trust`] (the trust store), [`consumer`] (feeds batches to handlers), [`api`] (the
-//! HTTP API) and [`server`] (wires them together for `clawq serve`); [`check`], [`run`]
-//! and [`scaffold`] are the authoring commands (`clawq check`, `clawq run`, `clawq new`).
+//! HTTP API), [`auth`] (who may call which route, [`tokens`] the issued tokens) and
+//! [`server`] (wires them together for `clawq serve`); [`check`], [`run`] and
+//! [`scaffold`] are the authoring commands (`clawq check`, `clawq run`, `clawq new`).
 
 pub mod actor_storage;
 pub mod admin;
 pub mod agents;
 pub mod api;
+pub mod auth;
 pub mod bounds;
 pub mod bundled;
 pub mod check;
@@ -31,5 +33,6 @@ pub mod runtime;
 pub mod scaffold;
 pub mod server;
 pub mod text;
+pub mod tokens;
 pub mod trust;
 pub mod world;

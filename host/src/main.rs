@@ -50,7 +50,9 @@ enum Command {
     /// The data directory holds the queues (`queues.db`), the trust store (`trust.db`),
     /// the relay sessions (`sessions.db`), the handlers' actor storage
     /// (`actor-storage.db`), the registered agents (`agents.db`), the deployed handler
-    /// versions (`handlers/`) and the generated admin token (`admin.token`). Logs go to
+    /// versions (`handlers/`), the issued API tokens (`tokens.db`) and the generated admin
+    /// token (`admin.token`). Every route but `/healthz` (and `/metrics` with
+    /// `metrics_public = true`) needs a bearer token. Logs go to
     /// stderr; `CLAWQ_LOG` takes a `tracing` filter (default `info`, e.g.
     /// `CLAWQ_LOG=clawq=debug`).
     Serve(ServeArgs),
@@ -95,6 +97,10 @@ enum Command {
     /// host (or offline on a data directory given with `--data-dir`).
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// Issue, list and remove the API tokens of a running host: producer tokens, which
+    /// publish to the queues they name, and extra admin tokens.
+    #[command(subcommand)]
+    Tokens(clawq::operator::TokensCommand),
     /// Browse and repair the dead-letter queues (or any queue) of a running host.
     #[command(subcommand)]
     Dlq(clawq::operator::DlqCommand),
@@ -161,10 +167,15 @@ struct ServeArgs {
     /// Reload a handler whenever its `.wasm` file changes (development loop).
     #[arg(long)]
     watch: bool,
-    /// Token of the admin API [default: the config's `admin_token`, else generated into
-    /// <data-dir>/admin.token on first start].
+    /// The admin token, at least 32 characters [default: the config's `admin_token`,
+    /// else <data-dir>/admin.token, generated on first start when listening on a
+    /// loopback address].
     #[arg(long, env = "CLAWQ_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Serve every route but the connector's without a token (the config's
+    /// `insecure_no_auth`): only on a network nobody else reaches.
+    #[arg(long)]
+    insecure_no_auth: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -620,6 +631,7 @@ fn run_cli() -> Result<()> {
         Command::Run(args) => runtime.block_on(run(args)),
         Command::New(command) => new(command),
         Command::Dlq(command) => runtime.block_on(clawq::operator::dlq(command)),
+        Command::Tokens(command) => runtime.block_on(clawq::operator::tokens(command)),
         Command::Status(server) => runtime.block_on(clawq::operator::status(server)),
     }
 }
@@ -633,8 +645,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         config.data_dir = data_dir;
     }
     if let Some(token) = args.admin_token {
-        config.admin_token = Some(token);
+        config.admin_token = Some(clawq::auth::AdminTokenSetting {
+            token,
+            origin: "--admin-token or CLAWQ_ADMIN_TOKEN".to_owned(),
+        });
     }
+    config.insecure_no_auth |= args.insecure_no_auth;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     clawq::server::serve_with(config, args.watch, shutdown).await

@@ -38,7 +38,7 @@ pub enum DlqCommand {
         #[arg(long)]
         cursor: Option<String>,
         #[command(flatten)]
-        server: ServerArg,
+        admin: AdminArg,
     },
     /// Show one message in full, body included.
     Show {
@@ -47,7 +47,7 @@ pub enum DlqCommand {
         /// The message id.
         id: String,
         #[command(flatten)]
-        server: ServerArg,
+        admin: AdminArg,
     },
     /// Move messages back to the queue each was dead-lettered from (or to `--to`), ready
     /// at once with their attempts reset: those given with `--id`, or all of them.
@@ -64,7 +64,7 @@ pub enum DlqCommand {
         #[arg(long, value_name = "QUEUE")]
         to: Option<String>,
         #[command(flatten)]
-        server: ServerArg,
+        admin: AdminArg,
     },
     /// Delete messages for good: those given with `--id`, the copies kept for a consumer
     /// with `--consumer` (one the config no longer has, say), or every one with `--all`.
@@ -82,7 +82,7 @@ pub enum DlqCommand {
         #[arg(long)]
         all: bool,
         #[command(flatten)]
-        server: ServerArg,
+        admin: AdminArg,
     },
 }
 
@@ -93,17 +93,19 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
             queue,
             limit,
             cursor,
-            server,
+            admin,
         } => {
             let mut query = vec![("limit", limit.to_string())];
             query.extend(cursor.map(|c| ("cursor", c)));
-            let page = Client::new(&server)?
+            let page = admin
+                .client()?
                 .call(Method::GET, &["queues", &queue, "messages"], &query, None)
                 .await?;
             render_list(&queue, limit, &page)
         }
-        DlqCommand::Show { queue, id, server } => {
-            let message = Client::new(&server)?
+        DlqCommand::Show { queue, id, admin } => {
+            let message = admin
+                .client()?
                 .call(Method::GET, &["queues", &queue, "messages", &id], &[], None)
                 .await?;
             render_message(&queue, &message)
@@ -113,7 +115,7 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
             ids,
             consumer,
             to,
-            server,
+            admin,
         } => {
             let mut body = json!({});
             if !ids.is_empty() {
@@ -125,7 +127,8 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
             if let Some(to) = &to {
                 body["to"] = json!(to);
             }
-            let reply = Client::new(&server)?
+            let reply = admin
+                .client()?
                 .call(
                     Method::POST,
                     &["queues", &queue, "redrive"],
@@ -140,7 +143,7 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
             ids,
             consumer,
             all,
-            server,
+            admin,
         } => {
             // The argument group makes exactly one of them given.
             let body = match consumer {
@@ -148,7 +151,8 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
                 None if all => json!({"all": true}),
                 None => json!({"ids": ids}),
             };
-            let reply = Client::new(&server)?
+            let reply = admin
+                .client()?
                 .call(
                     Method::DELETE,
                     &["queues", &queue, "messages"],
@@ -166,10 +170,114 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
     Ok(())
 }
 
+/// `clawq tokens`: issue, list and remove the API tokens of a running host.
+#[derive(Debug, clap::Subcommand)]
+pub enum TokensCommand {
+    /// Issue a token and print it: shown once, stored hashed. A producer token publishes
+    /// to the queues it names (and does nothing else); an admin token may call every
+    /// route.
+    Add {
+        /// What the token may do.
+        #[arg(long, value_parser = ["producer", "admin"])]
+        role: String,
+        /// A queue a producer token publishes to (repeatable; one the host serves).
+        #[arg(long = "queue", value_name = "QUEUE")]
+        queues: Vec<String>,
+        /// A name telling what the token is for, shown by `clawq tokens list`.
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        admin: AdminArg,
+    },
+    /// List the issued tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        admin: AdminArg,
+    },
+    /// Remove a token: the next request with it is refused.
+    Remove {
+        /// The token's id (`tok_...`, from `clawq tokens list`).
+        id: String,
+        #[command(flatten)]
+        admin: AdminArg,
+    },
+}
+
+/// Runs a `clawq tokens` command.
+pub async fn tokens(command: TokensCommand) -> Result<()> {
+    match command {
+        TokensCommand::Add {
+            role,
+            queues,
+            name,
+            admin,
+        } => {
+            let body = json!({"role": role, "queues": queues, "name": name});
+            let reply = admin
+                .client()?
+                .call(Method::POST, &["tokens"], &[], Some(Payload::Json(body)))
+                .await?;
+            println!("{}", text(&reply["token"]));
+            eprintln!(
+                "{role} token {} issued{}; it is not shown again",
+                text(&reply["id"]),
+                if queues.is_empty() {
+                    String::new()
+                } else {
+                    format!(" for {}", queues.join(", "))
+                }
+            );
+        }
+        TokensCommand::List { admin } => {
+            let reply = admin
+                .client()?
+                .call(Method::GET, &["tokens"], &[], None)
+                .await?;
+            let mut rows = vec![
+                ["ID", "ROLE", "QUEUES", "NAME", "CREATED"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            for token in reply["tokens"].as_array().into_iter().flatten() {
+                let queues: Vec<String> = token["queues"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(text)
+                    .collect();
+                rows.push(vec![
+                    text(&token["id"]),
+                    text(&token["role"]),
+                    if queues.is_empty() {
+                        "-".into()
+                    } else {
+                        queues.join(",")
+                    },
+                    if token["name"] == "" {
+                        "-".into()
+                    } else {
+                        text(&token["name"])
+                    },
+                    text(&token["createdAt"]),
+                ]);
+            }
+            print!("{}", table(&rows));
+        }
+        TokensCommand::Remove { id, admin } => {
+            admin
+                .client()?
+                .call(Method::DELETE, &["tokens", &id], &[], None)
+                .await?;
+            eprintln!("token {id} removed; requests with it are refused");
+        }
+    }
+    Ok(())
+}
+
 /// Runs `clawq status`: every queue with its counts, handler and dead letters, the
-/// connector connections, and the handler versions when the admin token is at hand.
+/// connector connections, and the handler versions.
 pub async fn status(admin: AdminArg) -> Result<()> {
-    let client = Client::new(&admin.server)?;
+    let client = admin.client()?;
     let queues = client.call(Method::GET, &["queues"], &[], None).await?;
     let relay = client.call(Method::GET, &["relay"], &[], None).await?;
     print!("{}", render_status(client.base.as_str(), &queues));
@@ -179,11 +287,7 @@ pub async fn status(admin: AdminArg) -> Result<()> {
         count(&relay, "resident_actors"),
         count(&relay, "receipts_dropped")
     );
-    let handlers = match admin.client() {
-        Ok(admin) => admin.call(Method::GET, &["handlers"], &[], None).await,
-        Err(err) => Err(err),
-    };
-    match handlers {
+    match client.call(Method::GET, &["handlers"], &[], None).await {
         Ok(reply) => {
             let mut rows = vec![
                 [
@@ -257,7 +361,7 @@ impl AdminArg {
         let token = match &self.admin_token {
             Some(token) => token.clone(),
             None => {
-                let file = self.data_dir.join(crate::admin::TOKEN_FILE);
+                let file = self.data_dir.join(crate::auth::TOKEN_FILE);
                 std::fs::read_to_string(&file)
                     .with_context(|| {
                         format!("no --admin-token and cannot read {}", file.display())

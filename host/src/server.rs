@@ -12,9 +12,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::actor_storage::ActorStorage;
-use crate::admin::{self, AdminState, admin_token};
+use crate::admin::{self, AdminState};
 use crate::agents::AgentRegistry;
 use crate::api::{self, AppState, ConsumerInfo, QueueInfo};
+use crate::auth::{self, AuthState};
 use crate::bundled;
 use crate::config::{Config, ConsumerConfig};
 use crate::consumer::Consumer;
@@ -26,6 +27,7 @@ use crate::relay::endpoint::{self, Heartbeat, RelayState};
 use crate::relay::hub::ConnectionHub;
 use crate::relay::sessions::{RelaySessions, SessionLimits};
 use crate::runtime::{Capabilities, Runtime};
+use crate::tokens::TokenStore;
 use crate::trust::TrustStore;
 
 /// How long in-flight batches get to finish after a shutdown is asked for.
@@ -91,6 +93,20 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
 pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let admin_token = auth::admin_token(
+        &config.data_dir,
+        config.admin_token.as_ref(),
+        config.listen,
+        config.insecure_no_auth,
+    )?;
+    if config.insecure_no_auth {
+        tracing::warn!(
+            listen = %config.listen,
+            "INSECURE: --insecure-no-auth serves every route but the connector's without a \
+             token: anyone who reaches the port can publish, read, purge and redrive every \
+             queue, deploy handlers and manage agents and tokens"
+        );
+    }
     let backend: Arc<dyn QueueBackend> = Arc::new(
         SqliteQueue::open(&config.data_dir.join("queues.db"))
             .context("opening the queue database")?
@@ -109,6 +125,9 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
     }
     let (trust, sessions, hub) = (caps.trust.clone(), caps.sessions.clone(), caps.hub.clone());
     let agents = Arc::new(AgentRegistry::open(&config.data_dir.join("agents.db"))?);
+    let tokens = Arc::new(
+        TokenStore::open(&config.data_dir.join("tokens.db")).context("opening the token store")?,
+    );
     let runtime = Arc::new(Runtime::new()?);
 
     let slots = Arc::new(
@@ -200,6 +219,17 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         crate::retention::SWEEP_INTERVAL,
         shutdown.clone(),
     ));
+    let auth = AuthState::new(&admin_token, tokens.clone(), agents.clone(), trust.clone())
+        .metrics_public(config.metrics_public)
+        .insecure_no_auth(config.insecure_no_auth);
+    let admin = AdminState {
+        slots: slots.clone(),
+        tokens,
+        queues: Arc::new(queues.keys().cloned().collect()),
+        agents,
+        trust: caps.trust.clone(),
+        hub: hub.clone(),
+    };
     let app = api::router(AppState {
         backend,
         queues: Arc::new(queues),
@@ -207,13 +237,8 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
     })
     .merge(endpoint::router(relay))
     .merge(metrics::router(metrics))
-    .merge(admin::router(AdminState {
-        slots: slots.clone(),
-        token: admin_token(&config.data_dir, config.admin_token.clone())?.into(),
-        agents,
-        trust: caps.trust.clone(),
-        hub: hub.clone(),
-    }));
+    .merge(admin::router(admin));
+    let app = auth::protect(app, auth);
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;

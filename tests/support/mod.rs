@@ -113,6 +113,8 @@ pub struct Host {
     data_dir: PathBuf,
     config: PathBuf,
     http: reqwest::blocking::Client,
+    /// The admin token it was given (`None`: the one it generated).
+    admin_token: Option<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -124,18 +126,31 @@ impl Host {
 
     /// Starts a host with `config`, a fresh data directory and extra `serve` arguments.
     pub fn start_with(config: &str, args: &[&str]) -> Host {
+        Host::start_on("127.0.0.1:0", config, args)
+    }
+
+    /// Starts a host listening on `listen` (a test reaches it on the loopback address)
+    /// with `config`, a fresh data directory and extra `serve` arguments.
+    pub fn start_on(listen: &str, config: &str, args: &[&str]) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("clawq.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut host = Host::spawn(&dir.path().join("data"), &config_path, args);
+        let mut host = Host::spawn(&dir.path().join("data"), &config_path, listen, args);
         host._dir = Some(dir);
         host
     }
 
-    fn spawn(data_dir: &Path, config: &Path, args: &[&str]) -> Host {
+    /// Sends the admin token `token` (the one the config or the environment gave the
+    /// host) instead of the generated one.
+    pub fn with_admin_token(mut self, token: &str) -> Host {
+        self.admin_token = Some(token.to_owned());
+        self
+    }
+
+    fn spawn(data_dir: &Path, config: &Path, listen: &str, args: &[&str]) -> Host {
         let mut command = Command::new(env!("CARGO_BIN_EXE_clawq"));
         command
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .arg("--config")
             .arg(config)
@@ -154,6 +169,7 @@ impl Host {
                 .pool_max_idle_per_host(0)
                 .build()
                 .unwrap(),
+            admin_token: None,
             _dir: None,
         };
         let ready = host.wait_log("clawq listening on http://");
@@ -162,7 +178,7 @@ impl Host {
             .split(|c: char| c.is_whitespace() || c == '"')
             .next()
             .unwrap()
-            .to_owned();
+            .replace("0.0.0.0", "127.0.0.1");
         host
     }
 
@@ -181,8 +197,9 @@ impl Host {
     /// Starts the host again, once it has exited, on the same data and config. The log
     /// methods then read the new run; [`Host::all_log_lines`] reads every run.
     pub fn restart(&mut self) {
-        let mut restarted = Host::spawn(&self.data_dir, &self.config, &[]);
+        let mut restarted = Host::spawn(&self.data_dir, &self.config, "127.0.0.1:0", &[]);
         restarted._dir = self._dir.take();
+        restarted.admin_token = self.admin_token.take();
         restarted.earlier_logs = std::mem::take(&mut self.earlier_logs);
         restarted.earlier_logs.push(self.log.clone());
         std::mem::swap(self, &mut restarted);
@@ -237,41 +254,65 @@ impl Host {
         self.log.matching(needles)
     }
 
-    /// GETs `path` and returns the status and JSON body.
-    pub fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .unwrap();
-        (response.status().as_u16(), response.json().unwrap())
-    }
-
-    /// POSTs raw `body` as JSON to `path` and returns the status and JSON body.
-    pub fn post_raw(&self, path: &str, body: impl Into<reqwest::blocking::Body>) -> (u16, Value) {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .unwrap();
-        (response.status().as_u16(), response.json().unwrap())
-    }
-
-    /// DELETEs `path` with an optional JSON `body` and returns the status and JSON body.
-    pub fn delete(&self, path: &str, body: Option<&Value>) -> (u16, Value) {
-        let mut request = self.http.delete(format!("{}{path}", self.base));
+    /// Sends `method` `path` with an optional JSON `body`, as the holder of `token`
+    /// (`None`: without credentials), and returns the response.
+    pub fn send_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> reqwest::blocking::Response {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
         if let Some(body) = body {
             request = request
                 .header("content-type", "application/json")
                 .body(body.to_string());
         }
-        let response = request.send().unwrap();
-        (response.status().as_u16(), response.json().unwrap())
+        request.send().unwrap()
     }
 
-    /// POSTs `body` to `path` and returns the status and JSON body.
+    /// A request to `path` with the admin token.
+    fn admin_request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::blocking::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(self.admin_token())
+    }
+
+    /// GETs `path` (with the admin token) and returns the status and JSON body.
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        answer(
+            self.admin_request(reqwest::Method::GET, path)
+                .send()
+                .unwrap(),
+        )
+    }
+
+    /// POSTs raw `body` as JSON to `path` (with the admin token) and returns the status
+    /// and JSON body.
+    pub fn post_raw(&self, path: &str, body: impl Into<reqwest::blocking::Body>) -> (u16, Value) {
+        let request = self
+            .admin_request(reqwest::Method::POST, path)
+            .header("content-type", "application/json")
+            .body(body);
+        answer(request.send().unwrap())
+    }
+
+    /// DELETEs `path` with an optional JSON `body` (with the admin token) and returns the
+    /// status and JSON body.
+    pub fn delete(&self, path: &str, body: Option<&Value>) -> (u16, Value) {
+        answer(self.send_as(Some(&self.admin_token()), "DELETE", path, body))
+    }
+
+    /// POSTs `body` to `path` (with the admin token) and returns the status and JSON body.
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         self.post_raw(path, body.to_string())
     }
@@ -324,12 +365,15 @@ impl Host {
         })
     }
 
-    /// The generated admin token of this host.
+    /// The admin token of this host: the one it was started with, else the one it
+    /// generated.
     pub fn admin_token(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_owned()
+        self.admin_token.clone().unwrap_or_else(|| {
+            std::fs::read_to_string(self.data_dir.join("admin.token"))
+                .unwrap()
+                .trim()
+                .to_owned()
+        })
     }
 
     /// Sends an admin request (with the admin token unless `token` says otherwise).
@@ -342,17 +386,8 @@ impl Host {
     ) -> (u16, Value) {
         let token = token.map_or_else(|| self.admin_token(), str::to_owned);
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let response = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .body(body)
-            .send()
-            .unwrap();
-        (
-            response.status().as_u16(),
-            response.json().unwrap_or(Value::Null),
-        )
+        let request = self.http.request(method, format!("{}{path}", self.base));
+        answer(request.bearer_auth(token).body(body).send().unwrap())
     }
 
     /// The host process's resident memory in KiB: now (`VmRSS`) and at its peak so far
@@ -370,15 +405,17 @@ impl Host {
         (field("VmRSS:"), field("VmHWM:"))
     }
 
+    /// The host's metrics text (`GET /metrics`, with the admin token).
+    pub fn metrics_text(&self) -> String {
+        let response = self.admin_request(reqwest::Method::GET, "/metrics");
+        let response = response.send().unwrap();
+        assert_eq!(response.status(), 200, "GET /metrics");
+        response.text().unwrap()
+    }
+
     /// The host's metrics (`GET /metrics`), parsed.
     pub fn scrape(&self) -> prometheus_parse::Scrape {
-        let text = self
-            .http
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
+        let text = self.metrics_text();
         prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
             .expect("valid Prometheus text")
     }
@@ -526,6 +563,12 @@ impl Host {
         );
         figures
     }
+}
+
+/// The status and JSON body (`null` when it has none) of `response`.
+pub fn answer(response: reqwest::blocking::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    (status, response.json().unwrap_or(Value::Null))
 }
 
 /// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].

@@ -1,8 +1,9 @@
 //! `GET /v1/relay/connect`: the connector WebSocket (spec section 4).
 //!
 //! The connector proves that it speaks for `?agent=<did>` with `Authorization: Bearer
-//! <token>` before the upgrade; a missing or wrong token, or a revoked agent, gets 401 and
-//! no upgrade, the body's message naming which. Removing the agent (`DELETE
+//! <token>` before the upgrade, which the auth layer (`auth`) checks like every route's
+//! token; a missing or wrong token, or a revoked agent, gets 401 and no upgrade, the
+//! body's message naming which. Removing the agent (`DELETE
 //! /v1/agents/{did}`) or revoking it closes its connection (1008 `agent_removed` /
 //! `agent_revoked`); both are checked again once a new connection is registered, so one
 //! that lands while the connection is set up closes it too. Once connected, every unacked
@@ -19,22 +20,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Router;
+use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
 use super::hub::{ConnectionHub, Outbound, Outgoing};
 use super::sessions::{Ask, Kind, RelaySessions};
-use crate::agents::AgentRegistry;
+use crate::agents::{self, AgentRegistry, Refusal};
 use crate::api::ApiError;
+use crate::auth::Principal;
 use crate::frame::{CONNECT_PATH, Frame, FrameBody, MAX_FRAME_BYTES};
 use crate::trust::TrustStore;
 
@@ -108,86 +110,25 @@ async fn relay_status(State(state): State<RelayState>) -> Response {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct ConnectQuery {
-    agent: Option<String>,
-}
-
-fn unauthorized(message: &str) -> Response {
-    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response()
-}
-
-/// Why a connector of an agent is not (or no longer) let in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
-    /// The agent is not registered (or was removed), or the token is not its token.
-    UnknownOrWrongToken,
-    /// The trust store holds the agent revoked.
-    Revoked,
-}
-
-impl Refusal {
-    /// The reason the 401 body gives (the connector prints it).
-    fn message(self) -> &'static str {
-        match self {
-            Refusal::UnknownOrWrongToken => "unknown agent or wrong token",
-            Refusal::Revoked => "agent is revoked",
-        }
-    }
-
-    /// The close (1008) of a connection whose agent became refused while it was set up.
-    fn close(self) -> End {
-        match self {
-            Refusal::UnknownOrWrongToken => End::Close(1008, "agent_removed"),
-            Refusal::Revoked => End::Close(1008, "agent_revoked"),
-        }
+/// The close (1008) of a connection whose agent became refused while it was set up.
+fn refused_close(refusal: Refusal) -> End {
+    match refusal {
+        Refusal::UnknownOrWrongToken => End::Close(1008, "agent_removed"),
+        Refusal::Revoked => End::Close(1008, "agent_revoked"),
     }
 }
 
-/// Whether the connector of `did` presenting `token` may be connected: `Ok(None)` if so,
-/// else why not; `Err` when the stores cannot say.
-async fn admission(state: &RelayState, did: &str, token: &str) -> anyhow::Result<Option<Refusal>> {
-    let (state, did, token) = (state.clone(), did.to_owned(), token.to_owned());
-    tokio::task::spawn_blocking(move || {
-        if !state.agents.authenticate(&did, &token)? {
-            return Ok(Some(Refusal::UnknownOrWrongToken));
-        }
-        if state.trust.is_revoked(&did)? {
-            return Ok(Some(Refusal::Revoked));
-        }
-        Ok(None)
-    })
-    .await?
-}
-
+/// The upgrade of a connector whose agent the auth layer admitted (the [`Principal`] it
+/// put into the request); anything else is refused.
 async fn connect(
     State(state): State<RelayState>,
-    Query(query): Query<ConnectQuery>,
-    headers: HeaderMap,
+    principal: Option<Extension<Principal>>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let (Some(did), Some(token)) = (query.agent, token) else {
-        return unauthorized("an ?agent=<did> and an `Authorization: Bearer <token>` are required");
+    let Some(Extension(Principal::Agent { did, token })) = principal else {
+        let message = "only an agent's connector token opens its connection";
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
     };
-    match admission(&state, &did, token).await {
-        Ok(None) => {}
-        Ok(Some(refusal)) => {
-            let why = refusal.message();
-            tracing::info!(agent = %did, why, "connector refused");
-            return unauthorized(why);
-        }
-        Err(err) => {
-            tracing::error!(error = %err, "authenticating a connector failed");
-            let code = "storage_unavailable";
-            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, err.to_string())
-                .into_response();
-        }
-    }
-    let token = token.to_owned();
     match upgrade {
         Ok(upgrade) => upgrade
             .max_message_size(2 * MAX_FRAME_BYTES)
@@ -305,9 +246,15 @@ async fn serve_connection(socket: WebSocket, did: String, token: String, state: 
         outgoing: &outgoing,
         timeout: state.backpressure.send_timeout.min(state.heartbeat.timeout),
     };
-    let end = match admission(&state, &did, &token).await {
+    let admitted = agents::admit(
+        state.agents.clone(),
+        state.trust.clone(),
+        did.clone(),
+        token,
+    );
+    let end = match admitted.await {
         Ok(None) => converse(&did, &state, &mut link, stream).await,
-        Ok(Some(refusal)) => refusal.close(),
+        Ok(Some(refusal)) => refused_close(refusal),
         Err(err) => {
             tracing::error!(agent = %did, error = %err, "authenticating a connector failed");
             End::Close(1011, "storage_unavailable")
@@ -494,9 +441,14 @@ mod tests {
         let agents = Arc::new(AgentRegistry::open(&dir.path().join("agents.db")).unwrap());
         let token = agents.add(A).unwrap();
         let trust = TrustStore::open(&dir.path().join("trust.db"), Duration::from_secs(60));
+        let trust = Arc::new(trust.unwrap());
+        let tokens = crate::tokens::TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let admin = "a".repeat(crate::auth::MIN_TOKEN_CHARS);
+        let auth =
+            crate::auth::AuthState::new(&admin, Arc::new(tokens), agents.clone(), trust.clone());
         let state = RelayState {
             agents,
-            trust: Arc::new(trust.unwrap()),
+            trust,
             sessions: sessions.clone(),
             hub: hub.clone(),
             heartbeat,
@@ -504,7 +456,8 @@ mod tests {
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router(state)).await });
+        let app = crate::auth::protect(router(state), auth);
+        tokio::spawn(async move { axum::serve(listener, app).await });
         let url = format!("ws://{address}{CONNECT_PATH}?agent={A}");
         let mut request = url.into_client_request().unwrap();
         let bearer = format!("Bearer {token}").parse().unwrap();
