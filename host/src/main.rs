@@ -4,13 +4,16 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use clawq::agents::AgentRegistry;
 use clawq::config::Config;
 use clawq::operator::{AdminArg, Payload};
 use clawq::world::World;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// clawq hosts WASM component handlers for clawdentity's message queues.
 #[derive(Debug, Parser)]
@@ -590,6 +593,19 @@ fn end_quietly_on_closed_stdout() {
     }
 }
 
+/// The log filter: `CLAWQ_LOG` (a default level and per-target levels, e.g.
+/// `info,clawq=debug`) when set, else `default`.
+fn log_filter(default: &str) -> Result<Targets> {
+    let given = std::env::var("CLAWQ_LOG").ok();
+    let spec = given
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or(default);
+    spec.parse().with_context(|| {
+        format!("CLAWQ_LOG={spec:?} is not a log filter: give a level and per-target levels, e.g. `info` or `info,clawq=debug`")
+    })
+}
+
 fn run_cli() -> Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -598,15 +614,13 @@ fn run_cli() -> Result<()> {
         Command::Run(_) => "info,clawq::guest=off",
         _ => "info",
     };
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CLAWQ_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr);
+    let logs = tracing_subscriber::registry().with(log_filter(default_filter)?);
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match cli.log_format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs
+            .with(stderr.with_ansi(std::io::stderr().is_terminal()))
+            .init(),
+        LogFormat::Json => logs.with(stderr.json()).init(),
     }
     if !matches!(cli.command, Command::Serve(_) | Command::Connect(_)) {
         end_quietly_on_closed_stdout();
