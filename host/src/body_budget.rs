@@ -1,0 +1,205 @@
+//! The bound on request bodies buffered at once, across all requests
+//! (`http.max_buffered_body_mb`): a request reserves its body's bytes before a handler
+//! buffers them, and gives them back once it is answered. A request whose body does not
+//! fit in what is left is answered 503 `server_busy` (with `Retry-After`) instead of
+//! being buffered; one larger than the whole budget 413 `request_too_large`.
+//!
+//! A body with a `Content-Length` is reserved whole before it is read; a chunked one
+//! chunk by chunk as it arrives.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body::Frame;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::api::ApiError;
+
+/// Seconds a client refused for want of room is told to wait.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+/// The bytes of request bodies that may be buffered at once.
+#[derive(Clone)]
+pub struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    max: u64,
+}
+
+/// What one request holds of the budget; given back when dropped.
+#[derive(Default)]
+struct Held {
+    permit: Option<OwnedSemaphorePermit>,
+    /// A chunk found no room: the request is answered `server_busy`.
+    starved: bool,
+}
+
+impl Held {
+    fn add(&mut self, permit: OwnedSemaphorePermit) {
+        match &mut self.permit {
+            Some(held) => held.merge(permit),
+            None => self.permit = Some(permit),
+        }
+    }
+}
+
+/// A request's share of the budget, held until it is answered.
+pub struct Reservation(Arc<Mutex<Held>>);
+
+impl Reservation {
+    /// Whether a chunk of the body found no room (the handler then saw the body fail).
+    pub fn starved(&self) -> bool {
+        self.0.lock().map(|held| held.starved).unwrap_or(true)
+    }
+}
+
+impl BodyBudget {
+    /// A budget of `max` bytes (at most `u32::MAX`).
+    pub fn new(max: u64) -> BodyBudget {
+        let max = max.min(u64::from(u32::MAX));
+        BodyBudget {
+            bytes: Arc::new(Semaphore::new(max as usize)),
+            max,
+        }
+    }
+
+    /// Reserves `request`'s body, or answers why it cannot be.
+    pub fn admit(&self, request: Request) -> Result<(Request, Reservation), Response> {
+        let held = Arc::new(Mutex::new(Held::default()));
+        let length = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let request = match length {
+            Some(0) => request,
+            Some(length) if length > self.max => {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request_too_large",
+                    format!(
+                        "a body of {length} bytes is more than the host buffers at once \
+                         (http.max_buffered_body_mb: {} bytes)",
+                        self.max
+                    ),
+                )
+                .into_response());
+            }
+            Some(length) => {
+                let permit = self
+                    .bytes
+                    .clone()
+                    .try_acquire_many_owned(length as u32)
+                    .map_err(|_| busy())?;
+                lock(&held).add(permit);
+                request
+            }
+            None => request.map(|body| {
+                Body::new(Metered {
+                    body,
+                    bytes: self.bytes.clone(),
+                    held: held.clone(),
+                })
+            }),
+        };
+        Ok((request, Reservation(held)))
+    }
+}
+
+fn lock(held: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
+    held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// 503 `server_busy`, with `Retry-After`.
+pub fn busy() -> Response {
+    let mut response = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_busy",
+        "the host is buffering as many request bodies as it may (http.max_buffered_body_mb); \
+         try again shortly",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECONDS),
+    );
+    response
+}
+
+/// A chunked body that reserves each chunk as it arrives.
+struct Metered {
+    body: Body,
+    bytes: Arc<Semaphore>,
+    held: Arc<Mutex<Held>>,
+}
+
+/// The error a metered body fails with when a chunk finds no room.
+#[derive(Debug, thiserror::Error)]
+#[error("no room to buffer the request body (http.max_buffered_body_mb)")]
+struct NoRoom;
+
+impl http_body::Body for Metered {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other.map(|f| f.map(|r| r.map_err(Into::into))),
+        };
+        let size = frame.data_ref().map_or(0, Bytes::len);
+        if size > 0 {
+            let permit = u32::try_from(size)
+                .ok()
+                .and_then(|n| self.bytes.clone().try_acquire_many_owned(n).ok());
+            let mut held = lock(&self.held);
+            match permit {
+                Some(permit) => held.add(permit),
+                None => {
+                    held.starved = true;
+                    return Poll::Ready(Some(Err(NoRoom.into())));
+                }
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_length(length: u64) -> Request {
+        Request::builder()
+            .header(header::CONTENT_LENGTH, length)
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_body_waits_for_room_and_gets_it_back() {
+        let budget = BodyBudget::new(100);
+        let (_, first) = budget.admit(with_length(60)).unwrap();
+        let refused = budget.admit(with_length(60)).err().unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        drop(first);
+        assert!(budget.admit(with_length(60)).is_ok());
+        let too_large = budget.admit(with_length(101)).err().unwrap();
+        assert_eq!(too_large.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}

@@ -1,0 +1,332 @@
+//! The HTTP server's accept loop: serves the API router on every connection (HTTP/1.1,
+//! with upgrades for the relay WebSocket), over TLS when configured, and holds up under
+//! abusive clients:
+//!
+//! - a client has `header_read_timeout` to finish its TLS handshake and each request's
+//!   headers, or its connection is closed;
+//! - at most `max_connections` connections are open at once. At the cap, a new
+//!   connection evicts the oldest one that has no request under way (still sending its
+//!   headers, or idle between requests): clients that never finish their headers cannot
+//!   lock out a well-behaved one. Only when every connection is serving a request is the
+//!   new one closed at once;
+//! - every request goes through [`crate::http_guard`] (JSON errors, head limits) and
+//!   [`crate::body_budget`] (request bodies buffered at once); the HTTP layer's own
+//!   answers to requests it cannot parse are JSON too ([`crate::parse_errors`]).
+//!
+//! A WebSocket leaves the count once upgraded: the relay hub holds those (one per
+//! registered agent). On shutdown, no connection is accepted any more, idle ones are
+//! closed, and requests under way finish.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::body_budget::BodyBudget;
+use crate::http_guard;
+use crate::parse_errors::JsonParseErrors;
+
+/// The HTTP server's limits (`[http]` in the config).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HttpLimits {
+    /// How long a client may take to finish a TLS handshake and send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Most connections open at once (WebSockets not counted once upgraded).
+    pub max_connections: usize,
+    /// Most bytes of request bodies buffered at once, across all requests.
+    pub max_buffered_body_bytes: u64,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            max_buffered_body_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Largest request head (request line and headers) hyper reads; the guard refuses
+/// smaller heads than that with JSON errors first.
+const MAX_HEAD_BUFFER: usize = 64 << 10;
+/// Most headers hyper parses; the guard refuses more than [`http_guard::MAX_HEADERS`].
+const MAX_PARSED_HEADERS: usize = 2 * http_guard::MAX_HEADERS;
+
+/// The open connections, oldest first.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: BTreeMap<u64, Connection>,
+}
+
+/// One open connection.
+struct Connection {
+    /// Requests under way on it (headers read, response not fully sent).
+    requests: Arc<AtomicUsize>,
+    /// Cancelled to close it.
+    evict: CancellationToken,
+}
+
+impl Connections {
+    /// Makes room for one more connection within `max`: evicts the oldest connection
+    /// with no request under way if needed. Returns the new connection's id and state,
+    /// or `None` when every connection is busy.
+    fn admit(&mut self, max: usize) -> Option<(u64, Arc<AtomicUsize>, CancellationToken)> {
+        if self.open.len() >= max {
+            let idle = self
+                .open
+                .iter()
+                .find(|(_, c)| c.requests.load(Ordering::SeqCst) == 0)
+                .map(|(id, _)| *id)?;
+            if let Some(evicted) = self.open.remove(&idle) {
+                evicted.evict.cancel();
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let connection = Connection {
+            requests: Arc::default(),
+            evict: CancellationToken::new(),
+        };
+        let admitted = (id, connection.requests.clone(), connection.evict.clone());
+        self.open.insert(id, connection);
+        Some(admitted)
+    }
+}
+
+/// Removes its connection from the open ones when dropped.
+struct Slot {
+    id: u64,
+    connections: Arc<Mutex<Connections>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.connections).open.remove(&self.id);
+    }
+}
+
+fn lock(connections: &Mutex<Connections>) -> std::sync::MutexGuard<'_, Connections> {
+    connections
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Everything a connection task needs.
+#[derive(Clone)]
+struct Shared {
+    app: Router,
+    tls: Option<TlsAcceptor>,
+    limits: HttpLimits,
+    budget: BodyBudget,
+    connections: Arc<Mutex<Connections>>,
+    shutdown: CancellationToken,
+}
+
+/// Serves `app` on `listener` (over TLS with `tls`) within `limits` until `shutdown` is
+/// cancelled, then waits for the requests under way to finish.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    limits: HttpLimits,
+    app: Router,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let shared = Shared {
+        app,
+        tls,
+        limits,
+        budget: BodyBudget::new(limits.max_buffered_body_bytes),
+        connections: Arc::default(),
+        shutdown: shutdown.clone(),
+    };
+    let tasks = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors, most likely: give the open connections a
+                // moment to close rather than spin.
+                tracing::warn!("accepting a connection failed: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admitted = lock(&shared.connections).admit(limits.max_connections);
+        let Some((id, requests, evict)) = admitted else {
+            tracing::warn!(
+                %peer,
+                "refused a connection: all {} connections (http.max_connections) are serving \
+                 requests",
+                limits.max_connections
+            );
+            continue;
+        };
+        let slot = Slot {
+            id,
+            connections: shared.connections.clone(),
+        };
+        tasks.spawn(connection(
+            shared.clone(),
+            stream,
+            peer,
+            slot,
+            requests,
+            evict,
+        ));
+    }
+    drop(listener);
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+/// Serves one connection until it ends, is evicted, or shutdown closes it.
+async fn connection(
+    shared: Shared,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _slot: Slot,
+    requests: Arc<AtomicUsize>,
+    evict: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let Some(tls) = shared.tls.clone() else {
+        return serve_io(shared, stream, requests, evict).await;
+    };
+    let handshake = tokio::select! {
+        _ = evict.cancelled() => return,
+        _ = shared.shutdown.cancelled() => return,
+        handshake = tokio::time::timeout(shared.limits.header_read_timeout, tls.accept(stream)) => handshake,
+    };
+    match handshake {
+        Ok(Ok(stream)) => serve_io(shared, stream, requests, evict).await,
+        Ok(Err(error)) => tracing::debug!(%peer, "TLS handshake failed: {error}"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake not finished in time"),
+    }
+}
+
+/// Serves HTTP/1.1 on `io`.
+async fn serve_io<I>(shared: Shared, io: I, requests: Arc<AtomicUsize>, evict: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (app, budget) = (shared.app.clone(), shared.budget.clone());
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let under_way = UnderWay::start(&requests);
+        let (app, budget) = (app.clone(), budget.clone());
+        async move {
+            let response = http_guard::handle(app, &budget, request.map(Body::new)).await;
+            Ok::<Response, Infallible>(response.map(|body| Body::new(under_way.until_sent(body))))
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.header_read_timeout)
+        .max_buf_size(MAX_HEAD_BUFFER)
+        .max_headers(MAX_PARSED_HEADERS);
+    let served = builder
+        .serve_connection(TokioIo::new(JsonParseErrors::new(io)), service)
+        .with_upgrades();
+    tokio::pin!(served);
+    tokio::select! {
+        result = served.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!("connection ended: {error}");
+            }
+        }
+        _ = evict.cancelled() => {}
+        _ = shared.shutdown.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            let _ = served.await;
+        }
+    }
+}
+
+/// Counts a request as under way on its connection until its response is sent.
+struct UnderWay(Arc<AtomicUsize>);
+
+impl UnderWay {
+    fn start(requests: &Arc<AtomicUsize>) -> UnderWay {
+        requests.fetch_add(1, Ordering::SeqCst);
+        UnderWay(requests.clone())
+    }
+
+    /// `body`, holding the count until it is sent (or dropped).
+    fn until_sent(self, body: Body) -> Holding {
+        Holding {
+            body,
+            _under_way: self,
+        }
+    }
+}
+
+impl Drop for UnderWay {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request counted as under way until it is sent.
+struct Holding {
+    body: Body,
+    _under_way: UnderWay,
+}
+
+impl http_body::Body for Holding {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_the_cap_the_oldest_idle_connection_is_evicted() {
+        let mut connections = Connections::default();
+        let (_, busy, busy_evict) = connections.admit(2).unwrap();
+        busy.fetch_add(1, Ordering::SeqCst);
+        let (_, _, idle_evict) = connections.admit(2).unwrap();
+        let (_, third, _) = connections.admit(2).unwrap();
+        assert!(idle_evict.is_cancelled() && !busy_evict.is_cancelled());
+        third.fetch_add(1, Ordering::SeqCst);
+        assert!(connections.admit(2).is_none(), "every connection is busy");
+    }
+}
