@@ -4,8 +4,9 @@
 //! fit in what is left is answered 503 `server_busy` (with `Retry-After`) instead of
 //! being buffered; one larger than the whole budget 413 `request_too_large`.
 //!
-//! A body with a `Content-Length` is reserved whole before it is read; a chunked one
-//! chunk by chunk as it arrives.
+//! A body is reserved chunk by chunk as it arrives, so a client sending slowly holds no
+//! more than it sent; one whose `Content-Length` does not fit in what is left is refused
+//! before any of it is read (a client sending `Expect: 100-continue` sends none of it).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -67,17 +68,17 @@ impl BodyBudget {
         }
     }
 
-    /// Reserves `request`'s body, or answers why it cannot be.
+    /// Meters `request`'s body, or answers why it cannot be buffered now: a
+    /// `Content-Length` larger than the whole budget (413) or than what is left of it
+    /// (503).
     pub fn admit(&self, request: Request) -> Result<(Request, Reservation), Response> {
-        let held = Arc::new(Mutex::new(Held::default()));
         let length = request
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let request = match length {
-            Some(0) => request,
-            Some(length) if length > self.max => {
+        if let Some(length) = length {
+            if length > self.max {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "request_too_large",
@@ -89,23 +90,18 @@ impl BodyBudget {
                 )
                 .into_response());
             }
-            Some(length) => {
-                let permit = self
-                    .bytes
-                    .clone()
-                    .try_acquire_many_owned(length as u32)
-                    .map_err(|_| busy())?;
-                lock(&held).add(permit);
-                request
+            if length > self.bytes.available_permits() as u64 {
+                return Err(busy());
             }
-            None => request.map(|body| {
-                Body::new(Metered {
-                    body,
-                    bytes: self.bytes.clone(),
-                    held: held.clone(),
-                })
-            }),
-        };
+        }
+        let held = Arc::new(Mutex::new(Held::default()));
+        let request = request.map(|body| {
+            Body::new(Metered {
+                body,
+                bytes: self.bytes.clone(),
+                held: held.clone(),
+            })
+        });
         Ok((request, Reservation(held)))
     }
 }
@@ -192,9 +188,12 @@ mod tests {
     }
 
     #[test]
-    fn a_body_waits_for_room_and_gets_it_back() {
+    fn a_body_is_refused_while_what_is_buffered_leaves_no_room_for_it() {
         let budget = BodyBudget::new(100);
-        let (_, first) = budget.admit(with_length(60)).unwrap();
+        let (request, first) = budget.admit(with_length(0)).unwrap();
+        drop(request);
+        let held = budget.bytes.clone().try_acquire_many_owned(60).unwrap();
+        lock(&first.0).add(held);
         let refused = budget.admit(with_length(60)).err().unwrap();
         assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
         drop(first);

@@ -515,7 +515,7 @@ struct ConnectArgs {
     data_dir: PathBuf,
     /// A PEM file of CA certificates to trust besides the public (webpki) roots, for an
     /// `https` server or hook with a private CA or a self-signed certificate.
-    #[arg(long, value_name = "PEM")]
+    #[arg(long, env = "CLAWQ_CA_CERT", value_name = "PEM")]
     ca_cert: Option<PathBuf>,
 }
 

@@ -115,7 +115,22 @@ pub struct Host {
     data_dir: PathBuf,
     config: PathBuf,
     http: reqwest::blocking::Client,
+    /// The CA certificate (PEM) an `https` host is verified with ([`Host::trust`]).
+    ca_cert: Option<PathBuf>,
     _dir: Option<tempfile::TempDir>,
+}
+
+/// The tests' HTTP client: a fresh connection per request (a refused oversized body
+/// closes its own), trusting `ca_cert` (PEM) when given.
+fn http_client(ca_cert: Option<&Path>) -> reqwest::blocking::Client {
+    let mut builder = reqwest::blocking::Client::builder()
+        .timeout(DEADLINE)
+        .pool_max_idle_per_host(0);
+    if let Some(path) = ca_cert {
+        let pem = std::fs::read(path).unwrap();
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+    }
+    builder.build().unwrap()
 }
 
 impl Host {
@@ -150,15 +165,11 @@ impl Host {
             earlier_logs: Vec::new(),
             data_dir: data_dir.to_owned(),
             config: config.to_owned(),
-            http: reqwest::blocking::Client::builder()
-                .timeout(DEADLINE)
-                // A fresh connection per request: a refused oversized body closes its own.
-                .pool_max_idle_per_host(0)
-                .build()
-                .unwrap(),
+            http: http_client(None),
+            ca_cert: None,
             _dir: None,
         };
-        let ready = host.wait_log("clawq listening on http://");
+        let ready = host.wait_log("clawq listening on ");
         let address = ready.text.split("listening on ").nth(1).unwrap();
         host.base = address
             .split(|c: char| c.is_whitespace() || c == '"')
@@ -166,6 +177,13 @@ impl Host {
             .unwrap()
             .to_owned();
         host
+    }
+
+    /// Trusts the CA certificate (PEM) at `ca_cert` for this `https` host, in the
+    /// requests of the test and of [`Host::cli`].
+    pub fn trust(&mut self, ca_cert: &Path) {
+        self.http = http_client(Some(ca_cert));
+        self.ca_cert = Some(ca_cert.to_owned());
     }
 
     /// The data directory of this host.
@@ -185,6 +203,9 @@ impl Host {
     pub fn restart(&mut self) {
         let mut restarted = Host::spawn(&self.data_dir, &self.config, &[]);
         restarted._dir = self._dir.take();
+        if let Some(ca_cert) = &self.ca_cert {
+            restarted.trust(ca_cert);
+        }
         restarted.earlier_logs = std::mem::take(&mut self.earlier_logs);
         restarted.earlier_logs.push(self.log.clone());
         std::mem::swap(self, &mut restarted);
@@ -619,12 +640,15 @@ impl Host {
     /// Runs `clawq <args>` against this host (`CLAWQ_SERVER` and `CLAWQ_DATA_DIR` are
     /// its url and data directory) and returns its output, success or failure.
     pub fn cli_output(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_clawq"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_clawq"));
+        command
             .args(args)
             .env("CLAWQ_SERVER", &self.base)
-            .env("CLAWQ_DATA_DIR", &self.data_dir)
-            .output()
-            .unwrap()
+            .env("CLAWQ_DATA_DIR", &self.data_dir);
+        if let Some(ca_cert) = &self.ca_cert {
+            command.env("CLAWQ_CA_CERT", ca_cert);
+        }
+        command.output().unwrap()
     }
 
     /// Runs `clawq <args>` against this host (see [`Host::cli_output`]), expects success
@@ -922,6 +946,17 @@ impl Connector {
         hook_url: &str,
         data_dir: &Path,
     ) -> Connector {
+        Connector::spawn(Connector::command(server, did, token, hook_url, data_dir))
+    }
+
+    /// The command [`Connector::start_at`] runs, for a test to add arguments to.
+    pub fn command(
+        server: &str,
+        did: &str,
+        token: &str,
+        hook_url: &str,
+        data_dir: &Path,
+    ) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_clawq"));
         command
             .args([
@@ -930,7 +965,12 @@ impl Connector {
             .args(["--hook-header", "x-hook-token: hook-secret", "--data-dir"])
             .arg(data_dir)
             .env("CLAWQ_AGENT_TOKEN", token);
-        Connector::spawn(command)
+        command
+    }
+
+    /// Waits for the connector to exit on its own (at most [`DEADLINE`]).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        wait_for("the connector to exit", || self.child.try_wait().unwrap())
     }
 
     /// Starts `command` (a connector, however it is launched: e.g. `bash -c` running a
