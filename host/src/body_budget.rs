@@ -106,6 +106,19 @@ impl BodyBudget {
     }
 }
 
+/// Makes the allocator give every large buffer (a request body) back to the OS as soon as
+/// it is freed. glibc otherwise raises its mmap threshold after the first such buffer
+/// is freed and keeps the later ones in its heaps, where freed bodies pile up as
+/// resident memory the budget does not see.
+pub fn return_large_buffers_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes an allocator setting; a fixed threshold is valid.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn lock(held: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
     held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -90,6 +90,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
 /// as `.wasm` files whenever they change.
 pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken) -> Result<()> {
     crate::private_dir::prepare(&config.data_dir)?;
+    crate::body_budget::return_large_buffers_to_the_os();
     let tls = match &config.tls {
         Some(files) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
             &files.cert,
