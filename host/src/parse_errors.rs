@@ -14,6 +14,10 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// The longest head hyper writes for an error of its own (status line, `connection`,
+/// `content-length` and `date`).
+const MAX_HEAD: usize = 512;
+
 /// A connection's stream whose hyper-made error answers are written as JSON.
 pub struct JsonParseErrors<I> {
     io: I,
@@ -34,8 +38,14 @@ impl<I> JsonParseErrors<I> {
 /// The JSON answer to write instead of `head`, if `head` is one of hyper's own error
 /// answers.
 fn replacement(head: &[u8]) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(head).ok()?;
-    let end = text.find("\r\n\r\n")?;
+    if !head.starts_with(b"HTTP/1.1 4") {
+        return None;
+    }
+    let end = head
+        .windows(4)
+        .take(MAX_HEAD)
+        .position(|w| w == b"\r\n\r\n")?;
+    let text = std::str::from_utf8(&head[..end + 4]).ok()?;
     let head = text[..end].to_ascii_lowercase();
     let status = head.strip_prefix("http/1.1 ")?.get(..3)?;
     if !status.starts_with('4') || head.contains("\r\ncontent-type:") {
