@@ -105,6 +105,10 @@ fn exchange(address: &str, head: &[u8], body_len: Option<usize>) -> Answer {
     }
 }
 
+/// One error path: what it is, the request head, the body length (sent once the host
+/// says to go on), and the status and error code expected.
+type ErrorPath = (&'static str, Vec<u8>, Option<usize>, u16, &'static str);
+
 #[test]
 fn every_error_path_answers_a_json_error() {
     let host = Host::start(&http_config("max_buffered_body_mb = 128"));
@@ -114,7 +118,7 @@ fn every_error_path_answers_a_json_error() {
     let long = |n: usize| "a".repeat(n);
     let many_headers: String = (0..120).map(|i| format!("\r\nx-h{i}: v")).collect();
     let queue = "/v1/queues/clawdentity-events";
-    let cases: Vec<(&str, Vec<u8>, Option<usize>, u16, &str)> = vec![
+    let cases: Vec<ErrorPath> = vec![
         ("a raw path that is not UTF-8", b"GET /v1/queues/\xff\xfe HTTP/1.1\r\nhost: x".to_vec(), None, 400, "invalid_request"),
         ("a percent-encoded path that is not UTF-8", format!("GET {queue}%FF HTTP/1.1\r\nhost: x").into_bytes(), None, 400, "invalid_request"),
         ("a DID that is not UTF-8", b"GET /v1/trust/agents/%C3%28 HTTP/1.1\r\nhost: x".to_vec(), None, 400, "invalid_request"),

@@ -68,10 +68,9 @@ impl BodyBudget {
         }
     }
 
-    /// Meters `request`'s body, or answers why it cannot be buffered now: a
-    /// `Content-Length` larger than the whole budget (413) or than what is left of it
-    /// (503).
-    pub fn admit(&self, request: Request) -> Result<(Request, Reservation), Response> {
+    /// Meters `request`'s body, or refuses it when it cannot be buffered now: a
+    /// `Content-Length` larger than the whole budget or than what is left of it.
+    pub fn admit(&self, request: Request) -> Result<(Request, Reservation), Refused> {
         let length = request
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -79,19 +78,13 @@ impl BodyBudget {
             .and_then(|v| v.parse::<u64>().ok());
         if let Some(length) = length {
             if length > self.max {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request_too_large",
-                    format!(
-                        "a body of {length} bytes is more than the host buffers at once \
-                         (http.max_buffered_body_mb: {} bytes)",
-                        self.max
-                    ),
-                )
-                .into_response());
+                return Err(Refused::TooLarge {
+                    length,
+                    max: self.max,
+                });
             }
             if length > self.bytes.available_permits() as u64 {
-                return Err(busy());
+                return Err(Refused::Busy);
             }
         }
         let held = Arc::new(Mutex::new(Held::default()));
@@ -103,6 +96,50 @@ impl BodyBudget {
             })
         });
         Ok((request, Reservation(held)))
+    }
+}
+
+/// Why a body is not buffered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// It is larger than the whole budget: 413 `request_too_large`.
+    TooLarge {
+        /// Its `Content-Length`.
+        length: u64,
+        /// The budget.
+        max: u64,
+    },
+    /// What is buffered leaves no room for it now: 503 `server_busy`, `Retry-After`.
+    Busy,
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        let (status, code, message) = match self {
+            Refused::TooLarge { length, max } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!(
+                    "a body of {length} bytes is more than the host buffers at once \
+                     (http.max_buffered_body_mb: {max} bytes)"
+                ),
+            ),
+            Refused::Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_busy",
+                "the host is buffering as many request bodies as it may \
+                 (http.max_buffered_body_mb); try again shortly"
+                    .to_owned(),
+            ),
+        };
+        let mut response = ApiError::new(status, code, message).into_response();
+        if self == Refused::Busy {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        response
     }
 }
 
@@ -123,23 +160,7 @@ fn lock(held: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
     held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// 503 `server_busy`, with `Retry-After`.
-pub fn busy() -> Response {
-    let mut response = ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "server_busy",
-        "the host is buffering as many request bodies as it may (http.max_buffered_body_mb); \
-         try again shortly",
-    )
-    .into_response();
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from_static(RETRY_AFTER_SECONDS),
-    );
-    response
-}
-
-/// A chunked body that reserves each chunk as it arrives.
+/// A body that reserves each chunk as it arrives.
 struct Metered {
     body: Body,
     bytes: Arc<Semaphore>,
@@ -207,11 +228,15 @@ mod tests {
         drop(request);
         let held = budget.bytes.clone().try_acquire_many_owned(60).unwrap();
         lock(&first.0).add(held);
-        let refused = budget.admit(with_length(60)).err().unwrap();
-        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(budget.admit(with_length(60)).err(), Some(Refused::Busy));
         drop(first);
         assert!(budget.admit(with_length(60)).is_ok());
-        let too_large = budget.admit(with_length(101)).err().unwrap();
-        assert_eq!(too_large.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            budget.admit(with_length(101)).err(),
+            Some(Refused::TooLarge {
+                length: 101,
+                max: 100
+            })
+        );
     }
 }

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use tower::ServiceExt as _;
 
 use crate::api::ApiError;
-use crate::body_budget::BodyBudget;
+use crate::body_budget::{BodyBudget, Refused};
 
 /// Longest request target (path and query) answered; longer ones get 414.
 pub const MAX_URI_BYTES: usize = 8 << 10;
@@ -32,14 +32,14 @@ pub async fn handle(app: Router, budget: &BodyBudget, request: Request) -> Respo
     }
     let (request, reservation) = match budget.admit(request) {
         Ok(admitted) => admitted,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     let response = match app.oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
     };
     if reservation.starved() {
-        return crate::body_budget::busy();
+        return Refused::Busy.into_response();
     }
     as_json(response).await
 }

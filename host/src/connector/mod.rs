@@ -1406,8 +1406,9 @@ mod tests {
 
     #[test]
     fn the_websocket_url_is_derived_from_the_server() {
+        let tls = crate::tls::client_config(None).unwrap();
         let url = |server: &str| {
-            Endpoint::new(&ConnectorOptions::new(server, AGENT, TOKEN)).map(|e| e.url)
+            Endpoint::new(&ConnectorOptions::new(server, AGENT, TOKEN), tls.clone()).map(|e| e.url)
         };
         let query =
             "agent=did%3Acdi%3Aregistry.clawdentity.com%3Aagent%3A01HZX4M3Q8V2J7K9T6R5W1N0PB";
@@ -1420,7 +1421,7 @@ mod tests {
             format!("wss://relay.example/v1/relay/connect?{query}")
         );
         assert!(url("ftp://relay.example").is_err());
-        assert!(Endpoint::new(&ConnectorOptions::new(DEFAULT_SERVER, AGENT, " ")).is_err());
+        assert!(Endpoint::new(&ConnectorOptions::new(DEFAULT_SERVER, AGENT, " "), tls).is_err());
     }
 
     #[test]
