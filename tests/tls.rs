@@ -8,7 +8,6 @@ mod support;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
 use support::*;
@@ -117,43 +116,27 @@ fn plain_http_to_the_tls_port_gets_no_http_answer() {
     assert_eq!(host.get("/healthz").0, 200, "https still answers");
 }
 
-/// Runs `clawq serve` with `config` and expects it to fail at start; returns its stderr.
-fn refused_start(config: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let config_path = dir.path().join("clawq.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_clawq"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .arg("--config")
-        .arg(&config_path)
-        .output()
-        .unwrap();
-    assert!(!output.status.success(), "clawq serve started");
-    String::from_utf8(output.stderr).unwrap()
-}
-
 #[test]
 fn missing_or_mismatched_tls_files_stop_the_host_with_a_clear_error() {
     let tls = self_signed();
     let missing = tls.dir.path().join("missing.pem");
-    let error = refused_start(&tls_config(&missing, &tls.key));
+    let error = refused_serve(&tls_config(&missing, &tls.key));
     assert!(
         error.contains("tls_cert") && error.contains("missing.pem"),
         "{error}"
     );
 
-    let error = refused_start(&tls_config(&tls.cert, &tls.cert));
+    let error = refused_serve(&tls_config(&tls.cert, &tls.cert));
     assert!(
         error.contains("tls_key") && error.contains("cert.pem"),
         "{error}"
     );
 
     let other = self_signed();
-    let error = refused_start(&tls_config(&tls.cert, &other.key));
+    let error = refused_serve(&tls_config(&tls.cert, &other.key));
     assert!(error.contains("does not fit the certificate"), "{error}");
 
-    let error = refused_start(&format!(
+    let error = refused_serve(&format!(
         "tls_cert = {:?}\n",
         tls.cert.display().to_string()
     ));

@@ -8,15 +8,12 @@
 //! more than it sent; one whose `Content-Length` does not fit in what is left is refused
 //! before any of it is read (a client sending `Expect: 100-continue` sends none of it).
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use http_body::Frame;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::api::ApiError;
@@ -88,13 +85,7 @@ impl BodyBudget {
             }
         }
         let held = Arc::new(Mutex::new(Held::default()));
-        let request = request.map(|body| {
-            Body::new(Metered {
-                body,
-                bytes: self.bytes.clone(),
-                held: held.clone(),
-            })
-        });
+        let request = request.map(|body| metered(body, self.bytes.clone(), held.clone()));
         Ok((request, Reservation(held)))
     }
 }
@@ -160,54 +151,29 @@ fn lock(held: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
     held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A body that reserves each chunk as it arrives.
-struct Metered {
-    body: Body,
-    bytes: Arc<Semaphore>,
-    held: Arc<Mutex<Held>>,
-}
-
 /// The error a metered body fails with when a chunk finds no room.
 #[derive(Debug, thiserror::Error)]
 #[error("no room to buffer the request body (http.max_buffered_body_mb)")]
 struct NoRoom;
 
-impl http_body::Body for Metered {
-    type Data = Bytes;
-    type Error = axum::BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let frame = match Pin::new(&mut self.body).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => frame,
-            other => return other.map(|f| f.map(|r| r.map_err(Into::into))),
-        };
-        let size = frame.data_ref().map_or(0, Bytes::len);
-        if size > 0 {
-            let permit = u32::try_from(size)
-                .ok()
-                .and_then(|n| self.bytes.clone().try_acquire_many_owned(n).ok());
-            let mut held = lock(&self.held);
-            match permit {
-                Some(permit) => held.add(permit),
-                None => {
-                    held.starved = true;
-                    return Poll::Ready(Some(Err(NoRoom.into())));
-                }
+/// `body`, reserving each chunk in `bytes` as it arrives and keeping it in `held`.
+fn metered(body: Body, bytes: Arc<Semaphore>, held: Arc<Mutex<Held>>) -> Body {
+    crate::watched_body::watched(body, move |chunk| {
+        let permit = u32::try_from(chunk.len())
+            .ok()
+            .and_then(|n| bytes.clone().try_acquire_many_owned(n).ok());
+        let mut held = lock(&held);
+        match permit {
+            Some(permit) => {
+                held.add(permit);
+                Ok(())
+            }
+            None => {
+                held.starved = true;
+                Err(NoRoom.into())
             }
         }
-        Poll::Ready(Some(Ok(frame)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
+    })
 }
 
 #[cfg(test)]

@@ -38,4 +38,5 @@ pub mod server;
 pub mod text;
 pub mod tls;
 pub mod trust;
+pub mod watched_body;
 pub mod world;

@@ -237,7 +237,7 @@ where
         let (app, budget) = (app.clone(), budget.clone());
         async move {
             let response = http_guard::handle(app, &budget, request.map(Body::new)).await;
-            Ok::<Response, Infallible>(response.map(|body| Body::new(under_way.until_sent(body))))
+            Ok::<Response, Infallible>(response.map(|body| under_way.until_sent(body)))
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -274,43 +274,17 @@ impl UnderWay {
     }
 
     /// `body`, holding the count until it is sent (or dropped).
-    fn until_sent(self, body: Body) -> Holding {
-        Holding {
-            body,
-            _under_way: self,
-        }
+    fn until_sent(self, body: Body) -> Body {
+        crate::watched_body::watched(body, move |_| {
+            let _counted = &self;
+            Ok(())
+        })
     }
 }
 
 impl Drop for UnderWay {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// A response body that keeps its request counted as under way until it is sent.
-struct Holding {
-    body: Body,
-    _under_way: UnderWay,
-}
-
-impl http_body::Body for Holding {
-    type Data = axum::body::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }
 

@@ -557,6 +557,26 @@ impl Host {
     }
 }
 
+/// Runs `clawq serve` with `config` (TOML) on a fresh data directory, expects it to fail
+/// at start, and returns what it printed on stderr.
+pub fn refused_serve(config: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("clawq.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_clawq"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "clawq serve started with {config}"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].
 pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + DEADLINE;
