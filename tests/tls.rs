@@ -1,7 +1,7 @@
 //! TLS end to end (issue 13 item 3): `clawq serve` terminates TLS itself with a
 //! self-signed certificate generated here (rcgen); the real `clawq connect` reaches it
 //! over `wss://` when given the certificate with `--ca-cert`, and a receipt reaches the
-//! agent's hook; without it the connector stops with a clear certificate error; plain
+//! agent's hook, an `https` one verified with the same CA; without it the connector stops with a clear certificate error; plain
 //! HTTP to the TLS port gets no answer; bad certificate files stop the host at start.
 
 mod support;
@@ -51,12 +51,13 @@ fn tls_host() -> (Host, SelfSigned) {
 }
 
 #[test]
-fn a_connector_given_the_ca_reaches_a_tls_host_over_wss_and_the_receipt_reaches_the_hook() {
+fn a_connector_given_the_ca_reaches_a_tls_host_over_wss_and_the_receipt_an_https_hook() {
     let (host, tls) = tls_host();
     let (status, health) = host.get("/healthz");
     assert_eq!((status, &health["status"]), (200, &Value::from("ok")));
     let token = host.add_agent(DID_A);
-    let hook = FakeHook::start();
+    let hook = FakeHook::start_tls(&tls.cert, &tls.key);
+    assert!(hook.url.starts_with("https://127.0.0.1:"), "{}", hook.url);
     let outbox = tempfile::tempdir().unwrap();
     let mut command = Connector::command(&host.base, DID_A, &token, &hook.url, outbox.path());
     command.arg("--ca-cert").arg(&tls.cert);

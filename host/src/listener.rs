@@ -157,6 +157,7 @@ pub async fn serve(
         shutdown: shutdown.clone(),
     };
     let tasks = TaskTracker::new();
+    let mut refusals = Refusals::default();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -174,12 +175,7 @@ pub async fn serve(
         };
         let admitted = lock(&shared.connections).admit(limits.max_connections);
         let Some((id, requests, evict)) = admitted else {
-            tracing::warn!(
-                %peer,
-                "refused a connection: all {} connections (http.max_connections) are serving \
-                 requests",
-                limits.max_connections
-            );
+            refusals.refused(peer, limits.max_connections);
             continue;
         };
         let slot = Slot {
@@ -199,6 +195,37 @@ pub async fn serve(
     tasks.close();
     tasks.wait().await;
     Ok(())
+}
+
+/// How often a refused connection is logged at most.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Connections refused because every open one is busy, logged at most once every
+/// [`REFUSAL_LOG_INTERVAL`] with how many were refused since.
+#[derive(Default)]
+struct Refusals {
+    since_logged: u64,
+    logged_at: Option<tokio::time::Instant>,
+}
+
+impl Refusals {
+    fn refused(&mut self, peer: SocketAddr, max_connections: usize) {
+        self.since_logged += 1;
+        if self
+            .logged_at
+            .is_some_and(|at| at.elapsed() < REFUSAL_LOG_INTERVAL)
+        {
+            return;
+        }
+        tracing::warn!(
+            %peer,
+            refused = self.since_logged,
+            "refused connections: all {max_connections} connections (http.max_connections) \
+             are serving requests"
+        );
+        self.since_logged = 0;
+        self.logged_at = Some(tokio::time::Instant::now());
+    }
 }
 
 /// Serves one connection until it ends, is evicted, or shutdown closes it.

@@ -857,9 +857,30 @@ impl FakeHook {
         FakeHook::start_on(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap())
     }
 
+    /// Starts the hook on a free port, serving `https` with the certificate `cert` and
+    /// key `key` (PEM files) through clawq's own listener.
+    pub fn start_tls(cert: &Path, key: &Path) -> FakeHook {
+        let tls = clawq::tls::server_config(cert, key).unwrap();
+        FakeHook::start_with(
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            Some(tokio_rustls::TlsAcceptor::from(tls)),
+        )
+    }
+
     fn start_on(listener: std::net::TcpListener) -> FakeHook {
+        FakeHook::start_with(listener, None)
+    }
+
+    fn start_with(
+        listener: std::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> FakeHook {
         use axum::http::{HeaderMap, StatusCode};
-        let url = format!("http://{}/hooks/message", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!(
+            "{scheme}://{}/hooks/message",
+            listener.local_addr().unwrap()
+        );
         listener.set_nonblocking(true).unwrap();
         let requests: Arc<Mutex<Vec<HookRequest>>> = Arc::default();
         let down: Arc<std::sync::atomic::AtomicBool> = Arc::default();
@@ -894,10 +915,14 @@ impl FakeHook {
                     ),
                 );
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    })
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let cancel = shutdown.clone();
+                tokio::spawn(async move {
+                    let _ = stopped.await;
+                    cancel.cancel();
+                });
+                let limits = clawq::listener::HttpLimits::default();
+                clawq::listener::serve(listener, tls, limits, app, shutdown)
                     .await
                     .unwrap();
             });
