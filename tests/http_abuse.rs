@@ -1,5 +1,5 @@
 //! The HTTP server under abuse (issue 13 item 5): clients that never finish their headers
-//! cannot lock out a well-behaved one (`/healthz` answers within 100 ms past the
+//! (or their bodies) cannot lock out a well-behaved one (`/healthz` answers within 100 ms past the
 //! connection cap) and are closed after `header_read_timeout`; request bodies buffered at
 //! once stay within `http.max_buffered_body_mb` (503 `server_busy` beyond it, the host's
 //! memory bounded under 200 concurrent 4 MiB requests); every error path answers a JSON
@@ -158,14 +158,19 @@ fn every_error_path_answers_a_json_error() {
     assert!(answer.head.contains("\r\nallow: get,head"), "{answer:?}");
 }
 
-/// Opens `n` connections that send part of a request head and never finish it.
-fn half_sent_requests(address: &str, n: usize) -> Vec<TcpStream> {
-    (0..n)
-        .map(|_| {
+/// The start of a request whose head is never finished.
+const HALF_SENT_HEAD: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: ";
+/// The start of a publish whose body is never finished.
+const HALF_SENT_BODY: &[u8] = b"POST /v1/queues/clawdentity-events/messages HTTP/1.1\r\n\
+    host: x\r\ncontent-length: 1000\r\n\r\n{\"body\": ";
+
+/// Opens a connection for each of `starts`, sends it, and never finishes the request.
+fn half_sent_requests(address: &str, starts: &[&[u8]]) -> Vec<TcpStream> {
+    starts
+        .iter()
+        .map(|start| {
             let mut socket = TcpStream::connect(address).unwrap();
-            socket
-                .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: ")
-                .unwrap();
+            socket.write_all(start).unwrap();
             socket.set_nonblocking(true).unwrap();
             socket
         })
@@ -188,7 +193,17 @@ fn half_sent_requests_beyond_the_connection_cap_do_not_lock_out_healthz() {
         "max_connections = {CAP}\nheader_read_timeout = 300"
     )));
     let address = address(&host);
-    let slow = half_sent_requests(&address, 10 * CAP);
+    // Heads never finished and bodies never finished, alternately.
+    let starts: Vec<&[u8]> = (0..10 * CAP)
+        .map(|i| {
+            if i % 2 == 0 {
+                HALF_SENT_HEAD
+            } else {
+                HALF_SENT_BODY
+            }
+        })
+        .collect();
+    let slow = half_sent_requests(&address, &starts);
     let mut slowest = Duration::ZERO;
     for _ in 0..20 {
         slowest = slowest.max(host.healthz_probe());
@@ -211,7 +226,7 @@ fn half_sent_requests_beyond_the_connection_cap_do_not_lock_out_healthz() {
 fn a_request_head_not_finished_within_header_read_timeout_is_closed() {
     let host = Host::start(&http_config("header_read_timeout = 1"));
     let started = Instant::now();
-    let socket = half_sent_requests(&address(&host), 1).remove(0);
+    let socket = half_sent_requests(&address(&host), &[HALF_SENT_HEAD]).remove(0);
     wait_for("the half-sent request to be closed", || {
         closed(&socket).then_some(())
     });

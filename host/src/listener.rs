@@ -5,10 +5,10 @@
 //! - a client has `header_read_timeout` to finish its TLS handshake and each request's
 //!   headers, or its connection is closed;
 //! - at most `max_connections` connections are open at once. At the cap, a new
-//!   connection evicts the oldest one that has no request under way (still sending its
-//!   headers, or idle between requests): clients that never finish their headers cannot
-//!   lock out a well-behaved one. Only when every connection is serving a request is the
-//!   new one closed at once;
+//!   connection evicts the oldest one that waits for its client (still sending its
+//!   headers or its request body, or idle between requests): clients that never finish
+//!   their requests cannot lock out a well-behaved one. Only when every connection is
+//!   busy serving a request is the new one closed at once;
 //! - every request goes through [`crate::http_guard`] (JSON errors, head limits) and
 //!   [`crate::body_budget`] (request bodies buffered at once); the HTTP layer's own
 //!   answers to requests it cannot parse are JSON too ([`crate::parse_errors`]).
@@ -77,22 +77,78 @@ struct Connections {
 
 /// One open connection.
 struct Connection {
-    /// Requests under way on it (headers read, response not fully sent).
-    requests: Arc<AtomicUsize>,
+    /// What it is doing.
+    activity: Arc<Activity>,
     /// Cancelled to close it.
     evict: CancellationToken,
 }
 
+/// What a connection is doing, as counts of [`Counted`] guards.
+#[derive(Default)]
+struct Activity {
+    /// Requests under way (headers read, response not fully sent).
+    requests: AtomicUsize,
+    /// Request bodies a handler may still read from the client.
+    bodies: AtomicUsize,
+}
+
+impl Activity {
+    /// Whether the connection waits for its client: no request under way (its headers
+    /// not sent yet, or idle between requests), or a request body still to come.
+    fn waits_for_client(&self) -> bool {
+        self.requests.load(Ordering::SeqCst) == 0 || self.bodies.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// Which count of an [`Activity`] a [`Counted`] holds.
+#[derive(Clone, Copy)]
+enum Count {
+    Request,
+    Body,
+}
+
+/// One unit of a connection's [`Activity`], held until dropped.
+struct Counted(Arc<Activity>, Count);
+
+impl Counted {
+    fn start(activity: &Arc<Activity>, count: Count) -> Counted {
+        let counted = Counted(activity.clone(), count);
+        counted.counter().fetch_add(1, Ordering::SeqCst);
+        counted
+    }
+
+    fn counter(&self) -> &AtomicUsize {
+        match self.1 {
+            Count::Request => &self.0.requests,
+            Count::Body => &self.0.bodies,
+        }
+    }
+
+    /// `body`, holding the count until it is done with (sent, read, or dropped).
+    fn until_done(self, body: Body) -> Body {
+        crate::watched_body::watched(body, move |_| {
+            let _counted = &self;
+            Ok(())
+        })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.counter().fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Connections {
     /// Makes room for one more connection within `max`: evicts the oldest connection
-    /// with no request under way if needed. Returns the new connection's id and state,
+    /// that waits for its client if needed. Returns the new connection's id and state,
     /// or `None` when every connection is busy.
-    fn admit(&mut self, max: usize) -> Option<(u64, Arc<AtomicUsize>, CancellationToken)> {
+    fn admit(&mut self, max: usize) -> Option<(u64, Arc<Activity>, CancellationToken)> {
         if self.open.len() >= max {
             let idle = self
                 .open
                 .iter()
-                .find(|(_, c)| c.requests.load(Ordering::SeqCst) == 0)
+                .find(|(_, c)| c.activity.waits_for_client())
                 .map(|(id, _)| *id)?;
             if let Some(evicted) = self.open.remove(&idle) {
                 evicted.evict.cancel();
@@ -101,10 +157,10 @@ impl Connections {
         let id = self.next_id;
         self.next_id += 1;
         let connection = Connection {
-            requests: Arc::default(),
+            activity: Arc::default(),
             evict: CancellationToken::new(),
         };
-        let admitted = (id, connection.requests.clone(), connection.evict.clone());
+        let admitted = (id, connection.activity.clone(), connection.evict.clone());
         self.open.insert(id, connection);
         Some(admitted)
     }
@@ -174,7 +230,7 @@ pub async fn serve(
             }
         };
         let admitted = lock(&shared.connections).admit(limits.max_connections);
-        let Some((id, requests, evict)) = admitted else {
+        let Some((id, activity, evict)) = admitted else {
             refusals.refused(peer, limits.max_connections);
             continue;
         };
@@ -187,7 +243,7 @@ pub async fn serve(
             stream,
             peer,
             slot,
-            requests,
+            activity,
             evict,
         ));
     }
@@ -234,12 +290,12 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     _slot: Slot,
-    requests: Arc<AtomicUsize>,
+    activity: Arc<Activity>,
     evict: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
     let Some(tls) = shared.tls.clone() else {
-        return serve_io(shared, stream, requests, evict).await;
+        return serve_io(shared, stream, activity, evict).await;
     };
     let handshake = tokio::select! {
         _ = evict.cancelled() => return,
@@ -247,24 +303,26 @@ async fn connection(
         handshake = tokio::time::timeout(shared.limits.header_read_timeout, tls.accept(stream)) => handshake,
     };
     match handshake {
-        Ok(Ok(stream)) => serve_io(shared, stream, requests, evict).await,
+        Ok(Ok(stream)) => serve_io(shared, stream, activity, evict).await,
         Ok(Err(error)) => tracing::debug!(%peer, "TLS handshake failed: {error}"),
         Err(_) => tracing::debug!(%peer, "TLS handshake not finished in time"),
     }
 }
 
 /// Serves HTTP/1.1 on `io`.
-async fn serve_io<I>(shared: Shared, io: I, requests: Arc<AtomicUsize>, evict: CancellationToken)
+async fn serve_io<I>(shared: Shared, io: I, activity: Arc<Activity>, evict: CancellationToken)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (app, budget) = (shared.app.clone(), shared.budget.clone());
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let under_way = UnderWay::start(&requests);
+        let under_way = Counted::start(&activity, Count::Request);
+        let receiving = Counted::start(&activity, Count::Body);
+        let request = request.map(|body| receiving.until_done(Body::new(body)));
         let (app, budget) = (app.clone(), budget.clone());
         async move {
-            let response = http_guard::handle(app, &budget, request.map(Body::new)).await;
-            Ok::<Response, Infallible>(response.map(|body| under_way.until_sent(body)))
+            let response = http_guard::handle(app, &budget, request).await;
+            Ok::<Response, Infallible>(response.map(|body| under_way.until_done(body)))
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -291,43 +349,25 @@ where
     }
 }
 
-/// Counts a request as under way on its connection until its response is sent.
-struct UnderWay(Arc<AtomicUsize>);
-
-impl UnderWay {
-    fn start(requests: &Arc<AtomicUsize>) -> UnderWay {
-        requests.fetch_add(1, Ordering::SeqCst);
-        UnderWay(requests.clone())
-    }
-
-    /// `body`, holding the count until it is sent (or dropped).
-    fn until_sent(self, body: Body) -> Body {
-        crate::watched_body::watched(body, move |_| {
-            let _counted = &self;
-            Ok(())
-        })
-    }
-}
-
-impl Drop for UnderWay {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn at_the_cap_the_oldest_idle_connection_is_evicted() {
+    fn at_the_cap_the_oldest_connection_waiting_for_its_client_is_evicted() {
         let mut connections = Connections::default();
         let (_, busy, busy_evict) = connections.admit(2).unwrap();
-        busy.fetch_add(1, Ordering::SeqCst);
+        let _request = Counted::start(&busy, Count::Request);
         let (_, _, idle_evict) = connections.admit(2).unwrap();
-        let (_, third, _) = connections.admit(2).unwrap();
+        let (_, third, third_evict) = connections.admit(2).unwrap();
         assert!(idle_evict.is_cancelled() && !busy_evict.is_cancelled());
-        third.fetch_add(1, Ordering::SeqCst);
+        let _request = Counted::start(&third, Count::Request);
+        let body = Counted::start(&third, Count::Body);
+        let (_, _, _) = connections.admit(2).unwrap();
+        assert!(third_evict.is_cancelled(), "its body was still to come");
+        let (_, fourth, _) = connections.admit(2).unwrap();
+        drop(body);
+        let _request = Counted::start(&fourth, Count::Request);
         assert!(connections.admit(2).is_none(), "every connection is busy");
     }
 }
