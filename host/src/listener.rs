@@ -212,6 +212,7 @@ pub async fn serve(
         connections: Arc::default(),
         shutdown: shutdown.clone(),
     };
+    ensure_descriptors(limits.max_connections);
     let tasks = TaskTracker::new();
     let mut refusals = Refusals::default();
     loop {
@@ -251,6 +252,40 @@ pub async fn serve(
     tasks.close();
     tasks.wait().await;
     Ok(())
+}
+
+/// File descriptors kept for everything but the HTTP connections: databases, WebSockets
+/// of connectors, handler files, the listener.
+const DESCRIPTORS_KEPT: u64 = 256;
+
+/// Raises the process's open-file limit to its hard limit, and warns when that still
+/// leaves too few descriptors for `max_connections` connections and the rest.
+fn ensure_descriptors(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct given, nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            }
+        }
+    }
+    let needed = max_connections as u64 + DESCRIPTORS_KEPT;
+    if limit.rlim_cur < needed {
+        tracing::warn!(
+            "the open-file limit ({}) is too low for http.max_connections ({max_connections}) \
+             and the host's own files: lower http.max_connections or raise the limit \
+             (ulimit -n) to at least {needed}",
+            limit.rlim_cur
+        );
+    }
 }
 
 /// How often a refused connection is logged at most.
