@@ -252,20 +252,7 @@ fn a_stderr_flood_never_traps_the_guest_and_is_reported_by_head_and_tail() {
 
 #[test]
 fn configs_that_cannot_work_are_refused_naming_their_keys() {
-    let refused = |settings: &str| {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("clawq.toml");
-        std::fs::write(&config, scripted_consumer("jobs", settings)).unwrap();
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_clawq"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap();
-        assert!(!output.status.success(), "{settings} was accepted");
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    };
+    let refused = |settings: &str| refused_serve(&scripted_consumer("jobs", settings));
     let error = refused("max_concurrency = 2\nmax_instances = 1");
     assert!(
         error.contains("max_concurrency (2) cannot exceed max_instances (1)"),

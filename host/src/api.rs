@@ -29,6 +29,9 @@ mod messages;
 /// included); the message limits proper are checked after parsing.
 const MAX_REQUEST_BYTES: usize = 4 << 20;
 
+/// A body above this size is parsed off the runtime's worker threads.
+const LARGE_BODY_BYTES: usize = 64 << 10;
+
 /// What the API serves from.
 #[derive(Clone)]
 pub struct AppState {
@@ -217,8 +220,19 @@ fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Resul
             rejection.body_text(),
         )
     })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    let parse = || {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    };
+    // Parsing megabytes holds the thread a while: let the runtime's other tasks (every
+    // other request) move to another thread meanwhile.
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if bytes.len() > LARGE_BODY_BYTES && multi_thread {
+        tokio::task::block_in_place(parse)
+    } else {
+        parse()
+    }
 }
 
 impl AppState {

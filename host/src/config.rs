@@ -71,6 +71,20 @@ pub struct Config {
     /// Whether every route but the connector's needs no token (`insecure_no_auth`, or
     /// `clawq serve --insecure-no-auth`).
     pub insecure_no_auth: bool,
+    /// The HTTP server's protection against abusive clients (`[http]`).
+    pub http: crate::listener::HttpLimits,
+    /// The certificate chain and private key (PEM files) to terminate TLS with
+    /// (`tls_cert`, `tls_key`); plain HTTP when `None`.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The PEM files `clawq serve` terminates TLS with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first (`tls_cert`).
+    pub cert: PathBuf,
+    /// The private key (`tls_key`).
+    pub key: PathBuf,
 }
 
 /// Relay sessions and connector connections (`[relay]`).
@@ -279,6 +293,10 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     admin_token: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    http: FileHttp,
     #[serde(default)]
     metrics_public: bool,
     #[serde(default)]
@@ -362,6 +380,53 @@ impl FileRelay {
             bail!("relay.retry_max_attempts must be at least 1");
         }
         Ok(relay)
+    }
+}
+
+/// `[http]`: the HTTP server's limits.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHttp {
+    /// Seconds a client has to send its request headers (and finish a TLS handshake).
+    header_read_timeout: Option<f64>,
+    /// Most connections open at once.
+    max_connections: Option<usize>,
+    /// Most MiB of request bodies buffered at once, across all requests.
+    max_buffered_body_mb: Option<u64>,
+}
+
+impl FileHttp {
+    fn apply(self) -> Result<crate::listener::HttpLimits> {
+        let defaults = crate::listener::HttpLimits::default();
+        let header_read_timeout = match self.header_read_timeout {
+            None => defaults.header_read_timeout,
+            Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
+            Some(_) => bail!("http.header_read_timeout must be a number of seconds > 0"),
+        };
+        let max_connections = self.max_connections.unwrap_or(defaults.max_connections);
+        if max_connections == 0 {
+            bail!("http.max_connections must be at least 1");
+        }
+        let max_buffered_body_bytes = match self.max_buffered_body_mb {
+            None => defaults.max_buffered_body_bytes,
+            Some(mb @ 1..=4095) => mb << 20,
+            Some(_) => bail!("http.max_buffered_body_mb must be between 1 and 4095"),
+        };
+        Ok(crate::listener::HttpLimits {
+            header_read_timeout,
+            max_connections,
+            max_buffered_body_bytes,
+        })
+    }
+}
+
+/// `tls_cert` and `tls_key`: both or neither.
+fn tls_files(cert: Option<PathBuf>, key: Option<PathBuf>) -> Result<Option<TlsFiles>> {
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+        (Some(_), None) => bail!("tls_cert is set but tls_key is not: TLS needs both"),
+        (None, Some(_)) => bail!("tls_key is set but tls_cert is not: TLS needs both"),
     }
 }
 
@@ -592,6 +657,8 @@ impl Config {
             }),
             metrics_public: file.metrics_public,
             insecure_no_auth: file.insecure_no_auth,
+            http: file.http.apply()?,
+            tls: tls_files(file.tls_cert, file.tls_key)?,
         })
     }
 

@@ -527,6 +527,10 @@ struct ConnectArgs {
     /// Directory of the connector's outbox.
     #[arg(long, default_value = "./.clawq-connector")]
     data_dir: PathBuf,
+    /// A PEM file of CA certificates to trust besides the public (webpki) roots, for an
+    /// `https` server or hook with a private CA or a self-signed certificate.
+    #[arg(long, env = "CLAWQ_CA_CERT", value_name = "PEM")]
+    ca_cert: Option<PathBuf>,
 }
 
 /// Checks `--agent`.
@@ -563,6 +567,7 @@ async fn connect(args: ConnectArgs) -> Result<()> {
         hook_url: args.hook,
         hook_headers: args.hook_headers,
         data_dir: args.data_dir,
+        ca_cert: args.ca_cert,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));

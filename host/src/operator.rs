@@ -22,6 +22,10 @@ pub struct ServerArg {
     /// The host's base url.
     #[arg(long, env = "CLAWQ_SERVER", default_value = crate::connector::DEFAULT_SERVER)]
     pub server: String,
+    /// A PEM file of CA certificates to trust besides the public (webpki) roots, for an
+    /// `https` host with a private CA or a self-signed certificate.
+    #[arg(long, env = "CLAWQ_CA_CERT", value_name = "PEM")]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 /// `clawq dlq`: browse and repair a dead-letter queue (or any queue) of a running host.
@@ -390,8 +394,10 @@ impl Client {
                     crate::connector::DEFAULT_SERVER
                 )
             })?;
+        let tls = crate::tls::client_config(server.ca_cert.as_deref())?;
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
+            .use_preconfigured_tls((*tls).clone())
             .build()?;
         Ok(Client {
             http,

@@ -91,8 +91,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
 /// Runs the host until `shutdown` is cancelled; with `watch`, reloads the handlers given
 /// as `.wasm` files whenever they change.
 pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken) -> Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    crate::private_dir::prepare(&config.data_dir)?;
     let admin_token = auth::admin_token(
         &config.data_dir,
         config.admin_token.as_ref(),
@@ -107,6 +106,14 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
              queue, deploy handlers and manage agents and tokens"
         );
     }
+    crate::body_budget::return_large_buffers_to_the_os();
+    let tls = match &config.tls {
+        Some(files) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+            &files.cert,
+            &files.key,
+        )?)),
+        None => None,
+    };
     let backend: Arc<dyn QueueBackend> = Arc::new(
         SqliteQueue::open(&config.data_dir.join("queues.db"))
             .context("opening the queue database")?
@@ -242,15 +249,15 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
-    tracing::info!(data_dir = %config.data_dir.display(), "clawq listening on http://{}", listener.local_addr()?);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(data_dir = %config.data_dir.display(), "clawq listening on {scheme}://{}", listener.local_addr()?);
 
     let closing = shutdown.clone();
     tokio::spawn(async move {
         closing.cancelled().await;
         hub.close_all(1001, "host_shutting_down");
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+    crate::listener::serve(listener, tls, config.http, app, shutdown.clone())
         .await
         .context("serving HTTP")?;
 

@@ -115,7 +115,22 @@ pub struct Host {
     http: reqwest::blocking::Client,
     /// The admin token it was given (`None`: the one it generated).
     admin_token: Option<String>,
+    /// The CA certificate (PEM) an `https` host is verified with ([`Host::trust`]).
+    ca_cert: Option<PathBuf>,
     _dir: Option<tempfile::TempDir>,
+}
+
+/// The tests' HTTP client: a fresh connection per request (a refused oversized body
+/// closes its own), trusting `ca_cert` (PEM) when given.
+fn http_client(ca_cert: Option<&Path>) -> reqwest::blocking::Client {
+    let mut builder = reqwest::blocking::Client::builder()
+        .timeout(DEADLINE)
+        .pool_max_idle_per_host(0);
+    if let Some(path) = ca_cert {
+        let pem = std::fs::read(path).unwrap();
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+    }
+    builder.build().unwrap()
 }
 
 impl Host {
@@ -163,16 +178,12 @@ impl Host {
             earlier_logs: Vec::new(),
             data_dir: data_dir.to_owned(),
             config: config.to_owned(),
-            http: reqwest::blocking::Client::builder()
-                .timeout(DEADLINE)
-                // A fresh connection per request: a refused oversized body closes its own.
-                .pool_max_idle_per_host(0)
-                .build()
-                .unwrap(),
+            http: http_client(None),
             admin_token: None,
+            ca_cert: None,
             _dir: None,
         };
-        let ready = host.wait_log("clawq listening on http://");
+        let ready = host.wait_log("clawq listening on ");
         let address = ready.text.split("listening on ").nth(1).unwrap();
         host.base = address
             .split(|c: char| c.is_whitespace() || c == '"')
@@ -180,6 +191,13 @@ impl Host {
             .unwrap()
             .replace("0.0.0.0", "127.0.0.1");
         host
+    }
+
+    /// Trusts the CA certificate (PEM) at `ca_cert` for this `https` host, in the
+    /// requests of the test and of [`Host::cli`].
+    pub fn trust(&mut self, ca_cert: &Path) {
+        self.http = http_client(Some(ca_cert));
+        self.ca_cert = Some(ca_cert.to_owned());
     }
 
     /// The data directory of this host.
@@ -200,6 +218,9 @@ impl Host {
         let mut restarted = Host::spawn(&self.data_dir, &self.config, "127.0.0.1:0", &[]);
         restarted._dir = self._dir.take();
         restarted.admin_token = self.admin_token.take();
+        if let Some(ca_cert) = &self.ca_cert {
+            restarted.trust(ca_cert);
+        }
         restarted.earlier_logs = std::mem::take(&mut self.earlier_logs);
         restarted.earlier_logs.push(self.log.clone());
         std::mem::swap(self, &mut restarted);
@@ -571,6 +592,26 @@ pub fn answer(response: reqwest::blocking::Response) -> (u16, Value) {
     (status, response.json().unwrap_or(Value::Null))
 }
 
+/// Runs `clawq serve` with `config` (TOML) on a fresh data directory, expects it to fail
+/// at start, and returns what it printed on stderr.
+pub fn refused_serve(config: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("clawq.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_clawq"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "clawq serve started with {config}"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].
 pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + DEADLINE;
@@ -654,12 +695,15 @@ impl Host {
     /// Runs `clawq <args>` against this host (`CLAWQ_SERVER` and `CLAWQ_DATA_DIR` are
     /// its url and data directory) and returns its output, success or failure.
     pub fn cli_output(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_clawq"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_clawq"));
+        command
             .args(args)
             .env("CLAWQ_SERVER", &self.base)
-            .env("CLAWQ_DATA_DIR", &self.data_dir)
-            .output()
-            .unwrap()
+            .env("CLAWQ_DATA_DIR", &self.data_dir);
+        if let Some(ca_cert) = &self.ca_cert {
+            command.env("CLAWQ_CA_CERT", ca_cert);
+        }
+        command.output().unwrap()
     }
 
     /// Runs `clawq <args>` against this host (see [`Host::cli_output`]), expects success
@@ -848,9 +892,30 @@ impl FakeHook {
         FakeHook::start_on(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap())
     }
 
+    /// Starts the hook on a free port, serving `https` with the certificate `cert` and
+    /// key `key` (PEM files) through clawq's own listener.
+    pub fn start_tls(cert: &Path, key: &Path) -> FakeHook {
+        let tls = clawq::tls::server_config(cert, key).unwrap();
+        FakeHook::start_with(
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            Some(tokio_rustls::TlsAcceptor::from(tls)),
+        )
+    }
+
     fn start_on(listener: std::net::TcpListener) -> FakeHook {
+        FakeHook::start_with(listener, None)
+    }
+
+    fn start_with(
+        listener: std::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> FakeHook {
         use axum::http::{HeaderMap, StatusCode};
-        let url = format!("http://{}/hooks/message", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!(
+            "{scheme}://{}/hooks/message",
+            listener.local_addr().unwrap()
+        );
         listener.set_nonblocking(true).unwrap();
         let requests: Arc<Mutex<Vec<HookRequest>>> = Arc::default();
         let down: Arc<std::sync::atomic::AtomicBool> = Arc::default();
@@ -885,10 +950,14 @@ impl FakeHook {
                     ),
                 );
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    })
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let cancel = shutdown.clone();
+                tokio::spawn(async move {
+                    let _ = stopped.await;
+                    cancel.cancel();
+                });
+                let limits = clawq::listener::HttpLimits::default();
+                clawq::listener::serve(listener, tls, limits, app, shutdown)
                     .await
                     .unwrap();
             });
@@ -957,6 +1026,17 @@ impl Connector {
         hook_url: &str,
         data_dir: &Path,
     ) -> Connector {
+        Connector::spawn(Connector::command(server, did, token, hook_url, data_dir))
+    }
+
+    /// The command [`Connector::start_at`] runs, for a test to add arguments to.
+    pub fn command(
+        server: &str,
+        did: &str,
+        token: &str,
+        hook_url: &str,
+        data_dir: &Path,
+    ) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_clawq"));
         command
             .args([
@@ -965,7 +1045,12 @@ impl Connector {
             .args(["--hook-header", "x-hook-token: hook-secret", "--data-dir"])
             .arg(data_dir)
             .env("CLAWQ_AGENT_TOKEN", token);
-        Connector::spawn(command)
+        command
+    }
+
+    /// Waits for the connector to exit on its own (at most [`DEADLINE`]).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        wait_for("the connector to exit", || self.child.try_wait().unwrap())
     }
 
     /// Starts `command` (a connector, however it is launched: e.g. `bash -c` running a

@@ -53,16 +53,18 @@ pub(crate) struct Hook {
 }
 
 impl Hook {
-    /// Checks the url and the custom headers.
-    pub(crate) fn new(url: &str, custom: &[(String, String)], timeout: Duration) -> Result<Hook> {
+    /// Checks the url and the custom headers; an `https` hook is verified with `tls`.
+    pub(crate) fn new(
+        url: &str,
+        custom: &[(String, String)],
+        timeout: Duration,
+        tls: &rustls::ClientConfig,
+    ) -> Result<Hook> {
         let url = reqwest::Url::parse(url)
             .with_context(|| format!("the hook url `{url}` is not a valid url"))?;
         match url.scheme() {
-            "http" => {}
-            "https" => bail!(
-                "the hook url {url} uses https, which this build does not support: use an http url"
-            ),
-            other => bail!("the hook url {url} has scheme `{other}`; expected http"),
+            "http" | "https" => {}
+            other => bail!("the hook url {url} has scheme `{other}`; expected http or https"),
         }
         let mut headers = Vec::with_capacity(custom.len());
         for (name, value) in custom {
@@ -84,6 +86,7 @@ impl Hook {
             // The hook is the agent's local endpoint: never route it through a proxy
             // configured in the environment.
             .no_proxy()
+            .use_preconfigured_tls(tls.clone())
             .build()
             .context("building the hook's http client")?;
         Ok(Hook {
@@ -654,10 +657,12 @@ mod tests {
     #[test]
     fn bad_hooks_and_headers_are_refused() {
         let timeout = Duration::from_secs(1);
+        let tls = crate::tls::client_config(None).unwrap();
+        let tls = &*tls;
         let ok = [("x-hook-token".to_owned(), "secret".to_owned())];
-        assert!(Hook::new("http://127.0.0.1:18789/hooks/message", &ok, timeout).is_ok());
-        assert!(Hook::new("not a url", &[], timeout).is_err());
-        assert!(Hook::new("ftp://127.0.0.1/x", &[], timeout).is_err());
+        assert!(Hook::new("http://127.0.0.1:18789/hooks/message", &ok, timeout, tls).is_ok());
+        assert!(Hook::new("not a url", &[], timeout, tls).is_err());
+        assert!(Hook::new("ftp://127.0.0.1/x", &[], timeout, tls).is_err());
         for bad in [
             ("bad name", "v"),
             ("x-ok", "line\nbreak"),
@@ -667,7 +672,7 @@ mod tests {
         ] {
             let headers = [(bad.0.to_owned(), bad.1.to_owned())];
             assert!(
-                Hook::new("http://127.0.0.1/x", &headers, timeout).is_err(),
+                Hook::new("http://127.0.0.1/x", &headers, timeout, tls).is_err(),
                 "{bad:?}"
             );
         }

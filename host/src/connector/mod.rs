@@ -13,7 +13,9 @@
 //! The connection is kept with heartbeats (answered, and sent every 30 s; 60 s of silence
 //! from the host drops it) and re-established with backoff (1 s doubling to 30 s, ±20%).
 //! A refusal with HTTP 401 ends the connector with an error naming the host's reason
-//! (unknown agent or wrong token, or agent revoked); every other failure is retried. A
+//! (unknown agent or wrong token, or agent revoked), and so does a host TLS certificate
+//! that does not verify (against the webpki roots and `--ca-cert`): retrying cannot fix
+//! either. Every other failure is retried. A
 //! close `1000 superseded_by_new_connection` (another connector took over) ends it with
 //! `Ok`, as does the shutdown token.
 
@@ -67,6 +69,9 @@ pub struct ConnectorOptions {
     pub hook_headers: Vec<(String, String)>,
     /// The directory of the outbox (`outbox.db`); one connector at a time may use it.
     pub data_dir: PathBuf,
+    /// A PEM file of CA certificates trusted besides the webpki roots, for an `https`
+    /// host or hook with a private CA or a self-signed certificate (`--ca-cert`).
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl ConnectorOptions {
@@ -84,6 +89,7 @@ impl ConnectorOptions {
             hook_url: DEFAULT_HOOK_URL.to_owned(),
             hook_headers: Vec::new(),
             data_dir: PathBuf::from("./.clawq-connector"),
+            ca_cert: None,
         }
     }
 }
@@ -103,6 +109,7 @@ impl fmt::Debug for ConnectorOptions {
             .field("hook_url", &self.hook_url)
             .field("hook_headers", &hook_headers)
             .field("data_dir", &self.data_dir)
+            .field("ca_cert", &self.ca_cert)
             .finish()
     }
 }
@@ -151,8 +158,9 @@ impl Default for Tuning {
 }
 
 /// Runs the connector until `shutdown` is cancelled (`Ok`), another connector of the
-/// agent supersedes this one (`Ok`), or the host refuses the agent with HTTP 401 or the
-/// options are invalid (`Err`). Every other failure is retried.
+/// agent supersedes this one (`Ok`), or the host refuses the agent with HTTP 401, its TLS
+/// certificate does not verify, or the options are invalid (`Err`). Every other failure
+/// is retried.
 pub async fn run(options: ConnectorOptions, shutdown: CancellationToken) -> Result<()> {
     run_with(options, Tuning::default(), shutdown).await
 }
@@ -165,14 +173,15 @@ pub(crate) async fn run_with(
 ) -> Result<()> {
     clawq_protocol::did::validate_agent_did(&options.agent_did)
         .map_err(|e| anyhow!("`{}` is not a valid agent DID: {e}", options.agent_did))?;
-    let endpoint = Endpoint::new(&options)?;
+    let tls = crate::tls::client_config(options.ca_cert.as_deref())?;
+    let endpoint = Endpoint::new(&options, tls.clone())?;
     let hook = hook::Hook::new(
         &options.hook_url,
         &options.hook_headers,
         tuning.hook_timeout,
+        &tls,
     )?;
-    std::fs::create_dir_all(&options.data_dir)
-        .with_context(|| format!("creating the data directory {}", options.data_dir.display()))?;
+    crate::private_dir::prepare(&options.data_dir)?;
     let _lock = lock_data_dir(&options.data_dir)?;
     let outbox = Outbox::open(&options.data_dir, &options.agent_did)?;
 
@@ -211,10 +220,12 @@ struct Endpoint {
     url: String,
     authorization: HeaderValue,
     agent_did: String,
+    /// How a `wss` host's certificate is verified.
+    tls: Arc<rustls::ClientConfig>,
 }
 
 impl Endpoint {
-    fn new(options: &ConnectorOptions) -> Result<Endpoint> {
+    fn new(options: &ConnectorOptions, tls: Arc<rustls::ClientConfig>) -> Result<Endpoint> {
         let mut url = reqwest::Url::parse(options.server.trim())
             .with_context(|| format!("the server `{}` is not a valid url", options.server))?;
         let scheme = match url.scheme() {
@@ -245,6 +256,7 @@ impl Endpoint {
             url: url.to_string(),
             authorization,
             agent_did: options.agent_did.clone(),
+            tls,
         })
     }
 }
@@ -382,7 +394,12 @@ async fn session(
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_FRAME_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES));
-    let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+    let connect = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        Some(config),
+        true,
+        Some(tokio_tungstenite::Connector::Rustls(endpoint.tls.clone())),
+    );
     let connected = tokio::select! {
         _ = shutdown.cancelled() => return End::Shutdown,
         connected = tokio::time::timeout(tuning.connect_timeout, connect) => connected,
@@ -402,6 +419,13 @@ async fn session(
         }
         Ok(Err(tungstenite::Error::Url(error))) => {
             return End::Fatal(anyhow!("cannot connect to {}: {error}", endpoint.url));
+        }
+        Ok(Err(error)) if crate::tls::is_certificate_error(&error) => {
+            return End::Fatal(anyhow!(
+                "the host's TLS certificate was not accepted ({}): {error}; if the host uses \
+                 a private CA or a self-signed certificate, pass it with --ca-cert <PEM file>",
+                endpoint.url
+            ));
         }
         Ok(Err(error)) => {
             return End::Lost {
@@ -1227,7 +1251,13 @@ mod tests {
             .store(&old, now_ms() - 25 * 60 * 60 * 1000)
             .await
             .unwrap();
-        let hook = hook::Hook::new(&dead_url(), &[], Duration::from_secs(1)).unwrap();
+        let hook = hook::Hook::new(
+            &dead_url(),
+            &[],
+            Duration::from_secs(1),
+            &crate::tls::client_config(None).unwrap(),
+        )
+        .unwrap();
         let stop = CancellationToken::new();
         let task = tokio::spawn(hook::deliver(
             outbox.clone(),
@@ -1376,8 +1406,9 @@ mod tests {
 
     #[test]
     fn the_websocket_url_is_derived_from_the_server() {
+        let tls = crate::tls::client_config(None).unwrap();
         let url = |server: &str| {
-            Endpoint::new(&ConnectorOptions::new(server, AGENT, TOKEN)).map(|e| e.url)
+            Endpoint::new(&ConnectorOptions::new(server, AGENT, TOKEN), tls.clone()).map(|e| e.url)
         };
         let query =
             "agent=did%3Acdi%3Aregistry.clawdentity.com%3Aagent%3A01HZX4M3Q8V2J7K9T6R5W1N0PB";
@@ -1390,7 +1421,7 @@ mod tests {
             format!("wss://relay.example/v1/relay/connect?{query}")
         );
         assert!(url("ftp://relay.example").is_err());
-        assert!(Endpoint::new(&ConnectorOptions::new(DEFAULT_SERVER, AGENT, " ")).is_err());
+        assert!(Endpoint::new(&ConnectorOptions::new(DEFAULT_SERVER, AGENT, " "), tls).is_err());
     }
 
     #[test]
