@@ -100,6 +100,9 @@ fn expect_nothing_before_a_probe(host: &Host, socket: &mut Socket, did: &str, pr
         socket,
         &crate::support::frame("receipt_ack", json!({"ackId": frame["id"]})),
     );
+    wait_for("the host to record the receipt_ack", || {
+        (host.get("/v1/relay").1["receipts_pending"] == 0).then_some(())
+    });
 }
 
 #[test]
@@ -246,6 +249,7 @@ fn group_member_joined_reaches_the_recipients_hook_through_clawq_connect() {
     wait_for("the host to record the deliver_ack", || {
         (host.get("/v1/relay").1["deliveries_pending"] == 0).then_some(())
     });
+    connector.log.wait_for(&["posted", "to the hook"]);
     drop(connector);
     let _connector = Connector::start(&host, DID_A, &token, &hook.url, dir.path());
     host.publish(

@@ -24,6 +24,22 @@ fn http_config(settings: &str) -> String {
     fast_config(&format!("[http]\n{settings}\n"))
 }
 
+/// The admin token of the hosts these tests start, for the requests they write by hand.
+macro_rules! admin_token {
+    () => {
+        "http-abuse-admin-token-0123456789abcdef"
+    };
+}
+
+/// The header line (after a head's previous line) that authenticates a hand-written
+/// request as the admin.
+const AUTH: &str = concat!("\r\nauthorization: Bearer ", admin_token!());
+
+/// Starts a host with `config` and the admin token [`AUTH`] carries.
+fn start(config: &str) -> Host {
+    Host::start_with(config, &["--admin-token", admin_token!()]).with_admin_token(admin_token!())
+}
+
 /// A response read off a raw socket.
 #[derive(Debug)]
 struct Answer {
@@ -116,31 +132,30 @@ type ErrorPath = (&'static str, Vec<u8>, Option<usize>, u16, &'static str);
 
 #[test]
 fn every_error_path_answers_a_json_error() {
-    let host = Host::start(&http_config("max_buffered_body_mb = 128"));
+    let host = start(&http_config("max_buffered_body_mb = 128"));
     let token = host.add_agent(DID_A);
-    let admin = host.admin_token();
     let address = address(&host);
     let long = |n: usize| "a".repeat(n);
     let many_headers: String = (0..120).map(|i| format!("\r\nx-h{i}: v")).collect();
     let queue = "/v1/queues/clawdentity-events";
     let cases: Vec<ErrorPath> = vec![
         ("a raw path that is not UTF-8", b"GET /v1/queues/\xff\xfe HTTP/1.1\r\nhost: x".to_vec(), None, 400, "invalid_request"),
-        ("a percent-encoded path that is not UTF-8", format!("GET {queue}%FF HTTP/1.1\r\nhost: x").into_bytes(), None, 400, "invalid_request"),
-        ("a DID that is not UTF-8", b"GET /v1/trust/agents/%C3%28 HTTP/1.1\r\nhost: x".to_vec(), None, 400, "invalid_request"),
-        ("a repeated query parameter", format!("GET {queue}/messages?limit=1&limit=2 HTTP/1.1\r\nhost: x").into_bytes(), None, 400, "invalid_request"),
-        ("a malformed query parameter", format!("GET {queue}/messages?limit=many HTTP/1.1\r\nhost: x").into_bytes(), None, 400, "invalid_request"),
-        ("a query that is not UTF-8", format!("GET {queue}/messages?cursor=%FF HTTP/1.1\r\nhost: x").into_bytes(), None, 400, "invalid_request"),
+        ("a percent-encoded path that is not UTF-8", format!("GET {queue}%FF HTTP/1.1\r\nhost: x{AUTH}").into_bytes(), None, 400, "invalid_request"),
+        ("a DID that is not UTF-8", format!("GET /v1/trust/agents/%C3%28 HTTP/1.1\r\nhost: x{AUTH}").into_bytes(), None, 400, "invalid_request"),
+        ("a repeated query parameter", format!("GET {queue}/messages?limit=1&limit=2 HTTP/1.1\r\nhost: x{AUTH}").into_bytes(), None, 400, "invalid_request"),
+        ("a malformed query parameter", format!("GET {queue}/messages?limit=many HTTP/1.1\r\nhost: x{AUTH}").into_bytes(), None, 400, "invalid_request"),
+        ("a query that is not UTF-8", format!("GET {queue}/messages?cursor=%FF HTTP/1.1\r\nhost: x{AUTH}").into_bytes(), None, 400, "invalid_request"),
         ("a 9 KiB request target", format!("GET /{} HTTP/1.1\r\nhost: x", long(9 << 10)).into_bytes(), None, 414, "uri_too_long"),
         ("a 70 KiB request target", format!("GET /{} HTTP/1.1\r\nhost: x", long(70 << 10)).into_bytes(), None, 414, "uri_too_long"),
         ("a 40 KiB header", format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}", long(40 << 10)).into_bytes(), None, 431, "headers_too_large"),
         ("120 headers", format!("GET /healthz HTTP/1.1\r\nhost: x{many_headers}").into_bytes(), None, 431, "headers_too_large"),
         ("a 600 KiB head", format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}", long(600 << 10)).into_bytes(), None, 431, "headers_too_large"),
         ("a request line that is not HTTP", b"GARBAGE".to_vec(), None, 400, "invalid_request"),
-        ("a method the route does not take", b"DELETE /healthz HTTP/1.1\r\nhost: x".to_vec(), None, 405, "method_not_allowed"),
-        ("an unknown route", b"GET /v2/nothing HTTP/1.1\r\nhost: x".to_vec(), None, 404, "not_found"),
-        ("a publish over 4 MiB", format!("POST {queue}/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json").into_bytes(), Some(5 << 20), 413, "request_too_large"),
-        ("a deploy over 64 MiB", format!("PUT /v1/handlers/clawdentity-events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {admin}").into_bytes(), Some(65 << 20), 413, "request_too_large"),
-        ("a body over what the host buffers at once", format!("POST {queue}/messages HTTP/1.1\r\nhost: x").into_bytes(), Some(129 << 20), 413, "request_too_large"),
+        ("a method the route does not take", format!("DELETE /healthz HTTP/1.1\r\nhost: x{AUTH}").into_bytes(), None, 405, "method_not_allowed"),
+        ("an unknown route", format!("GET /v2/nothing HTTP/1.1\r\nhost: x{AUTH}").into_bytes(), None, 404, "not_found"),
+        ("a publish over 4 MiB", format!("POST {queue}/messages HTTP/1.1\r\nhost: x{AUTH}\r\ncontent-type: application/json").into_bytes(), Some(5 << 20), 413, "request_too_large"),
+        ("a deploy over 64 MiB", format!("PUT /v1/handlers/clawdentity-events HTTP/1.1\r\nhost: x{AUTH}").into_bytes(), Some(65 << 20), 413, "request_too_large"),
+        ("a body over what the host buffers at once", format!("POST {queue}/messages HTTP/1.1\r\nhost: x{AUTH}").into_bytes(), Some(129 << 20), 413, "request_too_large"),
         ("a relay connect that is no WebSocket upgrade", format!("GET /v1/relay/connect?agent={DID_A} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}").into_bytes(), None, 400, "invalid_request"),
         ("a relay connect without credentials", format!("GET /v1/relay/connect?agent={DID_A} HTTP/1.1\r\nhost: x").into_bytes(), None, 401, "unauthorized"),
     ];
@@ -152,15 +167,21 @@ fn every_error_path_answers_a_json_error() {
             "{what}: {answer:?}"
         );
     }
-    let answer = exchange(&address, b"DELETE /healthz HTTP/1.1\r\nhost: x", None);
+    let delete = format!("DELETE /healthz HTTP/1.1\r\nhost: x{AUTH}");
+    let answer = exchange(&address, delete.as_bytes(), None);
     assert!(answer.head.contains("\r\nallow: get,head"), "{answer:?}");
 }
 
 /// The start of a request whose head is never finished.
 const HALF_SENT_HEAD: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: ";
 /// The start of a publish whose body is never finished.
-const HALF_SENT_BODY: &[u8] = b"POST /v1/queues/clawdentity-events/messages HTTP/1.1\r\n\
-    host: x\r\ncontent-length: 1000\r\n\r\n{\"body\": ";
+const HALF_SENT_BODY: &[u8] = concat!(
+    "POST /v1/queues/clawdentity-events/messages HTTP/1.1\r\nhost: x\r\n",
+    "authorization: Bearer ",
+    admin_token!(),
+    "\r\ncontent-length: 1000\r\n\r\n{\"body\": "
+)
+.as_bytes();
 
 /// Opens a connection for each of `starts`, sends it, and never finishes the request.
 fn half_sent_requests(address: &str, starts: &[&[u8]]) -> Vec<TcpStream> {
@@ -187,7 +208,7 @@ fn closed(mut socket: &TcpStream) -> bool {
 #[test]
 fn half_sent_requests_beyond_the_connection_cap_do_not_lock_out_healthz() {
     const CAP: usize = 64;
-    let host = Host::start(&http_config(&format!(
+    let host = start(&http_config(&format!(
         "max_connections = {CAP}\nheader_read_timeout = 300"
     )));
     let address = address(&host);
@@ -222,7 +243,7 @@ fn half_sent_requests_beyond_the_connection_cap_do_not_lock_out_healthz() {
 
 #[test]
 fn a_request_head_not_finished_within_header_read_timeout_is_closed() {
-    let host = Host::start(&http_config("header_read_timeout = 1"));
+    let host = start(&http_config("header_read_timeout = 1"));
     let started = Instant::now();
     let socket = half_sent_requests(&address(&host), &[HALF_SENT_HEAD]).remove(0);
     wait_for("the half-sent request to be closed", || {
@@ -242,7 +263,7 @@ fn slow_publish(address: &str, length: usize, held_back: usize) -> TcpStream {
     socket.set_read_timeout(Some(DEADLINE)).unwrap();
     write!(
         socket,
-        "POST /v1/queues/clawdentity-events/messages HTTP/1.1\r\nhost: x\r\n\
+        "POST /v1/queues/clawdentity-events/messages HTTP/1.1\r\nhost: x{AUTH}\r\n\
          content-length: {length}\r\n\r\n"
     )
     .unwrap();
@@ -252,9 +273,10 @@ fn slow_publish(address: &str, length: usize, held_back: usize) -> TcpStream {
 
 #[test]
 fn bodies_beyond_the_buffer_budget_are_refused_with_server_busy_until_room_is_made() {
-    let host = Host::start(&http_config("max_buffered_body_mb = 8"));
+    let host = start(&http_config("max_buffered_body_mb = 8"));
     let address = address(&host);
-    let publish = b"POST /v1/queues/clawdentity-events/messages HTTP/1.1\r\nhost: x";
+    let publish = format!("POST /v1/queues/clawdentity-events/messages HTTP/1.1\r\nhost: x{AUTH}");
+    let publish = publish.as_bytes();
     let length = (4 << 20) - 1024;
     // Two bodies of almost 4 MiB each, held back at their last KiB, fill the 8 MiB.
     let mut first = slow_publish(&address, length, 1024);
@@ -289,7 +311,7 @@ fn bodies_beyond_the_buffer_budget_are_refused_with_server_busy_until_room_is_ma
 #[test]
 fn two_hundred_concurrent_4_mib_requests_keep_memory_bounded_and_healthz_answering() {
     const REQUESTS: usize = 200;
-    let host = Host::start(&fast_config(""));
+    let host = start(&fast_config(""));
     let address = address(&host);
     let (rss_before_kib, _) = host.memory_kib();
     let length = (4 << 20) - 1024;
@@ -301,7 +323,7 @@ fn two_hundred_concurrent_4_mib_requests_keep_memory_bounded_and_healthz_answeri
                 let mut socket = TcpStream::connect(&address).unwrap();
                 socket.set_read_timeout(Some(DEADLINE)).unwrap();
                 let head = format!(
-                    "POST /v1/queues/clawdentity-events/messages HTTP/1.1\r\nhost: x\r\n\
+                    "POST /v1/queues/clawdentity-events/messages HTTP/1.1\r\nhost: x{AUTH}\r\n\
                      content-length: {length}\r\n\r\n"
                 );
                 // The host may answer and close before the body is all sent.
@@ -339,6 +361,7 @@ fn two_hundred_concurrent_4_mib_requests_keep_memory_bounded_and_healthz_answeri
         rss_peak_kib < ATTACK_RSS_BOUND_MIB * 1024,
         "the host's RSS peaked at {rss_peak_kib} KiB"
     );
+    assert!(busy > 0, "no request was refused for want of buffer room");
     // Every probe answered 200 while the requests ran (the latencies, measured from this
     // busy test process, are printed, not bounded).
     assert!(

@@ -693,13 +693,17 @@ pub use tokio_tungstenite::tungstenite;
 
 impl Host {
     /// Runs `clawq <args>` against this host (`CLAWQ_SERVER` and `CLAWQ_DATA_DIR` are
-    /// its url and data directory) and returns its output, success or failure.
+    /// its url and data directory, `CLAWQ_ADMIN_TOKEN` the token it was given if any) and
+    /// returns its output, success or failure.
     pub fn cli_output(&self, args: &[&str]) -> std::process::Output {
         let mut command = Command::new(env!("CARGO_BIN_EXE_clawq"));
         command
             .args(args)
             .env("CLAWQ_SERVER", &self.base)
             .env("CLAWQ_DATA_DIR", &self.data_dir);
+        if let Some(token) = &self.admin_token {
+            command.env("CLAWQ_ADMIN_TOKEN", token);
+        }
         if let Some(ca_cert) = &self.ca_cert {
             command.env("CLAWQ_CA_CERT", ca_cert);
         }

@@ -338,8 +338,10 @@ pub(crate) async fn deliver(
         };
         match outcome {
             Outcome::Delivered => {
-                tracing::info!("posted {} to the hook", describe(&row.frame));
+                // Logged once the outbox no longer holds it: a connector stopped after
+                // this line never posts it again.
                 remove(&outbox, &row).await;
+                tracing::info!("posted {} to the hook", describe(&row.frame));
             }
             Outcome::Retry(why) => {
                 let attempts = row.attempts.saturating_add(1);

@@ -91,16 +91,20 @@ pub fn router(state: RelayState) -> Router {
 }
 
 /// `GET /v1/relay`: open connections, actors in memory, receipts and deliveries dropped
-/// unacked since start, deliveries waiting for an ack.
+/// unacked since start, receipts and deliveries waiting for an ack.
 async fn relay_status(State(state): State<RelayState>) -> Response {
     let sessions = &state.sessions;
-    match sessions.pending(Kind::Deliver) {
-        Ok(pending) => axum::Json(json!({
+    let pending = sessions
+        .pending(Kind::Receipt)
+        .and_then(|receipts| Ok((receipts, sessions.pending(Kind::Deliver)?)));
+    match pending {
+        Ok((receipts_pending, deliveries_pending)) => axum::Json(json!({
             "connections": state.hub.len(),
             "resident_actors": sessions.resident_actors(),
             "receipts_dropped": sessions.dropped_total(Kind::Receipt),
             "deliveries_dropped": sessions.dropped_total(Kind::Deliver),
-            "deliveries_pending": pending,
+            "receipts_pending": receipts_pending,
+            "deliveries_pending": deliveries_pending,
         }))
         .into_response(),
         Err(err) => {
