@@ -18,6 +18,7 @@ use crate::api::{self, AppState, ConsumerInfo, QueueInfo};
 use crate::bundled;
 use crate::config::{Config, ConsumerConfig};
 use crate::consumer::Consumer;
+use crate::dir_lock::DirLock;
 use crate::handlers::{self, HandlerSlots};
 use crate::metrics::{self, MetricsState};
 use crate::queue::QueueBackend;
@@ -28,6 +29,8 @@ use crate::relay::sessions::{RelaySessions, SessionLimits};
 use crate::runtime::{Capabilities, Runtime};
 use crate::trust::TrustStore;
 
+/// The file in the data directory that a running host holds locked.
+pub const LOCK_FILE: &str = "serve.lock";
 /// How long in-flight batches get to finish after a shutdown is asked for.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -91,6 +94,9 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
 pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    // First of all: a second host on the same data would clear the leases of this one and
+    // deliver its messages in flight a second time.
+    let _lock = DirLock::take(&config.data_dir, LOCK_FILE, "`clawq serve`")?;
     let backend: Arc<dyn QueueBackend> = Arc::new(
         SqliteQueue::open(&config.data_dir.join("queues.db"))
             .context("opening the queue database")?
