@@ -1,8 +1,11 @@
 //! A queue consumer: takes batches from the queue engine, runs them through the queue's
 //! handler component and commits each message's outcome (spec section 1).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -12,14 +15,17 @@ use tracing::Instrument;
 use crate::config::{ConsumerConfig, MAX_DELAY_SECONDS};
 use crate::handlers::HandlerSlots;
 use crate::metrics;
-use crate::queue::{self, Delivery, QueueBackend, RetryPolicy, Settlement};
+use crate::queue::{self, BatchTerms, Delivery, QueueBackend, Settlement};
 use crate::runtime::{Capabilities, LoadedHandler, Message, Outcome, Unhandled, bounded};
 
 /// How long a consumer waits before asking the queue engine again after it failed.
 const STORAGE_BACKOFF: Duration = Duration::from_secs(1);
-/// How many times committing a batch's outcomes is tried before giving up on it (its
-/// messages are then delivered again after the next restart).
-const SETTLE_TRIES: u32 = 5;
+/// The first wait before committing a batch's outcomes again after it failed; the wait
+/// doubles at each failure, up to [`SETTLE_BACKOFF_MAX`], for as long as the process
+/// lives (meanwhile the lease may run out: the messages are then delivered again).
+const SETTLE_BACKOFF_FIRST: Duration = Duration::from_millis(50);
+/// The longest wait between two tries at committing a batch's outcomes.
+const SETTLE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a batch the host had no room for waits before it is taken again.
 const CAPACITY_BACKOFF_SECONDS: u32 = 1;
 
@@ -29,7 +35,7 @@ const CAPACITY_BACKOFF_SECONDS: u32 = 1;
 pub struct Consumer {
     config: ConsumerConfig,
     lane: String,
-    policy: RetryPolicy,
+    terms: BatchTerms,
     slots: Arc<HandlerSlots>,
     backend: Arc<dyn QueueBackend>,
     caps: Arc<Capabilities>,
@@ -44,14 +50,10 @@ impl Consumer {
         backend: Arc<dyn QueueBackend>,
         caps: Arc<Capabilities>,
     ) -> Arc<Self> {
-        let policy = RetryPolicy {
-            max_retries: config.max_retries,
-            dead_letter_queue: config.dead_letter_queue.clone(),
-        };
         Arc::new(Consumer {
             lane: config.lane(),
+            terms: config.batch_terms(),
             config,
-            policy,
             slots,
             backend,
             caps,
@@ -70,10 +72,7 @@ impl Consumer {
                 _ = shutdown.cancelled() => break,
                 batch = async {
                     let slot = slots.clone().acquire_owned().await.expect("semaphore is never closed");
-                    let batch = self
-                        .backend
-                        .next_batch(queue, self.config.max_batch_size, self.config.max_batch_timeout)
-                        .await;
+                    let batch = self.backend.next_batch(queue, &self.terms).await;
                     (slot, batch)
                 } => batch,
             };
@@ -81,7 +80,7 @@ impl Consumer {
                 (slot, Ok(deliveries)) => {
                     let consumer = self.clone();
                     in_flight.spawn(async move {
-                        consumer.handle_batch(deliveries).await;
+                        consumer.handle_guarded(deliveries).await;
                         drop(slot);
                     });
                 }
@@ -98,6 +97,38 @@ impl Consumer {
         while in_flight.join_next().await.is_some() {}
     }
 
+    /// [`Consumer::handle_batch`], catching a panic: it is logged, and every message of
+    /// the batch not settled yet is retried (counting an attempt, so that a message that
+    /// makes the host panic each time ends in the dead-letter queue).
+    async fn handle_guarded(&self, deliveries: Vec<Delivery>) {
+        let leases: Vec<Delivery> = deliveries
+            .iter()
+            .map(|d| Delivery {
+                body: Vec::new(),
+                ..d.clone()
+            })
+            .collect();
+        let Err(panic) = AssertUnwindSafe(self.handle_batch(deliveries))
+            .catch_unwind()
+            .await
+        else {
+            return;
+        };
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        tracing::error!(queue = %self.config.queue, consumer = %self.config.name, panic = %why,
+            "the batch task panicked; its messages will be retried");
+        let error = format!("the host failed while handling the batch: {why}");
+        let retries = leases
+            .into_iter()
+            .map(|d| (d, self.retry(self.config.retry_delay, &error)))
+            .collect();
+        self.commit(retries, Duration::ZERO).await;
+    }
+
     /// Runs one batch through the slot's current handler version and commits every
     /// message's outcome.
     async fn handle_batch(&self, deliveries: Vec<Delivery>) {
@@ -106,7 +137,7 @@ impl Consumer {
             tracing::error!(
                 queue,
                 consumer,
-                "no handler slot; the batch will be delivered again after a restart"
+                "no handler slot; the batch will be delivered again once its lease runs out"
             );
             return;
         };
@@ -160,10 +191,18 @@ impl Consumer {
                     .collect()
             }
         };
-        for attempt in 1..=SETTLE_TRIES {
+        self.commit(settlements, elapsed).await;
+    }
+
+    /// Commits `settlements`, trying again with a growing wait for as long as it fails;
+    /// `elapsed` is how long the batch took, for the log.
+    async fn commit(&self, settlements: Vec<(Delivery, Settlement)>, elapsed: Duration) {
+        let queue = self.config.queue.as_str();
+        let mut backoff = SETTLE_BACKOFF_FIRST;
+        for attempt in 1u64.. {
             match self
                 .backend
-                .settle(&self.lane, &self.policy, settlements.clone())
+                .settle(&self.lane, &self.terms.policy, settlements.clone())
                 .await
             {
                 Ok(summary) => {
@@ -175,16 +214,17 @@ impl Consumer {
                         dead_lettered = summary.dead_lettered,
                         dropped = summary.dropped,
                         released = summary.released,
+                        stale = summary.stale,
                         "batch handled"
                     );
                     return;
                 }
-                Err(err) if attempt < SETTLE_TRIES => {
-                    tracing::warn!(queue, attempt, error = %err, "committing outcomes failed; trying again");
-                    tokio::time::sleep(STORAGE_BACKOFF * attempt).await;
+                Err(err) => {
+                    tracing::warn!(queue, consumer = %self.config.name, attempt, error = %err,
+                        "committing outcomes failed; trying again in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(SETTLE_BACKOFF_MAX);
                 }
-                Err(err) => tracing::error!(queue, error = %err,
-                    "committing outcomes failed; the batch will be delivered again after a restart"),
             }
         }
     }
