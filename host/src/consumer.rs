@@ -101,17 +101,20 @@ impl Consumer {
     /// the batch not settled yet is retried (counting an attempt, so that a message that
     /// makes the host panic each time ends in the dead-letter queue).
     async fn handle_guarded(&self, deliveries: Vec<Delivery>) {
-        let leases: Vec<Delivery> = deliveries
+        let leases = deliveries
             .iter()
             .map(|d| Delivery {
                 body: Vec::new(),
                 ..d.clone()
             })
             .collect();
-        let Err(panic) = AssertUnwindSafe(self.handle_batch(deliveries))
-            .catch_unwind()
-            .await
-        else {
+        self.guarded(leases, self.handle_batch(deliveries)).await;
+    }
+
+    /// Runs `work`, the handling of the batch leased as `leases`; if it panics, logs it
+    /// and retries every message of `leases` not settled yet.
+    async fn guarded(&self, leases: Vec<Delivery>, work: impl Future<Output = ()>) {
+        let Err(panic) = AssertUnwindSafe(work).catch_unwind().await else {
             return;
         };
         let why = panic
@@ -307,5 +310,53 @@ fn to_message(delivery: &mut Delivery) -> Message {
             queue::ContentType::Bytes => Wit::Bytes,
         },
         body: std::mem::take(&mut delivery.body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::sqlite::SqliteQueue;
+    use crate::queue::{ContentType, MessageState, NewMessage};
+    use crate::relay::sessions::SessionLimits;
+    use crate::runtime::Runtime;
+
+    #[tokio::test]
+    async fn a_panicking_batch_is_caught_and_its_messages_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(SqliteQueue::open(&dir.path().join("q.db")).unwrap());
+        let message = NewMessage {
+            content_type: ContentType::Text,
+            body: b"boom".to_vec(),
+            delay_seconds: 0,
+        };
+        let ids = backend.publish("jobs", vec![message]).await.unwrap();
+        let caps = crate::server::open_capabilities(
+            dir.path(),
+            Duration::from_secs(60),
+            SessionLimits::default(),
+        )
+        .unwrap();
+        let runtime = Arc::new(Runtime::new().unwrap());
+        let slots = HandlerSlots::open(dir.path(), runtime, caps.clone(), [])
+            .await
+            .unwrap();
+        let config = ConsumerConfig {
+            max_batch_timeout: Duration::ZERO,
+            ..ConsumerConfig::default_for("jobs")
+        };
+        let consumer = Consumer::new(config, Arc::new(slots), backend.clone(), caps);
+        let batch = backend.next_batch("jobs", &consumer.terms).await.unwrap();
+
+        consumer
+            .guarded(batch, async { panic!("a bug in the host") })
+            .await;
+        let stored = backend.get("jobs", &ids[0]).await.unwrap().unwrap();
+        assert_eq!(stored.state, MessageState::Ready, "no longer leased");
+        assert_eq!((stored.attempts, stored.dead_reason), (1, None));
+        assert_eq!(
+            stored.last_error.as_deref(),
+            Some("the host failed while handling the batch: a bug in the host")
+        );
     }
 }
