@@ -1,6 +1,6 @@
 //! End to end: dead-letter queues you can work with, by API (`GET .../messages`,
 //! `POST .../redrive`, `DELETE .../messages`) and by command line (`clawq dlq`), and
-//! `clawq status`.
+//! `clawq status`; dead letters reach the consumers of their dead-letter queue.
 
 mod support;
 

@@ -1,5 +1,7 @@
 //! End to end: a host killed with SIGKILL and started again keeps its queued messages
-//! and its revocations.
+//! and its revocations; a message whose deliveries keep killing the host is
+//! dead-lettered after `1 + max_retries` of them; a second host on the same data
+//! directory is refused before it touches the first one's messages in flight.
 
 mod support;
 

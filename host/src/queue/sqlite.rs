@@ -105,6 +105,17 @@ struct Due {
     attempts: u32,
 }
 
+/// A message given up on, and why.
+struct Doomed<'a> {
+    seq: i64,
+    id: &'a str,
+    /// The deadline of the lease it is given up under (`None`: whatever its state).
+    lease: Option<u64>,
+    reason: &'a str,
+    /// The failure of the last attempt, when it was a retry over the limit.
+    error: Option<&'a str>,
+}
+
 /// What became of a message that failed for good.
 enum GaveUp {
     /// Moved to the dead-letter queue, in these lanes of it.
@@ -175,6 +186,7 @@ impl SqliteQueue {
         };
         let deadline = now + (terms.lease.as_millis() as u64).max(1);
         let (mut batch, mut woken) = (Vec::with_capacity(due.len()), Vec::new());
+        let mut gave_up = SettleSummary::default();
         {
             let mut lease = tx
                 .prepare_cached(
@@ -186,21 +198,23 @@ impl SqliteQueue {
                 let policy = &terms.policy;
                 if message.attempts > policy.max_retries {
                     let reason = super::no_outcome_reason(message.attempts);
-                    let gave_up = self
-                        .give_up(
-                            &tx,
-                            queue,
-                            &message.id,
-                            message.seq,
-                            None,
-                            policy,
-                            &reason,
-                            None,
-                            now,
-                        )
-                        .map_err(storage)?;
-                    if let GaveUp::DeadLettered(lanes) = gave_up {
-                        woken.extend(lanes);
+                    let doomed = Doomed {
+                        seq: message.seq,
+                        id: &message.id,
+                        lease: None,
+                        reason: &reason,
+                        error: None,
+                    };
+                    match self
+                        .give_up(&tx, queue, doomed, policy, now)
+                        .map_err(storage)?
+                    {
+                        GaveUp::DeadLettered(lanes) => {
+                            woken.extend(lanes);
+                            gave_up.dead_lettered += 1;
+                        }
+                        GaveUp::Dropped => gave_up.dropped += 1,
+                        GaveUp::Stale => {}
                     }
                     continue;
                 }
@@ -224,6 +238,9 @@ impl SqliteQueue {
         }
         tx.commit().map_err(storage)?;
         drop(conn);
+        if gave_up != SettleSummary::default() {
+            crate::metrics::settled(split_lane(queue).0, &gave_up);
+        }
         self.wake_all(woken);
         if batch.is_empty() {
             // Every due message was given up on: look again at once.
@@ -241,24 +258,25 @@ impl SqliteQueue {
         }
     }
 
-    /// Gives up on the message `seq` (id `id`) of the lane `queue`, under the lease whose
-    /// deadline is `lease` (`None`: whatever its state): moves it to the dead-letter
-    /// queue of `policy` (to each lane of it that takes the message, as a publish would)
-    /// with `reason` and, when the last attempt failed, its `error`; or deletes it, logged,
-    /// when there is no dead-letter queue or none of its consumers takes it.
-    #[allow(clippy::too_many_arguments)]
+    /// Gives up on the `doomed` message of the lane `queue`: moves it to the dead-letter
+    /// queue of `policy` (to each lane of it that takes the message, as a publish would),
+    /// or deletes it, logged, when there is no dead-letter queue or none of its consumers
+    /// takes it.
     fn give_up(
         &self,
         tx: &Connection,
         queue: &str,
-        id: &str,
-        seq: i64,
-        lease: Option<u64>,
+        doomed: Doomed<'_>,
         policy: &RetryPolicy,
-        reason: &str,
-        error: Option<&str>,
         now: u64,
     ) -> rusqlite::Result<GaveUp> {
+        let Doomed {
+            seq,
+            id,
+            lease,
+            reason,
+            error,
+        } = doomed;
         let Some((content_type, body)) = tx
             .prepare_cached(&format!(
                 "SELECT content_type, body FROM messages WHERE {UNDER_LEASE}"
@@ -587,19 +605,15 @@ impl QueueBackend for SqliteQueue {
                         }),
                     ),
                     Fate::DeadLetter { reason, error } => {
-                        let id = delivery.id.as_str();
+                        let doomed = Doomed {
+                            seq,
+                            id: &delivery.id,
+                            lease,
+                            reason: &reason,
+                            error: error.as_deref(),
+                        };
                         let gave_up = self
-                            .give_up(
-                                &tx,
-                                queue,
-                                id,
-                                seq,
-                                lease,
-                                policy,
-                                &reason,
-                                error.as_deref(),
-                                now,
-                            )
+                            .give_up(&tx, queue, doomed, policy, now)
                             .map_err(storage)?;
                         let count = match gave_up {
                             GaveUp::DeadLettered(lanes) => {
