@@ -321,42 +321,156 @@ mod tests {
     use crate::relay::sessions::SessionLimits;
     use crate::runtime::Runtime;
 
-    #[tokio::test]
-    async fn a_panicking_batch_is_caught_and_its_messages_retried() {
-        let dir = tempfile::tempdir().unwrap();
-        let backend = Arc::new(SqliteQueue::open(&dir.path().join("q.db")).unwrap());
-        let message = NewMessage {
-            content_type: ContentType::Text,
-            body: b"boom".to_vec(),
-            delay_seconds: 0,
-        };
-        let ids = backend.publish("jobs", vec![message]).await.unwrap();
+    /// A consumer of `jobs` without a handler over `backend`, in `dir`.
+    async fn consumer(dir: &std::path::Path, backend: Arc<dyn QueueBackend>) -> Arc<Consumer> {
         let caps = crate::server::open_capabilities(
-            dir.path(),
+            dir,
             Duration::from_secs(60),
             SessionLimits::default(),
         )
         .unwrap();
         let runtime = Arc::new(Runtime::new().unwrap());
-        let slots = HandlerSlots::open(dir.path(), runtime, caps.clone(), [])
+        let slots = HandlerSlots::open(dir, runtime, caps.clone(), [])
             .await
             .unwrap();
         let config = ConsumerConfig {
             max_batch_timeout: Duration::ZERO,
             ..ConsumerConfig::default_for("jobs")
         };
-        let consumer = Consumer::new(config, Arc::new(slots), backend.clone(), caps);
+        Consumer::new(config, Arc::new(slots), backend, caps)
+    }
+
+    /// A queue `jobs` in `dir` holding one message, and the message's id.
+    async fn one_message(dir: &std::path::Path) -> (Arc<SqliteQueue>, String) {
+        let backend = Arc::new(SqliteQueue::open(&dir.join("q.db")).unwrap());
+        let message = NewMessage {
+            content_type: ContentType::Text,
+            body: b"boom".to_vec(),
+            delay_seconds: 0,
+        };
+        let ids = backend.publish("jobs", vec![message]).await.unwrap();
+        (backend, ids[0].clone())
+    }
+
+    #[tokio::test]
+    async fn a_panicking_batch_is_caught_and_its_messages_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, id) = one_message(dir.path()).await;
+        let consumer = consumer(dir.path(), backend.clone()).await;
         let batch = backend.next_batch("jobs", &consumer.terms).await.unwrap();
 
         consumer
             .guarded(batch, async { panic!("a bug in the host") })
             .await;
-        let stored = backend.get("jobs", &ids[0]).await.unwrap().unwrap();
+        let stored = backend.get("jobs", &id).await.unwrap().unwrap();
         assert_eq!(stored.state, MessageState::Ready, "no longer leased");
         assert_eq!((stored.attempts, stored.dead_reason), (1, None));
         assert_eq!(
             stored.last_error.as_deref(),
             Some("the host failed while handling the batch: a bug in the host")
         );
+    }
+
+    /// [`SqliteQueue`] whose settle fails `failures` times first, as on a full disk.
+    struct FailingSettles {
+        queue: Arc<SqliteQueue>,
+        failures: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl QueueBackend for FailingSettles {
+        async fn publish(
+            &self,
+            queue: &str,
+            messages: Vec<NewMessage>,
+        ) -> Result<Vec<String>, queue::QueueError> {
+            self.queue.publish(queue, messages).await
+        }
+        async fn next_batch(
+            &self,
+            queue: &str,
+            terms: &BatchTerms,
+        ) -> Result<Vec<Delivery>, queue::QueueError> {
+            self.queue.next_batch(queue, terms).await
+        }
+        async fn settle(
+            &self,
+            queue: &str,
+            policy: &queue::RetryPolicy,
+            outcomes: Vec<(Delivery, Settlement)>,
+        ) -> Result<queue::SettleSummary, queue::QueueError> {
+            use std::sync::atomic::Ordering;
+            let left = self.failures.load(Ordering::SeqCst);
+            if left > 0 {
+                self.failures.store(left - 1, Ordering::SeqCst);
+                return Err(queue::QueueError::Storage(
+                    "database or disk is full".into(),
+                ));
+            }
+            self.queue.settle(queue, policy, outcomes).await
+        }
+        async fn counts(&self, queue: &str) -> Result<queue::QueueCounts, queue::QueueError> {
+            self.queue.counts(queue).await
+        }
+        async fn lanes(
+            &self,
+            queue: &str,
+        ) -> Result<Vec<(String, queue::QueueCounts)>, queue::QueueError> {
+            self.queue.lanes(queue).await
+        }
+        async fn list(
+            &self,
+            queue: &str,
+            after: Option<u64>,
+            limit: usize,
+        ) -> Result<queue::MessagePage, queue::QueueError> {
+            self.queue.list(queue, after, limit).await
+        }
+        async fn get(
+            &self,
+            queue: &str,
+            id: &str,
+        ) -> Result<Option<queue::StoredMessage>, queue::QueueError> {
+            self.queue.get(queue, id).await
+        }
+        async fn redrive(
+            &self,
+            queue: &str,
+            selection: &queue::Selection,
+            target: &queue::RedriveTarget,
+        ) -> Result<queue::RedriveSummary, queue::QueueError> {
+            self.queue.redrive(queue, selection, target).await
+        }
+        async fn purge(
+            &self,
+            queue: &str,
+            selection: &queue::Selection,
+        ) -> Result<u64, queue::QueueError> {
+            self.queue.purge(queue, selection).await
+        }
+        async fn purge_expired(
+            &self,
+            queue: &str,
+            cutoff_ms: u64,
+        ) -> Result<u64, queue::QueueError> {
+            self.queue.purge_expired(queue, cutoff_ms).await
+        }
+    }
+
+    #[tokio::test]
+    async fn outcomes_are_committed_however_many_times_the_commit_fails_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (queue, id) = one_message(dir.path()).await;
+        // More failures than the five tries of old, whose waits (50 ms doubling) add up
+        // to about 3 s.
+        let backend = Arc::new(FailingSettles {
+            queue: queue.clone(),
+            failures: 6.into(),
+        });
+        let consumer = consumer(dir.path(), backend.clone()).await;
+        let batch = backend.next_batch("jobs", &consumer.terms).await.unwrap();
+        let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
+        consumer.commit(acks, Duration::ZERO).await;
+        assert_eq!(queue.get("jobs", &id).await.unwrap(), None, "acked");
     }
 }
