@@ -1,6 +1,6 @@
 //! End to end: dead-letter queues you can work with, by API (`GET .../messages`,
 //! `POST .../redrive`, `DELETE .../messages`) and by command line (`clawq dlq`), and
-//! `clawq status`.
+//! `clawq status`; dead letters reach the consumers of their dead-letter queue.
 
 use crate::support::*;
 use serde_json::{Value, json};
@@ -457,5 +457,51 @@ fn the_log_format_is_told_in_one_line_per_subcommand_and_in_full_once() {
     assert!(
         top.contains("one JSON object per line") && top.contains("CLAWQ_LOG_FORMAT"),
         "{top}"
+    );
+}
+
+#[test]
+fn dead_letters_reach_the_named_and_filtered_consumers_of_the_dead_letter_queue() {
+    // The dead-letter queue has no consumer of its own name: a reader of every dead
+    // letter and an auditor of those tagged `audited`.
+    let reader = |name: &str, filter: &str| {
+        format!(
+            "[[queues.consumers]]\nqueue = \"{DLQ}\"\nname = \"{name}\"\n\
+             handler = \"{SCRIPTED_HANDLER}\"\nmax_batch_timeout = 0\n{UNLIMITED_LOGS}\n{filter}\n"
+        )
+    };
+    let config = scripted_consumer(JOBS, "max_batch_timeout = 0\nmax_retries = 0")
+        + &reader("dlq-reader", "")
+        + &reader("dlq-audit", "filter = { tag = \"audited\" }");
+    let host = Host::start(&config);
+    // Dead-lettered by the handler, and by the retries exceeded.
+    host.publish(JOBS, json!({"do": "dead-letter", "tag": "audited"}));
+    host.publish(JOBS, json!({"do": "retry", "tag": "plain"}));
+
+    let seen_by = |consumer: &str, tag: &str| {
+        let consumer = format!("consumer=\"{consumer}\"");
+        let tag = format!("seen tag={tag} attempts=1 ");
+        !host.log_lines(&[&consumer, &tag]).is_empty()
+    };
+    wait_for(
+        "every dead letter to reach the consumers that take it",
+        || {
+            (seen_by("dlq-reader", "audited") && seen_by("dlq-reader", "plain"))
+                .then_some(())
+                .filter(|()| seen_by("dlq-audit", "audited"))
+        },
+    );
+    // Once the dead-letter queue is drained, the auditor has had every copy for it.
+    host.wait_drained(JOBS);
+    wait_for(
+        "the dead-letter queue to be drained by its consumers",
+        || {
+            let status = host.queue(DLQ);
+            (status["backlog"] == 0 && status["in_flight"] == 0).then_some(())
+        },
+    );
+    assert!(
+        !seen_by("dlq-audit", "plain"),
+        "the auditor's filter applies"
     );
 }

@@ -298,6 +298,7 @@ fn copies_left_for_a_removed_consumer_are_reported_at_start() {
     });
 
     host.set_config(&fast_config(""));
+    host.terminate();
     host.restart();
     let warning = host.wait_log("messages wait for a consumer the config no longer has");
     assert!(

@@ -17,7 +17,7 @@ use clawq::consumer::Consumer;
 use clawq::handlers::HandlerSlots;
 use clawq::queue::routes::{Filter, Routes};
 use clawq::queue::sqlite::SqliteQueue;
-use clawq::queue::{ContentType, NewMessage, QueueBackend, RetryPolicy, Settlement};
+use clawq::queue::{BatchTerms, ContentType, NewMessage, QueueBackend, RetryPolicy, Settlement};
 use clawq::relay::sessions::SessionLimits;
 use clawq::runtime::{Capabilities, Limits, Runtime};
 use clawq::world::World;
@@ -77,10 +77,13 @@ async fn engine_alone(n: usize, batch_size: usize) -> f64 {
     let started = Instant::now();
     let mut done = 0;
     while done < n {
-        let batch = queue
-            .next_batch(EVENTS_QUEUE, batch_size, Duration::ZERO)
-            .await
-            .unwrap();
+        let terms = BatchTerms {
+            max_size: batch_size,
+            max_timeout: Duration::ZERO,
+            lease: Duration::from_secs(60),
+            policy: policy.clone(),
+        };
+        let batch = queue.next_batch(EVENTS_QUEUE, &terms).await.unwrap();
         done += batch.len();
         let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
         queue.settle(EVENTS_QUEUE, &policy, acks).await.unwrap();

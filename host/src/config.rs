@@ -14,6 +14,7 @@ use crate::actor_storage::Quota;
 use crate::auth::AdminTokenSetting;
 use crate::bounds::LogRate;
 use crate::queue::routes::{self, Filter, Routes};
+use crate::queue::{BatchTerms, RetryPolicy};
 use crate::relay::endpoint::Backpressure;
 use crate::relay::sessions::{Retry, SessionLimits};
 use crate::runtime::{Limits, MAX_MEMORY_BYTES};
@@ -37,6 +38,11 @@ pub const MAX_CPU_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest wall-clock deadline of a batch (`wall_timeout`): 15 minutes, as
 /// Cloudflare's consumers.
 pub const MAX_WALL_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// How long a batch's messages stay leased beyond its wall-clock deadline: room for the
+/// wait for an instance and for committing the outcomes. A lease that runs out leaves
+/// its messages to be delivered again.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(30);
 
 /// The smallest memory cap, in MiB, that holds a full batch of `max_batch_size`
 /// messages of the largest size: the messages twice (as the host lowers them and as the
@@ -208,6 +214,21 @@ impl ConsumerConfig {
         routes::lane(&self.queue, &self.name)
     }
 
+    /// How this consumer takes batches: its batch settings, a lease of its wall-clock
+    /// deadline plus [`LEASE_MARGIN`] (a healthy batch never outlives it), and its
+    /// retry policy.
+    pub fn batch_terms(&self) -> BatchTerms {
+        BatchTerms {
+            max_size: self.max_batch_size,
+            max_timeout: self.max_batch_timeout,
+            lease: self.limits.wall_timeout + LEASE_MARGIN,
+            policy: RetryPolicy {
+                max_retries: self.max_retries,
+                dead_letter_queue: self.dead_letter_queue.clone(),
+            },
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         let q = &self.queue;
         if self.name != *q {
@@ -373,6 +394,14 @@ impl FileRelay {
                 )?,
             },
         };
+        if relay.heartbeat_timeout <= relay.heartbeat_interval {
+            bail!(
+                "relay.heartbeat_timeout ({} s) must be longer than relay.heartbeat_interval \
+                 ({} s): every connection would be closed between two heartbeats",
+                relay.heartbeat_timeout.as_secs_f64(),
+                relay.heartbeat_interval.as_secs_f64()
+            );
+        }
         if relay.sessions.max_per_agent == 0 {
             bail!("relay.max_receipts_per_agent must be at least 1");
         }
@@ -636,6 +665,22 @@ impl Config {
         plain_queues.dedup();
         for queue in consumers.values().map(|c| &c.queue).chain(&plain_queues) {
             validate_name("queue", queue)?;
+        }
+        for c in consumers.values() {
+            let kept = retention
+                .get(&c.queue)
+                .copied()
+                .unwrap_or(DEFAULT_RETENTION);
+            if u64::from(c.retry_delay) > kept.as_secs() {
+                bail!(
+                    "queue `{}`: retention ({} s) is shorter than the retry_delay of consumer \
+                     `{}` ({} s): its retried messages would expire before their next delivery",
+                    c.queue,
+                    kept.as_secs(),
+                    c.name,
+                    c.retry_delay
+                );
+            }
         }
         Ok(Config {
             listen: file
@@ -1079,6 +1124,18 @@ mod tests {
             (
                 "[[queues.consumers]]\nqueue = \"a\"\nmemory_limit_mb = 4",
                 "memory_limit_mb (4) is too small for a full batch: max_batch_size 10",
+            ),
+            (
+                "[[queues.consumers]]\nqueue = \"a\"\nretention = 60\nretry_delay = 61",
+                "queue `a`: retention (60 s) is shorter than the retry_delay of consumer `a` (61 s)",
+            ),
+            (
+                "[relay]\nheartbeat_interval = 30\nheartbeat_timeout = 30",
+                "relay.heartbeat_timeout (30 s) must be longer than relay.heartbeat_interval (30 s)",
+            ),
+            (
+                "[relay]\nheartbeat_timeout = 10",
+                "relay.heartbeat_timeout (10 s) must be longer than relay.heartbeat_interval (30 s)",
             ),
         ] {
             let err = format!("{:#}", Config::parse(text).unwrap_err());

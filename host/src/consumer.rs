@@ -1,8 +1,11 @@
 //! A queue consumer: takes batches from the queue engine, runs them through the queue's
 //! handler component and commits each message's outcome (spec section 1).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -12,14 +15,17 @@ use tracing::Instrument;
 use crate::config::{ConsumerConfig, MAX_DELAY_SECONDS};
 use crate::handlers::HandlerSlots;
 use crate::metrics;
-use crate::queue::{self, Delivery, QueueBackend, RetryPolicy, Settlement};
+use crate::queue::{self, BatchTerms, Delivery, QueueBackend, Settlement};
 use crate::runtime::{Capabilities, LoadedHandler, Message, Outcome, Unhandled, bounded};
 
 /// How long a consumer waits before asking the queue engine again after it failed.
 const STORAGE_BACKOFF: Duration = Duration::from_secs(1);
-/// How many times committing a batch's outcomes is tried before giving up on it (its
-/// messages are then delivered again after the next restart).
-const SETTLE_TRIES: u32 = 5;
+/// The first wait before committing a batch's outcomes again after it failed; the wait
+/// doubles at each failure, up to [`SETTLE_BACKOFF_MAX`], for as long as the process
+/// lives (meanwhile the lease may run out: the messages are then delivered again).
+const SETTLE_BACKOFF_FIRST: Duration = Duration::from_millis(50);
+/// The longest wait between two tries at committing a batch's outcomes.
+const SETTLE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a batch the host had no room for waits before it is taken again.
 const CAPACITY_BACKOFF_SECONDS: u32 = 1;
 
@@ -29,7 +35,7 @@ const CAPACITY_BACKOFF_SECONDS: u32 = 1;
 pub struct Consumer {
     config: ConsumerConfig,
     lane: String,
-    policy: RetryPolicy,
+    terms: BatchTerms,
     slots: Arc<HandlerSlots>,
     backend: Arc<dyn QueueBackend>,
     caps: Arc<Capabilities>,
@@ -44,14 +50,10 @@ impl Consumer {
         backend: Arc<dyn QueueBackend>,
         caps: Arc<Capabilities>,
     ) -> Arc<Self> {
-        let policy = RetryPolicy {
-            max_retries: config.max_retries,
-            dead_letter_queue: config.dead_letter_queue.clone(),
-        };
         Arc::new(Consumer {
             lane: config.lane(),
+            terms: config.batch_terms(),
             config,
-            policy,
             slots,
             backend,
             caps,
@@ -70,10 +72,7 @@ impl Consumer {
                 _ = shutdown.cancelled() => break,
                 batch = async {
                     let slot = slots.clone().acquire_owned().await.expect("semaphore is never closed");
-                    let batch = self
-                        .backend
-                        .next_batch(queue, self.config.max_batch_size, self.config.max_batch_timeout)
-                        .await;
+                    let batch = self.backend.next_batch(queue, &self.terms).await;
                     (slot, batch)
                 } => batch,
             };
@@ -81,7 +80,7 @@ impl Consumer {
                 (slot, Ok(deliveries)) => {
                     let consumer = self.clone();
                     in_flight.spawn(async move {
-                        consumer.handle_batch(deliveries).await;
+                        consumer.handle_guarded(deliveries).await;
                         drop(slot);
                     });
                 }
@@ -98,6 +97,41 @@ impl Consumer {
         while in_flight.join_next().await.is_some() {}
     }
 
+    /// [`Consumer::handle_batch`], catching a panic: it is logged, and every message of
+    /// the batch not settled yet is retried (counting an attempt, so that a message that
+    /// makes the host panic each time ends in the dead-letter queue).
+    async fn handle_guarded(&self, deliveries: Vec<Delivery>) {
+        let leases = deliveries
+            .iter()
+            .map(|d| Delivery {
+                body: Vec::new(),
+                ..d.clone()
+            })
+            .collect();
+        self.guarded(leases, self.handle_batch(deliveries)).await;
+    }
+
+    /// Runs `work`, the handling of the batch leased as `leases`; if it panics, logs it
+    /// and retries every message of `leases` not settled yet.
+    async fn guarded(&self, leases: Vec<Delivery>, work: impl Future<Output = ()>) {
+        let Err(panic) = AssertUnwindSafe(work).catch_unwind().await else {
+            return;
+        };
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        tracing::error!(queue = %self.config.queue, consumer = %self.config.name, panic = %why,
+            "the batch task panicked; its messages will be retried");
+        let error = format!("the host failed while handling the batch: {why}");
+        let retries = leases
+            .into_iter()
+            .map(|d| (d, self.retry(self.config.retry_delay, &error)))
+            .collect();
+        self.commit(retries, Duration::ZERO).await;
+    }
+
     /// Runs one batch through the slot's current handler version and commits every
     /// message's outcome.
     async fn handle_batch(&self, deliveries: Vec<Delivery>) {
@@ -106,7 +140,7 @@ impl Consumer {
             tracing::error!(
                 queue,
                 consumer,
-                "no handler slot; the batch will be delivered again after a restart"
+                "no handler slot; the batch will be delivered again once its lease runs out"
             );
             return;
         };
@@ -160,10 +194,18 @@ impl Consumer {
                     .collect()
             }
         };
-        for attempt in 1..=SETTLE_TRIES {
+        self.commit(settlements, elapsed).await;
+    }
+
+    /// Commits `settlements`, trying again with a growing wait for as long as it fails;
+    /// `elapsed` is how long the batch took, for the log.
+    async fn commit(&self, settlements: Vec<(Delivery, Settlement)>, elapsed: Duration) {
+        let queue = self.config.queue.as_str();
+        let mut backoff = SETTLE_BACKOFF_FIRST;
+        for attempt in 1u64.. {
             match self
                 .backend
-                .settle(&self.lane, &self.policy, settlements.clone())
+                .settle(&self.lane, &self.terms.policy, settlements.clone())
                 .await
             {
                 Ok(summary) => {
@@ -175,16 +217,17 @@ impl Consumer {
                         dead_lettered = summary.dead_lettered,
                         dropped = summary.dropped,
                         released = summary.released,
+                        stale = summary.stale,
                         "batch handled"
                     );
                     return;
                 }
-                Err(err) if attempt < SETTLE_TRIES => {
-                    tracing::warn!(queue, attempt, error = %err, "committing outcomes failed; trying again");
-                    tokio::time::sleep(STORAGE_BACKOFF * attempt).await;
+                Err(err) => {
+                    tracing::warn!(queue, consumer = %self.config.name, attempt, error = %err,
+                        "committing outcomes failed; trying again in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(SETTLE_BACKOFF_MAX);
                 }
-                Err(err) => tracing::error!(queue, error = %err,
-                    "committing outcomes failed; the batch will be delivered again after a restart"),
             }
         }
     }
@@ -267,5 +310,167 @@ fn to_message(delivery: &mut Delivery) -> Message {
             queue::ContentType::Bytes => Wit::Bytes,
         },
         body: std::mem::take(&mut delivery.body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::sqlite::SqliteQueue;
+    use crate::queue::{ContentType, MessageState, NewMessage};
+    use crate::relay::sessions::SessionLimits;
+    use crate::runtime::Runtime;
+
+    /// A consumer of `jobs` without a handler over `backend`, in `dir`.
+    async fn consumer(dir: &std::path::Path, backend: Arc<dyn QueueBackend>) -> Arc<Consumer> {
+        let caps = crate::server::open_capabilities(
+            dir,
+            Duration::from_secs(60),
+            SessionLimits::default(),
+        )
+        .unwrap();
+        let runtime = Arc::new(Runtime::new().unwrap());
+        let slots = HandlerSlots::open(dir, runtime, caps.clone(), [])
+            .await
+            .unwrap();
+        let config = ConsumerConfig {
+            max_batch_timeout: Duration::ZERO,
+            ..ConsumerConfig::default_for("jobs")
+        };
+        Consumer::new(config, Arc::new(slots), backend, caps)
+    }
+
+    /// A queue `jobs` in `dir` holding one message, and the message's id.
+    async fn one_message(dir: &std::path::Path) -> (Arc<SqliteQueue>, String) {
+        let backend = Arc::new(SqliteQueue::open(&dir.join("q.db")).unwrap());
+        let message = NewMessage {
+            content_type: ContentType::Text,
+            body: b"boom".to_vec(),
+            delay_seconds: 0,
+        };
+        let ids = backend.publish("jobs", vec![message]).await.unwrap();
+        (backend, ids[0].clone())
+    }
+
+    #[tokio::test]
+    async fn a_panicking_batch_is_caught_and_its_messages_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, id) = one_message(dir.path()).await;
+        let consumer = consumer(dir.path(), backend.clone()).await;
+        let batch = backend.next_batch("jobs", &consumer.terms).await.unwrap();
+
+        consumer
+            .guarded(batch, async { panic!("a bug in the host") })
+            .await;
+        let stored = backend.get("jobs", &id).await.unwrap().unwrap();
+        assert_eq!(stored.state, MessageState::Ready, "no longer leased");
+        assert_eq!((stored.attempts, stored.dead_reason), (1, None));
+        assert_eq!(
+            stored.last_error.as_deref(),
+            Some("the host failed while handling the batch: a bug in the host")
+        );
+    }
+
+    /// [`SqliteQueue`] whose settle fails `failures` times first, as on a full disk.
+    struct FailingSettles {
+        queue: Arc<SqliteQueue>,
+        failures: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl QueueBackend for FailingSettles {
+        async fn publish(
+            &self,
+            queue: &str,
+            messages: Vec<NewMessage>,
+        ) -> Result<Vec<String>, queue::QueueError> {
+            self.queue.publish(queue, messages).await
+        }
+        async fn next_batch(
+            &self,
+            queue: &str,
+            terms: &BatchTerms,
+        ) -> Result<Vec<Delivery>, queue::QueueError> {
+            self.queue.next_batch(queue, terms).await
+        }
+        async fn settle(
+            &self,
+            queue: &str,
+            policy: &queue::RetryPolicy,
+            outcomes: Vec<(Delivery, Settlement)>,
+        ) -> Result<queue::SettleSummary, queue::QueueError> {
+            use std::sync::atomic::Ordering;
+            let left = self.failures.load(Ordering::SeqCst);
+            if left > 0 {
+                self.failures.store(left - 1, Ordering::SeqCst);
+                return Err(queue::QueueError::Storage(
+                    "database or disk is full".into(),
+                ));
+            }
+            self.queue.settle(queue, policy, outcomes).await
+        }
+        async fn counts(&self, queue: &str) -> Result<queue::QueueCounts, queue::QueueError> {
+            self.queue.counts(queue).await
+        }
+        async fn lanes(
+            &self,
+            queue: &str,
+        ) -> Result<Vec<(String, queue::QueueCounts)>, queue::QueueError> {
+            self.queue.lanes(queue).await
+        }
+        async fn list(
+            &self,
+            queue: &str,
+            after: Option<u64>,
+            limit: usize,
+        ) -> Result<queue::MessagePage, queue::QueueError> {
+            self.queue.list(queue, after, limit).await
+        }
+        async fn get(
+            &self,
+            queue: &str,
+            id: &str,
+        ) -> Result<Option<queue::StoredMessage>, queue::QueueError> {
+            self.queue.get(queue, id).await
+        }
+        async fn redrive(
+            &self,
+            queue: &str,
+            selection: &queue::Selection,
+            target: &queue::RedriveTarget,
+        ) -> Result<queue::RedriveSummary, queue::QueueError> {
+            self.queue.redrive(queue, selection, target).await
+        }
+        async fn purge(
+            &self,
+            queue: &str,
+            selection: &queue::Selection,
+        ) -> Result<u64, queue::QueueError> {
+            self.queue.purge(queue, selection).await
+        }
+        async fn purge_expired(
+            &self,
+            queue: &str,
+            cutoff_ms: u64,
+        ) -> Result<u64, queue::QueueError> {
+            self.queue.purge_expired(queue, cutoff_ms).await
+        }
+    }
+
+    #[tokio::test]
+    async fn outcomes_are_committed_however_many_times_the_commit_fails_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (queue, id) = one_message(dir.path()).await;
+        // More failures than the five tries of old, whose waits (50 ms doubling) add up
+        // to about 3 s.
+        let backend = Arc::new(FailingSettles {
+            queue: queue.clone(),
+            failures: 6.into(),
+        });
+        let consumer = consumer(dir.path(), backend.clone()).await;
+        let batch = backend.next_batch("jobs", &consumer.terms).await.unwrap();
+        let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
+        consumer.commit(acks, Duration::ZERO).await;
+        assert_eq!(queue.get("jobs", &id).await.unwrap(), None, "acked");
     }
 }

@@ -22,6 +22,7 @@ pub mod connector;
 pub mod consumer;
 pub mod crypto;
 pub mod db;
+pub mod dir_lock;
 pub mod frame;
 pub mod handlers;
 pub mod http_guard;

@@ -19,6 +19,7 @@ use crate::auth::{self, AuthState};
 use crate::bundled;
 use crate::config::{Config, ConsumerConfig};
 use crate::consumer::Consumer;
+use crate::dir_lock::DirLock;
 use crate::handlers::{self, HandlerSlots};
 use crate::metrics::{self, MetricsState};
 use crate::queue::QueueBackend;
@@ -30,6 +31,8 @@ use crate::runtime::{Capabilities, Runtime};
 use crate::tokens::TokenStore;
 use crate::trust::TrustStore;
 
+/// The file in the data directory that a running host holds locked.
+pub const LOCK_FILE: &str = "serve.lock";
 /// How long in-flight batches get to finish after a shutdown is asked for.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -92,6 +95,9 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<()> {
 /// as `.wasm` files whenever they change.
 pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken) -> Result<()> {
     crate::private_dir::prepare(&config.data_dir)?;
+    // First of all: a second host on the same data would clear the leases of this one and
+    // deliver its messages in flight a second time.
+    let _lock = DirLock::take(&config.data_dir, LOCK_FILE, "`clawq serve`")?;
     let admin_token = auth::admin_token(
         &config.data_dir,
         config.admin_token.as_ref(),

@@ -722,6 +722,24 @@ impl Host {
         String::from_utf8(output.stdout).unwrap()
     }
 
+    /// Runs a second `clawq serve` on this host's data directory and config, listening on
+    /// this host's address, and returns its output once it has exited.
+    pub fn serve_again(&self) -> std::process::Output {
+        let listen = self.base.trim_start_matches("http://");
+        Command::new(env!("CARGO_BIN_EXE_clawq"))
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(&self.data_dir)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap()
+    }
+
+    /// The process id of the host's current run.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Registers `did` with `clawq agents add` and returns its token.
     pub fn add_agent(&self, did: &str) -> String {
         self.cli(&["agents", "add", did]).trim().to_owned()

@@ -23,8 +23,7 @@ mod hook;
 mod outbox;
 
 use std::fmt;
-use std::fs::{File, TryLockError};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +40,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::dir_lock::DirLock;
 use crate::frame::{Frame, FrameBody, MAX_FRAME_BYTES};
 use outbox::Outbox;
 
@@ -182,7 +182,8 @@ pub(crate) async fn run_with(
         &tls,
     )?;
     crate::private_dir::prepare(&options.data_dir)?;
-    let _lock = lock_data_dir(&options.data_dir)?;
+    // Two connectors draining one outbox would post everything twice.
+    let _lock = DirLock::take(&options.data_dir, "connector.lock", "connector")?;
     let outbox = Outbox::open(&options.data_dir, &options.agent_did)?;
 
     let wake = Arc::new(Notify::new());
@@ -258,30 +259,6 @@ impl Endpoint {
             agent_did: options.agent_did.clone(),
             tls,
         })
-    }
-}
-
-/// Holds `<dir>/connector.lock` for as long as the value lives: two connectors draining
-/// one outbox would post everything twice.
-fn lock_data_dir(dir: &Path) -> Result<File> {
-    let path = dir.join("connector.lock");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => {
-            bail!(
-                "another connector is already running with the data directory {}",
-                dir.display()
-            )
-        }
-        Err(TryLockError::Error(error)) => {
-            Err(error).with_context(|| format!("locking {}", path.display()))
-        }
     }
 }
 
@@ -647,6 +624,7 @@ async fn close(ws: &mut Socket, grace: Duration) {
 #[cfg(test)]
 mod tests {
     use std::collections::{HashMap, VecDeque};
+    use std::path::Path;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -75,6 +75,10 @@ pub struct Delivery {
     pub content_type: ContentType,
     /// The body bytes.
     pub body: Vec<u8>,
+    /// When the lease ends, in milliseconds since the Unix epoch: a message not settled
+    /// by then is ready again, and an outcome committed once another lease took it (or
+    /// once it was purged) is ignored.
+    pub lease_deadline_ms: u64,
 }
 
 /// What becomes of a delivered message.
@@ -103,12 +107,34 @@ pub enum Settlement {
 }
 
 /// How failed messages of a queue are treated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Retries before a message is dead-lettered.
     pub max_retries: u32,
     /// Where dead-lettered messages go; `None` deletes them (logged).
     pub dead_letter_queue: Option<String>,
+}
+
+/// How a consumer takes batches from its lane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchTerms {
+    /// Most messages in a batch.
+    pub max_size: usize,
+    /// Longest wait for a batch to fill, from the first ready message.
+    pub max_timeout: Duration,
+    /// How long the messages of a batch stay leased: not settled by then, they are ready
+    /// again (and their next delivery counts as an attempt).
+    pub lease: Duration,
+    /// The retry policy of the lane: a message already delivered `1 + max_retries` times
+    /// without an outcome (the host died, or the lease ran out, each time) is
+    /// dead-lettered instead of delivered again.
+    pub policy: RetryPolicy,
+}
+
+/// The reason a message is dead-lettered with when it was delivered `attempts` times and
+/// none of them got an outcome committed.
+pub fn no_outcome_reason(attempts: u32) -> String {
+    format!("delivered {attempts} times without an outcome")
 }
 
 /// What a settlement did, message by message, summed.
@@ -124,6 +150,9 @@ pub struct SettleSummary {
     pub dropped: usize,
     /// Given back without counting an attempt.
     pub released: usize,
+    /// Outcomes ignored: the lease had run out and the message had been taken again,
+    /// purged or expired by then.
+    pub stale: usize,
 }
 
 /// Message counts of one queue.
@@ -231,7 +260,7 @@ pub struct MessagePage {
 }
 
 /// Which messages of a queue an operator's redrive or purge applies to. Messages in
-/// flight are always passed over: their lease settles them.
+/// flight are always passed over, until their lease runs out: their lease settles them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selection {
     /// Every message of the queue.
@@ -352,19 +381,23 @@ pub trait QueueBackend: Send + Sync + 'static {
         messages: Vec<NewMessage>,
     ) -> Result<Vec<String>, QueueError>;
 
-    /// Waits for the next batch of the lane `queue`: returns as soon as `max_size` messages are
-    /// ready, or when `max_timeout` has passed since the first of them became ready.
-    /// The messages returned are leased until [`QueueBackend::settle`]; a lease dies with
-    /// the process, so an unsettled message is delivered again after a restart.
+    /// Waits for the next batch of the lane `queue`: returns as soon as
+    /// `terms.max_size` messages are ready, or when `terms.max_timeout` has passed since
+    /// the first of them became ready. The messages returned are leased until
+    /// [`QueueBackend::settle`], for `terms.lease` at most; a lease also dies with the
+    /// process, so an unsettled message is delivered again after a restart. A ready
+    /// message already delivered `1 + max_retries` times is dead-lettered instead (with
+    /// [`no_outcome_reason`]).
     async fn next_batch(
         &self,
         queue: &str,
-        max_size: usize,
-        max_timeout: Duration,
+        terms: &BatchTerms,
     ) -> Result<Vec<Delivery>, QueueError>;
 
     /// Commits the outcome of each message delivered from the lane `queue`, all in one
-    /// transaction. A dead-lettered message records the lane as its source.
+    /// transaction. A dead-lettered message records the lane as its source and goes to
+    /// the consumers of the dead-letter queue that take it, as a published message does.
+    /// The outcome of a message whose lease ran out and that was taken again is ignored.
     async fn settle(
         &self,
         queue: &str,

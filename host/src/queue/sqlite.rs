@@ -1,9 +1,12 @@
 //! The embedded queue backend: every queue in one SQLite database in WAL mode.
 //!
 //! A message row is deleted or moved only in the transaction that commits its outcome,
-//! so a crash at any point leaves it to be delivered again. Leases are a flag that is
-//! cleared when the database is opened: whatever was in flight when the previous process
-//! died is ready again.
+//! so a crash at any point leaves it to be delivered again. A leased row has the `leased`
+//! flag, and its `visible_ms` is the lease deadline: once that passes, the row is ready
+//! again like any other whose time has come (a panicking batch, a commit that keeps
+//! failing). Leases are also cleared when the database is opened: whatever was in flight
+//! when the previous process died is ready again at once (the host's data-directory lock
+//! keeps a second process from doing that to a live one).
 //!
 //! A queue with several consumers keeps one row per consumer that subscribes to a
 //! message, in that consumer's lane ([`super::routes`]); the `queue` column holds the
@@ -24,9 +27,9 @@ use crate::db::{self, Durability};
 
 use super::routes::{Routes, split_lane};
 use super::{
-    ContentType, Delivery, MessagePage, MessageState, NewMessage, QueueBackend, QueueCounts,
-    QueueError, RedriveSummary, RedriveTarget, RetryPolicy, Selection, SettleSummary, Settlement,
-    StoredMessage, check_limits,
+    BatchTerms, ContentType, Delivery, MessagePage, MessageState, NewMessage, QueueBackend,
+    QueueCounts, QueueError, RedriveSummary, RedriveTarget, RetryPolicy, Selection, SettleSummary,
+    Settlement, StoredMessage, check_limits,
 };
 
 const SCHEMA: &str = "
@@ -45,7 +48,8 @@ CREATE TABLE IF NOT EXISTS messages (
     dead_reason  TEXT,
     dead_ms      INTEGER
 );
-CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, leased, visible_ms, seq);
+DROP INDEX IF EXISTS messages_ready;
+CREATE INDEX IF NOT EXISTS messages_due ON messages (queue, visible_ms, seq);
 ";
 
 /// Columns added to [`SCHEMA`] since its first version, with their definitions; `open`
@@ -68,9 +72,15 @@ const STORED_COLUMNS: &str = "seq, id, leased, visible_ms, attempts, published_m
 const IN_QUEUE: &str = "(queue = ?1 OR (queue > ?1 || '#' AND queue < ?1 || '$'))";
 
 /// Keeps the selected rows of an [`IN_QUEUE`]: `?2` is `NULL` for every message or a
-/// JSON array of ids, `?3` `NULL` for every lane or the one lane to keep.
-const SELECTED: &str = "leased = 0 AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))
+/// JSON array of ids, `?3` `NULL` for every lane or the one lane to keep; `?4` is the
+/// time, before which a lease holds its row.
+const SELECTED: &str = "(leased = 0 OR visible_ms <= ?4)
+    AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))
     AND (?3 IS NULL OR queue = ?3)";
+
+/// Keeps the row `?1` if it is still under the lease whose deadline is `?2`, or whatever
+/// its state when `?2` is `NULL`.
+const UNDER_LEASE: &str = "seq = ?1 AND (?2 IS NULL OR (leased = 1 AND visible_ms = ?2))";
 
 /// The SQLite queue backend.
 pub struct SqliteQueue {
@@ -81,20 +91,54 @@ pub struct SqliteQueue {
 
 /// What the head of a queue says about the next batch.
 enum Readiness {
-    /// Lease these message sequence numbers now.
-    Take(Vec<i64>),
+    /// Lease these messages now.
+    Take(Vec<Due>),
     /// Nothing to take yet; look again at this time (or when woken, if `None`).
     WaitUntil(Option<u64>),
 }
 
+/// A ready message at the head of a lane.
+struct Due {
+    seq: i64,
+    id: String,
+    /// Its deliveries so far.
+    attempts: u32,
+}
+
+/// A message given up on, and why.
+struct Doomed<'a> {
+    seq: i64,
+    id: &'a str,
+    /// The deadline of the lease it is given up under (`None`: whatever its state).
+    lease: Option<u64>,
+    reason: &'a str,
+    /// The failure of the last attempt, when it was a retry over the limit.
+    error: Option<&'a str>,
+}
+
+/// What became of a message that failed for good.
+enum GaveUp {
+    /// Moved to the dead-letter queue, in these lanes of it.
+    DeadLettered(Vec<String>),
+    /// Deleted: no dead-letter queue, or no consumer of it takes the message.
+    Dropped,
+    /// Nothing: the lease it was given up under had run out, and the message was taken
+    /// again (or is gone).
+    Stale,
+}
+
 impl SqliteQueue {
     /// Opens (or creates) the queue database at `path` and releases every lease left by
-    /// a previous process.
+    /// a previous process: those messages are ready at once, in the order they entered
+    /// their queue.
     pub fn open(path: &Path) -> Result<Self, QueueError> {
         let conn = db::open(path, Durability::Process, SCHEMA).map_err(storage)?;
         add_columns(&conn).map_err(storage)?;
-        conn.execute("UPDATE messages SET leased = 0 WHERE leased = 1", [])
-            .map_err(storage)?;
+        conn.execute(
+            "UPDATE messages SET leased = 0, visible_ms = enqueued_ms WHERE leased = 1",
+            [],
+        )
+        .map_err(storage)?;
         Ok(SqliteQueue {
             conn: Mutex::new(conn),
             wakers: Mutex::new(HashMap::new()),
@@ -124,41 +168,68 @@ impl SqliteQueue {
         self.waker(queue).notify_waiters();
     }
 
-    /// Decides whether a batch of `queue` is due at `now` and leases it if so.
+    /// Decides whether a batch of `queue` is due at `now` and leases it if so; a due
+    /// message delivered `1 + max_retries` times already is dead-lettered instead.
     fn try_lease(
         &self,
         queue: &str,
-        max_size: usize,
-        max_timeout: Duration,
+        terms: &BatchTerms,
     ) -> Result<Result<Vec<Delivery>, Option<u64>>, QueueError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(storage)?;
         let now = now_ms();
-        let readiness = readiness(&tx, queue, max_size, max_timeout, now).map_err(storage)?;
-        let seqs = match readiness {
+        let readiness =
+            readiness(&tx, queue, terms.max_size, terms.max_timeout, now).map_err(storage)?;
+        let due = match readiness {
             Readiness::WaitUntil(at) => return Ok(Err(at)),
-            Readiness::Take(seqs) => seqs,
+            Readiness::Take(due) => due,
         };
-        let mut batch = Vec::with_capacity(seqs.len());
+        let deadline = now + (terms.lease.as_millis() as u64).max(1);
+        let (mut batch, mut woken) = (Vec::with_capacity(due.len()), Vec::new());
+        let mut gave_up = SettleSummary::default();
         {
             let mut lease = tx
                 .prepare_cached(
-                    "UPDATE messages SET leased = 1, attempts = attempts + 1 WHERE seq = ?1
-                     RETURNING id, attempts, published_ms, content_type, body",
+                    "UPDATE messages SET leased = 1, attempts = attempts + 1, visible_ms = ?2
+                     WHERE seq = ?1 RETURNING id, attempts, published_ms, content_type, body",
                 )
                 .map_err(storage)?;
-            for seq in seqs {
+            for message in due {
+                let policy = &terms.policy;
+                if message.attempts > policy.max_retries {
+                    let reason = super::no_outcome_reason(message.attempts);
+                    let doomed = Doomed {
+                        seq: message.seq,
+                        id: &message.id,
+                        lease: None,
+                        reason: &reason,
+                        error: None,
+                    };
+                    match self
+                        .give_up(&tx, queue, doomed, policy, now)
+                        .map_err(storage)?
+                    {
+                        GaveUp::DeadLettered(lanes) => {
+                            woken.extend(lanes);
+                            gave_up.dead_lettered += 1;
+                        }
+                        GaveUp::Dropped => gave_up.dropped += 1,
+                        GaveUp::Stale => {}
+                    }
+                    continue;
+                }
                 let delivery = lease
-                    .query_row([seq], |row| {
+                    .query_row(params![message.seq, deadline], |row| {
                         let content_type: String = row.get(3)?;
                         Ok(Delivery {
-                            lease: seq,
+                            lease: message.seq,
                             id: row.get(0)?,
                             attempts: row.get(1)?,
                             timestamp_ms: row.get(2)?,
                             content_type: ContentType::parse(&content_type)
                                 .unwrap_or(ContentType::Bytes),
                             body: row.get(4)?,
+                            lease_deadline_ms: deadline,
                         })
                     })
                     .map_err(storage)?;
@@ -166,8 +237,131 @@ impl SqliteQueue {
             }
         }
         tx.commit().map_err(storage)?;
+        drop(conn);
+        if gave_up != SettleSummary::default() {
+            crate::metrics::settled(split_lane(queue).0, &gave_up);
+        }
+        self.wake_all(woken);
+        if batch.is_empty() {
+            // Every due message was given up on: look again at once.
+            return Ok(Err(Some(now)));
+        }
         Ok(Ok(batch))
     }
+
+    /// Wakes the consumers of each of `lanes`, once each.
+    fn wake_all(&self, mut lanes: Vec<String>) {
+        lanes.sort_unstable();
+        lanes.dedup();
+        for lane in &lanes {
+            self.wake(lane);
+        }
+    }
+
+    /// Gives up on the `doomed` message of the lane `queue`: moves it to the dead-letter
+    /// queue of `policy` (to each lane of it that takes the message, as a publish would),
+    /// or deletes it, logged, when there is no dead-letter queue or none of its consumers
+    /// takes it.
+    fn give_up(
+        &self,
+        tx: &Connection,
+        queue: &str,
+        doomed: Doomed<'_>,
+        policy: &RetryPolicy,
+        now: u64,
+    ) -> rusqlite::Result<GaveUp> {
+        let Doomed {
+            seq,
+            id,
+            lease,
+            reason,
+            error,
+        } = doomed;
+        let Some((content_type, body)) = tx
+            .prepare_cached(&format!(
+                "SELECT content_type, body FROM messages WHERE {UNDER_LEASE}"
+            ))?
+            .query_row(params![seq, lease], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .optional()?
+        else {
+            warn_stale(queue, id);
+            return Ok(GaveUp::Stale);
+        };
+        let content_type = ContentType::parse(&content_type).unwrap_or(ContentType::Bytes);
+        let lanes = match &policy.dead_letter_queue {
+            Some(dlq) => self.routes.lanes(dlq, content_type, &body),
+            None => Vec::new(),
+        };
+        let Some((first, copies)) = lanes.split_first() else {
+            match &policy.dead_letter_queue {
+                Some(dlq) => tracing::error!(
+                    queue,
+                    dlq,
+                    id,
+                    reason,
+                    "message dropped: it failed for good and no consumer of its dead_letter_queue takes it"
+                ),
+                None => tracing::error!(
+                    queue,
+                    id,
+                    reason,
+                    "message dropped: it failed for good and the queue has no dead_letter_queue"
+                ),
+            }
+            tx.prepare_cached("DELETE FROM messages WHERE seq = ?1")?
+                .execute([seq])?;
+            return Ok(GaveUp::Dropped);
+        };
+        tracing::warn!(
+            queue,
+            dlq = policy.dead_letter_queue.as_deref(),
+            id,
+            reason,
+            "message dead-lettered"
+        );
+        tx.prepare_cached(
+            "UPDATE messages SET queue = ?2, leased = 0, attempts = 0,
+             source_attempts = attempts, visible_ms = ?3, enqueued_ms = ?3,
+             source_queue = ?4, dead_reason = ?5, dead_ms = ?3,
+             first_failed_ms = COALESCE(first_failed_ms, ?3),
+             last_failed_ms = ?3, last_error = COALESCE(?6, last_error)
+             WHERE seq = ?1",
+        )?
+        .execute(params![seq, first, now, queue, reason, error])?;
+        copy_to_lanes(tx, seq, copies)?;
+        Ok(GaveUp::DeadLettered(
+            lanes.iter().map(|lane| lane.to_string()).collect(),
+        ))
+    }
+}
+
+/// Logs that the outcome of the message `id` of `queue` came after its lease ran out.
+fn warn_stale(queue: &str, id: &str) {
+    tracing::warn!(
+        queue,
+        id,
+        "outcome ignored: the lease ran out and the message was taken again, or is gone"
+    );
+}
+
+/// Stores a copy of the row `seq`, as it stands, in each of `lanes`.
+fn copy_to_lanes(conn: &Connection, seq: i64, lanes: &[&str]) -> rusqlite::Result<()> {
+    let mut copy = conn.prepare_cached(
+        "INSERT INTO messages
+         (id, queue, content_type, body, published_ms, visible_ms, attempts, leased,
+          last_error, source_queue, dead_reason, dead_ms, first_failed_ms, last_failed_ms,
+          source_attempts, enqueued_ms)
+         SELECT id, ?2, content_type, body, published_ms, visible_ms, attempts, leased,
+          last_error, source_queue, dead_reason, dead_ms, first_failed_ms, last_failed_ms,
+          source_attempts, enqueued_ms
+         FROM messages WHERE seq = ?1",
+    )?;
+    for lane in lanes {
+        copy.execute(params![seq, lane])?;
+    }
+    Ok(())
 }
 
 /// Adds the [`ADDED_COLUMNS`] a database made by an older version lacks.
@@ -204,9 +398,10 @@ fn stored_message(row: &rusqlite::Row<'_>, now: u64) -> rusqlite::Result<StoredM
     Ok(StoredMessage {
         id: row.get(1)?,
         consumer: split_lane(&lane).1.to_owned(),
-        state: match (leased, visible_ms <= now) {
-            (true, _) => MessageState::InFlight,
-            (false, true) => MessageState::Ready,
+        state: match (visible_ms <= now, leased) {
+            // A lease that ran out leaves its message ready.
+            (true, _) => MessageState::Ready,
+            (false, true) => MessageState::InFlight,
             (false, false) => MessageState::Delayed,
         },
         attempts: row.get(4)?,
@@ -236,8 +431,8 @@ fn selected(queue: &str, selection: &Selection) -> (Option<String>, Option<Strin
     }
 }
 
-/// Reads the head of `queue`: the ready messages (up to `max_size`) and when the next
-/// delayed one becomes ready.
+/// Reads the head of `queue`: the ready messages (up to `max_size`), those whose lease
+/// ran out among them, and when the next delayed one becomes ready (or lease runs out).
 fn readiness(
     conn: &Connection,
     queue: &str,
@@ -246,21 +441,26 @@ fn readiness(
     now: u64,
 ) -> rusqlite::Result<Readiness> {
     let mut ready = conn.prepare_cached(
-        "SELECT seq, visible_ms FROM messages
-         WHERE queue = ?1 AND leased = 0 AND visible_ms <= ?2
+        "SELECT seq, visible_ms, id, attempts FROM messages
+         WHERE queue = ?1 AND visible_ms <= ?2
          ORDER BY visible_ms, seq LIMIT ?3",
     )?;
-    let head: Vec<(i64, u64)> = ready
+    let head: Vec<(u64, Due)> = ready
         .query_map(params![queue, now, max_size as i64], |r| {
-            Ok((r.get(0)?, r.get(1)?))
+            let due = Due {
+                seq: r.get(0)?,
+                id: r.get(2)?,
+                attempts: r.get(3)?,
+            };
+            Ok((r.get(1)?, due))
         })?
         .collect::<rusqlite::Result<_>>()?;
     let timeout_ms = max_timeout.as_millis() as u64;
-    if let Some(&(_, first_ready)) = head.first() {
+    if let Some(&(first_ready, _)) = head.first() {
         let due = first_ready + timeout_ms;
         if head.len() >= max_size || now >= due {
             return Ok(Readiness::Take(
-                head.into_iter().map(|(seq, _)| seq).collect(),
+                head.into_iter().map(|(_, due)| due).collect(),
             ));
         }
         return Ok(Readiness::WaitUntil(Some(
@@ -270,10 +470,10 @@ fn readiness(
     Ok(Readiness::WaitUntil(next_visible(conn, queue, now)?))
 }
 
-/// When the earliest delayed message of `queue` becomes ready.
+/// When the earliest delayed message of `queue` becomes ready, or lease runs out.
 fn next_visible(conn: &Connection, queue: &str, now: u64) -> rusqlite::Result<Option<u64>> {
     conn.prepare_cached(
-        "SELECT MIN(visible_ms) FROM messages WHERE queue = ?1 AND leased = 0 AND visible_ms > ?2",
+        "SELECT MIN(visible_ms) FROM messages WHERE queue = ?1 AND visible_ms > ?2",
     )?
     .query_row(params![queue, now], |r| r.get(0))
 }
@@ -330,26 +530,21 @@ impl QueueBackend for SqliteQueue {
         if unrouted > 0 {
             crate::metrics::unrouted(queue, unrouted);
         }
-        woken.sort_unstable();
-        woken.dedup();
-        for lane in woken {
-            self.wake(lane);
-        }
+        self.wake_all(woken.into_iter().map(str::to_owned).collect());
         Ok(ids)
     }
 
     async fn next_batch(
         &self,
         queue: &str,
-        max_size: usize,
-        max_timeout: Duration,
+        terms: &BatchTerms,
     ) -> Result<Vec<Delivery>, QueueError> {
         let waker = self.waker(queue);
         loop {
             let notified = waker.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.try_lease(queue, max_size, max_timeout)? {
+            match self.try_lease(queue, terms)? {
                 Ok(batch) => return Ok(batch),
                 Err(None) => notified.await,
                 Err(Some(at)) => {
@@ -371,73 +566,80 @@ impl QueueBackend for SqliteQueue {
     ) -> Result<SettleSummary, QueueError> {
         let now = now_ms();
         let mut summary = SettleSummary::default();
+        let mut woken = Vec::new();
         {
             let mut conn = self.conn();
             let tx = conn.transaction().map_err(storage)?;
             for (delivery, settlement) in outcomes {
-                let fate = Fate::of(&delivery, settlement, policy);
-                match &fate {
-                    Fate::Delete => {
-                        summary.acked += 1;
-                        tx.prepare_cached("DELETE FROM messages WHERE seq = ?1")
-                            .and_then(|mut s| s.execute([delivery.lease]))
-                    }
-                    Fate::Retry { delay_seconds, error } => {
-                        summary.retried += 1;
-                        let visible = now + u64::from(*delay_seconds) * 1000;
-                        tx.prepare_cached(
-                            "UPDATE messages SET leased = 0, visible_ms = ?2, last_error = ?3,
-                             first_failed_ms = COALESCE(first_failed_ms, ?4), last_failed_ms = ?4
-                             WHERE seq = ?1",
-                        )
+                let (seq, lease) = (delivery.lease, Some(delivery.lease_deadline_ms));
+                let (count, changed) = match Fate::of(&delivery, settlement, policy) {
+                    Fate::Delete => (
+                        &mut summary.acked,
+                        tx.prepare_cached(&format!("DELETE FROM messages WHERE {UNDER_LEASE}"))
+                            .and_then(|mut s| s.execute(params![seq, lease])),
+                    ),
+                    Fate::Retry {
+                        delay_seconds,
+                        error,
+                    } => (
+                        &mut summary.retried,
+                        tx.prepare_cached(&format!(
+                            "UPDATE messages SET leased = 0, visible_ms = ?3, last_error = ?4,
+                             first_failed_ms = COALESCE(first_failed_ms, ?5), last_failed_ms = ?5
+                             WHERE {UNDER_LEASE}"
+                        ))
                         .and_then(|mut s| {
-                            s.execute(params![delivery.lease, visible, error, now])
-                        })
+                            let visible = now + u64::from(delay_seconds) * 1000;
+                            s.execute(params![seq, lease, visible, error, now])
+                        }),
+                    ),
+                    Fate::Release { delay_seconds } => (
+                        &mut summary.released,
+                        tx.prepare_cached(&format!(
+                            "UPDATE messages SET leased = 0, visible_ms = ?3,
+                             attempts = MAX(attempts - 1, 0) WHERE {UNDER_LEASE}"
+                        ))
+                        .and_then(|mut s| {
+                            let visible = now + u64::from(delay_seconds) * 1000;
+                            s.execute(params![seq, lease, visible])
+                        }),
+                    ),
+                    Fate::DeadLetter { reason, error } => {
+                        let doomed = Doomed {
+                            seq,
+                            id: &delivery.id,
+                            lease,
+                            reason: &reason,
+                            error: error.as_deref(),
+                        };
+                        let gave_up = self
+                            .give_up(&tx, queue, doomed, policy, now)
+                            .map_err(storage)?;
+                        let count = match gave_up {
+                            GaveUp::DeadLettered(lanes) => {
+                                woken.extend(lanes);
+                                &mut summary.dead_lettered
+                            }
+                            GaveUp::Dropped => &mut summary.dropped,
+                            GaveUp::Stale => &mut summary.stale,
+                        };
+                        *count += 1;
+                        continue;
                     }
-                    Fate::Release { delay_seconds } => {
-                        summary.released += 1;
-                        let visible = now + u64::from(*delay_seconds) * 1000;
-                        tx.prepare_cached(
-                            "UPDATE messages SET leased = 0, visible_ms = ?2,
-                             attempts = MAX(attempts - 1, 0) WHERE seq = ?1",
-                        )
-                        .and_then(|mut s| s.execute(params![delivery.lease, visible]))
-                    }
-                    Fate::DeadLetter { reason, error } => match &policy.dead_letter_queue {
-                        Some(dlq) => {
-                            summary.dead_lettered += 1;
-                            tracing::warn!(queue, dlq, id = %delivery.id, reason, "message dead-lettered");
-                            tx.prepare_cached(
-                                "UPDATE messages SET queue = ?2, leased = 0, attempts = 0,
-                                 source_attempts = attempts, visible_ms = ?3, enqueued_ms = ?3,
-                                 source_queue = ?4, dead_reason = ?5, dead_ms = ?3,
-                                 first_failed_ms = COALESCE(first_failed_ms, ?3),
-                                 last_failed_ms = ?3, last_error = COALESCE(?6, last_error)
-                                 WHERE seq = ?1",
-                            )
-                            .and_then(|mut s| {
-                                s.execute(params![delivery.lease, dlq, now, queue, reason, error])
-                            })
-                        }
-                        None => {
-                            summary.dropped += 1;
-                            tracing::error!(queue, id = %delivery.id, reason,
-                                "message dropped: it failed for good and the queue has no dead_letter_queue");
-                            tx.prepare_cached("DELETE FROM messages WHERE seq = ?1")
-                                .and_then(|mut s| s.execute([delivery.lease]))
-                        }
-                    },
+                };
+                if changed.map_err(storage)? == 0 {
+                    warn_stale(queue, &delivery.id);
+                    summary.stale += 1;
+                } else {
+                    *count += 1;
                 }
-                .map_err(storage)?;
             }
             tx.commit().map_err(storage)?;
         }
         if summary.retried + summary.released > 0 {
-            self.wake(queue);
+            woken.push(queue.to_owned());
         }
-        if let (Some(dlq), true) = (&policy.dead_letter_queue, summary.dead_lettered > 0) {
-            self.wake(dlq);
-        }
+        self.wake_all(woken);
         Ok(summary)
     }
 
@@ -450,10 +652,10 @@ impl QueueBackend for SqliteQueue {
         self.conn()
             .prepare_cached(&format!(
                 "SELECT queue,
-                        COALESCE(SUM(leased = 0 AND visible_ms <= ?2), 0),
-                        COALESCE(SUM(leased = 1), 0),
+                        COALESCE(SUM(visible_ms <= ?2), 0),
+                        COALESCE(SUM(leased = 1 AND visible_ms > ?2), 0),
                         COALESCE(SUM(leased = 0 AND visible_ms > ?2), 0),
-                        MIN(CASE WHEN leased = 0 AND visible_ms <= ?2 THEN visible_ms END)
+                        MIN(CASE WHEN visible_ms <= ?2 THEN visible_ms END)
                  FROM messages WHERE {IN_QUEUE} GROUP BY queue ORDER BY queue"
             ))
             .and_then(|mut s| {
@@ -538,7 +740,7 @@ impl QueueBackend for SqliteQueue {
                      WHERE {IN_QUEUE} AND {SELECTED}"
                 ))
                 .and_then(|mut s| {
-                    s.query_map(params![queue, ids, lane], |r| {
+                    s.query_map(params![queue, ids, lane, now], |r| {
                         let content_type: String = r.get(2)?;
                         Ok(Redrivable {
                             seq: r.get(0)?,
@@ -566,18 +768,8 @@ impl QueueBackend for SqliteQueue {
                 let Some((first, copies)) = lanes.split_first() else {
                     continue;
                 };
-                for lane in copies {
-                    tx.prepare_cached(
-                        "INSERT INTO messages
-                         (id, queue, content_type, body, published_ms, visible_ms, enqueued_ms)
-                         SELECT id, ?2, content_type, body, published_ms, ?3, ?3
-                         FROM messages WHERE seq = ?1",
-                    )
-                    .and_then(|mut s| s.execute(params![row.seq, lane, now]))
-                    .map_err(storage)?;
-                }
                 tx.prepare_cached(
-                    "UPDATE messages SET queue = ?2, attempts = 0,
+                    "UPDATE messages SET queue = ?2, attempts = 0, leased = 0,
                      visible_ms = ?3, enqueued_ms = ?3, first_failed_ms = NULL,
                      last_failed_ms = NULL, last_error = NULL, dead_ms = NULL,
                      dead_reason = NULL, source_queue = NULL, source_attempts = NULL
@@ -585,6 +777,7 @@ impl QueueBackend for SqliteQueue {
                 )
                 .and_then(|mut s| s.execute(params![row.seq, first, now]))
                 .map_err(storage)?;
+                copy_to_lanes(&tx, row.seq, copies).map_err(storage)?;
                 redriven += 1;
                 woken.extend(lanes.iter().map(|lane| lane.to_string()));
             }
@@ -592,16 +785,12 @@ impl QueueBackend for SqliteQueue {
                 .prepare_cached(&format!(
                     "SELECT COUNT(*) FROM messages WHERE {IN_QUEUE} AND {SELECTED}"
                 ))
-                .and_then(|mut s| s.query_row(params![queue, ids, lane], |r| r.get(0)))
+                .and_then(|mut s| s.query_row(params![queue, ids, lane, now], |r| r.get(0)))
                 .map_err(storage)?;
             tx.commit().map_err(storage)?;
             skipped
         };
-        woken.sort_unstable();
-        woken.dedup();
-        for lane in &woken {
-            self.wake(lane);
-        }
+        self.wake_all(woken);
         Ok(RedriveSummary { redriven, skipped })
     }
 
@@ -612,7 +801,7 @@ impl QueueBackend for SqliteQueue {
             ))
             .and_then(|mut s| {
                 let (ids, lane) = selected(queue, selection);
-                s.execute(params![queue, ids, lane])
+                s.execute(params![queue, ids, lane, now_ms()])
             })
             .map(|n| n as u64)
             .map_err(storage)
@@ -621,9 +810,10 @@ impl QueueBackend for SqliteQueue {
     async fn purge_expired(&self, queue: &str, cutoff_ms: u64) -> Result<u64, QueueError> {
         self.conn()
             .prepare_cached(&format!(
-                "DELETE FROM messages WHERE {IN_QUEUE} AND leased = 0 AND enqueued_ms < ?2"
+                "DELETE FROM messages WHERE {IN_QUEUE} AND enqueued_ms < ?2
+                 AND (leased = 0 OR visible_ms <= ?3)"
             ))
-            .and_then(|mut s| s.execute(params![queue, cutoff_ms]))
+            .and_then(|mut s| s.execute(params![queue, cutoff_ms, now_ms()]))
             .map(|n| n as u64)
             .map_err(storage)
     }
@@ -717,6 +907,17 @@ mod tests {
         }
     }
 
+    /// Batches of `max_size` messages, waiting `max_timeout` to fill, leased for an hour,
+    /// under [`policy`] `(3, Some(DLQ))`.
+    fn terms(max_size: usize, max_timeout: Duration) -> BatchTerms {
+        BatchTerms {
+            max_size,
+            max_timeout,
+            lease: LONG,
+            policy: policy(3, Some(DLQ)),
+        }
+    }
+
     async fn publish(queue: &SqliteQueue, n: usize) -> Vec<String> {
         let messages = (0..n).map(|i| text(&format!("m{i}"), 0)).collect();
         queue.publish(Q, messages).await.unwrap()
@@ -729,7 +930,7 @@ mod tests {
         timeout: Duration,
         within: Duration,
     ) -> Vec<Delivery> {
-        tokio::time::timeout(within, queue.next_batch(Q, size, timeout))
+        tokio::time::timeout(within, queue.next_batch(Q, &terms(size, timeout)))
             .await
             .expect("a batch within the deadline")
             .unwrap()
@@ -798,7 +999,7 @@ mod tests {
         let queue = Arc::new(queue);
         let waiter = tokio::spawn({
             let queue = queue.clone();
-            async move { queue.next_batch(Q, 1, LONG).await.unwrap() }
+            async move { queue.next_batch(Q, &terms(1, LONG)).await.unwrap() }
         });
         tokio::task::yield_now().await;
         publish(&queue, 1).await;
@@ -1041,7 +1242,7 @@ mod tests {
         let ids = dead_letter(&queue, 3).await;
         let waiter = tokio::spawn({
             let queue = queue.clone();
-            async move { queue.next_batch(Q, 1, LONG).await.unwrap() }
+            async move { queue.next_batch(Q, &terms(1, LONG)).await.unwrap() }
         });
         tokio::task::yield_now().await;
 
@@ -1092,10 +1293,13 @@ mod tests {
     async fn redrive_to_a_named_queue_takes_every_message_not_in_flight() {
         let (_dir, queue) = open();
         dead_letter(&queue, 3).await;
-        let leased = tokio::time::timeout(Duration::from_secs(5), queue.next_batch(DLQ, 1, LONG))
-            .await
-            .unwrap()
-            .unwrap();
+        let leased = tokio::time::timeout(
+            Duration::from_secs(5),
+            queue.next_batch(DLQ, &terms(1, LONG)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         let to = RedriveTarget::Queue("other".into());
         let summary = queue.redrive(DLQ, &Selection::All, &to).await.unwrap();
         assert_eq!(summary.redriven, 2);
@@ -1224,7 +1428,7 @@ mod tests {
         let lane = "jobs#audit";
         assert_eq!(queue.counts(lane).await.unwrap().backlog, 1);
 
-        let audit = tokio::time::timeout(LONG, queue.next_batch(lane, 10, Duration::ZERO))
+        let audit = tokio::time::timeout(LONG, queue.next_batch(lane, &terms(10, Duration::ZERO)))
             .await
             .unwrap()
             .unwrap();
@@ -1306,5 +1510,172 @@ mod tests {
             "the message no consumer of the target takes stays where it is"
         );
         assert_eq!(queue.counts("jobs#audit").await.unwrap().backlog, 1);
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_runs_out_leaves_the_message_ready_and_a_late_outcome_is_ignored() {
+        let (_dir, queue) = open();
+        let ids = publish(&queue, 2).await;
+        let short = BatchTerms {
+            lease: Duration::from_millis(200),
+            ..terms(1, Duration::ZERO)
+        };
+        let first = queue.next_batch(Q, &short).await.unwrap();
+        assert_eq!(held(queue.counts(Q).await.unwrap()), (1, 1, 0));
+        assert_eq!(
+            queue
+                .purge(Q, &Selection::Ids(vec![ids[0].clone()]))
+                .await
+                .unwrap(),
+            0,
+            "held by its lease"
+        );
+        wait_past(first[0].lease_deadline_ms);
+        assert_eq!(held(queue.counts(Q).await.unwrap()), (2, 0, 0));
+        let stored = queue.get(Q, &ids[0]).await.unwrap().unwrap();
+        assert_eq!(stored.state, MessageState::Ready);
+
+        let mut again = batch(&queue, 2, Duration::ZERO, Duration::from_secs(5)).await;
+        let other = again.remove(0);
+        assert_eq!(
+            (other.id.as_str(), other.attempts),
+            (ids[1].as_str(), 1),
+            "ready since it was published, before the lease ran out"
+        );
+        assert_eq!(again[0].id, ids[0]);
+        assert_eq!(again[0].attempts, 2, "the lost delivery counts");
+        settle_all(&queue, vec![other], Settlement::Ack, &policy(3, Some(DLQ))).await;
+        let late = settle_all(&queue, first, Settlement::Ack, &policy(3, Some(DLQ))).await;
+        assert_eq!(
+            late,
+            SettleSummary {
+                stale: 1,
+                ..Default::default()
+            }
+        );
+        let summary = settle_all(&queue, again, Settlement::Ack, &policy(3, Some(DLQ))).await;
+        assert_eq!(summary.acked, 1, "the live lease settles");
+
+        // Retention and purges take a message whose lease ran out.
+        publish(&queue, 1).await;
+        let second = queue.next_batch(Q, &short).await.unwrap();
+        wait_past(second[0].lease_deadline_ms);
+        assert_eq!(queue.purge_expired(Q, now_ms()).await.unwrap(), 1);
+        assert_eq!(queue.counts(Q).await.unwrap(), QueueCounts::default());
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_runs_out_wakes_its_consumer() {
+        let (_dir, queue) = open();
+        publish(&queue, 1).await;
+        let short = BatchTerms {
+            lease: Duration::from_millis(300),
+            ..terms(1, Duration::ZERO)
+        };
+        let first = queue.next_batch(Q, &short).await.unwrap();
+        let again = tokio::time::timeout(Duration::from_secs(5), queue.next_batch(Q, &short))
+            .await
+            .expect("taken again once the lease ran out")
+            .unwrap();
+        assert_eq!(
+            (again[0].id.as_str(), again[0].attempts),
+            (first[0].id.as_str(), 2)
+        );
+        assert!(now_ms() >= first[0].lease_deadline_ms);
+    }
+
+    #[tokio::test]
+    async fn a_message_delivered_one_plus_max_retries_times_without_an_outcome_is_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let ids = publish(&SqliteQueue::open(&path).unwrap(), 1).await;
+        let two_retries = BatchTerms {
+            policy: policy(2, Some(DLQ)),
+            ..terms(1, Duration::ZERO)
+        };
+        // Each process dies while it holds the message.
+        for attempt in 1..=3 {
+            let queue = SqliteQueue::open(&path).unwrap();
+            let got = queue.next_batch(Q, &two_retries).await.unwrap();
+            assert_eq!(got[0].attempts, attempt);
+        }
+        let queue = Arc::new(SqliteQueue::open(&path).unwrap());
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.next_batch(Q, &two_retries).await }
+        });
+        wait_for_count(&queue, DLQ, 1).await;
+        let dead = queue.get(DLQ, &ids[0]).await.unwrap().unwrap();
+        assert_eq!(
+            dead.dead_reason.as_deref(),
+            Some("delivered 3 times without an outcome")
+        );
+        assert_eq!(dead.source_attempts, Some(3));
+        assert_eq!(queue.counts(Q).await.unwrap(), QueueCounts::default());
+        assert!(!waiter.is_finished(), "nothing delivered");
+        waiter.abort();
+    }
+
+    /// Waits until `queue` holds `n` messages.
+    async fn wait_for_count(queue: &SqliteQueue, name: &str, n: u64) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while queue.counts(name).await.unwrap().held() != n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the count within the deadline");
+    }
+
+    #[tokio::test]
+    async fn dead_letters_fan_out_to_the_consumers_of_the_dead_letter_queue_and_wake_them() {
+        let (_dir, queue) = open();
+        let mut routes = Routes::default();
+        routes.add(DLQ, "reader", Default::default());
+        let only_a: super::super::routes::Filter =
+            serde_json::from_value(serde_json::json!({"type": "a"})).unwrap();
+        routes.add(DLQ, "audit", only_a);
+        let queue = Arc::new(queue.with_routes(routes));
+        let ids = queue
+            .publish(Q, vec![typed("a"), typed("b")])
+            .await
+            .unwrap();
+        let waiters = ["jobs-dlq#reader", "jobs-dlq#audit"].map(|lane| {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.next_batch(lane, &terms(1, LONG)).await.unwrap() })
+        });
+        tokio::task::yield_now().await;
+
+        let got = batch(&queue, 2, Duration::ZERO, Duration::from_secs(5)).await;
+        let dead = Settlement::DeadLetter {
+            reason: "poison".into(),
+        };
+        let summary = settle_all(&queue, got, dead, &policy(3, Some(DLQ))).await;
+        assert_eq!(summary.dead_lettered, 2);
+        let lanes: Vec<(String, u64)> = queue
+            .lanes(DLQ)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(lane, counts)| (lane, counts.held()))
+            .collect();
+        assert_eq!(
+            lanes,
+            [
+                ("jobs-dlq#audit".to_owned(), 1),
+                ("jobs-dlq#reader".to_owned(), 2)
+            ]
+        );
+        let [reader, audit] = waiters;
+        for (waiter, id) in [(reader, &ids[0]), (audit, &ids[0])] {
+            let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("every lane that got a copy is woken")
+                .unwrap();
+            assert_eq!(&got[0].id, id);
+        }
+        let copy = queue.get(DLQ, &ids[0]).await.unwrap().unwrap();
+        assert_eq!(copy.dead_reason.as_deref(), Some("poison"));
+        assert_eq!(copy.source_queue.as_deref(), Some(Q));
     }
 }
