@@ -27,3 +27,4 @@ mod security;
 mod shutdown;
 mod subscriptions;
 mod walkthrough;
+mod workers;
