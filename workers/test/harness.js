@@ -30,8 +30,8 @@ export function wranglerConfig() {
  * @param {any} c
  * @param {number} [maxRetries]
  */
-function consumerOf(c, maxRetries = c.max_retries) {
-  return { maxBatchSize: c.max_batch_size, maxBatchTimeout: TEST_BATCH_TIMEOUT, maxRetries, deadLetterQueue: c.dead_letter_queue, retryDelay: 0 };
+function consumerOf(c, maxRetries = c.max_retries, batchTimeout = TEST_BATCH_TIMEOUT) {
+  return { maxBatchSize: c.max_batch_size, maxBatchTimeout: batchTimeout, maxRetries, deadLetterQueue: c.dead_letter_queue, retryDelay: 0 };
 }
 
 /** SHA-256 hex, as the Worker stores tokens. */
@@ -58,14 +58,15 @@ export default { fetch() { return new Response("fault"); } };`;
 
 /**
  * Starts the Worker. Returns its URL, helpers, the captured workerd output, and `stop`.
- * @param {{maxRetries?: number}} [options]
+ * @param {{maxRetries?: number, batchTimeout?: number}} [options] `batchTimeout` in
+ *   seconds (wrangler.jsonc's for clawq's 5 s; tests use 0.05 s)
  */
 export async function startWorker(options = {}) {
   const config = wranglerConfig();
   const queues = JSON.parse(JSON.stringify((await import("../src/queues.js")).DEFAULT_QUEUES));
   queues["trap-queue"] = { producer: "TRAP", consumers: [{ name: "failing", handler: "failing-handler" }] };
   const producers = Object.fromEntries(config.queues.producers.map((p) => [p.binding, p.queue]));
-  const consumers = Object.fromEntries(config.queues.consumers.map((c) => [c.queue, consumerOf(c, options.maxRetries)]));
+  const consumers = Object.fromEntries(config.queues.consumers.map((c) => [c.queue, consumerOf(c, options.maxRetries, options.batchTimeout)]));
   const durableObjects = Object.fromEntries(config.durable_objects.bindings.map((b) => [b.name, { className: b.class_name, useSQLite: true }]));
   const bindings = {
     ADMIN_TOKEN,
