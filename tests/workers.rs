@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{FAILING_HANDLER, run_bounded};
+use crate::support::{FAILING_HANDLER, SCRIPTED_HANDLER, run_bounded};
 
 /// Longest `npm ci` or `npm test` may take (the first `npm ci` downloads workerd).
 const NPM_DEADLINE: Duration = Duration::from_secs(10 * 60);
 
-/// The bundled components, by the env var the build script of `workers/` reads.
-const GUESTS: [(&str, &str); 4] = [
+/// The bundled components and the test ones (a trapping handler, a scripted one), by the
+/// env var the build script of `workers/` reads.
+const GUESTS: [(&str, &str); 5] = [
     (
         "CLAWQ_GUEST_CRL_INVALIDATION",
         env!("CLAWQ_GUEST_CRL_INVALIDATION"),
@@ -26,6 +27,7 @@ const GUESTS: [(&str, &str); 4] = [
         env!("CLAWQ_GUEST_RECEIPT_ROUTER"),
     ),
     ("CLAWQ_GUEST_FAILING_HANDLER", FAILING_HANDLER),
+    ("CLAWQ_GUEST_SCRIPTED_HANDLER", SCRIPTED_HANDLER),
 ];
 
 /// Runs `npm <args>` in `dir` with the guests' paths and this build's `clawq`.
@@ -57,7 +59,7 @@ fn the_handler_components_run_under_workers_in_workerd() {
         "no test may be skipped (clawq connect runs): {log}"
     );
     let passes = log.lines().filter(|l| l.starts_with("ok ")).count();
-    assert!(passes >= 8, "expected every Workers test to run: {log}");
+    assert!(passes >= 10, "expected every Workers test to run: {log}");
 
     // The Worker ran exactly the files cargo built.
     let built: Value = serde_json::from_str(

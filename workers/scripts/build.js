@@ -5,11 +5,11 @@
 //
 //   npm run build                       # the three bundled handlers
 //   npm run build -- path/to/x.wasm     # and any component given (named after its file)
-//   npm run build -- --with-test-guests # and the trapping test handler (for npm test)
+//   npm run build -- --with-test-guests # and the test handlers (trapping, scripted) for npm test
 //
 // The bundled handlers are read from ../target/guests/wasm32-wasip2/guest/ unless
 // CLAWQ_GUEST_CRL_INVALIDATION, CLAWQ_GUEST_EVENT_ROUTER, CLAWQ_GUEST_RECEIPT_ROUTER
-// (and CLAWQ_GUEST_FAILING_HANDLER) name the files, as the Rust end-to-end test does.
+// (and CLAWQ_GUEST_FAILING_HANDLER, CLAWQ_GUEST_SCRIPTED_HANDLER) name the files, as the Rust end-to-end test does.
 
 import { execFileSync } from "node:child_process";
 import { mkdirSync, rmSync, writeFileSync, existsSync, readdirSync } from "node:fs";
@@ -105,7 +105,9 @@ const noNodeFs = {
 async function main() {
   const args = process.argv.slice(2);
   const handlers = ["crl-invalidation", "event-router", "receipt-router"].map((n) => [n, guestPath(n)]);
-  if (args.includes("--with-test-guests")) handlers.push(["failing-handler", guestPath("failing-handler")]);
+  if (args.includes("--with-test-guests")) {
+    handlers.push(["failing-handler", guestPath("failing-handler")], ["scripted-handler", guestPath("scripted-handler")]);
+  }
   for (const arg of args.filter((a) => !a.startsWith("--"))) {
     handlers.push([basename(arg, ".wasm").replaceAll("_", "-"), resolve(arg)]);
   }

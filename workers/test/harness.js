@@ -2,7 +2,8 @@
  * Runs the real Worker (gen/worker.js, built by `npm run build -- --with-test-guests`)
  * in workerd through Miniflare, on a loopback port, with the queues, consumers and
  * Durable Objects of wrangler.jsonc. Test-only additions, each its own queue:
- * `trap-queue` (the trapping `failing-handler`), `faulty-events` (crl-invalidation on a
+ * `trap-queue` (the trapping `failing-handler`), `scripted-queue` (the `scripted-handler`
+ * whose messages script their outcomes), `faulty-events` (crl-invalidation on a
  * second copy of the Worker whose trust-state object always throws), and a recorder
  * Worker consuming every dead-letter queue so a test can read what reached one.
  */
@@ -65,6 +66,7 @@ export async function startWorker(options = {}) {
   const config = wranglerConfig();
   const queues = JSON.parse(JSON.stringify((await import("../src/queues.js")).DEFAULT_QUEUES));
   queues["trap-queue"] = { producer: "TRAP", consumers: [{ name: "failing", handler: "failing-handler" }] };
+  queues["scripted-queue"] = { producer: "SCRIPTED", deadLetter: "SCRIPTED_DLQ", consumers: [{ name: "scripted", handler: "scripted-handler" }] };
   const producers = Object.fromEntries(config.queues.producers.map((p) => [p.binding, p.queue]));
   const consumers = Object.fromEntries(config.queues.consumers.map((c) => [c.queue, consumerOf(c, options.maxRetries, options.batchTimeout)]));
   const durableObjects = Object.fromEntries(config.durable_objects.bindings.map((b) => [b.name, { className: b.class_name, useSQLite: true }]));
@@ -91,10 +93,11 @@ export async function startWorker(options = {}) {
         scriptPath: join(root, config.main),
         modulesRules: wasmRules,
         durableObjects,
-        queueProducers: { ...producers, TRAP: "trap-queue" },
+        queueProducers: { ...producers, TRAP: "trap-queue", SCRIPTED: "scripted-queue", SCRIPTED_DLQ: "scripted-dlq" },
         queueConsumers: {
           ...consumers,
           "trap-queue": { maxBatchSize: 10, maxBatchTimeout: TEST_BATCH_TIMEOUT, maxRetries: options.maxRetries ?? 3, deadLetterQueue: "trap-dlq", retryDelay: 0 },
+          "scripted-queue": { maxBatchSize: 10, maxBatchTimeout: TEST_BATCH_TIMEOUT, maxRetries: options.maxRetries ?? 3, deadLetterQueue: "scripted-dlq", retryDelay: 0 },
         },
         bindings,
       },
@@ -115,7 +118,7 @@ export async function startWorker(options = {}) {
         compatibilityDate: config.compatibility_date,
         modules: [{ type: "ESModule", path: "recorder.js", contents: RECORDER }],
         queueConsumers: Object.fromEntries(
-          ["clawdentity-events-dlq", "clawdentity-receipts-dlq", "trap-dlq", "faulty-dlq"].map((q) => [q, { maxBatchTimeout: TEST_BATCH_TIMEOUT }]),
+          ["clawdentity-events-dlq", "clawdentity-receipts-dlq", "trap-dlq", "scripted-dlq", "faulty-dlq"].map((q) => [q, { maxBatchTimeout: TEST_BATCH_TIMEOUT }]),
         ),
       },
     ],

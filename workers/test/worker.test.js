@@ -131,7 +131,7 @@ test("a pair.accepted event becomes a deliver frame for the initiator", async ()
   connector.ws.close();
 });
 
-test("a bad publish gets the same 4xx and error body as clawq, and stores nothing", async () => {
+test("a bad publish gets the same 4xx and error body as clawq", async () => {
   const events = "/v1/queues/clawdentity-events/messages";
   const cases = [
     [events, "{not json", 400, "invalid_request"],
@@ -178,4 +178,39 @@ test("a Durable Object call that throws makes the handler retry (not ack), then 
   // Retried (the handler's outcome), not acked and not a trap.
   assert.match(worker.output(), /trust state unavailable \(test fault\)/);
   assert.doesNotMatch(worker.output(), /handler crl-invalidation failed/);
+});
+
+test("outcomes map onto the batch: dead-letter at once to the DLQ with its reason, retry until acked or max_retries", async () => {
+  const tag = `t${Date.now()}`;
+  const script = (s) => ({ ...s, tag: `${tag}-${s.tag}` });
+  for (const s of [
+    { do: "dead-letter", reason: "no use retrying", tag: "dl" },
+    { do: "retry", ack_at: 3, tag: "late" },
+    { do: "retry", delay: 0, tag: "never" },
+  ]) await worker.sendTo("SCRIPTED", script(s));
+  const dlq = async () => (await worker.deadLettered()).filter((m) => m.queue === "scripted-dlq" && String(m.body.tag ?? m.body.body?.tag).startsWith(tag));
+  const both = await eventually("two messages in scripted-dlq", async () => ((await dlq()).length === 2 ? dlq() : null));
+  // The handler's dead-letter: sent at once (attempt 1) with its reason and source.
+  const explicit = both.find((m) => m.body.deadLetter);
+  assert.deepEqual(explicit.body.body, script({ do: "dead-letter", reason: "no use retrying", tag: "dl" }));
+  assert.equal(explicit.body.deadLetter.reason, "no use retrying");
+  assert.equal(explicit.body.deadLetter.queue, "scripted-queue");
+  assert.equal(explicit.body.deadLetter.consumer, "scripted");
+  assert.equal(explicit.body.deadLetter.attempts, 1);
+  // Retried until max_retries (2): 3 attempts, then Queues dead-letters the original body.
+  const exhausted = both.find((m) => !m.body.deadLetter);
+  assert.equal(exhausted.body.tag, `${tag}-never`);
+  assert.match(worker.output(), new RegExp(`seen tag=${tag}-never attempts=3`));
+  // Retried, then acked at attempt 3: never dead-lettered.
+  assert.match(worker.output(), new RegExp(`seen tag=${tag}-late attempts=3`));
+  assert.ok(!(await dlq()).some((m) => m.body.tag === `${tag}-late`));
+  assert.doesNotMatch(worker.output(), new RegExp(`seen tag=${tag}-dl attempts=2`));
+});
+
+test("an unhandled message is acked with a warning naming it and why", async () => {
+  const published = await call(worker.base, "/v1/queues/clawdentity-events/messages", { body: { body: "not an object", content_type: "text" } });
+  assert.equal(published.status, 200);
+  const line = await eventually("the unhandled warning", () => worker.output().match(/message \S+ unhandled by crl-invalidation \(malformed\): .*/)?.[0]);
+  assert.ok(line);
+  assert.ok(!(await worker.deadLettered()).some((m) => m.queue === "clawdentity-events-dlq"), "an unhandled message is not dead-lettered");
 });
