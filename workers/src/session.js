@@ -5,7 +5,8 @@
  * holds the agent's connector WebSocket through the Hibernation API, and pushes each
  * unacknowledged row as a `receipt` / `deliver` frame: when recorded, on every connect,
  * and while connected 1 s after the last push doubling to 30 s (±20 %), 25 pushes at
- * most. It sends a heartbeat every 30 s and closes a connection silent for 60 s (1011).
+ * most. It sends a heartbeat every 30 s and closes a connection silent for 60 s (1011);
+ * the `RELAY_HEARTBEAT_INTERVAL_MS` / `RELAY_HEARTBEAT_TIMEOUT_MS` vars change both.
  * It also holds the agent's connector token, hashed.
  */
 
@@ -19,6 +20,8 @@ export const MAX_ROWS_PER_KIND = 500;
 const RETRY_INITIAL_MS = 1000;
 const RETRY_MAX_MS = 30000;
 const RETRY_MAX_ATTEMPTS = 25;
+/** clawq's heartbeat defaults; the `RELAY_HEARTBEAT_INTERVAL_MS` and
+ * `RELAY_HEARTBEAT_TIMEOUT_MS` vars change them. */
 const HEARTBEAT_INTERVAL_MS = 30000;
 const HEARTBEAT_TIMEOUT_MS = 60000;
 const MAX_REQUEST_ID_BYTES = 1024;
@@ -44,6 +47,8 @@ export class RelaySession extends DurableObject {
    */
   constructor(ctx, env) {
     super(ctx, env);
+    this.heartbeatMs = Number(env.RELAY_HEARTBEAT_INTERVAL_MS) || HEARTBEAT_INTERVAL_MS;
+    this.timeoutMs = Number(env.RELAY_HEARTBEAT_TIMEOUT_MS) || HEARTBEAT_TIMEOUT_MS;
     this.sql = ctx.storage.sql;
     this.sql.exec(`CREATE TABLE IF NOT EXISTS agent (
         one INTEGER PRIMARY KEY CHECK (one = 1), did TEXT NOT NULL, token_hash TEXT NOT NULL, added_ms INTEGER NOT NULL);
@@ -209,7 +214,7 @@ export class RelaySession extends DurableObject {
   schedule() {
     if (this.ctx.getWebSockets().length === 0) return;
     const next = this.sql.exec("SELECT MIN(next_ms) AS at FROM rows WHERE acked = 0").toArray()[0]?.at;
-    const heartbeat = Date.now() + Math.min(HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS);
+    const heartbeat = Date.now() + Math.min(this.heartbeatMs, this.timeoutMs);
     this.ctx.storage.setAlarm(next ? Math.min(next, heartbeat) : heartbeat);
   }
 
@@ -218,9 +223,9 @@ export class RelaySession extends DurableObject {
     const now = Date.now();
     for (const ws of this.ctx.getWebSockets()) {
       const seen = ws.deserializeAttachment() ?? { heard: now, beat: now };
-      if (now - seen.heard >= HEARTBEAT_TIMEOUT_MS) {
+      if (now - seen.heard >= this.timeoutMs) {
         this.closeSocket(ws, 1011, "heartbeat_ack_timeout");
-      } else if (now - seen.beat >= HEARTBEAT_INTERVAL_MS - 50) {
+      } else if (now - seen.beat >= this.heartbeatMs * 0.9) {
         ws.send(frame("heartbeat"));
         ws.serializeAttachment({ ...seen, beat: now });
       }
@@ -287,7 +292,7 @@ export class RelaySession extends DurableObject {
     try {
       ws.close(code === 1005 || code === 1006 ? 1000 : code, "closed_by_connector");
     } catch {
-      // already closed
+      // already closed (a close this object started)
     }
   }
 
@@ -300,8 +305,8 @@ export class RelaySession extends DurableObject {
   closeSocket(ws, code, reason) {
     try {
       ws.close(code, reason);
-    } catch {
-      // already closed
+    } catch (err) {
+      console.warn(`relay session: closing a connection ${code} ${reason} failed: ${err.message}`);
     }
   }
 

@@ -59,7 +59,8 @@ export default { fetch() { return new Response("fault"); } };`;
 
 /**
  * Starts the Worker. Returns its URL, helpers, the captured workerd output, and `stop`.
- * @param {{maxRetries?: number, batchTimeout?: number}} [options] `batchTimeout` in
+ * @param {{maxRetries?: number, batchTimeout?: number, vars?: Record<string, string>}} [options]
+ *   `vars`: extra vars of the Worker (e.g. short heartbeat timings) `batchTimeout` in
  *   seconds (wrangler.jsonc's for clawq's 5 s; tests use 0.05 s)
  */
 export async function startWorker(options = {}) {
@@ -75,6 +76,7 @@ export async function startWorker(options = {}) {
     PRODUCER_TOKENS: JSON.stringify({ [await sha256Hex(PRODUCER_TOKEN)]: ["clawdentity-events"] }),
     QUEUES: JSON.stringify(queues),
     LOG_BATCH_TIMINGS: "1",
+    ...options.vars,
   };
   let output = "";
   const wasmRules = [{ type: "CompiledWasm", include: ["**/*.wasm"] }];
@@ -195,10 +197,22 @@ export function connectAgent(base, did, token) {
   const ws = new WebSocket(`${base.replace(/^http/, "ws")}/v1/relay/connect?agent=${encodeURIComponent(did)}`, {
     headers: { authorization: `Bearer ${token}` },
   });
-  const state = { ws, frames: [], closed: null, refused: null, open: false };
+  const state = {
+    ws, frames: [], refused: null, open: false, ended: null,
+    /**
+     * The close frame the Worker sent, once it came. `ws` emits `close` only when the
+     * TCP connection ends, and workerd leaves it open after a close handshake its Durable
+     * Object started from an alarm (the heartbeat timeout); a connector acts on the
+     * close frame, so the test does too.
+     */
+    get closed() {
+      if (this.ended) return this.ended;
+      return ws._closeFrameReceived ? { code: ws._closeCode, reason: String(ws._closeMessage) } : null;
+    },
+  };
   ws.on("open", () => (state.open = true));
   ws.on("message", (data) => state.frames.push(JSON.parse(String(data))));
-  ws.on("close", (code, reason) => (state.closed = { code, reason: String(reason) }));
+  ws.on("close", (code, reason) => (state.ended = { code, reason: String(reason) }));
   ws.on("unexpected-response", (_req, res) => {
     let text = "";
     res.on("data", (d) => (text += d));
