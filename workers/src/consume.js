@@ -19,6 +19,17 @@ import { queuesOf, typeOf } from "./queues.js";
 const MAX_DELAY_SECONDS = 43200;
 
 /**
+ * The bytes of a body sent as `bytes`, or null when it is not one.
+ * @param {unknown} body
+ * @returns {Uint8Array | null}
+ */
+function bytesOf(body) {
+  if (body instanceof ArrayBuffer) return new Uint8Array(body);
+  if (ArrayBuffer.isView(body)) return new Uint8Array(body.buffer, body.byteOffset, body.byteLength);
+  return null;
+}
+
+/**
  * A Queues message as a WIT `message`. A Workers message has no content type: it is
  * inferred from the body (a string → text, bytes → bytes, anything else → JSON).
  * @param {Message} msg
@@ -26,13 +37,12 @@ const MAX_DELAY_SECONDS = 43200;
 export function toWitMessage(msg) {
   const body = msg.body;
   let contentType = "json";
-  let bytes;
-  if (typeof body === "string") {
+  let bytes = bytesOf(body);
+  if (bytes) {
+    contentType = "bytes";
+  } else if (typeof body === "string") {
     contentType = "text";
     bytes = new TextEncoder().encode(body);
-  } else if (body instanceof ArrayBuffer || ArrayBuffer.isView(body)) {
-    contentType = "bytes";
-    bytes = body instanceof ArrayBuffer ? new Uint8Array(body) : new Uint8Array(body.buffer, body.byteOffset, body.byteLength);
   } else {
     bytes = new TextEncoder().encode(JSON.stringify(body));
   }
@@ -47,7 +57,13 @@ export function toWitMessage(msg) {
  * @param {string} reason the handler's reason
  */
 function deadLetterBody(msg, queue, consumer, reason) {
-  const body = msg.body instanceof ArrayBuffer || ArrayBuffer.isView(msg.body) ? { bytes: btoa(String.fromCharCode(...new Uint8Array(msg.body.buffer ?? msg.body))) } : msg.body;
+  const bytes = bytesOf(msg.body);
+  let body = msg.body;
+  if (bytes) {
+    let binary = "";
+    for (const b of bytes) binary += String.fromCharCode(b);
+    body = { base64: btoa(binary) };
+  }
   return { body, deadLetter: { queue, consumer, messageId: msg.id, attempts: msg.attempts, reason, at: new Date().toISOString() } };
 }
 

@@ -214,3 +214,12 @@ test("an unhandled message is acked with a warning naming it and why", async () 
   assert.ok(line);
   assert.ok(!(await worker.deadLettered()).some((m) => m.queue === "clawdentity-events-dlq"), "an unhandled message is not dead-lettered");
 });
+
+test("a bytes body is handed to the component and a dead-letter keeps it (base64)", async () => {
+  const script = { do: "dead-letter", reason: "bytes", tag: `b${Date.now()}` };
+  const base64 = Buffer.from(JSON.stringify(script)).toString("base64");
+  const published = await call(worker.base, "/v1/queues/scripted-queue/messages", { body: { body: base64, content_type: "bytes" } });
+  assert.equal(published.status, 200, published.text);
+  const dead = await eventually("the bytes message in scripted-dlq", async () => (await worker.deadLettered()).find((m) => m.body.body?.base64 === base64));
+  assert.equal(dead.body.deadLetter.reason, "bytes");
+});
