@@ -59,7 +59,7 @@ fn the_handler_components_run_under_workers_in_workerd() {
         "no test may be skipped (clawq connect runs): {log}"
     );
     let passes = log.lines().filter(|l| l.starts_with("ok ")).count();
-    assert!(passes >= 14, "expected every Workers test to run: {log}");
+    assert!(passes >= 16, "expected every Workers test to run: {log}");
 
     // The Worker ran exactly the files cargo built.
     let built: Value = serde_json::from_str(
