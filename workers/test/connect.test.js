@@ -12,7 +12,7 @@ import { join } from "node:path";
 import { test } from "node:test";
 import { call, eventually, newAgentDid, startWorker } from "./harness.js";
 
-test("clawq connect against the Worker POSTs a dead_lettered receipt to the hook", { skip: !process.env.CLAWQ_BIN && "CLAWQ_BIN is not set" }, async (t) => {
+test("clawq connect against the Worker POSTs a dead_lettered receipt and a delivery to the hook", { skip: !process.env.CLAWQ_BIN && "CLAWQ_BIN is not set" }, async (t) => {
   const worker = await startWorker();
   t.after(() => worker.stop());
   const posts = [];
@@ -51,4 +51,19 @@ test("clawq connect against the Worker POSTs a dead_lettered receipt to the hook
   assert.equal(post.body.status, "dead_lettered");
   assert.equal(post.body.toAgentDid, recipient);
   assert.equal(post.body.message, `Your message req-connect to ${recipient} could not be delivered: recipient hook unreachable`);
+
+  // A pairing accepted by `recipient`: a deliver frame, POSTed as a delivery.
+  const event = {
+    type: "pair.accepted", initiatorAgentDid: sender, responderAgentDid: recipient,
+    responderProfile: { agentName: "beta", humanName: "Ida", proxyOrigin: "https://proxy.example.com" },
+    issuerProxyOrigin: "https://proxy.example.com", eventTimestampUtc: "2026-11-24T10:00:00.000Z",
+  };
+  assert.equal((await call(worker.base, "/v1/queues/clawdentity-events/messages", { body: { body: event } })).status, 200);
+  const delivery = await eventually(`the delivery POST (connector log: ${log})`, () => posts[1], 20000);
+  assert.equal(delivery.headers["content-type"], "application/vnd.clawdentity.delivery+json");
+  assert.equal(delivery.headers["x-clawdentity-agent-did"], recipient);
+  assert.equal(delivery.headers["x-clawdentity-to-agent-did"], sender);
+  assert.equal(delivery.body.type, "clawdentity.delivery.v1");
+  assert.equal(delivery.body.payload.system.type, "pair.accepted");
+  assert.equal(delivery.body.relayMetadata.deliverySource, "proxy.events.queue.pair_accepted");
 });
