@@ -3,10 +3,10 @@
 //! handler` (a crate that tests, builds, checks and runs outside this workspace).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::support::{DID_A, DID_B, SCRIPTED_HANDLER};
+use crate::support::{DID_A, DID_B, SCRIPTED_HANDLER, run_bounded};
 use serde_json::{Value, json};
 
 const RECEIPT_ROUTER: &str = env!("CLAWQ_GUEST_RECEIPT_ROUTER");
@@ -14,33 +14,6 @@ const RECEIPT_ROUTER: &str = env!("CLAWQ_GUEST_RECEIPT_ROUTER");
 const CLAWQ_DEADLINE: Duration = Duration::from_secs(120);
 /// Longest a `cargo` command on a new crate may take (the first one builds wit-bindgen).
 const CARGO_DEADLINE: Duration = Duration::from_secs(20 * 60);
-
-/// Runs `command` to its end, with no input; kills its process group and fails the test
-/// when it takes longer than `deadline`.
-fn run_bounded(mut command: Command, deadline: Duration) -> Output {
-    use std::os::unix::process::CommandExt;
-    let child = command
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
-    let group = child.id();
-    let (done, finished) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done.send(child.wait_with_output());
-    });
-    match finished.recv_timeout(deadline) {
-        Ok(output) => output.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &format!("-{group}")])
-                .status();
-            panic!("{command:?} did not finish within {deadline:?}");
-        }
-    }
-}
 
 /// The result of one `clawq` command.
 struct Ran {

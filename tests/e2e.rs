@@ -29,3 +29,4 @@ mod shutdown;
 mod subscriptions;
 mod tls;
 mod walkthrough;
+mod workers;

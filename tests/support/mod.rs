@@ -1203,3 +1203,30 @@ pub fn leading_literal(text: &str) -> Option<&str> {
     let end = rest.find(|c: char| !(c.is_ascii_lowercase() || c == '_'))?;
     (end > 0 && rest[end..].starts_with('"')).then(|| &rest[..end])
 }
+
+/// Runs `command` to its end, with no input; kills its process group and fails the test
+/// when it takes longer than `deadline`.
+pub fn run_bounded(mut command: Command, deadline: Duration) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let child = command
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+    let group = child.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match finished.recv_timeout(deadline) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &format!("-{group}")])
+                .status();
+            panic!("{command:?} did not finish within {deadline:?}");
+        }
+    }
+}
