@@ -185,8 +185,9 @@ fn every_row_of_the_receipt_outcome_table() {
 #[test]
 fn connection_rules_supersede_revoke_heartbeat_and_limits() {
     let host = Host::start(&fast_config(
-        // The timeout leaves a loaded CI machine time to open the superseding connection.
-        "[relay]\nheartbeat_interval = 0.2\nheartbeat_timeout = 3.0\n",
+        // The timeout leaves a loaded machine (the Workers test runs workerd meanwhile)
+        // time to open the superseding connection before the first one's heartbeats lapse.
+        "[relay]\nheartbeat_interval = 0.2\nheartbeat_timeout = 10.0\n",
     ));
     let token = host.add_agent(DID_A);
 
