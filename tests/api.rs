@@ -225,3 +225,35 @@ fn the_readme_lists_every_error_code_the_api_answers_with() {
         "error codes missing from the README's table: {missing:?}"
     );
 }
+
+#[test]
+fn a_publish_delayed_past_the_queues_retention_is_refused_and_stores_nothing() {
+    let host = Host::start("[[queues.producers]]\nqueue = \"short\"\nretention = 60\n");
+    let path = "/v1/queues/short/messages";
+    for delay in [60, 3600] {
+        let (status, reply) = host.post(path, &json!({"body": 1, "delay_seconds": delay}));
+        assert_eq!(
+            (status, error_code(&reply)),
+            (400, "delay_too_long"),
+            "{reply}"
+        );
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("retention of queue `short` (60 s)"),
+            "{message}"
+        );
+    }
+    let batch = json!({"messages": [{"body": 1}, {"body": 2, "delay_seconds": 61}]});
+    let (status, reply) = host.post("/v1/queues/short/messages/batch", &batch);
+    assert_eq!(
+        (status, error_code(&reply)),
+        (400, "delay_too_long"),
+        "{reply}"
+    );
+    assert_eq!(host.queue("short")["delayed"], 0);
+    assert_eq!(host.queue("short")["backlog"], 0);
+
+    let (status, reply) = host.post(path, &json!({"body": 1, "delay_seconds": 59}));
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(host.queue("short")["delayed"], 1);
+}

@@ -50,6 +50,8 @@ pub struct QueueInfo {
     pub consumers: Vec<ConsumerInfo>,
     /// The dead-letter queue of its first consumer, if any.
     pub dead_letter_queue: Option<String>,
+    /// How long it keeps a message: a publish delayed that long would expire unseen.
+    pub retention: std::time::Duration,
 }
 
 /// One consumer of a queue, as the API shows it.
@@ -288,12 +290,26 @@ impl AppState {
         queue: &str,
         requests: Vec<PublishRequest>,
     ) -> Result<Vec<String>, ApiError> {
-        self.known_queue(queue)?;
+        let retention = self.known_queue(queue)?.retention.as_secs();
         let messages = requests
             .into_iter()
             .enumerate()
             .map(|(index, request)| request.into_message(index))
             .collect::<Result<Vec<_>, _>>()?;
+        let expiring = messages
+            .iter()
+            .position(|m| u64::from(m.delay_seconds) >= retention);
+        if let Some(index) = expiring {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "delay_too_long",
+                format!(
+                    "message {index}: delay_seconds is {}, not shorter than the retention of \
+                     queue `{queue}` ({retention} s): it would expire before its first delivery",
+                    messages[index].delay_seconds
+                ),
+            ));
+        }
         let ids = self.backend.publish(queue, messages).await?;
         crate::metrics::published(queue, ids.len());
         Ok(ids)

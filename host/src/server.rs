@@ -189,6 +189,7 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
             consumers.sort_by_key(|c| c.name != name);
             let info = QueueInfo {
                 dead_letter_queue: consumers.first().and_then(|c| c.dead_letter_queue.clone()),
+                retention: config.retention_of(name),
                 consumers: consumers
                     .into_iter()
                     .map(|c| ConsumerInfo {
