@@ -43,11 +43,18 @@ impl Default for Limits {
     }
 }
 
+/// Longest a batch waits for room for its instance. Past it the batch is released
+/// without counting an attempt and taken again later: it never waits past its lease,
+/// which outlasts its wall-clock deadline by [`crate::config::LEASE_MARGIN`].
+pub const MAX_ROOM_WAIT: Duration = Duration::from_secs(15);
+const _: () = assert!(MAX_ROOM_WAIT.as_secs() < crate::config::LEASE_MARGIN.as_secs());
+
 /// Room for instances: the host's pool (shared by every handler) and the handler's own
-/// `max_instances`. A batch waits for both before it instantiates.
+/// `max_instances`. A batch waits for both before it instantiates, at most `wait`.
 pub(super) struct Capacity {
     pool: Arc<Semaphore>,
     instances: Arc<Semaphore>,
+    wait: Duration,
 }
 
 impl Capacity {
@@ -56,7 +63,24 @@ impl Capacity {
         Capacity {
             pool,
             instances: Arc::new(Semaphore::new(max_instances)),
+            wait: MAX_ROOM_WAIT,
         }
+    }
+
+    /// Waits until the handler and the host both have room for one more instance, at
+    /// most its `wait`: then the batch fails with [`BatchFailure::Capacity`].
+    async fn acquire_in_time(
+        &self,
+        handler: &str,
+    ) -> Result<[OwnedSemaphorePermit; 2], BatchFailure> {
+        tokio::time::timeout(self.wait, self.acquire())
+            .await
+            .map_err(|_| {
+                BatchFailure::Capacity(format!(
+                    "no room for an instance of `{handler}` within {:?}",
+                    self.wait
+                ))
+            })
     }
 
     /// Waits until the handler and the host both have room for one more instance.
@@ -266,8 +290,9 @@ impl LoadedHandler {
 
     /// [`LoadedHandler::handle`], appending every capability call of the batch to `calls`
     /// when given. The batch waits for room for its instance (not counted in its
-    /// deadlines), then instantiates and calls the handler within the wall-clock
-    /// deadline.
+    /// deadlines, at most [`MAX_ROOM_WAIT`]: then it fails with
+    /// [`BatchFailure::Capacity`]), then instantiates and calls the handler within the
+    /// wall-clock deadline.
     pub async fn handle_recorded(
         &self,
         caps: Arc<Capabilities>,
@@ -275,7 +300,7 @@ impl LoadedHandler {
         messages: &[Message],
         calls: Option<CallLog>,
     ) -> Result<Vec<Outcome>, BatchFailure> {
-        let _room = self.capacity.acquire().await;
+        let _room = self.capacity.acquire_in_time(&self.name).await?;
         let (mut store, stderr) = self.store(caps, calls);
         let call = self.pre.handle(&mut store, queue, messages);
         match tokio::time::timeout(self.limits.wall_timeout, call).await {
@@ -385,6 +410,36 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_with_no_room_for_its_instance_in_time_fails_for_want_of_capacity() {
+        let limits = Limits {
+            max_instances: 1,
+            ..Limits::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (mut handler, caps) = hostile(limits, dir.path());
+        assert_eq!(handler.capacity.wait, MAX_ROOM_WAIT);
+        handler.capacity.wait = Duration::from_millis(300);
+        let taken = handler.capacity.acquire().await;
+        let started = std::time::Instant::now();
+        let failure = handler
+            .handle(caps.clone(), "q", &[message(r#"{"do": "ack"}"#)])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            failure.to_string(),
+            "host out of capacity: no room for an instance of `hostile` within 300ms"
+        );
+        assert!(!failure.is_guest_fault(), "released, not counted");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        drop(taken);
+        let outcomes = handler
+            .handle(caps, "q", &[message(r#"{"do": "ack"}"#)])
+            .await
+            .unwrap();
+        assert!(matches!(outcomes[..], [Outcome::Ack]));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
