@@ -52,6 +52,14 @@ DROP INDEX IF EXISTS messages_ready;
 CREATE INDEX IF NOT EXISTS messages_due ON messages (queue, visible_ms, seq);
 ";
 
+/// The index the retention sweep finds a queue's expired rows by.
+const EXPIRY_INDEX: &str =
+    "CREATE INDEX IF NOT EXISTS messages_expiry ON messages (queue, enqueued_ms)";
+
+/// Most rows the retention sweep deletes in one statement: the connection is given back
+/// between chunks, so a large expiry never holds up publishes and batches for long.
+const EXPIRY_CHUNK: u64 = 1000;
+
 /// Columns added to [`SCHEMA`] since its first version, with their definitions; `open`
 /// adds each one the database lacks, so that older databases open. `enqueued_ms` (when
 /// the message entered its current queue, for retention) is filled in for old rows.
@@ -134,6 +142,9 @@ impl SqliteQueue {
     pub fn open(path: &Path) -> Result<Self, QueueError> {
         let conn = db::open(path, Durability::Process, SCHEMA).map_err(storage)?;
         add_columns(&conn).map_err(storage)?;
+        // The retention sweep reads a queue's oldest rows; `enqueued_ms` may have just
+        // been added to an older database.
+        conn.execute_batch(EXPIRY_INDEX).map_err(storage)?;
         conn.execute(
             "UPDATE messages SET leased = 0, visible_ms = enqueued_ms WHERE leased = 1",
             [],
@@ -808,14 +819,24 @@ impl QueueBackend for SqliteQueue {
     }
 
     async fn purge_expired(&self, queue: &str, cutoff_ms: u64) -> Result<u64, QueueError> {
-        self.conn()
-            .prepare_cached(&format!(
-                "DELETE FROM messages WHERE {IN_QUEUE} AND enqueued_ms < ?2
-                 AND (leased = 0 OR visible_ms <= ?3)"
-            ))
-            .and_then(|mut s| s.execute(params![queue, cutoff_ms, now_ms()]))
-            .map(|n| n as u64)
-            .map_err(storage)
+        let mut deleted = 0;
+        loop {
+            let chunk = self
+                .conn()
+                .prepare_cached(&format!(
+                    "DELETE FROM messages WHERE seq IN (
+                         SELECT seq FROM messages WHERE {IN_QUEUE} AND enqueued_ms < ?2
+                         AND (leased = 0 OR visible_ms <= ?3) LIMIT ?4)"
+                ))
+                .and_then(|mut s| s.execute(params![queue, cutoff_ms, now_ms(), EXPIRY_CHUNK]))
+                .map(|n| n as u64)
+                .map_err(storage)?;
+            deleted += chunk;
+            if chunk < EXPIRY_CHUNK {
+                return Ok(deleted);
+            }
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -1352,6 +1373,39 @@ mod tests {
         let cutoff = now_ms() + 1;
         wait_past(cutoff);
         assert_eq!(queue.purge_expired(DLQ, cutoff).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn expiry_deletes_in_chunks_found_by_its_index() {
+        let (_dir, queue) = open();
+        for _ in 0..21 {
+            publish(&queue, 100).await;
+        }
+        let plan: Vec<String> = queue
+            .conn()
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN SELECT seq FROM messages WHERE {IN_QUEUE}
+                 AND enqueued_ms < ?2 AND (leased = 0 OR visible_ms <= ?3) LIMIT ?4"
+            ))
+            .unwrap()
+            .query_map(params![Q, 0, 0, EXPIRY_CHUNK], |r| r.get(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        // Every lane of the queue is searched through the index, never scanned.
+        let searches: Vec<&String> = plan.iter().filter(|s| s.starts_with("SEARCH")).collect();
+        assert!(!searches.is_empty(), "{plan:?}");
+        assert!(
+            searches
+                .iter()
+                .all(|s| s.contains("USING INDEX messages_expiry")),
+            "{plan:?}"
+        );
+        assert!(!plan.iter().any(|s| s.starts_with("SCAN")), "{plan:?}");
+        let cutoff = now_ms() + 1;
+        wait_past(cutoff);
+        assert_eq!(queue.purge_expired(Q, cutoff).await.unwrap(), 2100);
+        assert!(queue.list(Q, None, 10).await.unwrap().messages.is_empty());
     }
 
     /// Waits until the clock reads past `ms`, so that later writes get later times.
