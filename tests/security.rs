@@ -5,8 +5,6 @@
 //! without their secret and refused as soon as they are removed; a host on a
 //! non-loopback address without an admin token, or with a short one, does not start.
 
-use std::process::{Command, Stdio};
-
 use crate::support::*;
 use clawq::auth::{Access, ROUTES};
 use serde_json::{Value, json};
@@ -358,37 +356,10 @@ fn tokens_are_shown_once_listed_without_secret_and_refused_once_removed() {
     assert_eq!(call(&host, Some(admin), "GET", "/v1/queues", None).0, 200);
 }
 
-/// Runs `clawq serve` with `args` and the config `CONFIG` after `settings`, on a fresh
-/// data directory prepared by `prepare`, expecting it to refuse to start; returns what
-/// it said.
+/// `clawq serve` with `args` and the config `CONFIG` after `settings`, on a fresh data
+/// directory prepared by `prepare`, refusing to start: what it said.
 fn refused_start(settings: &str, args: &[&str], prepare: impl FnOnce(&std::path::Path)) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    prepare(&data);
-    let config = dir.path().join("clawq.toml");
-    std::fs::write(&config, format!("{settings}\n{CONFIG}")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_clawq"))
-        .arg("serve")
-        .args(args)
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--config")
-        .arg(&config)
-        .env_remove("CLAWQ_ADMIN_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = wait_for("clawq serve to exit", || child.try_wait().unwrap());
-    let mut said = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut said).unwrap();
-    assert!(!status.success(), "it started: {said}");
-    assert!(
-        !data.join("queues.db").exists(),
-        "refused before opening anything"
-    );
-    said
+    refused_serve_with(&format!("{settings}\n{CONFIG}"), args, prepare)
 }
 
 #[test]

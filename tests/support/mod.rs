@@ -592,24 +592,47 @@ pub fn answer(response: reqwest::blocking::Response) -> (u16, Value) {
     (status, response.json().unwrap_or(Value::Null))
 }
 
-/// Runs `clawq serve` with `config` (TOML) on a fresh data directory, expects it to fail
-/// at start, and returns what it printed on stderr.
+/// Runs `clawq serve` with `config` (TOML) on a fresh data directory on loopback,
+/// expects it to refuse to start, and returns what it printed on stderr (see
+/// [`refused_serve_with`]).
 pub fn refused_serve(config: &str) -> String {
+    refused_serve_with(config, &["--listen", "127.0.0.1:0"], |_| {})
+}
+
+/// Runs `clawq serve` with `args` and `config` (TOML) on a fresh data directory prepared
+/// by `prepare`, without `CLAWQ_ADMIN_TOKEN`; expects it to refuse to start before it
+/// opens any database, and returns what it printed on stderr.
+pub fn refused_serve_with(config: &str, args: &[&str], prepare: impl FnOnce(&Path)) -> String {
     let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    prepare(&data);
     let config_path = dir.path().join("clawq.toml");
     std::fs::write(&config_path, config).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_clawq"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("data"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clawq"))
+        .arg("serve")
+        .args(args)
+        .arg("--data-dir")
+        .arg(&data)
         .arg("--config")
         .arg(&config_path)
-        .output()
+        .env_remove("CLAWQ_ADMIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let status = wait_for("clawq serve to exit", || child.try_wait().unwrap());
+    let mut said = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut said).unwrap();
     assert!(
-        !output.status.success(),
-        "clawq serve started with {config}"
+        !status.success(),
+        "clawq serve started with {config}: {said}"
     );
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    assert!(
+        !data.join("queues.db").exists(),
+        "refused before opening anything"
+    );
+    said
 }
 
 /// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].
