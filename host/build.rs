@@ -3,5 +3,8 @@
 //! dev-dependency, for test builds only.
 
 fn main() {
-    clawq_guest_build::build(&["crl-invalidation", "receipt-router", "event-router"]);
+    clawq_guest_build::build(
+        &["crl-invalidation", "receipt-router", "event-router"],
+        &["wit", "components"],
+    );
 }

@@ -24,8 +24,10 @@ const OUTER_BUILD_VARS: [&str; 7] = [
 
 /// Builds the workspace packages `guests` as components with the `guest` profile, and
 /// exports each `.wasm` path as `CLAWQ_GUEST_<NAME>` to the crate whose build script calls
-/// this. Panics (failing that build) when a guest does not build.
-pub fn build(guests: &[&str]) {
+/// this; builds again when a file under `sources` (folders of the workspace: the guests'
+/// crates, the WIT and what they share) changes. Panics (failing that build) when a guest
+/// does not build.
+pub fn build(guests: &[&str], sources: &[&str]) {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let root = workspace_root(&manifest_dir);
     // Guests have a target directory of their own: building them under the outer build's
@@ -35,7 +37,7 @@ pub fn build(guests: &[&str]) {
         .unwrap_or_else(|| root.join("target"))
         .join("guests");
 
-    for dir in ["wit", "host/wit-compat", "components", "tests/components"] {
+    for dir in sources {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     println!(
