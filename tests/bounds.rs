@@ -119,7 +119,7 @@ fn puts_past_the_quota_are_refused_and_the_store_stays_bounded() {
     let host = hostile_host(&format!(
         "storage_limit_mb = 1\nstorage_max_keys = 50\n{UNLIMITED_LOGS}"
     ));
-    let before = host.db_bytes("actor-storage.db");
+    let before = host.db_bytes("clawq.db");
     // Rounds of 200 values of 128 KiB, 25 MiB asked for in each: the first fills the
     // quota with 7 of them, the next replace those 7 (their size unchanged) and are
     // refused at the 8th.
@@ -138,15 +138,15 @@ fn puts_past_the_quota_are_refused_and_the_store_stays_bounded() {
         refusal.text
     );
     host.wait_drained(HOSTILE);
-    let grown = host.db_bytes("actor-storage.db") - before;
+    let grown = host.db_bytes("clawq.db") - before;
     let rounds = figures.rounds;
     eprintln!(
-        "a storage flood: actor storage grew by {grown} bytes for {rounds} × 25 MiB of \
+        "a storage flood: the database grew by {grown} bytes for {rounds} × 25 MiB of \
          puts"
     );
     // The quota's megabyte, and one write-ahead log between SQLite's checkpoints (1000
     // pages of 4 KiB) with the transaction that crossed it.
-    assert!(grown < 6 << 20, "actor storage grew by {grown} bytes");
+    assert!(grown < 6 << 20, "the database grew by {grown} bytes");
     assert_eq!(hostile_sample(&host, "clawq_actor_storage_keys"), 7.0);
     let bytes = hostile_sample(&host, "clawq_actor_storage_bytes");
     assert!(

@@ -96,16 +96,18 @@ fn every_row_of_the_outcome_table() {
 #[test]
 fn a_transient_trust_store_failure_is_retried() {
     let host = Host::start(&fast_events_config("retry_delay = 1\nmax_retries = 50\n"));
-    // Hold the trust store's write lock so that the handler's revocation fails.
-    let lock = rusqlite::Connection::open(host.data_dir().join("trust.db")).unwrap();
-    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    // Take the trust store's table away so that the handler's revocation fails.
+    let db = rusqlite::Connection::open(host.data_dir().join("clawq.db")).unwrap();
+    db.execute_batch("ALTER TABLE revoked_agents RENAME TO revoked_agents_away")
+        .unwrap();
     host.publish(
         "clawdentity-events",
         revocation_event("agent_revoked", json!({"agentDid": DID_A})),
     );
     host.wait_log_all(&["crl-invalidation", "will retry"]);
     assert!(!host.is_revoked(DID_A));
-    lock.execute_batch("COMMIT").unwrap();
+    db.execute_batch("ALTER TABLE revoked_agents_away RENAME TO revoked_agents")
+        .unwrap();
 
     wait_for("the retried revocation", || {
         host.is_revoked(DID_A).then_some(())

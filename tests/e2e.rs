@@ -20,6 +20,7 @@ mod handlers;
 mod http_abuse;
 mod interop;
 mod metrics;
+mod power_loss;
 mod queue;
 mod relay;
 mod restart;

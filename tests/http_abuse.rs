@@ -396,9 +396,9 @@ fn the_data_directory_is_private_and_is_tightened_at_start() {
     host.publish("clawdentity-events", serde_json::json!({"secret": 1}));
     let data = host.data_dir().to_owned();
     for file in [
-        "queues.db",
-        "queues.db-wal",
-        "queues.db-shm",
+        "clawq.db",
+        "clawq.db-wal",
+        "clawq.db-shm",
         "admin.token",
         "handlers",
     ] {
@@ -410,7 +410,7 @@ fn the_data_directory_is_private_and_is_tightened_at_start() {
     // As an older clawq left it.
     for (path, loose) in [
         (data.clone(), 0o755),
-        (data.join("queues.db"), 0o644),
+        (data.join("clawq.db"), 0o644),
         (data.join("handlers"), 0o755),
     ] {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(loose)).unwrap();

@@ -161,16 +161,17 @@ fn every_row_of_the_receipt_outcome_table() {
         host.wait_log_all(&["WARN", "receipt-router", id, "not a valid receipt"]);
     }
 
-    // The sessions' storage is locked: the session is unavailable, the receipt retried.
-    let lock = rusqlite::Connection::open(host.data_dir().join("sessions.db")).unwrap();
-    lock.execute_batch("PRAGMA busy_timeout = 0; BEGIN EXCLUSIVE")
+    // The sessions' table is gone: the session is unavailable, the receipt retried.
+    let db = rusqlite::Connection::open(host.data_dir().join("clawq.db")).unwrap();
+    db.execute_batch("ALTER TABLE outbound RENAME TO outbound_away")
         .unwrap();
     host.publish(
         RECEIPTS,
         receipt("locked", DID_A, DID_B, "delivered_to_webhook", None),
     );
     host.wait_log_all(&["receipt-router", "will retry"]);
-    lock.execute_batch("COMMIT").unwrap();
+    db.execute_batch("ALTER TABLE outbound_away RENAME TO outbound")
+        .unwrap();
     let token = host.add_agent(DID_A);
     let status = host.wait_drained(RECEIPTS);
     assert_eq!(status["dead_lettered"], 0, "{status}");

@@ -4,7 +4,7 @@
 //! huge errors and dead-letter reasons are stored bounded, a stderr flood is reported
 //! by its head and tail, and a deployed component keeps its own name. The floods run
 //! in rounds while `/healthz` answers within 100 ms, the events queue revokes, the
-//! host's memory stays bounded and `queues.db` grows by a bounded amount per message.
+//! host's memory stays bounded and `clawq.db` grows by a bounded amount per message.
 
 use std::time::{Duration, Instant};
 
@@ -150,19 +150,19 @@ fn a_sleeping_handler_is_stopped_by_the_wall_clock_deadline_and_retried() {
     assert!(!reason.contains("CPU budget"), "{reason}");
 }
 
-/// The most `queues.db` (with its write-ahead log) may grow per dead-lettered message
+/// The most `clawq.db` (with its write-ahead log) may grow per dead-lettered message
 /// of an attack: the message with its bounded error and reason, rows and index entries.
-const QUEUES_DB_PER_MESSAGE: u64 = 16 * 1024;
-/// What `queues.db` may grow by besides the messages: one write-ahead log between
+const DATABASE_PER_MESSAGE: u64 = 16 * 1024;
+/// What `clawq.db` may grow by besides the messages: one write-ahead log between
 /// SQLite's checkpoints (1000 pages of 4 KiB), and the revocation event.
-const QUEUES_DB_SLACK: u64 = 5 << 20;
+const DATABASE_SLACK: u64 = 5 << 20;
 
 /// Publishes `batch` in rounds on [`HOSTILE`] while proving the host holds
 /// ([`Host::under_attack`]); a round is over once [`HOSTILE_DLQ`] holds all its
-/// messages. Checks that `queues.db` grew within its bound and returns the dead
+/// messages. Checks that `clawq.db` grew within its bound and returns the dead
 /// messages (first page).
 fn dead_letter_rounds(host: &Host, what: &str, batch: &[Value]) -> Vec<Value> {
-    let before = host.db_bytes("queues.db");
+    let before = host.db_bytes("clawq.db");
     let n = batch.len() as u64;
     let figures = host.under_attack(
         what,
@@ -172,11 +172,11 @@ fn dead_letter_rounds(host: &Host, what: &str, batch: &[Value]) -> Vec<Value> {
         |round| host.queue(HOSTILE_DLQ)["backlog"].as_u64() >= Some(n * u64::from(round)),
     );
     let dead = n * u64::from(figures.rounds);
-    let grown = host.db_bytes("queues.db").saturating_sub(before);
-    eprintln!("{what}: queues.db grew by {grown} bytes for {dead} dead messages");
+    let grown = host.db_bytes("clawq.db").saturating_sub(before);
+    eprintln!("{what}: clawq.db grew by {grown} bytes for {dead} dead messages");
     assert!(
-        grown <= QUEUES_DB_SLACK + dead * QUEUES_DB_PER_MESSAGE,
-        "{what}: queues.db grew by {grown} bytes for {dead} messages"
+        grown <= DATABASE_SLACK + dead * DATABASE_PER_MESSAGE,
+        "{what}: clawq.db grew by {grown} bytes for {dead} messages"
     );
     messages(host, HOSTILE_DLQ)
 }

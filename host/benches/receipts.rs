@@ -50,7 +50,8 @@ async fn start_host(
     config.listen = format!("127.0.0.1:{port}").parse().unwrap();
     config.data_dir = dir.to_owned();
     std::fs::create_dir_all(dir).unwrap();
-    let registry = AgentRegistry::open(&dir.join("agents.db")).unwrap();
+    let db = clawq::store::Database::open(dir, clawq::store::Durability::Process).unwrap();
+    let registry = AgentRegistry::open(&db).unwrap();
     let tokens = (0..agents)
         .map(|i| registry.add(&agent(i)).unwrap())
         .collect();

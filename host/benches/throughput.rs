@@ -20,15 +20,25 @@ use clawq::queue::sqlite::SqliteQueue;
 use clawq::queue::{BatchTerms, ContentType, NewMessage, QueueBackend, RetryPolicy, Settlement};
 use clawq::relay::sessions::SessionLimits;
 use clawq::runtime::{Capabilities, Limits, Runtime};
+use clawq::store::{Database, Durability};
 use clawq::world::World;
 use tokio_util::sync::CancellationToken;
 
 const PUBLISH_BATCH: usize = 100;
 
+/// The host's database in `dir`.
+fn database(dir: &std::path::Path) -> Database {
+    Database::open(dir, Durability::Process).unwrap()
+}
+
 /// Every capability, backed by stores in `dir`.
 fn capabilities(dir: &std::path::Path) -> Arc<Capabilities> {
-    clawq::server::open_capabilities(dir, Duration::from_secs(3600), SessionLimits::default())
-        .unwrap()
+    clawq::server::open_capabilities(
+        &database(dir),
+        Duration::from_secs(3600),
+        SessionLimits::default(),
+    )
+    .unwrap()
 }
 
 fn revocation(i: usize) -> NewMessage {
@@ -68,7 +78,7 @@ async fn wait_drained(queue: &SqliteQueue) {
 /// Messages/s taken and acked by a bare loop over the queue engine, no handler.
 async fn engine_alone(n: usize, batch_size: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let queue = SqliteQueue::open(&dir.path().join("q.db")).unwrap();
+    let queue = SqliteQueue::open(&database(dir.path())).unwrap();
     fill(&queue, n).await;
     let policy = RetryPolicy {
         max_retries: 3,
@@ -130,16 +140,22 @@ async fn fanned_out(
         routes.add(&c.queue, &c.name, c.filter.clone());
     }
     let queue = Arc::new(
-        SqliteQueue::open(&dir.path().join("q.db"))
+        SqliteQueue::open(&database(dir.path()))
             .unwrap()
             .with_routes(routes),
     );
     let caps = capabilities(dir.path());
     fill(&queue, n).await;
     let slots = Arc::new(
-        HandlerSlots::open(dir.path(), runtime.clone(), caps.clone(), &configs)
-            .await
-            .unwrap(),
+        HandlerSlots::open(
+            dir.path(),
+            &database(dir.path()),
+            runtime.clone(),
+            caps.clone(),
+            &configs,
+        )
+        .await
+        .unwrap(),
     );
     let backend: Arc<dyn QueueBackend> = queue.clone();
     let stop = CancellationToken::new();
@@ -222,16 +238,22 @@ async fn swap(runtime: &Arc<Runtime>) {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    let queue = Arc::new(SqliteQueue::open(&dir.path().join("q.db")).unwrap());
+    let queue = Arc::new(SqliteQueue::open(&database(dir.path())).unwrap());
     let caps = capabilities(dir.path());
     let config = ConsumerConfig {
         max_batch_timeout: Duration::ZERO,
         ..ConsumerConfig::default_for(EVENTS_QUEUE)
     };
     let slots = Arc::new(
-        HandlerSlots::open(dir.path(), runtime.clone(), caps.clone(), [&config])
-            .await
-            .unwrap(),
+        HandlerSlots::open(
+            dir.path(),
+            &database(dir.path()),
+            runtime.clone(),
+            caps.clone(),
+            [&config],
+        )
+        .await
+        .unwrap(),
     );
     let backend: Arc<dyn QueueBackend> = queue.clone();
     let stop = CancellationToken::new();

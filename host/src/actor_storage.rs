@@ -3,13 +3,12 @@
 //! own actors, within its quota of keys and bytes.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Mutex, RwLock};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::bounds::{self, MAX_LIST_PAGE, MAX_LIST_PAGE_BYTES, MAX_VALUE_BYTES};
-use crate::db::{self, Durability};
+use crate::store::Database;
 
 /// Why a storage call failed.
 #[derive(Debug, thiserror::Error)]
@@ -72,13 +71,10 @@ pub struct ActorStorage {
 const ROW_BYTES: &str = "length(CAST(actor AS BLOB)) + length(CAST(key AS BLOB)) + length(value)";
 
 impl ActorStorage {
-    /// Opens (or creates) the storage at `path`, and counts each consumer's usage again.
-    pub fn open(path: &Path) -> Result<Self, StorageError> {
-        let conn = db::open(
-            path,
-            Durability::Process,
-            &format!(
-                "CREATE TABLE IF NOT EXISTS actor_values (
+    /// Opens (or creates) the storage in `db`, and counts each consumer's usage again.
+    pub fn open(db: &Database) -> Result<Self, StorageError> {
+        let conn = db.connection(&format!(
+            "CREATE TABLE IF NOT EXISTS actor_values (
                      handler TEXT NOT NULL,
                      actor   TEXT NOT NULL,
                      key     TEXT NOT NULL,
@@ -95,8 +91,7 @@ impl ActorStorage {
                  INSERT INTO actor_usage (handler, keys, bytes)
                      SELECT handler, count(*), sum({ROW_BYTES}) FROM actor_values GROUP BY handler;
                  COMMIT;"
-            ),
-        )?;
+        ))?;
         Ok(ActorStorage {
             conn: Mutex::new(conn),
             quotas: RwLock::default(),
@@ -294,7 +289,7 @@ mod tests {
     use super::*;
 
     fn open(dir: &tempfile::TempDir) -> ActorStorage {
-        ActorStorage::open(&dir.path().join("a.db")).unwrap()
+        ActorStorage::open(&crate::store::test_db(dir.path())).unwrap()
     }
 
     fn list(store: &ActorStorage, prefix: &str) -> Vec<(String, Vec<u8>)> {

@@ -3,7 +3,6 @@
 //! through `POST/GET/DELETE /v1/agents` (see `admin`), `clawq agents` through that API or,
 //! offline, on a data directory.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -12,7 +11,7 @@ use rusqlite::{OptionalExtension, params};
 
 use crate::clock::now_ms;
 use crate::crypto::{random_token, sha256_hex};
-use crate::db::{self, Durability};
+use crate::store::{self, Database};
 use crate::trust::{TrustError, TrustStore};
 
 /// Why an agent cannot be added or removed.
@@ -85,7 +84,7 @@ impl Refusal {
 
 /// The agent registry, in SQLite.
 pub struct AgentRegistry {
-    db: db::Shared,
+    db: store::Shared,
 }
 
 /// A registered agent.
@@ -98,11 +97,9 @@ pub struct Agent {
 }
 
 impl AgentRegistry {
-    /// Opens (or creates) the registry at `path`.
-    pub fn open(path: &Path) -> Result<Self> {
-        let db = db::Shared::open(
-            path,
-            Durability::Process,
+    /// Opens (or creates) the registry in `database`.
+    pub fn open(database: &Database) -> Result<Self> {
+        let db = database.shared(
             "CREATE TABLE IF NOT EXISTS agents (
                  did        TEXT PRIMARY KEY,
                  token_hash TEXT NOT NULL,
@@ -210,7 +207,7 @@ mod tests {
     #[test]
     fn tokens_authenticate_only_their_agent() {
         let dir = tempfile::tempdir().unwrap();
-        let agents = AgentRegistry::open(&dir.path().join("a.db")).unwrap();
+        let agents = AgentRegistry::open(&crate::store::test_db(dir.path())).unwrap();
         let token = agents.add(DID).unwrap();
         assert!(agents.authenticate(DID, &token).unwrap());
         assert!(!agents.authenticate(DID, "cqa_wrong").unwrap());
@@ -236,9 +233,9 @@ mod tests {
     #[test]
     fn a_revoked_agent_is_not_registered() {
         let dir = tempfile::tempdir().unwrap();
-        let agents = AgentRegistry::open(&dir.path().join("a.db")).unwrap();
-        let trust =
-            TrustStore::open(&dir.path().join("t.db"), std::time::Duration::from_secs(60)).unwrap();
+        let db = crate::store::test_db(dir.path());
+        let agents = AgentRegistry::open(&db).unwrap();
+        let trust = TrustStore::open(&db, std::time::Duration::from_secs(60)).unwrap();
         trust.revoke(DID).unwrap();
         let err = agents.register(DID, &trust).unwrap_err();
         assert!(matches!(err, AgentError::Revoked(_)), "{err}");

@@ -82,6 +82,8 @@ pub struct Config {
     /// The certificate chain and private key (PEM files) to terminate TLS with
     /// (`tls_cert`, `tls_key`); plain HTTP when `None`.
     pub tls: Option<TlsFiles>,
+    /// How hard a commit to the host's database waits for the disk (`durability`).
+    pub durability: crate::store::Durability,
 }
 
 /// The PEM files `clawq serve` terminates TLS with.
@@ -322,6 +324,8 @@ struct FileConfig {
     metrics_public: bool,
     #[serde(default)]
     insecure_no_auth: bool,
+    #[serde(default)]
+    durability: crate::store::Durability,
     #[serde(default)]
     queues: FileQueues,
     #[serde(default)]
@@ -702,6 +706,7 @@ impl Config {
             }),
             metrics_public: file.metrics_public,
             insecure_no_auth: file.insecure_no_auth,
+            durability: file.durability,
             http: file.http.apply()?,
             tls: tls_files(file.tls_cert, file.tls_key)?,
         })

@@ -324,13 +324,13 @@ mod tests {
     /// A consumer of `jobs` without a handler over `backend`, in `dir`.
     async fn consumer(dir: &std::path::Path, backend: Arc<dyn QueueBackend>) -> Arc<Consumer> {
         let caps = crate::server::open_capabilities(
-            dir,
+            &crate::store::test_db(dir),
             Duration::from_secs(60),
             SessionLimits::default(),
         )
         .unwrap();
         let runtime = Arc::new(Runtime::new().unwrap());
-        let slots = HandlerSlots::open(dir, runtime, caps.clone(), [])
+        let slots = HandlerSlots::open(dir, &crate::store::test_db(dir), runtime, caps.clone(), [])
             .await
             .unwrap();
         let config = ConsumerConfig {
@@ -342,7 +342,7 @@ mod tests {
 
     /// A queue `jobs` in `dir` holding one message, and the message's id.
     async fn one_message(dir: &std::path::Path) -> (Arc<SqliteQueue>, String) {
-        let backend = Arc::new(SqliteQueue::open(&dir.join("q.db")).unwrap());
+        let backend = Arc::new(SqliteQueue::open(&crate::store::test_db(dir)).unwrap());
         let message = NewMessage {
             content_type: ContentType::Text,
             body: b"boom".to_vec(),

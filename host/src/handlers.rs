@@ -20,9 +20,9 @@ use crate::bundled;
 use crate::clock::now_ms;
 use crate::config::ConsumerConfig;
 use crate::crypto::sha256_hex;
-use crate::db::{self, Durability};
 use crate::queue::routes::Filter;
 use crate::runtime::{BatchFailure, Capabilities, Limits, LoadError, LoadedHandler, Runtime};
+use crate::store::Database;
 use crate::world::World;
 
 /// Why a deploy or rollback did not happen.
@@ -228,15 +228,14 @@ impl HandlerSlots {
     /// handler when the config names a different one than at the last start.
     pub async fn open(
         data_dir: &Path,
+        database: &Database,
         runtime: Arc<Runtime>,
         caps: Arc<Capabilities>,
         consumers: impl IntoIterator<Item = &ConsumerConfig>,
     ) -> anyhow::Result<Self> {
         let blobs = data_dir.join("handlers");
         std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
-        let db = db::open(
-            &data_dir.join("handlers.db"),
-            Durability::Process,
+        let db = database.connection(
             "CREATE TABLE IF NOT EXISTS slots (
                  consumer       TEXT PRIMARY KEY,
                  current        TEXT NOT NULL,

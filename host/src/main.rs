@@ -9,6 +9,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use clawq::agents::AgentRegistry;
 use clawq::config::Config;
 use clawq::operator::{AdminArg, Payload};
+use clawq::store::{Database, Durability};
 use clawq::world::World;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::Targets;
@@ -50,11 +51,11 @@ enum Command {
     /// `crl-invalidation` and `event-router` handlers) and `clawdentity-receipts` (the
     /// bundled `receipt-router`) with clawdentity's defaults.
     ///
-    /// The data directory holds the queues (`queues.db`), the trust store (`trust.db`),
-    /// the relay sessions (`sessions.db`), the handlers' actor storage
-    /// (`actor-storage.db`), the registered agents (`agents.db`), the deployed handler
-    /// versions (`handlers/`), the issued API tokens (`tokens.db`) and the generated admin
-    /// token (`admin.token`). Every route but `/healthz` (and `/metrics` with
+    /// The data directory holds one SQLite database, `clawq.db`, with the queues, the
+    /// trust store, the relay sessions, the handlers' actor storage, the registered agents,
+    /// the issued API tokens and the handler history; the deployed handler versions
+    /// (`handlers/`) and the generated admin token (`admin.token`). The per-store files
+    /// of older versions are imported at start and kept as `*.db.imported`. Every route but `/healthz` (and `/metrics` with
     /// `metrics_public = true`) needs a bearer token. Logs go to
     /// stderr; `CLAWQ_LOG` takes a `tracing` filter (default `info`, e.g.
     /// `CLAWQ_LOG=clawq=debug`).
@@ -471,13 +472,12 @@ fn print_token(did: &str, token: &str) {
 fn agents_offline(command: &AgentsCommand, dir: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", dir.display()))?;
-    let registry = AgentRegistry::open(&dir.join("agents.db"))?;
+    // One commit, then the process exits: it may as well be on disk when it does.
+    let db = Database::open(dir, Durability::Full)?;
+    let registry = AgentRegistry::open(&db)?;
     match command {
         AgentsCommand::Add { did, .. } => {
-            let trust = clawq::trust::TrustStore::open(
-                &dir.join("trust.db"),
-                clawq::config::DEFAULT_REVOCATION_TTL,
-            )?;
+            let trust = clawq::trust::TrustStore::open(&db, clawq::config::DEFAULT_REVOCATION_TTL)?;
             print_token(did, &registry.register(did, &trust)?);
         }
         AgentsCommand::Remove { did, .. } => {

@@ -85,7 +85,7 @@ mod tests {
 
     fn open() -> (tempfile::TempDir, Arc<dyn QueueBackend>) {
         let dir = tempfile::tempdir().unwrap();
-        let backend = SqliteQueue::open(&dir.path().join("q.db")).unwrap();
+        let backend = SqliteQueue::open(&crate::store::test_db(dir.path())).unwrap();
         (dir, Arc::new(backend))
     }
 

@@ -12,6 +12,7 @@ use crate::clock::now_ms;
 use crate::config::DEFAULT_REVOCATION_TTL;
 use crate::relay::sessions::SessionLimits;
 use crate::runtime::{Call, ContentType, Limits, Message, Outcome, Runtime};
+use crate::store::{Database, Durability};
 use crate::world::World;
 
 /// What `clawq run` runs and how it reports it.
@@ -76,12 +77,11 @@ pub async fn run_batch(options: &RunOptions) -> Result<Report> {
     let handler = runtime.load(&file.display().to_string(), &wasm, world, Limits::default())?;
 
     let data = tempfile::tempdir().context("creating a temporary data directory")?;
-    let caps = crate::server::open_capabilities(
-        data.path(),
-        DEFAULT_REVOCATION_TTL,
-        SessionLimits::default(),
-    )
-    .context("opening throwaway capabilities")?;
+    let db =
+        Database::open(data.path(), Durability::Process).context("opening a throwaway database")?;
+    let caps =
+        crate::server::open_capabilities(&db, DEFAULT_REVOCATION_TTL, SessionLimits::default())
+            .context("opening throwaway capabilities")?;
     let timestamp_ms = now_ms();
     let messages: Vec<Message> = bodies
         .into_iter()

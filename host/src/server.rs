@@ -2,7 +2,7 @@
 //! the HTTP API, and shuts all of it down cleanly.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use crate::relay::endpoint::{self, Heartbeat, RelayState};
 use crate::relay::hub::ConnectionHub;
 use crate::relay::sessions::{RelaySessions, SessionLimits};
 use crate::runtime::{Capabilities, Runtime};
+use crate::store::Database;
 use crate::tokens::TokenStore;
 use crate::trust::TrustStore;
 
@@ -62,21 +63,19 @@ async fn warn_of_unconsumed_lanes(config: &Config, backend: &dyn QueueBackend) -
     Ok(())
 }
 
-/// Every capability a handler may import, backed by the stores in `data_dir` (created
-/// when missing): revocation markers lasting `revocation_ttl`, relay sessions kept within
-/// `limits`, actor storage, and a connection hub of its own.
+/// Every capability a handler may import, backed by the stores in `db`: revocation
+/// markers lasting `revocation_ttl`, relay sessions kept within `limits`, actor storage,
+/// and a connection hub of its own.
 pub fn open_capabilities(
-    data_dir: &Path,
+    db: &Database,
     revocation_ttl: Duration,
     limits: SessionLimits,
 ) -> Result<Arc<Capabilities>> {
     let hub = Arc::new(ConnectionHub::default());
-    let trust = TrustStore::open(&data_dir.join("trust.db"), revocation_ttl)
-        .context("opening the trust store")?;
-    let sessions = RelaySessions::open(&data_dir.join("sessions.db"), hub.clone(), limits)
-        .context("opening the relay sessions")?;
-    let storage = ActorStorage::open(&data_dir.join("actor-storage.db"))
-        .context("opening the actor storage")?;
+    let trust = TrustStore::open(db, revocation_ttl).context("opening the trust store")?;
+    let sessions =
+        RelaySessions::open(db, hub.clone(), limits).context("opening the relay sessions")?;
+    let storage = ActorStorage::open(db).context("opening the actor storage")?;
     Ok(Arc::new(Capabilities {
         trust: Arc::new(trust),
         sessions: Arc::new(sessions),
@@ -120,32 +119,29 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         )?)),
         None => None,
     };
+    let db = Database::open(&config.data_dir, config.durability)
+        .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
     let backend: Arc<dyn QueueBackend> = Arc::new(
-        SqliteQueue::open(&config.data_dir.join("queues.db"))
+        SqliteQueue::open(&db)
             .context("opening the queue database")?
             .with_routes(config.routes()),
     );
     warn_of_unconsumed_lanes(&config, backend.as_ref()).await?;
-    let caps = open_capabilities(
-        &config.data_dir,
-        config.revocation_ttl,
-        config.relay.sessions,
-    )?;
+    let caps = open_capabilities(&db, config.revocation_ttl, config.relay.sessions)?;
     for consumer in config.consumers.values() {
         caps.logs.set_rate(&consumer.name, consumer.log_rate);
         caps.storage
             .set_quota(&consumer.name, consumer.storage_quota);
     }
     let (trust, sessions, hub) = (caps.trust.clone(), caps.sessions.clone(), caps.hub.clone());
-    let agents = Arc::new(AgentRegistry::open(&config.data_dir.join("agents.db"))?);
-    let tokens = Arc::new(
-        TokenStore::open(&config.data_dir.join("tokens.db")).context("opening the token store")?,
-    );
+    let agents = Arc::new(AgentRegistry::open(&db).context("opening the agent registry")?);
+    let tokens = Arc::new(TokenStore::open(&db).context("opening the token store")?);
     let runtime = Arc::new(Runtime::new()?);
 
     let slots = Arc::new(
         HandlerSlots::open(
             &config.data_dir,
+            &db,
             runtime,
             caps.clone(),
             config.consumers.values(),

@@ -1,16 +1,14 @@
 //! The API tokens the operator issues (`clawq tokens`, `POST/GET/DELETE /v1/tokens`):
 //! producer tokens, which publish to the queues they name, and extra admin tokens. Each
 //! secret is shown once, when it is created, and stored only as its SHA-256 hash, in
-//! `tokens.db` of the data directory.
-
-use std::path::Path;
+//! the host's database ([`crate::store`]).
 
 use anyhow::Result;
 use rusqlite::{OptionalExtension, params};
 
 use crate::clock::now_ms;
 use crate::crypto::{random_token, sha256_hex};
-use crate::db::{self, Durability};
+use crate::store::{self, Database};
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -65,14 +63,14 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS tokens (
 
 /// The issued tokens, in SQLite.
 pub struct TokenStore {
-    db: db::Shared,
+    db: store::Shared,
 }
 
 impl TokenStore {
-    /// Opens (or creates) the store at `path`.
-    pub fn open(path: &Path) -> Result<Self> {
+    /// Opens (or creates) the store in `db`.
+    pub fn open(db: &Database) -> Result<Self> {
         Ok(TokenStore {
-            db: db::Shared::open(path, Durability::Process, SCHEMA)?,
+            db: db.shared(SCHEMA)?,
         })
     }
 
@@ -166,7 +164,7 @@ mod tests {
     #[test]
     fn a_token_is_found_by_its_secret_until_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TokenStore::open(&dir.path().join("t.db")).unwrap();
+        let store = TokenStore::open(&crate::store::test_db(dir.path())).unwrap();
         let queues = vec!["q1".to_owned()];
         let (token, secret) = store.create(Role::Producer, &queues, "ci").unwrap();
         assert!(secret.starts_with("cqp_"));

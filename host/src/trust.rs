@@ -1,14 +1,13 @@
 //! The trust store: which agents are revoked, in SQLite so that revocations survive
 //! restarts. It backs the `trust-store` capability and `GET /v1/trust/agents/{did}`.
 
-use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use clawq_protocol::did::{DidError, validate_agent_did};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::db::{self, Durability};
+use crate::store::Database;
 
 use crate::clock::now_ms;
 
@@ -58,11 +57,9 @@ pub struct TrustStore {
 }
 
 impl TrustStore {
-    /// Opens (or creates) the trust store at `path`; revocation markers last `marker_ttl`.
-    pub fn open(path: &Path, marker_ttl: Duration) -> Result<Self, TrustError> {
-        let conn = db::open(
-            path,
-            Durability::Process,
+    /// Opens (or creates) the trust store in `db`; revocation markers last `marker_ttl`.
+    pub fn open(db: &Database, marker_ttl: Duration) -> Result<Self, TrustError> {
+        let conn = db.connection(
             "CREATE TABLE IF NOT EXISTS revoked_agents (
                  did        TEXT PRIMARY KEY,
                  revoked_ms INTEGER NOT NULL,
@@ -131,17 +128,19 @@ mod tests {
     #[test]
     fn revocations_persist_and_expire() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("trust.db");
-        let store = TrustStore::open(&path, Duration::from_secs(3600)).unwrap();
+        let path = dir.path();
+        let store =
+            TrustStore::open(&crate::store::test_db(path), Duration::from_secs(3600)).unwrap();
         assert!(!store.is_revoked(DID).unwrap());
         store.revoke(DID).unwrap();
         store.revoke(DID).unwrap();
         drop(store);
 
-        let reopened = TrustStore::open(&path, Duration::from_secs(3600)).unwrap();
+        let reopened =
+            TrustStore::open(&crate::store::test_db(path), Duration::from_secs(3600)).unwrap();
         assert!(reopened.is_revoked(DID).unwrap());
 
-        let expiring = TrustStore::open(&path, Duration::ZERO).unwrap();
+        let expiring = TrustStore::open(&crate::store::test_db(path), Duration::ZERO).unwrap();
         expiring.revoke(DID).unwrap();
         assert!(
             !expiring.is_revoked(DID).unwrap(),
@@ -152,7 +151,8 @@ mod tests {
     #[test]
     fn invalid_dids_are_refused_permanently() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TrustStore::open(&dir.path().join("t.db"), Duration::from_secs(1)).unwrap();
+        let store =
+            TrustStore::open(&crate::store::test_db(dir.path()), Duration::from_secs(1)).unwrap();
         let err = store.revoke("did:cdi:x:agent:1").unwrap_err();
         assert!(!err.is_transient());
         assert!(err.to_string().contains("invalid agent DID"));

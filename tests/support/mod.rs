@@ -147,10 +147,25 @@ impl Host {
     /// Starts a host listening on `listen` (a test reaches it on the loopback address)
     /// with `config`, a fresh data directory and extra `serve` arguments.
     pub fn start_on(listen: &str, config: &str, args: &[&str]) -> Host {
+        Host::start_in_env(listen, config, args, &[])
+    }
+
+    /// Starts a host with `config` and a fresh data directory, with `env` added to its
+    /// environment for this run only (a restart runs without it).
+    pub fn start_env(config: &str, env: &[(&str, &std::ffi::OsStr)]) -> Host {
+        Host::start_in_env("127.0.0.1:0", config, &[], env)
+    }
+
+    fn start_in_env(
+        listen: &str,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("clawq.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut host = Host::spawn(&dir.path().join("data"), &config_path, listen, args);
+        let mut host = Host::spawn(&dir.path().join("data"), &config_path, listen, args, env);
         host._dir = Some(dir);
         host
     }
@@ -162,14 +177,21 @@ impl Host {
         self
     }
 
-    fn spawn(data_dir: &Path, config: &Path, listen: &str, args: &[&str]) -> Host {
+    fn spawn(
+        data_dir: &Path,
+        config: &Path,
+        listen: &str,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Host {
         let mut command = Command::new(env!("CARGO_BIN_EXE_clawq"));
         command
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .arg("--config")
             .arg(config)
-            .args(args);
+            .args(args)
+            .envs(env.iter().copied());
         let (child, log) = spawn_logged(command, "clawq");
         let mut host = Host {
             child,
@@ -207,15 +229,20 @@ impl Host {
 
     /// Kills the host with SIGKILL and starts it again on the same data and config.
     pub fn kill_and_restart(&mut self) {
+        self.kill();
+        self.restart();
+    }
+
+    /// Kills the host with SIGKILL and waits until it is gone.
+    pub fn kill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        self.restart();
     }
 
     /// Starts the host again, once it has exited, on the same data and config. The log
     /// methods then read the new run; [`Host::all_log_lines`] reads every run.
     pub fn restart(&mut self) {
-        let mut restarted = Host::spawn(&self.data_dir, &self.config, "127.0.0.1:0", &[]);
+        let mut restarted = Host::spawn(&self.data_dir, &self.config, "127.0.0.1:0", &[], &[]);
         restarted._dir = self._dir.take();
         restarted.admin_token = self.admin_token.take();
         if let Some(ca_cert) = &self.ca_cert {
@@ -629,7 +656,7 @@ pub fn refused_serve_with(config: &str, args: &[&str], prepare: impl FnOnce(&Pat
         "clawq serve started with {config}: {said}"
     );
     assert!(
-        !data.join("queues.db").exists(),
+        !data.join("clawq.db").exists(),
         "refused before opening anything"
     );
     said

@@ -13,7 +13,6 @@
 //! lane, and every query about a queue covers all of its lanes.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::clock::now_ms;
-use crate::db::{self, Durability};
+use crate::store::Database;
 
 use super::routes::{Routes, split_lane};
 use super::{
@@ -136,11 +135,10 @@ enum GaveUp {
 }
 
 impl SqliteQueue {
-    /// Opens (or creates) the queue database at `path` and releases every lease left by
-    /// a previous process: those messages are ready at once, in the order they entered
-    /// their queue.
-    pub fn open(path: &Path) -> Result<Self, QueueError> {
-        let conn = db::open(path, Durability::Process, SCHEMA).map_err(storage)?;
+    /// Opens (or creates) the queues in `db` and releases every lease left by a previous
+    /// process: those messages are ready at once, in the order they entered their queue.
+    pub fn open(db: &Database) -> Result<Self, QueueError> {
+        let conn = db.connection(SCHEMA).map_err(storage)?;
         add_columns(&conn).map_err(storage)?;
         // The retention sweep reads a queue's oldest rows; `enqueued_ms` may have just
         // been added to an older database.
@@ -902,6 +900,7 @@ fn storage(err: rusqlite::Error) -> QueueError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::test_db;
 
     const Q: &str = "jobs";
     const DLQ: &str = "jobs-dlq";
@@ -909,7 +908,7 @@ mod tests {
 
     fn open() -> (tempfile::TempDir, SqliteQueue) {
         let dir = tempfile::tempdir().unwrap();
-        let queue = SqliteQueue::open(&dir.path().join("q.db")).unwrap();
+        let queue = SqliteQueue::open(&test_db(dir.path())).unwrap();
         (dir, queue)
     }
 
@@ -1141,9 +1140,9 @@ mod tests {
     #[tokio::test]
     async fn delayed_messages_wait_and_leases_die_with_the_process() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.db");
+        let path = dir.path().to_path_buf();
         {
-            let queue = SqliteQueue::open(&path).unwrap();
+            let queue = SqliteQueue::open(&test_db(&path)).unwrap();
             queue
                 .publish(Q, vec![text("later", 3600), text("now", 0)])
                 .await
@@ -1152,7 +1151,7 @@ mod tests {
             assert_eq!(got.len(), 1, "the delayed message is not ready");
             assert_eq!(held(queue.counts(Q).await.unwrap()), (0, 1, 1));
         }
-        let reopened = SqliteQueue::open(&path).unwrap();
+        let reopened = SqliteQueue::open(&test_db(&path)).unwrap();
         assert_eq!(held(reopened.counts(Q).await.unwrap()), (1, 0, 1));
         let again = batch(&reopened, 10, Duration::ZERO, Duration::from_secs(5)).await;
         assert_eq!(
@@ -1418,9 +1417,10 @@ mod tests {
     #[tokio::test]
     async fn a_database_of_the_first_schema_opens_and_lists() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.db");
+        let path = dir.path().to_path_buf();
         {
-            let conn = Connection::open(&path).unwrap();
+            // As an older clawq left it: its own file, imported at open.
+            let conn = Connection::open(path.join("queues.db")).unwrap();
             conn.execute_batch(SCHEMA).unwrap();
             conn.execute(
                 "INSERT INTO messages (id, queue, content_type, body, published_ms, visible_ms,
@@ -1430,14 +1430,14 @@ mod tests {
             )
             .unwrap();
         }
-        let queue = SqliteQueue::open(&path).unwrap();
+        let queue = SqliteQueue::open(&test_db(&path)).unwrap();
         let old = queue.get(DLQ, "old").await.unwrap().unwrap();
         assert_eq!(old.dead_reason.as_deref(), Some("gone"));
         assert_eq!((old.first_failed_ms, old.source_attempts), (None, None));
         assert_eq!(queue.purge_expired(DLQ, 2000).await.unwrap(), 0);
         assert_eq!(queue.purge_expired(DLQ, 2001).await.unwrap(), 1);
         drop(queue);
-        SqliteQueue::open(&path).expect("opening twice adds nothing twice");
+        SqliteQueue::open(&test_db(&path)).expect("opening twice adds nothing twice");
     }
 
     #[tokio::test]
@@ -1641,19 +1641,19 @@ mod tests {
     #[tokio::test]
     async fn a_message_delivered_one_plus_max_retries_times_without_an_outcome_is_dead_lettered() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.db");
-        let ids = publish(&SqliteQueue::open(&path).unwrap(), 1).await;
+        let path = dir.path().to_path_buf();
+        let ids = publish(&SqliteQueue::open(&test_db(&path)).unwrap(), 1).await;
         let two_retries = BatchTerms {
             policy: policy(2, Some(DLQ)),
             ..terms(1, Duration::ZERO)
         };
         // Each process dies while it holds the message.
         for attempt in 1..=3 {
-            let queue = SqliteQueue::open(&path).unwrap();
+            let queue = SqliteQueue::open(&test_db(&path)).unwrap();
             let got = queue.next_batch(Q, &two_retries).await.unwrap();
             assert_eq!(got[0].attempts, attempt);
         }
-        let queue = Arc::new(SqliteQueue::open(&path).unwrap());
+        let queue = Arc::new(SqliteQueue::open(&test_db(&path)).unwrap());
         let waiter = tokio::spawn({
             let queue = queue.clone();
             async move { queue.next_batch(Q, &two_retries).await }

@@ -439,14 +439,14 @@ mod tests {
         tempfile::TempDir,
     ) {
         let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::test_db(dir.path());
         let hub = Arc::new(ConnectionHub::default());
-        let sessions =
-            Arc::new(RelaySessions::open(&dir.path().join("s.db"), hub.clone(), limits).unwrap());
-        let agents = Arc::new(AgentRegistry::open(&dir.path().join("agents.db")).unwrap());
+        let sessions = Arc::new(RelaySessions::open(&db, hub.clone(), limits).unwrap());
+        let agents = Arc::new(AgentRegistry::open(&db).unwrap());
         let token = agents.add(A).unwrap();
-        let trust = TrustStore::open(&dir.path().join("trust.db"), Duration::from_secs(60));
+        let trust = TrustStore::open(&db, Duration::from_secs(60));
         let trust = Arc::new(trust.unwrap());
-        let tokens = crate::tokens::TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let tokens = crate::tokens::TokenStore::open(&db).unwrap();
         let admin = "a".repeat(crate::auth::MIN_TOKEN_CHARS);
         let auth =
             crate::auth::AuthState::new(&admin, Arc::new(tokens), agents.clone(), trust.clone());

@@ -29,7 +29,6 @@
 //! sweep ([`RelaySessions::sweep_every`]) does it for the agents nobody calls.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,8 +39,8 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::hub::ConnectionHub;
 use crate::clock::now_ms;
-use crate::db::{self, Durability};
 use crate::frame::{Deliver, Frame, FrameBody, MAX_FRAME_BYTES, ReceiptStatus};
+use crate::store::Database;
 
 /// Largest dedup key and optional string field of a delivery, in bytes.
 pub const MAX_DELIVERY_FIELD_BYTES: usize = 1024;
@@ -281,14 +280,14 @@ pub struct RelaySessions {
 }
 
 impl RelaySessions {
-    /// Opens (or creates) the sessions' storage at `path`, moving the receipts of an
-    /// older clawq's `receipts` table into it.
+    /// Opens (or creates) the sessions' storage in `db`, moving the receipts of an older
+    /// clawq's `receipts` table into it.
     pub fn open(
-        path: &Path,
+        db: &Database,
         hub: Arc<ConnectionHub>,
         limits: SessionLimits,
     ) -> Result<Self, SessionError> {
-        let mut conn = db::open(path, Durability::Process, SCHEMA)?;
+        let mut conn = db.connection(SCHEMA)?;
         let migrated = migrate_receipts_table(&mut conn)?;
         if migrated > 0 {
             tracing::info!(
@@ -814,6 +813,8 @@ fn migrate_receipts_table(conn: &mut Connection) -> rusqlite::Result<usize> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::super::hub::Outbound;
     use super::*;
     use serde_json::{Value, json};
@@ -835,7 +836,8 @@ mod tests {
 
     fn open(dir: &Path, limits: SessionLimits) -> (Arc<ConnectionHub>, RelaySessions) {
         let hub = Arc::new(ConnectionHub::default());
-        let sessions = RelaySessions::open(&dir.join("s.db"), hub.clone(), limits).unwrap();
+        let sessions =
+            RelaySessions::open(&crate::store::test_db(dir), hub.clone(), limits).unwrap();
         (hub, sessions)
     }
 
@@ -1274,8 +1276,9 @@ mod tests {
     #[tokio::test]
     async fn the_receipts_of_an_older_sessions_db_are_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let old = Connection::open(&path).unwrap();
+        let path = dir.path().to_path_buf();
+        // As an older clawq left it: its own file, imported at open.
+        let old = Connection::open(path.join("sessions.db")).unwrap();
         old.execute_batch(&format!(
             "CREATE TABLE receipts (
                  agent_did TEXT NOT NULL, request_id TEXT NOT NULL, recipient TEXT NOT NULL,
@@ -1292,8 +1295,12 @@ mod tests {
         ))
         .unwrap();
         drop(old);
-        let sessions =
-            RelaySessions::open(&path, Arc::default(), SessionLimits::default()).unwrap();
+        let sessions = RelaySessions::open(
+            &crate::store::test_db(&path),
+            Arc::default(),
+            SessionLimits::default(),
+        )
+        .unwrap();
         let frames = on_connect(&sessions, A).await;
         assert_eq!(frames.len(), 1, "the acked receipt stays acked: {frames:?}");
         let want = json!({"v": 1, "type": "receipt", "id": "01HZX4M3Q8V2J7K9T6R5W1N0PB",
@@ -1306,7 +1313,11 @@ mod tests {
             Delivery::Unchanged
         );
         drop(sessions);
-        let reopened = RelaySessions::open(&path, Arc::default(), SessionLimits::default());
+        let reopened = RelaySessions::open(
+            &crate::store::test_db(&path),
+            Arc::default(),
+            SessionLimits::default(),
+        );
         assert_eq!(
             on_connect(&reopened.unwrap(), A).await.len(),
             1,

@@ -380,7 +380,7 @@ mod tests {
             .load("hostile", &wasm, World::HandlerHost, limits)
             .unwrap();
         let caps = crate::server::open_capabilities(
-            dir,
+            &crate::store::test_db(dir),
             Duration::from_secs(60),
             SessionLimits::default(),
         )

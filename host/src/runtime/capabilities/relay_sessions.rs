@@ -170,7 +170,7 @@ mod tests {
     /// The state of a batch over fresh capabilities in `dir`, recording its calls.
     fn batch_state(dir: &std::path::Path) -> BatchState {
         let caps = crate::server::open_capabilities(
-            dir,
+            &crate::store::test_db(dir),
             std::time::Duration::from_secs(60),
             crate::relay::sessions::SessionLimits::default(),
         );

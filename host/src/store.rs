@@ -1,0 +1,558 @@
+//! The host's storage layer: every host store (queues, trust, relay sessions, actor
+//! storage, agents, tokens, handler history) keeps its tables in one SQLite database,
+//! `<data_dir>/clawq.db`, in WAL mode.
+//!
+//! **One file, so durability is ordered.** SQLite appends every commit to the one WAL in
+//! the order the commits happened, and recovery keeps a prefix of that log (each frame's
+//! checksum chains to the one before). So after a crash of the process, the OS or the
+//! power, a handler's side effect (a revocation, a receipt row) is never lost while the
+//! ack committed after it survives, and the message is delivered again instead. With
+//! separate files, one file's commits could reach the disk (a checkpoint) while another's
+//! were still in the page cache.
+//!
+//! **How hard a commit waits for the disk** is the operator's choice ([`Durability`]):
+//! `process` (the default) survives a crash of the process at no fsync cost per commit;
+//! `full` survives power loss too: a commit (a producer's 2xx included) returns once it
+//! is on disk.
+//!
+//! **Threads.** Writes never run on the async runtime's threads: [`Database::write`] hands
+//! the work to the database's writer thread, which owns the one write connection and
+//! commits every job waiting at that moment in one transaction (group commit: one commit,
+//! and with `full` one fsync, for many concurrent callers), each job inside its own
+//! savepoint so that one job's error undoes only that job. A caller's result is handed
+//! back once the group has committed. [`Database::read`] runs work on the reader thread,
+//! on its own connection, which sees every write whose `write` call has returned.
+//!
+//! Older clawq versions kept one database file per store; [`Database::open`] imports them
+//! into `clawq.db` once (see [`import_legacy_files`]).
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, mpsc};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, params};
+use tokio::sync::oneshot;
+
+/// The file name of the host's database inside the data directory.
+pub const DATABASE_FILE: &str = "clawq.db";
+
+/// The per-store files of older clawq versions, imported into [`DATABASE_FILE`] at open.
+pub const LEGACY_FILES: [&str; 7] = [
+    "queues.db",
+    "trust.db",
+    "sessions.db",
+    "actor-storage.db",
+    "agents.db",
+    "tokens.db",
+    "handlers.db",
+];
+
+/// How long a statement waits for another connection's lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most jobs committed in one group: bounds how long the first of them waits.
+const MAX_GROUP: usize = 256;
+
+/// How hard a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// A commit survives a crash of the process (`synchronous = NORMAL` in WAL mode); a
+    /// crash of the OS or a power loss may take the last commits, never an earlier one
+    /// without the later ones.
+    #[default]
+    Process,
+    /// A commit survives power loss too (`synchronous = FULL`: the WAL is synced before a
+    /// commit returns).
+    Full,
+}
+
+impl Durability {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Process => "process",
+            Durability::Full => "full",
+        }
+    }
+
+    fn synchronous(self) -> &'static str {
+        match self {
+            Durability::Process => "NORMAL",
+            Durability::Full => "FULL",
+        }
+    }
+}
+
+/// Errors of the storage layer itself; each store turns them into its own error type.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("{0}")]
+    Sqlite(String),
+    /// The work panicked; what it wrote was undone.
+    #[error("a storage call panicked; its writes were undone")]
+    Panicked,
+    /// The database's threads are gone (the host is shutting down).
+    #[error("the database is closed")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(err: rusqlite::Error) -> Self {
+        StoreError::Sqlite(err.to_string())
+    }
+}
+
+/// A write job: runs on the writer thread inside the group's transaction and returns
+/// whether it succeeded (else its savepoint is rolled back) and what to do once the
+/// group's fate is known.
+type WriteJob = Box<dyn FnOnce(&Connection) -> (bool, Finish) + Send>;
+
+/// Hands a job's result back once its group committed (`Ok`) or failed to.
+type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// A read job: runs on the reader thread.
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// The host's database: cheap to clone, every clone reaching the same threads.
+#[derive(Clone)]
+pub struct Database {
+    writer: mpsc::Sender<WriteJob>,
+    reader: mpsc::Sender<ReadJob>,
+    path: PathBuf,
+    durability: Durability,
+}
+
+impl Database {
+    /// Opens (or creates) `clawq.db` in `data_dir`, imports the files of older versions
+    /// found there, and starts the writer and reader threads.
+    pub fn open(data_dir: &Path, durability: Durability) -> anyhow::Result<Database> {
+        let path = data_dir.join(DATABASE_FILE);
+        let mut conn = connect(&path, durability)?;
+        import_legacy_files(&mut conn, data_dir)?;
+        let reader = connect(&path, durability)?;
+        reader.pragma_update(None, "query_only", true)?;
+        let (write_jobs, writes) = mpsc::channel();
+        let (read_jobs, reads) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("clawq-db-writer".into())
+            .spawn(move || write_loop(conn, writes))?;
+        std::thread::Builder::new()
+            .name("clawq-db-reader".into())
+            .spawn(move || read_loop(reader, reads))?;
+        Ok(Database {
+            writer: write_jobs,
+            reader: read_jobs,
+            path,
+            durability,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How hard its commits wait for the disk.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Runs `work` on the writer thread, inside a transaction it shares with the other
+    /// writes waiting at that moment, and returns its result once that transaction has
+    /// committed. An error (or a panic) of `work` undoes what `work` wrote and nothing
+    /// else; a failed commit fails every write of the group. `work` must not begin or
+    /// end transactions itself.
+    pub async fn write<T, E>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn| {
+            let result = match std::panic::catch_unwind(AssertUnwindSafe(|| work(conn))) {
+                Ok(result) => result,
+                Err(_) => Err(E::from(StoreError::Panicked)),
+            };
+            let ok = result.is_ok();
+            let finish: Finish = Box::new(move |committed| {
+                let _ = tx.send(match committed {
+                    Ok(()) => result,
+                    // The job's own error says more than the commit's.
+                    Err(_) if result.is_err() => result,
+                    Err(err) => Err(E::from(err)),
+                });
+            });
+            (ok, finish)
+        });
+        self.writer
+            .send(job)
+            .map_err(|_| E::from(StoreError::Closed))?;
+        rx.await.unwrap_or(Err(E::from(StoreError::Closed)))
+    }
+
+    /// Runs `work` on the reader thread, which sees every write that has returned.
+    pub async fn read<T, E>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: ReadJob = Box::new(move |conn| {
+            let result = match std::panic::catch_unwind(AssertUnwindSafe(|| work(conn))) {
+                Ok(result) => result,
+                Err(_) => Err(E::from(StoreError::Panicked)),
+            };
+            let _ = tx.send(result);
+        });
+        self.reader
+            .send(job)
+            .map_err(|_| E::from(StoreError::Closed))?;
+        rx.await.unwrap_or(Err(E::from(StoreError::Closed)))
+    }
+
+    /// A connection of its own to the database, for a store that runs its statements
+    /// itself, with `schema` (idempotent `CREATE ... IF NOT EXISTS` statements) run on it
+    /// first; its commits are ordered with every other commit to the file.
+    pub fn connection(&self, schema: &str) -> rusqlite::Result<Connection> {
+        let conn = connect(&self.path, self.durability)?;
+        conn.execute_batch(schema)?;
+        Ok(conn)
+    }
+
+    /// A [`Database::connection`] behind a lock, for a store whose calls are short.
+    pub fn shared(&self, schema: &str) -> rusqlite::Result<Shared> {
+        Ok(Shared(Mutex::new(self.connection(schema)?)))
+    }
+}
+
+/// One connection to the database, shared behind a lock by a store whose calls are short
+/// (a row or two).
+pub struct Shared(Mutex<Connection>);
+
+impl Shared {
+    /// The connection, once no other call holds it (a call that panicked left it as it
+    /// was: SQLite rolled back what it did not commit).
+    pub fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Opens a connection to the database at `path`: WAL, the durability's `synchronous`, a
+/// busy timeout.
+fn connect(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", durability.synchronous())?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+/// The writer thread: takes every job waiting, runs them in one transaction, commits,
+/// then hands each its result; until every [`Database`] is dropped.
+fn write_loop(conn: Connection, jobs: mpsc::Receiver<WriteJob>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_group(&conn, group);
+    }
+}
+
+/// Runs `group` in one transaction, each job in a savepoint, and finishes every job with
+/// the outcome of the commit that covers it.
+fn commit_group(conn: &Connection, group: Vec<WriteJob>) {
+    let mut pending: Vec<Finish> = Vec::with_capacity(group.len());
+    let mut open = false;
+    for job in group {
+        if !open {
+            if let Err(err) = conn.execute_batch("BEGIN IMMEDIATE") {
+                let (_, finish) = job(conn);
+                finish(Err(err.into()));
+                continue;
+            }
+            open = true;
+        }
+        let saved = conn.execute_batch("SAVEPOINT job");
+        let (ok, finish) = job(conn);
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back (a full disk, an I/O error): the
+            // jobs before this one are undone too.
+            let lost = StoreError::Sqlite("the transaction was rolled back".into());
+            for earlier in pending.drain(..) {
+                earlier(Err(lost.clone()));
+            }
+            finish(Err(lost));
+            open = false;
+            continue;
+        }
+        let undone = match (ok, saved) {
+            (true, Ok(())) => conn.execute_batch("RELEASE job"),
+            _ => conn.execute_batch("ROLLBACK TO job; RELEASE job"),
+        };
+        if let Err(err) = undone {
+            tracing::error!(error = %err, "could not end a write's savepoint");
+        }
+        pending.push(finish);
+    }
+    if !open {
+        return;
+    }
+    let committed = conn.execute_batch("COMMIT").map_err(StoreError::from);
+    if committed.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    for finish in pending {
+        finish(committed.clone());
+    }
+}
+
+/// The reader thread: runs each read job, until every [`Database`] is dropped.
+fn read_loop(conn: Connection, jobs: mpsc::Receiver<ReadJob>) {
+    while let Ok(job) = jobs.recv() {
+        job(&conn);
+    }
+}
+
+/// A database in `dir` with the default durability, for tests.
+#[cfg(test)]
+pub(crate) fn test_db(dir: &Path) -> Database {
+    Database::open(dir, Durability::Process).expect("opening a test database")
+}
+
+/// Imports the per-store database files of older clawq versions found in `data_dir`
+/// into `conn`'s database: each file's tables and indexes, rows and all, in one
+/// transaction per file, recorded in `imported_files`; then renames the file (and its
+/// WAL) with a `.imported` suffix, kept as a backup. The stores bring the imported
+/// tables up to date themselves when they open, as they would the old files.
+pub fn import_legacy_files(conn: &mut Connection, data_dir: &Path) -> anyhow::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS imported_files (
+             name        TEXT PRIMARY KEY,
+             imported_ms INTEGER NOT NULL
+         )",
+    )?;
+    for name in LEGACY_FILES {
+        let legacy = data_dir.join(name);
+        if !legacy.exists() {
+            continue;
+        }
+        let done: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM imported_files WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        if !done {
+            let tables = import_file(conn, &legacy, name)
+                .map_err(|err| anyhow::anyhow!("importing {}: {err}", legacy.display()))?;
+            tracing::info!(file = %legacy.display(), tables, "imported a database file of an older clawq into clawq.db");
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let from = data_dir.join(format!("{name}{suffix}"));
+            if from.exists() {
+                let to = data_dir.join(format!("{name}.imported{suffix}"));
+                std::fs::rename(&from, &to).map_err(|err| {
+                    anyhow::anyhow!("renaming {} after its import: {err}", from.display())
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies every table and index of the database file `legacy` into `conn`'s, and records
+/// the file as imported, in one transaction; returns how many tables it copied.
+fn import_file(conn: &mut Connection, legacy: &Path, name: &str) -> rusqlite::Result<usize> {
+    conn.execute("ATTACH DATABASE ?1 AS legacy", [legacy.to_string_lossy()])?;
+    let copied = (|| {
+        let tx = conn.transaction()?;
+        let objects: Vec<(String, String, String)> = tx
+            .prepare(
+                "SELECT type, name, sql FROM legacy.sqlite_master
+                 WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%'
+                 ORDER BY type = 'index', rowid",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut tables = 0;
+        for (kind, object, sql) in &objects {
+            tx.execute_batch(sql)?;
+            if kind == "table" {
+                tx.execute_batch(&format!(
+                    "INSERT INTO main.\"{object}\" SELECT * FROM legacy.\"{object}\""
+                ))?;
+                tables += 1;
+            }
+        }
+        tx.execute(
+            "INSERT INTO imported_files (name, imported_ms) VALUES (?1, ?2)",
+            params![name, crate::clock::now_ms() as i64],
+        )?;
+        tx.commit()?;
+        Ok(tables)
+    })();
+    conn.execute_batch("DETACH DATABASE legacy")?;
+    copied
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq)]
+    enum Failure {
+        Store(String),
+        Mine,
+    }
+
+    impl From<StoreError> for Failure {
+        fn from(err: StoreError) -> Self {
+            Failure::Store(err.to_string())
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path(), Durability::Process).unwrap();
+        (dir, db)
+    }
+
+    async fn rows(db: &Database) -> Vec<i64> {
+        db.read(|c| {
+            c.prepare("SELECT v FROM t ORDER BY v")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<i64>>>()
+                .map_err(StoreError::from)
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_failed_or_panicking_write_undoes_only_itself() {
+        let (_dir, db) = open();
+        db.write(|c| {
+            c.execute_batch("CREATE TABLE t (v INTEGER)")
+                .map_err(StoreError::from)
+        })
+        .await
+        .unwrap();
+        let ok = |v: i64| {
+            let db = db.clone();
+            async move {
+                db.write(move |c| {
+                    c.execute("INSERT INTO t VALUES (?1)", [v])
+                        .map_err(StoreError::from)
+                })
+                .await
+            }
+        };
+        let failing = db.write(|c| -> Result<(), Failure> {
+            c.execute("INSERT INTO t VALUES (100)", []).unwrap();
+            Err(Failure::Mine)
+        });
+        let panicking = db.write(|c| -> Result<(), Failure> {
+            c.execute("INSERT INTO t VALUES (200)", []).unwrap();
+            panic!("boom")
+        });
+        let (a, failed, panicked, b) = tokio::join!(ok(1), failing, panicking, ok(2));
+        assert_eq!((a.unwrap(), b.unwrap()), (1, 1));
+        assert_eq!(failed, Err(Failure::Mine));
+        assert!(matches!(panicked, Err(Failure::Store(m)) if m.contains("panicked")));
+        assert_eq!(rows(&db).await, vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn concurrent_writes_commit_together_and_each_sees_the_ones_before() {
+        let (_dir, db) = open();
+        db.write(|c| {
+            c.execute_batch("CREATE TABLE t (v INTEGER)")
+                .map_err(StoreError::from)
+        })
+        .await
+        .unwrap();
+        let writes = (0..500).map(|v| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                db.write(move |c| {
+                    let before: i64 = c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?;
+                    c.execute("INSERT INTO t VALUES (?1)", [v])?;
+                    Ok::<_, StoreError>(before)
+                })
+                .await
+                .unwrap()
+            })
+        });
+        let mut seen: Vec<i64> = futures_util::future::join_all(writes)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        seen.sort();
+        // Each write saw every write run before it: the counts are 0..500, once each.
+        assert_eq!(seen, (0..500).collect::<Vec<_>>());
+        assert_eq!(rows(&db).await.len(), 500);
+    }
+
+    #[tokio::test]
+    async fn the_files_of_an_older_version_are_imported_once_and_kept_as_backups() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = Connection::open(dir.path().join("trust.db")).unwrap();
+            old.execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE revoked_agents (did TEXT PRIMARY KEY, revoked_ms INTEGER);
+                 CREATE INDEX revoked_at ON revoked_agents (revoked_ms);
+                 INSERT INTO revoked_agents VALUES ('did:a', 1), ('did:b', 2);",
+            )
+            .unwrap();
+        }
+        let db = Database::open(dir.path(), Durability::Full).unwrap();
+        let imported = db
+            .read(|c| {
+                let n: i64 =
+                    c.query_row("SELECT COUNT(*) FROM revoked_agents", [], |r| r.get(0))?;
+                let index: i64 = c.query_row(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE name = 'revoked_at'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                Ok::<_, StoreError>((n, index))
+            })
+            .await
+            .unwrap();
+        assert_eq!(imported, (2, 1));
+        assert!(!dir.path().join("trust.db").exists());
+        assert!(dir.path().join("trust.db.imported").exists());
+        drop(db);
+        // Opened again: nothing to import, nothing imported twice.
+        let db = Database::open(dir.path(), Durability::Process).unwrap();
+        let n = db
+            .read(|c| {
+                c.query_row("SELECT COUNT(*) FROM revoked_agents", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map_err(StoreError::from)
+            })
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+    }
+}
