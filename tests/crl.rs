@@ -105,7 +105,12 @@ fn a_transient_trust_store_failure_is_retried() {
         revocation_event("agent_revoked", json!({"agentDid": DID_A})),
     );
     host.wait_log_all(&["crl-invalidation", "will retry"]);
-    assert!(!host.is_revoked(DID_A));
+    let (status, body) = host.get(&format!("/v1/trust/agents/{DID_A}"));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("storage_unavailable")),
+        "{body}"
+    );
     db.execute_batch("ALTER TABLE revoked_agents_away RENAME TO revoked_agents")
         .unwrap();
 

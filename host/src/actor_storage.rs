@@ -3,12 +3,12 @@
 //! own actors, within its quota of keys and bytes.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, RwLock};
+use std::sync::RwLock;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::bounds::{self, MAX_LIST_PAGE, MAX_LIST_PAGE_BYTES, MAX_VALUE_BYTES};
-use crate::store::Database;
+use crate::store::{Database, StoreError};
 
 /// Why a storage call failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,12 @@ pub enum StorageError {
 
 impl From<rusqlite::Error> for StorageError {
     fn from(err: rusqlite::Error) -> Self {
+        StorageError::Unavailable(err.to_string())
+    }
+}
+
+impl From<StoreError> for StorageError {
+    fn from(err: StoreError) -> Self {
         StorageError::Unavailable(err.to_string())
     }
 }
@@ -63,7 +69,7 @@ pub struct Usage {
 
 /// The actor storage of every handler, in one SQLite database.
 pub struct ActorStorage {
-    conn: Mutex<Connection>,
+    db: Database,
     quotas: RwLock<HashMap<String, Quota>>,
 }
 
@@ -73,7 +79,7 @@ const ROW_BYTES: &str = "length(CAST(actor AS BLOB)) + length(CAST(key AS BLOB))
 impl ActorStorage {
     /// Opens (or creates) the storage in `db`, and counts each consumer's usage again.
     pub fn open(db: &Database) -> Result<Self, StorageError> {
-        let conn = db.connection(&format!(
+        db.connection(&format!(
             "CREATE TABLE IF NOT EXISTS actor_values (
                      handler TEXT NOT NULL,
                      actor   TEXT NOT NULL,
@@ -93,13 +99,9 @@ impl ActorStorage {
                  COMMIT;"
         ))?;
         Ok(ActorStorage {
-            conn: Mutex::new(conn),
+            db: db.clone(),
             quotas: RwLock::default(),
         })
-    }
-
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sets the quota of `consumer` ([`Quota::default`] until set).
@@ -115,43 +117,53 @@ impl ActorStorage {
     }
 
     /// What every consumer with stored keys keeps, by consumer.
-    pub fn usage(&self) -> Result<Vec<(String, Usage)>, StorageError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached("SELECT handler, keys, bytes FROM actor_usage")?;
-        let rows = stmt
-            .query_map([], |r| {
-                let (keys, bytes): (i64, i64) = (r.get(1)?, r.get(2)?);
-                let usage = Usage {
-                    keys: keys as u64,
-                    bytes: bytes as u64,
-                };
-                Ok((r.get(0)?, usage))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
+    pub async fn usage(&self) -> Result<Vec<(String, Usage)>, StorageError> {
+        self.db
+            .read(|conn| {
+                let mut stmt =
+                    conn.prepare_cached("SELECT handler, keys, bytes FROM actor_usage")?;
+                let rows = stmt
+                    .query_map([], |r| {
+                        let (keys, bytes): (i64, i64) = (r.get(1)?, r.get(2)?);
+                        let usage = Usage {
+                            keys: keys as u64,
+                            bytes: bytes as u64,
+                        };
+                        Ok((r.get(0)?, usage))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                Ok(rows)
+            })
+            .await
     }
 
     /// The value of `key` in `actor` of `handler`.
-    pub fn get(
+    pub async fn get(
         &self,
         handler: &str,
         actor: &str,
         key: &str,
     ) -> Result<Option<Vec<u8>>, StorageError> {
         bounds::storage_address(actor, key)?;
-        Ok(self
-            .conn()
-            .prepare_cached(
-                "SELECT value FROM actor_values WHERE handler = ?1 AND actor = ?2 AND key = ?3",
-            )?
-            .query_row(params![handler, actor, key], |r| r.get(0))
-            .optional()?)
+        let address = (handler.to_owned(), actor.to_owned(), key.to_owned());
+        self.db
+            .read(move |conn| {
+                let (handler, actor, key) = address;
+                Ok(conn
+                    .prepare_cached(
+                        "SELECT value FROM actor_values
+                         WHERE handler = ?1 AND actor = ?2 AND key = ?3",
+                    )?
+                    .query_row(params![handler, actor, key], |r| r.get(0))
+                    .optional()?)
+            })
+            .await
     }
 
     /// Stores `value` under `key` in `actor` of `handler`, within `handler`'s quota: the
     /// usage check and the write are one transaction, and a value replacing another
     /// counts the difference.
-    pub fn put(
+    pub async fn put(
         &self,
         handler: &str,
         actor: &str,
@@ -161,66 +173,78 @@ impl ActorStorage {
         bounds::storage_address(actor, key)?;
         bounds::check("value", value.len(), MAX_VALUE_BYTES)?;
         let quota = self.quota(handler);
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let replaced: Option<i64> = tx
-            .prepare_cached(&format!(
-                "SELECT {ROW_BYTES} FROM actor_values
-                 WHERE handler = ?1 AND actor = ?2 AND key = ?3"
-            ))?
-            .query_row(params![handler, actor, key], |r| r.get(0))
-            .optional()?;
-        let usage = usage_of(&tx, handler)?;
-        let row_bytes = (actor.len() + key.len() + value.len()) as u64;
-        let after = Usage {
-            keys: usage.keys + u64::from(replaced.is_none()),
-            bytes: (usage.bytes + row_bytes).saturating_sub(replaced.unwrap_or(0) as u64),
-        };
-        if after.keys > quota.keys && after.keys > usage.keys {
-            return Err(StorageError::Refused(format!(
-                "actor storage quota of {} keys reached: consumer `{handler}` keeps {} keys",
-                quota.keys, usage.keys
-            )));
-        }
-        if after.bytes > quota.bytes && after.bytes > usage.bytes {
-            return Err(StorageError::Refused(format!(
-                "actor storage quota of {} bytes reached: consumer `{handler}` keeps {} bytes \
-                 and this value would make it {}",
-                quota.bytes, usage.bytes, after.bytes
-            )));
-        }
-        tx.prepare_cached(
-            "INSERT INTO actor_values (handler, actor, key, value) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (handler, actor, key) DO UPDATE SET value = ?4",
-        )?
-        .execute(params![handler, actor, key, value])?;
-        set_usage(&tx, handler, after)?;
-        tx.commit()?;
-        Ok(())
+        let row = (
+            handler.to_owned(),
+            actor.to_owned(),
+            key.to_owned(),
+            value.to_vec(),
+        );
+        self.db
+            .write(move |conn| {
+                let (handler, actor, key, value) = row;
+                let replaced: Option<i64> = conn
+                    .prepare_cached(&format!(
+                        "SELECT {ROW_BYTES} FROM actor_values
+                         WHERE handler = ?1 AND actor = ?2 AND key = ?3"
+                    ))?
+                    .query_row(params![handler, actor, key], |r| r.get(0))
+                    .optional()?;
+                let usage = usage_of(conn, &handler)?;
+                let row_bytes = (actor.len() + key.len() + value.len()) as u64;
+                let after = Usage {
+                    keys: usage.keys + u64::from(replaced.is_none()),
+                    bytes: (usage.bytes + row_bytes).saturating_sub(replaced.unwrap_or(0) as u64),
+                };
+                if after.keys > quota.keys && after.keys > usage.keys {
+                    return Err(StorageError::Refused(format!(
+                        "actor storage quota of {} keys reached: consumer `{handler}` keeps {} \
+                         keys",
+                        quota.keys, usage.keys
+                    )));
+                }
+                if after.bytes > quota.bytes && after.bytes > usage.bytes {
+                    return Err(StorageError::Refused(format!(
+                        "actor storage quota of {} bytes reached: consumer `{handler}` keeps {} \
+                         bytes and this value would make it {}",
+                        quota.bytes, usage.bytes, after.bytes
+                    )));
+                }
+                conn.prepare_cached(
+                    "INSERT INTO actor_values (handler, actor, key, value) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (handler, actor, key) DO UPDATE SET value = ?4",
+                )?
+                .execute(params![handler, actor, key, value])?;
+                set_usage(conn, &handler, after)?;
+                Ok(())
+            })
+            .await
     }
 
     /// Deletes `key` from `actor` of `handler`.
-    pub fn delete(&self, handler: &str, actor: &str, key: &str) -> Result<(), StorageError> {
+    pub async fn delete(&self, handler: &str, actor: &str, key: &str) -> Result<(), StorageError> {
         bounds::storage_address(actor, key)?;
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let deleted: Option<i64> = tx
-            .prepare_cached(&format!(
-                "DELETE FROM actor_values WHERE handler = ?1 AND actor = ?2 AND key = ?3
-                 RETURNING {ROW_BYTES}"
-            ))?
-            .query_row(params![handler, actor, key], |r| r.get(0))
-            .optional()?;
-        if let Some(bytes) = deleted {
-            let usage = usage_of(&tx, handler)?;
-            let after = Usage {
-                keys: usage.keys.saturating_sub(1),
-                bytes: usage.bytes.saturating_sub(bytes as u64),
-            };
-            set_usage(&tx, handler, after)?;
-        }
-        tx.commit()?;
-        Ok(())
+        let address = (handler.to_owned(), actor.to_owned(), key.to_owned());
+        self.db
+            .write(move |conn| {
+                let (handler, actor, key) = address;
+                let deleted: Option<i64> = conn
+                    .prepare_cached(&format!(
+                        "DELETE FROM actor_values WHERE handler = ?1 AND actor = ?2 AND key = ?3
+                         RETURNING {ROW_BYTES}"
+                    ))?
+                    .query_row(params![handler, actor, key], |r| r.get(0))
+                    .optional()?;
+                if let Some(bytes) = deleted {
+                    let usage = usage_of(conn, &handler)?;
+                    let after = Usage {
+                        keys: usage.keys.saturating_sub(1),
+                        bytes: usage.bytes.saturating_sub(bytes as u64),
+                    };
+                    set_usage(conn, &handler, after)?;
+                }
+                Ok(())
+            })
+            .await
     }
 
     /// One page of the keys of `actor` of `handler` starting with `prefix`, with their
@@ -228,7 +252,7 @@ impl ActorStorage {
     /// the first when `None`), at most `limit` of them and [`MAX_LIST_PAGE`] in any case.
     /// A page ends early, after at least one entry, once it holds
     /// [`MAX_LIST_PAGE_BYTES`] of keys and values; an empty page ends the listing.
-    pub fn list_prefix(
+    pub async fn list_prefix(
         &self,
         handler: &str,
         actor: &str,
@@ -240,31 +264,41 @@ impl ActorStorage {
         if let Some(after) = start_after {
             bounds::check("start-after key", after.len(), bounds::MAX_KEY_BYTES)?;
         }
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT key, value FROM actor_values
-             WHERE handler = ?1 AND actor = ?2 AND key >= ?3 AND (?4 IS NULL OR key > ?4)
-               AND substr(key, 1, length(?3)) = ?3
-             ORDER BY key LIMIT ?5",
-        )?;
-        let limit = limit.min(MAX_LIST_PAGE);
-        let mut rows = stmt.query(params![handler, actor, prefix, start_after, limit])?;
-        let (mut page, mut bytes) = (Vec::new(), 0);
-        while let Some(row) = rows.next()? {
-            if bytes >= MAX_LIST_PAGE_BYTES {
-                break;
-            }
-            let (key, value): (String, Vec<u8>) = (row.get(0)?, row.get(1)?);
-            bytes += key.len() + value.len();
-            page.push((key, value));
-        }
-        Ok(page)
+        let range = (
+            handler.to_owned(),
+            actor.to_owned(),
+            prefix.to_owned(),
+            start_after.map(str::to_owned),
+            limit.min(MAX_LIST_PAGE),
+        );
+        self.db
+            .read(move |conn| {
+                let (handler, actor, prefix, start_after, limit) = range;
+                let mut stmt = conn.prepare_cached(
+                    "SELECT key, value FROM actor_values
+                     WHERE handler = ?1 AND actor = ?2 AND key >= ?3 AND (?4 IS NULL OR key > ?4)
+                       AND substr(key, 1, length(?3)) = ?3
+                     ORDER BY key LIMIT ?5",
+                )?;
+                let mut rows = stmt.query(params![handler, actor, prefix, start_after, limit])?;
+                let (mut page, mut bytes) = (Vec::new(), 0);
+                while let Some(row) = rows.next()? {
+                    if bytes >= MAX_LIST_PAGE_BYTES {
+                        break;
+                    }
+                    let (key, value): (String, Vec<u8>) = (row.get(0)?, row.get(1)?);
+                    bytes += key.len() + value.len();
+                    page.push((key, value));
+                }
+                Ok(page)
+            })
+            .await
     }
 }
 
-/// What `handler` keeps, as of the transaction `tx`.
-fn usage_of(tx: &rusqlite::Transaction<'_>, handler: &str) -> rusqlite::Result<Usage> {
-    let usage: Option<(i64, i64)> = tx
+/// What `handler` keeps, as `conn` sees it.
+fn usage_of(conn: &Connection, handler: &str) -> rusqlite::Result<Usage> {
+    let usage: Option<(i64, i64)> = conn
         .prepare_cached("SELECT keys, bytes FROM actor_usage WHERE handler = ?1")?
         .query_row([handler], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
@@ -274,9 +308,9 @@ fn usage_of(tx: &rusqlite::Transaction<'_>, handler: &str) -> rusqlite::Result<U
     }))
 }
 
-/// Records what `handler` keeps, in the transaction `tx`.
-fn set_usage(tx: &rusqlite::Transaction<'_>, handler: &str, usage: Usage) -> rusqlite::Result<()> {
-    tx.prepare_cached(
+/// Records what `handler` keeps, in `conn`'s transaction.
+fn set_usage(conn: &Connection, handler: &str, usage: Usage) -> rusqlite::Result<()> {
+    conn.prepare_cached(
         "INSERT INTO actor_usage (handler, keys, bytes) VALUES (?1, ?2, ?3)
          ON CONFLICT (handler) DO UPDATE SET keys = ?2, bytes = ?3",
     )?
@@ -288,25 +322,33 @@ fn set_usage(tx: &rusqlite::Transaction<'_>, handler: &str, usage: Usage) -> rus
 mod tests {
     use super::*;
 
+    /// Waits for a storage call (the work runs on the database's threads).
+    fn run<T>(call: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(call)
+    }
+
     fn open(dir: &tempfile::TempDir) -> ActorStorage {
         ActorStorage::open(&crate::store::test_db(dir.path())).unwrap()
     }
 
     fn list(store: &ActorStorage, prefix: &str) -> Vec<(String, Vec<u8>)> {
-        store.list_prefix("h1", "a", prefix, None, 100).unwrap()
+        run(store.list_prefix("h1", "a", prefix, None, 100)).unwrap()
     }
 
     #[test]
     fn values_are_scoped_by_handler_and_actor() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
-        store.put("h1", "a", "count:x", b"1").unwrap();
-        store.put("h1", "a", "count:y", b"2").unwrap();
-        store.put("h1", "a", "other", b"3").unwrap();
-        store.put("h2", "a", "count:x", b"9").unwrap();
-        store.put("h1", "b", "count:x", b"8").unwrap();
+        run(store.put("h1", "a", "count:x", b"1")).unwrap();
+        run(store.put("h1", "a", "count:y", b"2")).unwrap();
+        run(store.put("h1", "a", "other", b"3")).unwrap();
+        run(store.put("h2", "a", "count:x", b"9")).unwrap();
+        run(store.put("h1", "b", "count:x", b"8")).unwrap();
         assert_eq!(
-            store.get("h1", "a", "count:x").unwrap().as_deref(),
+            run(store.get("h1", "a", "count:x")).unwrap().as_deref(),
             Some(&b"1"[..])
         );
         assert_eq!(
@@ -316,9 +358,9 @@ mod tests {
                 ("count:y".into(), b"2".to_vec())
             ]
         );
-        store.put("h1", "a", "count:x", b"5").unwrap();
-        store.delete("h1", "a", "count:y").unwrap();
-        store.delete("h1", "a", "missing").unwrap();
+        run(store.put("h1", "a", "count:x", b"5")).unwrap();
+        run(store.delete("h1", "a", "count:y")).unwrap();
+        run(store.delete("h1", "a", "missing")).unwrap();
         assert_eq!(list(&store, "count:"), [("count:x".into(), b"5".to_vec())]);
     }
 
@@ -330,14 +372,19 @@ mod tests {
             Err(StorageError::Refused(why)) => why,
             other => panic!("{other:?}"),
         };
-        let why = refused(store.put("h", "a", "big", &vec![0; MAX_VALUE_BYTES + 1]));
+        let why = refused(run(store.put(
+            "h",
+            "a",
+            "big",
+            &vec![0; MAX_VALUE_BYTES + 1],
+        )));
         assert_eq!(why, "value of 131073 bytes exceeds the 131072-byte limit");
-        let why = refused(store.put("h", "a", &"k".repeat(8 << 20), b"v"));
+        let why = refused(run(store.put("h", "a", &"k".repeat(8 << 20), b"v")));
         assert!(why.starts_with("key of 8388608 bytes"), "{why}");
-        let why = refused(store.delete("h", &"a".repeat(257), "k"));
+        let why = refused(run(store.delete("h", &"a".repeat(257), "k")));
         assert!(why.contains("actor name of 257 bytes"), "{why}");
-        assert!(store.get("h", "a", &"k".repeat(1025)).is_err());
-        assert_eq!(store.usage().unwrap(), [], "nothing was stored");
+        assert!(run(store.get("h", "a", &"k".repeat(1025))).is_err());
+        assert_eq!(run(store.usage()).unwrap(), [], "nothing was stored");
     }
 
     #[test]
@@ -352,23 +399,25 @@ mod tests {
             },
         );
         // Each row counts the actor name (1), the key (2) and the value.
-        store.put("h", "a", "k1", &[0; 27]).unwrap();
-        store.put("h", "a", "k2", &[0; 27]).unwrap();
-        let usage = |store: &ActorStorage| store.usage().unwrap()[0].1;
+        run(store.put("h", "a", "k1", &[0; 27])).unwrap();
+        run(store.put("h", "a", "k2", &[0; 27])).unwrap();
+        let usage = |store: &ActorStorage| run(store.usage()).unwrap()[0].1;
         assert_eq!(usage(&store), Usage { keys: 2, bytes: 60 });
-        let err = store.put("h", "a", "k3", &[0; 38]).unwrap_err().to_string();
+        let err = run(store.put("h", "a", "k3", &[0; 38]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("quota of 100 bytes"), "{err}");
-        store.put("h", "a", "k1", &[0; 7]).unwrap();
+        run(store.put("h", "a", "k1", &[0; 7])).unwrap();
         assert_eq!(usage(&store), Usage { keys: 2, bytes: 40 }, "shrunk");
-        store.put("h", "a", "k3", &[0; 37]).unwrap();
+        run(store.put("h", "a", "k3", &[0; 37])).unwrap();
         assert_eq!(usage(&store), Usage { keys: 3, bytes: 80 });
-        let err = store.put("h", "a", "k4", b"").unwrap_err().to_string();
+        let err = run(store.put("h", "a", "k4", b"")).unwrap_err().to_string();
         assert!(err.contains("quota of 3 keys"), "{err}");
-        store.put("h", "a", "k3", &[1; 37]).unwrap();
-        store.put("other", "a", "k4", &[0; 100]).unwrap();
-        store.delete("h", "a", "k2").unwrap();
+        run(store.put("h", "a", "k3", &[1; 37])).unwrap();
+        run(store.put("other", "a", "k4", &[0; 100])).unwrap();
+        run(store.delete("h", "a", "k2")).unwrap();
         assert_eq!(usage(&store), Usage { keys: 2, bytes: 50 });
-        store.put("h", "a", "k4", b"").unwrap();
+        run(store.put("h", "a", "k4", b"")).unwrap();
 
         drop(store);
         let reopened = open(&dir);
@@ -407,9 +456,9 @@ mod tests {
             },
         );
         for i in 0..2500 {
-            store.put("h1", "a", &format!("k:{i:05}"), b"v").unwrap();
+            run(store.put("h1", "a", &format!("k:{i:05}"), b"v")).unwrap();
         }
-        store.put("h1", "a", "l", b"v").unwrap();
+        run(store.put("h1", "a", "l", b"v")).unwrap();
         let mut pages = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -436,7 +485,7 @@ mod tests {
                 .put("h1", "big", &format!("{i:02}"), &[0; 100 * 1024])
                 .unwrap();
         }
-        let page = store.list_prefix("h1", "big", "", None, 1000).unwrap();
+        let page = run(store.list_prefix("h1", "big", "", None, 1000)).unwrap();
         assert_eq!(page.len(), 11, "a page ends once it holds 1 MiB");
     }
 }

@@ -85,15 +85,6 @@ impl IntoResponse for AgentError {
     }
 }
 
-/// Runs a registry call off the async threads (SQLite blocks).
-async fn blocking<T: Send + 'static>(
-    call: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
-) -> Result<T, AgentError> {
-    tokio::task::spawn_blocking(call)
-        .await
-        .map_err(|e| AgentError::Storage(e.to_string()))?
-}
-
 /// The body of `POST /v1/agents`.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,7 +103,9 @@ async fn add_agent(State(state): State<AdminState>, body: Bytes) -> Result<Json<
         )
     })?;
     let did = request.did.clone();
-    let token = blocking(move || state.agents.register(&request.did, &state.trust))
+    let token = state
+        .agents
+        .register(&request.did, &state.trust)
         .await
         .map_err(IntoResponse::into_response)?;
     tracing::info!(agent = %did, "agent registered");
@@ -121,7 +114,7 @@ async fn add_agent(State(state): State<AdminState>, body: Bytes) -> Result<Json<
 
 /// `GET /v1/agents`: the registered agents (never their tokens).
 async fn list_agents(State(state): State<AdminState>) -> Result<Json<Value>, AgentError> {
-    let agents = blocking(move || Ok(state.agents.list()?)).await?;
+    let agents = state.agents.list().await?;
     let agents: Vec<Value> = agents
         .into_iter()
         .map(|a| json!({"did": a.did, "addedAt": crate::clock::iso8601(a.added_ms)}))
@@ -135,9 +128,7 @@ async fn remove_agent(
     State(state): State<AdminState>,
     UrlPath(did): UrlPath<String>,
 ) -> Result<Json<Value>, AgentError> {
-    let agents = state.agents.clone();
-    let removed = did.clone();
-    blocking(move || agents.remove(&removed)).await?;
+    state.agents.remove(&did).await?;
     let closed = state.hub.close(&did, 1008, "agent_removed");
     tracing::info!(agent = %did, closed, "agent removed");
     Ok(Json(
@@ -171,16 +162,9 @@ fn storage_error(err: impl std::fmt::Display) -> Response {
     error(StatusCode::SERVICE_UNAVAILABLE, code, err.to_string())
 }
 
-/// Runs a token store call off the async threads (SQLite blocks).
-async fn tokens_blocking<T: Send + 'static>(
-    state: &AdminState,
-    call: impl FnOnce(&TokenStore) -> anyhow::Result<T> + Send + 'static,
-) -> Result<T, Response> {
-    let tokens = state.tokens.clone();
-    tokio::task::spawn_blocking(move || call(&tokens))
-        .await
-        .map_err(storage_error)?
-        .map_err(|e| storage_error(format!("{e:#}")))
+/// The answer to a token store call that failed.
+fn token_storage_error(err: anyhow::Error) -> Response {
+    storage_error(format!("{err:#}"))
 }
 
 /// `POST /v1/tokens`: issues a token (a producer token for the served queues it names,
@@ -223,10 +207,11 @@ async fn add_token(State(state): State<AdminState>, body: Bytes) -> Result<Json<
             ),
         ));
     }
-    let (token, secret) = tokens_blocking(&state, move |tokens| {
-        tokens.create(request.role, &request.queues, &request.name)
-    })
-    .await?;
+    let (token, secret) = state
+        .tokens
+        .create(request.role, &request.queues, &request.name)
+        .await
+        .map_err(token_storage_error)?;
     tracing::info!(id = %token.id, role = token.role.name(), queues = ?token.queues, "token issued");
     let mut body = token_json(&token);
     body["token"] = secret.into();
@@ -235,7 +220,7 @@ async fn add_token(State(state): State<AdminState>, body: Bytes) -> Result<Json<
 
 /// `GET /v1/tokens`: the issued tokens (never their secrets).
 async fn list_tokens(State(state): State<AdminState>) -> Result<Json<Value>, Response> {
-    let tokens = tokens_blocking(&state, TokenStore::list).await?;
+    let tokens = state.tokens.list().await.map_err(token_storage_error)?;
     let tokens: Vec<Value> = tokens.iter().map(token_json).collect();
     Ok(Json(json!({"tokens": tokens})))
 }
@@ -245,8 +230,12 @@ async fn remove_token(
     State(state): State<AdminState>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<Value>, Response> {
-    let removing = id.clone();
-    if !tokens_blocking(&state, move |tokens| tokens.remove(&removing)).await? {
+    if !state
+        .tokens
+        .remove(&id)
+        .await
+        .map_err(token_storage_error)?
+    {
         return Err(error(
             StatusCode::NOT_FOUND,
             "token_not_found",

@@ -11,7 +11,7 @@ use rusqlite::{OptionalExtension, params};
 
 use crate::clock::now_ms;
 use crate::crypto::{random_token, sha256_hex};
-use crate::store::{self, Database};
+use crate::store::{Database, StoreError};
 use crate::trust::{TrustError, TrustStore};
 
 /// Why an agent cannot be added or removed.
@@ -54,6 +54,12 @@ impl From<anyhow::Error> for AgentError {
     }
 }
 
+impl From<StoreError> for AgentError {
+    fn from(err: StoreError) -> Self {
+        AgentError::Storage(err.to_string())
+    }
+}
+
 impl From<TrustError> for AgentError {
     fn from(err: TrustError) -> Self {
         match err {
@@ -84,7 +90,7 @@ impl Refusal {
 
 /// The agent registry, in SQLite.
 pub struct AgentRegistry {
-    db: store::Shared,
+    db: Database,
 }
 
 /// A registered agent.
@@ -97,105 +103,123 @@ pub struct Agent {
 }
 
 impl AgentRegistry {
-    /// Opens (or creates) the registry in `database`.
-    pub fn open(database: &Database) -> Result<Self> {
-        let db = database.shared(
+    /// Opens (or creates) the registry in `db`.
+    pub fn open(db: &Database) -> Result<Self> {
+        db.connection(
             "CREATE TABLE IF NOT EXISTS agents (
                  did        TEXT PRIMARY KEY,
                  token_hash TEXT NOT NULL,
                  added_ms   INTEGER NOT NULL
              );",
         )?;
-        Ok(AgentRegistry { db })
+        Ok(AgentRegistry { db: db.clone() })
     }
 
     /// Registers `did` and returns its new secret token (to be shown once), whatever the
     /// trust store says (see [`AgentRegistry::register`]).
-    pub fn add(&self, did: &str) -> Result<String, AgentError> {
+    pub async fn add(&self, did: &str) -> Result<String, AgentError> {
         validate_agent_did(did).map_err(|reason| AgentError::InvalidDid {
             did: did.to_owned(),
             reason,
         })?;
         let token = random_token("cqa_")?;
-        let inserted = self.db.lock().execute(
-            "INSERT OR IGNORE INTO agents (did, token_hash, added_ms) VALUES (?1, ?2, ?3)",
-            params![did, sha256_hex(token.as_bytes()), now_ms()],
-        )?;
-        if inserted == 0 {
-            return Err(AgentError::AlreadyRegistered(did.to_owned()));
-        }
+        let (did, hash) = (did.to_owned(), sha256_hex(token.as_bytes()));
+        self.db
+            .write(move |conn| {
+                let inserted = conn.execute(
+                    "INSERT OR IGNORE INTO agents (did, token_hash, added_ms) VALUES (?1, ?2, ?3)",
+                    params![did, hash, now_ms()],
+                )?;
+                match inserted {
+                    0 => Err(AgentError::AlreadyRegistered(did)),
+                    _ => Ok(()),
+                }
+            })
+            .await?;
         Ok(token)
     }
 
     /// Registers `did` unless `trust` holds it revoked (its connector could never
     /// connect), and returns its new secret token (to be shown once).
-    pub fn register(&self, did: &str, trust: &TrustStore) -> Result<String, AgentError> {
-        if trust.is_revoked(did)? {
+    pub async fn register(&self, did: &str, trust: &TrustStore) -> Result<String, AgentError> {
+        if trust.is_revoked(did).await? {
             return Err(AgentError::Revoked(did.to_owned()));
         }
-        self.add(did)
+        self.add(did).await
     }
 
     /// Removes `did`, which must be registered. Its open connection, if any, is the
     /// caller's to close.
-    pub fn remove(&self, did: &str) -> Result<(), AgentError> {
-        let removed = self
-            .db
-            .lock()
-            .execute("DELETE FROM agents WHERE did = ?1", [did])?;
-        if removed == 0 {
-            return Err(AgentError::NotRegistered(did.to_owned()));
-        }
-        Ok(())
+    pub async fn remove(&self, did: &str) -> Result<(), AgentError> {
+        let did = did.to_owned();
+        self.db
+            .write(
+                move |conn| match conn.execute("DELETE FROM agents WHERE did = ?1", [&did])? {
+                    0 => Err(AgentError::NotRegistered(did)),
+                    _ => Ok(()),
+                },
+            )
+            .await
     }
 
     /// Every registered agent, by DID.
-    pub fn list(&self) -> Result<Vec<Agent>> {
-        let conn = self.db.lock();
-        let mut stmt = conn.prepare("SELECT did, added_ms FROM agents ORDER BY did")?;
-        let agents = stmt
-            .query_map([], |r| {
-                Ok(Agent {
-                    did: r.get(0)?,
-                    added_ms: r.get(1)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(agents)
+    pub async fn list(&self) -> Result<Vec<Agent>> {
+        self.db
+            .read(|conn| {
+                let mut stmt = conn.prepare("SELECT did, added_ms FROM agents ORDER BY did")?;
+                let agents = stmt
+                    .query_map([], |r| {
+                        Ok(Agent {
+                            did: r.get(0)?,
+                            added_ms: r.get(1)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                Ok(agents)
+            })
+            .await
     }
 
     /// Whether the connector of `did` presenting `token` may connect: `Ok(None)` if so,
     /// else why not; `Err` when the stores cannot say.
-    pub fn admission(&self, did: &str, token: &str, trust: &TrustStore) -> Result<Option<Refusal>> {
-        if !self.authenticate(did, token)? {
+    pub async fn admission(
+        &self,
+        did: &str,
+        token: &str,
+        trust: &TrustStore,
+    ) -> Result<Option<Refusal>> {
+        if !self.authenticate(did, token).await? {
             return Ok(Some(Refusal::UnknownOrWrongToken));
         }
-        if trust.is_revoked(did)? {
+        if trust.is_revoked(did).await? {
             return Ok(Some(Refusal::Revoked));
         }
         Ok(None)
     }
 
     /// Whether `token` is the token of agent `did`.
-    pub fn authenticate(&self, did: &str, token: &str) -> Result<bool> {
-        let found: Option<i64> = self
-            .db
-            .lock()
-            .prepare_cached("SELECT 1 FROM agents WHERE did = ?1 AND token_hash = ?2")?
-            .query_row(params![did, sha256_hex(token.as_bytes())], |r| r.get(0))
-            .optional()?;
-        Ok(found.is_some())
+    pub async fn authenticate(&self, did: &str, token: &str) -> Result<bool> {
+        let (did, hash) = (did.to_owned(), sha256_hex(token.as_bytes()));
+        self.db
+            .read(move |conn| {
+                let found: Option<i64> = conn
+                    .prepare_cached("SELECT 1 FROM agents WHERE did = ?1 AND token_hash = ?2")?
+                    .query_row(params![did, hash], |r| r.get(0))
+                    .optional()?;
+                Ok(found.is_some())
+            })
+            .await
     }
 }
 
-/// [`AgentRegistry::admission`] off the async threads (SQLite blocks).
+/// [`AgentRegistry::admission`] for callers holding the stores by `Arc`.
 pub async fn admit(
     agents: Arc<AgentRegistry>,
     trust: Arc<TrustStore>,
     did: String,
     token: String,
 ) -> Result<Option<Refusal>> {
-    tokio::task::spawn_blocking(move || agents.admission(&did, &token, &trust)).await?
+    agents.admission(&did, &token, &trust).await
 }
 
 #[cfg(test)]
@@ -204,43 +228,50 @@ mod tests {
 
     const DID: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
 
-    #[test]
-    fn tokens_authenticate_only_their_agent() {
+    #[tokio::test]
+    async fn tokens_authenticate_only_their_agent() {
         let dir = tempfile::tempdir().unwrap();
         let agents = AgentRegistry::open(&crate::store::test_db(dir.path())).unwrap();
-        let token = agents.add(DID).unwrap();
-        assert!(agents.authenticate(DID, &token).unwrap());
-        assert!(!agents.authenticate(DID, "cqa_wrong").unwrap());
+        let token = agents.add(DID).await.unwrap();
+        assert!(agents.authenticate(DID, &token).await.unwrap());
+        assert!(!agents.authenticate(DID, "cqa_wrong").await.unwrap());
         let other = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
-        assert!(!agents.authenticate(other, &token).unwrap());
+        assert!(!agents.authenticate(other, &token).await.unwrap());
         assert!(
             agents
                 .add(DID)
+                .await
                 .unwrap_err()
                 .to_string()
                 .contains("already registered")
         );
-        assert!(agents.add("did:cdi:bad").is_err());
-        assert_eq!(agents.list().unwrap().len(), 1);
-        agents.remove(DID).unwrap();
-        assert!(!agents.authenticate(DID, &token).unwrap());
+        assert!(agents.add("did:cdi:bad").await.is_err());
+        assert_eq!(agents.list().await.unwrap().len(), 1);
+        agents.remove(DID).await.unwrap();
+        assert!(!agents.authenticate(DID, &token).await.unwrap());
         assert!(matches!(
-            agents.remove(DID),
+            agents.remove(DID).await,
             Err(AgentError::NotRegistered(_))
         ));
     }
 
-    #[test]
-    fn a_revoked_agent_is_not_registered() {
+    #[tokio::test]
+    async fn a_revoked_agent_is_not_registered() {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::store::test_db(dir.path());
         let agents = AgentRegistry::open(&db).unwrap();
         let trust = TrustStore::open(&db, std::time::Duration::from_secs(60)).unwrap();
-        trust.revoke(DID).unwrap();
-        let err = agents.register(DID, &trust).unwrap_err();
+        trust.revoke(DID).await.unwrap();
+        let err = agents.register(DID, &trust).await.unwrap_err();
         assert!(matches!(err, AgentError::Revoked(_)), "{err}");
-        assert!(agents.list().unwrap().is_empty(), "nothing stored");
+        assert!(agents.list().await.unwrap().is_empty(), "nothing stored");
         let other = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
-        assert!(agents.register(other, &trust).unwrap().starts_with("cqa_"));
+        assert!(
+            agents
+                .register(other, &trust)
+                .await
+                .unwrap()
+                .starts_with("cqa_")
+        );
     }
 }

@@ -393,13 +393,7 @@ async fn agent_trust(
     State(state): State<AppState>,
     Path(did): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let trust = state.trust.clone();
-    let lookup_did = did.clone();
-    let found = tokio::task::spawn_blocking(move || trust.lookup(&lookup_did))
-        .await
-        .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
+    let found = state.trust.lookup(&did).await?;
     Ok(Json(json!({
         "did": did,
         "revoked": found.revoked_at_ms.is_some(),

@@ -226,11 +226,10 @@ impl AuthState {
         if bool::from(sha256(given.as_bytes()).ct_eq(&self.admin)) {
             return Ok(Principal::Admin);
         }
-        let (tokens, secret) = (self.tokens.clone(), given.to_owned());
-        let found = tokio::task::spawn_blocking(move || tokens.find(&secret))
+        let found = self
+            .tokens
+            .find(given)
             .await
-            .map_err(anyhow::Error::from)
-            .and_then(|found| found)
             .map_err(|err| unavailable(&err))?;
         let Some(token) = found else {
             return Err(unauthorized("unknown token"));

@@ -415,7 +415,7 @@ async fn handlers(command: HandlersCommand) -> Result<()> {
 async fn agents(command: AgentsCommand, offline: Option<PathBuf>) -> Result<()> {
     use reqwest::Method;
     if let Some(dir) = offline {
-        return agents_offline(&command, &dir);
+        return agents_offline(&command, &dir).await;
     }
     match command {
         AgentsCommand::Add { did, admin } => {
@@ -469,7 +469,7 @@ fn print_token(did: &str, token: &str) {
 
 /// Runs an `agents` subcommand on the registry of the data directory `dir`, without the
 /// host; an agent its trust store holds revoked is not added.
-fn agents_offline(command: &AgentsCommand, dir: &std::path::Path) -> Result<()> {
+async fn agents_offline(command: &AgentsCommand, dir: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", dir.display()))?;
     // One commit, then the process exits: it may as well be on disk when it does.
@@ -478,10 +478,10 @@ fn agents_offline(command: &AgentsCommand, dir: &std::path::Path) -> Result<()> 
     match command {
         AgentsCommand::Add { did, .. } => {
             let trust = clawq::trust::TrustStore::open(&db, clawq::config::DEFAULT_REVOCATION_TTL)?;
-            print_token(did, &registry.register(did, &trust)?);
+            print_token(did, &registry.register(did, &trust).await?);
         }
         AgentsCommand::Remove { did, .. } => {
-            registry.remove(did)?;
+            registry.remove(did).await?;
             eprintln!(
                 "agent {did} removed from {}; a host serving it refuses its next connect \
                  (remove it through the host to close its open connection too)",
@@ -489,7 +489,7 @@ fn agents_offline(command: &AgentsCommand, dir: &std::path::Path) -> Result<()> 
             );
         }
         AgentsCommand::List { .. } => {
-            for agent in registry.list()? {
+            for agent in registry.list().await? {
                 println!("{}\t{}", agent.did, clawq::clock::iso8601(agent.added_ms));
             }
         }

@@ -273,7 +273,7 @@ async fn scrape(State(state): State<MetricsState>) -> Response {
         let version = short(slot.current().version());
         gauge!("clawq_handler_current_version", "consumer" => consumer.clone(), "version" => version).set(1.0);
     }
-    match state.storage.usage() {
+    match state.storage.usage().await {
         Ok(usage) => {
             // A consumer that never stored anything has no usage row: it uses nothing.
             let unused = state

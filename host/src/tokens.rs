@@ -8,7 +8,7 @@ use rusqlite::{OptionalExtension, params};
 
 use crate::clock::now_ms;
 use crate::crypto::{random_token, sha256_hex};
-use crate::store::{self, Database};
+use crate::store::{Database, StoreError};
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -63,20 +63,24 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS tokens (
 
 /// The issued tokens, in SQLite.
 pub struct TokenStore {
-    db: store::Shared,
+    db: Database,
 }
 
 impl TokenStore {
     /// Opens (or creates) the store in `db`.
     pub fn open(db: &Database) -> Result<Self> {
-        Ok(TokenStore {
-            db: db.shared(SCHEMA)?,
-        })
+        db.connection(SCHEMA)?;
+        Ok(TokenStore { db: db.clone() })
     }
 
     /// Issues a token of `role` for `queues`, named `name`; returns it and its secret
     /// (to be shown once).
-    pub fn create(&self, role: Role, queues: &[String], name: &str) -> Result<(Token, String)> {
+    pub async fn create(
+        &self,
+        role: Role,
+        queues: &[String],
+        name: &str,
+    ) -> Result<(Token, String)> {
         let secret = random_token(match role {
             Role::Producer => "cqp_",
             Role::Admin => "cqadm_",
@@ -88,53 +92,69 @@ impl TokenStore {
             queues: queues.to_vec(),
             created_ms: now_ms(),
         };
-        self.db.lock().execute(
-            "INSERT INTO tokens (id, name, role, queues, token_hash, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                token.id,
-                token.name,
-                role.name(),
-                serde_json::to_string(&token.queues)?,
-                sha256_hex(secret.as_bytes()),
-                token.created_ms
-            ],
-        )?;
+        let row = (
+            token.id.clone(),
+            token.name.clone(),
+            serde_json::to_string(&token.queues)?,
+            sha256_hex(secret.as_bytes()),
+            token.created_ms,
+        );
+        self.db
+            .write(move |conn| {
+                let (id, name, queues, hash, created_ms) = row;
+                conn.execute(
+                    "INSERT INTO tokens (id, name, role, queues, token_hash, created_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![id, name, role.name(), queues, hash, created_ms],
+                )?;
+                Ok::<_, anyhow::Error>(())
+            })
+            .await?;
         Ok((token, secret))
     }
 
     /// Every issued token, oldest first.
-    pub fn list(&self) -> Result<Vec<Token>> {
-        let conn = self.db.lock();
-        let mut stmt = conn.prepare(
-            "SELECT id, name, role, queues, created_ms FROM tokens ORDER BY created_ms, id",
-        )?;
-        let rows = stmt
-            .query_map([], row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+    pub async fn list(&self) -> Result<Vec<Token>> {
+        let rows = self
+            .db
+            .read(|conn| {
+                conn.prepare(
+                    "SELECT id, name, role, queues, created_ms FROM tokens
+                     ORDER BY created_ms, id",
+                )?
+                .query_map([], row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(StoreError::from)
+            })
+            .await?;
         rows.into_iter().map(decode).collect()
     }
 
     /// Removes the token `id`; whether there was one.
-    pub fn remove(&self, id: &str) -> Result<bool> {
-        Ok(self
-            .db
-            .lock()
-            .execute("DELETE FROM tokens WHERE id = ?1", [id])?
-            > 0)
+    pub async fn remove(&self, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        self.db
+            .write(move |conn| {
+                Ok::<_, anyhow::Error>(conn.execute("DELETE FROM tokens WHERE id = ?1", [id])? > 0)
+            })
+            .await
     }
 
     /// The token whose secret is `secret`, if one was issued and not removed. The secret
     /// is looked up by its SHA-256 hash, so the lookup's timing tells nothing about it.
-    pub fn find(&self, secret: &str) -> Result<Option<Token>> {
+    pub async fn find(&self, secret: &str) -> Result<Option<Token>> {
+        let hash = sha256_hex(secret.as_bytes());
         let found = self
             .db
-            .lock()
-            .prepare_cached(
-                "SELECT id, name, role, queues, created_ms FROM tokens WHERE token_hash = ?1",
-            )?
-            .query_row([sha256_hex(secret.as_bytes())], row)
-            .optional()?;
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT id, name, role, queues, created_ms FROM tokens WHERE token_hash = ?1",
+                )?
+                .query_row([hash], row)
+                .optional()
+                .map_err(StoreError::from)
+            })
+            .await?;
         found.map(decode).transpose()
     }
 }
@@ -161,18 +181,18 @@ fn decode((id, name, role, queues, created_ms): Row) -> Result<Token> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_token_is_found_by_its_secret_until_removed() {
+    #[tokio::test]
+    async fn a_token_is_found_by_its_secret_until_removed() {
         let dir = tempfile::tempdir().unwrap();
         let store = TokenStore::open(&crate::store::test_db(dir.path())).unwrap();
         let queues = vec!["q1".to_owned()];
-        let (token, secret) = store.create(Role::Producer, &queues, "ci").unwrap();
+        let (token, secret) = store.create(Role::Producer, &queues, "ci").await.unwrap();
         assert!(secret.starts_with("cqp_"));
-        assert_eq!(store.find(&secret).unwrap(), Some(token.clone()));
-        assert_eq!(store.find("cqp_wrong").unwrap(), None);
-        assert_eq!(store.list().unwrap(), vec![token.clone()]);
-        assert!(store.remove(&token.id).unwrap());
-        assert!(!store.remove(&token.id).unwrap());
-        assert_eq!(store.find(&secret).unwrap(), None);
+        assert_eq!(store.find(&secret).await.unwrap(), Some(token.clone()));
+        assert_eq!(store.find("cqp_wrong").await.unwrap(), None);
+        assert_eq!(store.list().await.unwrap(), vec![token.clone()]);
+        assert!(store.remove(&token.id).await.unwrap());
+        assert!(!store.remove(&token.id).await.unwrap());
+        assert_eq!(store.find(&secret).await.unwrap(), None);
     }
 }

@@ -1,13 +1,12 @@
 //! The trust store: which agents are revoked, in SQLite so that revocations survive
 //! restarts. It backs the `trust-store` capability and `GET /v1/trust/agents/{did}`.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use clawq_protocol::did::{DidError, validate_agent_did};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{OptionalExtension, params};
 
-use crate::store::Database;
+use crate::store::{Database, StoreError};
 
 use crate::clock::now_ms;
 
@@ -40,6 +39,12 @@ impl From<rusqlite::Error> for TrustError {
     }
 }
 
+impl From<StoreError> for TrustError {
+    fn from(err: StoreError) -> Self {
+        TrustError::Unavailable(err.to_string())
+    }
+}
+
 /// The revocation state of one agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentTrust {
@@ -52,14 +57,14 @@ pub struct AgentTrust {
 
 /// The SQLite trust store.
 pub struct TrustStore {
-    conn: Mutex<Connection>,
+    db: Database,
     marker_ttl: Duration,
 }
 
 impl TrustStore {
     /// Opens (or creates) the trust store in `db`; revocation markers last `marker_ttl`.
     pub fn open(db: &Database, marker_ttl: Duration) -> Result<Self, TrustError> {
-        let conn = db.connection(
+        db.connection(
             "CREATE TABLE IF NOT EXISTS revoked_agents (
                  did        TEXT PRIMARY KEY,
                  revoked_ms INTEGER NOT NULL,
@@ -67,39 +72,47 @@ impl TrustStore {
              );",
         )?;
         Ok(TrustStore {
-            conn: Mutex::new(conn),
+            db: db.clone(),
             marker_ttl,
         })
     }
 
-    /// Marks `did` revoked from now on, refreshing an existing marker.
-    pub fn revoke(&self, did: &str) -> Result<(), TrustError> {
+    /// Marks `did` revoked from now on, refreshing an existing marker; returns once the
+    /// marker is committed.
+    pub async fn revoke(&self, did: &str) -> Result<(), TrustError> {
         check_did(did)?;
+        let did = did.to_owned();
         let now = now_ms();
         let expires = now + self.marker_ttl.as_millis() as u64;
-        self.conn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .prepare_cached(
-                "INSERT INTO revoked_agents (did, revoked_ms, expires_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (did) DO UPDATE SET revoked_ms = ?2, expires_ms = ?3",
-            )?
-            .execute(params![did, now, expires])?;
-        Ok(())
+        self.db
+            .write(move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO revoked_agents (did, revoked_ms, expires_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (did) DO UPDATE SET revoked_ms = ?2, expires_ms = ?3",
+                )?
+                .execute(params![did, now, expires])?;
+                Ok(())
+            })
+            .await
     }
 
     /// The revocation state of `did` now.
-    pub fn lookup(&self, did: &str) -> Result<AgentTrust, TrustError> {
+    pub async fn lookup(&self, did: &str) -> Result<AgentTrust, TrustError> {
         check_did(did)?;
+        let did = did.to_owned();
         let row: Option<(u64, u64)> = self
-            .conn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .prepare_cached(
-                "SELECT revoked_ms, expires_ms FROM revoked_agents WHERE did = ?1 AND expires_ms > ?2",
-            )?
-            .query_row(params![did, now_ms()], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
+            .db
+            .read(move |conn| {
+                Ok::<_, TrustError>(
+                    conn.prepare_cached(
+                        "SELECT revoked_ms, expires_ms FROM revoked_agents
+                         WHERE did = ?1 AND expires_ms > ?2",
+                    )?
+                    .query_row(params![did, now_ms()], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?,
+                )
+            })
+            .await?;
         Ok(AgentTrust {
             revoked_at_ms: row.map(|(revoked, _)| revoked),
             expires_at_ms: row.map(|(_, expires)| expires),
@@ -107,8 +120,8 @@ impl TrustStore {
     }
 
     /// Whether `did` is revoked now.
-    pub fn is_revoked(&self, did: &str) -> Result<bool, TrustError> {
-        Ok(self.lookup(did)?.revoked_at_ms.is_some())
+    pub async fn is_revoked(&self, did: &str) -> Result<bool, TrustError> {
+        Ok(self.lookup(did).await?.revoked_at_ms.is_some())
     }
 }
 
@@ -125,35 +138,35 @@ mod tests {
 
     const DID: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
 
-    #[test]
-    fn revocations_persist_and_expire() {
+    #[tokio::test]
+    async fn revocations_persist_and_expire() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path();
         let store =
             TrustStore::open(&crate::store::test_db(path), Duration::from_secs(3600)).unwrap();
-        assert!(!store.is_revoked(DID).unwrap());
-        store.revoke(DID).unwrap();
-        store.revoke(DID).unwrap();
+        assert!(!store.is_revoked(DID).await.unwrap());
+        store.revoke(DID).await.unwrap();
+        store.revoke(DID).await.unwrap();
         drop(store);
 
         let reopened =
             TrustStore::open(&crate::store::test_db(path), Duration::from_secs(3600)).unwrap();
-        assert!(reopened.is_revoked(DID).unwrap());
+        assert!(reopened.is_revoked(DID).await.unwrap());
 
         let expiring = TrustStore::open(&crate::store::test_db(path), Duration::ZERO).unwrap();
-        expiring.revoke(DID).unwrap();
+        expiring.revoke(DID).await.unwrap();
         assert!(
-            !expiring.is_revoked(DID).unwrap(),
+            !expiring.is_revoked(DID).await.unwrap(),
             "a zero-length marker has expired"
         );
     }
 
-    #[test]
-    fn invalid_dids_are_refused_permanently() {
+    #[tokio::test]
+    async fn invalid_dids_are_refused_permanently() {
         let dir = tempfile::tempdir().unwrap();
         let store =
             TrustStore::open(&crate::store::test_db(dir.path()), Duration::from_secs(1)).unwrap();
-        let err = store.revoke("did:cdi:x:agent:1").unwrap_err();
+        let err = store.revoke("did:cdi:x:agent:1").await.unwrap_err();
         assert!(!err.is_transient());
         assert!(err.to_string().contains("invalid agent DID"));
     }

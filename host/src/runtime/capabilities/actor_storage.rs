@@ -42,7 +42,7 @@ impl actor_storage::Host for ActorStorageView<'_> {
             None => "none".into(),
         };
         recorded(self.calls, "actor-storage.get", args, show, async {
-            (self.storage.get(self.actors, &actor, &key)).map_err(guest_error)
+            (self.storage.get(self.actors, &actor, &key).await).map_err(guest_error)
         })
         .await
     }
@@ -54,7 +54,9 @@ impl actor_storage::Host for ActorStorageView<'_> {
             "actor-storage.put",
             args,
             |_| "ok".into(),
-            async { (self.storage.put(self.actors, &actor, &key, &value)).map_err(guest_error) },
+            async {
+                (self.storage.put(self.actors, &actor, &key, &value).await).map_err(guest_error)
+            },
         )
         .await
     }
@@ -66,7 +68,7 @@ impl actor_storage::Host for ActorStorageView<'_> {
             "actor-storage.delete",
             args,
             |_| "ok".into(),
-            async { (self.storage.delete(self.actors, &actor, &key)).map_err(guest_error) },
+            async { (self.storage.delete(self.actors, &actor, &key).await).map_err(guest_error) },
         )
         .await
     }
@@ -84,7 +86,8 @@ impl actor_storage::Host for ActorStorageView<'_> {
         recorded(self.calls, "actor-storage.list-prefix", args, show, async {
             let page = self
                 .storage
-                .list_prefix(self.actors, &actor, &prefix, after, limit);
+                .list_prefix(self.actors, &actor, &prefix, after, limit)
+                .await;
             page.map_err(guest_error)
         })
         .await

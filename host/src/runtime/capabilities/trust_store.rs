@@ -45,7 +45,7 @@ impl trust_store::Host for TrustStoreView<'_> {
             args,
             |_| "ok".into(),
             async {
-                self.trust.revoke(&did).map_err(guest_error)?;
+                self.trust.revoke(&did).await.map_err(guest_error)?;
                 if self.hub.close(&did, 1008, "agent_revoked") {
                     tracing::info!(agent = %did, "revoked agent's connection closed");
                 }
@@ -62,7 +62,7 @@ impl trust_store::Host for TrustStoreView<'_> {
             "trust-store.is-revoked",
             args,
             bool::to_string,
-            async { self.trust.is_revoked(&did).map_err(guest_error) },
+            async { self.trust.is_revoked(&did).await.map_err(guest_error) },
         )
         .await
     }
