@@ -2,11 +2,15 @@
 // BATCH_TIMEOUT_SECONDS`. Serves until SIGTERM or SIGINT, then disposes of Miniflare
 // (which stops workerd).
 
-import { Miniflare } from "miniflare";
+import { Log, LogLevel, Miniflare } from "miniflare";
 import { fileURLToPath } from "node:url";
 
 const [port, persist, batchSize, batchTimeout] = process.argv.slice(2);
 const mf = new Miniflare({
+  // Warnings and errors (workerd's too) to stderr, which the driver keeps in server.log.
+  log: new Log(LogLevel.WARN),
+  // No request.cf: Miniflare would fetch it from Cloudflare, off this machine.
+  cf: false,
   modules: true,
   scriptPath: fileURLToPath(new URL("./worker.js", import.meta.url)),
   compatibilityDate: "2026-07-01",

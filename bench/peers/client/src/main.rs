@@ -111,6 +111,7 @@ fn main() -> Result<()> {
         args.rounds,
         b = workload::BATCH,
     );
+    println!("load average at the start: {}", load_average());
     let mut results: Vec<(String, Vec<Measurement>)> =
         args.only.iter().map(|s| (s.clone(), Vec::new())).collect();
     for round in 1..=args.rounds {
@@ -137,6 +138,9 @@ fn main() -> Result<()> {
                 m.cpu_per_message * 1e6,
                 mib(m.peak_rss)
             );
+            if !m.detail.is_empty() {
+                println!("        {system:<10} {}", m.detail);
+            }
             runs.push(m);
             // Only the last run's data stays, for a look after the bench.
             let _ = std::fs::remove_dir_all(setup.work.join(&name).join("data"));
@@ -144,8 +148,16 @@ fn main() -> Result<()> {
             let _ = std::fs::remove_dir_all(setup.work.join(&name).join("persist"));
         }
     }
+    println!("load average at the end: {}", load_average());
     report(&results);
     Ok(())
+}
+
+/// The first three fields of `/proc/loadavg`: other work on the machine skews the figures.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// The summary: min/median/max per system and metric, then clawq's ratios to each peer.

@@ -15,6 +15,9 @@ use futures_util::StreamExt;
 use crate::procs::{Server, free_port};
 use crate::workload::{BATCH, BATCH_TIMEOUT, Measurement, POLL};
 
+/// The most messages the Miniflare publisher lets be published and not yet acked.
+const MINIFLARE_WINDOW: u64 = 5_000;
+
 /// How long a server may take to come up.
 const START_LIMIT: Duration = Duration::from_secs(60);
 
@@ -67,6 +70,7 @@ async fn drive(
         publish_rate: n as f64 / published_in.as_secs_f64(),
         cpu_per_message: (after.seconds - before.seconds) / n as f64,
         peak_rss: server.peak_rss(),
+        detail: String::new(),
     };
     server.check_alive()?;
     Ok(measurement)
@@ -203,20 +207,48 @@ pub async fn clawq(setup: &Setup, run: &str, bodies: &[String]) -> Result<Measur
             .await?;
         acked_in_metrics(&text, "clawdentity-events")
     });
-    let m = drive(&mut server, n, setup.run_limit, publish, done).await;
+    let mut m = drive(&mut server, n, setup.run_limit, publish, done).await?;
+
+    // Not measured: how much of the run the CRL handler's batches took.
+    let text = http
+        .get(&metrics_url)
+        .bearer_auth(token)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let events = "consumer=\"clawdentity-events\"";
+    let batches = series(&text, "clawq_handler_batch_duration_seconds_count", events);
+    let handled = series(&text, "clawq_handler_batch_duration_seconds_sum", events);
+    if let (Some(batches), Some(handled)) = (batches, handled) {
+        let run = n as f64 / m.rate;
+        m.detail = format!(
+            "{batches:.0} batches, handler {:.2} ms a batch, {:.0} % of the run",
+            handled / batches * 1e3,
+            handled / run * 100.0
+        );
+    }
     server.stop(Duration::from_secs(30));
-    m
+    Ok(m)
+}
+
+/// The value of the first series `name{...}` whose labels include `label`.
+fn series(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(label))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
 }
 
 /// `clawq_messages_acked_total{queue="<queue>"}` in Prometheus text.
 fn acked_in_metrics(text: &str, queue: &str) -> Result<u64> {
-    let label = format!("queue=\"{queue}\"");
-    text.lines()
-        .find(|l| l.starts_with("clawq_messages_acked_total{") && l.contains(&label))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .ok_or_else(|| anyhow!("no clawq_messages_acked_total for {queue} in /metrics"))
+    series(
+        text,
+        "clawq_messages_acked_total",
+        &format!("queue=\"{queue}\""),
+    )
+    .map(|v| v as u64)
+    .ok_or_else(|| anyhow!("no clawq_messages_acked_total for {queue} in /metrics"))
 }
 
 /// `nats-server -js` (file storage, default sync) with a WorkQueue stream and one
@@ -357,8 +389,7 @@ pub async fn miniflare(setup: &Setup, run: &str, bodies: &[String]) -> Result<Me
     let publish_url = format!("{base}/publish");
     let stats_url = format!("{base}/stats");
     let n = bodies.len();
-    let publish = post_all(&http, &publish_url, None, requests);
-    let done = poll_until(n, async || {
+    let acked = async || -> Result<u64> {
         let stats: serde_json::Value = http
             .get(&stats_url)
             .send()
@@ -369,7 +400,36 @@ pub async fn miniflare(setup: &Setup, run: &str, bodies: &[String]) -> Result<Me
         stats["acked"]
             .as_u64()
             .context("no `acked` in the Worker's /stats")
-    });
+    };
+    let publish = async {
+        let mut published = 0u64;
+        for body in requests {
+            let answer = http
+                .post(&publish_url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await?;
+            if !answer.status().is_success() {
+                let status = answer.status();
+                bail!(
+                    "{publish_url}: {status}: {}",
+                    answer.text().await.unwrap_or_default()
+                );
+            }
+            let sent: serde_json::Value = answer.json().await?;
+            published += BATCH as u64;
+            // Miniflare's broker holds a timer per message until it is queued, and workerd
+            // allows 10,000 timers: keep at most MINIFLARE_WINDOW messages unacked.
+            let mut acked_now = sent["acked"].as_u64().context("no `acked` in /publish")?;
+            while published - acked_now > MINIFLARE_WINDOW {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                acked_now = acked().await?;
+            }
+        }
+        Ok(())
+    };
+    let done = poll_until(n, acked);
     let m = drive(&mut server, n, setup.run_limit, publish, done).await;
     server.stop(Duration::from_secs(30));
     m

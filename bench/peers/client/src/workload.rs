@@ -33,7 +33,7 @@ pub fn bodies(n: usize) -> Vec<String> {
 }
 
 /// What one run of one system measured.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Measurement {
     /// Messages acked per second, from the first publish to the last ack seen.
     pub rate: f64,
@@ -43,4 +43,6 @@ pub struct Measurement {
     pub cpu_per_message: f64,
     /// The server's peak resident set (its processes' `VmHWM` summed), in bytes.
     pub peak_rss: u64,
+    /// What the system says about the run, read after it (empty when nothing).
+    pub detail: String,
 }
