@@ -155,7 +155,8 @@ async fn post_all(
 }
 
 /// `clawq serve` (the real release binary) with the bundled CRL-invalidation handler
-/// consuming `clawdentity-events` in batches of 100; acks read from `GET /metrics`.
+/// consuming `clawdentity-events` in batches of 100; the end seen from the trust store,
+/// then `GET /metrics`.
 pub async fn clawq(setup: &Setup, run: &str, bodies: &[String]) -> Result<Measurement> {
     let dir = fresh_dir(&setup.work, run)?;
     let port = free_port()?;
@@ -196,17 +197,44 @@ pub async fn clawq(setup: &Setup, run: &str, bodies: &[String]) -> Result<Measur
     let metrics_url = format!("{base}/metrics");
     let n = bodies.len();
     let publish = post_all(&http, &publish_url, Some(token), requests);
-    let done = poll_until(n, async || {
-        let text = http
-            .get(&metrics_url)
-            .bearer_auth(token)
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?;
-        acked_in_metrics(&text, "clawdentity-events")
-    });
+    // The end, seen cheaply: every GET /metrics counts each queue's messages (a scan of
+    // the whole backlog, on the queue's connection), so it is read only once the last
+    // message's agent is revoked (a point lookup in the trust store). With one batch at
+    // a time in publish order, every message is handled by then; the acked counter says
+    // when the last outcomes are committed.
+    let last: serde_json::Value = serde_json::from_str(&bodies[n - 1])?;
+    let last_did = last["data"]["metadata"]["agentDid"]
+        .as_str()
+        .context("no agentDid in the last message")?;
+    let trust_url = format!("{base}/v1/trust/agents/{last_did}");
+    let done = async {
+        poll_until(1, async || {
+            let answer: serde_json::Value = http
+                .get(&trust_url)
+                .bearer_auth(token)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            Ok(u64::from(answer["revoked"] == true))
+        })
+        .await?;
+        loop {
+            let text = http
+                .get(&metrics_url)
+                .bearer_auth(token)
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await?;
+            if acked_in_metrics(&text, "clawdentity-events")? >= n as u64 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
     let mut m = drive(&mut server, n, setup.run_limit, publish, done).await?;
 
     // Not measured: how much of the run the CRL handler's batches took.
