@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 pub struct Server {
     child: Child,
     name: &'static str,
+    stopped: bool,
 }
 
 /// CPU seconds (user + system) of a process tree at one instant.
@@ -57,7 +58,11 @@ impl Server {
             .open(pid_file)?;
         use std::io::Write;
         writeln!(pids, "{}", child.id())?;
-        Ok(Self { child, name })
+        Ok(Self {
+            child,
+            name,
+            stopped: false,
+        })
     }
 
     /// The pid of the process started (the leader of its group).
@@ -89,8 +94,12 @@ impl Server {
         tree(self.pid()).iter().filter_map(|pid| vm_hwm(*pid)).sum()
     }
 
-    /// SIGTERM to the group, then SIGKILL if it has not exited within `grace`.
+    /// SIGTERM to the group, then SIGKILL if it has not exited within `grace`; once
+    /// (the group's id is not signalled again after the leader is reaped).
     pub fn stop(&mut self, grace: Duration) {
+        if std::mem::replace(&mut self.stopped, true) {
+            return;
+        }
         let group = -(self.child.id() as i32);
         // SAFETY: kill(2) on our own child's process group.
         unsafe { libc::kill(group, libc::SIGTERM) };
