@@ -94,15 +94,16 @@ impl Server {
         tree(self.pid()).iter().filter_map(|pid| vm_hwm(*pid)).sum()
     }
 
-    /// SIGTERM to the group, then SIGKILL if it has not exited within `grace`; once
-    /// (the group's id is not signalled again after the leader is reaped).
+    /// SIGTERM to the server (Miniflare's node then stops its workerd itself), then,
+    /// once it has exited or `grace` has passed, SIGKILL to whatever is left of its
+    /// group; once only.
     pub fn stop(&mut self, grace: Duration) {
         if std::mem::replace(&mut self.stopped, true) {
             return;
         }
         let group = -(self.child.id() as i32);
-        // SAFETY: kill(2) on our own child's process group.
-        unsafe { libc::kill(group, libc::SIGTERM) };
+        // SAFETY: kill(2) on our own child, then on its process group.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
