@@ -52,9 +52,10 @@ async fn start_host(
     std::fs::create_dir_all(dir).unwrap();
     let db = clawq::store::Database::open(dir, clawq::store::Durability::Process).unwrap();
     let registry = AgentRegistry::open(&db).unwrap();
-    let tokens = (0..agents)
-        .map(|i| registry.add(&agent(i)).unwrap())
-        .collect();
+    let mut tokens = Vec::with_capacity(agents);
+    for i in 0..agents {
+        tokens.push(registry.add(&agent(i)).await.unwrap());
+    }
     tokio::spawn(clawq::server::serve(config, stop));
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();

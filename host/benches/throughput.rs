@@ -178,7 +178,7 @@ async fn fanned_out(
         ulid::Ulid::from_parts(n as u64 - 1, 7)
     );
     assert!(
-        caps.trust.is_revoked(&last).unwrap(),
+        caps.trust.is_revoked(&last).await.unwrap(),
         "the last revocation landed"
     );
     rate
@@ -275,7 +275,7 @@ async fn swap(runtime: &Arc<Runtime>) {
             "did:cdi:registry.clawdentity.com:agent:{}",
             ulid::Ulid::from_parts(1_000_000 + round, 7)
         );
-        while !caps.trust.is_revoked(&did).unwrap() {
+        while !caps.trust.is_revoked(&did).await.unwrap() {
             tokio::task::yield_now().await;
         }
         println!(

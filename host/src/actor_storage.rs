@@ -421,7 +421,7 @@ mod tests {
 
         drop(store);
         let reopened = open(&dir);
-        let mut all = reopened.usage().unwrap();
+        let mut all = run(reopened.usage()).unwrap();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
             all,
@@ -462,9 +462,7 @@ mod tests {
         let mut pages = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let page = store
-                .list_prefix("h1", "a", "k:", after.as_deref(), 5000)
-                .unwrap();
+            let page = run(store.list_prefix("h1", "a", "k:", after.as_deref(), 5000)).unwrap();
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
             pages.push(page);
@@ -474,16 +472,12 @@ mod tests {
         let keys: Vec<&String> = pages.iter().flatten().map(|(k, _)| k).collect();
         assert_eq!(keys.len(), 2500);
         assert!(keys.windows(2).all(|w| w[0] < w[1]), "in order, once each");
-        let small = store
-            .list_prefix("h1", "a", "k:", Some("k:00009"), 2)
-            .unwrap();
+        let small = run(store.list_prefix("h1", "a", "k:", Some("k:00009"), 2)).unwrap();
         assert_eq!(small[0].0, "k:00010");
         assert_eq!(small.len(), 2);
 
         for i in 0..20 {
-            store
-                .put("h1", "big", &format!("{i:02}"), &[0; 100 * 1024])
-                .unwrap();
+            run(store.put("h1", "big", &format!("{i:02}"), &[0; 100 * 1024])).unwrap();
         }
         let page = run(store.list_prefix("h1", "big", "", None, 1000)).unwrap();
         assert_eq!(page.len(), 11, "a page ends once it holds 1 MiB");

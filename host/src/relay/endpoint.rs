@@ -443,7 +443,7 @@ mod tests {
         let hub = Arc::new(ConnectionHub::default());
         let sessions = Arc::new(RelaySessions::open(&db, hub.clone(), limits).unwrap());
         let agents = Arc::new(AgentRegistry::open(&db).unwrap());
-        let token = agents.add(A).unwrap();
+        let token = agents.add(A).await.unwrap();
         let trust = TrustStore::open(&db, Duration::from_secs(60));
         let trust = Arc::new(trust.unwrap());
         let tokens = crate::tokens::TokenStore::open(&db).unwrap();
