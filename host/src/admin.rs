@@ -276,7 +276,8 @@ async fn show(
 ) -> Result<Json<Value>, SlotError> {
     let slot = state.slots.slot(&consumer)?;
     let mut body = slot_json(&consumer, slot);
-    body["history"] = serde_json::to_value(state.slots.history(&consumer)?).unwrap_or_default();
+    body["history"] =
+        serde_json::to_value(state.slots.history(&consumer).await?).unwrap_or_default();
     Ok(Json(body))
 }
 

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
 use crate::bundled;
@@ -218,7 +218,7 @@ pub struct HandlerSlots {
     slots: BTreeMap<String, Arc<Slot>>,
     runtime: Arc<Runtime>,
     caps: Arc<Capabilities>,
-    db: Mutex<Connection>,
+    db: Database,
     blobs: PathBuf,
 }
 
@@ -235,7 +235,7 @@ impl HandlerSlots {
     ) -> anyhow::Result<Self> {
         let blobs = data_dir.join("handlers");
         std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
-        let db = database.connection(
+        let conn = database.connection(
             "CREATE TABLE IF NOT EXISTS slots (
                  consumer       TEXT PRIMARY KEY,
                  current        TEXT NOT NULL,
@@ -251,19 +251,19 @@ impl HandlerSlots {
              );",
         )?;
         // Histories written before versions kept their name get the column, empty.
-        let named: bool = db.query_row(
+        let named: bool = conn.query_row(
             "SELECT COUNT(*) > 0 FROM pragma_table_info('history') WHERE name = 'name'",
             [],
             |r| r.get(0),
         )?;
         if !named {
-            db.execute("ALTER TABLE history ADD COLUMN name TEXT", [])?;
+            conn.execute("ALTER TABLE history ADD COLUMN name TEXT", [])?;
         }
         let mut slots = HandlerSlots {
             slots: BTreeMap::new(),
             runtime,
             caps,
-            db: Mutex::new(db),
+            db: database.clone(),
             blobs,
         };
         for consumer in consumers {
@@ -272,14 +272,19 @@ impl HandlerSlots {
             };
             let config_wasm = read_handler(reference)?;
             let config_version = sha256_hex(&config_wasm);
+            let name = consumer.name.clone();
             let stored: Option<(String, String)> = slots
-                .conn()
-                .query_row(
-                    "SELECT current, config_version FROM slots WHERE consumer = ?1",
-                    [&consumer.name],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
+                .db
+                .read(move |conn| {
+                    conn.query_row(
+                        "SELECT current, config_version FROM slots WHERE consumer = ?1",
+                        [name],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()
+                    .map_err(anyhow::Error::from)
+                })
+                .await?;
             let (wasm, by) = match stored {
                 Some((current, seen)) if seen == config_version => {
                     match std::fs::read(slots.blob(&current)) {
@@ -290,7 +295,7 @@ impl HandlerSlots {
                 _ => (config_wasm, Some("config")),
             };
             let name = match by {
-                None => slots.kept_name(&consumer.name, &sha256_hex(&wasm))?,
+                None => slots.kept_name(&consumer.name, &sha256_hex(&wasm)).await?,
                 Some(_) => None,
             }
             .unwrap_or_else(|| handler_name(reference));
@@ -304,7 +309,9 @@ impl HandlerSlots {
                 )
                 .await?;
             if let Some(by) = by {
-                slots.persist(&consumer.name, &handler, &wasm, by, Some(&config_version))?;
+                slots
+                    .persist(&consumer.name, &handler, &wasm, by, Some(&config_version))
+                    .await?;
             }
             tracing::info!(consumer = %consumer.name, handler = %name, version = %handler.version(), "handler loaded");
             let slot = Slot {
@@ -322,21 +329,22 @@ impl HandlerSlots {
         Ok(slots)
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.db.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The name `version` last had in the history of `consumer`, if it kept one.
-    fn kept_name(&self, consumer: &str, version: &str) -> anyhow::Result<Option<String>> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT name FROM history WHERE consumer = ?1 AND version = ?2 AND name IS NOT NULL
-                 ORDER BY seq DESC LIMIT 1",
-                [consumer, version],
-                |r| r.get(0),
-            )
-            .optional()?)
+    async fn kept_name(&self, consumer: &str, version: &str) -> anyhow::Result<Option<String>> {
+        let key = [consumer.to_owned(), version.to_owned()];
+        self.db
+            .read(move |conn| {
+                conn.query_row(
+                    "SELECT name FROM history
+                     WHERE consumer = ?1 AND version = ?2 AND name IS NOT NULL
+                     ORDER BY seq DESC LIMIT 1",
+                    key,
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(anyhow::Error::from)
+            })
+            .await
     }
 
     fn blob(&self, version: &str) -> PathBuf {
@@ -377,7 +385,9 @@ impl HandlerSlots {
     }
 
     /// Stores the bytes of `handler` and records it as the current version of `consumer`.
-    fn persist(
+    /// The bytes are on disk (synced, with the folder's entry) before the record commits,
+    /// so that no crash leaves a record of a version whose file is missing or torn.
+    async fn persist(
         &self,
         consumer: &str,
         handler: &LoadedHandler,
@@ -387,31 +397,35 @@ impl HandlerSlots {
     ) -> anyhow::Result<()> {
         let blob = self.blob(handler.version());
         if !blob.exists() {
-            let partial = blob.with_extension("partial");
-            std::fs::write(&partial, wasm)?;
-            std::fs::rename(&partial, &blob)?;
+            write_synced(&blob, wasm)
+                .with_context(|| format!("storing the handler file {}", blob.display()))?;
         }
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO slots (consumer, current, config_version) VALUES (?1, ?2, COALESCE(?3, ''))
-             ON CONFLICT (consumer) DO UPDATE SET current = ?2, config_version = COALESCE(?3, config_version)",
-            params![consumer, handler.version(), config_version],
-        )?;
-        tx.execute(
-            "INSERT INTO history (consumer, version, size, loaded_ms, loaded_by, name)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                consumer,
-                handler.version(),
-                handler.size() as i64,
-                now_ms(),
-                by,
-                handler.name()
-            ],
-        )?;
-        tx.commit()?;
-        Ok(())
+        let record = (
+            consumer.to_owned(),
+            handler.version().to_owned(),
+            config_version.map(str::to_owned),
+            handler.size() as i64,
+            by.to_owned(),
+            handler.name().to_owned(),
+        );
+        self.db
+            .write(move |conn| {
+                let (consumer, version, config_version, size, by, name) = record;
+                conn.execute(
+                    "INSERT INTO slots (consumer, current, config_version)
+                     VALUES (?1, ?2, COALESCE(?3, ''))
+                     ON CONFLICT (consumer) DO UPDATE
+                     SET current = ?2, config_version = COALESCE(?3, config_version)",
+                    params![consumer, version, config_version],
+                )?;
+                conn.execute(
+                    "INSERT INTO history (consumer, version, size, loaded_ms, loaded_by, name)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![consumer, version, size, now_ms(), by, name],
+                )?;
+                Ok::<_, anyhow::Error>(())
+            })
+            .await
     }
 
     /// Loads `wasm` into the slot of `consumer` and makes it current, logged and listed
@@ -444,7 +458,7 @@ impl HandlerSlots {
             self.load(consumer, name, wasm.clone(), slot.world, slot.limits)
                 .await?,
         );
-        self.persist(consumer, &handler, &wasm, by, None)?;
+        self.persist(consumer, &handler, &wasm, by, None).await?;
         let old = slot.swap(handler.clone());
         crate::metrics::version_switched(consumer, old.version(), handler.version());
         tracing::info!(consumer, handler = name, from = %&old.version()[..12],
@@ -463,12 +477,14 @@ impl HandlerSlots {
         let current = slot.current().version().to_owned();
         let target = match version {
             Some(v) => self
-                .history(consumer)?
+                .history(consumer)
+                .await?
                 .into_iter()
                 .find(|e| e.version.starts_with(v) && !v.is_empty())
                 .map(|e| e.version),
             None => self
-                .history(consumer)?
+                .history(consumer)
+                .await?
                 .into_iter()
                 .map(|e| e.version)
                 .find(|v| *v != current),
@@ -482,32 +498,38 @@ impl HandlerSlots {
         let wasm = std::fs::read(self.blob(&target))
             .with_context(|| format!("reading kept version {target}"))?;
         let name = self
-            .kept_name(consumer, &target)?
+            .kept_name(consumer, &target)
+            .await?
             .unwrap_or_else(|| format!("unnamed-{}", &target[..12]));
         self.switch(consumer, &name, wasm, by).await
     }
 
     /// The history of `consumer`, newest first.
-    pub fn history(&self, consumer: &str) -> Result<Vec<HistoryEntry>, SlotError> {
+    pub async fn history(&self, consumer: &str) -> Result<Vec<HistoryEntry>, SlotError> {
         self.slot(consumer)?;
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT version, size, loaded_ms, loaded_by, name FROM history WHERE consumer = ?1 ORDER BY seq DESC")
-            .map_err(anyhow::Error::from)?;
-        let mut entries = stmt
-            .query_map([consumer], |r| {
-                let ms: u64 = r.get(2)?;
-                Ok(HistoryEntry {
-                    version: r.get(0)?,
-                    size: r.get(1)?,
-                    loaded_at: crate::clock::iso8601(ms),
-                    loaded_by: r.get(3)?,
-                    name: r.get(4)?,
-                    status: "current",
-                })
+        let consumer = consumer.to_owned();
+        let mut entries = self
+            .db
+            .read(move |conn| {
+                conn.prepare(
+                    "SELECT version, size, loaded_ms, loaded_by, name FROM history
+                     WHERE consumer = ?1 ORDER BY seq DESC",
+                )?
+                .query_map([consumer], |r| {
+                    let ms: u64 = r.get(2)?;
+                    Ok(HistoryEntry {
+                        version: r.get(0)?,
+                        size: r.get(1)?,
+                        loaded_at: crate::clock::iso8601(ms),
+                        loaded_by: r.get(3)?,
+                        name: r.get(4)?,
+                        status: "current",
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(anyhow::Error::from)
             })
-            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(anyhow::Error::from)?;
+            .await?;
         // Newest first: each entry ended when the next newer one was loaded.
         for i in 1..entries.len() {
             entries[i].status = match entries[i - 1].loaded_by.as_str() {
@@ -549,6 +571,20 @@ impl HandlerSlots {
             Err(err) => tracing::error!(consumer, error = %err, "automatic rollback failed"),
         }
     }
+}
+
+/// Writes `bytes` to `path` through a temporary file, synced, then renamed into place,
+/// with the folder synced so that the new name is on disk too.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let partial = path.with_extension("partial");
+    let mut file = std::fs::File::create(&partial)?;
+    std::io::Write::write_all(&mut file, bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&partial, path)?;
+    if let Some(folder) = path.parent() {
+        std::fs::File::open(folder)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// `name` when it may name a handler: 1 to 64 letters, digits, `.`, `_` or `-`.

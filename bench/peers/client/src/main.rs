@@ -16,8 +16,13 @@ use anyhow::{Context, Result, bail};
 use systems::Setup;
 use workload::Measurement;
 
-/// The systems, in the order each round runs them.
-const SYSTEMS: [&str; 3] = ["clawq", "nats", "miniflare"];
+/// The systems, in the order each round runs them: the peers, and two variants of clawq
+/// for its own before/after figures: `clawq-full` (the same binary with `durability =
+/// "full"`) and `clawq-before` (another build, `--clawq-before`, with its default config).
+const SYSTEMS: [&str; 5] = ["clawq", "clawq-full", "clawq-before", "nats", "miniflare"];
+
+/// The systems run when `--only` is not given.
+const DEFAULT_SYSTEMS: [&str; 3] = ["clawq", "nats", "miniflare"];
 
 /// The command line: `--name value` pairs.
 struct Args {
@@ -30,7 +35,7 @@ struct Args {
 fn parse_args() -> Result<Args> {
     let mut messages = 100_000;
     let mut rounds = 3;
-    let mut only: Vec<String> = SYSTEMS.iter().map(|s| s.to_string()).collect();
+    let mut only: Vec<String> = DEFAULT_SYSTEMS.iter().map(|s| s.to_string()).collect();
     let mut paths: std::collections::HashMap<String, PathBuf> = Default::default();
     let mut args = std::env::args().skip(1);
     while let Some(name) = args.next() {
@@ -41,7 +46,8 @@ fn parse_args() -> Result<Args> {
             "--messages" => messages = value.parse()?,
             "--rounds" => rounds = value.parse()?,
             "--only" => only = value.split(',').map(str::to_owned).collect(),
-            "--clawq" | "--nats-server" | "--node" | "--miniflare-host" | "--work" => {
+            "--clawq" | "--clawq-before" | "--nats-server" | "--node" | "--miniflare-host"
+            | "--work" => {
                 paths.insert(name[2..].to_owned(), value.into());
             }
             _ => bail!("unknown argument {name}"),
@@ -62,8 +68,13 @@ fn parse_args() -> Result<Args> {
             .with_context(|| format!("--{name} is required"))
     };
     let work = path("work")?;
+    let clawq_before = match only.iter().any(|s| s == "clawq-before") {
+        true => Some(path("clawq-before")?),
+        false => None,
+    };
     let setup = Setup {
         clawq: path("clawq")?,
+        clawq_before,
         nats_server: path("nats-server")?,
         node: path("node")?,
         miniflare_host: path("miniflare-host")?,
@@ -120,7 +131,15 @@ fn main() -> Result<()> {
             let setup = &args.setup;
             let m = runtime.block_on(async {
                 match system.as_str() {
-                    "clawq" => systems::clawq(setup, &name, &bodies).await,
+                    "clawq" => systems::clawq(setup, &setup.clawq, "", &name, &bodies).await,
+                    "clawq-full" => {
+                        let full = "durability = \"full\"\n";
+                        systems::clawq(setup, &setup.clawq, full, &name, &bodies).await
+                    }
+                    "clawq-before" => {
+                        let before = setup.clawq_before.as_ref().expect("checked by parse_args");
+                        systems::clawq(setup, before, "", &name, &bodies).await
+                    }
                     "nats" => systems::nats(setup, &name, &bodies).await,
                     _ => systems::miniflare(setup, &name, &bodies).await,
                 }

@@ -25,6 +25,8 @@ const START_LIMIT: Duration = Duration::from_secs(60);
 pub struct Setup {
     /// The `clawq` release binary.
     pub clawq: PathBuf,
+    /// Another `clawq` build, to compare with (`--clawq-before`).
+    pub clawq_before: Option<PathBuf>,
     /// The `nats-server` binary.
     pub nats_server: PathBuf,
     /// The Node binary that runs Miniflare.
@@ -154,10 +156,16 @@ async fn post_all(
     Ok(())
 }
 
-/// `clawq serve` (the real release binary) with the bundled CRL-invalidation handler
-/// consuming `clawdentity-events` in batches of 100; the end seen from the trust store,
-/// then `GET /metrics`.
-pub async fn clawq(setup: &Setup, run: &str, bodies: &[String]) -> Result<Measurement> {
+/// `clawq serve` (the release binary `binary`, its config starting with `config_head`)
+/// with the bundled CRL-invalidation handler consuming `clawdentity-events` in batches of
+/// 100; the end seen from the trust store, then `GET /metrics`.
+pub async fn clawq(
+    setup: &Setup,
+    binary: &Path,
+    config_head: &str,
+    run: &str,
+    bodies: &[String],
+) -> Result<Measurement> {
     let dir = fresh_dir(&setup.work, run)?;
     let port = free_port()?;
     let token = "peer-benchmark-admin-token-0123456789abcdef";
@@ -165,12 +173,12 @@ pub async fn clawq(setup: &Setup, run: &str, bodies: &[String]) -> Result<Measur
     std::fs::write(
         &config,
         format!(
-            "[[queues.consumers]]\nqueue = \"clawdentity-events\"\nmax_batch_size = {BATCH}\n\
+            "{config_head}[[queues.consumers]]\nqueue = \"clawdentity-events\"\nmax_batch_size = {BATCH}\n\
              max_batch_timeout = {}\n",
             BATCH_TIMEOUT.as_secs_f64()
         ),
     )?;
-    let mut command = Command::new(&setup.clawq);
+    let mut command = Command::new(binary);
     command
         .arg("serve")
         .arg("--listen")
