@@ -125,7 +125,7 @@ impl AgentRegistry {
         let token = random_token("cqa_")?;
         let (did, hash) = (did.to_owned(), sha256_hex(token.as_bytes()));
         self.db
-            .write(move |conn| {
+            .write_synced(move |conn| {
                 let inserted = conn.execute(
                     "INSERT OR IGNORE INTO agents (did, token_hash, added_ms) VALUES (?1, ?2, ?3)",
                     params![did, hash, now_ms()],

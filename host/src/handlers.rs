@@ -409,7 +409,7 @@ impl HandlerSlots {
             handler.name().to_owned(),
         );
         self.db
-            .write(move |conn| {
+            .write_synced(move |conn| {
                 let (consumer, version, config_version, size, by, name) = record;
                 conn.execute(
                     "INSERT INTO slots (consumer, current, config_version)

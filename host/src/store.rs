@@ -12,8 +12,12 @@
 //!
 //! **How hard a commit waits for the disk** is the operator's choice ([`Durability`]):
 //! `process` (the default) survives a crash of the process at no fsync cost per commit;
-//! `full` survives power loss too: a commit (a producer's 2xx included) returns once it
-//! is on disk.
+//! with `full`, a write whose answer goes out of the host (a producer's 2xx, an
+//! operator's change: [`Database::write_synced`]) returns once it is on disk. Other writes
+//! (a handler's side effects, an ack) need no fsync of their own: they reach the disk
+//! with the next synced commit, in order, and until then a power loss takes them
+//! together with every later commit, so a message whose side effects are lost is
+//! delivered again.
 //!
 //! **Threads.** Writes never run on the async runtime's threads: [`Database::write`] hands
 //! the work to the database's writer thread, which owns the one write connection and
@@ -105,10 +109,17 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// A write job: runs on the writer thread inside the group's transaction and returns
-/// whether it succeeded (else its savepoint is rolled back) and what to do once the
-/// group's fate is known.
-type WriteJob = Box<dyn FnOnce(&Connection) -> (bool, Finish) + Send>;
+/// A write job: runs on the writer thread inside the group's transaction (or is told why
+/// it cannot run) and returns whether it succeeded (else its savepoint is rolled back)
+/// and what to do once the group's fate is known.
+struct WriteJob {
+    run: RunWrite,
+    /// Whether its commit must be on disk before it returns (under `full`).
+    synced: bool,
+}
+
+/// The work of a [`WriteJob`].
+type RunWrite = Box<dyn FnOnce(Result<&Connection, StoreError>) -> (bool, Finish) + Send>;
 
 /// Hands a job's result back once its group committed (`Ok`) or failed to.
 type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -138,7 +149,7 @@ impl Database {
         let (read_jobs, reads) = mpsc::channel();
         std::thread::Builder::new()
             .name("clawq-db-writer".into())
-            .spawn(move || write_loop(conn, writes))?;
+            .spawn(move || write_loop(conn, durability, writes))?;
         std::thread::Builder::new()
             .name("clawq-db-reader".into())
             .spawn(move || read_loop(reader, reads))?;
@@ -162,9 +173,10 @@ impl Database {
 
     /// Runs `work` on the writer thread, inside a transaction it shares with the other
     /// writes waiting at that moment, and returns its result once that transaction has
-    /// committed. An error (or a panic) of `work` undoes what `work` wrote and nothing
-    /// else; a failed commit fails every write of the group. `work` must not begin or
-    /// end transactions itself.
+    /// committed (durable against a crash of the process; against power loss once a
+    /// later synced commit is, see the module doc). An error (or a panic) of `work` undoes
+    /// what `work` wrote and nothing else; a failed commit fails every write of the group.
+    /// `work` must not begin or end transactions itself.
     pub async fn write<T, E>(
         &self,
         work: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
@@ -173,11 +185,40 @@ impl Database {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
+        self.submit(false, work).await
+    }
+
+    /// [`Database::write`] for a write whose answer leaves the host (a producer's 2xx, an
+    /// operator's change): with `durability = "full"` it returns once on disk.
+    pub async fn write_synced<T, E>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        self.submit(true, work).await
+    }
+
+    /// Hands `work` to the writer thread and waits for its group's commit.
+    async fn submit<T, E>(
+        &self,
+        synced: bool,
+        work: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
-        let job: WriteJob = Box::new(move |conn| {
-            let result = match std::panic::catch_unwind(AssertUnwindSafe(|| work(conn))) {
-                Ok(result) => result,
-                Err(_) => Err(E::from(StoreError::Panicked)),
+        let run = Box::new(move |conn: Result<&Connection, StoreError>| {
+            let result = match conn {
+                Err(err) => Err(E::from(err)),
+                Ok(conn) => match std::panic::catch_unwind(AssertUnwindSafe(|| work(conn))) {
+                    Ok(result) => result,
+                    Err(_) => Err(E::from(StoreError::Panicked)),
+                },
             };
             let ok = result.is_ok();
             let finish: Finish = Box::new(move |committed| {
@@ -191,7 +232,7 @@ impl Database {
             (ok, finish)
         });
         self.writer
-            .send(job)
+            .send(WriteJob { run, synced })
             .map_err(|_| E::from(StoreError::Closed))?;
         rx.await.unwrap_or(Err(E::from(StoreError::Closed)))
     }
@@ -261,15 +302,25 @@ fn connect(path: &Path, durability: Durability) -> rusqlite::Result<Connection> 
     Ok(conn)
 }
 
-/// The writer thread: takes every job waiting, runs them in one transaction, commits,
-/// then hands each its result; until every [`Database`] is dropped.
-fn write_loop(conn: Connection, jobs: mpsc::Receiver<WriteJob>) {
+/// The writer thread: takes every job waiting, runs them in one transaction, commits
+/// (synced under `full` when a job asks for it), then hands each its result; until every
+/// [`Database`] is dropped.
+fn write_loop(conn: Connection, durability: Durability, jobs: mpsc::Receiver<WriteJob>) {
+    let mut syncing = durability == Durability::Full;
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match jobs.try_recv() {
                 Ok(job) => group.push(job),
                 Err(_) => break,
+            }
+        }
+        let sync = durability == Durability::Full && group.iter().any(|job| job.synced);
+        if sync != syncing {
+            let level = if sync { "FULL" } else { "NORMAL" };
+            match conn.pragma_update(None, "synchronous", level) {
+                Ok(()) => syncing = sync,
+                Err(err) => tracing::error!(error = %err, level, "could not set synchronous"),
             }
         }
         commit_group(&conn, group);
@@ -284,14 +335,15 @@ fn commit_group(conn: &Connection, group: Vec<WriteJob>) {
     for job in group {
         if !open {
             if let Err(err) = conn.execute_batch("BEGIN IMMEDIATE") {
-                let (_, finish) = job(conn);
-                finish(Err(err.into()));
+                let err = StoreError::from(err);
+                let (_, finish) = (job.run)(Err(err.clone()));
+                finish(Err(err));
                 continue;
             }
             open = true;
         }
         let saved = conn.execute_batch("SAVEPOINT job");
-        let (ok, finish) = job(conn);
+        let (ok, finish) = (job.run)(Ok(conn));
         if conn.is_autocommit() {
             // SQLite rolled the whole transaction back (a full disk, an I/O error): the
             // jobs before this one are undone too.

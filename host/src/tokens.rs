@@ -100,7 +100,7 @@ impl TokenStore {
             token.created_ms,
         );
         self.db
-            .write(move |conn| {
+            .write_synced(move |conn| {
                 let (id, name, queues, hash, created_ms) = row;
                 conn.execute(
                     "INSERT INTO tokens (id, name, role, queues, token_hash, created_ms)
@@ -134,7 +134,7 @@ impl TokenStore {
     pub async fn remove(&self, id: &str) -> Result<bool> {
         let id = id.to_owned();
         self.db
-            .write(move |conn| {
+            .write_synced(move |conn| {
                 Ok::<_, anyhow::Error>(conn.execute("DELETE FROM tokens WHERE id = ?1", [id])? > 0)
             })
             .await
