@@ -3,7 +3,8 @@
 //! (the engine alone) side by side, the per-batch cost of a fresh instance, the
 //! compile/validate time of both bundled components and the time from a deploy to the
 //! first batch on the new version, and what a second consumer of the same queue (a
-//! subscription that takes every message, or none) costs.
+//! subscription that takes every message, or none) costs, and what the queue gauges
+//! (`counts`, `lanes`) cost at a 100k backlog.
 //!
 //! Run with `cargo bench -p clawq --bench throughput`. `CLAWQ_BENCH_MESSAGES` sets the
 //! message count (default 50000).
@@ -99,6 +100,25 @@ async fn engine_alone(n: usize, batch_size: usize) -> f64 {
         queue.settle(EVENTS_QUEUE, &policy, acks).await.unwrap();
     }
     n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Mean time of [`QueueBackend::counts`] and [`QueueBackend::lanes`] of a queue holding
+/// `backlog` ready messages (what `GET /v1/queues/{q}` and `/metrics` pay).
+async fn gauges_at_backlog(backlog: usize) -> (Duration, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = SqliteQueue::open(&database(dir.path())).unwrap();
+    fill(&queue, backlog).await;
+    let rounds = 50;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        queue.counts(EVENTS_QUEUE).await.unwrap();
+    }
+    let counts = started.elapsed() / rounds;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        queue.lanes(EVENTS_QUEUE).await.unwrap();
+    }
+    (counts, started.elapsed() / rounds)
 }
 
 /// Messages/s through a real consumer running the CRL-invalidation component.
@@ -295,6 +315,9 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
     let runtime = Arc::new(Runtime::new().unwrap());
+
+    let (counts, lanes) = gauges_at_backlog(100_000).await;
+    println!("queue gauges at a 100k backlog: counts {counts:?}, lanes {lanes:?}");
 
     println!(
         "per-batch fresh instance + empty handle call: {:?}",
