@@ -16,6 +16,7 @@ use clawq::bundled;
 use clawq::config::{ConsumerConfig, EVENTS_QUEUE};
 use clawq::consumer::Consumer;
 use clawq::handlers::HandlerSlots;
+use clawq::queue::lane::Lane;
 use clawq::queue::routes::{Filter, Routes};
 use clawq::queue::sqlite::SqliteQueue;
 use clawq::queue::{BatchTerms, ContentType, NewMessage, QueueBackend, RetryPolicy, Settlement};
@@ -85,6 +86,7 @@ async fn engine_alone(n: usize, batch_size: usize) -> f64 {
         max_retries: 3,
         dead_letter_queue: None,
     };
+    let lane = Lane::of(EVENTS_QUEUE);
     let started = Instant::now();
     let mut done = 0;
     while done < n {
@@ -94,10 +96,10 @@ async fn engine_alone(n: usize, batch_size: usize) -> f64 {
             lease: Duration::from_secs(60),
             policy: policy.clone(),
         };
-        let batch = queue.next_batch(EVENTS_QUEUE, &terms).await.unwrap();
+        let batch = queue.next_batch(&lane, &terms).await.unwrap();
         done += batch.len();
         let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
-        queue.settle(EVENTS_QUEUE, &policy, acks).await.unwrap();
+        queue.settle(&lane, &policy, acks).await.unwrap();
     }
     n as f64 / started.elapsed().as_secs_f64()
 }
