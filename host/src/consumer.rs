@@ -66,7 +66,6 @@ impl Consumer {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.config.max_concurrency));
         let mut in_flight = JoinSet::new();
-        let queue = self.config.queue.as_str();
         loop {
             let batch = tokio::select! {
                 biased;
@@ -86,7 +85,7 @@ impl Consumer {
                     });
                 }
                 (_, Err(err)) => {
-                    tracing::error!(queue, error = %err, "taking a batch failed; trying again");
+                    tracing::error!(lane = %self.lane, error = %err, "taking a batch failed; trying again");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(STORAGE_BACKOFF) => {}
