@@ -3,7 +3,8 @@
 //! (the engine alone) side by side, the per-batch cost of a fresh instance, the
 //! compile/validate time of both bundled components and the time from a deploy to the
 //! first batch on the new version, and what a second consumer of the same queue (a
-//! subscription that takes every message, or none) costs.
+//! subscription that takes every message, or none) costs, and what the queue gauges
+//! (`counts`, `lanes`) cost at a 100k backlog.
 //!
 //! Run with `cargo bench -p clawq --bench throughput`. `CLAWQ_BENCH_MESSAGES` sets the
 //! message count (default 50000).
@@ -15,6 +16,7 @@ use clawq::bundled;
 use clawq::config::{ConsumerConfig, EVENTS_QUEUE};
 use clawq::consumer::Consumer;
 use clawq::handlers::HandlerSlots;
+use clawq::queue::lane::Lane;
 use clawq::queue::routes::{Filter, Routes};
 use clawq::queue::sqlite::SqliteQueue;
 use clawq::queue::{BatchTerms, ContentType, NewMessage, QueueBackend, RetryPolicy, Settlement};
@@ -84,6 +86,7 @@ async fn engine_alone(n: usize, batch_size: usize) -> f64 {
         max_retries: 3,
         dead_letter_queue: None,
     };
+    let lane = Lane::of(EVENTS_QUEUE);
     let started = Instant::now();
     let mut done = 0;
     while done < n {
@@ -93,12 +96,31 @@ async fn engine_alone(n: usize, batch_size: usize) -> f64 {
             lease: Duration::from_secs(60),
             policy: policy.clone(),
         };
-        let batch = queue.next_batch(EVENTS_QUEUE, &terms).await.unwrap();
+        let batch = queue.next_batch(&lane, &terms).await.unwrap();
         done += batch.len();
         let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
-        queue.settle(EVENTS_QUEUE, &policy, acks).await.unwrap();
+        queue.settle(&lane, &policy, acks).await.unwrap();
     }
     n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Mean time of [`QueueBackend::counts`] and [`QueueBackend::lanes`] of a queue holding
+/// `backlog` ready messages (what `GET /v1/queues/{q}` and `/metrics` pay).
+async fn gauges_at_backlog(backlog: usize) -> (Duration, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = SqliteQueue::open(&database(dir.path())).unwrap();
+    fill(&queue, backlog).await;
+    let rounds = 50;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        queue.counts(EVENTS_QUEUE).await.unwrap();
+    }
+    let counts = started.elapsed() / rounds;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        queue.lanes(EVENTS_QUEUE).await.unwrap();
+    }
+    (counts, started.elapsed() / rounds)
 }
 
 /// Messages/s through a real consumer running the CRL-invalidation component.
@@ -295,6 +317,9 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
     let runtime = Arc::new(Runtime::new().unwrap());
+
+    let (counts, lanes) = gauges_at_backlog(100_000).await;
+    println!("queue gauges at a 100k backlog: counts {counts:?}, lanes {lanes:?}");
 
     println!(
         "per-batch fresh instance + empty handle call: {:?}",

@@ -2,7 +2,7 @@
 //! counts, read the trust store, check health. Every error is a JSON body
 //! `{"error": {"code": ..., "message": ...}}`, and a refused request stores nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::Json;
@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use crate::queue::lane::Lane;
 use crate::queue::{
     ContentType, LimitError, NewMessage, QueueBackend, QueueCounts, QueueError, Selection,
 };
@@ -60,7 +61,7 @@ pub struct ConsumerInfo {
     /// The consumer's name (its handler slot).
     pub name: String,
     /// Where its copies of the queue's messages are kept.
-    pub lane: String,
+    pub lane: Lane,
     /// Its handler, if it has one.
     pub handler: Option<String>,
     /// The messages it takes, field by field (`{}`: all).
@@ -259,7 +260,7 @@ impl AppState {
         if info.consumers.iter().any(|c| &c.name == consumer) {
             return Ok(());
         }
-        let lane = crate::queue::routes::lane(queue, consumer);
+        let lane = Lane::new(queue, consumer);
         if self
             .backend
             .lanes(queue)
@@ -317,7 +318,7 @@ impl AppState {
 
     async fn status_of(&self, queue: &str) -> Result<Value, ApiError> {
         let info = self.known_queue(queue)?;
-        let lanes: BTreeMap<String, QueueCounts> =
+        let lanes: HashMap<Lane, QueueCounts> =
             self.backend.lanes(queue).await?.into_iter().collect();
         let counts = QueueCounts::total(lanes.values());
         let consumers: Vec<Value> = info

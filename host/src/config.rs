@@ -13,7 +13,8 @@ use serde::Deserialize;
 use crate::actor_storage::Quota;
 use crate::auth::AdminTokenSetting;
 use crate::bounds::LogRate;
-use crate::queue::routes::{self, Filter, Routes};
+use crate::queue::lane::Lane;
+use crate::queue::routes::{Filter, Routes};
 use crate::queue::{BatchTerms, RetryPolicy};
 use crate::relay::endpoint::Backpressure;
 use crate::relay::sessions::{Retry, SessionLimits};
@@ -212,8 +213,8 @@ impl ConsumerConfig {
     }
 
     /// The lane this consumer takes its batches from.
-    pub fn lane(&self) -> String {
-        routes::lane(&self.queue, &self.name)
+    pub fn lane(&self) -> Lane {
+        Lane::new(&self.queue, &self.name)
     }
 
     /// How this consumer takes batches: its batch settings, a lease of its wall-clock
@@ -906,7 +907,11 @@ mod tests {
         assert!(!router.filter.is_empty(), "its filter stays");
         let pair = br#"{"type":"pair.accepted"}"#;
         let routes = config.routes();
-        let lanes = routes.lanes(EVENTS_QUEUE, crate::queue::ContentType::Json, pair);
+        let lanes: Vec<String> = routes
+            .lanes(EVENTS_QUEUE, crate::queue::ContentType::Json, pair)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(
             lanes,
             [
@@ -967,7 +972,10 @@ mod tests {
         .unwrap();
         let digest = &config.consumers["dead-letter-digest"];
         assert_eq!(digest.queue, RECEIPTS_QUEUE);
-        assert_eq!(digest.lane(), "clawdentity-receipts#dead-letter-digest");
+        assert_eq!(
+            digest.lane().to_string(),
+            "clawdentity-receipts#dead-letter-digest"
+        );
         assert_eq!(
             digest.filter.to_json(),
             serde_json::json!({"type": ["delivery_receipt"], "status": ["dead_lettered"]})
@@ -989,7 +997,11 @@ mod tests {
         );
         let receipt = br#"{"type":"delivery_receipt","status":"dead_lettered"}"#;
         let lanes = config.routes();
-        let lanes = lanes.lanes(RECEIPTS_QUEUE, crate::queue::ContentType::Json, receipt);
+        let lanes: Vec<String> = lanes
+            .lanes(RECEIPTS_QUEUE, crate::queue::ContentType::Json, receipt)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(
             lanes,
             [

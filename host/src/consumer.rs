@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::config::{ConsumerConfig, MAX_DELAY_SECONDS};
 use crate::handlers::HandlerSlots;
 use crate::metrics;
+use crate::queue::lane::Lane;
 use crate::queue::{self, BatchTerms, Delivery, QueueBackend, Settlement};
 use crate::runtime::{Capabilities, LoadedHandler, Message, Outcome, Unhandled, bounded};
 
@@ -34,7 +35,7 @@ const CAPACITY_BACKOFF_SECONDS: u32 = 1;
 /// never touch the copies of other consumers of the same queue.
 pub struct Consumer {
     config: ConsumerConfig,
-    lane: String,
+    lane: Lane,
     terms: BatchTerms,
     slots: Arc<HandlerSlots>,
     backend: Arc<dyn QueueBackend>,
@@ -65,14 +66,13 @@ impl Consumer {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.config.max_concurrency));
         let mut in_flight = JoinSet::new();
-        let queue = self.lane.as_str();
         loop {
             let batch = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 batch = async {
                     let slot = slots.clone().acquire_owned().await.expect("semaphore is never closed");
-                    let batch = self.backend.next_batch(queue, &self.terms).await;
+                    let batch = self.backend.next_batch(&self.lane, &self.terms).await;
                     (slot, batch)
                 } => batch,
             };
@@ -85,7 +85,7 @@ impl Consumer {
                     });
                 }
                 (_, Err(err)) => {
-                    tracing::error!(queue, error = %err, "taking a batch failed; trying again");
+                    tracing::error!(lane = %self.lane, error = %err, "taking a batch failed; trying again");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(STORAGE_BACKOFF) => {}
@@ -357,7 +357,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (backend, id) = one_message(dir.path()).await;
         let consumer = consumer(dir.path(), backend.clone()).await;
-        let batch = backend.next_batch("jobs", &consumer.terms).await.unwrap();
+        let batch = backend
+            .next_batch(&consumer.lane, &consumer.terms)
+            .await
+            .unwrap();
 
         consumer
             .guarded(batch, async { panic!("a bug in the host") })
@@ -388,14 +391,14 @@ mod tests {
         }
         async fn next_batch(
             &self,
-            queue: &str,
+            lane: &Lane,
             terms: &BatchTerms,
         ) -> Result<Vec<Delivery>, queue::QueueError> {
-            self.queue.next_batch(queue, terms).await
+            self.queue.next_batch(lane, terms).await
         }
         async fn settle(
             &self,
-            queue: &str,
+            lane: &Lane,
             policy: &queue::RetryPolicy,
             outcomes: Vec<(Delivery, Settlement)>,
         ) -> Result<queue::SettleSummary, queue::QueueError> {
@@ -407,7 +410,7 @@ mod tests {
                     "database or disk is full".into(),
                 ));
             }
-            self.queue.settle(queue, policy, outcomes).await
+            self.queue.settle(lane, policy, outcomes).await
         }
         async fn counts(&self, queue: &str) -> Result<queue::QueueCounts, queue::QueueError> {
             self.queue.counts(queue).await
@@ -415,7 +418,7 @@ mod tests {
         async fn lanes(
             &self,
             queue: &str,
-        ) -> Result<Vec<(String, queue::QueueCounts)>, queue::QueueError> {
+        ) -> Result<Vec<(Lane, queue::QueueCounts)>, queue::QueueError> {
             self.queue.lanes(queue).await
         }
         async fn list(
@@ -468,7 +471,10 @@ mod tests {
             failures: 6.into(),
         });
         let consumer = consumer(dir.path(), backend.clone()).await;
-        let batch = backend.next_batch("jobs", &consumer.terms).await.unwrap();
+        let batch = backend
+            .next_batch(&consumer.lane, &consumer.terms)
+            .await
+            .unwrap();
         let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
         consumer.commit(acks, Duration::ZERO).await;
         assert_eq!(queue.get("jobs", &id).await.unwrap(), None, "acked");

@@ -23,6 +23,7 @@ use crate::dir_lock::DirLock;
 use crate::handlers::{self, HandlerSlots};
 use crate::metrics::{self, MetricsState};
 use crate::queue::QueueBackend;
+use crate::queue::lane::Lane;
 use crate::queue::sqlite::SqliteQueue;
 use crate::relay::endpoint::{self, Heartbeat, RelayState};
 use crate::relay::hub::ConnectionHub;
@@ -41,14 +42,14 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 /// longer has (removed, or renamed): nothing takes them, and they stay until they expire.
 async fn warn_of_unconsumed_lanes(config: &Config, backend: &dyn QueueBackend) -> Result<()> {
     for queue in config.queue_names() {
-        let configured: Vec<String> = config.consumers_of(queue).map(|c| c.lane()).collect();
+        let configured: Vec<Lane> = config.consumers_of(queue).map(|c| c.lane()).collect();
         for (lane, counts) in backend.lanes(queue).await? {
             // A queue no consumer reads (a dead-letter queue) keeps its messages in its
             // own lane.
-            if configured.contains(&lane) || (lane == queue && configured.is_empty()) {
+            if configured.contains(&lane) || (lane.is_default() && configured.is_empty()) {
                 continue;
             }
-            let (_, consumer) = crate::queue::routes::split_lane(&lane);
+            let consumer = lane.consumer.as_str();
             tracing::warn!(
                 queue,
                 consumer,
@@ -124,7 +125,8 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
     let backend: Arc<dyn QueueBackend> = Arc::new(
         SqliteQueue::open(&db)
             .context("opening the queue database")?
-            .with_routes(config.routes()),
+            .with_routes(config.routes())
+            .with_retentions(config.retentions()),
     );
     warn_of_unconsumed_lanes(&config, backend.as_ref()).await?;
     let caps = open_capabilities(&db, config.revocation_ttl, config.relay.sessions)?;

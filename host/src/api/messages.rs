@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, parse_json};
+use crate::queue::lane::Lane;
 use crate::queue::{ContentType, RedriveTarget, Selection, StoredMessage};
 
 /// Messages per page when the request does not say.
@@ -127,7 +128,7 @@ pub(super) async fn redrive(
                 .queues
                 .iter()
                 .flat_map(|(queue, info)| {
-                    std::iter::once(queue.clone())
+                    std::iter::once(Lane::of(queue))
                         .chain(info.consumers.iter().map(|c| c.lane.clone()))
                 })
                 .collect(),

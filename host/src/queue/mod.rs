@@ -1,14 +1,29 @@
-//! The durable queue engine: what a queue backend must do (spec section 1), and the
-//! publishing limits every backend shares. [`sqlite`] is the embedded backend.
+//! The durable queue engine: what the host asks of queues ([`QueueBackend`], spec
+//! section 1), and the publishing limits every backend shares.
+//!
+//! It is built in two parts, so that another storage (a NATS JetStream backend, next)
+//! reuses everything but the storage itself:
+//! - [`core`]: the backend-independent engine ([`core::Engine`], the one
+//!   [`QueueBackend`] the host uses): batching readiness and wakers, leases, the retry and
+//!   dead-letter policy, poison detection, fan-out to lanes ([`routes`], [`lane`]);
+//! - [`storage`]: what a storage backend provides, in two traits: the data path (store,
+//!   lease, commit fates) and the operator's work (counts, browse, redrive, purge,
+//!   expire). [`sqlite`] is the embedded backend.
 
+pub mod core;
+pub mod lane;
 pub mod routes;
 pub mod sqlite;
+pub mod storage;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::config::MAX_DELAY_SECONDS;
+use crate::store::StoreError;
+
+use self::lane::Lane;
 
 /// Largest message body, in bytes (Cloudflare Queues: 128 KB).
 pub const MAX_BODY_BYTES: usize = 128 * 1024;
@@ -71,6 +86,9 @@ pub struct Delivery {
     pub attempts: u32,
     /// Publish time, milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
+    /// When it entered its queue (published, dead-lettered or redriven into it), in
+    /// milliseconds since the Unix epoch: its retention counts from then.
+    pub enqueued_ms: u64,
     /// How `body` is encoded.
     pub content_type: ContentType,
     /// The body bytes.
@@ -86,7 +104,8 @@ pub struct Delivery {
 pub enum Settlement {
     /// Delete it.
     Ack,
-    /// Deliver it again after `delay_seconds`; `error` says why it failed this time.
+    /// Deliver it again after `delay_seconds` (kept within the queue's retention, see
+    /// [`core::Fate::of`]); `error` says why it failed this time.
     Retry {
         /// Seconds before the next delivery.
         delay_seconds: u32,
@@ -278,7 +297,7 @@ pub enum RedriveTarget {
     /// provided that lane is one of `known`; the others stay where they are.
     Source {
         /// The lanes that may receive messages (the ones the host serves).
-        known: Vec<String>,
+        known: Vec<Lane>,
     },
     /// Every message to this queue, to the consumers that subscribe to it there.
     Queue(String),
@@ -302,6 +321,12 @@ pub enum QueueError {
     /// The storage failed.
     #[error("queue storage failed: {0}")]
     Storage(String),
+}
+
+impl From<StoreError> for QueueError {
+    fn from(err: StoreError) -> Self {
+        QueueError::Storage(err.to_string())
+    }
 }
 
 /// A publishing limit that was exceeded.
@@ -381,7 +406,7 @@ pub trait QueueBackend: Send + Sync + 'static {
         messages: Vec<NewMessage>,
     ) -> Result<Vec<String>, QueueError>;
 
-    /// Waits for the next batch of the lane `queue`: returns as soon as
+    /// Waits for the next batch of `lane`: returns as soon as
     /// `terms.max_size` messages are ready, or when `terms.max_timeout` has passed since
     /// the first of them became ready. The messages returned are leased until
     /// [`QueueBackend::settle`], for `terms.lease` at most; a lease also dies with the
@@ -390,26 +415,28 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// [`no_outcome_reason`]).
     async fn next_batch(
         &self,
-        queue: &str,
+        lane: &Lane,
         terms: &BatchTerms,
     ) -> Result<Vec<Delivery>, QueueError>;
 
-    /// Commits the outcome of each message delivered from the lane `queue`, all in one
+    /// Commits the outcome of each message delivered from `lane`, all in one
     /// transaction. A dead-lettered message records the lane as its source and goes to
     /// the consumers of the dead-letter queue that take it, as a published message does.
     /// The outcome of a message whose lease ran out and that was taken again is ignored.
     async fn settle(
         &self,
-        queue: &str,
+        lane: &Lane,
         policy: &RetryPolicy,
         outcomes: Vec<(Delivery, Settlement)>,
     ) -> Result<SettleSummary, QueueError>;
 
-    /// Message counts of `queue`.
+    /// Message counts of `queue`, all lanes summed; costs O(lanes), not a scan of the
+    /// backlog.
     async fn counts(&self, queue: &str) -> Result<QueueCounts, QueueError>;
 
-    /// The lanes of `queue` that hold messages, each with its counts, in name order.
-    async fn lanes(&self, queue: &str) -> Result<Vec<(String, QueueCounts)>, QueueError>;
+    /// The lanes of `queue` that hold messages, each with its counts, in the order of
+    /// their written names; costs O(lanes), not a scan of the backlog.
+    async fn lanes(&self, queue: &str) -> Result<Vec<(Lane, QueueCounts)>, QueueError>;
 
     /// Up to `limit` messages of `queue` in publish order, starting after the position
     /// `after` (a [`MessagePage::next`]; `None` for the first page).

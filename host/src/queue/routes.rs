@@ -1,8 +1,7 @@
 //! Fan-out of a queue to several consumers, each with a subscription filter.
 //!
 //! A queue's messages are stored once per consumer that subscribes to them, in that
-//! consumer's *lane*: the queue's own name for the consumer named like the queue (the
-//! only consumer of a queue, usually), `<queue>#<consumer>` for the others. Each copy has
+//! consumer's [`Lane`]. Each copy has
 //! its own attempts, retries and dead-letter entry, so one consumer's failures never hold
 //! up another; a message has left the queue when every copy is settled.
 
@@ -13,26 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::ContentType;
-
-/// Separates a queue name from a consumer name in a lane (queue names never contain it).
-pub const LANE_SEPARATOR: char = '#';
-
-/// The lane where `consumer`'s copies of `queue`'s messages are kept.
-pub fn lane(queue: &str, consumer: &str) -> String {
-    if queue == consumer {
-        queue.to_owned()
-    } else {
-        format!("{queue}{LANE_SEPARATOR}{consumer}")
-    }
-}
-
-/// The queue and the consumer of a lane.
-pub fn split_lane(lane: &str) -> (&str, &str) {
-    match lane.split_once(LANE_SEPARATOR) {
-        Some((queue, consumer)) => (queue, consumer),
-        None => (lane, lane),
-    }
-}
+use super::lane::Lane;
 
 /// Which messages a consumer takes: for each field (a dotted path into a JSON body, such
 /// as `type` or `data.reason`), the values it accepts. An empty filter takes every
@@ -122,7 +102,7 @@ impl Filter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     /// Where its copies go.
-    pub lane: String,
+    pub lane: Lane,
     /// What it takes.
     pub filter: Filter,
 }
@@ -141,7 +121,7 @@ impl Routes {
             .entry(queue.to_owned())
             .or_default()
             .push(Route {
-                lane: lane(queue, consumer),
+                lane: Lane::new(queue, consumer),
                 filter,
             });
     }
@@ -149,14 +129,9 @@ impl Routes {
     /// The lanes a message published to `queue` is stored in: the queue itself when it
     /// has no subscription, else the lanes of the subscriptions that accept it (none when
     /// no consumer wants it).
-    pub fn lanes<'a>(
-        &'a self,
-        queue: &'a str,
-        content_type: ContentType,
-        body: &[u8],
-    ) -> Vec<&'a str> {
+    pub fn lanes(&self, queue: &str, content_type: ContentType, body: &[u8]) -> Vec<Lane> {
         let Some(routes) = self.by_queue.get(queue) else {
-            return vec![queue];
+            return vec![Lane::of(queue)];
         };
         let parsed = if routes.iter().all(|r| r.filter.is_empty()) {
             None
@@ -166,16 +141,8 @@ impl Routes {
         routes
             .iter()
             .filter(|r| r.filter.accepts(parsed.as_ref()))
-            .map(|r| r.lane.as_str())
+            .map(|r| r.lane.clone())
             .collect()
-    }
-
-    /// Every lane of every subscribed queue.
-    pub fn all_lanes(&self) -> impl Iterator<Item = &str> {
-        self.by_queue
-            .values()
-            .flatten()
-            .map(|route| route.lane.as_str())
     }
 }
 
@@ -208,12 +175,9 @@ mod tests {
         parse(toml_text).unwrap()
     }
 
-    #[test]
-    fn lanes_name_their_consumer() {
-        assert_eq!(lane("events", "events"), "events");
-        assert_eq!(lane("events", "notifier"), "events#notifier");
-        assert_eq!(split_lane("events#notifier"), ("events", "notifier"));
-        assert_eq!(split_lane("events"), ("events", "events"));
+    /// The written form of `lanes`, to compare them with.
+    fn written(lanes: Vec<Lane>) -> Vec<String> {
+        lanes.iter().map(Lane::to_string).collect()
     }
 
     #[test]
@@ -255,12 +219,21 @@ mod tests {
         let pair = br#"{"type":"pair.accepted"}"#;
         let other = br#"{"type":"agent.auth.issued"}"#;
         assert_eq!(
-            routes.lanes("events", ContentType::Json, pair),
+            written(routes.lanes("events", ContentType::Json, pair)),
             ["events", "events#notifier"]
         );
-        assert_eq!(routes.lanes("events", ContentType::Json, other), ["events"]);
-        assert_eq!(routes.lanes("events", ContentType::Bytes, pair), ["events"]);
-        assert_eq!(routes.lanes("plain", ContentType::Json, pair), ["plain"]);
+        assert_eq!(
+            written(routes.lanes("events", ContentType::Json, other)),
+            ["events"]
+        );
+        assert_eq!(
+            written(routes.lanes("events", ContentType::Bytes, pair)),
+            ["events"]
+        );
+        assert_eq!(
+            written(routes.lanes("plain", ContentType::Json, pair)),
+            ["plain"]
+        );
     }
 
     #[test]
@@ -281,25 +254,25 @@ mod tests {
             (ContentType::Text, string.as_str()),
         ] {
             assert_eq!(
-                routes.lanes("events", content_type, body.as_bytes()),
+                written(routes.lanes("events", content_type, body.as_bytes())),
                 ["events", "events#router"],
                 "{content_type:?} {body}"
             );
         }
         let padded = br#"{"type":"  pair.accepted\n"}"#;
         assert_eq!(
-            routes.lanes("events", ContentType::Json, padded),
+            written(routes.lanes("events", ContentType::Json, padded)),
             ["events", "events#router"],
             "string values are compared trimmed"
         );
         let other = serde_json::to_string(r#"{"type":"agent.auth.issued"}"#).unwrap();
         assert_eq!(
-            routes.lanes("events", ContentType::Json, other.as_bytes()),
+            written(routes.lanes("events", ContentType::Json, other.as_bytes())),
             ["events"]
         );
         for not_an_object in [&b"\"[1]\""[..], b"\"{nope\"", b"hello"] {
             assert_eq!(
-                routes.lanes("events", ContentType::Text, not_an_object),
+                written(routes.lanes("events", ContentType::Text, not_an_object)),
                 ["events"]
             );
         }

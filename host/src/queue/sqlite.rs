@@ -1,34 +1,47 @@
-//! The embedded queue backend: every queue in one SQLite database in WAL mode.
+//! The embedded queue storage: every queue in the host's database ([`Database`], one
+//! SQLite file in WAL mode). Storage only: what is decided about batches, retries and
+//! dead letters is the [`super::core`]'s, applied inside this backend's transactions.
 //!
-//! A message row is deleted or moved only in the transaction that commits its outcome,
-//! so a crash at any point leaves it to be delivered again. A leased row has the `leased`
-//! flag, and its `visible_ms` is the lease deadline: once that passes, the row is ready
-//! again like any other whose time has come (a panicking batch, a commit that keeps
-//! failing). Leases are also cleared when the database is opened: whatever was in flight
-//! when the previous process died is ready again at once (the host's data-directory lock
-//! keeps a second process from doing that to a live one).
+//! **Threads and transactions.** No statement runs on the async runtime's threads: each
+//! data-path call (publish, lease, commit) and each operator change (redrive, purge, an
+//! expiry chunk) is one [`Database::write`] job, a savepoint in the writer thread's group
+//! transaction, so it is kept or undone whole and returns once committed; counts, lists
+//! and gets run on the reader thread ([`Database::read`]).
 //!
-//! A queue with several consumers keeps one row per consumer that subscribes to a
-//! message, in that consumer's lane ([`super::routes`]); the `queue` column holds the
-//! lane, and every query about a queue covers all of its lanes.
+//! **Rows.** A message row is deleted or moved only in the transaction that commits its
+//! outcome, so a crash at any point leaves it to be delivered again. A leased row has
+//! the `leased` flag, and its `visible_ms` is the lease deadline: once that passes, the
+//! row is ready again like any other whose time has come (a panicking batch, a commit
+//! that keeps failing). Leases are also cleared when the storage is opened: whatever was
+//! in flight when the previous process died is ready again at once (the host's
+//! data-directory lock keeps a second process from doing that to a live one). A queue
+//! with several consumers keeps one row per consumer that subscribes to a message, in
+//! that consumer's lane; the `queue` column holds the written [`Lane`], and every query
+//! about a queue covers all of its lanes.
+//!
+//! **Counts without a scan.** `lane_counts` holds how many rows each lane holds, kept by
+//! triggers on `messages` in the same transaction as every insert, delete and move
+//! (and rebuilt from the rows when the storage is opened). A lane's other counts are
+//! index range counts that never touch its ready backlog: in flight are the rows of the
+//! partial index `messages_leased` whose deadline is ahead; not yet visible (in flight
+//! or delayed) is a count over `messages_due` of the rows whose `visible_ms` is ahead,
+//! so delayed costs O(delayed rows); ready is what is left. So `GET /v1/queues/{q}` and
+//! `/metrics` cost O(lanes + in flight + delayed), whatever the backlog.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::Notify;
-use tokio::time::Instant;
 
-use crate::clock::now_ms;
 use crate::store::Database;
 
-use super::routes::{Routes, split_lane};
+use super::core::{DeadLetterRoute, Engine, Readiness, earliest, poisoned, readiness, warn_stale};
+use super::lane::Lane;
+use super::routes::Routes;
+use super::storage::{Committed, DataPath, Fate, LeasePlan, Leased, Operator, PublishRow};
 use super::{
-    BatchTerms, ContentType, Delivery, MessagePage, MessageState, NewMessage, QueueBackend,
-    QueueCounts, QueueError, RedriveSummary, RedriveTarget, RetryPolicy, Selection, SettleSummary,
-    Settlement, StoredMessage, check_limits,
+    ContentType, Delivery, MessagePage, MessageState, QueueCounts, QueueError, RedriveSummary,
+    RedriveTarget, Selection, SettleSummary, StoredMessage,
 };
 
 const SCHEMA: &str = "
@@ -55,9 +68,30 @@ CREATE INDEX IF NOT EXISTS messages_due ON messages (queue, visible_ms, seq);
 const EXPIRY_INDEX: &str =
     "CREATE INDEX IF NOT EXISTS messages_expiry ON messages (queue, enqueued_ms)";
 
-/// Most rows the retention sweep deletes in one statement: the connection is given back
-/// between chunks, so a large expiry never holds up publishes and batches for long.
-const EXPIRY_CHUNK: u64 = 1000;
+/// The per-lane row counts, the triggers that keep them, and the index of the rows in
+/// flight (see the module doc).
+const COUNTERS: &str = "
+CREATE TABLE IF NOT EXISTS lane_counts (
+    lane TEXT PRIMARY KEY,
+    held INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_leased ON messages (queue, visible_ms) WHERE leased = 1;
+CREATE TRIGGER IF NOT EXISTS messages_counted_in AFTER INSERT ON messages BEGIN
+    INSERT INTO lane_counts (lane, held) VALUES (NEW.queue, 1)
+        ON CONFLICT (lane) DO UPDATE SET held = held + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_counted_out AFTER DELETE ON messages BEGIN
+    UPDATE lane_counts SET held = held - 1 WHERE lane = OLD.queue;
+    DELETE FROM lane_counts WHERE lane = OLD.queue AND held <= 0;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_counted_moved AFTER UPDATE OF queue ON messages
+WHEN NEW.queue IS NOT OLD.queue BEGIN
+    UPDATE lane_counts SET held = held - 1 WHERE lane = OLD.queue;
+    DELETE FROM lane_counts WHERE lane = OLD.queue AND held <= 0;
+    INSERT INTO lane_counts (lane, held) VALUES (NEW.queue, 1)
+        ON CONFLICT (lane) DO UPDATE SET held = held + 1;
+END;
+";
 
 /// Columns added to [`SCHEMA`] since its first version, with their definitions; `open`
 /// adds each one the database lacks, so that older databases open. `enqueued_ms` (when
@@ -75,8 +109,23 @@ const STORED_COLUMNS: &str = "seq, id, leased, visible_ms, attempts, published_m
     source_attempts, content_type, body, queue";
 
 /// Keeps the rows of queue `?1`, in all of its lanes (`<queue>#<consumer>`: `$` is the
-/// character after `#`).
-const IN_QUEUE: &str = "(queue = ?1 OR (queue > ?1 || '#' AND queue < ?1 || '$'))";
+/// character after `#`), from a table whose lane column is `column`.
+macro_rules! in_queue {
+    ($column:literal) => {
+        concat!(
+            "(",
+            $column,
+            " = ?1 OR (",
+            $column,
+            " > ?1 || '#' AND ",
+            $column,
+            " < ?1 || '$'))"
+        )
+    };
+}
+
+/// [`in_queue!`] over `messages`.
+const IN_QUEUE: &str = in_queue!("queue");
 
 /// Keeps the selected rows of an [`IN_QUEUE`]: `?2` is `NULL` for every message or a
 /// JSON array of ids, `?3` `NULL` for every lane or the one lane to keep; `?4` is the
@@ -89,19 +138,49 @@ const SELECTED: &str = "(leased = 0 OR visible_ms <= ?4)
 /// its state when `?2` is `NULL`.
 const UNDER_LEASE: &str = "seq = ?1 AND (?2 IS NULL OR (leased = 1 AND visible_ms = ?2))";
 
-/// The SQLite queue backend.
-pub struct SqliteQueue {
-    conn: Mutex<Connection>,
-    wakers: Mutex<HashMap<String, Arc<Notify>>>,
-    routes: Routes,
+/// The SQLite storage backend.
+pub struct SqliteStorage {
+    db: Database,
 }
 
-/// What the head of a queue says about the next batch.
-enum Readiness {
-    /// Lease these messages now.
-    Take(Vec<Due>),
-    /// Nothing to take yet; look again at this time (or when woken, if `None`).
-    WaitUntil(Option<u64>),
+/// The queue engine over the SQLite storage: what the host runs.
+pub type SqliteQueue = Engine<SqliteStorage>;
+
+impl SqliteQueue {
+    /// Opens (or creates) the queues in `db` and releases every lease left by a previous
+    /// process: those messages are ready at once, in the order they entered their queue.
+    pub fn open(db: &Database) -> Result<Self, QueueError> {
+        Ok(Engine::new(SqliteStorage::open(db)?))
+    }
+}
+
+impl SqliteStorage {
+    /// Opens (or creates) the queue tables in `db`, brings an older schema up to date,
+    /// rebuilds the lane counts and releases every lease left by a previous process.
+    pub fn open(db: &Database) -> Result<Self, QueueError> {
+        // Once, at start: a connection of its own, on the caller's thread.
+        let conn = db.connection(SCHEMA).map_err(storage)?;
+        add_columns(&conn).map_err(storage)?;
+        // The retention sweep reads a queue's oldest rows; `enqueued_ms` may have just
+        // been added to an older database.
+        conn.execute_batch(EXPIRY_INDEX).map_err(storage)?;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE;
+             {COUNTERS}
+             DELETE FROM lane_counts;
+             INSERT INTO lane_counts (lane, held)
+                 SELECT queue, COUNT(*) FROM messages GROUP BY queue;
+             UPDATE messages SET leased = 0, visible_ms = enqueued_ms WHERE leased = 1;
+             COMMIT;"
+        ))
+        .map_err(storage)?;
+        Ok(SqliteStorage { db: db.clone() })
+    }
+
+    /// The database it keeps its tables in.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
 }
 
 /// A ready message at the head of a lane.
@@ -126,7 +205,7 @@ struct Doomed<'a> {
 /// What became of a message that failed for good.
 enum GaveUp {
     /// Moved to the dead-letter queue, in these lanes of it.
-    DeadLettered(Vec<String>),
+    DeadLettered(Vec<Lane>),
     /// Deleted: no dead-letter queue, or no consumer of it takes the message.
     Dropped,
     /// Nothing: the lease it was given up under had run out, and the message was taken
@@ -134,229 +213,79 @@ enum GaveUp {
     Stale,
 }
 
-impl SqliteQueue {
-    /// Opens (or creates) the queues in `db` and releases every lease left by a previous
-    /// process: those messages are ready at once, in the order they entered their queue.
-    pub fn open(db: &Database) -> Result<Self, QueueError> {
-        let conn = db.connection(SCHEMA).map_err(storage)?;
-        add_columns(&conn).map_err(storage)?;
-        // The retention sweep reads a queue's oldest rows; `enqueued_ms` may have just
-        // been added to an older database.
-        conn.execute_batch(EXPIRY_INDEX).map_err(storage)?;
-        conn.execute(
-            "UPDATE messages SET leased = 0, visible_ms = enqueued_ms WHERE leased = 1",
-            [],
-        )
-        .map_err(storage)?;
-        Ok(SqliteQueue {
-            conn: Mutex::new(conn),
-            wakers: Mutex::new(HashMap::new()),
-            routes: Routes::default(),
-        })
-    }
-
-    /// Fans the messages published to (or redriven into) a queue out to the lanes of its
-    /// subscriptions.
-    pub fn with_routes(mut self, routes: Routes) -> Self {
-        self.routes = routes;
-        self
-    }
-
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn waker(&self, queue: &str) -> Arc<Notify> {
-        let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
-        wakers.entry(queue.to_owned()).or_default().clone()
-    }
-
-    fn wake(&self, queue: &str) {
-        self.waker(queue).notify_waiters();
-    }
-
-    /// Decides whether a batch of `queue` is due at `now` and leases it if so; a due
-    /// message delivered `1 + max_retries` times already is dead-lettered instead.
-    fn try_lease(
-        &self,
-        queue: &str,
-        terms: &BatchTerms,
-    ) -> Result<Result<Vec<Delivery>, Option<u64>>, QueueError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(storage)?;
-        let now = now_ms();
-        let readiness =
-            readiness(&tx, queue, terms.max_size, terms.max_timeout, now).map_err(storage)?;
-        let due = match readiness {
-            Readiness::WaitUntil(at) => return Ok(Err(at)),
-            Readiness::Take(due) => due,
-        };
-        let deadline = now + (terms.lease.as_millis() as u64).max(1);
-        let (mut batch, mut woken) = (Vec::with_capacity(due.len()), Vec::new());
-        let mut gave_up = SettleSummary::default();
-        {
-            let mut lease = tx
-                .prepare_cached(
-                    "UPDATE messages SET leased = 1, attempts = attempts + 1, visible_ms = ?2
-                     WHERE seq = ?1 RETURNING id, attempts, published_ms, content_type, body",
-                )
-                .map_err(storage)?;
-            for message in due {
-                let policy = &terms.policy;
-                if message.attempts > policy.max_retries {
-                    let reason = super::no_outcome_reason(message.attempts);
-                    let doomed = Doomed {
-                        seq: message.seq,
-                        id: &message.id,
-                        lease: None,
-                        reason: &reason,
-                        error: None,
-                    };
-                    match self
-                        .give_up(&tx, queue, doomed, policy, now)
-                        .map_err(storage)?
-                    {
-                        GaveUp::DeadLettered(lanes) => {
-                            woken.extend(lanes);
-                            gave_up.dead_lettered += 1;
-                        }
-                        GaveUp::Dropped => gave_up.dropped += 1,
-                        GaveUp::Stale => {}
-                    }
-                    continue;
-                }
-                let delivery = lease
-                    .query_row(params![message.seq, deadline], |row| {
-                        let content_type: String = row.get(3)?;
-                        Ok(Delivery {
-                            lease: message.seq,
-                            id: row.get(0)?,
-                            attempts: row.get(1)?,
-                            timestamp_ms: row.get(2)?,
-                            content_type: ContentType::parse(&content_type)
-                                .unwrap_or(ContentType::Bytes),
-                            body: row.get(4)?,
-                            lease_deadline_ms: deadline,
-                        })
-                    })
-                    .map_err(storage)?;
-                batch.push(delivery);
+impl GaveUp {
+    /// Counts this in `summary`, and records the lanes to wake in `woken`.
+    fn count(self, summary: &mut SettleSummary, woken: &mut Vec<Lane>) {
+        match self {
+            GaveUp::DeadLettered(lanes) => {
+                woken.extend(lanes);
+                summary.dead_lettered += 1;
             }
+            GaveUp::Dropped => summary.dropped += 1,
+            GaveUp::Stale => summary.stale += 1,
         }
-        tx.commit().map_err(storage)?;
-        drop(conn);
-        if gave_up != SettleSummary::default() {
-            crate::metrics::settled(split_lane(queue).0, &gave_up);
-        }
-        self.wake_all(woken);
-        if batch.is_empty() {
-            // Every due message was given up on: look again at once.
-            return Ok(Err(Some(now)));
-        }
-        Ok(Ok(batch))
-    }
-
-    /// Wakes the consumers of each of `lanes`, once each.
-    fn wake_all(&self, mut lanes: Vec<String>) {
-        lanes.sort_unstable();
-        lanes.dedup();
-        for lane in &lanes {
-            self.wake(lane);
-        }
-    }
-
-    /// Gives up on the `doomed` message of the lane `queue`: moves it to the dead-letter
-    /// queue of `policy` (to each lane of it that takes the message, as a publish would),
-    /// or deletes it, logged, when there is no dead-letter queue or none of its consumers
-    /// takes it.
-    fn give_up(
-        &self,
-        tx: &Connection,
-        queue: &str,
-        doomed: Doomed<'_>,
-        policy: &RetryPolicy,
-        now: u64,
-    ) -> rusqlite::Result<GaveUp> {
-        let Doomed {
-            seq,
-            id,
-            lease,
-            reason,
-            error,
-        } = doomed;
-        let Some((content_type, body)) = tx
-            .prepare_cached(&format!(
-                "SELECT content_type, body FROM messages WHERE {UNDER_LEASE}"
-            ))?
-            .query_row(params![seq, lease], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })
-            .optional()?
-        else {
-            warn_stale(queue, id);
-            return Ok(GaveUp::Stale);
-        };
-        let content_type = ContentType::parse(&content_type).unwrap_or(ContentType::Bytes);
-        let lanes = match &policy.dead_letter_queue {
-            Some(dlq) => self.routes.lanes(dlq, content_type, &body),
-            None => Vec::new(),
-        };
-        let Some((first, copies)) = lanes.split_first() else {
-            match &policy.dead_letter_queue {
-                Some(dlq) => tracing::error!(
-                    queue,
-                    dlq,
-                    id,
-                    reason,
-                    "message dropped: it failed for good and no consumer of its dead_letter_queue takes it"
-                ),
-                None => tracing::error!(
-                    queue,
-                    id,
-                    reason,
-                    "message dropped: it failed for good and the queue has no dead_letter_queue"
-                ),
-            }
-            tx.prepare_cached("DELETE FROM messages WHERE seq = ?1")?
-                .execute([seq])?;
-            return Ok(GaveUp::Dropped);
-        };
-        tracing::warn!(
-            queue,
-            dlq = policy.dead_letter_queue.as_deref(),
-            id,
-            reason,
-            "message dead-lettered"
-        );
-        tx.prepare_cached(
-            "UPDATE messages SET queue = ?2, leased = 0, attempts = 0,
-             source_attempts = attempts, visible_ms = ?3, enqueued_ms = ?3,
-             source_queue = ?4, dead_reason = ?5, dead_ms = ?3,
-             first_failed_ms = COALESCE(first_failed_ms, ?3),
-             last_failed_ms = ?3, last_error = COALESCE(?6, last_error)
-             WHERE seq = ?1",
-        )?
-        .execute(params![seq, first, now, queue, reason, error])?;
-        copy_to_lanes(tx, seq, copies)?;
-        Ok(GaveUp::DeadLettered(
-            lanes.iter().map(|lane| lane.to_string()).collect(),
-        ))
     }
 }
 
-/// Logs that the outcome of the message `id` of `queue` came after its lease ran out.
-fn warn_stale(queue: &str, id: &str) {
-    tracing::warn!(
-        queue,
+/// Gives up on the `doomed` message of `lane`: moves it to the lanes `dead_letters`
+/// names for it, or deletes it (logged) when there are none.
+fn give_up(
+    conn: &Connection,
+    lane: &Lane,
+    doomed: Doomed<'_>,
+    dead_letters: &DeadLetterRoute,
+    now: u64,
+) -> rusqlite::Result<GaveUp> {
+    let Doomed {
+        seq,
         id,
-        "outcome ignored: the lease ran out and the message was taken again, or is gone"
-    );
+        lease,
+        reason,
+        error,
+    } = doomed;
+    let Some((content_type, body)) = conn
+        .prepare_cached(&format!(
+            "SELECT content_type, body FROM messages WHERE {UNDER_LEASE}"
+        ))?
+        .query_row(params![seq, lease], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .optional()?
+    else {
+        warn_stale(lane, id);
+        return Ok(GaveUp::Stale);
+    };
+    let content_type = ContentType::parse(&content_type).unwrap_or(ContentType::Bytes);
+    let lanes = dead_letters.lanes(content_type, &body);
+    let Some((first, copies)) = lanes.split_first() else {
+        dead_letters.log(lane, id, reason, true);
+        conn.prepare_cached("DELETE FROM messages WHERE seq = ?1")?
+            .execute([seq])?;
+        return Ok(GaveUp::Dropped);
+    };
+    dead_letters.log(lane, id, reason, false);
+    conn.prepare_cached(
+        "UPDATE messages SET queue = ?2, leased = 0, attempts = 0,
+         source_attempts = attempts, visible_ms = ?3, enqueued_ms = ?3,
+         source_queue = ?4, dead_reason = ?5, dead_ms = ?3,
+         first_failed_ms = COALESCE(first_failed_ms, ?3),
+         last_failed_ms = ?3, last_error = COALESCE(?6, last_error)
+         WHERE seq = ?1",
+    )?
+    .execute(params![
+        seq,
+        first.to_string(),
+        now,
+        lane.to_string(),
+        reason,
+        error
+    ])?;
+    copy_to_lanes(conn, seq, copies)?;
+    Ok(GaveUp::DeadLettered(lanes))
 }
 
 /// Stores a copy of the row `seq`, as it stands, in each of `lanes`.
-fn copy_to_lanes(conn: &Connection, seq: i64, lanes: &[&str]) -> rusqlite::Result<()> {
+fn copy_to_lanes(conn: &Connection, seq: i64, lanes: &[Lane]) -> rusqlite::Result<()> {
     let mut copy = conn.prepare_cached(
         "INSERT INTO messages
          (id, queue, content_type, body, published_ms, visible_ms, attempts, leased,
@@ -368,7 +297,7 @@ fn copy_to_lanes(conn: &Connection, seq: i64, lanes: &[&str]) -> rusqlite::Resul
          FROM messages WHERE seq = ?1",
     )?;
     for lane in lanes {
-        copy.execute(params![seq, lane])?;
+        copy.execute(params![seq, lane.to_string()])?;
     }
     Ok(())
 }
@@ -396,17 +325,27 @@ fn add_columns(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Reads a written lane from the column `index` of `row`.
+fn lane_at(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Lane> {
+    let written: String = row.get(index)?;
+    written.parse().map_err(|err: super::lane::NotALane| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, err.into())
+    })
+}
+
 /// Reads a row selected with [`STORED_COLUMNS`] at `now`.
 fn stored_message(row: &rusqlite::Row<'_>, now: u64) -> rusqlite::Result<StoredMessage> {
     let leased: bool = row.get(2)?;
     let visible_ms: u64 = row.get(3)?;
     let content_type: String = row.get(13)?;
-    let lane: String = row.get(15)?;
-    let source_lane: Option<String> = row.get(11)?;
-    let source = source_lane.as_deref().map(split_lane);
+    let source: Option<String> = row.get(11)?;
+    let source: Option<Lane> = match source {
+        Some(_) => Some(lane_at(row, 11)?),
+        None => None,
+    };
     Ok(StoredMessage {
         id: row.get(1)?,
-        consumer: split_lane(&lane).1.to_owned(),
+        consumer: lane_at(row, 15)?.consumer,
         state: match (visible_ms <= now, leased) {
             // A lease that ran out leaves its message ready.
             (true, _) => MessageState::Ready,
@@ -420,11 +359,11 @@ fn stored_message(row: &rusqlite::Row<'_>, now: u64) -> rusqlite::Result<StoredM
         last_error: row.get(8)?,
         dead_lettered_ms: row.get(9)?,
         dead_reason: row.get(10)?,
-        source_queue: source.map(|(queue, _)| queue.to_owned()),
-        source_consumer: source.map(|(_, consumer)| consumer.to_owned()),
         source_attempts: row.get(12)?,
         content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Bytes),
         body: row.get(14)?,
+        source_queue: source.as_ref().map(|s| s.queue.clone()),
+        source_consumer: source.map(|s| s.consumer),
     })
 }
 
@@ -436,250 +375,322 @@ fn selected(queue: &str, selection: &Selection) -> (Option<String>, Option<Strin
             Some(serde_json::to_string(ids).expect("strings serialize")),
             None,
         ),
-        Selection::Consumer(consumer) => (None, Some(super::routes::lane(queue, consumer))),
+        Selection::Consumer(consumer) => (None, Some(Lane::new(queue, consumer).to_string())),
     }
 }
 
-/// Reads the head of `queue`: the ready messages (up to `max_size`), those whose lease
-/// ran out among them, and when the next delayed one becomes ready (or lease runs out).
-fn readiness(
+/// The ready messages at the head of `lane` (up to `max_size`), with when the first of
+/// them became ready.
+fn head(
     conn: &Connection,
-    queue: &str,
+    lane: &str,
     max_size: usize,
-    max_timeout: Duration,
     now: u64,
-) -> rusqlite::Result<Readiness> {
-    let mut ready = conn.prepare_cached(
-        "SELECT seq, visible_ms, id, attempts FROM messages
-         WHERE queue = ?1 AND visible_ms <= ?2
-         ORDER BY visible_ms, seq LIMIT ?3",
-    )?;
-    let head: Vec<(u64, Due)> = ready
-        .query_map(params![queue, now, max_size as i64], |r| {
-            let due = Due {
+) -> rusqlite::Result<(Option<u64>, Vec<Due>)> {
+    let mut first = None;
+    let due = conn
+        .prepare_cached(
+            "SELECT seq, visible_ms, id, attempts FROM messages
+             WHERE queue = ?1 AND visible_ms <= ?2
+             ORDER BY visible_ms, seq LIMIT ?3",
+        )?
+        .query_map(params![lane, now, max_size as i64], |r| {
+            let visible: u64 = r.get(1)?;
+            first.get_or_insert(visible);
+            Ok(Due {
                 seq: r.get(0)?,
                 id: r.get(2)?,
                 attempts: r.get(3)?,
-            };
-            Ok((r.get(1)?, due))
+            })
         })?
-        .collect::<rusqlite::Result<_>>()?;
-    let timeout_ms = max_timeout.as_millis() as u64;
-    if let Some(&(first_ready, _)) = head.first() {
-        let due = first_ready + timeout_ms;
-        if head.len() >= max_size || now >= due {
-            return Ok(Readiness::Take(
-                head.into_iter().map(|(_, due)| due).collect(),
-            ));
-        }
-        return Ok(Readiness::WaitUntil(Some(
-            due.min(next_visible(conn, queue, now)?.unwrap_or(due)),
-        )));
-    }
-    Ok(Readiness::WaitUntil(next_visible(conn, queue, now)?))
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok((first, due))
 }
 
-/// When the earliest delayed message of `queue` becomes ready, or lease runs out.
-fn next_visible(conn: &Connection, queue: &str, now: u64) -> rusqlite::Result<Option<u64>> {
+/// When the earliest delayed message of `lane` becomes ready, or lease runs out.
+fn next_visible(conn: &Connection, lane: &str, now: u64) -> rusqlite::Result<Option<u64>> {
     conn.prepare_cached(
         "SELECT MIN(visible_ms) FROM messages WHERE queue = ?1 AND visible_ms > ?2",
     )?
-    .query_row(params![queue, now], |r| r.get(0))
+    .query_row(params![lane, now], |r| r.get(0))
+}
+
+/// Leases the batch of `lane` if [`readiness`] says one is due (see
+/// [`DataPath::lease`]).
+fn lease(conn: &Connection, lane: &Lane, plan: &LeasePlan) -> rusqlite::Result<Leased> {
+    let written = lane.to_string();
+    let now = plan.now;
+    let (first_ready, due) = head(conn, &written, plan.max_size, now)?;
+    if let Readiness::Wait(fill_by) = readiness(first_ready, due.len(), plan) {
+        let next = next_visible(conn, &written, now)?;
+        return Ok(Leased::Wait(earliest(fill_by, next)));
+    }
+    let mut deliveries = Vec::with_capacity(due.len());
+    let (mut gave_up, mut woken) = (SettleSummary::default(), Vec::new());
+    let mut take = conn.prepare_cached(
+        "UPDATE messages SET leased = 1, attempts = attempts + 1, visible_ms = ?2
+         WHERE seq = ?1
+         RETURNING id, attempts, published_ms, content_type, body, enqueued_ms",
+    )?;
+    for message in due {
+        if let Some(reason) = poisoned(message.attempts, &plan.policy) {
+            let doomed = Doomed {
+                seq: message.seq,
+                id: &message.id,
+                lease: None,
+                reason: &reason,
+                error: None,
+            };
+            give_up(conn, lane, doomed, &plan.dead_letters, now)?.count(&mut gave_up, &mut woken);
+            continue;
+        }
+        let delivery = take.query_row(params![message.seq, plan.deadline], |row| {
+            let content_type: String = row.get(3)?;
+            Ok(Delivery {
+                lease: message.seq,
+                id: row.get(0)?,
+                attempts: row.get(1)?,
+                timestamp_ms: row.get(2)?,
+                enqueued_ms: row.get(5)?,
+                content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Bytes),
+                body: row.get(4)?,
+                lease_deadline_ms: plan.deadline,
+            })
+        })?;
+        deliveries.push(delivery);
+    }
+    Ok(Leased::Batch {
+        deliveries,
+        gave_up,
+        woken,
+    })
+}
+
+/// Commits `fates` of messages delivered from `lane` (see [`DataPath::commit`]).
+fn commit(
+    conn: &Connection,
+    lane: &Lane,
+    fates: Vec<(Delivery, Fate)>,
+    dead_letters: &DeadLetterRoute,
+    now: u64,
+) -> rusqlite::Result<Committed> {
+    let mut committed = Committed::default();
+    let summary = &mut committed.summary;
+    for (delivery, fate) in fates {
+        let (seq, lease) = (delivery.lease, Some(delivery.lease_deadline_ms));
+        let (count, changed) = match fate {
+            Fate::Delete => (
+                &mut summary.acked,
+                conn.prepare_cached(&format!("DELETE FROM messages WHERE {UNDER_LEASE}"))?
+                    .execute(params![seq, lease])?,
+            ),
+            Fate::Retry { visible_ms, error } => (
+                &mut summary.retried,
+                conn.prepare_cached(&format!(
+                    "UPDATE messages SET leased = 0, visible_ms = ?3, last_error = ?4,
+                     first_failed_ms = COALESCE(first_failed_ms, ?5), last_failed_ms = ?5
+                     WHERE {UNDER_LEASE}"
+                ))?
+                .execute(params![seq, lease, visible_ms, error, now])?,
+            ),
+            Fate::Release { visible_ms } => (
+                &mut summary.released,
+                conn.prepare_cached(&format!(
+                    "UPDATE messages SET leased = 0, visible_ms = ?3,
+                     attempts = MAX(attempts - 1, 0) WHERE {UNDER_LEASE}"
+                ))?
+                .execute(params![seq, lease, visible_ms])?,
+            ),
+            Fate::DeadLetter { reason, error } => {
+                let doomed = Doomed {
+                    seq,
+                    id: &delivery.id,
+                    lease,
+                    reason: &reason,
+                    error: error.as_deref(),
+                };
+                give_up(conn, lane, doomed, dead_letters, now)?
+                    .count(summary, &mut committed.woken);
+                continue;
+            }
+        };
+        if changed == 0 {
+            warn_stale(lane, &delivery.id);
+            summary.stale += 1;
+        } else {
+            *count += 1;
+        }
+    }
+    Ok(committed)
+}
+
+/// The counts of every lane of `queue` at `now` (see the module doc: no backlog scan).
+fn lane_counts(
+    conn: &Connection,
+    queue: &str,
+    now: u64,
+) -> rusqlite::Result<Vec<(Lane, QueueCounts)>> {
+    let held: Vec<(Lane, u64)> = conn
+        .prepare_cached(concat!(
+            "SELECT lane, held FROM lane_counts WHERE ",
+            in_queue!("lane"),
+            " ORDER BY lane"
+        ))?
+        .query_map([queue], |r| Ok((lane_at(r, 0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut not_visible =
+        conn.prepare_cached("SELECT COUNT(*) FROM messages WHERE queue = ?1 AND visible_ms > ?2")?;
+    let mut in_flight = conn.prepare_cached(
+        "SELECT COUNT(*) FROM messages INDEXED BY messages_leased
+         WHERE queue = ?1 AND leased = 1 AND visible_ms > ?2",
+    )?;
+    let mut oldest = conn.prepare_cached(
+        "SELECT visible_ms FROM messages WHERE queue = ?1 ORDER BY visible_ms LIMIT 1",
+    )?;
+    held.into_iter()
+        .map(|(lane, held)| {
+            let written = lane.to_string();
+            let waiting: u64 = not_visible.query_row(params![written, now], |r| r.get(0))?;
+            let leased: u64 = in_flight.query_row(params![written, now], |r| r.get(0))?;
+            let first: Option<u64> = oldest.query_row([&written], |r| r.get(0)).optional()?;
+            let counts = QueueCounts {
+                backlog: held.saturating_sub(waiting),
+                in_flight: leased,
+                delayed: waiting.saturating_sub(leased),
+                oldest_ready_ms: first.filter(|&at| at <= now),
+            };
+            Ok((lane, counts))
+        })
+        .collect()
+}
+
+/// A selected row of a redrive.
+struct Redrivable {
+    seq: i64,
+    /// The lane it was dead-lettered from.
+    source_lane: Option<String>,
+    content_type: ContentType,
+    body: Vec<u8>,
+}
+
+/// Moves the selected rows of `queue` to `target` (see [`Operator::redrive`]).
+fn redrive(
+    conn: &Connection,
+    queue: &str,
+    selection: &Selection,
+    target: &RedriveTarget,
+    routes: &Routes,
+    now: u64,
+) -> rusqlite::Result<(RedriveSummary, Vec<Lane>)> {
+    let (ids, only) = selected(queue, selection);
+    let rows: Vec<Redrivable> = conn
+        .prepare_cached(&format!(
+            "SELECT seq, source_queue, content_type, body FROM messages
+             WHERE {IN_QUEUE} AND {SELECTED}"
+        ))?
+        .query_map(params![queue, ids, only, now], |r| {
+            let content_type: String = r.get(2)?;
+            Ok(Redrivable {
+                seq: r.get(0)?,
+                source_lane: r.get(1)?,
+                content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Bytes),
+                body: r.get(3)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let (mut woken, mut redriven) = (Vec::new(), 0);
+    for row in rows {
+        // Back to its source: the lane of the consumer that gave up on it. To a named
+        // queue: to the consumers that subscribe to it there.
+        let lanes: Vec<Lane> = match target {
+            RedriveTarget::Source { known } => row
+                .source_lane
+                .and_then(|written| written.parse::<Lane>().ok())
+                .filter(|lane| known.contains(lane))
+                .into_iter()
+                .collect(),
+            RedriveTarget::Queue(to) => routes.lanes(to, row.content_type, &row.body),
+        };
+        let Some((first, copies)) = lanes.split_first() else {
+            continue;
+        };
+        conn.prepare_cached(
+            "UPDATE messages SET queue = ?2, attempts = 0, leased = 0,
+             visible_ms = ?3, enqueued_ms = ?3, first_failed_ms = NULL,
+             last_failed_ms = NULL, last_error = NULL, dead_ms = NULL,
+             dead_reason = NULL, source_queue = NULL, source_attempts = NULL
+             WHERE seq = ?1",
+        )?
+        .execute(params![row.seq, first.to_string(), now])?;
+        copy_to_lanes(conn, row.seq, copies)?;
+        redriven += 1;
+        woken.extend(lanes);
+    }
+    let skipped: u64 = conn
+        .prepare_cached(&format!(
+            "SELECT COUNT(*) FROM messages WHERE {IN_QUEUE} AND {SELECTED}"
+        ))?
+        .query_row(params![queue, ids, only, now], |r| r.get(0))?;
+    Ok((RedriveSummary { redriven, skipped }, woken))
 }
 
 #[async_trait]
-impl QueueBackend for SqliteQueue {
-    async fn publish(
-        &self,
-        queue: &str,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<String>, QueueError> {
-        check_limits(&messages).map_err(QueueError::Limit)?;
-        let now = now_ms();
-        let ids: Vec<String> = messages
-            .iter()
-            .map(|_| ulid::Ulid::new().to_string())
-            .collect();
-        let (mut woken, mut unrouted) = (Vec::new(), 0);
-        {
-            let mut conn = self.conn();
-            let tx = conn.transaction().map_err(storage)?;
-            {
-                let mut insert = tx
-                    .prepare_cached(
-                        "INSERT INTO messages
-                         (id, queue, content_type, body, published_ms, visible_ms, enqueued_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?5)",
-                    )
-                    .map_err(storage)?;
-                for (id, m) in ids.iter().zip(&messages) {
+impl DataPath for SqliteStorage {
+    async fn insert(&self, rows: Vec<PublishRow>, now: u64) -> Result<(), QueueError> {
+        self.db
+            .write_synced(move |conn| {
+                let mut insert = conn.prepare_cached(
+                    "INSERT INTO messages
+                     (id, queue, content_type, body, published_ms, visible_ms, enqueued_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?5)",
+                )?;
+                for row in &rows {
+                    let m = &row.message;
                     let visible = now + u64::from(m.delay_seconds) * 1000;
-                    let lanes = self.routes.lanes(queue, m.content_type, &m.body);
-                    if lanes.is_empty() {
-                        tracing::debug!(queue, %id, "no consumer subscribes to the message; acked");
-                        unrouted += 1;
-                    }
-                    for lane in lanes {
-                        insert
-                            .execute(params![
-                                id,
-                                lane,
-                                m.content_type.as_str(),
-                                m.body,
-                                now,
-                                visible
-                            ])
-                            .map_err(storage)?;
-                        woken.push(lane);
+                    for lane in &row.lanes {
+                        insert.execute(params![
+                            row.id,
+                            lane.to_string(),
+                            m.content_type.as_str(),
+                            m.body,
+                            now,
+                            visible
+                        ])?;
                     }
                 }
-            }
-            tx.commit().map_err(storage)?;
-        }
-        if unrouted > 0 {
-            crate::metrics::unrouted(queue, unrouted);
-        }
-        self.wake_all(woken.into_iter().map(str::to_owned).collect());
-        Ok(ids)
-    }
-
-    async fn next_batch(
-        &self,
-        queue: &str,
-        terms: &BatchTerms,
-    ) -> Result<Vec<Delivery>, QueueError> {
-        let waker = self.waker(queue);
-        loop {
-            let notified = waker.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            match self.try_lease(queue, terms)? {
-                Ok(batch) => return Ok(batch),
-                Err(None) => notified.await,
-                Err(Some(at)) => {
-                    let wait = Duration::from_millis(at.saturating_sub(now_ms()));
-                    tokio::select! {
-                        _ = notified => {}
-                        _ = tokio::time::sleep_until(Instant::now() + wait) => {}
-                    }
-                }
-            }
-        }
-    }
-
-    async fn settle(
-        &self,
-        queue: &str,
-        policy: &RetryPolicy,
-        outcomes: Vec<(Delivery, Settlement)>,
-    ) -> Result<SettleSummary, QueueError> {
-        let now = now_ms();
-        let mut summary = SettleSummary::default();
-        let mut woken = Vec::new();
-        {
-            let mut conn = self.conn();
-            let tx = conn.transaction().map_err(storage)?;
-            for (delivery, settlement) in outcomes {
-                let (seq, lease) = (delivery.lease, Some(delivery.lease_deadline_ms));
-                let (count, changed) = match Fate::of(&delivery, settlement, policy) {
-                    Fate::Delete => (
-                        &mut summary.acked,
-                        tx.prepare_cached(&format!("DELETE FROM messages WHERE {UNDER_LEASE}"))
-                            .and_then(|mut s| s.execute(params![seq, lease])),
-                    ),
-                    Fate::Retry {
-                        delay_seconds,
-                        error,
-                    } => (
-                        &mut summary.retried,
-                        tx.prepare_cached(&format!(
-                            "UPDATE messages SET leased = 0, visible_ms = ?3, last_error = ?4,
-                             first_failed_ms = COALESCE(first_failed_ms, ?5), last_failed_ms = ?5
-                             WHERE {UNDER_LEASE}"
-                        ))
-                        .and_then(|mut s| {
-                            let visible = now + u64::from(delay_seconds) * 1000;
-                            s.execute(params![seq, lease, visible, error, now])
-                        }),
-                    ),
-                    Fate::Release { delay_seconds } => (
-                        &mut summary.released,
-                        tx.prepare_cached(&format!(
-                            "UPDATE messages SET leased = 0, visible_ms = ?3,
-                             attempts = MAX(attempts - 1, 0) WHERE {UNDER_LEASE}"
-                        ))
-                        .and_then(|mut s| {
-                            let visible = now + u64::from(delay_seconds) * 1000;
-                            s.execute(params![seq, lease, visible])
-                        }),
-                    ),
-                    Fate::DeadLetter { reason, error } => {
-                        let doomed = Doomed {
-                            seq,
-                            id: &delivery.id,
-                            lease,
-                            reason: &reason,
-                            error: error.as_deref(),
-                        };
-                        let gave_up = self
-                            .give_up(&tx, queue, doomed, policy, now)
-                            .map_err(storage)?;
-                        let count = match gave_up {
-                            GaveUp::DeadLettered(lanes) => {
-                                woken.extend(lanes);
-                                &mut summary.dead_lettered
-                            }
-                            GaveUp::Dropped => &mut summary.dropped,
-                            GaveUp::Stale => &mut summary.stale,
-                        };
-                        *count += 1;
-                        continue;
-                    }
-                };
-                if changed.map_err(storage)? == 0 {
-                    warn_stale(queue, &delivery.id);
-                    summary.stale += 1;
-                } else {
-                    *count += 1;
-                }
-            }
-            tx.commit().map_err(storage)?;
-        }
-        if summary.retried + summary.released > 0 {
-            woken.push(queue.to_owned());
-        }
-        self.wake_all(woken);
-        Ok(summary)
-    }
-
-    async fn counts(&self, queue: &str) -> Result<QueueCounts, QueueError> {
-        let lanes = self.lanes(queue).await?;
-        Ok(QueueCounts::total(lanes.iter().map(|(_, counts)| counts)))
-    }
-
-    async fn lanes(&self, queue: &str) -> Result<Vec<(String, QueueCounts)>, QueueError> {
-        self.conn()
-            .prepare_cached(&format!(
-                "SELECT queue,
-                        COALESCE(SUM(visible_ms <= ?2), 0),
-                        COALESCE(SUM(leased = 1 AND visible_ms > ?2), 0),
-                        COALESCE(SUM(leased = 0 AND visible_ms > ?2), 0),
-                        MIN(CASE WHEN visible_ms <= ?2 THEN visible_ms END)
-                 FROM messages WHERE {IN_QUEUE} GROUP BY queue ORDER BY queue"
-            ))
-            .and_then(|mut s| {
-                s.query_map(params![queue, now_ms()], |r| {
-                    let counts = QueueCounts {
-                        backlog: r.get(1)?,
-                        in_flight: r.get(2)?,
-                        delayed: r.get(3)?,
-                        oldest_ready_ms: r.get(4)?,
-                    };
-                    Ok((r.get(0)?, counts))
-                })?
-                .collect()
+                Ok::<_, QueueError>(())
             })
-            .map_err(storage)
+            .await
+    }
+
+    async fn lease(&self, lane: &Lane, plan: LeasePlan) -> Result<Leased, QueueError> {
+        let lane = lane.clone();
+        self.db
+            .write(move |conn| Ok(lease(conn, &lane, &plan)?))
+            .await
+    }
+
+    async fn commit(
+        &self,
+        lane: &Lane,
+        fates: Vec<(Delivery, Fate)>,
+        dead_letters: DeadLetterRoute,
+        now: u64,
+    ) -> Result<Committed, QueueError> {
+        let lane = lane.clone();
+        self.db
+            .write(move |conn| Ok(commit(conn, &lane, fates, &dead_letters, now)?))
+            .await
+    }
+}
+
+#[async_trait]
+impl Operator for SqliteStorage {
+    async fn lanes(&self, queue: &str, now: u64) -> Result<Vec<(Lane, QueueCounts)>, QueueError> {
+        let queue = queue.to_owned();
+        self.db
+            .read(move |conn| Ok(lane_counts(conn, &queue, now)?))
+            .await
     }
 
     async fn list(
@@ -687,23 +698,25 @@ impl QueueBackend for SqliteQueue {
         queue: &str,
         after: Option<u64>,
         limit: usize,
+        now: u64,
     ) -> Result<MessagePage, QueueError> {
-        let now = now_ms();
-        let conn = self.conn();
-        let mut rows = conn
-            .prepare_cached(&format!(
-                "SELECT {STORED_COLUMNS} FROM messages WHERE {IN_QUEUE} AND seq > ?2
-                 ORDER BY seq LIMIT ?3"
-            ))
-            .and_then(|mut s| {
+        let queue = queue.to_owned();
+        let mut rows = self
+            .db
+            .read(move |conn| {
                 let after = after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
                 let limit = limit.saturating_add(1).min(i64::MAX as usize) as i64;
-                s.query_map(params![queue, after, limit], |row| {
+                conn.prepare_cached(&format!(
+                    "SELECT {STORED_COLUMNS} FROM messages WHERE {IN_QUEUE} AND seq > ?2
+                     ORDER BY seq LIMIT ?3"
+                ))?
+                .query_map(params![queue, after, limit], |row| {
                     Ok((row.get::<_, u64>(0)?, stored_message(row, now)?))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(QueueError::from)
             })
-            .map_err(storage)?;
+            .await?;
         let next = if rows.len() > limit {
             rows.truncate(limit);
             rows.last().map(|(seq, _)| *seq)
@@ -716,18 +729,24 @@ impl QueueBackend for SqliteQueue {
         })
     }
 
-    async fn get(&self, queue: &str, id: &str) -> Result<Option<StoredMessage>, QueueError> {
-        let now = now_ms();
-        self.conn()
-            .prepare_cached(&format!(
-                "SELECT {STORED_COLUMNS} FROM messages WHERE {IN_QUEUE} AND id = ?2
-                 ORDER BY seq LIMIT 1"
-            ))
-            .and_then(|mut s| {
-                s.query_row(params![queue, id], |row| stored_message(row, now))
-                    .optional()
+    async fn get(
+        &self,
+        queue: &str,
+        id: &str,
+        now: u64,
+    ) -> Result<Option<StoredMessage>, QueueError> {
+        let (queue, id) = (queue.to_owned(), id.to_owned());
+        self.db
+            .read(move |conn| {
+                conn.prepare_cached(&format!(
+                    "SELECT {STORED_COLUMNS} FROM messages WHERE {IN_QUEUE} AND id = ?2
+                     ORDER BY seq LIMIT 1"
+                ))?
+                .query_row(params![queue, id], |row| stored_message(row, now))
+                .optional()
+                .map_err(QueueError::from)
             })
-            .map_err(storage)
+            .await
     }
 
     async fn redrive(
@@ -735,161 +754,56 @@ impl QueueBackend for SqliteQueue {
         queue: &str,
         selection: &Selection,
         target: &RedriveTarget,
-    ) -> Result<RedriveSummary, QueueError> {
-        let now = now_ms();
-        let (ids, lane) = selected(queue, selection);
-        let mut woken: Vec<String> = Vec::new();
-        let mut redriven = 0;
-        let skipped = {
-            let mut conn = self.conn();
-            let tx = conn.transaction().map_err(storage)?;
-            let rows: Vec<Redrivable> = tx
-                .prepare_cached(&format!(
-                    "SELECT seq, source_queue, content_type, body FROM messages
-                     WHERE {IN_QUEUE} AND {SELECTED}"
-                ))
-                .and_then(|mut s| {
-                    s.query_map(params![queue, ids, lane, now], |r| {
-                        let content_type: String = r.get(2)?;
-                        Ok(Redrivable {
-                            seq: r.get(0)?,
-                            source_lane: r.get(1)?,
-                            content_type: ContentType::parse(&content_type)
-                                .unwrap_or(ContentType::Bytes),
-                            body: r.get(3)?,
-                        })
-                    })?
-                    .collect::<rusqlite::Result<_>>()
-                })
-                .map_err(storage)?;
-            for row in rows {
-                // Back to its source: the lane of the consumer that gave up on it. To a
-                // named queue: to the consumers that subscribe to it there.
-                let lanes: Vec<&str> = match target {
-                    RedriveTarget::Source { known } => row
-                        .source_lane
-                        .as_deref()
-                        .filter(|lane| known.iter().any(|k| k == lane))
-                        .into_iter()
-                        .collect(),
-                    RedriveTarget::Queue(to) => self.routes.lanes(to, row.content_type, &row.body),
-                };
-                let Some((first, copies)) = lanes.split_first() else {
-                    continue;
-                };
-                tx.prepare_cached(
-                    "UPDATE messages SET queue = ?2, attempts = 0, leased = 0,
-                     visible_ms = ?3, enqueued_ms = ?3, first_failed_ms = NULL,
-                     last_failed_ms = NULL, last_error = NULL, dead_ms = NULL,
-                     dead_reason = NULL, source_queue = NULL, source_attempts = NULL
-                     WHERE seq = ?1",
-                )
-                .and_then(|mut s| s.execute(params![row.seq, first, now]))
-                .map_err(storage)?;
-                copy_to_lanes(&tx, row.seq, copies).map_err(storage)?;
-                redriven += 1;
-                woken.extend(lanes.iter().map(|lane| lane.to_string()));
-            }
-            let skipped: u64 = tx
-                .prepare_cached(&format!(
-                    "SELECT COUNT(*) FROM messages WHERE {IN_QUEUE} AND {SELECTED}"
-                ))
-                .and_then(|mut s| s.query_row(params![queue, ids, lane, now], |r| r.get(0)))
-                .map_err(storage)?;
-            tx.commit().map_err(storage)?;
-            skipped
-        };
-        self.wake_all(woken);
-        Ok(RedriveSummary { redriven, skipped })
+        routes: Arc<Routes>,
+        now: u64,
+    ) -> Result<(RedriveSummary, Vec<Lane>), QueueError> {
+        let (queue, selection, target) = (queue.to_owned(), selection.clone(), target.clone());
+        self.db
+            .write_synced(move |conn| Ok(redrive(conn, &queue, &selection, &target, &routes, now)?))
+            .await
     }
 
-    async fn purge(&self, queue: &str, selection: &Selection) -> Result<u64, QueueError> {
-        self.conn()
-            .prepare_cached(&format!(
-                "DELETE FROM messages WHERE {IN_QUEUE} AND {SELECTED}"
-            ))
-            .and_then(|mut s| {
-                let (ids, lane) = selected(queue, selection);
-                s.execute(params![queue, ids, lane, now_ms()])
+    async fn purge(&self, queue: &str, selection: &Selection, now: u64) -> Result<u64, QueueError> {
+        let (ids, only) = selected(queue, selection);
+        let queue = queue.to_owned();
+        self.db
+            .write_synced(move |conn| {
+                conn.prepare_cached(&format!(
+                    "DELETE FROM messages WHERE {IN_QUEUE} AND {SELECTED}"
+                ))?
+                .execute(params![queue, ids, only, now])
+                .map(|n| n as u64)
+                .map_err(QueueError::from)
             })
-            .map(|n| n as u64)
-            .map_err(storage)
+            .await
     }
 
-    async fn purge_expired(&self, queue: &str, cutoff_ms: u64) -> Result<u64, QueueError> {
-        let mut deleted = 0;
-        loop {
-            let chunk = self
-                .conn()
-                .prepare_cached(&format!(
+    async fn expire(
+        &self,
+        queue: &str,
+        cutoff_ms: u64,
+        now: u64,
+        limit: u64,
+    ) -> Result<u64, QueueError> {
+        let queue = queue.to_owned();
+        self.db
+            .write(move |conn| {
+                conn.prepare_cached(&format!(
                     "DELETE FROM messages WHERE seq IN (
                          SELECT seq FROM messages WHERE {IN_QUEUE} AND enqueued_ms < ?2
                          AND (leased = 0 OR visible_ms <= ?3) LIMIT ?4)"
-                ))
-                .and_then(|mut s| s.execute(params![queue, cutoff_ms, now_ms(), EXPIRY_CHUNK]))
+                ))?
+                .execute(params![queue, cutoff_ms, now, limit])
                 .map(|n| n as u64)
-                .map_err(storage)?;
-            deleted += chunk;
-            if chunk < EXPIRY_CHUNK {
-                return Ok(deleted);
-            }
-            tokio::task::yield_now().await;
-        }
+                .map_err(QueueError::from)
+            })
+            .await
     }
 }
 
-/// A selected row of a redrive.
-struct Redrivable {
-    seq: i64,
-    /// The lane it was dead-lettered from.
-    source_lane: Option<String>,
-    content_type: ContentType,
-    body: Vec<u8>,
-}
-
-/// Where a settled message ends up, once the retry policy is applied.
-enum Fate {
-    Delete,
-    Retry {
-        delay_seconds: u32,
-        error: String,
-    },
-    Release {
-        delay_seconds: u32,
-    },
-    /// `error` is the failure of this attempt when it was a retry over the limit.
-    DeadLetter {
-        reason: String,
-        error: Option<String>,
-    },
-}
-
-impl Fate {
-    fn of(delivery: &Delivery, settlement: Settlement, policy: &RetryPolicy) -> Fate {
-        match settlement {
-            Settlement::Ack => Fate::Delete,
-            Settlement::Release { delay_seconds } => Fate::Release { delay_seconds },
-            Settlement::DeadLetter { reason } => Fate::DeadLetter {
-                reason,
-                error: None,
-            },
-            Settlement::Retry { error, .. } if delivery.attempts > policy.max_retries => {
-                Fate::DeadLetter {
-                    reason: format!(
-                        "max_retries ({}) exceeded after {} attempts; last error: {error}",
-                        policy.max_retries, delivery.attempts
-                    ),
-                    error: Some(error),
-                }
-            }
-            Settlement::Retry {
-                delay_seconds,
-                error,
-            } => Fate::Retry {
-                delay_seconds,
-                error,
-            },
-        }
+impl From<rusqlite::Error> for QueueError {
+    fn from(err: rusqlite::Error) -> Self {
+        storage(err)
     }
 }
 
@@ -900,7 +814,11 @@ fn storage(err: rusqlite::Error) -> QueueError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::now_ms;
+    use crate::queue::core::EXPIRY_CHUNK;
+    use crate::queue::{BatchTerms, NewMessage, QueueBackend, RetryPolicy, Settlement};
     use crate::store::test_db;
+    use std::time::Duration;
 
     const Q: &str = "jobs";
     const DLQ: &str = "jobs-dlq";
@@ -938,6 +856,31 @@ mod tests {
         }
     }
 
+    /// Runs `work` on the database's reader thread.
+    async fn raw<T: Send + 'static>(
+        queue: &SqliteQueue,
+        work: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> T {
+        queue
+            .storage()
+            .database()
+            .read(move |conn| work(conn).map_err(QueueError::from))
+            .await
+            .unwrap()
+    }
+
+    /// The default lane of `Q`.
+    fn q() -> Lane {
+        Lane::of(Q)
+    }
+
+    /// The counts of `lane` alone.
+    async fn counts_of(queue: &SqliteQueue, lane: &Lane) -> QueueCounts {
+        let lanes = queue.lanes(&lane.queue).await.unwrap();
+        let found = lanes.into_iter().find(|(l, _)| l == lane);
+        found.map(|(_, counts)| counts).unwrap_or_default()
+    }
+
     async fn publish(queue: &SqliteQueue, n: usize) -> Vec<String> {
         let messages = (0..n).map(|i| text(&format!("m{i}"), 0)).collect();
         queue.publish(Q, messages).await.unwrap()
@@ -950,7 +893,7 @@ mod tests {
         timeout: Duration,
         within: Duration,
     ) -> Vec<Delivery> {
-        tokio::time::timeout(within, queue.next_batch(Q, &terms(size, timeout)))
+        tokio::time::timeout(within, queue.next_batch(&q(), &terms(size, timeout)))
             .await
             .expect("a batch within the deadline")
             .unwrap()
@@ -963,7 +906,7 @@ mod tests {
         p: &RetryPolicy,
     ) -> SettleSummary {
         let outcomes = batch.into_iter().map(|d| (d, s.clone())).collect();
-        queue.settle(Q, p, outcomes).await.unwrap()
+        queue.settle(&q(), p, outcomes).await.unwrap()
     }
 
     /// Ready, in-flight and delayed counts.
@@ -1019,7 +962,7 @@ mod tests {
         let queue = Arc::new(queue);
         let waiter = tokio::spawn({
             let queue = queue.clone();
-            async move { queue.next_batch(Q, &terms(1, LONG)).await.unwrap() }
+            async move { queue.next_batch(&q(), &terms(1, LONG)).await.unwrap() }
         });
         tokio::task::yield_now().await;
         publish(&queue, 1).await;
@@ -1095,9 +1038,8 @@ mod tests {
         assert_eq!(queue.counts(Q).await.unwrap(), QueueCounts::default());
         let dead = queue.counts(DLQ).await.unwrap();
         assert_eq!(dead.backlog, 1);
-        let row: (String, String, String) = queue
-            .conn()
-            .query_row(
+        let row: (String, String, String) = raw(&queue, |conn| {
+            conn.query_row(
                 "SELECT body, source_queue, dead_reason FROM messages",
                 [],
                 |r| {
@@ -1109,7 +1051,8 @@ mod tests {
                     ))
                 },
             )
-            .unwrap();
+        })
+        .await;
         assert_eq!(row.0, "m0");
         assert_eq!(row.1, Q);
         assert!(
@@ -1262,13 +1205,11 @@ mod tests {
         let ids = dead_letter(&queue, 3).await;
         let waiter = tokio::spawn({
             let queue = queue.clone();
-            async move { queue.next_batch(Q, &terms(1, LONG)).await.unwrap() }
+            async move { queue.next_batch(&q(), &terms(1, LONG)).await.unwrap() }
         });
         tokio::task::yield_now().await;
 
-        let source = RedriveTarget::Source {
-            known: vec![Q.to_owned()],
-        };
+        let source = RedriveTarget::Source { known: vec![q()] };
         let one = Selection::Ids(vec![ids[1].clone(), "no-such-id".into()]);
         let summary = queue.redrive(DLQ, &one, &source).await.unwrap();
         assert_eq!(
@@ -1296,7 +1237,7 @@ mod tests {
         );
 
         let unknown = RedriveTarget::Source {
-            known: vec!["elsewhere".into()],
+            known: vec![Lane::of("elsewhere")],
         };
         let summary = queue.redrive(DLQ, &Selection::All, &unknown).await.unwrap();
         assert_eq!(
@@ -1315,7 +1256,7 @@ mod tests {
         dead_letter(&queue, 3).await;
         let leased = tokio::time::timeout(
             Duration::from_secs(5),
-            queue.next_batch(DLQ, &terms(1, LONG)),
+            queue.next_batch(&Lane::of(DLQ), &terms(1, LONG)),
         )
         .await
         .unwrap()
@@ -1380,17 +1321,15 @@ mod tests {
         for _ in 0..21 {
             publish(&queue, 100).await;
         }
-        let plan: Vec<String> = queue
-            .conn()
-            .prepare(&format!(
+        let plan: Vec<String> = raw(&queue, |conn| {
+            conn.prepare(&format!(
                 "EXPLAIN QUERY PLAN SELECT seq FROM messages WHERE {IN_QUEUE}
                  AND enqueued_ms < ?2 AND (leased = 0 OR visible_ms <= ?3) LIMIT ?4"
-            ))
-            .unwrap()
-            .query_map(params![Q, 0, 0, EXPIRY_CHUNK], |r| r.get(3))
-            .unwrap()
+            ))?
+            .query_map(params![Q, 0, 0, EXPIRY_CHUNK], |r| r.get(3))?
             .collect::<rusqlite::Result<_>>()
-            .unwrap();
+        })
+        .await;
         // Every lane of the queue is searched through the index, never scanned.
         let searches: Vec<&String> = plan.iter().filter(|s| s.starts_with("SEARCH")).collect();
         assert!(!searches.is_empty(), "{plan:?}");
@@ -1479,10 +1418,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(queue.counts(Q).await.unwrap().backlog, 3, "a twice, b once");
-        let lane = "jobs#audit";
-        assert_eq!(queue.counts(lane).await.unwrap().backlog, 1);
+        let lane = Lane::new(Q, "audit");
+        assert_eq!(counts_of(&queue, &lane).await.backlog, 1);
 
-        let audit = tokio::time::timeout(LONG, queue.next_batch(lane, &terms(10, Duration::ZERO)))
+        let audit = tokio::time::timeout(LONG, queue.next_batch(&lane, &terms(10, Duration::ZERO)))
             .await
             .unwrap()
             .unwrap();
@@ -1495,7 +1434,7 @@ mod tests {
             },
         )];
         queue
-            .settle(lane, &policy(3, Some(DLQ)), outcomes)
+            .settle(&lane, &policy(3, Some(DLQ)), outcomes)
             .await
             .unwrap();
 
@@ -1514,14 +1453,14 @@ mod tests {
         assert_eq!(dead.source_queue.as_deref(), Some(Q));
         assert_eq!(dead.source_consumer.as_deref(), Some("audit"));
         let source = RedriveTarget::Source {
-            known: vec![Q.to_owned(), lane.to_owned()],
+            known: vec![q(), lane.clone()],
         };
         let summary = queue.redrive(DLQ, &Selection::All, &source).await.unwrap();
         assert_eq!(summary.redriven, 1);
-        assert_eq!(queue.counts(lane).await.unwrap().backlog, 1);
+        assert_eq!(counts_of(&queue, &lane).await.backlog, 1);
         let lanes = queue.lanes(Q).await.unwrap();
         assert_eq!(lanes.len(), 1);
-        assert_eq!((lanes[0].0.as_str(), lanes[0].1.backlog), (lane, 1));
+        assert_eq!((&lanes[0].0, lanes[0].1.backlog), (&lane, 1));
         let page = queue.list(Q, None, 10).await.unwrap();
         assert_eq!(page.messages.len(), 1);
         assert_eq!(page.messages[0].consumer, "audit");
@@ -1530,7 +1469,7 @@ mod tests {
         queue.publish(Q, vec![typed("a")]).await.unwrap();
         let audit = Selection::Consumer("audit".into());
         assert_eq!(queue.purge(Q, &audit).await.unwrap(), 2);
-        assert_eq!(queue.counts(lane).await.unwrap(), QueueCounts::default());
+        assert_eq!(counts_of(&queue, &lane).await, QueueCounts::default());
         assert_eq!(
             queue.counts(Q).await.unwrap().backlog,
             1,
@@ -1563,7 +1502,7 @@ mod tests {
             },
             "the message no consumer of the target takes stays where it is"
         );
-        assert_eq!(queue.counts("jobs#audit").await.unwrap().backlog, 1);
+        assert_eq!(counts_of(&queue, &Lane::new(Q, "audit")).await.backlog, 1);
     }
 
     #[tokio::test]
@@ -1574,7 +1513,7 @@ mod tests {
             lease: Duration::from_millis(200),
             ..terms(1, Duration::ZERO)
         };
-        let first = queue.next_batch(Q, &short).await.unwrap();
+        let first = queue.next_batch(&q(), &short).await.unwrap();
         assert_eq!(held(queue.counts(Q).await.unwrap()), (1, 1, 0));
         assert_eq!(
             queue
@@ -1612,7 +1551,7 @@ mod tests {
 
         // Retention and purges take a message whose lease ran out.
         publish(&queue, 1).await;
-        let second = queue.next_batch(Q, &short).await.unwrap();
+        let second = queue.next_batch(&q(), &short).await.unwrap();
         wait_past(second[0].lease_deadline_ms);
         assert_eq!(queue.purge_expired(Q, now_ms()).await.unwrap(), 1);
         assert_eq!(queue.counts(Q).await.unwrap(), QueueCounts::default());
@@ -1626,8 +1565,8 @@ mod tests {
             lease: Duration::from_millis(300),
             ..terms(1, Duration::ZERO)
         };
-        let first = queue.next_batch(Q, &short).await.unwrap();
-        let again = tokio::time::timeout(Duration::from_secs(5), queue.next_batch(Q, &short))
+        let first = queue.next_batch(&q(), &short).await.unwrap();
+        let again = tokio::time::timeout(Duration::from_secs(5), queue.next_batch(&q(), &short))
             .await
             .expect("taken again once the lease ran out")
             .unwrap();
@@ -1650,13 +1589,13 @@ mod tests {
         // Each process dies while it holds the message.
         for attempt in 1..=3 {
             let queue = SqliteQueue::open(&test_db(&path)).unwrap();
-            let got = queue.next_batch(Q, &two_retries).await.unwrap();
+            let got = queue.next_batch(&q(), &two_retries).await.unwrap();
             assert_eq!(got[0].attempts, attempt);
         }
         let queue = Arc::new(SqliteQueue::open(&test_db(&path)).unwrap());
         let waiter = tokio::spawn({
             let queue = queue.clone();
-            async move { queue.next_batch(Q, &two_retries).await }
+            async move { queue.next_batch(&q(), &two_retries).await }
         });
         wait_for_count(&queue, DLQ, 1).await;
         let dead = queue.get(DLQ, &ids[0]).await.unwrap().unwrap();
@@ -1694,9 +1633,10 @@ mod tests {
             .publish(Q, vec![typed("a"), typed("b")])
             .await
             .unwrap();
-        let waiters = ["jobs-dlq#reader", "jobs-dlq#audit"].map(|lane| {
+        let waiters = ["reader", "audit"].map(|consumer| {
             let queue = queue.clone();
-            tokio::spawn(async move { queue.next_batch(lane, &terms(1, LONG)).await.unwrap() })
+            let lane = Lane::new(DLQ, consumer);
+            tokio::spawn(async move { queue.next_batch(&lane, &terms(1, LONG)).await.unwrap() })
         });
         tokio::task::yield_now().await;
 
@@ -1711,7 +1651,7 @@ mod tests {
             .await
             .unwrap()
             .into_iter()
-            .map(|(lane, counts)| (lane, counts.held()))
+            .map(|(lane, counts)| (lane.to_string(), counts.held()))
             .collect();
         assert_eq!(
             lanes,
@@ -1731,5 +1671,186 @@ mod tests {
         let copy = queue.get(DLQ, &ids[0]).await.unwrap().unwrap();
         assert_eq!(copy.dead_reason.as_deref(), Some("poison"));
         assert_eq!(copy.source_queue.as_deref(), Some(Q));
+    }
+
+    /// The counts of every lane of `queue` at `now` as the rows say, by a full recount
+    /// (the GROUP BY scan the gauges no longer run).
+    async fn recount(queue: &SqliteQueue, name: &str, now: u64) -> Vec<(Lane, QueueCounts)> {
+        let name = name.to_owned();
+        raw(queue, move |conn| {
+            conn.prepare(&format!(
+                "SELECT queue,
+                        COALESCE(SUM(visible_ms <= ?2), 0),
+                        COALESCE(SUM(leased = 1 AND visible_ms > ?2), 0),
+                        COALESCE(SUM(leased = 0 AND visible_ms > ?2), 0),
+                        MIN(CASE WHEN visible_ms <= ?2 THEN visible_ms END)
+                 FROM messages WHERE {IN_QUEUE} GROUP BY queue ORDER BY queue"
+            ))?
+            .query_map(params![name, now], |r| {
+                let counts = QueueCounts {
+                    backlog: r.get(1)?,
+                    in_flight: r.get(2)?,
+                    delayed: r.get(3)?,
+                    oldest_ready_ms: r.get(4)?,
+                };
+                Ok((lane_at(r, 0)?, counts))
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    /// Checks that the gauges of `Q` and `DLQ` agree with a recount of their rows.
+    async fn assert_counters_agree(queue: &SqliteQueue, after: &str) {
+        for name in [Q, DLQ] {
+            let now = now_ms();
+            let (kept, counted) = raw(queue, {
+                let name = name.to_owned();
+                move |conn| {
+                    Ok((
+                        lane_counts(conn, &name, now)?,
+                        conn.query_row(
+                            "SELECT COUNT(*) FROM lane_counts WHERE held <= 0",
+                            [],
+                            |r| r.get::<_, u64>(0),
+                        )?,
+                    ))
+                }
+            })
+            .await;
+            assert_eq!(
+                kept,
+                recount(queue, name, now).await,
+                "{name} after {after}"
+            );
+            assert_eq!(counted, 0, "no empty lane is kept, after {after}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_counters_agree_with_a_recount_after_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let mut routes = Routes::default();
+        routes.add(Q, Q, Default::default());
+        routes.add(Q, "audit", Default::default());
+        routes.add(DLQ, DLQ, Default::default());
+        let open = || {
+            SqliteQueue::open(&test_db(&path))
+                .unwrap()
+                .with_routes(routes.clone())
+        };
+        let queue = open();
+        let ids = publish(&queue, 6).await;
+        queue.publish(Q, vec![text("later", 3600)]).await.unwrap();
+        assert_counters_agree(&queue, "publish").await;
+
+        let mut got = batch(&queue, 5, Duration::ZERO, Duration::from_secs(5)).await;
+        assert_counters_agree(&queue, "lease").await;
+        let p = policy(0, Some(DLQ));
+        let (acked, retried, dead) = (got.remove(0), got.remove(0), got.remove(0));
+        settle_all(&queue, vec![acked], Settlement::Ack, &p).await;
+        assert_counters_agree(&queue, "ack").await;
+        let release = Settlement::Release { delay_seconds: 0 };
+        settle_all(&queue, got, release, &p).await;
+        assert_counters_agree(&queue, "release").await;
+        settle_all(&queue, vec![retried], retry(3600), &policy(3, Some(DLQ))).await;
+        assert_counters_agree(&queue, "retry").await;
+        let poison = Settlement::DeadLetter {
+            reason: "poison".into(),
+        };
+        settle_all(&queue, vec![dead], poison, &p).await;
+        assert_counters_agree(&queue, "dead letter").await;
+        // Redelivered with no outcome after max_retries (0) deliveries: given up on.
+        let leased = batch(&queue, 1, Duration::ZERO, Duration::from_secs(5)).await;
+        drop(queue);
+        let queue = open();
+        assert_counters_agree(&queue, "restart").await;
+        let poisoned = BatchTerms {
+            policy: policy(0, Some(DLQ)),
+            ..terms(10, Duration::ZERO)
+        };
+        let fresh = tokio::time::timeout(Duration::from_secs(5), queue.next_batch(&q(), &poisoned))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(fresh.iter().all(|d| d.id != leased[0].id), "given up on");
+        assert_counters_agree(&queue, "poison").await;
+
+        let source = RedriveTarget::Source {
+            known: vec![q(), Lane::new(Q, "audit")],
+        };
+        let redriven = queue.redrive(DLQ, &Selection::All, &source).await.unwrap();
+        assert!(redriven.redriven > 0);
+        assert_counters_agree(&queue, "redrive").await;
+        let one = Selection::Ids(vec![ids[5].clone()]);
+        assert!(queue.purge(Q, &one).await.unwrap() > 0);
+        assert_counters_agree(&queue, "purge").await;
+        let cutoff = now_ms() + 1;
+        wait_past(cutoff);
+        assert!(queue.purge_expired(Q, cutoff).await.unwrap() > 0);
+        assert_counters_agree(&queue, "expiry").await;
+        assert_eq!(
+            queue.purge(Q, &Selection::All).await.unwrap(),
+            0,
+            "only in flight left"
+        );
+        drop(queue);
+        assert_counters_agree(&open(), "a last restart").await;
+    }
+
+    #[tokio::test]
+    async fn the_gauges_never_scan_the_backlog() {
+        let (_dir, queue) = open();
+        for _ in 0..5 {
+            publish(&queue, 100).await;
+        }
+        let plans: Vec<String> = raw(&queue, |conn| {
+            let mut plans = Vec::new();
+            for sql in [
+                "SELECT COUNT(*) FROM messages WHERE queue = ?1 AND visible_ms > ?2",
+                "SELECT COUNT(*) FROM messages INDEXED BY messages_leased
+                 WHERE queue = ?1 AND leased = 1 AND visible_ms > ?2",
+            ] {
+                let mut explain = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                let steps = explain.query_map(params![Q, 0], |r| r.get::<_, String>(3))?;
+                plans.extend(steps.collect::<rusqlite::Result<Vec<_>>>()?);
+            }
+            let mut explain = conn.prepare(
+                "EXPLAIN QUERY PLAN
+                 SELECT visible_ms FROM messages WHERE queue = ?1 ORDER BY visible_ms LIMIT 1",
+            )?;
+            let steps = explain.query_map(params![Q], |r| r.get::<_, String>(3))?;
+            plans.extend(steps.collect::<rusqlite::Result<Vec<_>>>()?);
+            Ok(plans)
+        })
+        .await;
+        assert!(
+            plans.iter().all(|step| step.starts_with("SEARCH")),
+            "{plans:?}"
+        );
+        assert_eq!(held(queue.counts(Q).await.unwrap()), (500, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_retry_delayed_past_the_retention_comes_before_the_message_expires() {
+        let (_dir, queue) = open();
+        let retention = Duration::from_secs(600);
+        let queue = queue.with_retentions([(Q.to_owned(), retention)].into());
+        publish(&queue, 1).await;
+        let got = batch(&queue, 1, Duration::ZERO, Duration::from_secs(5)).await;
+        let enqueued = got[0].enqueued_ms;
+        settle_all(&queue, got, retry(43_200), &policy(3, Some(DLQ))).await;
+        let visible: u64 = raw(&queue, |conn| {
+            conn.query_row("SELECT visible_ms FROM messages", [], |r| r.get(0))
+        })
+        .await;
+        let expires = enqueued + retention.as_millis() as u64;
+        assert_eq!(
+            visible,
+            expires - crate::queue::core::RETRY_BEFORE_EXPIRY.as_millis() as u64,
+            "ready a minute before it expires, not in 12 hours"
+        );
+        assert_eq!(held(queue.counts(Q).await.unwrap()), (0, 0, 1));
     }
 }
