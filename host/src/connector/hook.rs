@@ -11,16 +11,17 @@
 //! or can never be posted).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Map, Value, json};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-use futures_util::FutureExt;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use super::outbox::{Outbox, Row, Settle, describe};
 use super::{Tuning, now_ms};
@@ -283,8 +284,10 @@ enum Fate {
 
 /// The delivery task: drains `outbox` into `hook` until `stop` is cancelled, with at most
 /// `concurrency` requests in flight. `wake` is notified whenever new rows are stored.
-/// Requests under way when `stop` is cancelled get `tuning.shutdown_grace` to finish;
-/// the rows of those that do not are posted again on the next start.
+/// The outcomes are recorded in the background, one transaction at a time for all the
+/// requests that ended meanwhile, while the next requests go out. Requests under way
+/// when `stop` is cancelled get `tuning.shutdown_grace` to finish; the rows of those that
+/// do not are posted again on the next start.
 pub(crate) async fn deliver(
     outbox: Outbox,
     hook: Hook,
@@ -294,12 +297,7 @@ pub(crate) async fn deliver(
     stop: CancellationToken,
 ) {
     let concurrency = concurrency.max(1);
-    let mut task = Delivery {
-        outbox: &outbox,
-        hook: &hook,
-        tuning: &tuning,
-        dropped: 0,
-    };
+    let max_age_ms = i64::try_from(tuning.max_age.as_millis()).unwrap_or(i64::MAX);
     match outbox.pending().await {
         Ok(0) => {}
         Ok(n) => tracing::info!(
@@ -308,6 +306,13 @@ pub(crate) async fn deliver(
         ),
         Err(error) => tracing::error!("cannot read the outbox: {error:#}"),
     }
+    let recorder = Recorder {
+        outbox: &outbox,
+        url: hook.url(),
+        tuning: &tuning,
+        dropped: AtomicU64::new(0),
+    };
+    let recorder = &recorder;
     let hook = &hook;
     let post = |row: Row| async move {
         let outcome = hook.post(&row).await;
@@ -316,36 +321,39 @@ pub(crate) async fn deliver(
             fate: Fate::Posted(outcome),
         }
     };
+    // Records `ended`; whether it could, and the rows it was about.
+    let record = |ended: Vec<Ended>| async move {
+        let seqs: Vec<i64> = ended.iter().map(|ended| ended.row.seq).collect();
+        (recorder.settle(ended).await, seqs)
+    };
     // The rows being posted or waiting to be recorded: not to be read as due again.
     let mut taken: Vec<i64> = Vec::new();
     let mut posts = FuturesUnordered::new();
     let mut ended: Vec<Ended> = Vec::new();
+    // The one recording under way, if any.
+    let mut recording = FuturesUnordered::new();
+    // After a failure to read or write the outbox, nothing is posted before this time.
+    let mut paused_until: Option<Instant> = None;
     loop {
-        if !ended.is_empty() {
-            let seqs: Vec<i64> = ended.iter().map(|ended| ended.row.seq).collect();
-            let recorded = task.settle(std::mem::take(&mut ended)).await;
-            taken.retain(|seq| !seqs.contains(seq));
-            if !recorded {
-                // The outbox cannot be written: the rows stay; try them again later.
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.cancelled() => {}
-                }
-            }
+        if recording.is_empty() && !ended.is_empty() {
+            recording.push(record(std::mem::take(&mut ended)));
         }
         if stop.is_cancelled() {
             break;
         }
+        if paused_until.is_some_and(|at| at <= Instant::now()) {
+            paused_until = None;
+        }
         let mut later_ms = None;
         let room = concurrency.saturating_sub(posts.len());
-        if room > 0 {
+        if room > 0 && paused_until.is_none() {
             let now = now_ms();
             match outbox.due(now, &taken, room + LOOKAHEAD).await {
                 Ok(due) => {
                     later_ms = due.later_ms;
                     for row in due.rows.into_iter().take(room) {
                         taken.push(row.seq);
-                        if now.saturating_sub(row.stored_ms) >= task.max_age_ms() {
+                        if now.saturating_sub(row.stored_ms) >= max_age_ms {
                             ended.push(Ended {
                                 row,
                                 fate: Fate::Expired,
@@ -357,16 +365,20 @@ pub(crate) async fn deliver(
                 }
                 Err(error) => {
                     tracing::error!("cannot read the outbox: {error:#}; trying again in 1 s");
-                    later_ms = Some(now.saturating_add(1_000));
+                    paused_until = Some(Instant::now() + Duration::from_secs(1));
                 }
             }
-            if !ended.is_empty() {
+            if !ended.is_empty() && recording.is_empty() {
                 continue;
             }
         }
-        let wait = later_ms.map(|at| {
+        let due_in = later_ms.map(|at| {
             Duration::from_millis(u64::try_from(at.saturating_sub(now_ms())).unwrap_or(0))
         });
+        let look_again = match (due_in.map(|wait| Instant::now() + wait), paused_until) {
+            (Some(due), Some(paused)) => Some(due.max(paused)),
+            (due, paused) => due.or(paused),
+        };
         tokio::select! {
             Some(done) = posts.next(), if !posts.is_empty() => {
                 ended.push(done);
@@ -375,52 +387,54 @@ pub(crate) async fn deliver(
                     ended.push(done);
                 }
             }
+            Some((recorded, seqs)) = recording.next(), if !recording.is_empty() => {
+                taken.retain(|seq| !seqs.contains(seq));
+                if !recorded {
+                    // The rows stay in the outbox and are tried again, after a pause.
+                    paused_until = Some(Instant::now() + Duration::from_secs(1));
+                }
+            }
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
+            _ = tokio::time::sleep_until(look_again.unwrap_or_else(Instant::now)), if look_again.is_some() => {}
             _ = stop.cancelled() => {}
         }
     }
     // Shutting down: the requests under way get the grace period.
-    if !posts.is_empty() {
-        let grace = tokio::time::sleep(tuning.shutdown_grace);
-        tokio::pin!(grace);
-        while !posts.is_empty() {
-            tokio::select! {
-                Some(done) = posts.next() => ended.push(done),
-                _ = &mut grace => {
-                    tracing::warn!(
-                        "shutting down while posting {} receipts and deliveries; they will be posted again",
-                        posts.len()
-                    );
-                    break;
-                }
+    let grace = tokio::time::sleep(tuning.shutdown_grace);
+    tokio::pin!(grace);
+    while !posts.is_empty() {
+        tokio::select! {
+            Some(done) = posts.next() => ended.push(done),
+            _ = &mut grace => {
+                tracing::warn!(
+                    "shutting down while posting {} receipts and deliveries; they will be posted again",
+                    posts.len()
+                );
+                break;
             }
         }
     }
+    while recording.next().await.is_some() {}
     if !ended.is_empty() {
-        task.settle(ended).await;
+        recorder.settle(ended).await;
     }
 }
 
-/// What the delivery task needs to record outcomes.
-struct Delivery<'a> {
+/// Records in the outbox what became of the rows whose turn ended.
+struct Recorder<'a> {
     outbox: &'a Outbox,
-    hook: &'a Hook,
+    /// The hook's url, for log lines.
+    url: &'a reqwest::Url,
     tuning: &'a Tuning,
     /// Rows dropped (expired or undeliverable) since the connector started.
-    dropped: u64,
+    dropped: AtomicU64,
 }
 
-impl Delivery<'_> {
-    /// The age at which a row is dropped, in ms.
-    fn max_age_ms(&self) -> i64 {
-        i64::try_from(self.tuning.max_age.as_millis()).unwrap_or(i64::MAX)
-    }
-
+impl Recorder<'_> {
     /// Records `ended` in the outbox in one transaction, logging each row's fate once it
     /// is recorded; false if the outbox could not be written (the rows are then tried
     /// again).
-    async fn settle(&mut self, ended: Vec<Ended>) -> bool {
+    async fn settle(&self, ended: Vec<Ended>) -> bool {
         let now = now_ms();
         let settled: Vec<(i64, Settle)> = ended
             .iter()
@@ -449,7 +463,7 @@ impl Delivery<'_> {
             return false;
         }
         // Logged once recorded: a row logged as posted is no longer in the outbox.
-        let url = self.hook.url();
+        let url = self.url;
         for Ended { row, fate } in &ended {
             match fate {
                 Fate::Posted(Outcome::Delivered) => {
@@ -464,22 +478,20 @@ impl Delivery<'_> {
                     );
                 }
                 Fate::Posted(Outcome::Undeliverable(why)) => {
-                    self.dropped += 1;
+                    let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                     tracing::error!(
-                        "dropping {}: {why} ({} dropped since the connector started)",
+                        "dropping {}: {why} ({dropped} dropped since the connector started)",
                         describe(&row.frame),
-                        self.dropped
                     );
                 }
                 Fate::Expired => {
-                    self.dropped += 1;
+                    let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                     tracing::error!(
-                        "dropping {}: the hook {url} did not take it within {} ({} attempts; {} dropped \
+                        "dropping {}: the hook {url} did not take it within {} ({} attempts; {dropped} dropped \
                          since the connector started)",
                         describe(&row.frame),
                         humantime::format_duration(self.tuning.max_age),
                         row.attempts,
-                        self.dropped
                     );
                 }
             }

@@ -284,10 +284,14 @@ impl Columns {
     }
 }
 
-/// The outbox; cheap to clone (one shared connection).
+/// The outbox; cheap to clone (shared connections).
 #[derive(Clone)]
 pub(crate) struct Outbox {
+    /// Every write goes through this connection, one transaction at a time.
     conn: Arc<Mutex<Connection>>,
+    /// A second connection for the delivery task's reads, which then never wait for a
+    /// write's commit (WAL: a reader sees the last committed state).
+    reader: Arc<Mutex<Connection>>,
 }
 
 impl Outbox {
@@ -311,18 +315,39 @@ impl Outbox {
         convert_legacy_notifications(&tx, agent_did)
             .context("converting the notifications of an older connector")?;
         tx.commit()?;
+        let reader = Connection::open(&path)
+            .with_context(|| format!("opening the outbox {} to read", path.display()))?;
+        reader.busy_timeout(Duration::from_secs(5))?;
         Ok(Outbox {
             conn: Arc::new(Mutex::new(conn)),
+            reader: Arc::new(Mutex::new(reader)),
         })
     }
 
-    /// Runs `work` on the connection in a blocking thread.
+    /// Runs `work` on the writing connection in a blocking thread.
     async fn with<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
+        Self::on(self.conn.clone(), work).await
+    }
+
+    /// Runs `work` on the reading connection in a blocking thread.
+    async fn read<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        Self::on(self.reader.clone(), work).await
+    }
+
+    /// Runs `work` on `conn` in a blocking thread.
+    async fn on<T, F>(conn: Arc<Mutex<Connection>>, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
         tokio::task::spawn_blocking(move || {
             let mut conn = conn
                 .lock()
@@ -397,7 +422,7 @@ impl Outbox {
     /// documentation).
     pub(crate) async fn due(&self, now_ms: i64, skip: &[i64], limit: usize) -> Result<Due> {
         let skip = skip.to_vec();
-        self.with(move |conn| {
+        self.read(move |conn| {
             let placeholders = vec!["?"; skip.len()].join(", ");
             // `+next_attempt_ms`: walk the rows in storage order and stop at `limit`,
             // rather than sort every due row of a backlog.
@@ -474,7 +499,7 @@ impl Outbox {
 
     /// How many receipts and deliveries wait for the hook.
     pub(crate) async fn pending(&self) -> Result<u64> {
-        self.with(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?))
+        self.read(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?))
             .await
     }
 }
