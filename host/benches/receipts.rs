@@ -10,8 +10,9 @@
 //! receipts/s through one connector, fed by the host (publish → hook POST); then the
 //! connector alone, fed by a stand-in host: frame pushed → hook POST p50/p99 at 1,000
 //! receipts/s for 10 s, and the most receipts/s when frames are pushed as fast as the
-//! connector acknowledges them. Run with `cargo bench -p clawq --bench receipts`; a word after
-//! `--` runs only the sections whose name contains it (`frame`, `agents`, `hook`).
+//! connector acknowledges them. Run with `cargo bench -p clawq --bench receipts`; a word
+//! after `--` runs only the sections whose name contains it (`frame`, `agents`,
+//! `hook-via-host`, `hook-alone`; `hook` for both of the last two).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -501,9 +502,11 @@ async fn main() {
     if run("agents") {
         throughput_to_many_agents(&base, &tokens).await;
     }
-    if run("hook") {
+    if run("hook-via-host") {
         hook_latency_at_steady_rate(&base, &tokens[0], &dir.path().join("connector-0")).await;
         hook_throughput_through_the_host(&base, &tokens[1], &dir.path().join("connector-1")).await;
+    }
+    if run("hook-alone") {
         hook_path_of_the_connector_alone(&dir.path().join("connector-2")).await;
     }
     stop.cancel();
