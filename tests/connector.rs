@@ -1,8 +1,11 @@
 //! End to end: a receipt published to the host reaches the sender agent's local webhook
 //! (a fake OpenClaw) through the real `clawq connect` (spec section 4), and so does a
-//! `deliver` frame (spec section 5).
+//! `deliver` frame (spec section 5); hook requests are pipelined up to
+//! `--hook-concurrency`, the frames of one request in order.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use crate::support::*;
 use serde_json::{Value, json};
@@ -454,5 +457,393 @@ fn a_connector_without_a_token_says_where_to_put_it() {
     assert!(
         stderr.contains("no agent token: set CLAWQ_AGENT_TOKEN"),
         "{stderr}"
+    );
+}
+
+/// What a [`HeldHook`] saw.
+#[derive(Debug, Default, Clone)]
+struct Held {
+    /// (`x-request-id`, the body's `reason`) of every request, in arrival order.
+    arrived: Vec<(String, String)>,
+    /// (`x-request-id`, `reason`, status) of every request answered, in answer order.
+    answered: Vec<(String, String, u16)>,
+    /// Requests being handled now.
+    in_flight: usize,
+    /// The most requests handled at once.
+    max_in_flight: usize,
+    /// Requests being handled now, per `x-request-id`.
+    per_request: HashMap<String, usize>,
+    /// The `x-request-id`s that had two requests handled at once.
+    overlaps: Vec<String>,
+    /// The (`x-request-id`, `reason`) answered 500 while listed here.
+    failing: HashSet<(String, String)>,
+}
+
+impl Held {
+    /// The (`x-request-id`, `reason`) answered 200, in answer order.
+    fn taken(&self) -> Vec<(String, String)> {
+        self.answered
+            .iter()
+            .filter(|(_, _, status)| *status == 200)
+            .map(|(id, reason, _)| (id.clone(), reason.clone()))
+            .collect()
+    }
+}
+
+impl Held {
+    /// Counts a request of `id` out of the ones being handled.
+    fn end(&mut self, id: &str) {
+        self.in_flight -= 1;
+        *self.per_request.get_mut(id).unwrap() -= 1;
+    }
+}
+
+/// Counts a request out of [`Held::in_flight`] if its handling ends unanswered (the
+/// client went away).
+struct Unanswered(Option<(Arc<Mutex<Held>>, String)>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some((held, id)) = self.0.take() {
+            held.lock().unwrap().end(&id);
+        }
+    }
+}
+
+/// A webhook on loopback that holds every request until the test releases one (or opens
+/// the gate for good), then answers 200, or 500 for the requests listed as failing.
+struct HeldHook {
+    url: String,
+    held: Arc<Mutex<Held>>,
+    gate: Arc<tokio::sync::Semaphore>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl HeldHook {
+    fn start() -> HeldHook {
+        use axum::http::{HeaderMap, StatusCode};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}/hooks/message", listener.local_addr().unwrap());
+        let held: Arc<Mutex<Held>> = Arc::default();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (state, wait) = (held.clone(), gate.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let app = axum::Router::new().route(
+                    "/hooks/message",
+                    axum::routing::post(
+                        move |headers: HeaderMap, body: axum::body::Bytes| async move {
+                            let id = headers["x-request-id"].to_str().unwrap().to_owned();
+                            let body: Value = serde_json::from_slice(&body).unwrap();
+                            let reason = body["reason"].as_str().unwrap_or_default().to_owned();
+                            let mut unanswered = {
+                                let mut held = state.lock().unwrap();
+                                held.arrived.push((id.clone(), reason.clone()));
+                                held.in_flight += 1;
+                                held.max_in_flight = held.max_in_flight.max(held.in_flight);
+                                let same = held.per_request.entry(id.clone()).or_default();
+                                *same += 1;
+                                if *same > 1 {
+                                    held.overlaps.push(id.clone());
+                                }
+                                Unanswered(Some((state.clone(), id.clone())))
+                            };
+                            wait.acquire().await.unwrap().forget();
+                            unanswered.0 = None;
+                            // Answered and counted out at once: the client cannot send
+                            // its next request before both.
+                            let mut held = state.lock().unwrap();
+                            held.end(&id);
+                            let failing = held.failing.contains(&(id.clone(), reason.clone()));
+                            let status = if failing { 500 } else { 200 };
+                            held.answered.push((id, reason, status));
+                            StatusCode::from_u16(status).unwrap()
+                        },
+                    ),
+                );
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        HeldHook {
+            url,
+            held,
+            gate,
+            _stop: stop,
+        }
+    }
+
+    /// Lets `n` held (or future) requests be answered.
+    fn release(&self, n: usize) {
+        self.gate.add_permits(n);
+    }
+
+    /// Answers every request from now on at once.
+    fn open(&self) {
+        self.release(1 << 20);
+    }
+
+    /// Answers 500 to the requests of `id` with `reason` (`failing`) or no longer.
+    fn fail(&self, id: &str, reason: &str, failing: bool) {
+        let key = (id.to_owned(), reason.to_owned());
+        let mut held = self.held.lock().unwrap();
+        if failing {
+            held.failing.insert(key);
+        } else {
+            held.failing.remove(&key);
+        }
+    }
+
+    /// What the hook saw so far.
+    fn seen(&self) -> Held {
+        self.held.lock().unwrap().clone()
+    }
+
+    /// Waits until what the hook saw passes `check`.
+    fn wait(&self, what: &str, check: impl Fn(&Held) -> bool) -> Held {
+        wait_for(what, || {
+            let held = self.seen();
+            check(&held).then_some(held)
+        })
+    }
+}
+
+/// A `dead_lettered` receipt frame for request `id`, with `reason`.
+fn receipt_frame(id: &str, reason: &str) -> Value {
+    frame(
+        "receipt",
+        json!({"originalFrameId": id, "toAgentDid": DID_B, "status": "dead_lettered",
+               "reason": reason}),
+    )
+}
+
+/// Sends `frames` at once and checks that each is acknowledged.
+fn push_and_expect_acks(socket: &mut HostSocket, frames: &[Value]) {
+    for frame in frames {
+        send_frame(socket, frame);
+    }
+    let acked: BTreeSet<String> = frames
+        .iter()
+        .map(|_| {
+            let ack = next_frame(socket);
+            assert_eq!(ack["type"], "receipt_ack", "{ack}");
+            ack["ackId"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let sent: BTreeSet<String> = frames
+        .iter()
+        .map(|frame| frame["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(acked, sent);
+}
+
+/// How many rows the connector's outbox in `dir` holds.
+fn outbox_rows(dir: &Path) -> i64 {
+    let db = rusqlite::Connection::open(dir.join("outbox.db")).unwrap();
+    db.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// A connector against `relay` posting to `hook`, with `--hook-concurrency` if given.
+fn pipelined_connector(
+    relay: &FakeRelay,
+    hook: &str,
+    dir: &Path,
+    concurrency: Option<usize>,
+) -> Connector {
+    let mut command = Connector::command(&relay.base, DID_A, "cqa_test", hook, dir);
+    if let Some(n) = concurrency {
+        command.args(["--hook-concurrency", &n.to_string()]);
+    }
+    Connector::spawn(command)
+}
+
+#[test]
+fn the_hook_gets_up_to_the_concurrency_in_flight_never_more_started_in_order() {
+    let relay = FakeRelay::start(DID_A, "cqa_test");
+    let hook = HeldHook::start();
+    let dir = tempfile::tempdir().unwrap();
+    let _connector = pipelined_connector(&relay, &hook.url, dir.path(), Some(4));
+    let mut socket = relay.accept();
+    let ids: Vec<String> = (0..12).map(|n| format!("req-{n}")).collect();
+    let frames: Vec<Value> = ids.iter().map(|id| receipt_frame(id, "gone")).collect();
+    push_and_expect_acks(&mut socket, &frames);
+
+    hook.wait("4 requests held at once", |held| held.in_flight == 4);
+    // One answer at a time: each frees one place, which the next row takes.
+    for answered in 1..=ids.len() {
+        hook.release(1);
+        let in_flight = 4.min(ids.len() - answered);
+        hook.wait(
+            &format!("{answered} answered and {in_flight} in flight"),
+            |held| held.answered.len() == answered && held.in_flight == in_flight,
+        );
+    }
+    let held = hook.seen();
+    assert_eq!(held.max_in_flight, 4, "never more than --hook-concurrency");
+    let arrived: Vec<&str> = held.arrived.iter().map(|(id, _)| id.as_str()).collect();
+    let first: BTreeSet<&str> = arrived[..4].iter().copied().collect();
+    assert_eq!(
+        first,
+        ids[..4].iter().map(String::as_str).collect(),
+        "the first four started together"
+    );
+    assert_eq!(
+        arrived[4..],
+        ids[4..].iter().map(String::as_str).collect::<Vec<_>>(),
+        "then each in storage order"
+    );
+    assert_eq!(held.taken().len(), ids.len(), "each posted once");
+    wait_for("an empty outbox", || {
+        (outbox_rows(dir.path()) == 0).then_some(())
+    });
+}
+
+#[test]
+fn the_frames_of_one_request_arrive_in_order_and_a_failing_one_holds_back_only_its_own() {
+    let relay = FakeRelay::start(DID_A, "cqa_test");
+    let hook = HeldHook::start();
+    hook.open();
+    hook.fail("req-1", "v1", true);
+    let dir = tempfile::tempdir().unwrap();
+    let _connector = pipelined_connector(&relay, &hook.url, dir.path(), Some(8));
+    let mut socket = relay.accept();
+    // Three versions of four requests, interleaved, then six requests of one frame each.
+    let mut frames = Vec::new();
+    for version in ["v1", "v2", "v3"] {
+        for n in 0..4 {
+            frames.push(receipt_frame(&format!("req-{n}"), version));
+        }
+    }
+    for n in 0..6 {
+        frames.push(receipt_frame(&format!("solo-{n}"), "once"));
+    }
+    push_and_expect_acks(&mut socket, &frames);
+
+    // Everything but req-1 is taken while req-1's first frame keeps failing ...
+    let held = hook.wait("all but req-1 taken", |held| held.taken().len() == 15);
+    assert!(
+        held.taken().iter().all(|(id, _)| id != "req-1"),
+        "{:?}",
+        held.taken()
+    );
+    let req1: Vec<&str> = held
+        .arrived
+        .iter()
+        .filter(|(id, _)| id == "req-1")
+        .map(|(_, reason)| reason.as_str())
+        .collect();
+    assert!(
+        !req1.is_empty() && req1.iter().all(|reason| *reason == "v1"),
+        "req-1's later frames wait behind its failing first one: {req1:?}"
+    );
+    assert!(
+        hook.seen()
+            .answered
+            .iter()
+            .any(|(id, _, status)| id == "req-1" && *status == 500)
+    );
+
+    // ... and once the hook takes it, the rest of req-1 follows in order.
+    hook.fail("req-1", "v1", false);
+    hook.wait("everything taken", |held| held.taken().len() == 18);
+    wait_for("an empty outbox", || {
+        (outbox_rows(dir.path()) == 0).then_some(())
+    });
+    let held = hook.seen();
+    assert!(
+        held.overlaps.is_empty(),
+        "one request at a time: {:?}",
+        held.overlaps
+    );
+    assert!(held.max_in_flight <= 8, "{}", held.max_in_flight);
+    let taken = held.taken();
+    let unique: BTreeSet<&(String, String)> = taken.iter().collect();
+    assert_eq!(unique.len(), taken.len(), "nothing posted twice: {taken:?}");
+    for n in 0..4 {
+        let id = format!("req-{n}");
+        let versions = |list: &[(String, String)]| -> Vec<String> {
+            list.iter()
+                .filter(|(of, _)| *of == id)
+                .map(|(_, reason)| reason.clone())
+                .collect()
+        };
+        assert_eq!(versions(&taken), ["v1", "v2", "v3"], "{id} taken in order");
+        let mut arrived = versions(&held.arrived);
+        arrived.dedup();
+        assert_eq!(arrived, ["v1", "v2", "v3"], "{id} posted in order");
+    }
+}
+
+#[test]
+fn a_connector_killed_mid_pipeline_loses_nothing() {
+    let relay = FakeRelay::start(DID_A, "cqa_test");
+    let hook = HeldHook::start();
+    let dir = tempfile::tempdir().unwrap();
+    // The default concurrency: 16.
+    let mut connector = pipelined_connector(&relay, &hook.url, dir.path(), None);
+    let mut socket = relay.accept();
+    let ids: BTreeSet<String> = (0..40).map(|n| format!("req-{n}")).collect();
+    let frames: Vec<Value> = ids.iter().map(|id| receipt_frame(id, "gone")).collect();
+    push_and_expect_acks(&mut socket, &frames);
+    hook.wait("16 requests held at once", |held| held.in_flight == 16);
+
+    // Killed with 16 requests under way and 24 rows waiting: all 40 are only in the
+    // outbox (acknowledged to the host, never answered by the hook).
+    connector.kill();
+    drop(socket);
+    assert_eq!(outbox_rows(dir.path()), 40);
+    let before = hook.seen().arrived.len();
+    assert_eq!(before, 16);
+    hook.open();
+    let _restarted = pipelined_connector(&relay, &hook.url, dir.path(), None);
+    wait_for("an empty outbox", || {
+        (outbox_rows(dir.path()) == 0).then_some(())
+    });
+    let held = hook.seen();
+    let again: Vec<&str> = held.arrived[before..]
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .collect();
+    assert_eq!(
+        again.iter().copied().collect::<BTreeSet<&str>>(),
+        ids.iter().map(String::as_str).collect(),
+        "every frame reached the hook after the restart"
+    );
+    assert_eq!(again.len(), ids.len(), "once each: {again:?}");
+}
+
+#[test]
+fn the_hook_concurrency_is_documented_and_checked() {
+    let clawq = env!("CARGO_BIN_EXE_clawq");
+    let help = std::process::Command::new(clawq)
+        .args(["connect", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--hook-concurrency <N>") && help.contains("[default: 16]"),
+        "{help}"
+    );
+    let refused = std::process::Command::new(clawq)
+        .args(["connect", "--agent", DID_A, "--hook-concurrency", "0"])
+        .env("CLAWQ_AGENT_TOKEN", "cqa_test")
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("from 1 to 1024"),
+        "{refused:?}"
     );
 }

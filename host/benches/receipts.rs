@@ -1,11 +1,22 @@
 //! Receipt-path benchmark (not a test): publish over HTTP → receipt-router component →
-//! relay session → connector WebSocket frame, against an in-process host on loopback.
+//! relay session → connector WebSocket frame, against an in-process host on loopback;
+//! then on to the agent's hook through the real connector (the built `clawq connect`, a
+//! process of its own) and a hook server on loopback that records when each POST
+//! arrives.
 //!
-//! Prints the publish→frame latency p50/p99 at a steady 1,000 receipts/s to one agent,
-//! and the most receipts/s routed to 1,000 connected agents. Run with
-//! `cargo bench -p clawq --bench receipts`.
+//! Prints the publish→frame latency p50/p99 at a steady 1,000 receipts/s to one agent;
+//! the most receipts/s routed to 1,000 connected agents; the publish→hook POST latency
+//! p50/p99 at a steady 1,000 receipts/s for 10 s through one connector; and the most
+//! receipts/s through one connector, fed by the host (publish → hook POST); then the
+//! connector alone, fed by a stand-in host: frame pushed → hook POST p50/p99 at 1,000
+//! receipts/s for 10 s, and the most receipts/s when frames are pushed as fast as the
+//! connector acknowledges them. Run with `cargo bench -p clawq --bench receipts`; a word
+//! after `--` runs only the sections whose name contains it (`frame`, `agents`,
+//! `hook-via-host`, `hook-alone`; `hook` for both of the last two).
 
 use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +24,7 @@ use clawq::agents::AgentRegistry;
 use clawq::config::Config;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
 use tokio_util::sync::CancellationToken;
 
@@ -33,22 +44,22 @@ fn receipt(id: &str, sender: &str) -> Value {
 }
 
 /// Starts a host with `agents` registered; returns its base URL and their tokens.
-async fn start_host(
-    dir: &std::path::Path,
-    agents: usize,
-    stop: CancellationToken,
-) -> (String, Vec<String>) {
+async fn start_host(dir: &Path, agents: usize, stop: CancellationToken) -> (String, Vec<String>) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
+    // A session keeps every receipt of the runs below (one agent gets tens of thousands).
     let mut config = Config::parse(
-        "[[queues.consumers]]\nqueue = \"clawdentity-receipts\"\nmax_batch_size = 100\nmax_batch_timeout = 0.001\nmax_concurrency = 2\n",
+        "[[queues.consumers]]\nqueue = \"clawdentity-receipts\"\nmax_batch_size = 100\nmax_batch_timeout = 0.001\nmax_concurrency = 2\n\
+         [relay]\nmax_receipts_per_agent = 1000000\n",
     )
     .unwrap();
     config.listen = format!("127.0.0.1:{port}").parse().unwrap();
     config.data_dir = dir.to_owned();
+    // The producers below publish without a token (loopback only).
+    config.insecure_no_auth = true;
     std::fs::create_dir_all(dir).unwrap();
     let db = clawq::store::Database::open(dir, clawq::store::Durability::Process).unwrap();
     let registry = AgentRegistry::open(&db).unwrap();
@@ -192,12 +203,313 @@ async fn throughput_to_many_agents(base: &str, tokens: &[String]) {
     );
 }
 
+/// A hook on loopback that answers 200 and reports (`x-request-id`, arrival) of each POST.
+async fn start_hook() -> (String, mpsc::UnboundedReceiver<(String, Instant)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/hooks/message",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let at = Instant::now();
+            let id = headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let _ = tx.send((id, at));
+            async { axum::http::StatusCode::OK }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/message", listener.local_addr().unwrap());
+    tokio::spawn(axum::serve(listener, app).into_future());
+    (url, rx)
+}
+
+/// Starts the built `clawq connect` for agent `i` against `server`, posting to `hook`, its
+/// outbox and its log (`connector.log`) in `dir`; killed when dropped.
+struct ConnectorProcess(Child);
+
+impl ConnectorProcess {
+    fn start(server: &str, i: usize, token: &str, hook: &str, dir: &Path) -> ConnectorProcess {
+        std::fs::create_dir_all(dir).unwrap();
+        let log = std::fs::File::create(dir.join("connector.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_clawq"))
+            .args([
+                "connect",
+                "--server",
+                server,
+                "--agent",
+                &agent(i),
+                "--hook",
+                hook,
+            ])
+            .arg("--data-dir")
+            .arg(dir.join("outbox"))
+            .env("CLAWQ_AGENT_TOKEN", token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting clawq connect");
+        ConnectorProcess(child)
+    }
+}
+
+impl Drop for ConnectorProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits for `count` hook POSTs (at most `within`), returning the arrival of each id.
+async fn hook_arrivals(
+    hook: &mut mpsc::UnboundedReceiver<(String, Instant)>,
+    count: usize,
+    within: Duration,
+) -> HashMap<String, Instant> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut arrived = HashMap::with_capacity(count);
+    while arrived.len() < count {
+        match tokio::time::timeout_at(deadline, hook.recv()).await {
+            Ok(Some((id, at))) => {
+                arrived.entry(id).or_insert(at);
+            }
+            _ => break,
+        }
+    }
+    arrived
+}
+
+/// Publish → hook POST through one connector at a steady 1,000 receipts/s for 10 s.
+async fn hook_latency_at_steady_rate(base: &str, token: &str, dir: &Path) {
+    let (hook_url, mut hook) = start_hook().await;
+    let _connector = ConnectorProcess::start(base, 0, token, &hook_url, dir);
+    let http = reqwest::Client::new();
+    let url = format!("{base}/v1/queues/{RECEIPTS}/messages");
+    // Once connected (a first receipt made it to the hook), the measured run.
+    let response = http
+        .post(&url)
+        .json(&json!({"body": receipt("hook-warmup", &agent(0))}))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{response:?}");
+    let warmed_up = hook_arrivals(&mut hook, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        warmed_up.len(),
+        1,
+        "the connector delivers; its log:\n{}",
+        std::fs::read_to_string(dir.join("connector.log")).unwrap_or_default()
+    );
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let count = 10_000;
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    for n in 0..count {
+        tick.tick().await;
+        let (http, url, sent) = (http.clone(), url.clone(), sent.clone());
+        tokio::spawn(async move {
+            let id = format!("hook-lat-{n}");
+            sent.lock().await.insert(id.clone(), Instant::now());
+            http.post(url)
+                .json(&json!({"body": receipt(&id, &agent(0))}))
+                .send()
+                .await
+                .unwrap();
+        });
+    }
+    let published = started.elapsed();
+    let arrived = hook_arrivals(&mut hook, count, Duration::from_secs(120)).await;
+    let sent = sent.lock().await;
+    let mut latencies: Vec<Duration> = arrived
+        .iter()
+        .filter_map(|(id, at)| Some(at.saturating_duration_since(*sent.get(id)?)))
+        .collect();
+    latencies.sort();
+    let last = arrived.values().max().copied().unwrap_or(started);
+    println!(
+        "publish → hook POST through one connector at 1,000 receipts/s ({count} receipts published in {published:?}): \
+         {} reached the hook in {:?} ({:.0}/s): p50 {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        last - started,
+        latencies.len() as f64 / (last - started).as_secs_f64(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().unwrap()
+    );
+}
+
+/// The most receipts/s through one connector, published as fast as the host takes them.
+async fn hook_throughput_through_the_host(base: &str, token: &str, dir: &Path) {
+    let (hook_url, mut hook) = start_hook().await;
+    let _connector = ConnectorProcess::start(base, 1, token, &hook_url, dir);
+    let http = reqwest::Client::new();
+    let total = 20_000;
+    let url = format!("{base}/v1/queues/{RECEIPTS}/messages/batch");
+    let started = Instant::now();
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                for chunk in (p * total / 4..(p + 1) * total / 4)
+                    .collect::<Vec<_>>()
+                    .chunks(100)
+                {
+                    let messages: Vec<Value> = chunk
+                        .iter()
+                        .map(|n| json!({"body": receipt(&format!("hook-tp-{n}"), &agent(1))}))
+                        .collect();
+                    let response = http
+                        .post(&url)
+                        .json(&json!({"messages": messages}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(response.status().is_success());
+                }
+            })
+        })
+        .collect();
+    for producer in producers {
+        producer.await.unwrap();
+    }
+    let published = started.elapsed();
+    let arrived = hook_arrivals(&mut hook, total, Duration::from_secs(180)).await;
+    let last = arrived.values().max().copied().unwrap_or(started);
+    println!(
+        "{total} receipts published for one agent as fast as the host takes them (in {published:?}): \
+         {} reached its connector's hook in {:?}: {:.0} receipts/s through one connector",
+        arrived.len(),
+        last - started,
+        arrived.len() as f64 / (last - started).as_secs_f64()
+    );
+}
+
+/// When each receipt frame was pushed, by its `originalFrameId`.
+type Pushed = Arc<std::sync::Mutex<HashMap<String, Instant>>>;
+
+/// A stand-in for the host: accepts one connector and pushes `total` receipt frames, one
+/// per `every` tick (or as fast as it can), keeping at most `window` of them
+/// unacknowledged, and noting in `pushed` when each went out; returns when the
+/// connector is gone.
+async fn push_receipts(
+    listener: tokio::net::TcpListener,
+    total: usize,
+    window: usize,
+    every: Option<Duration>,
+    pushed: Pushed,
+) {
+    use clawq::frame::{Frame, FrameBody, ReceiptStatus};
+    let (stream, _) = listener.accept().await.unwrap();
+    let socket = tokio_tungstenite::accept_async(stream).await.unwrap();
+    let (mut sink, mut stream) = socket.split();
+    let room = Arc::new(Semaphore::new(window));
+    let acks = room.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(message)) = stream.next().await {
+            if let tungstenite::Message::Text(text) = message
+                && let Ok(frame) = Frame::parse(&text)
+                && matches!(frame.body, FrameBody::ReceiptAck { .. })
+            {
+                acks.add_permits(1);
+            }
+        }
+    });
+    let mut tick = every.map(tokio::time::interval);
+    for n in 0..total {
+        if let Some(tick) = &mut tick {
+            tick.tick().await;
+        }
+        room.acquire().await.unwrap().forget();
+        let id = format!("direct-{n}");
+        let frame = Frame::new(FrameBody::Receipt {
+            original_frame_id: id.clone(),
+            to_agent_did: RECIPIENT.into(),
+            status: ReceiptStatus::DeliveredToWebhook,
+            reason: None,
+        });
+        pushed.lock().unwrap().insert(id, Instant::now());
+        if sink
+            .send(tungstenite::Message::Text(frame.to_json().into()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let _ = reader.await;
+}
+
+/// The connector alone, fed by a stand-in host: frame pushed → hook POST p50/p99 at a
+/// steady 1,000 receipts/s for 10 s, then the most receipts/s when the stand-in pushes
+/// frames as fast as the connector acknowledges them (at most 1,000 unacknowledged).
+async fn hook_path_of_the_connector_alone(dir: &Path) {
+    for (run, total, every) in [
+        ("steady", 10_000, Some(Duration::from_millis(1))),
+        ("flood", 30_000, None),
+    ] {
+        let (hook_url, mut hook) = start_hook().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = format!("http://{}", listener.local_addr().unwrap());
+        let pushed: Pushed = Arc::default();
+        tokio::spawn(push_receipts(listener, total, 1_000, every, pushed.clone()));
+        let _connector =
+            ConnectorProcess::start(&server, 2, "bench-token", &hook_url, &dir.join(run));
+        let arrived = hook_arrivals(&mut hook, total, Duration::from_secs(180)).await;
+        let pushed = pushed.lock().unwrap();
+        let first = pushed.values().min().copied().unwrap_or_else(Instant::now);
+        let last = arrived.values().max().copied().unwrap_or(first);
+        let rate = arrived.len() as f64 / (last - first).as_secs_f64();
+        if every.is_some() {
+            let mut latencies: Vec<Duration> = arrived
+                .iter()
+                .filter_map(|(id, at)| Some(at.saturating_duration_since(*pushed.get(id)?)))
+                .collect();
+            latencies.sort();
+            println!(
+                "frame pushed → hook POST, the connector alone at 1,000 receipts/s ({total} frames): {} reached \
+                 the hook in {:?} ({rate:.0}/s): p50 {:?}, p99 {:?}, max {:?}",
+                arrived.len(),
+                last - first,
+                percentile(&latencies, 0.5),
+                percentile(&latencies, 0.99),
+                latencies.last().unwrap()
+            );
+        } else {
+            println!(
+                "{total} receipt frames pushed to one connector as fast as it acknowledges them: {} reached the \
+                 hook in {:?}: {rate:.0} receipts/s",
+                arrived.len(),
+                last - first,
+            );
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    // `cargo bench` passes `--bench`; a plain word selects sections.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let run = |section: &str| only.is_empty() || only.iter().any(|o| section.contains(o.as_str()));
     let dir = tempfile::tempdir().unwrap();
     let stop = CancellationToken::new();
-    let (base, tokens) = start_host(dir.path(), 1_000, stop.clone()).await;
-    latency_at_steady_rate(&base, &tokens[0]).await;
-    throughput_to_many_agents(&base, &tokens).await;
+    let (base, tokens) = start_host(&dir.path().join("host"), 1_000, stop.clone()).await;
+    if run("frame") {
+        latency_at_steady_rate(&base, &tokens[0]).await;
+    }
+    if run("agents") {
+        throughput_to_many_agents(&base, &tokens).await;
+    }
+    if run("hook-via-host") {
+        hook_latency_at_steady_rate(&base, &tokens[0], &dir.path().join("connector-0")).await;
+        hook_throughput_through_the_host(&base, &tokens[1], &dir.path().join("connector-1")).await;
+    }
+    if run("hook-alone") {
+        hook_path_of_the_connector_alone(&dir.path().join("connector-2")).await;
+    }
     stop.cancel();
 }

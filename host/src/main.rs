@@ -524,6 +524,12 @@ struct ConnectArgs {
     /// An extra header sent to the webhook, `name: value` (repeatable), e.g. a hook token.
     #[arg(long = "hook-header", value_name = "NAME: VALUE", value_parser = parse_hook_header)]
     hook_headers: Vec<(String, String)>,
+    /// How many webhook requests may be in flight at once (1 to 1024); the frames of one
+    /// request id are still posted one at a time, in the order they came.
+    #[arg(long, env = "CLAWQ_HOOK_CONCURRENCY", value_name = "N",
+          default_value_t = clawq::connector::DEFAULT_HOOK_CONCURRENCY,
+          value_parser = parse_hook_concurrency)]
+    hook_concurrency: usize,
     /// Directory of the connector's outbox.
     #[arg(long, default_value = "./.clawq-connector")]
     data_dir: PathBuf,
@@ -538,6 +544,16 @@ fn parse_agent_did(did: &str) -> Result<String, String> {
     clawq_protocol::did::validate_agent_did(did)
         .map_err(|e| format!("not a valid agent DID: {e}"))?;
     Ok(did.to_owned())
+}
+
+/// Reads `--hook-concurrency`.
+fn parse_hook_concurrency(n: &str) -> Result<usize, String> {
+    let max = clawq::connector::MAX_HOOK_CONCURRENCY;
+    n.trim()
+        .parse()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| format!("expected a number of requests from 1 to {max}"))
 }
 
 /// Reads a `--hook-header "name: value"`.
@@ -566,6 +582,7 @@ async fn connect(args: ConnectArgs) -> Result<()> {
         })?,
         hook_url: args.hook,
         hook_headers: args.hook_headers,
+        hook_concurrency: args.hook_concurrency,
         data_dir: args.data_dir,
         ca_cert: args.ca_cert,
     };

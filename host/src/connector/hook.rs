@@ -1,17 +1,29 @@
 //! Hands the outbox's receipts (spec section 4) and deliveries (spec section 5) to the
-//! agent's local webhook, in storage order, retrying each failed one with backoff until
-//! it is 24 h old.
+//! agent's local webhook, retrying each failed one with backoff until it is 24 h old.
+//!
+//! Requests are pipelined: up to `--hook-concurrency` (default
+//! [`DEFAULT_HOOK_CONCURRENCY`](super::DEFAULT_HOOK_CONCURRENCY)) are in flight at once,
+//! started in storage order. The frames of one request (one `x-request-id`) are posted
+//! one at a time in storage order, a later one only once the hook took the earlier one
+//! (see [`Outbox::due`]); with a concurrency of 1 every frame is posted one at a time in
+//! storage order. The outcomes of the requests that ended together are recorded in one
+//! transaction, and a row is deleted only once the hook answered it 2xx (or it expired,
+//! or can never be posted).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Map, Value, json};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::outbox::{Next, Outbox, Row, describe};
+use super::outbox::{Outbox, Row, Settle, describe};
 use super::{Tuning, now_ms};
 use crate::frame::{Deliver, Frame, FrameBody, ReceiptStatus};
 
@@ -251,19 +263,41 @@ pub(crate) fn retry_delay(attempts: u32, base: Duration, max: Duration) -> Durat
     base.saturating_mul(1 << doublings).min(max)
 }
 
-/// The delivery task: drains `outbox` into `hook` until `stop` is cancelled. `wake` is
-/// notified whenever a new row is stored. A delivery under way when `stop` is cancelled
-/// gets `tuning.shutdown_grace` to finish; if it does not, its row is delivered again on
-/// the next start.
+/// Due rows read beyond the free places, so that rows waiting behind an earlier frame of
+/// their request do not keep the later ones from filling them.
+const LOOKAHEAD: usize = 64;
+
+/// A row whose hook request ended (or that was never posted: expired), waiting to be
+/// recorded in the outbox.
+struct Ended {
+    row: Row,
+    fate: Fate,
+}
+
+/// What became of a row's turn.
+enum Fate {
+    /// The hook request ended so.
+    Posted(Outcome),
+    /// It is older than the maximum age: dropped without a request.
+    Expired,
+}
+
+/// The delivery task: drains `outbox` into `hook` until `stop` is cancelled, with at most
+/// `concurrency` requests in flight. `wake` is notified whenever new rows are stored.
+/// The outcomes are recorded in the background, one transaction at a time for all the
+/// requests that ended meanwhile, while the next requests go out. Requests under way
+/// when `stop` is cancelled get `tuning.shutdown_grace` to finish; the rows of those that
+/// do not are posted again on the next start.
 pub(crate) async fn deliver(
     outbox: Outbox,
     hook: Hook,
+    concurrency: usize,
     wake: Arc<Notify>,
     tuning: Tuning,
     stop: CancellationToken,
 ) {
+    let concurrency = concurrency.max(1);
     let max_age_ms = i64::try_from(tuning.max_age.as_millis()).unwrap_or(i64::MAX);
-    let mut dropped: u64 = 0;
     match outbox.pending().await {
         Ok(0) => {}
         Ok(n) => tracing::info!(
@@ -272,111 +306,202 @@ pub(crate) async fn deliver(
         ),
         Err(error) => tracing::error!("cannot read the outbox: {error:#}"),
     }
+    let recorder = Recorder {
+        outbox: &outbox,
+        url: hook.url(),
+        tuning: &tuning,
+        dropped: AtomicU64::new(0),
+    };
+    let recorder = &recorder;
+    let hook = &hook;
+    let post = |row: Row| async move {
+        let outcome = hook.post(&row).await;
+        Ended {
+            row,
+            fate: Fate::Posted(outcome),
+        }
+    };
+    // Records `ended`; whether it could, and the rows it was about.
+    let record = |ended: Vec<Ended>| async move {
+        let seqs: Vec<i64> = ended.iter().map(|ended| ended.row.seq).collect();
+        (recorder.settle(ended).await, seqs)
+    };
+    // The rows being posted or waiting to be recorded: not to be read as due again.
+    let mut taken: Vec<i64> = Vec::new();
+    let mut posts = FuturesUnordered::new();
+    let mut ended: Vec<Ended> = Vec::new();
+    // The one recording under way, if any.
+    let mut recording = FuturesUnordered::new();
+    // After a failure to read or write the outbox, nothing is posted before this time.
+    let mut paused_until: Option<Instant> = None;
     loop {
+        if recording.is_empty() && !ended.is_empty() {
+            recording.push(record(std::mem::take(&mut ended)));
+        }
         if stop.is_cancelled() {
-            return;
+            break;
         }
-        let now = now_ms();
-        let next = match outbox.next(now).await {
-            Ok(next) => next,
-            Err(error) => {
-                tracing::error!("cannot read the outbox: {error:#}; trying again in 1 s");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stop.cancelled() => return,
+        if paused_until.is_some_and(|at| at <= Instant::now()) {
+            paused_until = None;
+        }
+        let mut later_ms = None;
+        let room = concurrency.saturating_sub(posts.len());
+        if room > 0 && paused_until.is_none() {
+            let now = now_ms();
+            match outbox.due(now, &taken, room + LOOKAHEAD).await {
+                Ok(due) => {
+                    later_ms = due.later_ms;
+                    for row in due.rows.into_iter().take(room) {
+                        taken.push(row.seq);
+                        if now.saturating_sub(row.stored_ms) >= max_age_ms {
+                            ended.push(Ended {
+                                row,
+                                fate: Fate::Expired,
+                            });
+                        } else {
+                            posts.push(post(row));
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::error!("cannot read the outbox: {error:#}; trying again in 1 s");
+                    paused_until = Some(Instant::now() + Duration::from_secs(1));
                 }
             }
-        };
-        let row = match next {
-            Next::Due(row) => row,
-            Next::WaitUntil(at) => {
-                let wait = Duration::from_millis(u64::try_from(at - now).unwrap_or(0));
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = wake.notified() => {}
-                    _ = stop.cancelled() => return,
-                }
+            if !ended.is_empty() && recording.is_empty() {
                 continue;
             }
-            Next::Empty => {
-                tokio::select! {
-                    _ = wake.notified() => {}
-                    _ = stop.cancelled() => return,
-                }
-                continue;
-            }
-        };
-        let age_ms = now.saturating_sub(row.stored_ms);
-        if age_ms >= max_age_ms {
-            dropped += 1;
-            tracing::error!(
-                "dropping {}: the hook {} did not take it within {} ({} attempts; {dropped} dropped \
-                 since the connector started)",
-                describe(&row.frame),
-                hook.url(),
-                humantime::format_duration(tuning.max_age),
-                row.attempts,
-            );
-            remove(&outbox, &row).await;
-            continue;
         }
-        let post = hook.post(&row);
-        tokio::pin!(post);
-        let grace = async {
-            stop.cancelled().await;
-            tokio::time::sleep(tuning.shutdown_grace).await;
+        let due_in = later_ms.map(|at| {
+            Duration::from_millis(u64::try_from(at.saturating_sub(now_ms())).unwrap_or(0))
+        });
+        let look_again = match (due_in.map(|wait| Instant::now() + wait), paused_until) {
+            (Some(due), Some(paused)) => Some(due.max(paused)),
+            (due, paused) => due.or(paused),
         };
-        let outcome = tokio::select! {
-            outcome = &mut post => outcome,
-            _ = grace => {
-                tracing::warn!(
-                    "shutting down while posting {}; it will be posted again",
-                    describe(&row.frame)
-                );
-                return;
-            }
-        };
-        match outcome {
-            Outcome::Delivered => {
-                // Logged once the outbox no longer holds it: a connector stopped after
-                // this line never posts it again.
-                remove(&outbox, &row).await;
-                tracing::info!("posted {} to the hook", describe(&row.frame));
-            }
-            Outcome::Retry(why) => {
-                let attempts = row.attempts.saturating_add(1);
-                let delay = retry_delay(attempts, tuning.retry_base, tuning.retry_max);
-                let next_ms =
-                    now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
-                tracing::warn!(
-                    "the hook {} did not take {} (attempt {attempts}): {why}; retrying in {}",
-                    hook.url(),
-                    describe(&row.frame),
-                    humantime::format_duration(delay),
-                );
-                if let Err(error) = outbox.reschedule(row.seq, attempts, next_ms).await {
-                    tracing::error!("cannot reschedule {}: {error:#}", describe(&row.frame));
+        tokio::select! {
+            Some(done) = posts.next(), if !posts.is_empty() => {
+                ended.push(done);
+                // Every other request that ended meanwhile is recorded with it.
+                while let Some(Some(done)) = posts.next().now_or_never() {
+                    ended.push(done);
                 }
             }
-            Outcome::Undeliverable(why) => {
-                dropped += 1;
-                tracing::error!(
-                    "dropping {}: {why} ({dropped} dropped since the connector started)",
-                    describe(&row.frame),
+            Some((recorded, seqs)) = recording.next(), if !recording.is_empty() => {
+                taken.retain(|seq| !seqs.contains(seq));
+                if !recorded {
+                    // The rows stay in the outbox and are tried again, after a pause.
+                    paused_until = Some(Instant::now() + Duration::from_secs(1));
+                }
+            }
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep_until(look_again.unwrap_or_else(Instant::now)), if look_again.is_some() => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+    // Shutting down: the requests under way get the grace period.
+    let grace = tokio::time::sleep(tuning.shutdown_grace);
+    tokio::pin!(grace);
+    while !posts.is_empty() {
+        tokio::select! {
+            Some(done) = posts.next() => ended.push(done),
+            _ = &mut grace => {
+                tracing::warn!(
+                    "shutting down while posting {} receipts and deliveries; they will be posted again",
+                    posts.len()
                 );
-                remove(&outbox, &row).await;
+                break;
             }
         }
     }
+    while recording.next().await.is_some() {}
+    if !ended.is_empty() {
+        recorder.settle(ended).await;
+    }
 }
 
-/// Deletes a row, logging a failure (the row is then tried again).
-async fn remove(outbox: &Outbox, row: &Row) {
-    if let Err(error) = outbox.delete(row.seq).await {
-        tracing::error!(
-            "cannot delete {} from the outbox: {error:#}",
-            describe(&row.frame)
-        );
+/// Records in the outbox what became of the rows whose turn ended.
+struct Recorder<'a> {
+    outbox: &'a Outbox,
+    /// The hook's url, for log lines.
+    url: &'a reqwest::Url,
+    tuning: &'a Tuning,
+    /// Rows dropped (expired or undeliverable) since the connector started.
+    dropped: AtomicU64,
+}
+
+impl Recorder<'_> {
+    /// Records `ended` in the outbox in one transaction, logging each row's fate once it
+    /// is recorded; false if the outbox could not be written (the rows are then tried
+    /// again).
+    async fn settle(&self, ended: Vec<Ended>) -> bool {
+        let now = now_ms();
+        let settled: Vec<(i64, Settle)> = ended
+            .iter()
+            .map(|ended| {
+                let settle = match &ended.fate {
+                    Fate::Posted(Outcome::Retry(_)) => {
+                        let attempts = ended.row.attempts.saturating_add(1);
+                        let delay = self.retry_delay(attempts);
+                        Settle::Retry {
+                            attempts,
+                            next_attempt_ms: now.saturating_add(
+                                i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
+                            ),
+                        }
+                    }
+                    _ => Settle::Delete,
+                };
+                (ended.row.seq, settle)
+            })
+            .collect();
+        if let Err(error) = self.outbox.settle(settled).await {
+            tracing::error!(
+                "cannot record the outcome of {} hook requests in the outbox: {error:#}; they are tried again",
+                ended.len()
+            );
+            return false;
+        }
+        // Logged once recorded: a row logged as posted is no longer in the outbox.
+        let url = self.url;
+        for Ended { row, fate } in &ended {
+            match fate {
+                Fate::Posted(Outcome::Delivered) => {
+                    tracing::info!("posted {} to the hook", describe(&row.frame));
+                }
+                Fate::Posted(Outcome::Retry(why)) => {
+                    let attempts = row.attempts.saturating_add(1);
+                    tracing::warn!(
+                        "the hook {url} did not take {} (attempt {attempts}): {why}; retrying in {}",
+                        describe(&row.frame),
+                        humantime::format_duration(self.retry_delay(attempts)),
+                    );
+                }
+                Fate::Posted(Outcome::Undeliverable(why)) => {
+                    let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::error!(
+                        "dropping {}: {why} ({dropped} dropped since the connector started)",
+                        describe(&row.frame),
+                    );
+                }
+                Fate::Expired => {
+                    let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::error!(
+                        "dropping {}: the hook {url} did not take it within {} ({} attempts; {dropped} dropped \
+                         since the connector started)",
+                        describe(&row.frame),
+                        humantime::format_duration(self.tuning.max_age),
+                        row.attempts,
+                    );
+                }
+            }
+        }
+        true
+    }
+
+    /// The wait after the `attempts`-th failed delivery.
+    fn retry_delay(&self, attempts: u32) -> Duration {
+        retry_delay(attempts, self.tuning.retry_base, self.tuning.retry_max)
     }
 }
 

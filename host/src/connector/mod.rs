@@ -5,10 +5,15 @@
 //! A `receipt` or `deliver` frame is stored in a durable outbox (`outbox`, SQLite) before
 //! it is acknowledged to the host (`receipt_ack`, `deliver_ack` with `accepted: true`); a
 //! delivery task (`hook`) drains the outbox into the webhook independently of the
-//! WebSocket, retrying with backoff, so it survives a down hook, a lost connection and a
-//! restart of the connector. A frame pushed again is acknowledged again, never stored
-//! twice; a `deliver` frame for another agent is refused (`accepted: false`, with a
-//! reason); a frame that cannot be stored is not acknowledged (the host pushes it again).
+//! WebSocket, with up to `--hook-concurrency` requests in flight, retrying with backoff,
+//! so it survives a down hook, a lost connection and a restart of the connector. A frame
+//! pushed again is acknowledged again, never stored twice; a `deliver` frame for another
+//! agent is refused (`accepted: false`, with a reason); a frame that cannot be stored is
+//! not acknowledged (the host pushes it again).
+//!
+//! Frames that arrive together (those already read from the connection when one is
+//! handled, up to [`MAX_BATCH_FRAMES`] or [`MAX_BATCH_BYTES`]) are stored in one
+//! transaction, then acknowledged together, in the order they came.
 //!
 //! The connection is kept with heartbeats (answered, and sent every 30 s; 60 s of silence
 //! from the host drops it) and re-established with backoff (1 s doubling to 30 s, ±20%).
@@ -28,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -52,6 +57,15 @@ pub const DEFAULT_HOOK_URL: &str = "http://127.0.0.1:18789/hooks/message";
 pub const CONNECT_PATH: &str = crate::frame::CONNECT_PATH;
 /// The close reason (with code 1000) of a connection superseded by a newer one.
 pub const SUPERSEDED_REASON: &str = crate::relay::hub::SUPERSEDED.1;
+/// How many hook requests may be in flight at once unless told otherwise.
+pub const DEFAULT_HOOK_CONCURRENCY: usize = 16;
+/// The most hook requests in flight at once that `--hook-concurrency` accepts.
+pub const MAX_HOOK_CONCURRENCY: usize = 1024;
+/// The most frames stored in one outbox transaction.
+pub const MAX_BATCH_FRAMES: usize = 256;
+/// The most frame bytes stored in one outbox transaction (a frame alone may be larger:
+/// it is then stored alone).
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
 
 /// What `clawq connect` needs.
 #[derive(Clone)]
@@ -67,6 +81,10 @@ pub struct ConnectorOptions {
     pub hook_url: String,
     /// Extra headers sent to the webhook with every request (e.g. a hook token).
     pub hook_headers: Vec<(String, String)>,
+    /// How many webhook requests may be in flight at once, 1 to
+    /// [`MAX_HOOK_CONCURRENCY`] (default [`DEFAULT_HOOK_CONCURRENCY`]). The frames of one
+    /// request id are still posted one at a time, in the order they came.
+    pub hook_concurrency: usize,
     /// The directory of the outbox (`outbox.db`); one connector at a time may use it.
     pub data_dir: PathBuf,
     /// A PEM file of CA certificates trusted besides the webpki roots, for an `https`
@@ -75,8 +93,8 @@ pub struct ConnectorOptions {
 }
 
 impl ConnectorOptions {
-    /// Options with the default hook, no custom headers, and `./.clawq-connector` as
-    /// data directory.
+    /// Options with the default hook and hook concurrency, no custom headers, and
+    /// `./.clawq-connector` as data directory.
     pub fn new(
         server: impl Into<String>,
         agent_did: impl Into<String>,
@@ -88,6 +106,7 @@ impl ConnectorOptions {
             token: token.into(),
             hook_url: DEFAULT_HOOK_URL.to_owned(),
             hook_headers: Vec::new(),
+            hook_concurrency: DEFAULT_HOOK_CONCURRENCY,
             data_dir: PathBuf::from("./.clawq-connector"),
             ca_cert: None,
         }
@@ -108,6 +127,7 @@ impl fmt::Debug for ConnectorOptions {
             .field("token", &"<redacted>")
             .field("hook_url", &self.hook_url)
             .field("hook_headers", &hook_headers)
+            .field("hook_concurrency", &self.hook_concurrency)
             .field("data_dir", &self.data_dir)
             .field("ca_cert", &self.ca_cert)
             .finish()
@@ -173,6 +193,12 @@ pub(crate) async fn run_with(
 ) -> Result<()> {
     clawq_protocol::did::validate_agent_did(&options.agent_did)
         .map_err(|e| anyhow!("`{}` is not a valid agent DID: {e}", options.agent_did))?;
+    if !(1..=MAX_HOOK_CONCURRENCY).contains(&options.hook_concurrency) {
+        bail!(
+            "the hook concurrency must be 1 to {MAX_HOOK_CONCURRENCY}, not {}",
+            options.hook_concurrency
+        );
+    }
     let tls = crate::tls::client_config(options.ca_cert.as_deref())?;
     let endpoint = Endpoint::new(&options, tls.clone())?;
     let hook = hook::Hook::new(
@@ -191,15 +217,17 @@ pub(crate) async fn run_with(
     let delivery = tokio::spawn(hook::deliver(
         outbox.clone(),
         hook,
+        options.hook_concurrency,
         wake.clone(),
         tuning.clone(),
         stop_delivery.clone(),
     ));
     tracing::info!(
-        "connector for {} starting: host {}, hook {}, outbox {}",
+        "connector for {} starting: host {}, hook {} (at most {} requests at once), outbox {}",
         options.agent_did,
         endpoint.url,
         options.hook_url,
+        options.hook_concurrency,
         options.data_dir.join(outbox::OUTBOX_FILE).display()
     );
     let result = relay(&endpoint, &tuning, &outbox, &wake, &shutdown).await;
@@ -476,130 +504,243 @@ async fn serve(
             message = ws.next() => message,
         };
         last_heard = Instant::now();
-        let text = match message {
-            None => return lost("the host closed the connection".into()),
-            Some(Err(error)) => return lost(error.to_string()),
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Close(frame))) => {
-                // Let tungstenite send its answer to the close.
-                let _ = tokio::time::timeout(Duration::from_secs(1), ws.flush()).await;
-                return match frame {
-                    Some(frame)
-                        if frame.code == CloseCode::Normal
-                            && frame.reason.as_str() == SUPERSEDED_REASON =>
-                    {
-                        End::Superseded
+        // This message and those already read after it: the frames to store go into one
+        // batch, stored and acknowledged before anything after them is answered.
+        let mut batch = Batch::default();
+        let mut next = Some(message);
+        while let Some(message) = next.take() {
+            match incoming(message, agent_did, refused) {
+                Incoming::Store { frame, ack, bytes } => {
+                    batch.frames.push(frame);
+                    batch.acks.push(ack);
+                    batch.bytes += bytes;
+                }
+                Incoming::Ignore => {}
+                Incoming::Answer { body, what } => {
+                    if let Err(why) = store_then_ack(ws, outbox, wake, &mut batch).await {
+                        return lost(why);
                     }
-                    Some(frame) => lost(format!(
-                        "the host closed the connection ({} {})",
-                        frame.code, frame.reason
-                    )),
-                    None => lost("the host closed the connection".into()),
-                };
-            }
-            Some(Ok(Message::Binary(bytes))) => {
-                tracing::warn!(
-                    "ignoring a binary message of {} bytes from the host",
-                    bytes.len()
-                );
-                continue;
-            }
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-        };
-        let frame = match Frame::parse(text.as_str()) {
-            Ok(frame) => frame,
-            Err(error) => {
-                tracing::warn!(
-                    "ignoring an unparseable frame of {} bytes from the host: {error}",
-                    text.len()
-                );
-                continue;
-            }
-        };
-        match &frame.body {
-            FrameBody::Heartbeat => {
-                if let Err(error) = send(
-                    ws,
-                    FrameBody::HeartbeatAck {
-                        ack_id: frame.id.clone(),
-                    },
-                )
-                .await
-                {
-                    return lost(format!("cannot answer a heartbeat: {error}"));
+                    if let Err(error) = send(ws, body).await {
+                        return lost(format!("cannot {what}: {error}"));
+                    }
+                }
+                Incoming::End { end, closed } => {
+                    // What came before the end is still stored; its acks may not go out
+                    // (the host pushes those frames again).
+                    if let Err(why) = store_then_ack(ws, outbox, wake, &mut batch).await {
+                        tracing::warn!("{why}");
+                    }
+                    if closed {
+                        // Let tungstenite send its answer to the close.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), ws.flush()).await;
+                    }
+                    return end;
                 }
             }
-            FrameBody::HeartbeatAck { .. } => {}
-            FrameBody::Receipt { .. } => {
-                let ack = FrameBody::ReceiptAck {
-                    ack_id: frame.id.clone(),
-                };
-                if let Err(why) = store_then_ack(ws, outbox, wake, &frame, ack).await {
-                    return lost(why);
-                }
+            if batch.frames.len() < MAX_BATCH_FRAMES && batch.bytes < MAX_BATCH_BYTES {
+                next = ws.next().now_or_never();
             }
-            FrameBody::Deliver(deliver) if deliver.to_agent_did != agent_did => {
-                let reason = format!(
-                    "this connector speaks for {agent_did}, not for {}",
-                    deliver.to_agent_did
-                );
-                *refused += 1;
-                tracing::warn!(
-                    "refusing {}: {reason} ({refused} refused since the connector started)",
-                    outbox::describe(&frame)
-                );
-                let ack = FrameBody::DeliverAck {
-                    ack_id: frame.id.clone(),
-                    accepted: false,
-                    reason: Some(reason),
-                };
-                if let Err(error) = send(ws, ack).await {
-                    return lost(format!("cannot refuse delivery {}: {error}", frame.id));
-                }
-            }
-            FrameBody::Deliver(_) => {
-                let ack = FrameBody::DeliverAck {
-                    ack_id: frame.id.clone(),
-                    accepted: true,
-                    reason: None,
-                };
-                if let Err(why) = store_then_ack(ws, outbox, wake, &frame, ack).await {
-                    return lost(why);
-                }
-            }
-            FrameBody::ReceiptAck { .. } | FrameBody::DeliverAck { .. } => {
-                tracing::warn!(
-                    "ignoring a {} frame from the host (it only goes the other way)",
-                    frame.type_name()
-                );
-            }
+        }
+        if let Err(why) = store_then_ack(ws, outbox, wake, &mut batch).await {
+            return lost(why);
         }
     }
 }
 
-/// Stores a `receipt` or `deliver` frame in the outbox (once: a frame seen before is not
-/// stored again), wakes the delivery task, then sends `ack`. `Err` (the connection is to
-/// be dropped) says why; when storing failed nothing is sent, so the host pushes the frame
-/// again.
+/// What to do with one message from the host.
+enum Incoming {
+    /// Store this `receipt` or `deliver` frame (`bytes` long on the wire), then send `ack`.
+    Store {
+        frame: Frame,
+        ack: FrameBody,
+        bytes: usize,
+    },
+    /// Send this frame (after storing the frames before it); `what` it does, for errors.
+    Answer { body: FrameBody, what: String },
+    /// Nothing (logged if unexpected).
+    Ignore,
+    /// The connection ended so; `closed`: with a close frame from the host.
+    End { end: End, closed: bool },
+}
+
+/// What `message` (as read from the connection of `agent_did`) asks for; a delivery for
+/// another agent is refused, counted in `refused`.
+fn incoming(
+    message: Option<Result<Message, tungstenite::Error>>,
+    agent_did: &str,
+    refused: &mut u64,
+) -> Incoming {
+    let lost = |why: String, closed: bool| Incoming::End {
+        end: End::Lost {
+            established: true,
+            why,
+        },
+        closed,
+    };
+    let text = match message {
+        None => return lost("the host closed the connection".into(), false),
+        Some(Err(error)) => return lost(error.to_string(), false),
+        Some(Ok(Message::Text(text))) => text,
+        Some(Ok(Message::Close(frame))) => {
+            return match frame {
+                Some(frame)
+                    if frame.code == CloseCode::Normal
+                        && frame.reason.as_str() == SUPERSEDED_REASON =>
+                {
+                    Incoming::End {
+                        end: End::Superseded,
+                        closed: true,
+                    }
+                }
+                Some(frame) => lost(
+                    format!(
+                        "the host closed the connection ({} {})",
+                        frame.code, frame.reason
+                    ),
+                    true,
+                ),
+                None => lost("the host closed the connection".into(), true),
+            };
+        }
+        Some(Ok(Message::Binary(bytes))) => {
+            tracing::warn!(
+                "ignoring a binary message of {} bytes from the host",
+                bytes.len()
+            );
+            return Incoming::Ignore;
+        }
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
+            return Incoming::Ignore;
+        }
+    };
+    let frame = match Frame::parse(text.as_str()) {
+        Ok(frame) => frame,
+        Err(error) => {
+            tracing::warn!(
+                "ignoring an unparseable frame of {} bytes from the host: {error}",
+                text.len()
+            );
+            return Incoming::Ignore;
+        }
+    };
+    let bytes = text.len();
+    match &frame.body {
+        FrameBody::Heartbeat => Incoming::Answer {
+            body: FrameBody::HeartbeatAck {
+                ack_id: frame.id.clone(),
+            },
+            what: "answer a heartbeat".into(),
+        },
+        FrameBody::HeartbeatAck { .. } => Incoming::Ignore,
+        FrameBody::Receipt { .. } => Incoming::Store {
+            ack: FrameBody::ReceiptAck {
+                ack_id: frame.id.clone(),
+            },
+            frame,
+            bytes,
+        },
+        FrameBody::Deliver(deliver) if deliver.to_agent_did != agent_did => {
+            let reason = format!(
+                "this connector speaks for {agent_did}, not for {}",
+                deliver.to_agent_did
+            );
+            *refused += 1;
+            tracing::warn!(
+                "refusing {}: {reason} ({refused} refused since the connector started)",
+                outbox::describe(&frame)
+            );
+            Incoming::Answer {
+                what: format!("refuse delivery {}", frame.id),
+                body: FrameBody::DeliverAck {
+                    ack_id: frame.id,
+                    accepted: false,
+                    reason: Some(reason),
+                },
+            }
+        }
+        FrameBody::Deliver(_) => Incoming::Store {
+            ack: FrameBody::DeliverAck {
+                ack_id: frame.id.clone(),
+                accepted: true,
+                reason: None,
+            },
+            frame,
+            bytes,
+        },
+        FrameBody::ReceiptAck { .. } | FrameBody::DeliverAck { .. } => {
+            tracing::warn!(
+                "ignoring a {} frame from the host (it only goes the other way)",
+                frame.type_name()
+            );
+            Incoming::Ignore
+        }
+    }
+}
+
+/// `receipt` and `deliver` frames read together, to be stored in one transaction and
+/// then acknowledged.
+#[derive(Default)]
+struct Batch {
+    /// The frames, in the order they came.
+    frames: Vec<Frame>,
+    /// The ack of each frame.
+    acks: Vec<FrameBody>,
+    /// Their size on the wire.
+    bytes: usize,
+}
+
+/// Stores the frames of `batch` in the outbox in one transaction (once: a frame seen
+/// before is not stored again), wakes the delivery task, then sends their acks, emptying
+/// `batch`. `Err` (the connection is to be dropped) says why; when storing failed
+/// nothing is sent, so the host pushes the frames again.
 async fn store_then_ack(
     ws: &mut Socket,
     outbox: &Outbox,
     wake: &Notify,
-    frame: &Frame,
-    ack: FrameBody,
+    batch: &mut Batch,
 ) -> Result<(), String> {
-    let what = outbox::describe(frame);
-    match outbox.store(frame, now_ms()).await {
-        Ok(true) => {
-            tracing::info!("stored {what}");
-            wake.notify_one();
+    let Batch { frames, acks, .. } = std::mem::take(batch);
+    let Some(first) = frames.first() else {
+        return Ok(());
+    };
+    match outbox.store(&frames, now_ms()).await {
+        Ok(new) => {
+            let mut stored = false;
+            for (frame, new) in frames.iter().zip(new) {
+                let what = outbox::describe(frame);
+                if new {
+                    tracing::info!("stored {what}");
+                    stored = true;
+                } else {
+                    tracing::debug!("{what} was already stored; acknowledging it again");
+                }
+            }
+            if stored {
+                wake.notify_one();
+            }
         }
-        Ok(false) => tracing::debug!("{what} was already stored; acknowledging it again"),
-        Err(error) => return Err(format!("cannot store {what}: {error:#}")),
+        Err(error) if frames.len() == 1 => {
+            return Err(format!(
+                "cannot store {}: {error:#}",
+                outbox::describe(first)
+            ));
+        }
+        Err(error) => {
+            return Err(format!(
+                "cannot store {} frames ({} and the next): {error:#}",
+                frames.len(),
+                outbox::describe(first)
+            ));
+        }
     }
-    send(ws, ack)
+    for (frame, ack) in frames.iter().zip(acks) {
+        ws.feed(Message::text(Frame::new(ack).to_json()))
+            .await
+            .map_err(|error| format!("cannot acknowledge {}: {error}", outbox::describe(frame)))?;
+    }
+    ws.flush()
         .await
-        .map_err(|error| format!("cannot acknowledge {what}: {error}"))
+        .map_err(|error| format!("cannot acknowledge {} frames: {error}", frames.len()))
 }
 
 /// Sends a new frame.
@@ -1226,7 +1367,7 @@ mod tests {
         let outbox = Outbox::open(dir.path(), AGENT).unwrap();
         let old = receipt("req-old", ReceiptStatus::DeliveredToWebhook, None);
         outbox
-            .store(&old, now_ms() - 25 * 60 * 60 * 1000)
+            .store(&[old], now_ms() - 25 * 60 * 60 * 1000)
             .await
             .unwrap();
         let hook = hook::Hook::new(
@@ -1240,6 +1381,7 @@ mod tests {
         let task = tokio::spawn(hook::deliver(
             outbox.clone(),
             hook,
+            DEFAULT_HOOK_CONCURRENCY,
             Arc::new(Notify::new()),
             fast(),
             stop.clone(),

@@ -7,6 +7,16 @@
 //! table: the host re-pushes every unacknowledged frame on each connect, and a frame
 //! pushed again after it was delivered must not reach the hook twice.
 //!
+//! Writes are grouped: the frames that arrived together are stored in one transaction
+//! ([`Outbox::store`]), and the outcomes of the hook requests that ended together are
+//! recorded in one ([`Outbox::settle`]), so one fsync covers many receipts.
+//!
+//! A row is due ([`Outbox::due`]) when its next attempt time has come and no row stored
+//! before it is about the same request (the `x-request-id` the hook gets: a receipt's
+//! `originalFrameId`, a delivery's frame id): the frames of one request reach the hook
+//! one at a time, in the order they were stored, even when one of them has to be
+//! retried.
+//!
 //! Connectors before the `deliver` frame also stored clawq's `notification` frames
 //! (`status = 'notification'`, the text in `reason`, no recipient). That frame type is
 //! gone; [`Outbox::open`] turns each such row, logging it, into a delivery from the agent
@@ -19,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, Transaction, params};
 use serde_json::json;
 
 use crate::frame::{Deliver, Frame, FrameBody, ReceiptStatus};
@@ -60,6 +70,7 @@ CREATE TABLE IF NOT EXISTS seen (
     received_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS seen_received ON seen (received_ms);
+CREATE INDEX IF NOT EXISTS outbox_request ON outbox (original_frame_id, seq);
 ";
 
 /// The nullable text columns of a delivery row (NULL in receipt rows): `payload` holds
@@ -93,15 +104,28 @@ pub(crate) struct Row {
     pub(crate) next_attempt_ms: i64,
 }
 
-/// What the delivery task should do next.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Next {
-    /// Deliver this row now (the first due row in storage order).
-    Due(Row),
-    /// Nothing is due before this time (ms since the Unix epoch).
-    WaitUntil(i64),
-    /// The outbox is empty.
-    Empty,
+/// The rows the delivery task may post now, and when to look again.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Due {
+    /// Due rows in storage order (at most the limit asked for).
+    pub(crate) rows: Vec<Row>,
+    /// The earliest later attempt time of a row in backoff (ms since the Unix epoch), if
+    /// any.
+    pub(crate) later_ms: Option<i64>,
+}
+
+/// What becomes of a row once its hook request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// Delivered (2xx), expired or undeliverable: the row is deleted.
+    Delete,
+    /// Failed: `attempts` failed deliveries so far, next try at `next_attempt_ms`.
+    Retry {
+        /// Failed deliveries so far.
+        attempts: u32,
+        /// Not to be tried before this time, ms since the Unix epoch.
+        next_attempt_ms: i64,
+    },
 }
 
 /// A `receipt` or `deliver` frame, for log lines: its type, id and what it is about.
@@ -260,10 +284,14 @@ impl Columns {
     }
 }
 
-/// The outbox; cheap to clone (one shared connection).
+/// The outbox; cheap to clone (shared connections).
 #[derive(Clone)]
 pub(crate) struct Outbox {
+    /// Every write goes through this connection, one transaction at a time.
     conn: Arc<Mutex<Connection>>,
+    /// A second connection for the delivery task's reads, which then never wait for a
+    /// write's commit (WAL: a reader sees the last committed state).
+    reader: Arc<Mutex<Connection>>,
 }
 
 impl Outbox {
@@ -287,18 +315,39 @@ impl Outbox {
         convert_legacy_notifications(&tx, agent_did)
             .context("converting the notifications of an older connector")?;
         tx.commit()?;
+        let reader = Connection::open(&path)
+            .with_context(|| format!("opening the outbox {} to read", path.display()))?;
+        reader.busy_timeout(Duration::from_secs(5))?;
         Ok(Outbox {
             conn: Arc::new(Mutex::new(conn)),
+            reader: Arc::new(Mutex::new(reader)),
         })
     }
 
-    /// Runs `work` on the connection in a blocking thread.
+    /// Runs `work` on the writing connection in a blocking thread.
     async fn with<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
+        Self::on(self.conn.clone(), work).await
+    }
+
+    /// Runs `work` on the reading connection in a blocking thread.
+    async fn read<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        Self::on(self.reader.clone(), work).await
+    }
+
+    /// Runs `work` on `conn` in a blocking thread.
+    async fn on<T, F>(conn: Arc<Mutex<Connection>>, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
         tokio::task::spawn_blocking(move || {
             let mut conn = conn
                 .lock()
@@ -309,52 +358,57 @@ impl Outbox {
         .context("the outbox thread failed")?
     }
 
-    /// Stores a `receipt` or `deliver` frame, committed when this returns. Returns false
-    /// (and stores nothing) when a frame with this id was seen before.
-    pub(crate) async fn store(&self, frame: &Frame, now_ms: i64) -> Result<bool> {
-        let c = Columns::of(frame)?;
+    /// Stores `receipt` and `deliver` frames in one transaction, committed when this
+    /// returns; for each frame, whether it is new: a frame whose id was seen before (or
+    /// earlier in `frames`) is not stored again.
+    pub(crate) async fn store(&self, frames: &[Frame], now_ms: i64) -> Result<Vec<bool>> {
+        let columns = frames.iter().map(Columns::of).collect::<Result<Vec<_>>>()?;
         self.with(move |conn| {
             let tx = conn.transaction()?;
             tx.execute(
                 "DELETE FROM seen WHERE received_ms < ?1",
                 params![now_ms - SEEN_FOR_MS],
             )?;
-            let new = tx.execute(
-                "INSERT OR IGNORE INTO seen (frame_id, received_ms) VALUES (?1, ?2)",
-                params![c.frame_id, now_ms],
-            )? == 1;
-            if new {
-                let [
-                    from,
-                    payload,
-                    source,
-                    content_type,
-                    group,
-                    conversation,
-                    reply_to,
-                ] = &c.delivery;
-                tx.execute(
-                    &format!(
-                        "INSERT OR IGNORE INTO outbox ({FRAME_COLUMNS}, stored_ms, next_attempt_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)"
-                    ),
-                    params![
-                        c.frame_id,
-                        c.frame_ts,
-                        c.original_frame_id,
-                        c.to_agent_did,
-                        c.status,
-                        c.reason,
-                        from,
-                        payload,
-                        source,
-                        content_type,
-                        group,
-                        conversation,
-                        reply_to,
-                        now_ms
-                    ],
+            let mut new = Vec::with_capacity(columns.len());
+            {
+                let mut seen = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO seen (frame_id, received_ms) VALUES (?1, ?2)",
                 )?;
+                let mut insert = tx.prepare_cached(&format!(
+                    "INSERT OR IGNORE INTO outbox ({FRAME_COLUMNS}, stored_ms, next_attempt_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)"
+                ))?;
+                for c in &columns {
+                    let is_new = seen.execute(params![c.frame_id, now_ms])? == 1;
+                    if is_new {
+                        let [
+                            from,
+                            payload,
+                            source,
+                            content_type,
+                            group,
+                            conversation,
+                            reply_to,
+                        ] = &c.delivery;
+                        insert.execute(params![
+                            c.frame_id,
+                            c.frame_ts,
+                            c.original_frame_id,
+                            c.to_agent_did,
+                            c.status,
+                            c.reason,
+                            from,
+                            payload,
+                            source,
+                            content_type,
+                            group,
+                            conversation,
+                            reply_to,
+                            now_ms
+                        ])?;
+                    }
+                    new.push(is_new);
+                }
             }
             tx.commit()?;
             Ok(new)
@@ -362,67 +416,82 @@ impl Outbox {
         .await
     }
 
-    /// The first row due at `now_ms` in storage order, else when the next one is due.
-    pub(crate) async fn next(&self, now_ms: i64) -> Result<Next> {
-        self.with(move |conn| {
-            let due = conn
-                .query_row(
-                    &format!(
-                        "SELECT seq, stored_ms, attempts, next_attempt_ms, {FRAME_COLUMNS}
-                         FROM outbox WHERE next_attempt_ms <= ?1 ORDER BY seq LIMIT 1"
-                    ),
-                    params![now_ms],
-                    |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, i64>(1)?,
-                            r.get::<_, u32>(2)?,
-                            r.get::<_, i64>(3)?,
-                            Columns::read(r, 4)?,
-                        ))
-                    },
-                )
-                .optional()?;
-            if let Some((seq, stored_ms, attempts, next_attempt_ms, columns)) = due {
+    /// Up to `limit` rows due at `now_ms`, in storage order, leaving out the rows
+    /// `skip` (posts under way): a row is due when its attempt time has come and no row
+    /// stored before it, due or not, is about the same request (see the module
+    /// documentation).
+    pub(crate) async fn due(&self, now_ms: i64, skip: &[i64], limit: usize) -> Result<Due> {
+        let skip = skip.to_vec();
+        self.read(move |conn| {
+            let placeholders = vec!["?"; skip.len()].join(", ");
+            // `+next_attempt_ms`: walk the rows in storage order and stop at `limit`,
+            // rather than sort every due row of a backlog.
+            // Not cached: the text varies with the number of rows skipped.
+            let mut statement = conn.prepare(&format!(
+                "SELECT seq, stored_ms, attempts, next_attempt_ms, {FRAME_COLUMNS}
+                 FROM outbox AS o
+                 WHERE +next_attempt_ms <= ? AND seq NOT IN ({placeholders})
+                   AND (status = '{DELIVER_STATUS}' OR NOT EXISTS (
+                        SELECT 1 FROM outbox AS e
+                        WHERE e.original_frame_id = o.original_frame_id AND e.seq < o.seq))
+                 ORDER BY seq LIMIT ?"
+            ))?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let values = std::iter::once(now_ms).chain(skip).chain([limit]);
+            let found = statement
+                .query_map(rusqlite::params_from_iter(values), |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, u32>(2)?,
+                        r.get::<_, i64>(3)?,
+                        Columns::read(r, 4)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut rows = Vec::with_capacity(found.len());
+            for (seq, stored_ms, attempts, next_attempt_ms, columns) in found {
                 let frame = columns
                     .into_frame()
                     .with_context(|| format!("reading outbox row {seq}"))?;
-                return Ok(Next::Due(Row {
+                rows.push(Row {
                     seq,
                     frame,
                     stored_ms,
                     attempts,
                     next_attempt_ms,
-                }));
+                });
             }
-            let earliest: Option<i64> =
-                conn.query_row("SELECT MIN(next_attempt_ms) FROM outbox", [], |r| r.get(0))?;
-            Ok(earliest.map_or(Next::Empty, Next::WaitUntil))
-        })
-        .await
-    }
-
-    /// Deletes a row (delivered, expired or undeliverable).
-    pub(crate) async fn delete(&self, seq: i64) -> Result<()> {
-        self.with(move |conn| {
-            conn.execute("DELETE FROM outbox WHERE seq = ?1", params![seq])?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Records a failed delivery: `attempts` so far, next try at `next_attempt_ms`.
-    pub(crate) async fn reschedule(
-        &self,
-        seq: i64,
-        attempts: u32,
-        next_attempt_ms: i64,
-    ) -> Result<()> {
-        self.with(move |conn| {
-            conn.execute(
-                "UPDATE outbox SET attempts = ?2, next_attempt_ms = ?3 WHERE seq = ?1",
-                params![seq, attempts, next_attempt_ms],
+            let later_ms: Option<i64> = conn.query_row(
+                "SELECT MIN(next_attempt_ms) FROM outbox WHERE next_attempt_ms > ?1",
+                params![now_ms],
+                |r| r.get(0),
             )?;
+            Ok(Due { rows, later_ms })
+        })
+        .await
+    }
+
+    /// Records what became of rows whose hook requests ended, in one transaction.
+    pub(crate) async fn settle(&self, settled: Vec<(i64, Settle)>) -> Result<()> {
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+                let mut retry = tx.prepare_cached(
+                    "UPDATE outbox SET attempts = ?2, next_attempt_ms = ?3 WHERE seq = ?1",
+                )?;
+                for (seq, settle) in settled {
+                    match settle {
+                        Settle::Delete => delete.execute(params![seq])?,
+                        Settle::Retry {
+                            attempts,
+                            next_attempt_ms,
+                        } => retry.execute(params![seq, attempts, next_attempt_ms])?,
+                    };
+                }
+            }
+            tx.commit()?;
             Ok(())
         })
         .await
@@ -430,7 +499,7 @@ impl Outbox {
 
     /// How many receipts and deliveries wait for the hook.
     pub(crate) async fn pending(&self) -> Result<u64> {
-        self.with(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?))
+        self.read(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?))
             .await
     }
 }
@@ -496,9 +565,9 @@ mod tests {
     const AGENT: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
     const OTHER: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
 
-    fn receipt(reason: Option<&str>) -> Frame {
+    fn receipt(request: &str, reason: Option<&str>) -> Frame {
         Frame::new(FrameBody::Receipt {
-            original_frame_id: "req-1".into(),
+            original_frame_id: request.into(),
             to_agent_did: OTHER.into(),
             status: ReceiptStatus::DeadLettered,
             reason: reason.map(Into::into),
@@ -520,41 +589,71 @@ mod tests {
         })))
     }
 
+    /// The first due row.
     async fn due(outbox: &Outbox, now_ms: i64) -> Row {
-        match outbox.next(now_ms).await.unwrap() {
-            Next::Due(row) => row,
-            other => panic!("expected a due row, got {other:?}"),
-        }
+        let due = outbox.due(now_ms, &[], 1).await.unwrap();
+        due.rows
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("expected a due row, got {:?}", due.later_ms))
+    }
+
+    /// Stores one frame; whether it was new.
+    async fn store(outbox: &Outbox, frame: &Frame, now_ms: i64) -> bool {
+        outbox
+            .store(std::slice::from_ref(frame), now_ms)
+            .await
+            .unwrap()
+            == [true]
+    }
+
+    async fn delete(outbox: &Outbox, seq: i64) {
+        outbox.settle(vec![(seq, Settle::Delete)]).await.unwrap();
+    }
+
+    /// No row is due or in backoff.
+    fn empty() -> Due {
+        Due::default()
     }
 
     #[tokio::test]
     async fn stores_dedupes_reschedules_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path(), AGENT).unwrap();
-        assert_eq!(outbox.next(0).await.unwrap(), Next::Empty);
-        let first = receipt(Some("hook gone"));
-        let second = receipt(None);
-        assert!(outbox.store(&first, 1_000).await.unwrap());
+        assert_eq!(outbox.due(0, &[], 10).await.unwrap(), empty());
+        let first = receipt("req-1", Some("hook gone"));
+        let second = receipt("req-2", None);
+        assert!(store(&outbox, &first, 1_000).await);
         assert!(
-            !outbox.store(&first, 1_001).await.unwrap(),
+            !store(&outbox, &first, 1_001).await,
             "a duplicate is not stored"
         );
-        assert!(outbox.store(&second, 1_002).await.unwrap());
+        assert!(store(&outbox, &second, 1_002).await);
         assert_eq!(outbox.pending().await.unwrap(), 2);
 
         let row = due(&outbox, 5_000).await;
         assert_eq!(row.frame, first);
         assert_eq!((row.stored_ms, row.attempts), (1_000, 0));
-        outbox.reschedule(row.seq, 1, 9_000).await.unwrap();
+        let retry = Settle::Retry {
+            attempts: 1,
+            next_attempt_ms: 9_000,
+        };
+        outbox.settle(vec![(row.seq, retry)]).await.unwrap();
         let row2 = due(&outbox, 5_000).await;
         assert_eq!(
             row2.frame, second,
             "a row in backoff does not block the next one"
         );
-        outbox.delete(row2.seq).await.unwrap();
-        assert_eq!(outbox.next(5_000).await.unwrap(), Next::WaitUntil(9_000));
+        delete(&outbox, row2.seq).await;
+        assert_eq!(
+            outbox.due(5_000, &[], 10).await.unwrap(),
+            Due {
+                rows: vec![],
+                later_ms: Some(9_000)
+            }
+        );
         assert!(
-            !outbox.store(&second, 6_000).await.unwrap(),
+            !store(&outbox, &second, 6_000).await,
             "a delivered frame pushed again is still a duplicate"
         );
         drop(outbox);
@@ -568,12 +667,12 @@ mod tests {
     async fn deliveries_keep_every_field_and_their_place_among_receipts() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path(), AGENT).unwrap();
-        let frames = [delivery(true), receipt(None), delivery(false)];
+        let frames = [delivery(true), receipt("req-1", None), delivery(false)];
         for (n, frame) in frames.iter().enumerate() {
-            assert!(outbox.store(frame, 1_000 + n as i64).await.unwrap());
+            assert!(store(&outbox, frame, 1_000 + n as i64).await);
         }
         assert!(
-            !outbox.store(&frames[0], 2_000).await.unwrap(),
+            !store(&outbox, &frames[0], 2_000).await,
             "a delivery pushed again is a duplicate"
         );
         drop(outbox);
@@ -581,9 +680,9 @@ mod tests {
         for frame in &frames {
             let row = due(&outbox, 5_000).await;
             assert_eq!(&row.frame, frame, "stored and read back whole, in order");
-            outbox.delete(row.seq).await.unwrap();
+            delete(&outbox, row.seq).await;
         }
-        assert_eq!(outbox.next(5_000).await.unwrap(), Next::Empty);
+        assert_eq!(outbox.due(5_000, &[], 10).await.unwrap(), empty());
     }
 
     #[tokio::test]
@@ -591,7 +690,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path(), AGENT).unwrap();
         let error = outbox
-            .store(&Frame::new(FrameBody::Heartbeat), 1_000)
+            .store(
+                &[receipt("req-1", None), Frame::new(FrameBody::Heartbeat)],
+                1_000,
+            )
             .await
             .unwrap_err();
         assert!(
@@ -600,14 +702,14 @@ mod tests {
                 .contains("is a heartbeat, not a receipt or a delivery"),
             "{error:#}"
         );
-        assert_eq!(outbox.pending().await.unwrap(), 0);
+        assert_eq!(outbox.pending().await.unwrap(), 0, "nothing of the batch");
     }
 
     #[tokio::test]
     async fn notifications_of_an_older_connector_become_deliveries_to_the_agent() {
         let dir = tempfile::tempdir().unwrap();
         let notification_id = "01HZX4M3Q8V2J7K9T6R5W1N0PD";
-        let receipt = receipt(Some("gone"));
+        let receipt = receipt("req-1", Some("gone"));
         {
             // The outbox as a connector with notification frames left it.
             let conn = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
@@ -662,7 +764,74 @@ mod tests {
         // Opening again changes nothing; the receipt beside it is untouched.
         let outbox = Outbox::open(dir.path(), AGENT).unwrap();
         assert_eq!(due(&outbox, 5_000).await, converted);
-        outbox.delete(converted.seq).await.unwrap();
+        delete(&outbox, converted.seq).await;
         assert_eq!(due(&outbox, 5_000).await.frame, receipt);
+    }
+
+    #[tokio::test]
+    async fn frames_stored_together_are_one_batch_in_order_and_deduplicated() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), AGENT).unwrap();
+        let (a, b) = (receipt("req-a", None), delivery(false));
+        let new = outbox
+            .store(&[a.clone(), b.clone(), a.clone()], 1_000)
+            .await
+            .unwrap();
+        assert_eq!(new, [true, true, false], "the repeat in the batch is seen");
+        let due = outbox.due(1_000, &[], 10).await.unwrap();
+        let frames: Vec<&Frame> = due.rows.iter().map(|row| &row.frame).collect();
+        assert_eq!(frames, [&a, &b]);
+        let skipped = outbox.due(1_000, &[due.rows[0].seq], 10).await.unwrap();
+        assert_eq!(skipped.rows, due.rows[1..], "a post under way is left out");
+        assert_eq!(outbox.due(1_000, &[], 1).await.unwrap().rows, due.rows[..1]);
+        outbox
+            .settle(vec![
+                (due.rows[0].seq, Settle::Delete),
+                (due.rows[1].seq, Settle::Delete),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(outbox.pending().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_behind_an_earlier_frame_of_the_same_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), AGENT).unwrap();
+        let first = receipt("req-1", Some("first"));
+        let other = receipt("req-2", None);
+        let second = receipt("req-1", Some("second"));
+        outbox
+            .store(&[first.clone(), other.clone(), second.clone()], 1_000)
+            .await
+            .unwrap();
+        let due1 = outbox.due(1_000, &[], 10).await.unwrap();
+        let frames: Vec<&Frame> = due1.rows.iter().map(|row| &row.frame).collect();
+        assert_eq!(frames, [&first, &other], "the second req-1 waits");
+        // The first one under way, or in backoff: the second still waits.
+        let under_way = outbox.due(1_000, &[due1.rows[0].seq], 10).await.unwrap();
+        assert_eq!(under_way.rows, due1.rows[1..]);
+        let retry = Settle::Retry {
+            attempts: 1,
+            next_attempt_ms: 9_000,
+        };
+        outbox
+            .settle(vec![
+                (due1.rows[0].seq, retry),
+                (due1.rows[1].seq, Settle::Delete),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            outbox.due(5_000, &[], 10).await.unwrap(),
+            Due {
+                rows: vec![],
+                later_ms: Some(9_000)
+            }
+        );
+        // Once the first is taken, the second is due.
+        assert_eq!(due(&outbox, 9_000).await.frame, first);
+        delete(&outbox, due1.rows[0].seq).await;
+        assert_eq!(due(&outbox, 9_000).await.frame, second);
     }
 }
