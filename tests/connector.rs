@@ -523,59 +523,43 @@ impl HeldHook {
     fn start() -> HeldHook {
         use axum::http::{HeaderMap, StatusCode};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
         let url = format!("http://{}/hooks/message", listener.local_addr().unwrap());
         let held: Arc<Mutex<Held>> = Arc::default();
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (state, wait) = (held.clone(), gate.clone());
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let app = axum::Router::new().route(
-                    "/hooks/message",
-                    axum::routing::post(
-                        move |headers: HeaderMap, body: axum::body::Bytes| async move {
-                            let id = headers["x-request-id"].to_str().unwrap().to_owned();
-                            let body: Value = serde_json::from_slice(&body).unwrap();
-                            let reason = body["reason"].as_str().unwrap_or_default().to_owned();
-                            let mut unanswered = {
-                                let mut held = state.lock().unwrap();
-                                held.arrived.push((id.clone(), reason.clone()));
-                                held.in_flight += 1;
-                                held.max_in_flight = held.max_in_flight.max(held.in_flight);
-                                let same = held.per_request.entry(id.clone()).or_default();
-                                *same += 1;
-                                if *same > 1 {
-                                    held.overlaps.push(id.clone());
-                                }
-                                Unanswered(Some((state.clone(), id.clone())))
-                            };
-                            wait.acquire().await.unwrap().forget();
-                            unanswered.0 = None;
-                            // Answered and counted out at once: the client cannot send
-                            // its next request before both.
-                            let mut held = state.lock().unwrap();
-                            held.end(&id);
-                            let failing = held.failing.contains(&(id.clone(), reason.clone()));
-                            let status = if failing { 500 } else { 200 };
-                            held.answered.push((id, reason, status));
-                            StatusCode::from_u16(status).unwrap()
-                        },
-                    ),
-                );
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    })
-                    .await
-                    .unwrap();
-            });
-        });
+        let app = axum::Router::new().route(
+            "/hooks/message",
+            axum::routing::post(
+                move |headers: HeaderMap, body: axum::body::Bytes| async move {
+                    let id = headers["x-request-id"].to_str().unwrap().to_owned();
+                    let body: Value = serde_json::from_slice(&body).unwrap();
+                    let reason = body["reason"].as_str().unwrap_or_default().to_owned();
+                    let mut unanswered = {
+                        let mut held = state.lock().unwrap();
+                        held.arrived.push((id.clone(), reason.clone()));
+                        held.in_flight += 1;
+                        held.max_in_flight = held.max_in_flight.max(held.in_flight);
+                        let same = held.per_request.entry(id.clone()).or_default();
+                        *same += 1;
+                        if *same > 1 {
+                            held.overlaps.push(id.clone());
+                        }
+                        Unanswered(Some((state.clone(), id.clone())))
+                    };
+                    wait.acquire().await.unwrap().forget();
+                    unanswered.0 = None;
+                    // Answered and counted out at once: the client cannot send
+                    // its next request before both.
+                    let mut held = state.lock().unwrap();
+                    held.end(&id);
+                    let failing = held.failing.contains(&(id.clone(), reason.clone()));
+                    let status = if failing { 500 } else { 200 };
+                    held.answered.push((id, reason, status));
+                    StatusCode::from_u16(status).unwrap()
+                },
+            ),
+        );
+        let stop = serve_in_background(listener, None, app);
         HeldHook {
             url,
             held,

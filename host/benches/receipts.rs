@@ -31,6 +31,40 @@ use tokio_util::sync::CancellationToken;
 const RECEIPTS: &str = "clawdentity-receipts";
 const RECIPIENT: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
 
+/// Publishes receipts `0..total` (the body of each made by `body`) to the batch route
+/// `url` from 4 concurrent producers, in batches of 100; returns once all are accepted.
+async fn publish_from_four(
+    http: &reqwest::Client,
+    url: &str,
+    total: usize,
+    body: impl Fn(usize) -> Value + Clone + Send + 'static,
+) {
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let (http, url, body) = (http.clone(), url.to_owned(), body.clone());
+            tokio::spawn(async move {
+                for chunk in (p * total / 4..(p + 1) * total / 4)
+                    .collect::<Vec<_>>()
+                    .chunks(100)
+                {
+                    let messages: Vec<Value> =
+                        chunk.iter().map(|&n| json!({"body": body(n)})).collect();
+                    let response = http
+                        .post(&url)
+                        .json(&json!({"messages": messages}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(response.status().is_success());
+                }
+            })
+        })
+        .collect();
+    for producer in producers {
+        producer.await.unwrap();
+    }
+}
+
 fn agent(i: usize) -> String {
     format!(
         "did:cdi:registry.clawdentity.com:agent:{}",
@@ -162,33 +196,11 @@ async fn throughput_to_many_agents(base: &str, tokens: &[String]) {
     let total = 50_000;
     let url = format!("{base}/v1/queues/{RECEIPTS}/messages/batch");
     let started = Instant::now();
-    let producers: Vec<_> = (0..4)
-        .map(|p| {
-            let (http, url) = (http.clone(), url.clone());
-            let agents = tokens.len();
-            tokio::spawn(async move {
-                for chunk in (p * total / 4..(p + 1) * total / 4)
-                    .collect::<Vec<_>>()
-                    .chunks(100)
-                {
-                    let messages: Vec<Value> = chunk
-                        .iter()
-                        .map(|n| json!({"body": receipt(&format!("tp-{n}"), &agent(n % agents))}))
-                        .collect();
-                    let response = http
-                        .post(&url)
-                        .json(&json!({"messages": messages}))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert!(response.status().is_success());
-                }
-            })
-        })
-        .collect();
-    for producer in producers {
-        producer.await.unwrap();
-    }
+    let agents = tokens.len();
+    publish_from_four(&http, &url, total, move |n| {
+        receipt(&format!("tp-{n}"), &agent(n % agents))
+    })
+    .await;
     let published = started.elapsed();
     let mut received = 0;
     while received < total {
@@ -348,32 +360,10 @@ async fn hook_throughput_through_the_host(base: &str, token: &str, dir: &Path) {
     let total = 20_000;
     let url = format!("{base}/v1/queues/{RECEIPTS}/messages/batch");
     let started = Instant::now();
-    let producers: Vec<_> = (0..4)
-        .map(|p| {
-            let (http, url) = (http.clone(), url.clone());
-            tokio::spawn(async move {
-                for chunk in (p * total / 4..(p + 1) * total / 4)
-                    .collect::<Vec<_>>()
-                    .chunks(100)
-                {
-                    let messages: Vec<Value> = chunk
-                        .iter()
-                        .map(|n| json!({"body": receipt(&format!("hook-tp-{n}"), &agent(1))}))
-                        .collect();
-                    let response = http
-                        .post(&url)
-                        .json(&json!({"messages": messages}))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert!(response.status().is_success());
-                }
-            })
-        })
-        .collect();
-    for producer in producers {
-        producer.await.unwrap();
-    }
+    publish_from_four(&http, &url, total, |n| {
+        receipt(&format!("hook-tp-{n}"), &agent(1))
+    })
+    .await;
     let published = started.elapsed();
     let arrived = hook_arrivals(&mut hook, total, Duration::from_secs(180)).await;
     let last = arrived.values().max().copied().unwrap_or(started);

@@ -215,10 +215,7 @@ impl Database {
         let run = Box::new(move |conn: Result<&Connection, StoreError>| {
             let result = match conn {
                 Err(err) => Err(E::from(err)),
-                Ok(conn) => match std::panic::catch_unwind(AssertUnwindSafe(|| work(conn))) {
-                    Ok(result) => result,
-                    Err(_) => Err(E::from(StoreError::Panicked)),
-                },
+                Ok(conn) => caught(conn, work),
             };
             let ok = result.is_ok();
             let finish: Finish = Box::new(move |committed| {
@@ -248,11 +245,7 @@ impl Database {
     {
         let (tx, rx) = oneshot::channel();
         let job: ReadJob = Box::new(move |conn| {
-            let result = match std::panic::catch_unwind(AssertUnwindSafe(|| work(conn))) {
-                Ok(result) => result,
-                Err(_) => Err(E::from(StoreError::Panicked)),
-            };
-            let _ = tx.send(result);
+            let _ = tx.send(caught(conn, work));
         });
         self.reader
             .send(job)
@@ -285,6 +278,15 @@ impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, Connection> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Runs `work` on `conn`, a panic turned into [`StoreError::Panicked`].
+fn caught<T, E: From<StoreError>>(
+    conn: &Connection,
+    work: impl FnOnce(&Connection) -> Result<T, E>,
+) -> Result<T, E> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| work(conn)))
+        .unwrap_or_else(|_| Err(E::from(StoreError::Panicked)))
 }
 
 /// Opens a connection to the database at `path`: WAL, the durability's `synchronous`, a

@@ -953,6 +953,37 @@ pub struct FakeHook {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+/// Serves `app` on `listener` (TLS when `tls` is given) through clawq's own listener, from
+/// a thread of its own, until the returned sender is used or dropped.
+pub fn serve_in_background(
+    listener: std::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    app: axum::Router,
+) -> tokio::sync::oneshot::Sender<()> {
+    listener.set_nonblocking(true).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let cancel = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = stopped.await;
+                cancel.cancel();
+            });
+            let limits = clawq::listener::HttpLimits::default();
+            clawq::listener::serve(listener, tls, limits, app, shutdown)
+                .await
+                .unwrap();
+        });
+    });
+    stop
+}
+
 impl FakeHook {
     /// Starts the hook on a free port.
     pub fn start() -> FakeHook {
@@ -988,52 +1019,32 @@ impl FakeHook {
             "{scheme}://{}/hooks/message",
             listener.local_addr().unwrap()
         );
-        listener.set_nonblocking(true).unwrap();
         let requests: Arc<Mutex<Vec<HookRequest>>> = Arc::default();
         let down: Arc<std::sync::atomic::AtomicBool> = Arc::default();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (recorded, is_down) = (requests.clone(), down.clone());
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let app = axum::Router::new().route(
-                    "/hooks/message",
-                    axum::routing::post(
-                        move |headers: HeaderMap, body: axum::body::Bytes| async move {
-                            if is_down.load(std::sync::atomic::Ordering::SeqCst) {
-                                return StatusCode::SERVICE_UNAVAILABLE;
-                            }
-                            let headers = headers
-                                .iter()
-                                .map(|(k, v)| {
-                                    (
-                                        k.as_str().to_owned(),
-                                        v.to_str().unwrap_or_default().to_owned(),
-                                    )
-                                })
-                                .collect();
-                            let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                            recorded.lock().unwrap().push(HookRequest { headers, body });
-                            StatusCode::OK
-                        },
-                    ),
-                );
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let shutdown = tokio_util::sync::CancellationToken::new();
-                let cancel = shutdown.clone();
-                tokio::spawn(async move {
-                    let _ = stopped.await;
-                    cancel.cancel();
-                });
-                let limits = clawq::listener::HttpLimits::default();
-                clawq::listener::serve(listener, tls, limits, app, shutdown)
-                    .await
-                    .unwrap();
-            });
-        });
+        let app = axum::Router::new().route(
+            "/hooks/message",
+            axum::routing::post(
+                move |headers: HeaderMap, body: axum::body::Bytes| async move {
+                    if is_down.load(std::sync::atomic::Ordering::SeqCst) {
+                        return StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    let headers = headers
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                k.as_str().to_owned(),
+                                v.to_str().unwrap_or_default().to_owned(),
+                            )
+                        })
+                        .collect();
+                    let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    recorded.lock().unwrap().push(HookRequest { headers, body });
+                    StatusCode::OK
+                },
+            ),
+        );
+        let stop = serve_in_background(listener, tls, app);
         FakeHook {
             url,
             requests,
