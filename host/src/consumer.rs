@@ -176,7 +176,8 @@ impl Consumer {
             Ok(outcomes) => self.settlements(handler, deliveries, outcomes),
             Err(failure) if !failure.is_guest_fault() => {
                 tracing::warn!(%failure,
-                    "batch not run: released without counting an attempt, tried again shortly");
+                    "batch not run, or its side effects not committed: released without counting an \
+                     attempt, tried again shortly");
                 let release = Settlement::Release {
                     delay_seconds: CAPACITY_BACKOFF_SECONDS,
                 };

@@ -124,6 +124,10 @@ type RunWrite = Box<dyn FnOnce(Result<&Connection, StoreError>) -> (bool, Finish
 /// Hands a job's result back once its group committed (`Ok`) or failed to.
 type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
+/// A write queued with [`Database::write_later`]: resolves once it is committed (or
+/// failed to be).
+pub type Pending<E> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), E>> + Send>>;
+
 /// A read job: runs on the reader thread.
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
@@ -201,12 +205,41 @@ impl Database {
         self.submit(true, work).await
     }
 
+    /// [`Database::write`] without waiting for it: `work` is queued at once (after every
+    /// write queued before it, so it commits no later than they do, and before every
+    /// write queued after it) and the returned future resolves once its group committed.
+    pub fn write_later<E>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<(), E> + Send + 'static,
+    ) -> Pending<E>
+    where
+        E: From<StoreError> + Send + 'static,
+    {
+        let queued = self.enqueue(false, work);
+        Box::pin(async move { queued?.await.unwrap_or(Err(E::from(StoreError::Closed))) })
+    }
+
     /// Hands `work` to the writer thread and waits for its group's commit.
     async fn submit<T, E>(
         &self,
         synced: bool,
         work: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
     ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let committed = self.enqueue(synced, work)?;
+        committed.await.unwrap_or(Err(E::from(StoreError::Closed)))
+    }
+
+    /// Hands `work` to the writer thread; the receiver gets its result once its group's
+    /// fate is known.
+    fn enqueue<T, E>(
+        &self,
+        synced: bool,
+        work: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    ) -> Result<oneshot::Receiver<Result<T, E>>, E>
     where
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
@@ -231,7 +264,7 @@ impl Database {
         self.writer
             .send(WriteJob { run, synced })
             .map_err(|_| E::from(StoreError::Closed))?;
-        rx.await.unwrap_or(Err(E::from(StoreError::Closed)))
+        Ok(rx)
     }
 
     /// Runs `work` on the reader thread, which sees every write that has returned.

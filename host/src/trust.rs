@@ -6,7 +6,7 @@ use std::time::Duration;
 use clawq_protocol::did::{DidError, validate_agent_did};
 use rusqlite::{OptionalExtension, params};
 
-use crate::store::{Database, StoreError};
+use crate::store::{Database, Pending, StoreError};
 
 use crate::clock::now_ms;
 
@@ -80,20 +80,25 @@ impl TrustStore {
     /// Marks `did` revoked from now on, refreshing an existing marker; returns once the
     /// marker is committed.
     pub async fn revoke(&self, did: &str) -> Result<(), TrustError> {
+        self.revoke_later(did)?.await
+    }
+
+    /// Queues the revocation of `did` (checked at once) without waiting for its commit:
+    /// the returned future resolves once it is committed. Every write queued afterwards
+    /// (the ack of the message that asked for it) commits no earlier.
+    pub fn revoke_later(&self, did: &str) -> Result<Pending<TrustError>, TrustError> {
         check_did(did)?;
         let did = did.to_owned();
         let now = now_ms();
         let expires = now + self.marker_ttl.as_millis() as u64;
-        self.db
-            .write(move |conn| {
-                conn.prepare_cached(
-                    "INSERT INTO revoked_agents (did, revoked_ms, expires_ms) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (did) DO UPDATE SET revoked_ms = ?2, expires_ms = ?3",
-                )?
-                .execute(params![did, now, expires])?;
-                Ok(())
-            })
-            .await
+        Ok(self.db.write_later(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO revoked_agents (did, revoked_ms, expires_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (did) DO UPDATE SET revoked_ms = ?2, expires_ms = ?3",
+            )?
+            .execute(params![did, now, expires])?;
+            Ok(())
+        }))
     }
 
     /// The revocation state of `did` now.

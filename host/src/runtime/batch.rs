@@ -18,6 +18,8 @@ use super::stderr::StderrCapture;
 use super::{Message, Outcome, cpu};
 use crate::bounds::BatchLog;
 use crate::crypto::sha256_hex;
+use crate::store::Pending;
+use crate::trust::TrustError;
 
 /// The sandbox of one handler: what a batch may use before it is stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +120,9 @@ pub struct BatchState {
     pub(super) calls: Option<CallLog>,
     /// The batch's share of its consumer's log rate.
     pub(super) log: BatchLog,
+    /// The batch's revocations not yet known to be committed: the batch's outcomes are
+    /// settled only once they are.
+    pub(super) pending: Vec<Pending<TrustError>>,
 }
 
 impl BatchState {
@@ -127,6 +132,7 @@ impl BatchState {
         let test: Arc<str> = "test".into();
         BatchState {
             log: caps.logs.batch(&test, &test, &test),
+            pending: Vec::new(),
             wasi: WasiCtxBuilder::new().build(),
             table: ResourceTable::new(),
             caps,
@@ -182,6 +188,19 @@ impl ResourceLimiter for MemoryCap {
     ) -> wasmtime::Result<bool> {
         Ok(desired <= 1 << 20)
     }
+}
+
+/// Waits for the revocations the batch of `store` queued to commit: its outcomes (the
+/// acks above all) are settled only once its side effects are as durable as they will be.
+/// A revocation that could not be committed fails the batch as the host's fault: its
+/// messages are released without counting an attempt.
+async fn committed(store: &mut Store<BatchState>) -> Result<(), BatchFailure> {
+    for pending in std::mem::take(&mut store.data_mut().pending) {
+        pending.await.map_err(|err| {
+            BatchFailure::Capacity(format!("the batch's revocations were not committed: {err}"))
+        })?;
+    }
+    Ok(())
 }
 
 impl LoadedHandler {
@@ -271,6 +290,7 @@ impl LoadedHandler {
             },
             calls,
             log,
+            pending: Vec::new(),
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| &mut state.memory);
@@ -304,7 +324,11 @@ impl LoadedHandler {
         let (mut store, stderr) = self.store(caps, calls);
         let call = self.pre.handle(&mut store, queue, messages);
         match tokio::time::timeout(self.limits.wall_timeout, call).await {
-            Ok(Ok(outcomes)) => outcomes.map_err(|error| BatchFailure::Error(bounded(&error))),
+            Ok(Ok(outcomes)) => {
+                let outcomes = outcomes.map_err(|error| BatchFailure::Error(bounded(&error)))?;
+                committed(&mut store).await?;
+                Ok(outcomes)
+            }
             Ok(Err(err)) => Err(self.classify(&store, &stderr, err)),
             Err(_) => Err(self.wall_clock_exceeded()),
         }

@@ -18,8 +18,9 @@ pub enum BatchFailure {
     /// was stopped.
     #[error("handler stopped: {0}")]
     Limit(String),
-    /// The host had no room to run the batch (its instance pool was exhausted): not the
-    /// handler's fault, so the batch is released without counting an attempt.
+    /// The host had no room to run the batch (its instance pool was exhausted), or could
+    /// not commit the batch's side effects: not the handler's fault, so the batch is
+    /// released without counting an attempt.
     #[error("host out of capacity: {0}")]
     Capacity(String),
 }

@@ -1,5 +1,8 @@
 //! The `trust-store` import: revoking agents (which also closes their connections) and
-//! asking whether one is revoked.
+//! asking whether one is revoked. A revocation is queued at once and committed with the
+//! batch's other writes, not one by one: the batch's outcomes are settled only once it is
+//! committed (a revocation that cannot be committed releases the batch, to be tried
+//! again), and `is-revoked` answers from what is committed.
 
 use wasmtime::component::HasData;
 
@@ -8,7 +11,8 @@ use crate::relay::hub::ConnectionHub;
 use crate::runtime::HostError;
 use crate::runtime::bindings::clawdentity::queues::trust_store;
 use crate::runtime::record::{CallLog, recorded};
-use crate::trust::TrustStore;
+use crate::store::Pending;
+use crate::trust::{TrustError, TrustStore};
 
 /// What the `trust-store` import reaches of a batch: the trust store, the connections a
 /// revocation closes, and the batch's call log.
@@ -16,6 +20,8 @@ pub(in crate::runtime) struct TrustStoreView<'a> {
     trust: &'a TrustStore,
     hub: &'a ConnectionHub,
     calls: Option<&'a CallLog>,
+    /// The batch's revocations not yet known to be committed.
+    pending: &'a mut Vec<Pending<TrustError>>,
 }
 
 /// The `trust-store` import's view of a batch's state, for the linker.
@@ -32,6 +38,7 @@ impl HasTrustStore {
             trust: &state.caps.trust,
             hub: &state.caps.hub,
             calls: state.calls.as_ref(),
+            pending: &mut state.pending,
         }
     }
 }
@@ -45,7 +52,9 @@ impl trust_store::Host for TrustStoreView<'_> {
             args,
             |_| "ok".into(),
             async {
-                self.trust.revoke(&did).await.map_err(guest_error)?;
+                // Committed with the batch (before its outcomes are), not one by one.
+                let committed = self.trust.revoke_later(&did).map_err(guest_error)?;
+                self.pending.push(committed);
                 if self.hub.close(&did, 1008, "agent_revoked") {
                     tracing::info!(agent = %did, "revoked agent's connection closed");
                 }
