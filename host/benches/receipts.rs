@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 const RECEIPTS: &str = "clawdentity-receipts";
 const RECIPIENT: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
+/// The host's admin token, which publishing takes.
+const ADMIN_TOKEN: &str = "bench-admin-token-bench-admin-token";
 
 fn agent(i: usize) -> String {
     format!(
@@ -43,9 +45,9 @@ async fn start_host(
         .local_addr()
         .unwrap()
         .port();
-    let mut config = Config::parse(
-        "[[queues.consumers]]\nqueue = \"clawdentity-receipts\"\nmax_batch_size = 100\nmax_batch_timeout = 0.001\nmax_concurrency = 2\n",
-    )
+    let mut config = Config::parse(&format!(
+        "admin_token = \"{ADMIN_TOKEN}\"\n[[queues.consumers]]\nqueue = \"clawdentity-receipts\"\nmax_batch_size = 100\nmax_batch_timeout = 0.001\nmax_concurrency = 2\n",
+    ))
     .unwrap();
     config.listen = format!("127.0.0.1:{port}").parse().unwrap();
     config.data_dir = dir.to_owned();
@@ -121,6 +123,7 @@ async fn latency_at_steady_rate(base: &str, token: &str) {
             let id = format!("lat-{n}");
             sent.lock().await.insert(id.clone(), Instant::now());
             http.post(url)
+                .bearer_auth(ADMIN_TOKEN)
                 .json(&json!({"body": receipt(&id, &agent(0))}))
                 .send()
                 .await
@@ -165,6 +168,7 @@ async fn throughput_to_many_agents(base: &str, tokens: &[String]) {
                         .collect();
                     let response = http
                         .post(&url)
+                        .bearer_auth(ADMIN_TOKEN)
                         .json(&json!({"messages": messages}))
                         .send()
                         .await
