@@ -6,10 +6,11 @@
 //! has committed, in the order of its turns, and the connection task sends them in that
 //! order: pushing only appends to the connection's backlog, so it never blocks the
 //! actor, and a session's frames go out in the order the session recorded them. The
-//! backlog is bounded ([`MAX_BACKLOG_BYTES`]): a connection that falls that far behind
-//! is closed (1013 `backlog_full`), and its session pushes everything unacked again on
-//! the next connect. With the frames comes the session's next retry time, which the
-//! connection task waits for before asking the session for the frames due.
+//! backlog is bounded ([`MAX_BACKLOG_BYTES`]): a connection that far behind takes no
+//! more frames until it catches up (its send timeout drops it if it never does); the
+//! frames it did not take stay in the session and are pushed again when their retry is
+//! due or on the next connect. With the frames comes the session's next retry time,
+//! which the connection task waits for before asking the session for the frames due.
 //!
 //! A connection is *live* once its session has pushed it every unacked frame (its
 //! connect push): before that, a session pushes a new frame to nobody, since the
@@ -21,12 +22,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-/// Most bytes of frames waiting to be sent on one connection; past it the connection is
-/// closed with [`BACKLOG_FULL`].
+/// Most bytes of frames waiting to be sent on one connection; a push past it is not
+/// taken.
 pub const MAX_BACKLOG_BYTES: usize = 64 << 20;
-
-/// Close code and reason of a connection whose backlog passed [`MAX_BACKLOG_BYTES`].
-pub const BACKLOG_FULL: (u16, &str) = (1013, "backlog_full");
 
 /// What the hub asks a connection task to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,8 +187,8 @@ impl ConnectionHub {
     /// Appends `frames` to the backlog of the connection of `did` and makes its retry
     /// time `next_at_ms` if that is earlier; returns how many connections took them (0
     /// or 1). With `connect` (the connect push) the connection takes them and becomes
-    /// live; without, only a live connection takes them. A backlog past
-    /// [`MAX_BACKLOG_BYTES`] closes the connection instead.
+    /// live; without, only a live connection takes them. Frames that would take the
+    /// backlog past [`MAX_BACKLOG_BYTES`] are not taken (the retry time still is).
     pub fn push(
         &self,
         did: &str,
@@ -207,13 +205,13 @@ impl ConnectionHub {
                 return false;
             }
             p.live = true;
-            p.bytes += frames.iter().map(String::len).sum::<usize>();
-            if p.bytes > MAX_BACKLOG_BYTES {
-                p.close = Some(BACKLOG_FULL);
+            p.retry_at_ms = earliest(p.retry_at_ms, next_at_ms);
+            let bytes = p.bytes + frames.iter().map(String::len).sum::<usize>();
+            if bytes > MAX_BACKLOG_BYTES {
                 return false;
             }
+            p.bytes = bytes;
             p.frames.extend(frames);
-            p.retry_at_ms = earliest(p.retry_at_ms, next_at_ms);
             true
         });
         u32::from(taken)
@@ -296,16 +294,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_backlog_past_its_limit_closes_the_connection() {
+    async fn a_backlog_past_its_limit_takes_no_more_frames_until_it_is_sent() {
         let hub = ConnectionHub::default();
         let (_, outgoing) = hub.register(A);
         let big = "f".repeat(MAX_BACKLOG_BYTES / 2 + 1);
         assert_eq!(hub.push(A, vec![big.clone()], None, true), 1);
-        assert_eq!(hub.push(A, vec![big], None, false), 0);
-        assert_eq!(
-            ready(&outgoing).await,
-            Outbound::Close(BACKLOG_FULL.0, BACKLOG_FULL.1)
-        );
+        assert_eq!(hub.push(A, vec![big.clone()], Some(5), false), 0);
+        assert_eq!(outgoing.retry_at_ms(), Some(5), "retried later");
+        assert_eq!(ready(&outgoing).await, Outbound::Frames(vec![big.clone()]));
+        assert_eq!(hub.push(A, vec![big], None, false), 1, "room again");
     }
 
     #[tokio::test]
