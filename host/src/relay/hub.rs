@@ -187,8 +187,9 @@ impl ConnectionHub {
     /// Appends `frames` to the backlog of the connection of `did` and makes its retry
     /// time `next_at_ms` if that is earlier; returns how many connections took them (0
     /// or 1). With `connect` (the connect push) the connection takes them and becomes
-    /// live; without, only a live connection takes them. Frames that would take the
-    /// backlog past [`MAX_BACKLOG_BYTES`] are not taken (the retry time still is).
+    /// live; without, only a live connection takes them. Frames that would take a
+    /// backlog that is not empty past [`MAX_BACKLOG_BYTES`] are not taken (the retry
+    /// time still is).
     pub fn push(
         &self,
         did: &str,
@@ -207,7 +208,8 @@ impl ConnectionHub {
             p.live = true;
             p.retry_at_ms = earliest(p.retry_at_ms, next_at_ms);
             let bytes = p.bytes + frames.iter().map(String::len).sum::<usize>();
-            if bytes > MAX_BACKLOG_BYTES {
+            // An empty backlog takes any push: a connect push is as large as its session.
+            if bytes > MAX_BACKLOG_BYTES && !p.frames.is_empty() {
                 return false;
             }
             p.bytes = bytes;
@@ -298,7 +300,10 @@ mod tests {
         let hub = ConnectionHub::default();
         let (_, outgoing) = hub.register(A);
         let big = "f".repeat(MAX_BACKLOG_BYTES / 2 + 1);
-        assert_eq!(hub.push(A, vec![big.clone()], None, true), 1);
+        let empty = hub.push(A, vec![big.clone(), big.clone(), big.clone()], None, true);
+        assert_eq!(empty, 1, "an empty backlog takes any push");
+        assert!(matches!(ready(&outgoing).await, Outbound::Frames(f) if f.len() == 3));
+        assert_eq!(hub.push(A, vec![big.clone()], None, false), 1);
         assert_eq!(hub.push(A, vec![big.clone()], Some(5), false), 0);
         assert_eq!(outgoing.retry_at_ms(), Some(5), "retried later");
         assert_eq!(ready(&outgoing).await, Outbound::Frames(vec![big.clone()]));
