@@ -10,7 +10,9 @@
 //! frame of the agent's relay session (receipts and deliveries) is pushed, new ones follow
 //! as they come, unacked ones are pushed again when their retry is due (a timer to the
 //! session's next due time), heartbeats go both ways, and `receipt_ack` / `deliver_ack`
-//! settle a frame.
+//! settle a frame. The frames come from the session's actor through the hub, in the
+//! order the session recorded them; an ack is put in the actor's mailbox and settled
+//! off the connection task, which goes on sending meanwhile.
 //!
 //! Every send has a timeout ([`Backpressure::send_timeout`], never more than the
 //! heartbeat timeout) and gives way to a close the hub asks for, so a connector that
@@ -94,9 +96,13 @@ pub fn router(state: RelayState) -> Router {
 /// unacked since start, receipts and deliveries waiting for an ack.
 async fn relay_status(State(state): State<RelayState>) -> Response {
     let sessions = &state.sessions;
-    let pending = sessions
-        .pending(Kind::Receipt)
-        .and_then(|receipts| Ok((receipts, sessions.pending(Kind::Deliver)?)));
+    let pending = match sessions.pending(Kind::Receipt).await {
+        Ok(receipts) => sessions
+            .pending(Kind::Deliver)
+            .await
+            .map(|deliveries| (receipts, deliveries)),
+        Err(err) => Err(err),
+    };
     match pending {
         Ok((receipts_pending, deliveries_pending)) => axum::Json(json!({
             "connections": state.hub.len(),
@@ -135,6 +141,7 @@ async fn connect(
     };
     match upgrade {
         Ok(upgrade) => upgrade
+            .read_buffer_size(READ_BUFFER_BYTES)
             .max_message_size(2 * MAX_FRAME_BYTES)
             .max_frame_size(2 * MAX_FRAME_BYTES)
             .on_upgrade(move |socket| serve_connection(socket, did, token, state))
@@ -142,6 +149,12 @@ async fn connect(
         Err(rejection) => rejection.into_response(),
     }
 }
+
+/// How much a connection reads from its socket at a time. A connector sends small
+/// frames (acks, heartbeats), and every read zeroes this much first: the default of
+/// 128 KiB made the zeroing the largest cost of a connection. A larger message still
+/// arrives whole, over several reads.
+const READ_BUFFER_BYTES: usize = 8 * 1024;
 
 fn close_frame(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
@@ -204,35 +217,28 @@ impl Link<'_> {
     }
 }
 
-/// Sends what the session of `did` holds for the connection (`ask`); returns when to
-/// ask again (`None`: nothing is waiting), or how the connection ends when a send did
-/// not go through. A session that cannot be read is asked again after the first retry
+/// Asks the session of `did` to push what the connection must send for `ask`; true
+/// if it did. A session that cannot be reached is asked again after the first retry
 /// delay.
-async fn push_from_session(
-    sessions: &RelaySessions,
-    did: &str,
-    ask: Ask,
-    link: &mut Link<'_>,
-) -> Result<Option<Instant>, End> {
-    let push = match sessions.to_push(did, ask).await {
-        Ok(push) => push,
+async fn ask_session(sessions: &RelaySessions, did: &str, ask: Ask, outgoing: &Outgoing) -> bool {
+    match sessions.push(did, ask).await {
+        Ok(_) => true,
         Err(err) => {
             tracing::error!(agent = %did, error = %err, "reading the relay session failed");
-            return Ok(Some(Instant::now() + sessions.limits().retry.initial));
+            let delay = sessions.limits().retry.initial.as_millis() as u64;
+            outgoing.retry_by(crate::clock::now_ms() + delay);
+            false
         }
-    };
-    for frame in push.frames {
-        link.send(Message::Text(frame.into())).await?;
     }
-    Ok(push.next_at_ms.map(|at| {
-        Instant::now() + Duration::from_millis(at.saturating_sub(crate::clock::now_ms()))
-    }))
 }
 
-/// Sleeps until `at`, or forever when `None`.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+/// Sleeps until `at_ms` (ms since the Unix epoch), or forever when `None`.
+async fn sleep_until(at_ms: Option<u64>) {
+    match at_ms {
+        Some(at) => {
+            let wait = Duration::from_millis(at.saturating_sub(crate::clock::now_ms()));
+            tokio::time::sleep(wait).await
+        }
         None => std::future::pending().await,
     }
 }
@@ -274,8 +280,9 @@ async fn serve_connection(socket: WebSocket, did: String, token: String, state: 
     tracing::info!(agent = %did, why, "connector disconnected");
 }
 
-/// Pushes what the session of `did` holds when the hub wakes the connection,
-/// heartbeats, and handles what the connector sends, until the connection ends.
+/// Sends what the session of `did` pushes (every unacked frame first, then new frames
+/// as they are recorded and unacked ones when their retry is due), heartbeats, and
+/// handles what the connector sends, until the connection ends.
 async fn converse(
     did: &str,
     state: &RelayState,
@@ -284,10 +291,8 @@ async fn converse(
 ) -> End {
     let sessions = &*state.sessions;
     let outgoing = link.outgoing;
-    let mut retry_at = match push_from_session(sessions, did, Ask::Connected, link).await {
-        Ok(at) => at,
-        Err(end) => return end,
-    };
+    // Until the connect push went through, every ask is a connect push.
+    let mut connected = ask_session(sessions, did, Ask::Connected, outgoing).await;
     let mut heartbeat = tokio::time::interval_at(
         Instant::now() + state.heartbeat.interval,
         state.heartbeat.interval,
@@ -300,14 +305,15 @@ async fn converse(
                 receive(did, sessions, link, incoming).await
             }
             out = outgoing.next() => match out {
-                Outbound::Wake => push_from_session(sessions, did, Ask::Due, link)
-                    .await
-                    .map(|at| retry_at = at),
+                Outbound::Frames(frames) => send_all(link, frames).await,
                 Outbound::Close(code, reason) => Err(End::Close(code, reason)),
             },
-            _ = sleep_until(retry_at) => push_from_session(sessions, did, Ask::Due, link)
-                .await
-                .map(|at| retry_at = at),
+            _ = sleep_until(outgoing.retry_at_ms()) => {
+                outgoing.retry_came();
+                let ask = if connected { Ask::Due } else { Ask::Connected };
+                connected |= ask_session(sessions, did, ask, outgoing).await;
+                Ok(())
+            }
             _ = heartbeat.tick() => {
                 let beat = Frame::new(FrameBody::Heartbeat);
                 link.send(Message::Text(beat.to_json().into())).await
@@ -320,6 +326,15 @@ async fn converse(
             return end;
         }
     }
+}
+
+/// Sends `frames` in order; `Err` says how the connection ends when one did not go
+/// through.
+async fn send_all(link: &mut Link<'_>, frames: Vec<String>) -> Result<(), End> {
+    for frame in frames {
+        link.send(Message::Text(frame.into())).await?;
+    }
+    Ok(())
 }
 
 /// Handles what the connector sent (`incoming`); `Err` says how the connection ends.
@@ -363,30 +378,42 @@ async fn receive(
             link.send(Message::Text(ack.to_json().into())).await?;
         }
         FrameBody::ReceiptAck { ack_id } => {
-            let acked = sessions.ack(did, Kind::Receipt, &ack_id).await;
-            settled(did, "receipt_ack", &ack_id, acked);
+            let acked = sessions.ack(did, Kind::Receipt, &ack_id);
+            settle_in_background(did, "receipt_ack", ack_id, acked);
         }
         FrameBody::DeliverAck {
             ack_id,
             accepted: true,
             ..
         } => {
-            let acked = sessions.ack(did, Kind::Deliver, &ack_id).await;
-            settled(did, "deliver_ack", &ack_id, acked);
+            let acked = sessions.ack(did, Kind::Deliver, &ack_id);
+            settle_in_background(did, "deliver_ack", ack_id, acked);
         }
         FrameBody::DeliverAck {
             ack_id,
             accepted: false,
             reason,
         } => {
-            let rejected = sessions
-                .reject(did, Kind::Deliver, &ack_id, reason.as_deref())
-                .await;
-            settled(did, "deliver_ack", &ack_id, rejected);
+            let rejected = sessions.reject(did, Kind::Deliver, &ack_id, reason.as_deref());
+            settle_in_background(did, "deliver_ack", ack_id, rejected);
         }
         FrameBody::HeartbeatAck { .. } | FrameBody::Receipt { .. } | FrameBody::Deliver(_) => {}
     }
     Ok(())
+}
+
+/// Waits for `settling` (an ack already in the session's mailbox) off the connection
+/// task, which goes on sending meanwhile, then logs it (see [`settled`]).
+fn settle_in_background(
+    did: &str,
+    frame_type: &'static str,
+    ack_id: String,
+    settling: impl std::future::Future<Output = Result<bool, super::sessions::SessionError>>
+    + Send
+    + 'static,
+) {
+    let did = did.to_owned();
+    tokio::spawn(async move { settled(&did, frame_type, &ack_id, settling.await) });
 }
 
 /// Logs what settling the frame `ack_id` (with a `frame_type` ack) did, when it did
@@ -425,8 +452,8 @@ mod tests {
 
     /// The endpoint on a loopback port, with agent `A` registered, sessions within
     /// `limits` and connections within `heartbeat` and `backpressure`; returns the
-    /// sessions, the hub, a connected client of `A` and the temporary directory of the
-    /// stores.
+    /// sessions, the hub, a client of `A` whose connection is live and the temporary
+    /// directory of the stores.
     async fn connected(
         limits: SessionLimits,
         heartbeat: Heartbeat,
@@ -468,6 +495,12 @@ mod tests {
         request.headers_mut().insert("authorization", bearer);
         let (client, _) = tokio_tungstenite::connect_async(request).await.unwrap();
         let (sink, stream) = client.split();
+        // Live once its connect push went through: new frames are pushed from then on.
+        let deadline = Instant::now() + DEADLINE;
+        while !hub.is_live(A) {
+            assert!(Instant::now() < deadline, "not live within {DEADLINE:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         (sessions, hub, sink, stream, dir)
     }
 
@@ -569,7 +602,7 @@ mod tests {
         );
 
         assert_eq!(sessions.dropped(Kind::Deliver, DropReason::Rejected), 1);
-        let left = sessions.to_push(A, Ask::Connected).await.unwrap();
+        let left = sessions.push(A, Ask::Connected).await.unwrap();
         assert!(left.frames.is_empty(), "both settled: {left:?}");
         assert_eq!(left.next_at_ms, None);
     }

@@ -1,10 +1,20 @@
 //! The open connector WebSockets, one per agent: a new connection of an agent supersedes
 //! the old one (spec section 7).
 //!
-//! The hub never carries a frame. What an agent must be told (receipts and deliveries)
-//! is kept by its relay session, and the hub only wakes the agent's connection task to
-//! read it from there (or asks the task to close): a wake only sets a flag, so handing
-//! never blocks the caller (a session recording a receipt) and takes no room.
+//! The hub is the hand-off between an agent's relay session and its connection task. A
+//! session's actor hands the frames of its turn to [`ConnectionHub::push`] once the turn
+//! has committed, in the order of its turns, and the connection task sends them in that
+//! order: pushing only appends to the connection's backlog, so it never blocks the
+//! actor, and a session's frames go out in the order the session recorded them. The
+//! backlog is bounded ([`MAX_BACKLOG_BYTES`]): a connection that far behind takes no
+//! more frames until it catches up (its send timeout drops it if it never does); the
+//! frames it did not take stay in the session and are pushed again when their retry is
+//! due or on the next connect. With the frames comes the session's next retry time,
+//! which the connection task waits for before asking the session for the frames due.
+//!
+//! A connection is *live* once its session has pushed it every unacked frame (its
+//! connect push): before that, a session pushes a new frame to nobody, since the
+//! connect push will carry it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,11 +22,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
+/// Most bytes of frames waiting to be sent on one connection; a push past it is not
+/// taken.
+pub const MAX_BACKLOG_BYTES: usize = 64 << 20;
+
 /// What the hub asks a connection task to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
-    /// Ask the agent's relay session for the frames due now and send them.
-    Wake,
+    /// Send these frames, in this order.
+    Frames(Vec<String>),
     /// Close with this code and reason.
     Close(u16, &'static str),
 }
@@ -27,11 +41,14 @@ pub const SUPERSEDED: (u16, &str) = (1000, "superseded_by_new_connection");
 /// What waits for a connection task.
 #[derive(Default)]
 struct Pending {
-    wake: bool,
+    frames: Vec<String>,
+    bytes: usize,
+    live: bool,
+    retry_at_ms: Option<u64>,
     close: Option<(u16, &'static str)>,
 }
 
-/// What the hub has asked of a connection's task (a wake, a close), shared by the hub
+/// What the hub has asked of a connection's task (frames, a close), shared by the hub
 /// and the task.
 #[derive(Default)]
 struct Signals {
@@ -45,9 +62,10 @@ impl Signals {
     }
 
     /// Changes what waits with `change` and tells the connection task.
-    fn update(&self, change: impl FnOnce(&mut Pending)) {
-        change(&mut self.lock());
+    fn update<T>(&self, change: impl FnOnce(&mut Pending) -> T) -> T {
+        let changed = change(&mut self.lock());
         self.changed.notify_one();
+        changed
     }
 
     /// Asks the connection task to close with `code` and `reason`; the first ask wins.
@@ -58,13 +76,22 @@ impl Signals {
     }
 }
 
+/// The earlier of two optional times; `None` is never.
+fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The receiving end of a connection's signals, held by its task.
 pub struct Outgoing {
     signals: Arc<Signals>,
 }
 
 impl Outgoing {
-    /// Waits for the next thing to do: a close first, then a wake. Cancel safe: nothing is taken unless it is returned.
+    /// Waits for the next thing to do: a close first, then the frames waiting. Cancel
+    /// safe: nothing is taken unless it is returned.
     pub async fn next(&self) -> Outbound {
         loop {
             {
@@ -72,8 +99,9 @@ impl Outgoing {
                 if let Some((code, reason)) = pending.close {
                     return Outbound::Close(code, reason);
                 }
-                if std::mem::take(&mut pending.wake) {
-                    return Outbound::Wake;
+                if !pending.frames.is_empty() {
+                    pending.bytes = 0;
+                    return Outbound::Frames(std::mem::take(&mut pending.frames));
                 }
             }
             self.signals.changed.notified().await;
@@ -88,6 +116,22 @@ impl Outgoing {
             }
             self.signals.changed.notified().await;
         }
+    }
+
+    /// When to ask the session for the frames due (ms since the Unix epoch), if ever.
+    pub fn retry_at_ms(&self) -> Option<u64> {
+        self.signals.lock().retry_at_ms
+    }
+
+    /// Forgets the retry time (it came): the session's answer sets the next one.
+    pub fn retry_came(&self) {
+        self.signals.lock().retry_at_ms = None;
+    }
+
+    /// Asks the session again at `at_ms` at the latest.
+    pub fn retry_by(&self, at_ms: u64) {
+        self.signals
+            .update(|p| p.retry_at_ms = earliest(p.retry_at_ms, Some(at_ms)));
     }
 }
 
@@ -135,13 +179,44 @@ impl ConnectionHub {
         crate::metrics::connection_closed(reason);
     }
 
-    /// Wakes the open connection of `did` to push what its session holds; returns how
-    /// many were woken (0 or 1). Wakes not yet handled count once.
-    pub fn wake(&self, did: &str) -> u32 {
-        self.lock().get(did).map_or(0, |c| {
-            c.signals.update(|p| p.wake = true);
-            1
-        })
+    /// Whether `did` has a live connection: one its session made its connect push to.
+    pub fn is_live(&self, did: &str) -> bool {
+        self.lock().get(did).is_some_and(|c| c.signals.lock().live)
+    }
+
+    /// Appends `frames` to the backlog of the connection of `did` and makes its retry
+    /// time `next_at_ms` if that is earlier; returns how many connections took them (0
+    /// or 1). With `connect` (the connect push) the connection takes them and becomes
+    /// live; without, only a live connection takes them. Frames that would take a
+    /// backlog that is not empty past [`MAX_BACKLOG_BYTES`] are not taken (the retry
+    /// time still is).
+    pub fn push(
+        &self,
+        did: &str,
+        frames: Vec<String>,
+        next_at_ms: Option<u64>,
+        connect: bool,
+    ) -> u32 {
+        let connections = self.lock();
+        let Some(connection) = connections.get(did) else {
+            return 0;
+        };
+        let taken = connection.signals.update(|p| {
+            if !(connect || p.live) || p.close.is_some() {
+                return false;
+            }
+            p.live = true;
+            p.retry_at_ms = earliest(p.retry_at_ms, next_at_ms);
+            let bytes = p.bytes + frames.iter().map(String::len).sum::<usize>();
+            // An empty backlog takes any push: a connect push is as large as its session.
+            if bytes > MAX_BACKLOG_BYTES && !p.frames.is_empty() {
+                return false;
+            }
+            p.bytes = bytes;
+            p.frames.extend(frames);
+            true
+        });
+        u32::from(taken)
     }
 
     /// Closes the open connection of `did`, if any.
@@ -189,16 +264,50 @@ mod tests {
             .is_err()
     }
 
+    fn frames(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
     #[tokio::test]
-    async fn wakes_count_once() {
+    async fn frames_go_to_a_live_connection_in_push_order_with_the_earliest_retry() {
+        let hub = ConnectionHub::default();
+        assert_eq!(hub.push(A, frames(&["x"]), None, true), 0, "no connection");
+        let (_, outgoing) = hub.register(A);
+        assert!(!hub.is_live(A));
+        assert_eq!(
+            hub.push(A, frames(&["new"]), Some(50), false),
+            0,
+            "not live before its connect push"
+        );
+        assert!(idle(&outgoing).await, "nothing to do yet");
+        assert_eq!(hub.push(A, frames(&["a", "b"]), Some(100), true), 1);
+        assert!(hub.is_live(A));
+        assert_eq!(hub.push(A, frames(&["c"]), Some(40), false), 1);
+        assert_eq!(hub.push(A, frames(&["d"]), Some(70), false), 1);
+        assert_eq!(
+            ready(&outgoing).await,
+            Outbound::Frames(frames(&["a", "b", "c", "d"]))
+        );
+        assert_eq!(outgoing.retry_at_ms(), Some(40), "the earliest");
+        outgoing.retry_came();
+        outgoing.retry_by(90);
+        assert_eq!(outgoing.retry_at_ms(), Some(90));
+        assert!(idle(&outgoing).await, "every frame taken once");
+    }
+
+    #[tokio::test]
+    async fn a_backlog_past_its_limit_takes_no_more_frames_until_it_is_sent() {
         let hub = ConnectionHub::default();
         let (_, outgoing) = hub.register(A);
-        assert!(idle(&outgoing).await, "nothing to do yet");
-        for _ in 0..1000 {
-            assert_eq!(hub.wake(A), 1);
-        }
-        assert_eq!(ready(&outgoing).await, Outbound::Wake);
-        assert!(idle(&outgoing).await, "a thousand wakes, one push");
+        let big = "f".repeat(MAX_BACKLOG_BYTES / 2 + 1);
+        let empty = hub.push(A, vec![big.clone(), big.clone(), big.clone()], None, true);
+        assert_eq!(empty, 1, "an empty backlog takes any push");
+        assert!(matches!(ready(&outgoing).await, Outbound::Frames(f) if f.len() == 3));
+        assert_eq!(hub.push(A, vec![big.clone()], None, false), 1);
+        assert_eq!(hub.push(A, vec![big.clone()], Some(5), false), 0);
+        assert_eq!(outgoing.retry_at_ms(), Some(5), "retried later");
+        assert_eq!(ready(&outgoing).await, Outbound::Frames(vec![big.clone()]));
+        assert_eq!(hub.push(A, vec![big], None, false), 1, "room again");
     }
 
     #[tokio::test]
@@ -213,17 +322,17 @@ mod tests {
         drop(old);
         hub.disconnect(A, old_id, SUPERSEDED.1);
         assert_eq!(hub.len(), 1, "the new connection stays");
-        assert_eq!(hub.wake(A), 1);
-        assert_eq!(ready(&new).await, Outbound::Wake);
+        assert_eq!(hub.push(A, frames(&["a"]), None, true), 1);
+        assert_eq!(ready(&new).await, Outbound::Frames(frames(&["a"])));
     }
 
     #[tokio::test]
     async fn closed_waits_for_a_close() {
         let hub = Arc::new(ConnectionHub::default());
         let (_, outgoing) = hub.register(A);
-        assert_eq!(hub.wake(A), 1);
+        assert_eq!(hub.push(A, frames(&["a"]), None, true), 1);
         let waiting = tokio::time::timeout(Duration::from_millis(20), outgoing.closed());
-        assert!(waiting.await.is_err(), "a wake is no close");
+        assert!(waiting.await.is_err(), "frames are no close");
         let closer = hub.clone();
         tokio::spawn(async move { closer.close(A, 1008, "agent_revoked") });
         let closed = tokio::time::timeout(Duration::from_secs(5), outgoing.closed());

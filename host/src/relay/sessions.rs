@@ -12,35 +12,71 @@
 //! - a delivery's key is its dedup key; a repeated key while the row exists (acked or
 //!   not) is [`Delivery::Unchanged`].
 //!
-//! Then the same rules apply to every row: a new row wakes the agent's connection
-//! ([`ConnectionHub::wake`]), which asks [`RelaySessions::to_push`] for what to send:
-//! every unacked row on connect, then the rows whose retry is due while it stays
-//! connected ([`Retry`]: 1 s doubling to 30 s, jitter 0.2, at most 25 pushes). An ack
-//! marks a row done for good (the row stays until its TTL, for dedup). A row is dropped
-//! when the agent holds more than [`SessionLimits::max_per_agent`] of its kind (oldest
-//! first), when it expires unacked, when it was pushed [`Retry::max_attempts`] times
-//! without an ack, or when the connector refuses it (`deliver_ack` with `accepted:
-//! false`); every drop is logged (warn, with agent, kind, key and reason) and counted
-//! ([`RelaySessions::dropped`], `clawq_relay_frames_dropped_total{kind, reason}`).
+//! Then the same rules apply to every row: a new row is pushed to the agent's connection
+//! at once if it is connected; every unacked row is pushed when it connects
+//! ([`Ask::Connected`]); and the rows whose retry is due are pushed again while it stays
+//! connected ([`Ask::Due`], [`Retry`]: 1 s doubling to 30 s, jitter 0.2, at most 25
+//! pushes). An ack marks a row done for good (the row stays until its TTL, for dedup). A
+//! row is dropped when the agent holds more than [`SessionLimits::max_per_agent`] of its
+//! kind (oldest first), when it expires unacked, when it was pushed
+//! [`Retry::max_attempts`] times without an ack, or when the connector refuses it
+//! (`deliver_ack` with `accepted: false`); every drop is logged (warn, with agent, kind,
+//! key and reason) and counted ([`RelaySessions::dropped`],
+//! `clawq_relay_frames_dropped_total{kind, reason}`).
 //!
-//! An actor exists in memory only while a call for it runs: calls for one agent run one
-//! at a time, and an idle actor is dropped, so 10,000 agents cost nothing resident. Each
-//! call is one transaction, which starts by dropping the agent's expired rows; a periodic
-//! sweep ([`RelaySessions::sweep_every`]) does it for the agents nobody calls.
+//! # The session model: a real actor per agent
+//!
+//! Each session is an actor: a mailbox and a tokio task that takes its calls (record a
+//! receipt or a delivery, push on connect or when a retry is due, settle an ack, sweep)
+//! one turn at a time. A turn takes every call waiting in the mailbox (at most
+//! [`MAX_CALLS_PER_TURN`]), runs them in order as one [`Database::write`] job on the
+//! database's writer thread, each call in a savepoint of its own, and once that write
+//! has committed hands the frames of the turn to the agent's connection
+//! ([`ConnectionHub::push`]), then answers the callers. So:
+//!
+//! - **Frames are ordered.** Pushes are made inside the turns and turns are serial, so
+//!   a session's frames reach its connection in the order the session recorded them,
+//!   whichever batches called concurrently; the connection task only sends its backlog
+//!   in order. (A retry of an unacked frame comes after the frames pushed since, as it
+//!   must.) Having the connection read the session instead would add a second round
+//!   trip to the writer per frame; locking around a shared connection, as before, left
+//!   the push outside the lock and ran SQLite on the async threads.
+//! - **A row is committed before its frame is pushed and before the call returns**: a
+//!   handler's `relay-sessions` call returns after the commit, so the ack of its message
+//!   commits after the row (ordered durability, see [`crate::store`]). No SQLite runs on
+//!   the async threads.
+//! - **Nothing is half done.** A call whose statements fail is rolled back to its
+//!   savepoint, pushes nothing and answers [`SessionError::Unavailable`] (the handler's
+//!   message is retried); the other calls of the turn are unaffected. A failed commit
+//!   fails every call of the turn, and pushes nothing.
+//! - **One writer round trip per turn, not per call**: under load a busy agent's calls
+//!   (records, acks) share a turn, so an actor keeps up with its agent's rate.
+//! - **Idle actors unload.** An actor whose mailbox is empty after a turn removes itself
+//!   (under the lock callers send under, so no call is lost) before it answers; its
+//!   state is all in SQLite, so 10,000 idle agents cost nothing resident. A periodic
+//!   sweep ([`RelaySessions::sweep_every`]) gives a turn to the agents that hold expired
+//!   rows, since every turn starts by dropping its agent's expired rows.
+//! - **Connections**: a connection becomes live with its connect push; a row recorded
+//!   before that is carried by the connect push, after it by the push of its own turn.
+//!   Retries are timed by the connection (the session tells it its next due time with
+//!   every push), so an actor holds no timer and can unload. A revocation closes the
+//!   connection through the hub; the rows stay in the session.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use clawq_protocol::did::validate_agent_did;
 use clawq_protocol::receipt::check_receipt;
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
 
 use super::hub::ConnectionHub;
 use crate::clock::now_ms;
 use crate::frame::{Deliver, Frame, FrameBody, MAX_FRAME_BYTES, ReceiptStatus};
-use crate::store::Database;
+use crate::store::{Database, StoreError};
 
 /// Largest dedup key and optional string field of a delivery, in bytes.
 pub const MAX_DELIVERY_FIELD_BYTES: usize = 1024;
@@ -87,9 +123,9 @@ pub struct DeliveryIn {
 /// What a session did with a receipt or a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
-    /// Recorded, and the agent's connection (this many: 0 or 1) was woken to push it.
+    /// Recorded, and pushed to the agent's live connection (this many: 0 or 1).
     Pushed(u32),
-    /// Recorded for the next connect.
+    /// Recorded for the next connect (or for the connect push under way).
     Stored,
     /// Already held (same receipt status and reason, or same delivery dedup key):
     /// nothing done.
@@ -99,7 +135,7 @@ pub enum Delivery {
 }
 
 /// Why a session refused a call.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SessionError {
     /// The receipt or delivery is malformed; it will be refused again.
     #[error("invalid {0}")]
@@ -111,6 +147,12 @@ pub enum SessionError {
 
 impl From<rusqlite::Error> for SessionError {
     fn from(err: rusqlite::Error) -> Self {
+        SessionError::Unavailable(err.to_string())
+    }
+}
+
+impl From<StoreError> for SessionError {
+    fn from(err: StoreError) -> Self {
         SessionError::Unavailable(err.to_string())
     }
 }
@@ -229,13 +271,13 @@ impl Default for SessionLimits {
 /// What a connection asks its session for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ask {
-    /// It just connected: every unacked frame.
+    /// It just connected: every unacked frame (its connect push).
     Connected,
-    /// Its retry timer fired or it was woken: the frames due now.
+    /// Its retry timer fired: the frames due now.
     Due,
 }
 
-/// What a connection must send now, and when to ask again.
+/// What a session pushed to a connection, and when to ask again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Push {
     /// The frames, as JSON text, oldest first.
@@ -269,10 +311,66 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS outbound (
      CREATE INDEX IF NOT EXISTS outbound_age ON outbound (agent_did, kind, updated_ms);
      CREATE INDEX IF NOT EXISTS outbound_frame ON outbound (agent_did, frame_id);";
 
+/// Most calls one turn of an actor takes from its mailbox.
+pub const MAX_CALLS_PER_TURN: usize = 64;
+
+/// What a caller asks of a session.
+enum Request {
+    Receipt(ReceiptIn),
+    Deliver {
+        key: String,
+        frame: Frame,
+    },
+    Push(Ask),
+    Settle {
+        kind: Kind,
+        frame_id: String,
+        rejected: Option<String>,
+    },
+    Sweep,
+}
+
+/// What a session answers.
+enum Answer {
+    Delivery(Delivery),
+    Push(Push),
+    Settled(bool),
+    Swept,
+}
+
+/// A call in an actor's mailbox.
+struct Call {
+    request: Request,
+    reply: oneshot::Sender<Result<Answer, SessionError>>,
+}
+
+/// What one call of a turn did: its answer, and the frames to hand to the connection
+/// once the turn has committed.
+struct Done {
+    answer: Answer,
+    handoff: Option<Handoff>,
+}
+
+/// Frames for the agent's connection (see [`ConnectionHub::push`]).
+struct Handoff {
+    frames: Vec<String>,
+    next_at_ms: Option<u64>,
+    connect: bool,
+}
+
+/// What a turn's write returns: each call's outcome, and the rows dropped.
+type TurnOutcome = (Vec<Result<Done, SessionError>>, Vec<Dropped>);
+
 /// Every relay session of the host.
 pub struct RelaySessions {
-    db: Mutex<Connection>,
-    actors: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    inner: Arc<Inner>,
+}
+
+/// What the actors share.
+struct Inner {
+    db: Database,
+    /// The mailbox of every actor in memory, by agent DID.
+    actors: Mutex<HashMap<String, mpsc::UnboundedSender<Call>>>,
     hub: Arc<ConnectionHub>,
     limits: SessionLimits,
     /// Rows dropped unacked since start, by kind and reason.
@@ -287,6 +385,7 @@ impl RelaySessions {
         hub: Arc<ConnectionHub>,
         limits: SessionLimits,
     ) -> Result<Self, SessionError> {
+        // At start, before anything is served: the schema and the one-off migration.
         let mut conn = db.connection(SCHEMA)?;
         let migrated = migrate_receipts_table(&mut conn)?;
         if migrated > 0 {
@@ -296,73 +395,49 @@ impl RelaySessions {
             );
         }
         Ok(RelaySessions {
-            db: Mutex::new(conn),
-            actors: Mutex::new(HashMap::new()),
-            hub,
-            limits,
-            dropped: Default::default(),
+            inner: Arc::new(Inner {
+                db: db.clone(),
+                actors: Mutex::new(HashMap::new()),
+                hub,
+                limits,
+                dropped: Default::default(),
+            }),
         })
     }
 
     /// The limits the sessions keep to.
     pub fn limits(&self) -> SessionLimits {
-        self.limits
+        self.inner.limits
     }
 
-    /// Runs `call` in the actor of `did`: after any earlier call of that actor, and with
-    /// the actor dropped from memory afterwards if nobody else waits for it.
-    async fn in_actor<T>(&self, did: &str, call: impl FnOnce(&mut Connection) -> T) -> T {
-        let actor = {
-            let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
-            actors.entry(did.to_owned()).or_default().clone()
-        };
-        let result = {
-            let _turn = actor.lock().await;
-            let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-            call(&mut db)
-        };
-        let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
-        // Two references: the map's and ours. Nobody else waits: unload.
-        if Arc::strong_count(&actor) == 2 {
-            actors.remove(did);
-        }
-        result
-    }
-
-    /// One turn of the session of `did`: a transaction that drops the expired rows, then
-    /// runs `call`; the rows dropped are logged and counted once it commits.
-    async fn turn<T>(
+    /// Puts `request` in the mailbox of the actor of `did` (loading the actor if it is
+    /// not in memory) at once; the future answers once the actor's turn committed.
+    fn call(
         &self,
         did: &str,
-        call: impl FnOnce(&Transaction<'_>, u64, &mut Vec<Dropped>) -> Result<T, SessionError>,
-    ) -> Result<T, SessionError> {
-        let (value, dropped) = self
-            .in_actor(did, |db| {
-                let now = now_ms();
-                let mut dropped = Vec::new();
-                let tx = db.transaction()?;
-                drop_expired(&tx, did, now, &mut dropped)?;
-                let value = call(&tx, now, &mut dropped)?;
-                tx.commit()?;
-                Ok::<_, SessionError>((value, dropped))
-            })
-            .await?;
-        for row in dropped {
-            self.count_drop(did, &row);
+        request: Request,
+    ) -> impl Future<Output = Result<Answer, SessionError>> + Send + use<> {
+        let (reply, answer) = oneshot::channel();
+        let mut call = Call { request, reply };
+        {
+            let mut actors = self.inner.lock_actors();
+            if let Some(mailbox) = actors.get(did) {
+                match mailbox.send(call) {
+                    Ok(()) => return answered(answer),
+                    // Its task is gone (it panicked): a new one takes over.
+                    Err(mpsc::error::SendError(back)) => call = back,
+                }
+            }
+            let (mailbox, calls) = mpsc::unbounded_channel();
+            let _ = mailbox.send(call);
+            actors.insert(did.to_owned(), mailbox);
+            tokio::spawn(run_actor(self.inner.clone(), did.to_owned(), calls));
         }
-        Ok(value)
+        answered(answer)
     }
 
-    fn count_drop(&self, did: &str, row: &Dropped) {
-        let (kind, reason) = (row.kind.as_str(), row.reason.as_str());
-        tracing::warn!(agent = %did, kind, key = %row.key, reason, why = %row.why,
-            "relay session dropped an unacked frame");
-        self.dropped[row.kind as usize][row.reason as usize].fetch_add(1, Ordering::Relaxed);
-        crate::metrics::relay_frame_dropped(kind, reason);
-    }
-
-    /// Records `receipt` in its sender's session (spec section 3) and wakes the sender's
-    /// connection if it is new or changed.
+    /// Records `receipt` in its sender's session (spec section 3), pushing it to the
+    /// sender's live connection if it is new or changed; returns once it is committed.
     pub async fn deliver_receipt(&self, receipt: ReceiptIn) -> Result<Delivery, SessionError> {
         check_receipt(
             &receipt.request_id,
@@ -370,51 +445,16 @@ impl RelaySessions {
             &receipt.recipient_agent_did,
         )
         .map_err(|why| SessionError::Invalid(format!("receipt: {why}")))?;
-        let did = &receipt.sender_agent_did;
-        let limits = self.limits;
-        let kept = self
-            .turn(did, |tx, now, dropped| {
-                let stored: Option<String> = tx
-                    .prepare_cached(
-                        "SELECT frame FROM outbound WHERE agent_did = ?1 AND kind = ?2 AND key = ?3",
-                    )?
-                    .query_row(params![did, Kind::Receipt.as_str(), receipt.request_id], |r| {
-                        r.get(0)
-                    })
-                    .optional()?;
-                if let Some(Ok(Frame {
-                    body:
-                        FrameBody::Receipt {
-                            to_agent_did,
-                            status,
-                            reason,
-                            ..
-                        },
-                    ..
-                })) = stored.as_deref().map(Frame::parse)
-                {
-                    if to_agent_did != receipt.recipient_agent_did {
-                        return Ok(Some(Delivery::Ignored));
-                    }
-                    if status == receipt.status && reason == receipt.reason {
-                        return Ok(Some(Delivery::Unchanged));
-                    }
-                }
-                let frame = Frame::new(FrameBody::Receipt {
-                    original_frame_id: receipt.request_id.clone(),
-                    to_agent_did: receipt.recipient_agent_did.clone(),
-                    status: receipt.status,
-                    reason: receipt.reason.clone(),
-                });
-                keep(tx, did, Kind::Receipt, &receipt.request_id, &frame, now, limits, dropped)?;
-                Ok(None)
-            })
-            .await?;
-        Ok(kept.unwrap_or_else(|| self.wake(did)))
+        let did = receipt.sender_agent_did.clone();
+        match self.call(&did, Request::Receipt(receipt)).await? {
+            Answer::Delivery(delivery) => Ok(delivery),
+            _ => unreachable!("a receipt is answered with a delivery"),
+        }
     }
 
     /// Records `delivery` in the session of its `to_agent_did` (spec section 5) and
-    /// wakes that agent's connection, unless the session holds its dedup key already.
+    /// pushes it to that agent's live connection, unless the session holds its dedup
+    /// key already; returns once it is committed.
     ///
     /// Refused as [`SessionError::Invalid`], naming the field: a blank or over-1-KiB
     /// dedup key, an invalid DID, a payload that is not JSON, an optional field over
@@ -422,164 +462,98 @@ impl RelaySessions {
     /// a blank optional field is left out of the frame.
     pub async fn deliver(&self, delivery: DeliveryIn) -> Result<Delivery, SessionError> {
         let frame = delivery_frame(&delivery)?;
-        let (did, key) = (&delivery.to_agent_did, &delivery.dedup_key);
-        let limits = self.limits;
-        let unchanged = self
-            .turn(did, |tx, now, dropped| {
-                let held = tx
-                    .prepare_cached(
-                        "SELECT 1 FROM outbound WHERE agent_did = ?1 AND kind = ?2 AND key = ?3",
-                    )?
-                    .exists(params![did, Kind::Deliver.as_str(), key])?;
-                if !held {
-                    keep(tx, did, Kind::Deliver, key, &frame, now, limits, dropped)?;
-                }
-                Ok(held)
-            })
-            .await?;
-        Ok(if unchanged {
-            Delivery::Unchanged
-        } else {
-            self.wake(did)
-        })
-    }
-
-    /// Wakes the connection of `did` to push what is due.
-    fn wake(&self, did: &str) -> Delivery {
-        match self.hub.wake(did) {
-            0 => Delivery::Stored,
-            n => Delivery::Pushed(n),
+        let request = Request::Deliver {
+            key: delivery.dedup_key,
+            frame,
+        };
+        match self.call(&delivery.to_agent_did, request).await? {
+            Answer::Delivery(delivery) => Ok(delivery),
+            _ => unreachable!("a delivery is answered with a delivery"),
         }
     }
 
-    /// What the connection of `did` must send now (every unacked frame on connect, the
-    /// due ones after), counted as pushed; frames pushed their last time and still
-    /// unacked are dropped. Also says when to ask again.
-    pub async fn to_push(&self, did: &str, ask: Ask) -> Result<Push, SessionError> {
-        let retry = self.limits.retry;
-        self.turn(did, |tx, now, dropped| {
-            let mut exhausted = tx.prepare_cached(
-                "DELETE FROM outbound WHERE agent_did = ?1 AND acked = 0 AND attempts >= ?2
-                 AND next_ms <= ?3 RETURNING kind, key",
-            )?;
-            let rows = exhausted.query_map(params![did, retry.max_attempts, now], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })?;
-            for row in rows {
-                let (kind, key) = row?;
-                dropped.push(Dropped {
-                    kind: Kind::parse(&kind),
-                    key,
-                    reason: DropReason::Attempts,
-                    why: format!("unacked after {} pushes", retry.max_attempts),
-                });
-            }
-            let due: Vec<(i64, String, u32)> = tx
-                .prepare_cached(
-                    "SELECT rowid, frame, attempts FROM outbound
-                     WHERE agent_did = ?1 AND acked = 0 AND attempts < ?2 AND (?3 OR next_ms <= ?4)
-                     ORDER BY updated_ms, rowid",
-                )?
-                .query_map(
-                    params![did, retry.max_attempts, ask == Ask::Connected, now],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut pushed = tx.prepare_cached(
-                "UPDATE outbound SET attempts = ?2, next_ms = ?3 WHERE rowid = ?1",
-            )?;
-            let mut frames = Vec::with_capacity(due.len());
-            for (rowid, frame, attempts) in due {
-                let next = now + retry.delay(attempts + 1).as_millis() as u64;
-                pushed.execute(params![rowid, attempts + 1, next])?;
-                frames.push(frame);
-            }
-            let next_at_ms: Option<u64> = tx
-                .prepare_cached(
-                    "SELECT MIN(next_ms) FROM outbound WHERE agent_did = ?1 AND acked = 0",
-                )?
-                .query_row(params![did], |r| r.get(0))?;
-            Ok(Push { frames, next_at_ms })
-        })
-        .await
+    /// Pushes to the connection of `did` what it must send now (every unacked frame on
+    /// connect, which makes the connection live; the due ones after), counted as
+    /// pushed; frames pushed their last time and still unacked are dropped. Returns
+    /// what it pushed and when to ask again.
+    pub async fn push(&self, did: &str, ask: Ask) -> Result<Push, SessionError> {
+        match self.call(did, Request::Push(ask)).await? {
+            Answer::Push(push) => Ok(push),
+            _ => unreachable!("a push is answered with a push"),
+        }
     }
 
     /// Marks the `kind` frame `frame_id` of `did` acked: never pushed again. False when
-    /// the session holds no such frame.
-    pub async fn ack(&self, did: &str, kind: Kind, frame_id: &str) -> Result<bool, SessionError> {
-        self.settle(did, kind, frame_id, None).await
+    /// the session holds no such frame. The ack is in the actor's mailbox when this
+    /// returns; the future answers once it is committed.
+    pub fn ack(
+        &self,
+        did: &str,
+        kind: Kind,
+        frame_id: &str,
+    ) -> impl Future<Output = Result<bool, SessionError>> + Send + use<> {
+        self.settle(did, kind, frame_id, None)
     }
 
     /// Marks the `kind` frame `frame_id` of `did` refused by the connector, for `reason`:
     /// never pushed again, and dropped (logged and counted as `rejected`) unless it was
-    /// acked before. False when the session holds no such frame.
-    pub async fn reject(
+    /// acked before. False when the session holds no such frame. Like [`Self::ack`], in
+    /// the mailbox when this returns.
+    pub fn reject(
         &self,
         did: &str,
         kind: Kind,
         frame_id: &str,
         reason: Option<&str>,
-    ) -> Result<bool, SessionError> {
+    ) -> impl Future<Output = Result<bool, SessionError>> + Send + use<> {
         let why = format!(
             "the connector refused it: {}",
             reason.unwrap_or("no reason given")
         );
-        self.settle(did, kind, frame_id, Some(why)).await
+        self.settle(did, kind, frame_id, Some(why))
     }
 
     /// Marks a frame done; with `rejected`, counts it dropped (if it was not done yet).
-    async fn settle(
+    fn settle(
         &self,
         did: &str,
         kind: Kind,
         frame_id: &str,
         rejected: Option<String>,
-    ) -> Result<bool, SessionError> {
-        self.turn(did, |tx, _, dropped| {
-            let row: Option<(String, bool)> = tx
-                .prepare_cached(
-                    "SELECT key, acked FROM outbound WHERE agent_did = ?1 AND kind = ?2
-                     AND frame_id = ?3",
-                )?
-                .query_row(params![did, kind.as_str(), frame_id], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-                .optional()?;
-            let Some((key, acked)) = &row else {
-                return Ok(false);
-            };
-            if *acked {
-                return Ok(true);
+    ) -> impl Future<Output = Result<bool, SessionError>> + Send + use<> {
+        let request = Request::Settle {
+            kind,
+            frame_id: frame_id.to_owned(),
+            rejected,
+        };
+        let answer = self.call(did, request);
+        async move {
+            match answer.await? {
+                Answer::Settled(known) => Ok(known),
+                _ => unreachable!("a settle is answered with whether the frame is known"),
             }
-            tx.prepare_cached(
-                "UPDATE outbound SET acked = 1 WHERE agent_did = ?1 AND kind = ?2 AND key = ?3",
-            )?
-            .execute(params![did, kind.as_str(), key])?;
-            if let Some(why) = rejected {
-                dropped.push(Dropped {
-                    kind,
-                    key: key.clone(),
-                    reason: DropReason::Rejected,
-                    why,
-                });
-            }
-            Ok(row.is_some())
-        })
-        .await
+        }
     }
 
     /// Drops the expired rows of every session (logging and counting the unacked ones),
     /// so that an agent that never calls again still has its expiries accounted for.
     /// Returns how many sessions had some.
     pub async fn sweep_expired(&self) -> Result<usize, SessionError> {
-        let agents: Vec<String> = {
-            let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-            db.prepare_cached("SELECT DISTINCT agent_did FROM outbound WHERE expires_ms <= ?1")?
-                .query_map(params![now_ms()], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?
-        };
+        let now = now_ms();
+        let agents: Vec<String> = self
+            .inner
+            .db
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT DISTINCT agent_did FROM outbound WHERE expires_ms <= ?1",
+                )?
+                .query_map(params![now], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(SessionError::from)
+            })
+            .await?;
         for did in &agents {
-            self.turn(did, |_, _, _| Ok(())).await?;
+            self.call(did, Request::Sweep).await?;
         }
         Ok(agents.len())
     }
@@ -605,12 +579,12 @@ impl RelaySessions {
 
     /// Actors in memory right now.
     pub fn resident_actors(&self) -> usize {
-        self.actors.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.inner.lock_actors().len()
     }
 
     /// Rows of `kind` dropped unacked for `reason` since start.
     pub fn dropped(&self, kind: Kind, reason: DropReason) -> u64 {
-        self.dropped[kind as usize][reason as usize].load(Ordering::Relaxed)
+        self.inner.dropped[kind as usize][reason as usize].load(Ordering::Relaxed)
     }
 
     /// Rows of `kind` dropped unacked since start, for any reason.
@@ -619,25 +593,351 @@ impl RelaySessions {
     }
 
     /// Unacked, unexpired rows of `kind` across every session.
-    pub fn pending(&self, kind: Kind) -> Result<u64, SessionError> {
-        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        let n = db
-            .prepare_cached(
-                "SELECT COUNT(*) FROM outbound WHERE kind = ?1 AND acked = 0 AND expires_ms > ?2",
-            )?
-            .query_row(params![kind.as_str(), now_ms()], |r| r.get(0))?;
-        Ok(n)
+    pub async fn pending(&self, kind: Kind) -> Result<u64, SessionError> {
+        let now = now_ms();
+        self.inner
+            .db
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT COUNT(*) FROM outbound WHERE kind = ?1 AND acked = 0 AND expires_ms > ?2",
+                )?
+                .query_row(params![kind.as_str(), now], |r| r.get(0))
+                .map_err(SessionError::from)
+            })
+            .await
     }
+}
+
+/// The answer to a call, once its actor sends it.
+async fn answered(
+    answer: oneshot::Receiver<Result<Answer, SessionError>>,
+) -> Result<Answer, SessionError> {
+    answer.await.unwrap_or_else(|_| {
+        Err(SessionError::Unavailable(
+            "the relay session stopped before it answered".into(),
+        ))
+    })
+}
+
+impl Inner {
+    fn lock_actors(&self) -> MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Call>>> {
+        self.actors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count_drop(&self, did: &str, row: &Dropped) {
+        let (kind, reason) = (row.kind.as_str(), row.reason.as_str());
+        tracing::warn!(agent = %did, kind, key = %row.key, reason, why = %row.why,
+            "relay session dropped an unacked frame");
+        self.dropped[row.kind as usize][row.reason as usize].fetch_add(1, Ordering::Relaxed);
+        crate::metrics::relay_frame_dropped(kind, reason);
+    }
+
+    /// One turn of the actor of `did` over `calls`: their write, committed, then their
+    /// frames handed to the connection in order; returns each call's answer.
+    async fn turn(&self, did: &str, calls: Vec<Request>) -> Vec<Result<Answer, SessionError>> {
+        let count = calls.len();
+        let live = self.hub.is_live(did);
+        let limits = self.limits;
+        let owned = did.to_owned();
+        let written = self
+            .db
+            .write(move |conn| write_turn(conn, &owned, calls, live, limits))
+            .await;
+        let (outcomes, dropped) = match written {
+            Ok(written) => written,
+            Err(err) => return (0..count).map(|_| Err(err.clone())).collect(),
+        };
+        for row in &dropped {
+            self.count_drop(did, row);
+        }
+        outcomes
+            .into_iter()
+            .map(|outcome| {
+                let Done { answer, handoff } = outcome?;
+                let Some(Handoff {
+                    frames,
+                    next_at_ms,
+                    connect,
+                }) = handoff
+                else {
+                    return Ok(answer);
+                };
+                let taken = self.hub.push(did, frames, next_at_ms, connect);
+                Ok(match answer {
+                    Answer::Delivery(Delivery::Stored) if taken > 0 => {
+                        Answer::Delivery(Delivery::Pushed(taken))
+                    }
+                    answer => answer,
+                })
+            })
+            .collect()
+    }
+
+    /// Removes the actor of `did` from memory if its mailbox is empty; true if it did.
+    /// Callers send under the same lock, so a call is either in the mailbox now or will
+    /// load a new actor.
+    fn unload_if_idle(&self, did: &str, mailbox: &mpsc::UnboundedReceiver<Call>) -> bool {
+        let mut actors = self.lock_actors();
+        let idle = mailbox.is_empty();
+        if idle {
+            actors.remove(did);
+        }
+        idle
+    }
+}
+
+/// The actor of `did`: turns over the calls in its `mailbox` until it is empty, then
+/// unloads.
+async fn run_actor(inner: Arc<Inner>, did: String, mut mailbox: mpsc::UnboundedReceiver<Call>) {
+    let mut requests = Vec::new();
+    let mut replies = Vec::new();
+    loop {
+        while requests.len() < MAX_CALLS_PER_TURN {
+            let Ok(call) = mailbox.try_recv() else { break };
+            requests.push(call.request);
+            replies.push(call.reply);
+        }
+        let answers = inner.turn(&did, std::mem::take(&mut requests)).await;
+        // Unloaded before answering: a caller that gets its answer finds the actor gone
+        // unless another call came meanwhile.
+        let idle = inner.unload_if_idle(&did, &mailbox);
+        for (reply, answer) in replies.drain(..).zip(answers) {
+            let _ = reply.send(answer);
+        }
+        if idle {
+            return;
+        }
+    }
+}
+
+/// The write of one turn of the session of `did`, on the writer thread: drops the
+/// expired rows, then runs each call in a savepoint of its own, so that a call that
+/// fails leaves nothing behind. `live` says whether the agent's connection takes pushes
+/// at the start of the turn (a connect push in the turn makes it live for the calls
+/// after it).
+fn write_turn(
+    conn: &Connection,
+    did: &str,
+    calls: Vec<Request>,
+    mut live: bool,
+    limits: SessionLimits,
+) -> Result<TurnOutcome, SessionError> {
+    let now = now_ms();
+    let mut dropped = Vec::new();
+    drop_expired(conn, did, now, &mut dropped)?;
+    let mut outcomes = Vec::with_capacity(calls.len());
+    for request in calls {
+        let connects = matches!(request, Request::Push(Ask::Connected));
+        conn.execute_batch("SAVEPOINT session_call")?;
+        let mut its_drops = Vec::new();
+        let outcome = run_call(conn, did, request, now, live, limits, &mut its_drops);
+        if outcome.is_ok() {
+            conn.execute_batch("RELEASE session_call")?;
+            dropped.append(&mut its_drops);
+            live |= connects;
+        } else {
+            conn.execute_batch("ROLLBACK TO session_call; RELEASE session_call")?;
+        }
+        outcomes.push(outcome);
+    }
+    Ok((outcomes, dropped))
+}
+
+/// Runs one call of a turn (see [`write_turn`]).
+fn run_call(
+    conn: &Connection,
+    did: &str,
+    request: Request,
+    now: u64,
+    live: bool,
+    limits: SessionLimits,
+    dropped: &mut Vec<Dropped>,
+) -> Result<Done, SessionError> {
+    let answer = |answer| {
+        Ok(Done {
+            answer,
+            handoff: None,
+        })
+    };
+    match request {
+        Request::Receipt(receipt) => {
+            let stored: Option<String> = conn
+                .prepare_cached(
+                    "SELECT frame FROM outbound WHERE agent_did = ?1 AND kind = ?2 AND key = ?3",
+                )?
+                .query_row(
+                    params![did, Kind::Receipt.as_str(), receipt.request_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(Ok(Frame {
+                body:
+                    FrameBody::Receipt {
+                        to_agent_did,
+                        status,
+                        reason,
+                        ..
+                    },
+                ..
+            })) = stored.as_deref().map(Frame::parse)
+            {
+                if to_agent_did != receipt.recipient_agent_did {
+                    return answer(Answer::Delivery(Delivery::Ignored));
+                }
+                if status == receipt.status && reason == receipt.reason {
+                    return answer(Answer::Delivery(Delivery::Unchanged));
+                }
+            }
+            let frame = Frame::new(FrameBody::Receipt {
+                original_frame_id: receipt.request_id.clone(),
+                to_agent_did: receipt.recipient_agent_did,
+                status: receipt.status,
+                reason: receipt.reason,
+            });
+            let row = Row {
+                did,
+                kind: Kind::Receipt,
+                key: &receipt.request_id,
+            };
+            keep(conn, row, &frame, now, live, limits, dropped)
+        }
+        Request::Deliver { key, frame } => {
+            let held = conn
+                .prepare_cached(
+                    "SELECT 1 FROM outbound WHERE agent_did = ?1 AND kind = ?2 AND key = ?3",
+                )?
+                .exists(params![did, Kind::Deliver.as_str(), key])?;
+            if held {
+                return answer(Answer::Delivery(Delivery::Unchanged));
+            }
+            let row = Row {
+                did,
+                kind: Kind::Deliver,
+                key: &key,
+            };
+            keep(conn, row, &frame, now, live, limits, dropped)
+        }
+        Request::Push(ask) => {
+            let push = due_frames(conn, did, ask, now, limits.retry, dropped)?;
+            Ok(Done {
+                handoff: Some(Handoff {
+                    frames: push.frames.clone(),
+                    next_at_ms: push.next_at_ms,
+                    connect: ask == Ask::Connected,
+                }),
+                answer: Answer::Push(push),
+            })
+        }
+        Request::Settle {
+            kind,
+            frame_id,
+            rejected,
+        } => answer(Answer::Settled(settle(
+            conn, did, kind, &frame_id, rejected, dropped,
+        )?)),
+        Request::Sweep => answer(Answer::Swept),
+    }
+}
+
+/// The frames of `did` to push for `ask`, counted as pushed; drops the rows pushed
+/// their last time and still unacked.
+fn due_frames(
+    conn: &Connection,
+    did: &str,
+    ask: Ask,
+    now: u64,
+    retry: Retry,
+    dropped: &mut Vec<Dropped>,
+) -> Result<Push, SessionError> {
+    let mut exhausted = conn.prepare_cached(
+        "DELETE FROM outbound WHERE agent_did = ?1 AND acked = 0 AND attempts >= ?2
+         AND next_ms <= ?3 RETURNING kind, key",
+    )?;
+    let rows = exhausted.query_map(params![did, retry.max_attempts, now], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
+    for row in rows {
+        let (kind, key) = row?;
+        dropped.push(Dropped {
+            kind: Kind::parse(&kind),
+            key,
+            reason: DropReason::Attempts,
+            why: format!("unacked after {} pushes", retry.max_attempts),
+        });
+    }
+    let due: Vec<(i64, String, u32)> = conn
+        .prepare_cached(
+            "SELECT rowid, frame, attempts FROM outbound
+             WHERE agent_did = ?1 AND acked = 0 AND attempts < ?2 AND (?3 OR next_ms <= ?4)
+             ORDER BY updated_ms, rowid",
+        )?
+        .query_map(
+            params![did, retry.max_attempts, ask == Ask::Connected, now],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut pushed =
+        conn.prepare_cached("UPDATE outbound SET attempts = ?2, next_ms = ?3 WHERE rowid = ?1")?;
+    let mut frames = Vec::with_capacity(due.len());
+    for (rowid, frame, attempts) in due {
+        let next = now + retry.delay(attempts + 1).as_millis() as u64;
+        pushed.execute(params![rowid, attempts + 1, next])?;
+        frames.push(frame);
+    }
+    let next_at_ms: Option<u64> = conn
+        .prepare_cached("SELECT MIN(next_ms) FROM outbound WHERE agent_did = ?1 AND acked = 0")?
+        .query_row(params![did], |r| r.get(0))?;
+    Ok(Push { frames, next_at_ms })
+}
+
+/// Marks the `kind` frame `frame_id` of `did` done; with `rejected`, notes it dropped
+/// (if it was not done yet). False when the session holds no such frame.
+fn settle(
+    conn: &Connection,
+    did: &str,
+    kind: Kind,
+    frame_id: &str,
+    rejected: Option<String>,
+    dropped: &mut Vec<Dropped>,
+) -> Result<bool, SessionError> {
+    let row: Option<(String, bool)> = conn
+        .prepare_cached(
+            "SELECT key, acked FROM outbound WHERE agent_did = ?1 AND kind = ?2
+             AND frame_id = ?3",
+        )?
+        .query_row(params![did, kind.as_str(), frame_id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((key, acked)) = row else {
+        return Ok(false);
+    };
+    if acked {
+        return Ok(true);
+    }
+    conn.prepare_cached(
+        "UPDATE outbound SET acked = 1 WHERE agent_did = ?1 AND kind = ?2 AND key = ?3",
+    )?
+    .execute(params![did, kind.as_str(), key])?;
+    if let Some(why) = rejected {
+        dropped.push(Dropped {
+            kind,
+            key,
+            reason: DropReason::Rejected,
+            why,
+        });
+    }
+    Ok(true)
 }
 
 /// Deletes the expired rows of `did`, noting the unacked ones in `dropped`.
 fn drop_expired(
-    tx: &Transaction<'_>,
+    conn: &Connection,
     did: &str,
     now: u64,
     dropped: &mut Vec<Dropped>,
 ) -> Result<(), SessionError> {
-    let mut stmt = tx.prepare_cached(
+    let mut stmt = conn.prepare_cached(
         "DELETE FROM outbound WHERE agent_did = ?1 AND expires_ms <= ?2 RETURNING kind, key, acked",
     )?;
     let rows = stmt.query_map(params![did, now], |r| {
@@ -657,28 +957,41 @@ fn drop_expired(
     Ok(())
 }
 
-/// Stores `frame` as the row (`did`, `kind`, `key`), due to be pushed now, then drops
-/// the oldest rows of that kind past the cap.
-#[allow(clippy::too_many_arguments)]
-fn keep(
-    tx: &Transaction<'_>,
-    did: &str,
+/// Which row of the `outbound` table.
+struct Row<'a> {
+    did: &'a str,
     kind: Kind,
-    key: &str,
+    key: &'a str,
+}
+
+/// Stores `frame` as `row`, then drops the oldest rows of that kind past the cap. With
+/// `live` (the agent's connection takes pushes) the frame is pushed by this turn, which
+/// counts as its first push; else it is due now, for the connect push.
+fn keep(
+    conn: &Connection,
+    row: Row<'_>,
     frame: &Frame,
     now: u64,
+    live: bool,
     limits: SessionLimits,
     dropped: &mut Vec<Dropped>,
-) -> Result<(), SessionError> {
+) -> Result<Done, SessionError> {
+    let Row { did, kind, key } = row;
     let expires = now + limits.ttl.as_millis() as u64;
-    tx.prepare_cached(
+    let (attempts, next) = if live {
+        (1, now + limits.retry.delay(1).as_millis() as u64)
+    } else {
+        (0, now)
+    };
+    let json = frame.to_json();
+    conn.prepare_cached(
         "INSERT INTO outbound (agent_did, kind, key, frame_id, frame, updated_ms, expires_ms, acked, attempts, next_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, 0, ?6)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9)
          ON CONFLICT (agent_did, kind, key) DO UPDATE SET frame_id = ?4, frame = ?5,
-             updated_ms = ?6, expires_ms = ?7, acked = 0, attempts = 0, next_ms = ?6",
+             updated_ms = ?6, expires_ms = ?7, acked = 0, attempts = ?8, next_ms = ?9",
     )?
-    .execute(params![did, kind.as_str(), key, frame.id, frame.to_json(), now, expires])?;
-    let mut over = tx.prepare_cached(
+    .execute(params![did, kind.as_str(), key, frame.id, json, now, expires, attempts, next])?;
+    let mut over = conn.prepare_cached(
         "DELETE FROM outbound WHERE agent_did = ?1 AND kind = ?2 AND key IN (
              SELECT key FROM outbound WHERE agent_did = ?1 AND kind = ?2
              ORDER BY updated_ms DESC, rowid DESC LIMIT -1 OFFSET ?3)
@@ -703,7 +1016,14 @@ fn keep(
             });
         }
     }
-    Ok(())
+    Ok(Done {
+        answer: Answer::Delivery(Delivery::Stored),
+        handoff: live.then(|| Handoff {
+            frames: vec![json],
+            next_at_ms: Some(next),
+            connect: false,
+        }),
+    })
 }
 
 /// Checks `delivery` and builds its `deliver` frame.
@@ -879,7 +1199,7 @@ mod tests {
 
     /// The frames pushed on connect, parsed.
     async fn on_connect(sessions: &RelaySessions, did: &str) -> Vec<Value> {
-        let push = sessions.to_push(did, Ask::Connected).await.unwrap();
+        let push = sessions.push(did, Ask::Connected).await.unwrap();
         push.frames.iter().map(|f| json(f)).collect()
     }
 
@@ -887,7 +1207,7 @@ mod tests {
     async fn next_retry(sessions: &RelaySessions, did: &str) -> Push {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
-            let push = sessions.to_push(did, Ask::Due).await.unwrap();
+            let push = sessions.push(did, Ask::Due).await.unwrap();
             if !push.frames.is_empty() {
                 return push;
             }
@@ -912,13 +1232,23 @@ mod tests {
         let again = sessions.deliver_receipt(delivered).await.unwrap();
         assert_eq!(again, Delivery::Unchanged);
 
-        let (_, woken) = hub.register(A);
+        let (_, outgoing) = hub.register(A);
         let dead = receipt("r1", ReceiptStatus::DeadLettered, Some("gone"));
-        let changed = sessions.deliver_receipt(dead).await.unwrap();
-        assert_eq!(changed, Delivery::Pushed(1));
-        assert_eq!(woken.next().await, Outbound::Wake);
-        let pushed = sessions.to_push(A, Ask::Due).await.unwrap().frames;
-        assert_eq!(pushed.len(), 1, "the changed row is due at once");
+        let before_connect = sessions.deliver_receipt(dead.clone()).await.unwrap();
+        assert_eq!(before_connect, Delivery::Stored, "not live yet");
+        let connect = sessions.push(A, Ask::Connected).await.unwrap().frames;
+        assert_eq!(outgoing.next().await, Outbound::Frames(connect.clone()));
+        assert_eq!(connect.len(), 1, "the connect push carries it");
+        let mut changed = dead;
+        changed.reason = Some("gone for good".into());
+        let pushed = sessions.deliver_receipt(changed).await.unwrap();
+        assert_eq!(pushed, Delivery::Pushed(1), "pushed by its own turn");
+        let Outbound::Frames(pushed) = outgoing.next().await else {
+            panic!("frames expected")
+        };
+        assert_eq!(pushed.len(), 1);
+        let due = sessions.push(A, Ask::Due).await.unwrap();
+        assert!(due.frames.is_empty(), "its first push is counted");
         let frame = json(&pushed[0]);
         assert_eq!(
             (&frame["type"], &frame["status"]),
@@ -944,6 +1274,155 @@ mod tests {
         assert!(sessions.ack(A, Kind::Receipt, id).await.unwrap());
         assert!(on_connect(&sessions, A).await.is_empty());
         assert_eq!(sessions.resident_actors(), 0, "idle actors are unloaded");
+    }
+
+    /// The frames `outgoing` gets until there are `count`, within the deadline.
+    async fn frames_pushed(outgoing: &super::super::hub::Outgoing, count: usize) -> Vec<String> {
+        let mut frames = Vec::new();
+        while frames.len() < count {
+            match tokio::time::timeout(DEADLINE, outgoing.next()).await {
+                Ok(Outbound::Frames(more)) => frames.extend(more),
+                other => panic!("{} of {count} frames, then {other:?}", frames.len()),
+            }
+        }
+        frames
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_sessions_frames_are_pushed_in_the_order_it_recorded_them_under_concurrent_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, sessions) = capped(dir.path(), 500);
+        let sessions = Arc::new(sessions);
+        let (_, outgoing) = hub.register(A);
+        sessions.push(A, Ask::Connected).await.unwrap();
+        // Four batches at once, each handing its receipts over one after the other.
+        let (batches, per_batch) = (4, 50);
+        let calls = (0..batches).map(|b| {
+            let sessions = sessions.clone();
+            tokio::spawn(async move {
+                for i in 0..per_batch {
+                    let id = format!("b{b}-{i:02}");
+                    let receipt = receipt(&id, ReceiptStatus::DeliveredToWebhook, None);
+                    let pushed = sessions.deliver_receipt(receipt).await.unwrap();
+                    assert_eq!(pushed, Delivery::Pushed(1));
+                }
+            })
+        });
+        for call in futures_util::future::join_all(calls).await {
+            call.unwrap();
+        }
+        let live: Vec<Value> = frames_pushed(&outgoing, batches * per_batch)
+            .await
+            .iter()
+            .map(|f| json(f))
+            .collect();
+        for b in 0..batches {
+            let of_batch: Vec<&str> = live
+                .iter()
+                .map(|f| f["originalFrameId"].as_str().unwrap())
+                .filter(|id| id.starts_with(&format!("b{b}-")))
+                .collect();
+            let mut sorted = of_batch.clone();
+            sorted.sort();
+            assert_eq!(of_batch, sorted, "batch {b}: in the order it called");
+        }
+        // The order the session keeps them in: the order of the next connect.
+        let (_, reconnected) = hub.register(A);
+        sessions.push(A, Ask::Connected).await.unwrap();
+        let kept = frames_pushed(&reconnected, batches * per_batch).await;
+        let ids =
+            |frames: &[Value]| -> Vec<Value> { frames.iter().map(|f| f["id"].clone()).collect() };
+        let kept: Vec<Value> = kept.iter().map(|f| json(f)).collect();
+        assert_eq!(ids(&live), ids(&kept), "pushed in the order recorded");
+    }
+
+    #[tokio::test]
+    async fn an_actor_is_in_memory_only_while_it_has_calls_and_keeps_its_rows_when_unloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, sessions) = capped(dir.path(), 500);
+        let agents: Vec<String> = (0..200)
+            .map(|i| {
+                format!(
+                    "did:cdi:registry.clawdentity.com:agent:{}",
+                    ulid::Ulid::from_parts(i, 1)
+                )
+            })
+            .collect();
+        let calls = agents.iter().map(|did| {
+            let mut receipt = receipt("r1", ReceiptStatus::DeliveredToWebhook, None);
+            receipt.sender_agent_did = did.clone();
+            sessions.deliver_receipt(receipt)
+        });
+        for stored in futures_util::future::join_all(calls).await {
+            assert_eq!(stored.unwrap(), Delivery::Stored);
+        }
+        assert_eq!(sessions.resident_actors(), 0, "every actor unloaded");
+
+        // A call is in the actor's mailbox as soon as it is made: the actor is loaded.
+        let settling = sessions.ack(&agents[7], Kind::Receipt, "01HZX4M3Q8V2J7K9T6R5W1N0PB");
+        assert_eq!(sessions.resident_actors(), 1);
+        assert!(!settling.await.unwrap(), "no such frame");
+        assert_eq!(sessions.resident_actors(), 0);
+        let frames = on_connect(&sessions, &agents[7]).await;
+        assert_eq!(frames.len(), 1, "its row outlived its actor");
+        assert_eq!(frames[0]["originalFrameId"], "r1");
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_write_fails_leaves_nothing_behind_and_the_rest_of_its_turn_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, sessions) = capped(dir.path(), 1);
+        sessions
+            .deliver_receipt(receipt("r0", ReceiptStatus::DeliveredToWebhook, None))
+            .await
+            .unwrap();
+        let (_, outgoing) = hub.register(A);
+        let connect = sessions.push(A, Ask::Connected).await.unwrap().frames;
+        assert_eq!(frames_pushed(&outgoing, 1).await, connect);
+        let r0 = json(&connect[0])["id"].as_str().unwrap().to_owned();
+        // Recording r1 stores its row, then fails dropping r0 past the cap of 1.
+        let db = Connection::open(dir.path().join(crate::store::DATABASE_FILE)).unwrap();
+        db.execute_batch(
+            "CREATE TRIGGER refuse BEFORE DELETE ON outbound WHEN old.key = 'r0'
+             BEGIN SELECT RAISE(ABORT, 'no deleting today'); END;",
+        )
+        .unwrap();
+        // The ack is in the mailbox first: both calls share one turn.
+        let acked = sessions.ack(A, Kind::Receipt, &r0);
+        let failed =
+            sessions.deliver_receipt(receipt("r1", ReceiptStatus::DeliveredToWebhook, None));
+        let (acked, failed) = tokio::join!(acked, failed);
+        match failed {
+            Err(SessionError::Unavailable(why)) => {
+                assert!(why.contains("no deleting today"), "{why}")
+            }
+            other => panic!("a transient failure expected, got {other:?}"),
+        }
+        assert!(acked.unwrap(), "the other call of the turn committed");
+        let idle = tokio::time::timeout(Duration::from_millis(50), outgoing.next()).await;
+        assert!(idle.is_err(), "nothing pushed: {idle:?}");
+        assert_eq!(
+            sessions.dropped_total(Kind::Receipt),
+            0,
+            "nothing counted dropped"
+        );
+        db.execute_batch("DROP TRIGGER refuse").unwrap();
+        let keys: Vec<String> = db
+            .prepare("SELECT key FROM outbound WHERE agent_did = ?1")
+            .unwrap()
+            .query_map([A], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(keys, ["r0"], "r1's row was undone with its call");
+        assert_eq!(
+            sessions
+                .deliver_receipt(receipt("r1", ReceiptStatus::DeliveredToWebhook, None))
+                .await
+                .unwrap(),
+            Delivery::Pushed(1),
+            "the retry goes through"
+        );
     }
 
     #[tokio::test]
@@ -974,7 +1453,7 @@ mod tests {
             sessions.deliver(delivery("k2")).await.unwrap(),
             Delivery::Stored
         );
-        assert_eq!(sessions.pending(Kind::Deliver).unwrap(), 1);
+        assert_eq!(sessions.pending(Kind::Deliver).await.unwrap(), 1);
     }
 
     #[tokio::test]
@@ -1011,7 +1490,7 @@ mod tests {
         );
         let id = frame["id"].as_str().unwrap();
         assert!(sessions.ack(A, Kind::Deliver, id).await.unwrap());
-        let after = sessions.to_push(A, Ask::Connected).await.unwrap();
+        let after = sessions.push(A, Ask::Connected).await.unwrap();
         assert_eq!(
             after,
             Push {
@@ -1044,7 +1523,7 @@ mod tests {
 
         // The delay the session announces after a push, seen right after it.
         let delay = |push: &Push| push.next_at_ms.unwrap().saturating_sub(now_ms());
-        let push = sessions.to_push(A, Ask::Connected).await.unwrap();
+        let push = sessions.push(A, Ask::Connected).await.unwrap();
         let mut delays = vec![delay(&push)];
         assert_eq!(push.frames.len(), 2, "attempt 1 of both");
         let first_ids: Vec<Value> = push.frames.iter().map(|f| json(f)["id"].clone()).collect();
@@ -1065,7 +1544,7 @@ mod tests {
 
         let deadline = tokio::time::Instant::now() + DEADLINE;
         let last = loop {
-            let push = sessions.to_push(A, Ask::Due).await.unwrap();
+            let push = sessions.push(A, Ask::Due).await.unwrap();
             assert!(push.frames.is_empty(), "no fifth attempt");
             match push.next_at_ms {
                 None => break push,
@@ -1098,13 +1577,13 @@ mod tests {
             .deliver_receipt(receipt("r1", ReceiptStatus::DeadLettered, Some("gone")))
             .await
             .unwrap();
-        let first = sessions.to_push(A, Ask::Due).await.unwrap();
+        let first = sessions.push(A, Ask::Due).await.unwrap();
         assert_eq!(first.frames.len(), 1, "due at once");
         let retried = next_retry(&sessions, A).await;
         assert_eq!(retried.frames, first.frames, "pushed again while unacked");
         let id = json(&first.frames[0])["id"].as_str().unwrap().to_owned();
         assert!(sessions.ack(A, Kind::Receipt, &id).await.unwrap());
-        let after = sessions.to_push(A, Ask::Due).await.unwrap();
+        let after = sessions.push(A, Ask::Due).await.unwrap();
         assert_eq!(
             after,
             Push {
@@ -1143,7 +1622,7 @@ mod tests {
         assert_eq!(kept, ["r2", "r3", "r4"]);
         assert_eq!(sessions.dropped(Kind::Receipt, DropReason::Cap), 2);
         assert_eq!(sessions.dropped(Kind::Deliver, DropReason::Cap), 2);
-        assert_eq!(sessions.pending(Kind::Deliver).unwrap(), 3);
+        assert_eq!(sessions.pending(Kind::Deliver).await.unwrap(), 3);
         assert_eq!(sessions.dropped_total(Kind::Deliver), 2);
     }
 

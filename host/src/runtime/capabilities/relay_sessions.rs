@@ -178,6 +178,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_session_write_that_fails_is_a_transient_error_and_records_nothing() {
+        use relay_sessions::Host;
+        let dir = tempfile::tempdir().unwrap();
+        let mut batch = batch_state(dir.path());
+        let sessions = batch.caps.sessions.clone();
+        let db = rusqlite::Connection::open(dir.path().join(crate::store::DATABASE_FILE));
+        db.unwrap()
+            .execute_batch(
+                "CREATE TRIGGER refuse AFTER INSERT ON outbound
+                 BEGIN SELECT RAISE(ABORT, 'the disk is full'); END;",
+            )
+            .unwrap();
+        let mut state = HasRelaySessions::view(&mut batch);
+        let receipt = relay_sessions::Receipt {
+            request_id: "r1".into(),
+            sender_agent_did: A.into(),
+            recipient_agent_did: B.into(),
+            status: relay_sessions::ReceiptStatus::DeliveredToWebhook,
+            reason: None,
+            processed_at: None,
+        };
+        let err = state.deliver_receipt(receipt).await.unwrap_err();
+        assert!(
+            err.transient && err.message.contains("the disk is full"),
+            "{err:?}"
+        );
+        let push = sessions.push(A, crate::relay::sessions::Ask::Connected);
+        assert!(push.await.unwrap().frames.is_empty(), "nothing recorded");
+    }
+
+    #[tokio::test]
     async fn the_deliver_capability_trims_checks_and_records() {
         use relay_sessions::Host;
         let dir = tempfile::tempdir().unwrap();
@@ -201,7 +232,7 @@ mod tests {
         assert_eq!(show_delivery(&again), "unchanged", "the trimmed key dedups");
 
         let push = sessions
-            .to_push(A, crate::relay::sessions::Ask::Connected)
+            .push(A, crate::relay::sessions::Ask::Connected)
             .await;
         let frames = push.unwrap().frames;
         assert_eq!(frames.len(), 1);
@@ -245,7 +276,7 @@ mod tests {
         };
         let routed = state.deliver_receipt(receipt).await.unwrap();
         assert_eq!(show_delivery(&routed), "stored", "padded values are routed");
-        let push = sessions.to_push(A, crate::relay::sessions::Ask::Due).await;
+        let push = sessions.push(A, crate::relay::sessions::Ask::Due).await;
         let receipt: Value = serde_json::from_str(&push.unwrap().frames[0]).unwrap();
         assert_eq!(receipt["originalFrameId"], "r1");
         assert!(
