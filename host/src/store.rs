@@ -32,7 +32,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, mpsc};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, params};
@@ -286,30 +286,13 @@ impl Database {
         rx.await.unwrap_or(Err(E::from(StoreError::Closed)))
     }
 
-    /// A connection of its own to the database, for a store that runs its statements
-    /// itself, with `schema` (idempotent `CREATE ... IF NOT EXISTS` statements) run on it
-    /// first; its commits are ordered with every other commit to the file.
+    /// A connection of its own to the database with `schema` (idempotent `CREATE ... IF
+    /// NOT EXISTS` statements) run on it first: what a store uses at open, to create and
+    /// migrate its tables before it serves.
     pub fn connection(&self, schema: &str) -> rusqlite::Result<Connection> {
         let conn = connect(&self.path, self.durability)?;
         conn.execute_batch(schema)?;
         Ok(conn)
-    }
-
-    /// A [`Database::connection`] behind a lock, for a store whose calls are short.
-    pub fn shared(&self, schema: &str) -> rusqlite::Result<Shared> {
-        Ok(Shared(Mutex::new(self.connection(schema)?)))
-    }
-}
-
-/// One connection to the database, shared behind a lock by a store whose calls are short
-/// (a row or two).
-pub struct Shared(Mutex<Connection>);
-
-impl Shared {
-    /// The connection, once no other call holds it (a call that panicked left it as it
-    /// was: SQLite rolled back what it did not commit).
-    pub fn lock(&self) -> MutexGuard<'_, Connection> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
