@@ -65,6 +65,32 @@ async fn publish_from_four(
     }
 }
 
+/// Publishes `count` receipts for agent 0, one a millisecond, each alone to `url`, with
+/// request ids `<prefix>-<n>`; returns when each was sent, by request id.
+async fn publish_at_steady_rate(
+    http: &reqwest::Client,
+    url: &str,
+    count: usize,
+    prefix: &str,
+) -> Arc<Mutex<HashMap<String, Instant>>> {
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    for n in 0..count {
+        tick.tick().await;
+        let (http, url, sent) = (http.clone(), url.to_owned(), sent.clone());
+        let id = format!("{prefix}-{n}");
+        tokio::spawn(async move {
+            sent.lock().await.insert(id.clone(), Instant::now());
+            http.post(url)
+                .json(&json!({"body": receipt(&id, &agent(0))}))
+                .send()
+                .await
+                .unwrap();
+        });
+    }
+    sent
+}
+
 fn agent(i: usize) -> String {
     format!(
         "did:cdi:registry.clawdentity.com:agent:{}",
@@ -156,23 +182,9 @@ async fn latency_at_steady_rate(base: &str, token: &str) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     connector(base, 0, token, tx).await;
     let http = reqwest::Client::new();
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let count = 5_000;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
     let url = format!("{base}/v1/queues/{RECEIPTS}/messages");
-    for n in 0..count {
-        tick.tick().await;
-        let (http, url, sent) = (http.clone(), url.clone(), sent.clone());
-        tokio::spawn(async move {
-            let id = format!("lat-{n}");
-            sent.lock().await.insert(id.clone(), Instant::now());
-            http.post(url)
-                .json(&json!({"body": receipt(&id, &agent(0))}))
-                .send()
-                .await
-                .unwrap();
-        });
-    }
+    let sent = publish_at_steady_rate(&http, &url, count, "lat").await;
     let mut latencies = Vec::with_capacity(count);
     while latencies.len() < count {
         let (id, at) = rx.recv().await.unwrap();
@@ -314,23 +326,9 @@ async fn hook_latency_at_steady_rate(base: &str, token: &str, dir: &Path) {
         "the connector delivers; its log:\n{}",
         std::fs::read_to_string(dir.join("connector.log")).unwrap_or_default()
     );
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let count = 10_000;
     let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    for n in 0..count {
-        tick.tick().await;
-        let (http, url, sent) = (http.clone(), url.clone(), sent.clone());
-        tokio::spawn(async move {
-            let id = format!("hook-lat-{n}");
-            sent.lock().await.insert(id.clone(), Instant::now());
-            http.post(url)
-                .json(&json!({"body": receipt(&id, &agent(0))}))
-                .send()
-                .await
-                .unwrap();
-        });
-    }
+    let sent = publish_at_steady_rate(&http, &url, count, "hook-lat").await;
     let published = started.elapsed();
     let arrived = hook_arrivals(&mut hook, count, Duration::from_secs(120)).await;
     let sent = sent.lock().await;

@@ -3,8 +3,6 @@
 //! through `POST/GET/DELETE /v1/agents` (see `admin`), `clawq agents` through that API or,
 //! offline, on a data directory.
 
-use std::sync::Arc;
-
 use anyhow::Result;
 use clawq_protocol::did::{DidError, validate_agent_did};
 use rusqlite::{OptionalExtension, params};
@@ -210,16 +208,6 @@ impl AgentRegistry {
             })
             .await
     }
-}
-
-/// [`AgentRegistry::admission`] for callers holding the stores by `Arc`.
-pub async fn admit(
-    agents: Arc<AgentRegistry>,
-    trust: Arc<TrustStore>,
-    did: String,
-    token: String,
-) -> Result<Option<Refusal>> {
-    agents.admission(&did, &token, &trust).await
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
-use crate::agents::{self, AgentRegistry};
+use crate::agents::AgentRegistry;
 use crate::api::ApiError;
 use crate::crypto::sha256;
 use crate::tokens::{Role, TokenStore};
@@ -266,13 +266,7 @@ impl AuthState {
             ));
         };
         let token = token.to_owned();
-        let admitted = agents::admit(
-            self.agents.clone(),
-            self.trust.clone(),
-            did.clone(),
-            token.clone(),
-        );
-        match admitted.await {
+        match self.agents.admission(&did, &token, &self.trust).await {
             Ok(None) => Ok(Principal::Agent { did, token }),
             Ok(Some(refusal)) => {
                 let why = refusal.message();

@@ -42,7 +42,7 @@ use tokio::sync::oneshot;
 pub const DATABASE_FILE: &str = "clawq.db";
 
 /// The per-store files of older clawq versions, imported into [`DATABASE_FILE`] at open.
-pub const LEGACY_FILES: [&str; 7] = [
+const LEGACY_FILES: [&str; 7] = [
     "queues.db",
     "trust.db",
     "sessions.db",
@@ -163,16 +163,6 @@ impl Database {
             path,
             durability,
         })
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// How hard its commits wait for the disk.
-    pub fn durability(&self) -> Durability {
-        self.durability
     }
 
     /// Runs `work` on the writer thread, inside a transaction it shares with the other
@@ -412,7 +402,7 @@ pub(crate) fn test_db(dir: &Path) -> Database {
 /// transaction per file, recorded in `imported_files`; then renames the file (and its
 /// WAL) with a `.imported` suffix, kept as a backup. The stores bring the imported
 /// tables up to date themselves when they open, as they would the old files.
-pub fn import_legacy_files(conn: &mut Connection, data_dir: &Path) -> anyhow::Result<()> {
+fn import_legacy_files(conn: &mut Connection, data_dir: &Path) -> anyhow::Result<()> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS imported_files (
              name        TEXT PRIMARY KEY,

@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 use super::hub::{ConnectionHub, Outbound, Outgoing};
 use super::sessions::{Ask, Kind, RelaySessions};
-use crate::agents::{self, AgentRegistry, Refusal};
+use crate::agents::{AgentRegistry, Refusal};
 use crate::api::ApiError;
 use crate::auth::Principal;
 use crate::frame::{CONNECT_PATH, Frame, FrameBody, MAX_FRAME_BYTES};
@@ -256,13 +256,7 @@ async fn serve_connection(socket: WebSocket, did: String, token: String, state: 
         outgoing: &outgoing,
         timeout: state.backpressure.send_timeout.min(state.heartbeat.timeout),
     };
-    let admitted = agents::admit(
-        state.agents.clone(),
-        state.trust.clone(),
-        did.clone(),
-        token,
-    );
-    let end = match admitted.await {
+    let end = match state.agents.admission(&did, &token, &state.trust).await {
         Ok(None) => converse(&did, &state, &mut link, stream).await,
         Ok(Some(refusal)) => refused_close(refusal),
         Err(err) => {
