@@ -9,6 +9,7 @@ mod api;
 mod authoring;
 mod backpressure;
 mod bounds;
+mod cluster;
 mod connector;
 mod crash;
 mod crl;

@@ -42,6 +42,8 @@ pub struct AppState {
     pub queues: Arc<BTreeMap<String, QueueInfo>>,
     /// The trust store.
     pub trust: Arc<TrustStore>,
+    /// The NATS cluster the host shares its queues and state through, if it does.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// What the API tells about a queue besides its counts.
@@ -71,7 +73,7 @@ pub struct ConsumerInfo {
 /// The API's routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .route("/v1/queues", get(list_queues))
         .route("/v1/queues/{queue}", get(queue_status))
         .route(
@@ -87,6 +89,29 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(state)
+}
+
+/// `GET /healthz`: 200 while the host can serve. A host on a NATS cluster answers 503
+/// while it has lost the connection (it reconnects by itself), naming the outage.
+async fn healthz(State(state): State<AppState>) -> Response {
+    match &state.cluster {
+        None => Json(json!({"status": "ok"})).into_response(),
+        Some(cluster) if cluster.is_connected() => {
+            Json(json!({"status": "ok", "nats": "connected"})).into_response()
+        }
+        Some(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "unavailable",
+                "nats": "disconnected",
+                "error": {
+                    "code": "nats_unavailable",
+                    "message": "the host lost its connection to NATS and is reconnecting",
+                },
+            })),
+        )
+            .into_response(),
+    }
 }
 
 /// A JSON error response.

@@ -85,6 +85,9 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// How hard a commit to the host's database waits for the disk (`durability`).
     pub durability: crate::store::Durability,
+    /// The NATS JetStream cluster the queues and the shared state live in (`[backend]
+    /// kind = "nats"`, or `--nats URL`); `None`: the embedded SQLite database.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// The PEM files `clawq serve` terminates TLS with.
@@ -333,6 +336,46 @@ struct FileConfig {
     trust: FileTrust,
     #[serde(default)]
     relay: FileRelay,
+    #[serde(default)]
+    backend: FileBackend,
+}
+
+/// `[backend]`: where the queues and the host's state live.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    /// `"sqlite"` (the default: one host, its own database file) or `"nats"`.
+    kind: Option<String>,
+    /// The NATS server(s), for `kind = "nats"`.
+    url: Option<String>,
+    /// Copies of each stream and bucket, for `kind = "nats"` (1 to 5).
+    replicas: Option<usize>,
+}
+
+impl FileBackend {
+    fn apply(self) -> Result<Option<crate::cluster::ClusterConfig>> {
+        match self.kind.as_deref() {
+            None | Some("sqlite") => {
+                if self.url.is_some() || self.replicas.is_some() {
+                    bail!("backend.url and backend.replicas need backend.kind = \"nats\"");
+                }
+                Ok(None)
+            }
+            Some("nats") => {
+                let replicas = self.replicas.unwrap_or(1);
+                if !(1..=5).contains(&replicas) {
+                    bail!("backend.replicas must be between 1 and 5 (JetStream's range)");
+                }
+                Ok(Some(crate::cluster::ClusterConfig {
+                    url: self
+                        .url
+                        .unwrap_or_else(|| crate::cluster::DEFAULT_URL.to_owned()),
+                    replicas,
+                }))
+            }
+            Some(other) => bail!("backend.kind must be \"sqlite\" or \"nats\", not {other:?}"),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -708,6 +751,7 @@ impl Config {
             metrics_public: file.metrics_public,
             insecure_no_auth: file.insecure_no_auth,
             durability: file.durability,
+            cluster: file.backend.apply()?,
             http: file.http.apply()?,
             tls: tls_files(file.tls_cert, file.tls_key)?,
         })
@@ -1020,6 +1064,47 @@ mod tests {
         assert_eq!(config.relay.backpressure, expected);
         let defaults = Config::parse("").unwrap().relay.backpressure;
         assert_eq!(defaults.send_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn backend_keys_choose_sqlite_or_a_nats_cluster() {
+        assert_eq!(Config::parse("").unwrap().cluster, None);
+        assert_eq!(
+            Config::parse("[backend]\nkind = \"sqlite\"")
+                .unwrap()
+                .cluster,
+            None
+        );
+        let cluster = Config::parse("[backend]\nkind = \"nats\"").unwrap().cluster;
+        assert_eq!(
+            cluster,
+            Some(crate::cluster::ClusterConfig {
+                url: crate::cluster::DEFAULT_URL.to_owned(),
+                replicas: 1
+            })
+        );
+        let text = "[backend]\nkind = \"nats\"\nurl = \"nats://a:1,nats://b:2\"\nreplicas = 3";
+        let cluster = Config::parse(text).unwrap().cluster.unwrap();
+        assert_eq!(
+            (cluster.url.as_str(), cluster.replicas),
+            ("nats://a:1,nats://b:2", 3)
+        );
+        for (text, needle) in [
+            ("[backend]\nkind = \"kafka\"", "backend.kind"),
+            ("[backend]\nurl = \"nats://a:1\"", "backend.kind = \"nats\""),
+            (
+                "[backend]\nkind = \"nats\"\nreplicas = 0",
+                "backend.replicas",
+            ),
+            (
+                "[backend]\nkind = \"nats\"\nreplicas = 7",
+                "backend.replicas",
+            ),
+            ("[backend]\nkind = \"nats\"\nstream = \"x\"", "stream"),
+        ] {
+            let err = format!("{:#}", Config::parse(text).unwrap_err());
+            assert!(err.contains(needle), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod bounds;
 pub mod bundled;
 pub mod check;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod connector;
 pub mod consumer;

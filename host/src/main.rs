@@ -180,6 +180,12 @@ struct ServeArgs {
     /// `insecure_no_auth`): only on a network nobody else reaches.
     #[arg(long)]
     insecure_no_auth: bool,
+    /// Keep the queues and the shared state in the NATS JetStream cluster at URL
+    /// (`nats://host:port`, several separated by commas) instead of the data directory's
+    /// database, so that several hosts serve them together (the config's `[backend]
+    /// kind = "nats"`; its `replicas` still apply).
+    #[arg(long, env = "CLAWQ_NATS", value_name = "URL")]
+    nats: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -687,6 +693,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         });
     }
     config.insecure_no_auth |= args.insecure_no_auth;
+    if let Some(url) = args.nats {
+        let replicas = config.cluster.as_ref().map_or(1, |c| c.replicas);
+        config.cluster = Some(clawq::cluster::ClusterConfig { url, replicas });
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     clawq::server::serve_with(config, args.watch, shutdown).await

@@ -120,6 +120,14 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         )?)),
         None => None,
     };
+    let cluster = match &config.cluster {
+        Some(settings) => {
+            let cluster = crate::cluster::Cluster::connect(settings).await?;
+            tracing::info!(url = %settings.url, replicas = settings.replicas, "connected to NATS JetStream");
+            Some(cluster)
+        }
+        None => None,
+    };
     let db = Database::open(&config.data_dir, config.durability)
         .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
     let backend: Arc<dyn QueueBackend> = Arc::new(
@@ -246,6 +254,7 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         backend,
         queues: Arc::new(queues),
         trust,
+        cluster,
     })
     .merge(endpoint::router(relay))
     .merge(metrics::router(metrics))

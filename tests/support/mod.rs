@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod nats;
+
 /// The test handler whose outcomes the message bodies script.
 pub const SCRIPTED_HANDLER: &str = clawq_test_guests::SCRIPTED_HANDLER;
 /// The test handler that traps on every batch.
