@@ -13,6 +13,9 @@
 //! connector acknowledges them. Run with `cargo bench -p clawq --bench receipts`; a word
 //! after `--` runs only the sections whose name contains it (`frame`, `agents`,
 //! `hook-via-host`, `hook-alone`; `hook` for both of the last two).
+//!
+//! A session keeps every receipt of these runs (`max_receipts_per_agent = 1000000`);
+//! `CLAWQ_BENCH_RECEIPT_CAP` sets another cap (e.g. the default, 500).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -110,11 +113,17 @@ async fn start_host(dir: &Path, agents: usize, stop: CancellationToken) -> (Stri
         .local_addr()
         .unwrap()
         .port();
-    // A session keeps every receipt of the runs below (one agent gets tens of thousands).
-    let mut config = Config::parse(
+    // By default a session keeps every receipt of the runs below (one agent gets tens of
+    // thousands).
+    let cap: usize = std::env::var("CLAWQ_BENCH_RECEIPT_CAP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    println!("max_receipts_per_agent = {cap}");
+    let mut config = Config::parse(&format!(
         "[[queues.consumers]]\nqueue = \"clawdentity-receipts\"\nmax_batch_size = 100\nmax_batch_timeout = 0.001\nmax_concurrency = 2\n\
-         [relay]\nmax_receipts_per_agent = 1000000\n",
-    )
+         [relay]\nmax_receipts_per_agent = {cap}\n",
+    ))
     .unwrap();
     config.listen = format!("127.0.0.1:{port}").parse().unwrap();
     config.data_dir = dir.to_owned();
