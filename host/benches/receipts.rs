@@ -183,6 +183,24 @@ async fn connector(
     });
 }
 
+/// CPU time spent so far by this process's threads named `name` (from
+/// `/proc/self/task/*/schedstat`, in ns).
+fn thread_cpu(name: &str) -> Duration {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            total += stat
+                .split_whitespace()
+                .next()
+                .and_then(|ns| ns.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Duration::from_nanos(total)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -193,18 +211,22 @@ async fn latency_at_steady_rate(base: &str, token: &str) {
     let http = reqwest::Client::new();
     let count = 5_000;
     let url = format!("{base}/v1/queues/{RECEIPTS}/messages");
+    let writer_before = thread_cpu("clawq-db-writer");
     let sent = publish_at_steady_rate(&http, &url, count, "lat").await;
     let mut latencies = Vec::with_capacity(count);
     while latencies.len() < count {
         let (id, at) = rx.recv().await.unwrap();
         latencies.push(at - sent.lock().await[&id]);
     }
+    let writer = thread_cpu("clawq-db-writer") - writer_before;
     latencies.sort();
     println!(
-        "publish → connector frame at 1,000 receipts/s ({count} receipts): p50 {:?}, p99 {:?}, max {:?}",
+        "publish → connector frame at 1,000 receipts/s ({count} receipts): p50 {:?}, p99 {:?}, max {:?}; \
+         database writer thread CPU {:?} per receipt",
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
-        latencies[count - 1]
+        latencies[count - 1],
+        writer / count as u32
     );
 }
 
