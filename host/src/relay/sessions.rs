@@ -81,7 +81,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::hub::ConnectionHub;
 use crate::clock::now_ms;
 use crate::frame::{Deliver, Frame, FrameBody, MAX_FRAME_BYTES, ReceiptStatus};
-use crate::store::{Database, StoreError};
+use crate::store::{Database, StoreError, execute_cached};
 
 /// Largest dedup key and optional string field of a delivery, in bytes.
 pub const MAX_DELIVERY_FIELD_BYTES: usize = 1024;
@@ -798,11 +798,11 @@ fn write_turn(
     let mut outcomes = Vec::with_capacity(calls.len());
     for request in calls {
         let connects = matches!(request, Request::Push(Ask::Connected));
-        conn.execute_batch("SAVEPOINT session_call")?;
+        execute_cached(conn, "SAVEPOINT session_call")?;
         let mut its_drops = Vec::new();
         let outcome = run_call(conn, did, request, now, live, limits, &mut its_drops);
         if outcome.is_ok() {
-            conn.execute_batch("RELEASE session_call")?;
+            execute_cached(conn, "RELEASE session_call")?;
             dropped.append(&mut its_drops);
             live |= connects;
         } else {
