@@ -6,8 +6,9 @@
 //! subscription that takes every message, or none) costs, and what the queue gauges
 //! (`counts`, `lanes`) cost at a 100k backlog.
 //!
-//! Run with `cargo bench -p clawq --bench throughput`. `CLAWQ_BENCH_MESSAGES` sets the
-//! message count (default 50000).
+//! Run with `cargo bench -p clawq --bench throughput`; a word after `--` runs only the
+//! sections whose name contains it (`gauges`, `instance`, `deploy`, `batch`,
+//! `subscribers`). `CLAWQ_BENCH_MESSAGES` sets the message count (default 50000).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -312,43 +313,59 @@ async fn swap(runtime: &Arc<Runtime>) {
 
 #[tokio::main]
 async fn main() {
+    // `cargo bench` passes `--bench`; a plain word selects sections.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let run = |section: &str| only.is_empty() || only.iter().any(|o| section.contains(o.as_str()));
     let n: usize = std::env::var("CLAWQ_BENCH_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
     let runtime = Arc::new(Runtime::new().unwrap());
 
-    let (counts, lanes) = gauges_at_backlog(100_000).await;
-    println!("queue gauges at a 100k backlog: counts {counts:?}, lanes {lanes:?}");
+    if run("gauges") {
+        let (counts, lanes) = gauges_at_backlog(100_000).await;
+        println!("queue gauges at a 100k backlog: counts {counts:?}, lanes {lanes:?}");
+    }
 
-    println!(
-        "per-batch fresh instance + empty handle call: {:?}",
-        per_batch_instance(&runtime, 20_000).await
-    );
-
-    swap(&runtime).await;
-
-    for (batch_size, concurrency) in [(10, 1), (10, 2), (100, 1)] {
-        let alone = engine_alone(n, batch_size).await;
-        let wasm = end_to_end(&runtime, n, batch_size, concurrency).await;
+    if run("instance") {
         println!(
-            "batch {batch_size:>3}, concurrency {concurrency}: engine alone {alone:>8.0} msg/s | \
-             queue → CRL component → trust store {wasm:>8.0} msg/s | ratio {:.2}",
-            wasm / alone
+            "per-batch fresh instance + empty handle call: {:?}",
+            per_batch_instance(&runtime, 20_000).await
         );
     }
 
-    let every: Filter = serde_json::from_value(serde_json::json!({})).unwrap();
-    let none: Filter =
-        serde_json::from_value(serde_json::json!({"type": "pair.accepted"})).unwrap();
-    let one = fanned_out(&runtime, n, 10, 1, None).await;
-    let filtered = fanned_out(&runtime, n, 10, 1, Some(none)).await;
-    let both = fanned_out(&runtime, n, 10, 1, Some(every)).await;
-    println!(
-        "events queue, batch 10: CRL alone {one:>8.0} msg/s | + a subscriber its filter keeps \
-         out {filtered:>8.0} msg/s (ratio {:.2}) | + a subscriber of every message {both:>8.0} \
-         msg/s (ratio {:.2}, each message handled twice)",
-        filtered / one,
-        both / one
-    );
+    if run("deploy") {
+        swap(&runtime).await;
+    }
+
+    if run("batch") {
+        for (batch_size, concurrency) in [(10, 1), (10, 2), (100, 1)] {
+            let alone = engine_alone(n, batch_size).await;
+            let wasm = end_to_end(&runtime, n, batch_size, concurrency).await;
+            println!(
+                "batch {batch_size:>3}, concurrency {concurrency}: engine alone {alone:>8.0} msg/s | \
+                 queue → CRL component → trust store {wasm:>8.0} msg/s | ratio {:.2}",
+                wasm / alone
+            );
+        }
+    }
+
+    if run("subscribers") {
+        let every: Filter = serde_json::from_value(serde_json::json!({})).unwrap();
+        let none: Filter =
+            serde_json::from_value(serde_json::json!({"type": "pair.accepted"})).unwrap();
+        let one = fanned_out(&runtime, n, 10, 1, None).await;
+        let filtered = fanned_out(&runtime, n, 10, 1, Some(none)).await;
+        let both = fanned_out(&runtime, n, 10, 1, Some(every)).await;
+        println!(
+            "events queue, batch 10: CRL alone {one:>8.0} msg/s | + a subscriber its filter keeps \
+             out {filtered:>8.0} msg/s (ratio {:.2}) | + a subscriber of every message {both:>8.0} \
+             msg/s (ratio {:.2}, each message handled twice)",
+            filtered / one,
+            both / one
+        );
+    }
 }
