@@ -13,6 +13,9 @@
 //! connector acknowledges them. Run with `cargo bench -p clawq --bench receipts`; a word
 //! after `--` runs only the sections whose name contains it (`frame`, `agents`,
 //! `hook-via-host`, `hook-alone`; `hook` for both of the last two).
+//!
+//! A session keeps every receipt of these runs (`max_receipts_per_agent = 1000000`);
+//! `CLAWQ_BENCH_RECEIPT_CAP` sets another cap (e.g. the default, 500).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -110,11 +113,17 @@ async fn start_host(dir: &Path, agents: usize, stop: CancellationToken) -> (Stri
         .local_addr()
         .unwrap()
         .port();
-    // A session keeps every receipt of the runs below (one agent gets tens of thousands).
-    let mut config = Config::parse(
+    // By default a session keeps every receipt of the runs below (one agent gets tens of
+    // thousands).
+    let cap: usize = std::env::var("CLAWQ_BENCH_RECEIPT_CAP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    println!("max_receipts_per_agent = {cap}");
+    let mut config = Config::parse(&format!(
         "[[queues.consumers]]\nqueue = \"clawdentity-receipts\"\nmax_batch_size = 100\nmax_batch_timeout = 0.001\nmax_concurrency = 2\n\
-         [relay]\nmax_receipts_per_agent = 1000000\n",
-    )
+         [relay]\nmax_receipts_per_agent = {cap}\n",
+    ))
     .unwrap();
     config.listen = format!("127.0.0.1:{port}").parse().unwrap();
     config.data_dir = dir.to_owned();
@@ -174,6 +183,24 @@ async fn connector(
     });
 }
 
+/// CPU time spent so far by this process's threads named `name` (from
+/// `/proc/self/task/*/schedstat`, in ns).
+fn thread_cpu(name: &str) -> Duration {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            total += stat
+                .split_whitespace()
+                .next()
+                .and_then(|ns| ns.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Duration::from_nanos(total)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -184,18 +211,22 @@ async fn latency_at_steady_rate(base: &str, token: &str) {
     let http = reqwest::Client::new();
     let count = 5_000;
     let url = format!("{base}/v1/queues/{RECEIPTS}/messages");
+    let writer_before = thread_cpu("clawq-db-writer");
     let sent = publish_at_steady_rate(&http, &url, count, "lat").await;
     let mut latencies = Vec::with_capacity(count);
     while latencies.len() < count {
         let (id, at) = rx.recv().await.unwrap();
         latencies.push(at - sent.lock().await[&id]);
     }
+    let writer = thread_cpu("clawq-db-writer") - writer_before;
     latencies.sort();
     println!(
-        "publish → connector frame at 1,000 receipts/s ({count} receipts): p50 {:?}, p99 {:?}, max {:?}",
+        "publish → connector frame at 1,000 receipts/s ({count} receipts): p50 {:?}, p99 {:?}, max {:?}; \
+         database writer thread CPU {:?} per receipt",
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
-        latencies[count - 1]
+        latencies[count - 1],
+        writer / count as u32
     );
 }
 

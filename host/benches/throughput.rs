@@ -6,8 +6,15 @@
 //! subscription that takes every message, or none) costs, and what the queue gauges
 //! (`counts`, `lanes`) cost at a 100k backlog.
 //!
-//! Run with `cargo bench -p clawq --bench throughput`. `CLAWQ_BENCH_MESSAGES` sets the
-//! message count (default 50000).
+//! Then the resident memory of the real host (the built `clawq serve`, a process of its
+//! own, with no config: the events queue into the bundled CRL component): idle, and
+//! after it handled 1,000,000 revocations published over HTTP (`VmRSS` and the peak,
+//! `VmHWM`, of `/proc/<pid>/status`).
+//!
+//! Run with `cargo bench -p clawq --bench throughput`; a word after `--` runs only the
+//! sections whose name contains it (`gauges`, `instance`, `deploy`, `batch`,
+//! `subscribers`, `rss`). `CLAWQ_BENCH_MESSAGES` sets the message count (default 50000),
+//! `CLAWQ_BENCH_RSS_MESSAGES` that of the `rss` section (default 1000000).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -310,45 +317,201 @@ async fn swap(runtime: &Arc<Runtime>) {
     running.await.unwrap();
 }
 
+/// The built `clawq serve` on loopback, with no config, on its own data directory;
+/// killed when dropped.
+struct ServeProcess {
+    child: std::process::Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ServeProcess {
+    async fn start() -> ServeProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_clawq"))
+            .args([
+                "serve",
+                "--insecure-no-auth",
+                "--listen",
+                &listen,
+                "--data-dir",
+            ])
+            .arg(dir.path().join("data"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting clawq serve");
+        let base = format!("http://{listen}");
+        let http = reqwest::Client::new();
+        while http.get(format!("{base}/healthz")).send().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ServeProcess {
+            child,
+            base,
+            _dir: dir,
+        }
+    }
+
+    /// `VmRSS` and `VmHWM` of the process, in MB.
+    fn memory(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let field = |name: &str| -> f64 {
+            let kb: f64 = status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|kb| kb.parse().ok())
+                .unwrap();
+            kb / 1024.0
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The host's resident memory idle, then after it handled `n` revocations published
+/// over HTTP by 4 producers in batches of 100.
+async fn host_memory(n: usize) {
+    let host = ServeProcess::start().await;
+    // Settled after its start (the component compiled, the first empty polls made).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (idle, idle_peak) = host.memory();
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/queues/{EVENTS_QUEUE}/messages/batch", host.base);
+    let started = Instant::now();
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                for first in (p * n / 4..(p + 1) * n / 4).step_by(PUBLISH_BATCH) {
+                    let last = (first + PUBLISH_BATCH).min((p + 1) * n / 4);
+                    let messages: Vec<serde_json::Value> = (first..last)
+                        .map(|i| {
+                            let body: serde_json::Value =
+                                serde_json::from_slice(&revocation(i).body).unwrap();
+                            serde_json::json!({ "body": body })
+                        })
+                        .collect();
+                    let response = http
+                        .post(&url)
+                        .json(&serde_json::json!({ "messages": messages }))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(response.status().is_success(), "{response:?}");
+                }
+            })
+        })
+        .collect();
+    for producer in producers {
+        producer.await.unwrap();
+    }
+    let status_url = format!("{}/v1/queues/{EVENTS_QUEUE}", host.base);
+    loop {
+        let status: serde_json::Value = http
+            .get(&status_url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let held: u64 = ["backlog", "in_flight", "delayed"]
+            .iter()
+            .map(|k| status[k].as_u64().unwrap())
+            .sum();
+        if held == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let elapsed = started.elapsed();
+    let (after, peak) = host.memory();
+    println!(
+        "clawq serve resident memory: idle {idle:.1} MB (peak {idle_peak:.1} MB); after \
+         {n} revocations published and handled in {elapsed:?} ({:.0} msg/s): {after:.1} MB \
+         (peak {peak:.1} MB)",
+        n as f64 / elapsed.as_secs_f64()
+    );
+}
+
 #[tokio::main]
 async fn main() {
+    // `cargo bench` passes `--bench`; a plain word selects sections.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let run = |section: &str| only.is_empty() || only.iter().any(|o| section.contains(o.as_str()));
     let n: usize = std::env::var("CLAWQ_BENCH_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
     let runtime = Arc::new(Runtime::new().unwrap());
 
-    let (counts, lanes) = gauges_at_backlog(100_000).await;
-    println!("queue gauges at a 100k backlog: counts {counts:?}, lanes {lanes:?}");
+    if run("gauges") {
+        let (counts, lanes) = gauges_at_backlog(100_000).await;
+        println!("queue gauges at a 100k backlog: counts {counts:?}, lanes {lanes:?}");
+    }
 
-    println!(
-        "per-batch fresh instance + empty handle call: {:?}",
-        per_batch_instance(&runtime, 20_000).await
-    );
-
-    swap(&runtime).await;
-
-    for (batch_size, concurrency) in [(10, 1), (10, 2), (100, 1)] {
-        let alone = engine_alone(n, batch_size).await;
-        let wasm = end_to_end(&runtime, n, batch_size, concurrency).await;
+    if run("instance") {
         println!(
-            "batch {batch_size:>3}, concurrency {concurrency}: engine alone {alone:>8.0} msg/s | \
-             queue → CRL component → trust store {wasm:>8.0} msg/s | ratio {:.2}",
-            wasm / alone
+            "per-batch fresh instance + empty handle call: {:?}",
+            per_batch_instance(&runtime, 20_000).await
         );
     }
 
-    let every: Filter = serde_json::from_value(serde_json::json!({})).unwrap();
-    let none: Filter =
-        serde_json::from_value(serde_json::json!({"type": "pair.accepted"})).unwrap();
-    let one = fanned_out(&runtime, n, 10, 1, None).await;
-    let filtered = fanned_out(&runtime, n, 10, 1, Some(none)).await;
-    let both = fanned_out(&runtime, n, 10, 1, Some(every)).await;
-    println!(
-        "events queue, batch 10: CRL alone {one:>8.0} msg/s | + a subscriber its filter keeps \
-         out {filtered:>8.0} msg/s (ratio {:.2}) | + a subscriber of every message {both:>8.0} \
-         msg/s (ratio {:.2}, each message handled twice)",
-        filtered / one,
-        both / one
-    );
+    if run("deploy") {
+        swap(&runtime).await;
+    }
+
+    if run("batch") {
+        for (batch_size, concurrency) in [(10, 1), (10, 2), (100, 1)] {
+            let alone = engine_alone(n, batch_size).await;
+            let wasm = end_to_end(&runtime, n, batch_size, concurrency).await;
+            println!(
+                "batch {batch_size:>3}, concurrency {concurrency}: engine alone {alone:>8.0} msg/s | \
+                 queue → CRL component → trust store {wasm:>8.0} msg/s | ratio {:.2}",
+                wasm / alone
+            );
+        }
+    }
+
+    if run("rss") {
+        let n = std::env::var("CLAWQ_BENCH_RSS_MESSAGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        host_memory(n).await;
+    }
+
+    if run("subscribers") {
+        let every: Filter = serde_json::from_value(serde_json::json!({})).unwrap();
+        let none: Filter =
+            serde_json::from_value(serde_json::json!({"type": "pair.accepted"})).unwrap();
+        let one = fanned_out(&runtime, n, 10, 1, None).await;
+        let filtered = fanned_out(&runtime, n, 10, 1, Some(none)).await;
+        let both = fanned_out(&runtime, n, 10, 1, Some(every)).await;
+        println!(
+            "events queue, batch 10: CRL alone {one:>8.0} msg/s | + a subscriber its filter keeps \
+             out {filtered:>8.0} msg/s (ratio {:.2}) | + a subscriber of every message {both:>8.0} \
+             msg/s (ratio {:.2}, each message handled twice)",
+            filtered / one,
+            both / one
+        );
+    }
 }
