@@ -12,9 +12,15 @@ const PARKED: &str = "parked";
 /// A host whose `jobs` queue gives up after 2 deliveries, and a `parked` queue that no
 /// one consumes.
 fn start() -> Host {
+    start_on("")
+}
+
+/// [`start`] on the queue backend that `backend` configures (a `[backend]` section;
+/// empty: the embedded SQLite).
+pub(crate) fn start_on(backend: &str) -> Host {
     let config = scripted_consumer(JOBS, "max_batch_timeout = 0\nmax_retries = 1")
         + &format!("[[queues.producers]]\nqueue = \"{PARKED}\"\n");
-    Host::start(&config)
+    Host::start(&(backend.to_owned() + &config))
 }
 
 /// Publishes a trap, a dead-letter outcome and a retry-for-ever, one after the other
@@ -70,7 +76,13 @@ fn error_code(reply: &Value) -> &str {
 
 #[test]
 fn dead_letters_are_listed_with_why_they_died_then_redriven_and_purged() {
-    let host = start();
+    dead_letters_listed_redriven_and_purged(&start());
+}
+
+/// Dead letters of `host` ([`start_on`]) are listed with why they died, then redriven
+/// and purged.
+pub(crate) fn dead_letters_listed_redriven_and_purged(host: &Host) {
+    let host = host;
     let ids = dead_letter_three(&host);
 
     let all = page(&host, DLQ, "");
