@@ -134,16 +134,9 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
     let backend: Arc<dyn QueueBackend> = match &cluster {
         // Several hosts share the queues: each queue a stream of the cluster.
         Some(cluster) => Arc::new(
-            JetStreamQueue::open(
-                cluster,
-                config.retentions(),
-                config
-                    .consumers
-                    .values()
-                    .map(|c| (c.lane(), c.batch_terms().lease)),
-            )
-            .with_routes(config.routes())
-            .with_retentions(config.retentions()),
+            JetStreamQueue::open(cluster, config.retentions())
+                .with_routes(config.routes())
+                .with_retentions(config.retentions()),
         ),
         None => Arc::new(
             SqliteQueue::open(&db)

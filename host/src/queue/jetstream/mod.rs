@@ -13,9 +13,12 @@
 //!   per message, so that an operator finds a message by id without a scan), read by one
 //!   durable pull consumer named like the consumer, filtered on `clawq.<queue>.lane.<consumer>.*`
 //!   and shared by every host: each message goes to one host at a time. Its ack wait is
-//!   the consumer's batch lease (`wall_timeout` plus a margin): an unsettled message is
-//!   delivered again once it runs out, on any host. A publish stores one copy per lane
-//!   the core's fan-out picks, as the SQLite backend stores one row per lane.
+//!   short ([`ACK_WAIT`]): the host renews it with a progress ack every
+//!   [`PROGRESS_EVERY`] for each message it holds, until the message's batch lease
+//!   (`wall_timeout` plus a margin) runs out. So the messages of a host that dies go to
+//!   another one within [`ACK_WAIT`], and those of a batch that outlives its lease are
+//!   delivered again, as with SQLite. A publish stores one copy per lane the core's
+//!   fan-out picks, as the SQLite backend stores one row per lane.
 //! - A delayed copy (`delay_seconds`, a retry or release with a delay) is a message
 //!   schedule on `clawq.<queue>.sched.<consumer>.<id>` (`Nats-Schedule: @at <time>`,
 //!   `Nats-Schedule-Target` = its lane subject): the server moves it to its lane when it
@@ -60,11 +63,12 @@ mod operator;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::IntoFuture;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{self, stream};
@@ -81,8 +85,16 @@ use super::lane::Lane;
 use super::storage::{Committed, DataPath, Fate, LeasePlan, Leased, PublishRow};
 use super::{Delivery, QueueError, SettleSummary};
 
-/// How long a lease waits for the first message of its lane before the core asks again.
-pub const LONG_POLL: Duration = Duration::from_secs(5);
+/// How long a lease waits for the first message of its lane before the core asks again
+/// (also the longest a consumer waits on a request lost in an outage, plus 5 s).
+pub const LONG_POLL: Duration = Duration::from_secs(2);
+
+/// How long a lane's consumer waits for a delivered message's ack (or progress ack)
+/// before it delivers it again: how soon the messages of a host that died go to another.
+pub const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a host renews the ack wait of the messages it holds (see [`ACK_WAIT`]).
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
 /// Most messages delivered and not yet settled per lane, over every host: room for many
 /// full batches on each.
@@ -92,10 +104,9 @@ pub const MAX_ACK_PENDING: i64 = 20_000;
 pub struct JetStreamStorage {
     cluster: Cluster,
     retention: HashMap<String, Duration>,
-    ack_waits: HashMap<Lane, Duration>,
     streams: tokio::sync::Mutex<HashMap<String, stream::Stream<()>>>,
     consumers: tokio::sync::Mutex<HashMap<Lane, PullConsumer>>,
-    leased: Mutex<HashMap<i64, Held>>,
+    leased: Arc<Mutex<HashMap<i64, Held>>>,
     next_lease: AtomicI64,
 }
 
@@ -104,30 +115,58 @@ pub type JetStreamQueue = Engine<JetStreamStorage>;
 
 impl JetStreamQueue {
     /// The queues of `cluster`: each queue's stream keeps messages for its retention
-    /// (`retentions`, queue → retention), each consumed lane's consumer redelivers what
-    /// is not settled within its batch lease (`leases`, lane → lease). Streams and
-    /// consumers are created (or brought up to date) on first use.
-    pub fn open(
-        cluster: &Cluster,
-        retentions: BTreeMap<String, Duration>,
-        leases: impl IntoIterator<Item = (Lane, Duration)>,
-    ) -> Self {
+    /// (`retentions`, queue → retention). Streams and consumers are created (or brought
+    /// up to date) on first use. Starts renewing the ack wait of the messages it leases,
+    /// for as long as it lives (in a task of the current runtime).
+    pub fn open(cluster: &Cluster, retentions: BTreeMap<String, Duration>) -> Self {
+        let leased = Arc::default();
+        tokio::spawn(renew(Arc::downgrade(&leased), cluster.client().clone()));
         Engine::new(JetStreamStorage {
             cluster: cluster.clone(),
             retention: retentions.into_iter().collect(),
-            ack_waits: leases.into_iter().collect(),
             streams: Default::default(),
             consumers: Default::default(),
-            leased: Default::default(),
+            leased,
             next_lease: AtomicI64::new(1),
         })
     }
 }
 
-/// A leased message: its handle (to ack it) and its record.
+/// A leased message: its handle (to ack it), its record, and when its lease runs out.
 struct Held {
     message: jetstream::Message,
     meta: Meta,
+    deadline: u64,
+}
+
+/// Every [`PROGRESS_EVERY`], renews the ack wait of each message of `leased` whose lease
+/// still holds; stops once `leased` is gone.
+async fn renew(leased: Weak<Mutex<HashMap<i64, Held>>>, client: async_nats::Client) {
+    let mut ticks = tokio::time::interval(PROGRESS_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(leased) = leased.upgrade() else {
+            return;
+        };
+        let now = now_ms();
+        let held: Vec<jetstream::Message> = {
+            let leased = leased.lock().unwrap_or_else(|p| p.into_inner());
+            leased
+                .values()
+                .filter(|held| held.deadline > now)
+                .map(|held| held.message.clone())
+                .collect()
+        };
+        if held.is_empty() {
+            continue;
+        }
+        for message in &held {
+            // Lost in an outage: the message goes back to the lane, delivered again.
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+        let _ = client.flush().await;
+    }
 }
 
 /// A failure of the cluster, as the host reports it (`503` on the API).
@@ -248,7 +287,7 @@ impl JetStreamStorage {
                 durable_name: Some(lane.consumer.clone()),
                 filter_subject: format!("clawq.{}.lane.{}.*", lane.queue, lane.consumer),
                 ack_policy: AckPolicy::Explicit,
-                ack_wait: self.ack_waits.get(lane).copied().unwrap_or_default(),
+                ack_wait: ACK_WAIT,
                 max_ack_pending: MAX_ACK_PENDING,
                 ..Default::default()
             })
@@ -483,7 +522,15 @@ impl DataPath for JetStreamStorage {
                 lease_deadline_ms: plan.deadline,
             });
             let mut leased = self.leased.lock().unwrap_or_else(|p| p.into_inner());
-            leased.insert(lease, Held { message, meta });
+            let deadline = plan.deadline;
+            leased.insert(
+                lease,
+                Held {
+                    message,
+                    meta,
+                    deadline,
+                },
+            );
         }
         if !done.is_empty() {
             // Dead-lettered before acked: a failure leaves them to be delivered again.
