@@ -82,10 +82,9 @@ fn dead_letters_are_listed_with_why_they_died_then_redriven_and_purged() {
 /// Dead letters of `host` ([`start_on`]) are listed with why they died, then redriven
 /// and purged.
 pub(crate) fn dead_letters_listed_redriven_and_purged(host: &Host) {
-    let host = host;
-    let ids = dead_letter_three(&host);
+    let ids = dead_letter_three(host);
 
-    let all = page(&host, DLQ, "");
+    let all = page(host, DLQ, "");
     assert_eq!(ids_of(&all), ids, "publish order");
     assert_eq!(all["cursor"], Value::Null);
     let [trap, dead, retry] = [0, 1, 2].map(|i| all["messages"][i].clone());
@@ -127,10 +126,10 @@ pub(crate) fn dead_letters_listed_redriven_and_purged(host: &Host) {
     }
     assert_eq!(retry["source_attempts"], 2);
 
-    let first = page(&host, DLQ, "?limit=2");
+    let first = page(host, DLQ, "?limit=2");
     assert_eq!(ids_of(&first), ids[..2]);
     let cursor = first["cursor"].as_str().unwrap();
-    let second = page(&host, DLQ, &format!("?limit=2&cursor={cursor}"));
+    let second = page(host, DLQ, &format!("?limit=2&cursor={cursor}"));
     assert_eq!(ids_of(&second), ids[2..]);
     assert_eq!(second["cursor"], Value::Null);
     let (status, one) = host.get(&format!("/v1/queues/{DLQ}/messages/{}", ids[1]));
@@ -145,16 +144,16 @@ pub(crate) fn dead_letters_listed_redriven_and_purged(host: &Host) {
     wait_for("the redriven message to be delivered again", || {
         (host.log_lines(&["seen tag=retry attempts=1 "]).len() == 2).then_some(())
     });
-    wait_until_dead_lettered(&host, 3);
+    wait_until_dead_lettered(host, 3);
 
     // All of them (no body) back to their source queue, where they die again; then all
     // to a named queue, where they start over; then purged by id and all.
     let (status, reply) = host.post_raw(&format!("/v1/queues/{DLQ}/redrive"), "");
     assert_eq!((status, reply), (200, json!({"redriven": 3, "skipped": 0})));
-    wait_until_dead_lettered(&host, 3);
+    wait_until_dead_lettered(host, 3);
     let (status, reply) = host.post(&format!("/v1/queues/{DLQ}/redrive"), &json!({"to": PARKED}));
     assert_eq!((status, reply), (200, json!({"redriven": 3, "skipped": 0})));
-    let parked = page(&host, PARKED, "");
+    let parked = page(host, PARKED, "");
     let mut parked_ids = ids_of(&parked);
     parked_ids.sort();
     let mut expected = ids.clone();
