@@ -12,9 +12,15 @@ const PARKED: &str = "parked";
 /// A host whose `jobs` queue gives up after 2 deliveries, and a `parked` queue that no
 /// one consumes.
 fn start() -> Host {
+    start_on("")
+}
+
+/// [`start`] on the queue backend that `backend` configures (a `[backend]` section;
+/// empty: the embedded SQLite).
+pub(crate) fn start_on(backend: &str) -> Host {
     let config = scripted_consumer(JOBS, "max_batch_timeout = 0\nmax_retries = 1")
         + &format!("[[queues.producers]]\nqueue = \"{PARKED}\"\n");
-    Host::start(&config)
+    Host::start(&(backend.to_owned() + &config))
 }
 
 /// Publishes a trap, a dead-letter outcome and a retry-for-ever, one after the other
@@ -70,10 +76,15 @@ fn error_code(reply: &Value) -> &str {
 
 #[test]
 fn dead_letters_are_listed_with_why_they_died_then_redriven_and_purged() {
-    let host = start();
-    let ids = dead_letter_three(&host);
+    dead_letters_listed_redriven_and_purged(&start());
+}
 
-    let all = page(&host, DLQ, "");
+/// Dead letters of `host` ([`start_on`]) are listed with why they died, then redriven
+/// and purged.
+pub(crate) fn dead_letters_listed_redriven_and_purged(host: &Host) {
+    let ids = dead_letter_three(host);
+
+    let all = page(host, DLQ, "");
     assert_eq!(ids_of(&all), ids, "publish order");
     assert_eq!(all["cursor"], Value::Null);
     let [trap, dead, retry] = [0, 1, 2].map(|i| all["messages"][i].clone());
@@ -115,10 +126,10 @@ fn dead_letters_are_listed_with_why_they_died_then_redriven_and_purged() {
     }
     assert_eq!(retry["source_attempts"], 2);
 
-    let first = page(&host, DLQ, "?limit=2");
+    let first = page(host, DLQ, "?limit=2");
     assert_eq!(ids_of(&first), ids[..2]);
     let cursor = first["cursor"].as_str().unwrap();
-    let second = page(&host, DLQ, &format!("?limit=2&cursor={cursor}"));
+    let second = page(host, DLQ, &format!("?limit=2&cursor={cursor}"));
     assert_eq!(ids_of(&second), ids[2..]);
     assert_eq!(second["cursor"], Value::Null);
     let (status, one) = host.get(&format!("/v1/queues/{DLQ}/messages/{}", ids[1]));
@@ -133,16 +144,16 @@ fn dead_letters_are_listed_with_why_they_died_then_redriven_and_purged() {
     wait_for("the redriven message to be delivered again", || {
         (host.log_lines(&["seen tag=retry attempts=1 "]).len() == 2).then_some(())
     });
-    wait_until_dead_lettered(&host, 3);
+    wait_until_dead_lettered(host, 3);
 
     // All of them (no body) back to their source queue, where they die again; then all
     // to a named queue, where they start over; then purged by id and all.
     let (status, reply) = host.post_raw(&format!("/v1/queues/{DLQ}/redrive"), "");
     assert_eq!((status, reply), (200, json!({"redriven": 3, "skipped": 0})));
-    wait_until_dead_lettered(&host, 3);
+    wait_until_dead_lettered(host, 3);
     let (status, reply) = host.post(&format!("/v1/queues/{DLQ}/redrive"), &json!({"to": PARKED}));
     assert_eq!((status, reply), (200, json!({"redriven": 3, "skipped": 0})));
-    let parked = page(&host, PARKED, "");
+    let parked = page(host, PARKED, "");
     let mut parked_ids = ids_of(&parked);
     parked_ids.sort();
     let mut expected = ids.clone();

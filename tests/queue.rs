@@ -14,9 +14,15 @@ fn seen(host: &Host, tag: &str) -> Vec<LogLine> {
 
 #[test]
 fn a_full_batch_goes_out_at_once_and_a_partial_one_after_the_timeout() {
+    full_and_partial_batches("");
+}
+
+/// The test above, on the queue backend `backend` configures (a `[backend]` section;
+/// empty: the embedded SQLite).
+pub(crate) fn full_and_partial_batches(backend: &str) {
     let config = scripted_consumer("sized", "max_batch_size = 4\nmax_batch_timeout = 30")
         + &scripted_consumer("timed", "max_batch_size = 50\nmax_batch_timeout = 0.5");
-    let host = Host::start(&config);
+    let host = Host::start(&(backend.to_owned() + &config));
 
     let full: Vec<_> = (0..4)
         .map(|i| json!({"do": "ack", "tag": format!("size{i}")}))
@@ -43,7 +49,14 @@ fn a_full_batch_goes_out_at_once_and_a_partial_one_after_the_timeout() {
 
 #[test]
 fn a_retry_with_delay_is_delivered_again_after_the_delay() {
-    let host = Host::start(&scripted_consumer(JOBS, "max_batch_timeout = 0"));
+    retry_with_delay("");
+}
+
+/// The test above, on the queue backend `backend` configures (a `[backend]` section;
+/// empty: the embedded SQLite).
+pub(crate) fn retry_with_delay(backend: &str) {
+    let host =
+        Host::start(&(backend.to_owned() + &scripted_consumer(JOBS, "max_batch_timeout = 0")));
     host.publish(
         JOBS,
         json!({"do": "retry", "delay": 1, "ack_at": 2, "tag": "r"}),
@@ -62,10 +75,15 @@ fn a_retry_with_delay_is_delivered_again_after_the_delay() {
 
 #[test]
 fn max_retries_then_the_dead_letter_queue() {
-    let host = Host::start(&scripted_consumer(
-        JOBS,
-        "max_batch_timeout = 0\nmax_retries = 2",
-    ));
+    max_retries_then_dlq("");
+}
+
+/// The test above, on the queue backend `backend` configures (a `[backend]` section;
+/// empty: the embedded SQLite).
+pub(crate) fn max_retries_then_dlq(backend: &str) {
+    let host = Host::start(
+        &(backend.to_owned() + &scripted_consumer(JOBS, "max_batch_timeout = 0\nmax_retries = 2")),
+    );
     host.publish(JOBS, json!({"do": "retry", "tag": "m"}));
     wait_for("the message to be dead-lettered", || {
         (host.queue(JOBS)["dead_lettered"] == 1).then_some(())
@@ -81,7 +99,14 @@ fn max_retries_then_the_dead_letter_queue() {
 
 #[test]
 fn a_dead_letter_outcome_skips_the_remaining_attempts() {
-    let host = Host::start(&scripted_consumer(JOBS, "max_batch_timeout = 0"));
+    dead_letter_outcome("");
+}
+
+/// The test above, on the queue backend `backend` configures (a `[backend]` section;
+/// empty: the embedded SQLite).
+pub(crate) fn dead_letter_outcome(backend: &str) {
+    let host =
+        Host::start(&(backend.to_owned() + &scripted_consumer(JOBS, "max_batch_timeout = 0")));
     host.publish(
         JOBS,
         json!({"do": "dead-letter", "reason": "poison pill", "tag": "d"}),
@@ -97,10 +122,15 @@ fn a_dead_letter_outcome_skips_the_remaining_attempts() {
 /// host keeps serving, and a good message afterwards is handled.
 #[test]
 fn failed_batches_are_retried_and_the_host_serves_on() {
-    let host = Host::start(&scripted_consumer(
-        JOBS,
-        "max_batch_timeout = 0\nmax_retries = 1",
-    ));
+    failed_batches_retried("");
+}
+
+/// The test above, on the queue backend `backend` configures (a `[backend]` section;
+/// empty: the embedded SQLite).
+pub(crate) fn failed_batches_retried(backend: &str) {
+    let host = Host::start(
+        &(backend.to_owned() + &scripted_consumer(JOBS, "max_batch_timeout = 0\nmax_retries = 1")),
+    );
     for (action, tag) in [("trap", "t"), ("fail", "f"), ("skip", "s")] {
         host.publish(JOBS, json!({"do": action, "tag": tag}));
         host.wait_log(&format!("seen tag={tag} attempts=2 "));

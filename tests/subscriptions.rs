@@ -56,13 +56,22 @@ fn receipts_of_a() -> Vec<Value> {
 
 #[test]
 fn each_consumer_receives_exactly_the_messages_it_subscribes_to() {
-    let host = Host::start(&fast_config(&consumer(
-        EVENTS,
-        "audit",
-        SCRIPTED_HANDLER,
-        "crl-invalidation",
-        r#"filter = { type = ["agent.auth.issued", "agent.auth.refreshed"] }"#,
-    )));
+    each_consumer_receives_its_messages("");
+}
+
+/// The test above, on the queue backend `backend` configures (a `[backend]` section;
+/// empty: the embedded SQLite).
+pub(crate) fn each_consumer_receives_its_messages(backend: &str) {
+    let host = Host::start(
+        &(backend.to_owned()
+            + &fast_config(&consumer(
+                EVENTS,
+                "audit",
+                SCRIPTED_HANDLER,
+                "crl-invalidation",
+                r#"filter = { type = ["agent.auth.issued", "agent.auth.refreshed"] }"#,
+            ))),
+    );
     let event = |kind: &str, tag: &str| json!({"type": kind, "do": "ack", "tag": tag});
     host.publish_batch(
         EVENTS,

@@ -23,6 +23,7 @@ use crate::dir_lock::DirLock;
 use crate::handlers::{self, HandlerSlots};
 use crate::metrics::{self, MetricsState};
 use crate::queue::QueueBackend;
+use crate::queue::jetstream::JetStreamQueue;
 use crate::queue::lane::Lane;
 use crate::queue::sqlite::SqliteQueue;
 use crate::relay::endpoint::{self, Heartbeat, RelayState};
@@ -130,12 +131,20 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
     };
     let db = Database::open(&config.data_dir, config.durability)
         .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
-    let backend: Arc<dyn QueueBackend> = Arc::new(
-        SqliteQueue::open(&db)
-            .context("opening the queue database")?
-            .with_routes(config.routes())
-            .with_retentions(config.retentions()),
-    );
+    let backend: Arc<dyn QueueBackend> = match &cluster {
+        // Several hosts share the queues: each queue a stream of the cluster.
+        Some(cluster) => Arc::new(
+            JetStreamQueue::open(cluster, config.retentions())
+                .with_routes(config.routes())
+                .with_retentions(config.retentions()),
+        ),
+        None => Arc::new(
+            SqliteQueue::open(&db)
+                .context("opening the queue database")?
+                .with_routes(config.routes())
+                .with_retentions(config.retentions()),
+        ),
+    };
     warn_of_unconsumed_lanes(&config, backend.as_ref()).await?;
     let caps = open_capabilities(&db, config.revocation_ttl, config.relay.sessions)?;
     for consumer in config.consumers.values() {

@@ -1,16 +1,18 @@
 //! The durable queue engine: what the host asks of queues ([`QueueBackend`], spec
 //! section 1), and the publishing limits every backend shares.
 //!
-//! It is built in two parts, so that another storage (a NATS JetStream backend, next)
-//! reuses everything but the storage itself:
+//! It is built in two parts, so that every storage reuses everything but the storage
+//! itself:
 //! - [`core`]: the backend-independent engine ([`core::Engine`], the one
 //!   [`QueueBackend`] the host uses): batching readiness and wakers, leases, the retry and
 //!   dead-letter policy, poison detection, fan-out to lanes ([`routes`], [`lane`]);
 //! - [`storage`]: what a storage backend provides, in two traits: the data path (store,
 //!   lease, commit fates) and the operator's work (counts, browse, redrive, purge,
-//!   expire). [`sqlite`] is the embedded backend.
+//!   expire). [`sqlite`] is the embedded backend; [`jetstream`] keeps the queues in a
+//!   NATS JetStream cluster that several hosts share (`[backend] kind = "nats"`).
 
 pub mod core;
+pub mod jetstream;
 pub mod lane;
 pub mod routes;
 pub mod sqlite;
