@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use crate::handlers::{JOBS, current_version, deploy, scripted_variant, version_of};
 use crate::support::nats::NatsServer;
 use crate::support::*;
 use serde_json::json;
@@ -101,4 +102,73 @@ fn agents_and_tokens_added_on_one_host_are_taken_by_every_host() {
     let (status, body) = a.admin("DELETE", &format!("/v1/tokens/{id}"), vec![], None);
     assert_eq!(status, 200, "{body}");
     assert_eq!(publish(&b), 401, "removed on A, refused by B");
+}
+
+/// Waits until one of `hosts` logs a line with every one of `needles`.
+fn wait_log_on_any(hosts: &[&Host], needles: &[&str]) {
+    wait_for(&format!("a host to log {needles:?}"), || {
+        hosts
+            .iter()
+            .any(|h| !h.log_lines(needles).is_empty())
+            .then_some(())
+    });
+}
+
+#[test]
+fn a_deploy_or_rollback_on_one_host_switches_every_host() {
+    let nats = NatsServer::start();
+    let config = scripted_consumer(JOBS, "world = \"crl-invalidation\"\nmax_batch_timeout = 0");
+    let (a, b, c) = (
+        host(&nats, &config),
+        host(&nats, &config),
+        host(&nats, &config),
+    );
+    let v1 = current_version(&a);
+    let v2_wasm = scripted_variant("cluster-v2");
+    let v2 = version_of(&v2_wasm);
+
+    let (status, body) = deploy(&a, JOBS, v2_wasm);
+    assert_eq!(status, 200, "{body}");
+    let deployed = Instant::now();
+    for other in [&b, &c] {
+        wait_for("the deploy on A to switch the other hosts", || {
+            (current_version(other) == v2).then_some(())
+        });
+    }
+    eprintln!("deploy on A → B and C switched: {:?}", deployed.elapsed());
+    b.publish(JOBS, json!({"do": "ack", "tag": "after-deploy"}));
+    wait_log_on_any(&[&a, &b, &c], &["seen tag=after-deploy ", &v2[..12]]);
+    let (status, slot) = b.admin("GET", &format!("/v1/handlers/{JOBS}"), vec![], None);
+    assert_eq!(status, 200, "{slot}");
+    let history: Vec<(&str, &str)> = slot["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["version"].as_str().unwrap(),
+                e["loaded_by"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        history,
+        [(v2.as_str(), "api"), (v1.as_str(), "config")],
+        "B shows A's deploy: {slot}"
+    );
+
+    let (status, body) = a.admin(
+        "POST",
+        &format!("/v1/handlers/{JOBS}/rollback"),
+        vec![],
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    for other in [&b, &c] {
+        wait_for("the rollback on A to switch the other hosts", || {
+            (current_version(other) == v1).then_some(())
+        });
+    }
+    c.publish(JOBS, json!({"do": "ack", "tag": "after-rollback"}));
+    wait_log_on_any(&[&a, &b, &c], &["seen tag=after-rollback ", &v1[..12]]);
 }

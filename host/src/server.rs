@@ -186,16 +186,22 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
     let tokens = Arc::new(tokens.context("opening the token store")?);
     let runtime = Arc::new(Runtime::new()?);
 
-    let slots = Arc::new(
-        HandlerSlots::open(
-            &config.data_dir,
-            &db,
-            runtime,
-            caps.clone(),
-            config.consumers.values(),
-        )
-        .await?,
-    );
+    let slots = match &cluster {
+        Some(cluster) => {
+            HandlerSlots::open_cluster(cluster, runtime, caps.clone(), config.consumers.values())
+                .await?
+        }
+        None => Arc::new(
+            HandlerSlots::open(
+                &config.data_dir,
+                &db,
+                runtime,
+                caps.clone(),
+                config.consumers.values(),
+            )
+            .await?,
+        ),
+    };
     metrics::register(config.queue_names(), &slots);
     let mut consumers = JoinSet::new();
     let consumers_stop = CancellationToken::new();
