@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use async_nats::HeaderMap;
 use async_nats::jetstream::kv::{self, Entry, Store};
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
@@ -122,4 +123,19 @@ pub async fn keys(store: &Store) -> Result<Vec<String>> {
         all.push(key.context("listing the bucket's keys")?);
     }
     Ok(all)
+}
+
+/// The value of `key` in `store`, as the bucket's stream leader has it: `None` when the
+/// key was never put, or was deleted, purged or expired since. Slower than a direct get
+/// (which any replica may answer, and one behind the leader answers with an older value),
+/// but never stale: for what decides who is let in.
+pub async fn leader_get(store: &Store, key: &str) -> Result<Option<Bytes>> {
+    let subject = format!("{}{key}", store.prefix);
+    match store.stream.get_last_raw_message_by_subject(&subject).await {
+        // Delete, purge and expiry markers carry no value.
+        Ok(message) if message.payload.is_empty() => Ok(None),
+        Ok(message) => Ok(Some(message.payload)),
+        Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(err) => Err(err).with_context(|| format!("reading `{key}` of `{}`", store.name)),
+    }
 }

@@ -122,9 +122,7 @@ impl ClusterAgents {
     }
 
     async fn record(&self, key: &str) -> Result<Option<Record>> {
-        let value = self
-            .bucket
-            .get(key)
+        let value = kv::leader_get(&self.bucket, key)
             .await
             .context("reading the agent registry")?;
         value

@@ -96,7 +96,9 @@ impl ClusterTokens {
 
     /// The token whose secret hashes to `hash`, if one is kept.
     pub(super) async fn find(&self, hash: &str) -> Result<Option<Token>> {
-        let value = self.bucket.get(hash).await.context("reading the tokens")?;
+        let value = kv::leader_get(&self.bucket, hash)
+            .await
+            .context("reading the tokens")?;
         value
             .map(|v| {
                 serde_json::from_slice::<Record>(&v)

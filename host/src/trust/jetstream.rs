@@ -1,7 +1,8 @@
 //! The trust store of a cluster: one key per revoked agent in the `clawq_trust`
 //! key-value bucket, which JetStream removes when the revocation lapses (a per-key TTL).
-//! Reads ask the bucket (never a local copy), so a host answers "revoked" as soon as the
-//! put that revoked the agent is acknowledged, wherever it was made. Every host watches
+//! Reads ask the bucket's leader (never a local copy, nor a replica that may be behind),
+//! so a host answers "revoked" as soon as the put that revoked the agent is acknowledged,
+//! wherever it was made. Every host watches
 //! the bucket and closes the connection of an agent revoked by any host.
 
 use std::sync::Arc;
@@ -82,11 +83,9 @@ impl ClusterTrust {
 
     /// The revocation state of `did` now, as the bucket has it.
     pub(super) async fn lookup(&self, did: &str) -> Result<AgentTrust, TrustError> {
-        let value = self
-            .bucket
-            .get(kv::encode_key(did))
+        let value = kv::leader_get(&self.bucket, &kv::encode_key(did))
             .await
-            .map_err(|err| TrustError::Unavailable(err.to_string()))?;
+            .map_err(|err| TrustError::Unavailable(format!("{err:#}")))?;
         let marker = match value {
             Some(value) => Some(
                 serde_json::from_slice::<Marker>(&value)
