@@ -139,3 +139,26 @@ pub async fn leader_get(store: &Store, key: &str) -> Result<Option<Bytes>> {
         Err(err) => Err(err).with_context(|| format!("reading `{key}` of `{}`", store.name)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_text_encodes_to_a_valid_key_and_back() {
+        for text in [
+            "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB",
+            "jobs",
+            "ünïcode / with spaces.and.dots",
+        ] {
+            let key = encode_key(text);
+            assert!(
+                key.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_')),
+                "{key}"
+            );
+            assert_eq!(decode_key(&key).as_deref(), Some(text));
+        }
+        assert_eq!(decode_key("not base64!"), None);
+    }
+}
