@@ -99,7 +99,7 @@ pub struct AgentRegistry {
 /// Where the agents are kept.
 enum Backend {
     Sqlite(Database),
-    Cluster(jetstream::ClusterAgents),
+    Cluster(Box<jetstream::ClusterAgents>),
 }
 
 /// A registered agent.
@@ -134,7 +134,9 @@ impl AgentRegistry {
         hub: std::sync::Arc<ConnectionHub>,
     ) -> Result<Self> {
         Ok(AgentRegistry {
-            backend: Backend::Cluster(jetstream::ClusterAgents::open(cluster, hub).await?),
+            backend: Backend::Cluster(Box::new(
+                jetstream::ClusterAgents::open(cluster, hub).await?,
+            )),
         })
     }
 

@@ -237,7 +237,7 @@ enum Versions {
     /// The database's `slots` and `history` tables, the components in `blobs`.
     Local { db: Database, blobs: PathBuf },
     /// The cluster's.
-    Cluster(jetstream::ClusterVersions),
+    Cluster(Box<jetstream::ClusterVersions>),
 }
 
 impl HandlerSlots {
@@ -294,7 +294,7 @@ impl HandlerSlots {
         consumers: impl IntoIterator<Item = &ConsumerConfig>,
     ) -> anyhow::Result<Arc<Self>> {
         let (versions, changes) = jetstream::ClusterVersions::open(cluster).await?;
-        let versions = Versions::Cluster(versions);
+        let versions = Versions::Cluster(Box::new(versions));
         let slots = Arc::new(HandlerSlots::fill(versions, runtime, caps, consumers).await?);
         tokio::spawn(slots.clone().follow(changes));
         Ok(slots)

@@ -73,7 +73,7 @@ pub struct TokenStore {
 /// Where the tokens are kept.
 enum Backend {
     Sqlite(Database),
-    Cluster(jetstream::ClusterTokens),
+    Cluster(Box<jetstream::ClusterTokens>),
 }
 
 impl TokenStore {
@@ -88,7 +88,7 @@ impl TokenStore {
     /// Opens (or creates) the store of `cluster`, shared by every host connected to it.
     pub async fn open_cluster(cluster: &Cluster) -> Result<Self> {
         Ok(TokenStore {
-            backend: Backend::Cluster(jetstream::ClusterTokens::open(cluster).await?),
+            backend: Backend::Cluster(Box::new(jetstream::ClusterTokens::open(cluster).await?)),
         })
     }
 

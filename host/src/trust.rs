@@ -70,7 +70,7 @@ pub struct TrustStore {
 /// Where the revocations are kept.
 enum Backend {
     Sqlite(Database),
-    Cluster(jetstream::ClusterTrust),
+    Cluster(Box<jetstream::ClusterTrust>),
 }
 
 impl TrustStore {
@@ -98,7 +98,7 @@ impl TrustStore {
         hub: std::sync::Arc<ConnectionHub>,
     ) -> anyhow::Result<Self> {
         Ok(TrustStore {
-            backend: Backend::Cluster(jetstream::ClusterTrust::open(cluster, hub).await?),
+            backend: Backend::Cluster(Box::new(jetstream::ClusterTrust::open(cluster, hub).await?)),
             marker_ttl,
         })
     }
