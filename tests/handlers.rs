@@ -6,11 +6,11 @@ use std::time::Instant;
 use crate::support::*;
 use serde_json::{Value, json};
 
-const JOBS: &str = "jobs";
+pub(crate) const JOBS: &str = "jobs";
 
 /// The scripted handler's bytes with a custom section naming `tag`: the same behaviour
 /// under another version (hash).
-fn scripted_variant(tag: &str) -> Vec<u8> {
+pub(crate) fn scripted_variant(tag: &str) -> Vec<u8> {
     let mut wasm = std::fs::read(SCRIPTED_HANDLER).unwrap();
     let name = b"clawq-test";
     let mut payload = vec![name.len() as u8];
@@ -23,7 +23,7 @@ fn scripted_variant(tag: &str) -> Vec<u8> {
     wasm
 }
 
-fn version_of(wasm: &[u8]) -> String {
+pub(crate) fn version_of(wasm: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(wasm)
         .iter()
@@ -36,13 +36,13 @@ fn jobs_config(settings: &str) -> String {
         + &scripted_consumer(JOBS, &format!("world = \"crl-invalidation\"\n{settings}"))
 }
 
-fn current_version(host: &Host) -> String {
+pub(crate) fn current_version(host: &Host) -> String {
     let (status, body) = host.admin("GET", &format!("/v1/handlers/{JOBS}"), vec![], None);
     assert_eq!(status, 200, "{body}");
     body["current"]["version"].as_str().unwrap().to_owned()
 }
 
-fn deploy(host: &Host, consumer: &str, wasm: Vec<u8>) -> (u16, Value) {
+pub(crate) fn deploy(host: &Host, consumer: &str, wasm: Vec<u8>) -> (u16, Value) {
     host.admin("PUT", &format!("/v1/handlers/{consumer}"), wasm, None)
 }
 

@@ -1,16 +1,21 @@
 //! The agents allowed to connect a connector: each has a secret token, shown once when
 //! the agent is added and stored only as its SHA-256 hash. The running host manages them
 //! through `POST/GET/DELETE /v1/agents` (see `admin`), `clawq agents` through that API or,
-//! offline, on a data directory.
+//! offline, on a data directory. When several hosts share a cluster, the registry is
+//! the cluster's ([`jetstream`]), so that an agent added on one host connects on any.
 
 use anyhow::Result;
 use clawq_protocol::did::{DidError, validate_agent_did};
 use rusqlite::{OptionalExtension, params};
 
 use crate::clock::now_ms;
+use crate::cluster::Cluster;
 use crate::crypto::{random_token, sha256_hex};
+use crate::relay::hub::ConnectionHub;
 use crate::store::{Database, StoreError};
 use crate::trust::{TrustError, TrustStore};
+
+mod jetstream;
 
 /// Why an agent cannot be added or removed.
 #[derive(Debug, thiserror::Error)]
@@ -86,9 +91,15 @@ impl Refusal {
     }
 }
 
-/// The agent registry, in SQLite.
+/// The agent registry, in SQLite or in the cluster.
 pub struct AgentRegistry {
-    db: Database,
+    backend: Backend,
+}
+
+/// Where the agents are kept.
+enum Backend {
+    Sqlite(Database),
+    Cluster(Box<jetstream::ClusterAgents>),
 }
 
 /// A registered agent.
@@ -110,7 +121,23 @@ impl AgentRegistry {
                  added_ms   INTEGER NOT NULL
              );",
         )?;
-        Ok(AgentRegistry { db: db.clone() })
+        Ok(AgentRegistry {
+            backend: Backend::Sqlite(db.clone()),
+        })
+    }
+
+    /// Opens (or creates) the registry of `cluster`, shared by every host connected to
+    /// it. An agent removed by any host has its connection in `hub` closed (1008
+    /// `agent_removed`).
+    pub async fn open_cluster(
+        cluster: &Cluster,
+        hub: std::sync::Arc<ConnectionHub>,
+    ) -> Result<Self> {
+        Ok(AgentRegistry {
+            backend: Backend::Cluster(Box::new(
+                jetstream::ClusterAgents::open(cluster, hub).await?,
+            )),
+        })
     }
 
     /// Registers `did` and returns its new secret token (to be shown once), whatever the
@@ -122,18 +149,24 @@ impl AgentRegistry {
         })?;
         let token = random_token("cqa_")?;
         let (did, hash) = (did.to_owned(), sha256_hex(token.as_bytes()));
-        self.db
-            .write_synced(move |conn| {
-                let inserted = conn.execute(
-                    "INSERT OR IGNORE INTO agents (did, token_hash, added_ms) VALUES (?1, ?2, ?3)",
-                    params![did, hash, now_ms()],
-                )?;
-                match inserted {
-                    0 => Err(AgentError::AlreadyRegistered(did)),
-                    _ => Ok(()),
-                }
-            })
-            .await?;
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => {
+                cluster.add(&did, hash, now_ms()).await?;
+                return Ok(token);
+            }
+        };
+        db.write_synced(move |conn| {
+            let inserted = conn.execute(
+                "INSERT OR IGNORE INTO agents (did, token_hash, added_ms) VALUES (?1, ?2, ?3)",
+                params![did, hash, now_ms()],
+            )?;
+            match inserted {
+                0 => Err(AgentError::AlreadyRegistered(did)),
+                _ => Ok(()),
+            }
+        })
+        .await?;
         Ok(token)
     }
 
@@ -149,33 +182,39 @@ impl AgentRegistry {
     /// Removes `did`, which must be registered. Its open connection, if any, is the
     /// caller's to close.
     pub async fn remove(&self, did: &str) -> Result<(), AgentError> {
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => return cluster.remove(did).await,
+        };
         let did = did.to_owned();
-        self.db
-            .write(
-                move |conn| match conn.execute("DELETE FROM agents WHERE did = ?1", [&did])? {
-                    0 => Err(AgentError::NotRegistered(did)),
-                    _ => Ok(()),
-                },
-            )
-            .await
+        db.write(
+            move |conn| match conn.execute("DELETE FROM agents WHERE did = ?1", [&did])? {
+                0 => Err(AgentError::NotRegistered(did)),
+                _ => Ok(()),
+            },
+        )
+        .await
     }
 
     /// Every registered agent, by DID.
     pub async fn list(&self) -> Result<Vec<Agent>> {
-        self.db
-            .read(|conn| {
-                let mut stmt = conn.prepare("SELECT did, added_ms FROM agents ORDER BY did")?;
-                let agents = stmt
-                    .query_map([], |r| {
-                        Ok(Agent {
-                            did: r.get(0)?,
-                            added_ms: r.get(1)?,
-                        })
-                    })?
-                    .collect::<rusqlite::Result<_>>()?;
-                Ok(agents)
-            })
-            .await
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => return cluster.list().await,
+        };
+        db.read(|conn| {
+            let mut stmt = conn.prepare("SELECT did, added_ms FROM agents ORDER BY did")?;
+            let agents = stmt
+                .query_map([], |r| {
+                    Ok(Agent {
+                        did: r.get(0)?,
+                        added_ms: r.get(1)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(agents)
+        })
+        .await
     }
 
     /// Whether the connector of `did` presenting `token` may connect: `Ok(None)` if so,
@@ -198,15 +237,18 @@ impl AgentRegistry {
     /// Whether `token` is the token of agent `did`.
     pub async fn authenticate(&self, did: &str, token: &str) -> Result<bool> {
         let (did, hash) = (did.to_owned(), sha256_hex(token.as_bytes()));
-        self.db
-            .read(move |conn| {
-                let found: Option<i64> = conn
-                    .prepare_cached("SELECT 1 FROM agents WHERE did = ?1 AND token_hash = ?2")?
-                    .query_row(params![did, hash], |r| r.get(0))
-                    .optional()?;
-                Ok(found.is_some())
-            })
-            .await
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => return cluster.authenticate(&did, &hash).await,
+        };
+        db.read(move |conn| {
+            let found: Option<i64> = conn
+                .prepare_cached("SELECT 1 FROM agents WHERE did = ?1 AND token_hash = ?2")?
+                .query_row(params![did, hash], |r| r.get(0))
+                .optional()?;
+            Ok(found.is_some())
+        })
+        .await
     }
 }
 

@@ -6,6 +6,10 @@
 //! only changes what the next batch gets. Loading (compile, validate, instantiate once)
 //! happens before the swap, off the async workers; a refused component leaves the old
 //! version serving.
+//!
+//! The versions and their history are kept in the host's database and data directory,
+//! or, when several hosts share a cluster, in the cluster ([`jetstream`]): there every
+//! host follows a deploy or rollback made on any of them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,12 +22,15 @@ use serde::Serialize;
 
 use crate::bundled;
 use crate::clock::now_ms;
+use crate::cluster::Cluster;
 use crate::config::ConsumerConfig;
 use crate::crypto::sha256_hex;
 use crate::queue::routes::Filter;
 use crate::runtime::{BatchFailure, Capabilities, Limits, LoadError, LoadedHandler, Runtime};
 use crate::store::Database;
 use crate::world::World;
+
+mod jetstream;
 
 /// Why a deploy or rollback did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -218,8 +225,19 @@ pub struct HandlerSlots {
     slots: BTreeMap<String, Arc<Slot>>,
     runtime: Arc<Runtime>,
     caps: Arc<Capabilities>,
-    db: Database,
-    blobs: PathBuf,
+    versions: Versions,
+    /// Held while a version is made current (recorded, then swapped in), so that
+    /// following the cluster's record never sees a version this host is making current
+    /// as another host's.
+    switching: tokio::sync::Mutex<()>,
+}
+
+/// Where the versions and their history are kept.
+enum Versions {
+    /// The database's `slots` and `history` tables, the components in `blobs`.
+    Local { db: Database, blobs: PathBuf },
+    /// The cluster's.
+    Cluster(Box<jetstream::ClusterVersions>),
 }
 
 impl HandlerSlots {
@@ -259,12 +277,44 @@ impl HandlerSlots {
         if !named {
             conn.execute("ALTER TABLE history ADD COLUMN name TEXT", [])?;
         }
+        let versions = Versions::Local {
+            db: database.clone(),
+            blobs,
+        };
+        HandlerSlots::fill(versions, runtime, caps, consumers).await
+    }
+
+    /// [`HandlerSlots::open`] for a host sharing `cluster`: the versions and their
+    /// history are the cluster's, and the slots follow a deploy or rollback made by any
+    /// host.
+    pub async fn open_cluster(
+        cluster: &Cluster,
+        runtime: Arc<Runtime>,
+        caps: Arc<Capabilities>,
+        consumers: impl IntoIterator<Item = &ConsumerConfig>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let (versions, changes) = jetstream::ClusterVersions::open(cluster).await?;
+        let versions = Versions::Cluster(Box::new(versions));
+        let slots = Arc::new(HandlerSlots::fill(versions, runtime, caps, consumers).await?);
+        tokio::spawn(slots.clone().follow(changes));
+        Ok(slots)
+    }
+
+    /// One slot per consumer that has a handler, over `versions`: with the version that
+    /// was current before a restart, or with the config's handler when the config names a
+    /// different one than at the last start.
+    async fn fill(
+        versions: Versions,
+        runtime: Arc<Runtime>,
+        caps: Arc<Capabilities>,
+        consumers: impl IntoIterator<Item = &ConsumerConfig>,
+    ) -> anyhow::Result<Self> {
         let mut slots = HandlerSlots {
             slots: BTreeMap::new(),
             runtime,
             caps,
-            db: database.clone(),
-            blobs,
+            versions,
+            switching: tokio::sync::Mutex::new(()),
         };
         for consumer in consumers {
             let Some(reference) = &consumer.handler else {
@@ -272,22 +322,10 @@ impl HandlerSlots {
             };
             let config_wasm = read_handler(reference)?;
             let config_version = sha256_hex(&config_wasm);
-            let name = consumer.name.clone();
-            let stored: Option<(String, String)> = slots
-                .db
-                .read(move |conn| {
-                    conn.query_row(
-                        "SELECT current, config_version FROM slots WHERE consumer = ?1",
-                        [name],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()
-                    .map_err(anyhow::Error::from)
-                })
-                .await?;
+            let stored = slots.versions.stored(&consumer.name).await?;
             let (wasm, by) = match stored {
                 Some((current, seen)) if seen == config_version => {
-                    match std::fs::read(slots.blob(&current)) {
+                    match slots.versions.read(&current).await {
                         Ok(bytes) => (bytes, None),
                         Err(_) => (config_wasm, Some("config")),
                     }
@@ -310,6 +348,7 @@ impl HandlerSlots {
                 .await?;
             if let Some(by) = by {
                 slots
+                    .versions
                     .persist(&consumer.name, &handler, &wasm, by, Some(&config_version))
                     .await?;
             }
@@ -331,24 +370,7 @@ impl HandlerSlots {
 
     /// The name `version` last had in the history of `consumer`, if it kept one.
     async fn kept_name(&self, consumer: &str, version: &str) -> anyhow::Result<Option<String>> {
-        let key = [consumer.to_owned(), version.to_owned()];
-        self.db
-            .read(move |conn| {
-                conn.query_row(
-                    "SELECT name FROM history
-                     WHERE consumer = ?1 AND version = ?2 AND name IS NOT NULL
-                     ORDER BY seq DESC LIMIT 1",
-                    key,
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(anyhow::Error::from)
-            })
-            .await
-    }
-
-    fn blob(&self, version: &str) -> PathBuf {
-        self.blobs.join(format!("{version}.wasm"))
+        self.versions.kept_name(consumer, version).await
     }
 
     /// The slot of `consumer`.
@@ -384,50 +406,6 @@ impl HandlerSlots {
         Ok(handler)
     }
 
-    /// Stores the bytes of `handler` and records it as the current version of `consumer`.
-    /// The bytes are on disk (synced, with the folder's entry) before the record commits,
-    /// so that no crash leaves a record of a version whose file is missing or torn.
-    async fn persist(
-        &self,
-        consumer: &str,
-        handler: &LoadedHandler,
-        wasm: &[u8],
-        by: &str,
-        config_version: Option<&str>,
-    ) -> anyhow::Result<()> {
-        let blob = self.blob(handler.version());
-        if !blob.exists() {
-            write_synced(&blob, wasm)
-                .with_context(|| format!("storing the handler file {}", blob.display()))?;
-        }
-        let record = (
-            consumer.to_owned(),
-            handler.version().to_owned(),
-            config_version.map(str::to_owned),
-            handler.size() as i64,
-            by.to_owned(),
-            handler.name().to_owned(),
-        );
-        self.db
-            .write_synced(move |conn| {
-                let (consumer, version, config_version, size, by, name) = record;
-                conn.execute(
-                    "INSERT INTO slots (consumer, current, config_version)
-                     VALUES (?1, ?2, COALESCE(?3, ''))
-                     ON CONFLICT (consumer) DO UPDATE
-                     SET current = ?2, config_version = COALESCE(?3, config_version)",
-                    params![consumer, version, config_version],
-                )?;
-                conn.execute(
-                    "INSERT INTO history (consumer, version, size, loaded_ms, loaded_by, name)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![consumer, version, size, now_ms(), by, name],
-                )?;
-                Ok::<_, anyhow::Error>(())
-            })
-            .await
-    }
-
     /// Loads `wasm` into the slot of `consumer` and makes it current, logged and listed
     /// under `name` (letters, digits, `.`, `_`, `-`; at most 64) or, without one, under
     /// `unnamed-<version>`; `by` says who asked.
@@ -458,12 +436,46 @@ impl HandlerSlots {
             self.load(consumer, name, wasm.clone(), slot.world, slot.limits)
                 .await?,
         );
-        self.persist(consumer, &handler, &wasm, by, None).await?;
-        let old = slot.swap(handler.clone());
-        crate::metrics::version_switched(consumer, old.version(), handler.version());
-        tracing::info!(consumer, handler = name, from = %&old.version()[..12],
-            to = %&handler.version()[..12], by, "handler swapped");
+        let _switching = self.switching.lock().await;
+        self.versions
+            .persist(consumer, &handler, &wasm, by, None)
+            .await?;
+        install(consumer, slot, handler.clone(), by);
         Ok(handler)
+    }
+
+    /// Follows the cluster's record of the current versions (each consumer's, as
+    /// `changes` brings them): a version another host made current is loaded and swapped
+    /// in here too.
+    async fn follow(
+        self: Arc<Self>,
+        mut changes: tokio::sync::mpsc::UnboundedReceiver<jetstream::Change>,
+    ) {
+        while let Some((consumer, version)) = changes.recv().await {
+            let _switching = self.switching.lock().await;
+            let Ok(slot) = self.slot(&consumer) else {
+                continue; // a consumer this host does not serve
+            };
+            if slot.current().version() == version {
+                continue;
+            }
+            let loaded = async {
+                let wasm = self.versions.read(&version).await?;
+                let name = self
+                    .kept_name(&consumer, &version)
+                    .await?
+                    .unwrap_or_else(|| format!("unnamed-{}", &version[..12.min(version.len())]));
+                Ok::<_, SlotError>(
+                    self.load(&consumer, &name, wasm, slot.world, slot.limits)
+                        .await?,
+                )
+            };
+            match loaded.await {
+                Ok(handler) => install(&consumer, slot, Arc::new(handler), "cluster"),
+                Err(err) => tracing::error!(consumer, version = %version, error = %err,
+                    "cannot load the version another host made current; the old one keeps serving"),
+            }
+        }
     }
 
     /// Makes `version` (or, when `None`, the version before the current one) current again.
@@ -495,8 +507,7 @@ impl HandlerSlots {
                 None => format!("`{consumer}` has no earlier version to roll back to"),
             })
         })?;
-        let wasm = std::fs::read(self.blob(&target))
-            .with_context(|| format!("reading kept version {target}"))?;
+        let wasm = self.versions.read(&target).await?;
         let name = self
             .kept_name(consumer, &target)
             .await?
@@ -507,29 +518,7 @@ impl HandlerSlots {
     /// The history of `consumer`, newest first.
     pub async fn history(&self, consumer: &str) -> Result<Vec<HistoryEntry>, SlotError> {
         self.slot(consumer)?;
-        let consumer = consumer.to_owned();
-        let mut entries = self
-            .db
-            .read(move |conn| {
-                conn.prepare(
-                    "SELECT version, size, loaded_ms, loaded_by, name FROM history
-                     WHERE consumer = ?1 ORDER BY seq DESC",
-                )?
-                .query_map([consumer], |r| {
-                    let ms: u64 = r.get(2)?;
-                    Ok(HistoryEntry {
-                        version: r.get(0)?,
-                        size: r.get(1)?,
-                        loaded_at: crate::clock::iso8601(ms),
-                        loaded_by: r.get(3)?,
-                        name: r.get(4)?,
-                        status: "current",
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(anyhow::Error::from)
-            })
-            .await?;
+        let mut entries = self.versions.history(consumer).await?;
         // Newest first: each entry ended when the next newer one was loaded.
         for i in 1..entries.len() {
             entries[i].status = match entries[i - 1].loaded_by.as_str() {
@@ -571,6 +560,157 @@ impl HandlerSlots {
             Err(err) => tracing::error!(consumer, error = %err, "automatic rollback failed"),
         }
     }
+}
+
+/// Makes `handler` the current version of `consumer`'s `slot`, as `by` asked.
+fn install(consumer: &str, slot: &Slot, handler: Arc<LoadedHandler>, by: &str) {
+    let old = slot.swap(handler.clone());
+    crate::metrics::version_switched(consumer, old.version(), handler.version());
+    tracing::info!(consumer, handler = handler.name(), from = %&old.version()[..12],
+        to = %&handler.version()[..12], by, "handler swapped");
+}
+
+impl Versions {
+    /// The current version of `consumer` and the config's version at its last start, if
+    /// it has a record.
+    async fn stored(&self, consumer: &str) -> anyhow::Result<Option<(String, String)>> {
+        let db = match self {
+            Versions::Local { db, .. } => db,
+            Versions::Cluster(cluster) => return cluster.stored(consumer).await,
+        };
+        let name = consumer.to_owned();
+        db.read(move |conn| {
+            conn.query_row(
+                "SELECT current, config_version FROM slots WHERE consumer = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(anyhow::Error::from)
+        })
+        .await
+    }
+
+    /// The bytes of the kept `version`.
+    async fn read(&self, version: &str) -> anyhow::Result<Vec<u8>> {
+        match self {
+            Versions::Local { blobs, .. } => std::fs::read(blob(blobs, version))
+                .with_context(|| format!("reading kept version {version}")),
+            Versions::Cluster(cluster) => cluster.read(version).await,
+        }
+    }
+
+    /// The name `version` last had in the history of `consumer`, if it kept one.
+    async fn kept_name(&self, consumer: &str, version: &str) -> anyhow::Result<Option<String>> {
+        let db = match self {
+            Versions::Local { db, .. } => db,
+            Versions::Cluster(_) => {
+                let history = self.history(consumer).await?;
+                return Ok(history
+                    .into_iter()
+                    .filter(|e| e.version == version)
+                    .find_map(|e| e.name));
+            }
+        };
+        let key = [consumer.to_owned(), version.to_owned()];
+        db.read(move |conn| {
+            conn.query_row(
+                "SELECT name FROM history
+                 WHERE consumer = ?1 AND version = ?2 AND name IS NOT NULL
+                 ORDER BY seq DESC LIMIT 1",
+                key,
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(anyhow::Error::from)
+        })
+        .await
+    }
+
+    /// Stores the bytes of `handler` and records it as the current version of `consumer`.
+    /// The bytes are on disk (synced, with the folder's entry) before the record commits,
+    /// so that no crash leaves a record of a version whose file is missing or torn.
+    async fn persist(
+        &self,
+        consumer: &str,
+        handler: &LoadedHandler,
+        wasm: &[u8],
+        by: &str,
+        config_version: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let (db, blobs) = match self {
+            Versions::Local { db, blobs } => (db, blobs),
+            Versions::Cluster(cluster) => {
+                return cluster
+                    .persist(consumer, handler, wasm, by, config_version)
+                    .await;
+            }
+        };
+        let blob = blob(blobs, handler.version());
+        if !blob.exists() {
+            write_synced(&blob, wasm)
+                .with_context(|| format!("storing the handler file {}", blob.display()))?;
+        }
+        let record = (
+            consumer.to_owned(),
+            handler.version().to_owned(),
+            config_version.map(str::to_owned),
+            handler.size() as i64,
+            by.to_owned(),
+            handler.name().to_owned(),
+        );
+        db.write_synced(move |conn| {
+            let (consumer, version, config_version, size, by, name) = record;
+            conn.execute(
+                "INSERT INTO slots (consumer, current, config_version)
+                     VALUES (?1, ?2, COALESCE(?3, ''))
+                     ON CONFLICT (consumer) DO UPDATE
+                     SET current = ?2, config_version = COALESCE(?3, config_version)",
+                params![consumer, version, config_version],
+            )?;
+            conn.execute(
+                "INSERT INTO history (consumer, version, size, loaded_ms, loaded_by, name)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![consumer, version, size, now_ms(), by, name],
+            )?;
+            Ok::<_, anyhow::Error>(())
+        })
+        .await
+    }
+
+    /// The history of `consumer`, newest first, every entry `current`.
+    async fn history(&self, consumer: &str) -> anyhow::Result<Vec<HistoryEntry>> {
+        let db = match self {
+            Versions::Local { db, .. } => db,
+            Versions::Cluster(cluster) => return cluster.history(consumer).await,
+        };
+        let consumer = consumer.to_owned();
+        db.read(move |conn| {
+            conn.prepare(
+                "SELECT version, size, loaded_ms, loaded_by, name FROM history
+                 WHERE consumer = ?1 ORDER BY seq DESC",
+            )?
+            .query_map([consumer], |r| {
+                let ms: u64 = r.get(2)?;
+                Ok(HistoryEntry {
+                    version: r.get(0)?,
+                    size: r.get(1)?,
+                    loaded_at: crate::clock::iso8601(ms),
+                    loaded_by: r.get(3)?,
+                    name: r.get(4)?,
+                    status: "current",
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(anyhow::Error::from)
+        })
+        .await
+    }
+}
+
+/// Where the bytes of `version` are kept in `blobs`.
+fn blob(blobs: &Path, version: &str) -> PathBuf {
+    blobs.join(format!("{version}.wasm"))
 }
 
 /// Writes `bytes` to `path` through a temporary file, synced, then renamed into place,

@@ -26,6 +26,7 @@ pub mod dir_lock;
 pub mod frame;
 pub mod handlers;
 pub mod http_guard;
+pub mod kv;
 pub mod listener;
 pub mod metrics;
 pub mod operator;

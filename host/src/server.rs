@@ -17,6 +17,7 @@ use crate::agents::AgentRegistry;
 use crate::api::{self, AppState, ConsumerInfo, QueueInfo};
 use crate::auth::{self, AuthState};
 use crate::bundled;
+use crate::cluster::Cluster;
 use crate::config::{Config, ConsumerConfig};
 use crate::consumer::Consumer;
 use crate::dir_lock::DirLock;
@@ -75,6 +76,30 @@ pub fn open_capabilities(
 ) -> Result<Arc<Capabilities>> {
     let hub = Arc::new(ConnectionHub::default());
     let trust = TrustStore::open(db, revocation_ttl).context("opening the trust store")?;
+    capabilities(db, hub, trust, limits)
+}
+
+/// [`open_capabilities`] for a host sharing `cluster`: the trust store is the cluster's.
+pub async fn open_cluster_capabilities(
+    db: &Database,
+    cluster: &Cluster,
+    revocation_ttl: Duration,
+    limits: SessionLimits,
+) -> Result<Arc<Capabilities>> {
+    let hub = Arc::new(ConnectionHub::default());
+    let trust = TrustStore::open_cluster(cluster, revocation_ttl, hub.clone())
+        .await
+        .context("opening the cluster's trust store")?;
+    capabilities(db, hub, trust, limits)
+}
+
+/// The capabilities over `hub` and `trust`, with the other stores in `db`.
+fn capabilities(
+    db: &Database,
+    hub: Arc<ConnectionHub>,
+    trust: TrustStore,
+    limits: SessionLimits,
+) -> Result<Arc<Capabilities>> {
     let sessions =
         RelaySessions::open(db, hub.clone(), limits).context("opening the relay sessions")?;
     let storage = ActorStorage::open(db).context("opening the actor storage")?;
@@ -146,27 +171,46 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         ),
     };
     warn_of_unconsumed_lanes(&config, backend.as_ref()).await?;
-    let caps = open_capabilities(&db, config.revocation_ttl, config.relay.sessions)?;
+    let caps = match &cluster {
+        Some(cluster) => {
+            let (ttl, limits) = (config.revocation_ttl, config.relay.sessions);
+            open_cluster_capabilities(&db, cluster, ttl, limits).await?
+        }
+        None => open_capabilities(&db, config.revocation_ttl, config.relay.sessions)?,
+    };
     for consumer in config.consumers.values() {
         caps.logs.set_rate(&consumer.name, consumer.log_rate);
         caps.storage
             .set_quota(&consumer.name, consumer.storage_quota);
     }
     let (trust, sessions, hub) = (caps.trust.clone(), caps.sessions.clone(), caps.hub.clone());
-    let agents = Arc::new(AgentRegistry::open(&db).context("opening the agent registry")?);
-    let tokens = Arc::new(TokenStore::open(&db).context("opening the token store")?);
+    let (agents, tokens) = match &cluster {
+        Some(cluster) => (
+            AgentRegistry::open_cluster(cluster, hub.clone()).await,
+            TokenStore::open_cluster(cluster).await,
+        ),
+        None => (AgentRegistry::open(&db), TokenStore::open(&db)),
+    };
+    let agents = Arc::new(agents.context("opening the agent registry")?);
+    let tokens = Arc::new(tokens.context("opening the token store")?);
     let runtime = Arc::new(Runtime::new()?);
 
-    let slots = Arc::new(
-        HandlerSlots::open(
-            &config.data_dir,
-            &db,
-            runtime,
-            caps.clone(),
-            config.consumers.values(),
-        )
-        .await?,
-    );
+    let slots = match &cluster {
+        Some(cluster) => {
+            HandlerSlots::open_cluster(cluster, runtime, caps.clone(), config.consumers.values())
+                .await?
+        }
+        None => Arc::new(
+            HandlerSlots::open(
+                &config.data_dir,
+                &db,
+                runtime,
+                caps.clone(),
+                config.consumers.values(),
+            )
+            .await?,
+        ),
+    };
     metrics::register(config.queue_names(), &slots);
     let mut consumers = JoinSet::new();
     let consumers_stop = CancellationToken::new();

@@ -1,14 +1,18 @@
 //! The API tokens the operator issues (`clawq tokens`, `POST/GET/DELETE /v1/tokens`):
 //! producer tokens, which publish to the queues they name, and extra admin tokens. Each
 //! secret is shown once, when it is created, and stored only as its SHA-256 hash, in
-//! the host's database ([`crate::store`]).
+//! the host's database ([`crate::store`]), or in the cluster's key-value bucket
+//! ([`jetstream`]) when several hosts share one.
 
 use anyhow::Result;
 use rusqlite::{OptionalExtension, params};
 
 use crate::clock::now_ms;
+use crate::cluster::Cluster;
 use crate::crypto::{random_token, sha256_hex};
 use crate::store::{Database, StoreError};
+
+mod jetstream;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -61,16 +65,31 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS tokens (
              created_ms INTEGER NOT NULL
          );";
 
-/// The issued tokens, in SQLite.
+/// The issued tokens, in SQLite or in the cluster.
 pub struct TokenStore {
-    db: Database,
+    backend: Backend,
+}
+
+/// Where the tokens are kept.
+enum Backend {
+    Sqlite(Database),
+    Cluster(Box<jetstream::ClusterTokens>),
 }
 
 impl TokenStore {
     /// Opens (or creates) the store in `db`.
     pub fn open(db: &Database) -> Result<Self> {
         db.connection(SCHEMA)?;
-        Ok(TokenStore { db: db.clone() })
+        Ok(TokenStore {
+            backend: Backend::Sqlite(db.clone()),
+        })
+    }
+
+    /// Opens (or creates) the store of `cluster`, shared by every host connected to it.
+    pub async fn open_cluster(cluster: &Cluster) -> Result<Self> {
+        Ok(TokenStore {
+            backend: Backend::Cluster(Box::new(jetstream::ClusterTokens::open(cluster).await?)),
+        })
     }
 
     /// Issues a token of `role` for `queues`, named `name`; returns it and its secret
@@ -99,24 +118,33 @@ impl TokenStore {
             sha256_hex(secret.as_bytes()),
             token.created_ms,
         );
-        self.db
-            .write_synced(move |conn| {
-                let (id, name, queues, hash, created_ms) = row;
-                conn.execute(
-                    "INSERT INTO tokens (id, name, role, queues, token_hash, created_ms)
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => {
+                cluster.create(&token, &row.3).await?;
+                return Ok((token, secret));
+            }
+        };
+        db.write_synced(move |conn| {
+            let (id, name, queues, hash, created_ms) = row;
+            conn.execute(
+                "INSERT INTO tokens (id, name, role, queues, token_hash, created_ms)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![id, name, role.name(), queues, hash, created_ms],
-                )?;
-                Ok::<_, anyhow::Error>(())
-            })
-            .await?;
+                params![id, name, role.name(), queues, hash, created_ms],
+            )?;
+            Ok::<_, anyhow::Error>(())
+        })
+        .await?;
         Ok((token, secret))
     }
 
     /// Every issued token, oldest first.
     pub async fn list(&self) -> Result<Vec<Token>> {
-        let rows = self
-            .db
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => return cluster.list().await,
+        };
+        let rows = db
             .read(|conn| {
                 conn.prepare(
                     "SELECT id, name, role, queues, created_ms FROM tokens
@@ -132,20 +160,26 @@ impl TokenStore {
 
     /// Removes the token `id`; whether there was one.
     pub async fn remove(&self, id: &str) -> Result<bool> {
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => return cluster.remove(id).await,
+        };
         let id = id.to_owned();
-        self.db
-            .write_synced(move |conn| {
-                Ok::<_, anyhow::Error>(conn.execute("DELETE FROM tokens WHERE id = ?1", [id])? > 0)
-            })
-            .await
+        db.write_synced(move |conn| {
+            Ok::<_, anyhow::Error>(conn.execute("DELETE FROM tokens WHERE id = ?1", [id])? > 0)
+        })
+        .await
     }
 
     /// The token whose secret is `secret`, if one was issued and not removed. The secret
     /// is looked up by its SHA-256 hash, so the lookup's timing tells nothing about it.
     pub async fn find(&self, secret: &str) -> Result<Option<Token>> {
         let hash = sha256_hex(secret.as_bytes());
-        let found = self
-            .db
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => return cluster.find(&hash).await,
+        };
+        let found = db
             .read(move |conn| {
                 conn.prepare_cached(
                     "SELECT id, name, role, queues, created_ms FROM tokens WHERE token_hash = ?1",

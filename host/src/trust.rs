@@ -1,14 +1,20 @@
 //! The trust store: which agents are revoked, in SQLite so that revocations survive
-//! restarts. It backs the `trust-store` capability and `GET /v1/trust/agents/{did}`.
+//! restarts, or in the cluster's key-value bucket ([`jetstream`]) when several hosts
+//! share one, so that every host answers the same. It backs the `trust-store`
+//! capability and `GET /v1/trust/agents/{did}`.
 
 use std::time::Duration;
 
 use clawq_protocol::did::{DidError, validate_agent_did};
 use rusqlite::{OptionalExtension, params};
 
+use crate::cluster::Cluster;
+use crate::relay::hub::ConnectionHub;
 use crate::store::{Database, Pending, StoreError};
 
 use crate::clock::now_ms;
+
+mod jetstream;
 
 /// Errors of the trust store.
 #[derive(Debug, thiserror::Error)]
@@ -55,10 +61,16 @@ pub struct AgentTrust {
     pub expires_at_ms: Option<u64>,
 }
 
-/// The SQLite trust store.
+/// The trust store: in SQLite, or in the cluster.
 pub struct TrustStore {
-    db: Database,
+    backend: Backend,
     marker_ttl: Duration,
+}
+
+/// Where the revocations are kept.
+enum Backend {
+    Sqlite(Database),
+    Cluster(Box<jetstream::ClusterTrust>),
 }
 
 impl TrustStore {
@@ -72,7 +84,21 @@ impl TrustStore {
              );",
         )?;
         Ok(TrustStore {
-            db: db.clone(),
+            backend: Backend::Sqlite(db.clone()),
+            marker_ttl,
+        })
+    }
+
+    /// Opens (or creates) the trust store of `cluster`, shared by every host connected
+    /// to it; revocation markers last `marker_ttl`. A revocation made by any host closes
+    /// the agent's connection in `hub` (1008 `agent_revoked`).
+    pub async fn open_cluster(
+        cluster: &Cluster,
+        marker_ttl: Duration,
+        hub: std::sync::Arc<ConnectionHub>,
+    ) -> anyhow::Result<Self> {
+        Ok(TrustStore {
+            backend: Backend::Cluster(Box::new(jetstream::ClusterTrust::open(cluster, hub).await?)),
             marker_ttl,
         })
     }
@@ -91,7 +117,13 @@ impl TrustStore {
         let did = did.to_owned();
         let now = now_ms();
         let expires = now + self.marker_ttl.as_millis() as u64;
-        Ok(self.db.write_later(move |conn| {
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => {
+                return Ok(cluster.revoke_later(did, now, expires, self.marker_ttl));
+            }
+        };
+        Ok(db.write_later(move |conn| {
             conn.prepare_cached(
                 "INSERT INTO revoked_agents (did, revoked_ms, expires_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT (did) DO UPDATE SET revoked_ms = ?2, expires_ms = ?3",
@@ -104,9 +136,12 @@ impl TrustStore {
     /// The revocation state of `did` now.
     pub async fn lookup(&self, did: &str) -> Result<AgentTrust, TrustError> {
         check_did(did)?;
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => return cluster.lookup(did).await,
+        };
         let did = did.to_owned();
-        let row: Option<(u64, u64)> = self
-            .db
+        let row: Option<(u64, u64)> = db
             .read(move |conn| {
                 Ok::<_, TrustError>(
                     conn.prepare_cached(
