@@ -10,6 +10,7 @@ mod authoring;
 mod backpressure;
 mod bounds;
 mod cluster;
+mod cluster_relay;
 mod connector;
 mod crash;
 mod crl;

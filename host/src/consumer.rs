@@ -328,6 +328,7 @@ mod tests {
             &crate::store::test_db(dir),
             Duration::from_secs(60),
             SessionLimits::default(),
+            None,
         )
         .unwrap();
         let runtime = Arc::new(Runtime::new().unwrap());

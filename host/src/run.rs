@@ -79,9 +79,13 @@ pub async fn run_batch(options: &RunOptions) -> Result<Report> {
     let data = tempfile::tempdir().context("creating a temporary data directory")?;
     let db =
         Database::open(data.path(), Durability::Process).context("opening a throwaway database")?;
-    let caps =
-        crate::server::open_capabilities(&db, DEFAULT_REVOCATION_TTL, SessionLimits::default())
-            .context("opening throwaway capabilities")?;
+    let caps = crate::server::open_capabilities(
+        &db,
+        DEFAULT_REVOCATION_TTL,
+        SessionLimits::default(),
+        None,
+    )
+    .context("opening throwaway capabilities")?;
     let timestamp_ms = now_ms();
     let messages: Vec<Message> = bodies
         .into_iter()

@@ -25,9 +25,11 @@ use crate::metrics::{self, MetricsState};
 use crate::queue::QueueBackend;
 use crate::queue::lane::Lane;
 use crate::queue::sqlite::SqliteQueue;
+use crate::relay::cluster_sessions::ClusterSessions;
 use crate::relay::endpoint::{self, Heartbeat, RelayState};
 use crate::relay::hub::ConnectionHub;
 use crate::relay::sessions::{RelaySessions, SessionLimits};
+use crate::relay::store::SessionStore;
 use crate::runtime::{Capabilities, Runtime};
 use crate::store::Database;
 use crate::tokens::TokenStore;
@@ -65,17 +67,22 @@ async fn warn_of_unconsumed_lanes(config: &Config, backend: &dyn QueueBackend) -
 }
 
 /// Every capability a handler may import, backed by the stores in `db`: revocation
-/// markers lasting `revocation_ttl`, relay sessions kept within `limits`, actor storage,
-/// and a connection hub of its own.
+/// markers lasting `revocation_ttl`, relay sessions kept within `limits` (in `cluster`
+/// when given), actor storage, and a connection hub of its own.
 pub fn open_capabilities(
     db: &Database,
     revocation_ttl: Duration,
     limits: SessionLimits,
+    cluster: Option<&crate::cluster::Cluster>,
 ) -> Result<Arc<Capabilities>> {
     let hub = Arc::new(ConnectionHub::default());
     let trust = TrustStore::open(db, revocation_ttl).context("opening the trust store")?;
-    let sessions =
-        RelaySessions::open(db, hub.clone(), limits).context("opening the relay sessions")?;
+    let sessions = match cluster {
+        Some(cluster) => SessionStore::Cluster(ClusterSessions::open(cluster, hub.clone(), limits)),
+        None => SessionStore::Sqlite(Arc::new(
+            RelaySessions::open(db, hub.clone(), limits).context("opening the relay sessions")?,
+        )),
+    };
     let storage = ActorStorage::open(db).context("opening the actor storage")?;
     Ok(Arc::new(Capabilities {
         trust: Arc::new(trust),
@@ -137,7 +144,12 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
             .with_retentions(config.retentions()),
     );
     warn_of_unconsumed_lanes(&config, backend.as_ref()).await?;
-    let caps = open_capabilities(&db, config.revocation_ttl, config.relay.sessions)?;
+    let caps = open_capabilities(
+        &db,
+        config.revocation_ttl,
+        config.relay.sessions,
+        cluster.as_ref(),
+    )?;
     for consumer in config.consumers.values() {
         caps.logs.set_rate(&consumer.name, consumer.log_rate);
         caps.storage

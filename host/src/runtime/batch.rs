@@ -407,6 +407,7 @@ mod tests {
             &crate::store::test_db(dir),
             Duration::from_secs(60),
             SessionLimits::default(),
+            None,
         )
         .unwrap();
         (handler, caps)
