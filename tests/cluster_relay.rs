@@ -17,12 +17,13 @@ const UNHURRIED_RETRIES: &str = "[relay]\nretry_initial = 60\nretry_max = 60\n";
 /// `count` hosts on one NATS server, each with agent `DID_A` registered (the agent
 /// registry is still per host: each host has its own token for it).
 fn cluster(count: usize) -> (NatsServer, Vec<(Host, String)>) {
+    cluster_with(count, UNHURRIED_RETRIES)
+}
+
+/// [`cluster`], with `relay` as the hosts' `[relay]` section.
+fn cluster_with(count: usize, relay: &str) -> (NatsServer, Vec<(Host, String)>) {
     let nats = NatsServer::start();
-    let config = format!(
-        "{}{}",
-        nats.backend_config(),
-        fast_config(UNHURRIED_RETRIES)
-    );
+    let config = format!("{}{}", nats.backend_config(), fast_config(relay));
     let hosts = (0..count)
         .map(|_| {
             let host = Host::start(&config);
@@ -166,4 +167,30 @@ fn a_connection_on_another_host_supersedes_the_first() {
     );
     a.publish(RECEIPTS, receipt_of_a("after"));
     assert_eq!(next_frame(&mut second)["originalFrameId"], "after");
+}
+
+#[test]
+fn an_unacked_receipt_is_pushed_again_while_connected_then_dropped_after_its_last_attempt() {
+    let relay = "[relay]\nretry_initial = 0.1\nretry_max = 0.1\nretry_max_attempts = 3\n";
+    let (_nats, hosts) = cluster_with(2, relay);
+    let ((a, _), (c, token_c)) = (&hosts[0], &hosts[1]);
+    let mut on_c = c.connect(DID_A, Some(token_c)).unwrap();
+    a.publish(RECEIPTS, receipt_of_a("never-acked"));
+    let pushes: Vec<Value> = (0..3).map(|_| next_frame(&mut on_c)).collect();
+    assert!(
+        pushes.iter().all(|f| f["id"] == pushes[0]["id"]),
+        "the same frame three times: {pushes:?}"
+    );
+    wait_for("the row dropped after its last attempt", || {
+        let (_, relay) = c.get("/v1/relay");
+        (relay["receipts_dropped"] == 1 && relay["receipts_pending"] == 0).then_some(())
+    });
+    drop(on_c);
+    let mut again = c.connect(DID_A, Some(token_c)).unwrap();
+    a.publish(RECEIPTS, receipt_of_a("next"));
+    assert_eq!(
+        next_frame(&mut again)["originalFrameId"],
+        "next",
+        "the dropped receipt is gone from the cluster"
+    );
 }
