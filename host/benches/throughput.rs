@@ -39,6 +39,7 @@ fn capabilities(dir: &std::path::Path) -> Arc<Capabilities> {
         &database(dir),
         Duration::from_secs(3600),
         SessionLimits::default(),
+        None,
     )
     .unwrap()
 }

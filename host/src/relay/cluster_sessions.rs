@@ -410,10 +410,10 @@ impl Inner {
     /// Stops the feed of connection `connection` of `did`, if it is the current one.
     fn stop_feed(&self, did: &str, connection: u64) {
         let mut feeds = self.lock_feeds();
-        if feeds.get(did).is_some_and(|f| f.connection == connection) {
-            if let Some(feed) = feeds.remove(did) {
-                feed.task.abort();
-            }
+        if feeds.get(did).is_some_and(|f| f.connection == connection)
+            && let Some(feed) = feeds.remove(did)
+        {
+            feed.task.abort();
         }
     }
 

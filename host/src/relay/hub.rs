@@ -187,7 +187,7 @@ impl ConnectionHub {
     /// Closes connection `id` of `did` if it is still the open one; true if it was.
     pub fn close_connection(&self, did: &str, id: u64, code: u16, reason: &'static str) -> bool {
         let mut connections = self.lock();
-        if !connections.get(did).is_some_and(|c| c.id == id) {
+        if connections.get(did).is_none_or(|c| c.id != id) {
             return false;
         }
         let closed = connections.remove(did);
