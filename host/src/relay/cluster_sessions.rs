@@ -50,6 +50,9 @@
 //!   window, which is the TTL.
 //! - Recording answers [`Delivery::Stored`]: the host that records does not know
 //!   whether another host pushes it.
+//! - The cap: SQLite keeps an acked row until its TTL (for dedup) and counts it toward
+//!   the cap; the stream deletes a row when it is acked (dedup is the message id's), so
+//!   its cap counts unacked rows only and keeps more of them. Both drop the oldest.
 //! - The retry attempts of a row are counted per connection: a reconnect starts them
 //!   again. Rows dropped by the cap or the TTL are dropped by the server and are not
 //!   counted; there is no sweep (the server expires rows) and no actor
