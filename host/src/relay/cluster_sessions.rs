@@ -105,11 +105,12 @@ pub fn subject(did: &str, kind: Kind) -> String {
     format!("{SUBJECT_PREFIX}.{}.{}", agent_key(did), kind.as_str())
 }
 
-/// A row a connection was pushed and has not acked.
+/// A row a connection was pushed and has not acked. Its frame is read again from the
+/// stream when it is due, so a connection's unacked frames (up to 1 MiB each) are not
+/// held in memory.
 struct Unacked {
     kind: Kind,
     frame_id: String,
-    frame: String,
     attempts: u32,
     next_ms: u64,
     expires_ms: u64,
@@ -500,11 +501,11 @@ impl Inner {
         };
         let now = now_ms();
         let retry = self.limits.retry;
-        let (frames, exhausted, next_at_ms) = {
+        let (due, exhausted, next_at_ms) = {
             let mut state = lock(&state);
             state.unacked.retain(|_, u| u.expires_ms > now);
             let mut exhausted = Vec::new();
-            let mut frames = Vec::new();
+            let mut due = Vec::new();
             for (seq, u) in state.unacked.iter_mut() {
                 if u.next_ms > now {
                     continue;
@@ -515,13 +516,14 @@ impl Inner {
                 }
                 u.attempts += 1;
                 u.next_ms = now + retry.delay(u.attempts).as_millis() as u64;
-                frames.push(u.frame.clone());
+                due.push(*seq);
             }
             for (seq, ..) in &exhausted {
                 state.unacked.remove(seq);
             }
-            (frames, exhausted, state.next_at_ms())
+            (due, exhausted, state.next_at_ms())
         };
+        let frames = self.frames_at(did, &state, due).await;
         self.hub.push(did, frames.clone(), next_at_ms, true);
         for (seq, kind, frame_id) in exhausted {
             let why = format!("unacked after {} pushes", retry.max_attempts);
@@ -531,6 +533,29 @@ impl Inner {
             }
         }
         Push { frames, next_at_ms }
+    }
+
+    /// The frames of the rows at `seqs`, read from the stream in order; a row no longer
+    /// there (acked on another connection, expired, capped) is forgotten from `state`.
+    async fn frames_at(&self, did: &str, state: &Mutex<FeedState>, seqs: Vec<u64>) -> Vec<String> {
+        let Ok(stream) = self.stream().await else {
+            return vec![];
+        };
+        let mut frames = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            match stream.get_raw_message(seq).await {
+                Ok(message) => frames.push(String::from_utf8_lossy(&message.payload).into_owned()),
+                Err(err)
+                    if matches!(err.kind(), stream::LastRawMessageErrorKind::NoMessageFound) =>
+                {
+                    lock(state).unacked.remove(&seq);
+                }
+                Err(err) => {
+                    tracing::warn!(agent = %did, seq, error = %err, "reading a relay row to push again failed");
+                }
+            }
+        }
+        frames
     }
 
     /// Handles the announcement of a connection of `did` (`payload`: host and
@@ -598,7 +623,6 @@ async fn run_feed(
             Unacked {
                 kind,
                 frame_id: parsed.id,
-                frame: frame.clone(),
                 attempts: 1,
                 next_ms,
                 expires_ms: now + limits.ttl.as_millis() as u64,
