@@ -11,6 +11,7 @@ mod backpressure;
 mod bounds;
 mod cluster;
 mod cluster_queue;
+mod cluster_relay;
 mod cluster_state;
 mod connector;
 mod crash;

@@ -18,7 +18,8 @@ use crate::actor_storage::ActorStorage;
 use crate::handlers::HandlerSlots;
 use crate::queue::{QueueBackend, SettleSummary};
 use crate::relay::hub::ConnectionHub;
-use crate::relay::sessions::{DropReason, Kind, RelaySessions};
+use crate::relay::sessions::{DropReason, Kind};
+use crate::relay::store::SessionStore;
 use crate::runtime::{BatchFailure, UnhandledReason};
 
 /// Why a connector connection closes, as `clawq_websocket_connections_closed_total`
@@ -231,7 +232,7 @@ pub struct MetricsState {
     /// The open connector connections.
     pub hub: Arc<ConnectionHub>,
     /// The relay sessions.
-    pub sessions: Arc<RelaySessions>,
+    pub sessions: Arc<SessionStore>,
     /// The actor storage, for each consumer's usage.
     pub storage: Arc<ActorStorage>,
 }

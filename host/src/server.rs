@@ -27,9 +27,11 @@ use crate::queue::QueueBackend;
 use crate::queue::jetstream::JetStreamQueue;
 use crate::queue::lane::Lane;
 use crate::queue::sqlite::SqliteQueue;
+use crate::relay::cluster_sessions::ClusterSessions;
 use crate::relay::endpoint::{self, Heartbeat, RelayState};
 use crate::relay::hub::ConnectionHub;
 use crate::relay::sessions::{RelaySessions, SessionLimits};
+use crate::relay::store::SessionStore;
 use crate::runtime::{Capabilities, Runtime};
 use crate::store::Database;
 use crate::tokens::TokenStore;
@@ -76,10 +78,11 @@ pub fn open_capabilities(
 ) -> Result<Arc<Capabilities>> {
     let hub = Arc::new(ConnectionHub::default());
     let trust = TrustStore::open(db, revocation_ttl).context("opening the trust store")?;
-    capabilities(db, hub, trust, limits)
+    capabilities(db, hub, trust, limits, None)
 }
 
-/// [`open_capabilities`] for a host sharing `cluster`: the trust store is the cluster's.
+/// [`open_capabilities`] for a host sharing `cluster`: the trust store and the relay
+/// sessions are the cluster's.
 pub async fn open_cluster_capabilities(
     db: &Database,
     cluster: &Cluster,
@@ -90,18 +93,24 @@ pub async fn open_cluster_capabilities(
     let trust = TrustStore::open_cluster(cluster, revocation_ttl, hub.clone())
         .await
         .context("opening the cluster's trust store")?;
-    capabilities(db, hub, trust, limits)
+    capabilities(db, hub, trust, limits, Some(cluster))
 }
 
-/// The capabilities over `hub` and `trust`, with the other stores in `db`.
+/// The capabilities over `hub` and `trust`, with the relay sessions in `cluster` when
+/// given, else in `db`, and the other stores in `db`.
 fn capabilities(
     db: &Database,
     hub: Arc<ConnectionHub>,
     trust: TrustStore,
     limits: SessionLimits,
+    cluster: Option<&Cluster>,
 ) -> Result<Arc<Capabilities>> {
-    let sessions =
-        RelaySessions::open(db, hub.clone(), limits).context("opening the relay sessions")?;
+    let sessions = match cluster {
+        Some(cluster) => SessionStore::Cluster(ClusterSessions::open(cluster, hub.clone(), limits)),
+        None => SessionStore::Sqlite(Arc::new(
+            RelaySessions::open(db, hub.clone(), limits).context("opening the relay sessions")?,
+        )),
+    };
     let storage = ActorStorage::open(db).context("opening the actor storage")?;
     Ok(Arc::new(Capabilities {
         trust: Arc::new(trust),

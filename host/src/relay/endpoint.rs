@@ -35,7 +35,8 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::hub::{ConnectionHub, Outbound, Outgoing};
-use super::sessions::{Ask, Kind, RelaySessions};
+use super::sessions::{Ask, Kind};
+use super::store::SessionStore;
 use crate::agents::{AgentRegistry, Refusal};
 use crate::api::ApiError;
 use crate::auth::Principal;
@@ -75,7 +76,7 @@ pub struct RelayState {
     /// Who is revoked.
     pub trust: Arc<TrustStore>,
     /// The relay sessions.
-    pub sessions: Arc<RelaySessions>,
+    pub sessions: Arc<SessionStore>,
     /// The open connections.
     pub hub: Arc<ConnectionHub>,
     /// Heartbeat timing.
@@ -220,7 +221,7 @@ impl Link<'_> {
 /// Asks the session of `did` to push what the connection must send for `ask`; true
 /// if it did. A session that cannot be reached is asked again after the first retry
 /// delay.
-async fn ask_session(sessions: &RelaySessions, did: &str, ask: Ask, outgoing: &Outgoing) -> bool {
+async fn ask_session(sessions: &SessionStore, did: &str, ask: Ask, outgoing: &Outgoing) -> bool {
     match sessions.push(did, ask).await {
         Ok(_) => true,
         Err(err) => {
@@ -271,6 +272,7 @@ async fn serve_connection(socket: WebSocket, did: String, token: String, state: 
     drop(link);
     drop(outgoing);
     state.hub.disconnect(&did, id, why);
+    state.sessions.disconnected(&did, id);
     tracing::info!(agent = %did, why, "connector disconnected");
 }
 
@@ -334,7 +336,7 @@ async fn send_all(link: &mut Link<'_>, frames: Vec<String>) -> Result<(), End> {
 /// Handles what the connector sent (`incoming`); `Err` says how the connection ends.
 async fn receive(
     did: &str,
-    sessions: &RelaySessions,
+    sessions: &SessionStore,
     link: &mut Link<'_>,
     incoming: Option<Result<Message, axum::Error>>,
 ) -> Result<(), End> {
@@ -434,7 +436,9 @@ mod tests {
     use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
 
     use super::*;
-    use crate::relay::sessions::{Delivery, DeliveryIn, DropReason, Retry, SessionLimits};
+    use crate::relay::sessions::{
+        Delivery, DeliveryIn, DropReason, RelaySessions, Retry, SessionLimits,
+    };
 
     const A: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PB";
     const B: &str = "did:cdi:registry.clawdentity.com:agent:01HZX4M3Q8V2J7K9T6R5W1N0PC";
@@ -474,7 +478,7 @@ mod tests {
         let state = RelayState {
             agents,
             trust,
-            sessions: sessions.clone(),
+            sessions: Arc::new(SessionStore::Sqlite(sessions.clone())),
             hub: hub.clone(),
             heartbeat,
             backpressure,

@@ -179,6 +179,21 @@ impl ConnectionHub {
         crate::metrics::connection_closed(reason);
     }
 
+    /// The id of the open connection of `did`, if any.
+    pub fn connection_id(&self, did: &str) -> Option<u64> {
+        self.lock().get(did).map(|c| c.id)
+    }
+
+    /// Closes connection `id` of `did` if it is still the open one; true if it was.
+    pub fn close_connection(&self, did: &str, id: u64, code: u16, reason: &'static str) -> bool {
+        let mut connections = self.lock();
+        if connections.get(did).is_none_or(|c| c.id != id) {
+            return false;
+        }
+        let closed = connections.remove(did);
+        closed.map(|c| c.signals.close((code, reason))).is_some()
+    }
+
     /// Whether `did` has a live connection: one its session made its connect push to.
     pub fn is_live(&self, did: &str) -> bool {
         self.lock().get(did).is_some_and(|c| c.signals.lock().live)

@@ -1097,7 +1097,7 @@ fn keep(
 }
 
 /// Checks `delivery` and builds its `deliver` frame.
-fn delivery_frame(delivery: &DeliveryIn) -> Result<Frame, SessionError> {
+pub(super) fn delivery_frame(delivery: &DeliveryIn) -> Result<Frame, SessionError> {
     let invalid = |why: String| SessionError::Invalid(format!("delivery: {why}"));
     let key = &delivery.dedup_key;
     if key.trim().is_empty() {

@@ -11,7 +11,7 @@ use super::bindings::clawdentity::queues::types;
 use crate::actor_storage::{ActorStorage, StorageError};
 use crate::bounds::GuestLogs;
 use crate::relay::hub::ConnectionHub;
-use crate::relay::sessions::RelaySessions;
+use crate::relay::store::SessionStore;
 use crate::trust::{TrustError, TrustStore};
 
 mod actor_storage;
@@ -30,7 +30,7 @@ pub struct Capabilities {
     /// Backs the `trust-store` import.
     pub trust: Arc<TrustStore>,
     /// Backs the `relay-sessions` import.
-    pub sessions: Arc<RelaySessions>,
+    pub sessions: Arc<SessionStore>,
     /// The agents' connector connections: revocations close them through it.
     pub hub: Arc<ConnectionHub>,
     /// Backs the `actor-storage` import.

@@ -5,7 +5,8 @@ use wasmtime::component::HasData;
 use super::BatchState;
 use crate::bounds;
 use crate::frame::ReceiptStatus;
-use crate::relay::sessions::{Delivery, DeliveryIn, ReceiptIn, RelaySessions, SessionError};
+use crate::relay::sessions::{Delivery, DeliveryIn, ReceiptIn, SessionError};
+use crate::relay::store::SessionStore;
 use crate::runtime::HostError;
 use crate::runtime::bindings::clawdentity::queues::relay_sessions;
 use crate::runtime::record::{CallLog, recorded};
@@ -13,7 +14,7 @@ use crate::runtime::record::{CallLog, recorded};
 /// What the `relay-sessions` import reaches of a batch: the agents' sessions, and the
 /// batch's call log.
 pub(in crate::runtime) struct RelaySessionsView<'a> {
-    sessions: &'a RelaySessions,
+    sessions: &'a SessionStore,
     calls: Option<&'a CallLog>,
 }
 
