@@ -255,3 +255,34 @@ fn nothing_acknowledged_is_lost_when_the_nats_server_dies() {
     assert_eq!(acknowledged.len(), total * BATCH);
     assert_all_handled(&hosts, &acknowledged, "NATS killed mid-load");
 }
+
+#[test]
+fn a_message_in_flight_is_counted_shown_and_passed_over() {
+    let nats = NatsServer::start();
+    let host = Host::start(
+        &(nats.backend_config()
+            + &scripted_consumer(
+                JOBS,
+                "max_batch_timeout = 0\nmax_retries = 0\ncpu_timeout = 3\nwall_timeout = 4",
+            )),
+    );
+    let id = host.publish(JOBS, json!({"do": "loop", "tag": "busy"}));
+    wait_for("the message to be in flight", || {
+        (host.queue(JOBS)["in_flight"] == 1).then_some(())
+    });
+    let (status, page) = host.get(&format!("/v1/queues/{JOBS}/messages"));
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["messages"][0]["id"], id.as_str(), "{page}");
+    assert_eq!(page["messages"][0]["state"], "in_flight", "{page}");
+    let everything = json!({"all": true});
+    let (status, reply) = host.delete(&format!("/v1/queues/{JOBS}/messages"), Some(&everything));
+    assert_eq!((status, reply), (200, json!({"purged": 0})));
+    // Its batch runs out of CPU time: with no retry left, it is dead-lettered.
+    wait_for("the message to be dead-lettered", || {
+        (host.queue(JOBS)["dead_lettered"] == 1).then_some(())
+    });
+    let (status, dead) = host.get(&format!("/v1/queues/{JOBS}-dlq/messages/{id}"));
+    assert_eq!(status, 200, "{dead}");
+    assert_eq!(dead["source_attempts"], 1, "{dead}");
+    host.wait_drained(JOBS);
+}

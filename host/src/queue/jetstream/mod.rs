@@ -144,7 +144,8 @@ struct Held {
 }
 
 /// Every [`PROGRESS_EVERY`], renews the ack wait of each message of `leased` whose lease
-/// still holds; stops once `leased` is gone.
+/// still holds, and forgets the others (their outcome would be ignored: the server
+/// delivers them again); stops once `leased` is gone.
 async fn renew(leased: Weak<Mutex<HashMap<i64, Held>>>, client: async_nats::Client) {
     let mut ticks = tokio::time::interval(PROGRESS_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -155,12 +156,9 @@ async fn renew(leased: Weak<Mutex<HashMap<i64, Held>>>, client: async_nats::Clie
         };
         let now = now_ms();
         let held: Vec<jetstream::Message> = {
-            let leased = leased.lock().unwrap_or_else(|p| p.into_inner());
-            leased
-                .values()
-                .filter(|held| held.deadline > now)
-                .map(|held| held.message.clone())
-                .collect()
+            let mut leased = leased.lock().unwrap_or_else(|p| p.into_inner());
+            leased.retain(|_, held| held.deadline >= now);
+            leased.values().map(|held| held.message.clone()).collect()
         };
         if held.is_empty() {
             continue;
@@ -537,9 +535,16 @@ impl DataPath for JetStreamStorage {
             );
         }
         if !done.is_empty() {
-            // Dead-lettered before acked: a failure leaves them to be delivered again.
-            self.store(doomed, now, false).await?;
-            self.ack(done).await;
+            // Dead-lettered before acked: a failure leaves them to be delivered again
+            // (and given up on again), and the batch goes out.
+            match self.store(doomed, now, false).await {
+                Ok(()) => self.ack(done).await,
+                Err(err) => {
+                    tracing::warn!(lane = %lane, error = %err,
+                        "dead-lettering failed: those messages come back after their ack wait");
+                    (gave_up, woken) = (SettleSummary::default(), Vec::new());
+                }
+            }
         }
         Ok(Leased::Batch {
             deliveries,

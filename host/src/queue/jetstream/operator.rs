@@ -266,9 +266,8 @@ impl Operator for JetStreamStorage {
                 summary.skipped += 1;
                 continue;
             }
+            // Started over: its publish time kept, every record reset.
             let fresh = Meta {
-                id: meta.id.clone(),
-                content_type: meta.content_type.clone(),
                 published: meta.published,
                 ..Meta::published(&meta.id, meta.content_type(), now)
             };
