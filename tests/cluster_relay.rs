@@ -14,8 +14,8 @@ const RECEIPTS: &str = "clawdentity-receipts";
 /// test reads is a first push on its connection.
 const UNHURRIED_RETRIES: &str = "[relay]\nretry_initial = 60\nretry_max = 60\n";
 
-/// `count` hosts on one NATS server, each with agent `DID_A` registered (the agent
-/// registry is still per host: each host has its own token for it).
+/// `count` hosts on one NATS server, with agent `DID_A` registered once (the agent
+/// registry is the cluster's), each paired with the agent's token.
 fn cluster(count: usize) -> (NatsServer, Vec<(Host, String)>) {
     cluster_with(count, UNHURRIED_RETRIES)
 }
@@ -24,12 +24,11 @@ fn cluster(count: usize) -> (NatsServer, Vec<(Host, String)>) {
 fn cluster_with(count: usize, relay: &str) -> (NatsServer, Vec<(Host, String)>) {
     let nats = NatsServer::start();
     let config = format!("{}{}", nats.backend_config(), fast_config(relay));
-    let hosts = (0..count)
-        .map(|_| {
-            let host = Host::start(&config);
-            let token = host.add_agent(DID_A);
-            (host, token)
-        })
+    let hosts: Vec<Host> = (0..count).map(|_| Host::start(&config)).collect();
+    let token = hosts[0].add_agent(DID_A);
+    let hosts = hosts
+        .into_iter()
+        .map(|host| (host, token.clone()))
         .collect();
     (nats, hosts)
 }
