@@ -75,10 +75,12 @@ pub fn open_capabilities(
 ) -> Result<Arc<Capabilities>> {
     let hub = Arc::new(ConnectionHub::default());
     let trust = TrustStore::open(db, revocation_ttl).context("opening the trust store")?;
-    capabilities(db, hub, trust, limits)
+    let storage = ActorStorage::open(db).context("opening the actor storage")?;
+    capabilities(db, hub, trust, storage, limits)
 }
 
-/// [`open_capabilities`] for a host sharing `cluster`: the trust store is the cluster's.
+/// [`open_capabilities`] for a host sharing `cluster`: the trust store and the actor
+/// storage are the cluster's.
 pub async fn open_cluster_capabilities(
     db: &Database,
     cluster: &Cluster,
@@ -89,19 +91,22 @@ pub async fn open_cluster_capabilities(
     let trust = TrustStore::open_cluster(cluster, revocation_ttl, hub.clone())
         .await
         .context("opening the cluster's trust store")?;
-    capabilities(db, hub, trust, limits)
+    let storage = ActorStorage::open_cluster(cluster)
+        .await
+        .context("opening the cluster's actor storage")?;
+    capabilities(db, hub, trust, storage, limits)
 }
 
-/// The capabilities over `hub` and `trust`, with the other stores in `db`.
+/// The capabilities over `hub`, `trust` and `storage`, with the relay sessions in `db`.
 fn capabilities(
     db: &Database,
     hub: Arc<ConnectionHub>,
     trust: TrustStore,
+    storage: ActorStorage,
     limits: SessionLimits,
 ) -> Result<Arc<Capabilities>> {
     let sessions =
         RelaySessions::open(db, hub.clone(), limits).context("opening the relay sessions")?;
-    let storage = ActorStorage::open(db).context("opening the actor storage")?;
     Ok(Arc::new(Capabilities {
         trust: Arc::new(trust),
         sessions: Arc::new(sessions),
