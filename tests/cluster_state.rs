@@ -1,5 +1,6 @@
-//! Hosts sharing a NATS JetStream cluster answer the same: the trust store, the agents and
-//! the tokens live in the cluster's key-value buckets (real `nats-server -js`, real hosts).
+//! Hosts sharing a NATS JetStream cluster answer the same: the trust store, the agents,
+//! the tokens, the actor storage and the handler versions live in the cluster's key-value
+//! buckets and object store (real `nats-server -js`, real hosts).
 
 use std::time::Instant;
 
@@ -7,6 +8,8 @@ use crate::handlers::{JOBS, current_version, deploy, scripted_variant, version_o
 use crate::support::nats::NatsServer;
 use crate::support::*;
 use serde_json::json;
+
+const RECEIPTS: &str = "clawdentity-receipts";
 
 /// A host of the cluster served by `nats`, with `config` after its `[backend]`.
 fn host(nats: &NatsServer, config: &str) -> Host {
@@ -171,4 +174,45 @@ fn a_deploy_or_rollback_on_one_host_switches_every_host() {
     }
     c.publish(JOBS, json!({"do": "ack", "tag": "after-rollback"}));
     wait_log_on_any(&[&a, &b, &c], &["seen tag=after-rollback ", &v1[..12]]);
+}
+
+#[test]
+fn actor_storage_written_on_one_host_is_read_on_another() {
+    // The dead-letter digest counts a sender's dead-lettered receipts in its actor
+    // storage and delivers a digest to the sender at every third.
+    let digest = format!(
+        "[[queues.consumers]]\nqueue = \"{RECEIPTS}\"\nname = \"dead-letter-digest\"\n\
+         handler = \"{}\"\nworld = \"receipt-handler\"\nmax_batch_timeout = 0.05\n\
+         filter = {{ type = \"delivery_receipt\", status = \"dead_lettered\" }}\n",
+        clawq_test_guests::DEAD_LETTER_DIGEST
+    );
+    let nats = NatsServer::start();
+    let (a, b) = (
+        host(&nats, &fast_config(&digest)),
+        host(&nats, &fast_config(&digest)),
+    );
+    let token = a.add_agent(DID_A);
+    let mut socket = b.connect(DID_A, Some(&token)).unwrap();
+    let dead_lettered = |n: u32| receipt(&format!("req-{n}"), DID_A, DID_B, "dead_lettered", None);
+    a.publish(RECEIPTS, dead_lettered(1));
+    a.publish(RECEIPTS, dead_lettered(2));
+    a.wait_drained(RECEIPTS);
+    b.publish(RECEIPTS, dead_lettered(3));
+    // B counts the third only if it reads the two A counted.
+    let digest = loop {
+        match next_event(&mut socket, &["receipt"]) {
+            Seen::Frame(frame) if frame["type"] == "deliver" => break frame,
+            Seen::Frame(beat) => send_frame(
+                &mut socket,
+                &frame("heartbeat_ack", json!({"ackId": beat["id"]})),
+            ),
+            Seen::Closed(code, reason) => panic!("closed: {code} {reason}"),
+        }
+    };
+    let system = &digest["payload"]["system"];
+    assert_eq!(
+        (&system["type"], &system["count"]),
+        (&json!("clawq.dead-letter-digest"), &json!(3)),
+        "{digest}"
+    );
 }

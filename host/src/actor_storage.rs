@@ -1,6 +1,8 @@
 //! Durable key-value storage for handlers (the `actor-storage` capability): values live
 //! in actors addressed by a key of the handler's choosing, and each consumer sees only its
-//! own actors, within its quota of keys and bytes.
+//! own actors, within its quota of keys and bytes. The actors are in the host's
+//! database, or in the cluster's key-value bucket ([`jetstream`]) when several hosts
+//! share one.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -8,7 +10,10 @@ use std::sync::RwLock;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::bounds::{self, MAX_LIST_PAGE, MAX_LIST_PAGE_BYTES, MAX_VALUE_BYTES};
+use crate::cluster::Cluster;
 use crate::store::{Database, StoreError};
+
+mod jetstream;
 
 /// Why a storage call failed.
 #[derive(Debug, thiserror::Error)]
@@ -67,10 +72,16 @@ pub struct Usage {
     pub bytes: u64,
 }
 
-/// The actor storage of every handler, in one SQLite database.
+/// The actor storage of every handler, in one SQLite database or in the cluster.
 pub struct ActorStorage {
-    db: Database,
+    backend: Backend,
     quotas: RwLock<HashMap<String, Quota>>,
+}
+
+/// Where the actors are kept.
+enum Backend {
+    Sqlite(Database),
+    Cluster(Box<jetstream::ClusterActors>),
 }
 
 /// The bytes one stored key counts for.
@@ -99,7 +110,15 @@ impl ActorStorage {
                  COMMIT;"
         ))?;
         Ok(ActorStorage {
-            db: db.clone(),
+            backend: Backend::Sqlite(db.clone()),
+            quotas: RwLock::default(),
+        })
+    }
+
+    /// Opens (or creates) the storage of `cluster`, shared by every host connected to it.
+    pub async fn open_cluster(cluster: &Cluster) -> anyhow::Result<Self> {
+        Ok(ActorStorage {
+            backend: Backend::Cluster(Box::new(jetstream::ClusterActors::open(cluster).await?)),
             quotas: RwLock::default(),
         })
     }
@@ -118,23 +137,25 @@ impl ActorStorage {
 
     /// What every consumer with stored keys keeps, by consumer.
     pub async fn usage(&self) -> Result<Vec<(String, Usage)>, StorageError> {
-        self.db
-            .read(|conn| {
-                let mut stmt =
-                    conn.prepare_cached("SELECT handler, keys, bytes FROM actor_usage")?;
-                let rows = stmt
-                    .query_map([], |r| {
-                        let (keys, bytes): (i64, i64) = (r.get(1)?, r.get(2)?);
-                        let usage = Usage {
-                            keys: keys as u64,
-                            bytes: bytes as u64,
-                        };
-                        Ok((r.get(0)?, usage))
-                    })?
-                    .collect::<rusqlite::Result<_>>()?;
-                Ok(rows)
-            })
-            .await
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => return cluster.usage().await,
+        };
+        db.read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT handler, keys, bytes FROM actor_usage")?;
+            let rows = stmt
+                .query_map([], |r| {
+                    let (keys, bytes): (i64, i64) = (r.get(1)?, r.get(2)?);
+                    let usage = Usage {
+                        keys: keys as u64,
+                        bytes: bytes as u64,
+                    };
+                    Ok((r.get(0)?, usage))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+        .await
     }
 
     /// The value of `key` in `actor` of `handler`.
@@ -145,19 +166,22 @@ impl ActorStorage {
         key: &str,
     ) -> Result<Option<Vec<u8>>, StorageError> {
         bounds::storage_address(actor, key)?;
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => return cluster.get(handler, actor, key).await,
+        };
         let address = (handler.to_owned(), actor.to_owned(), key.to_owned());
-        self.db
-            .read(move |conn| {
-                let (handler, actor, key) = address;
-                Ok(conn
-                    .prepare_cached(
-                        "SELECT value FROM actor_values
+        db.read(move |conn| {
+            let (handler, actor, key) = address;
+            Ok(conn
+                .prepare_cached(
+                    "SELECT value FROM actor_values
                          WHERE handler = ?1 AND actor = ?2 AND key = ?3",
-                    )?
-                    .query_row(params![handler, actor, key], |r| r.get(0))
-                    .optional()?)
-            })
-            .await
+                )?
+                .query_row(params![handler, actor, key], |r| r.get(0))
+                .optional()?)
+        })
+        .await
     }
 
     /// Stores `value` under `key` in `actor` of `handler`, within `handler`'s quota: the
@@ -173,78 +197,70 @@ impl ActorStorage {
         bounds::storage_address(actor, key)?;
         bounds::check("value", value.len(), MAX_VALUE_BYTES)?;
         let quota = self.quota(handler);
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => {
+                return cluster.put(handler, actor, key, value, quota).await;
+            }
+        };
         let row = (
             handler.to_owned(),
             actor.to_owned(),
             key.to_owned(),
             value.to_vec(),
         );
-        self.db
-            .write(move |conn| {
-                let (handler, actor, key, value) = row;
-                let replaced: Option<i64> = conn
-                    .prepare_cached(&format!(
-                        "SELECT {ROW_BYTES} FROM actor_values
+        db.write(move |conn| {
+            let (handler, actor, key, value) = row;
+            let replaced: Option<i64> = conn
+                .prepare_cached(&format!(
+                    "SELECT {ROW_BYTES} FROM actor_values
                          WHERE handler = ?1 AND actor = ?2 AND key = ?3"
-                    ))?
-                    .query_row(params![handler, actor, key], |r| r.get(0))
-                    .optional()?;
-                let usage = usage_of(conn, &handler)?;
-                let row_bytes = (actor.len() + key.len() + value.len()) as u64;
-                let after = Usage {
-                    keys: usage.keys + u64::from(replaced.is_none()),
-                    bytes: (usage.bytes + row_bytes).saturating_sub(replaced.unwrap_or(0) as u64),
-                };
-                if after.keys > quota.keys && after.keys > usage.keys {
-                    return Err(StorageError::Refused(format!(
-                        "actor storage quota of {} keys reached: consumer `{handler}` keeps {} \
-                         keys",
-                        quota.keys, usage.keys
-                    )));
-                }
-                if after.bytes > quota.bytes && after.bytes > usage.bytes {
-                    return Err(StorageError::Refused(format!(
-                        "actor storage quota of {} bytes reached: consumer `{handler}` keeps {} \
-                         bytes and this value would make it {}",
-                        quota.bytes, usage.bytes, after.bytes
-                    )));
-                }
-                conn.prepare_cached(
-                    "INSERT INTO actor_values (handler, actor, key, value) VALUES (?1, ?2, ?3, ?4)
+                ))?
+                .query_row(params![handler, actor, key], |r| r.get(0))
+                .optional()?;
+            let usage = usage_of(conn, &handler)?;
+            let row_bytes = (actor.len() + key.len() + value.len()) as u64;
+            let replaced = replaced.map(|bytes| bytes as u64);
+            let after = usage.after_put(&handler, quota, replaced, row_bytes)?;
+            conn.prepare_cached(
+                "INSERT INTO actor_values (handler, actor, key, value) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT (handler, actor, key) DO UPDATE SET value = ?4",
-                )?
-                .execute(params![handler, actor, key, value])?;
-                set_usage(conn, &handler, after)?;
-                Ok(())
-            })
-            .await
+            )?
+            .execute(params![handler, actor, key, value])?;
+            set_usage(conn, &handler, after)?;
+            Ok(())
+        })
+        .await
     }
 
     /// Deletes `key` from `actor` of `handler`.
     pub async fn delete(&self, handler: &str, actor: &str, key: &str) -> Result<(), StorageError> {
         bounds::storage_address(actor, key)?;
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => return cluster.delete(handler, actor, key).await,
+        };
         let address = (handler.to_owned(), actor.to_owned(), key.to_owned());
-        self.db
-            .write(move |conn| {
-                let (handler, actor, key) = address;
-                let deleted: Option<i64> = conn
-                    .prepare_cached(&format!(
-                        "DELETE FROM actor_values WHERE handler = ?1 AND actor = ?2 AND key = ?3
+        db.write(move |conn| {
+            let (handler, actor, key) = address;
+            let deleted: Option<i64> = conn
+                .prepare_cached(&format!(
+                    "DELETE FROM actor_values WHERE handler = ?1 AND actor = ?2 AND key = ?3
                          RETURNING {ROW_BYTES}"
-                    ))?
-                    .query_row(params![handler, actor, key], |r| r.get(0))
-                    .optional()?;
-                if let Some(bytes) = deleted {
-                    let usage = usage_of(conn, &handler)?;
-                    let after = Usage {
-                        keys: usage.keys.saturating_sub(1),
-                        bytes: usage.bytes.saturating_sub(bytes as u64),
-                    };
-                    set_usage(conn, &handler, after)?;
-                }
-                Ok(())
-            })
-            .await
+                ))?
+                .query_row(params![handler, actor, key], |r| r.get(0))
+                .optional()?;
+            if let Some(bytes) = deleted {
+                let usage = usage_of(conn, &handler)?;
+                let after = Usage {
+                    keys: usage.keys.saturating_sub(1),
+                    bytes: usage.bytes.saturating_sub(bytes as u64),
+                };
+                set_usage(conn, &handler, after)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// One page of the keys of `actor` of `handler` starting with `prefix`, with their
@@ -271,28 +287,68 @@ impl ActorStorage {
             start_after.map(str::to_owned),
             limit.min(MAX_LIST_PAGE),
         );
-        self.db
-            .read(move |conn| {
+        let db = match &self.backend {
+            Backend::Sqlite(db) => db,
+            Backend::Cluster(cluster) => {
                 let (handler, actor, prefix, start_after, limit) = range;
-                let mut stmt = conn.prepare_cached(
-                    "SELECT key, value FROM actor_values
+                return cluster
+                    .list_prefix(&handler, &actor, &prefix, start_after.as_deref(), limit)
+                    .await;
+            }
+        };
+        db.read(move |conn| {
+            let (handler, actor, prefix, start_after, limit) = range;
+            let mut stmt = conn.prepare_cached(
+                "SELECT key, value FROM actor_values
                      WHERE handler = ?1 AND actor = ?2 AND key >= ?3 AND (?4 IS NULL OR key > ?4)
                        AND substr(key, 1, length(?3)) = ?3
                      ORDER BY key LIMIT ?5",
-                )?;
-                let mut rows = stmt.query(params![handler, actor, prefix, start_after, limit])?;
-                let (mut page, mut bytes) = (Vec::new(), 0);
-                while let Some(row) = rows.next()? {
-                    if bytes >= MAX_LIST_PAGE_BYTES {
-                        break;
-                    }
-                    let (key, value): (String, Vec<u8>) = (row.get(0)?, row.get(1)?);
-                    bytes += key.len() + value.len();
-                    page.push((key, value));
+            )?;
+            let mut rows = stmt.query(params![handler, actor, prefix, start_after, limit])?;
+            let (mut page, mut bytes) = (Vec::new(), 0);
+            while let Some(row) = rows.next()? {
+                if bytes >= MAX_LIST_PAGE_BYTES {
+                    break;
                 }
-                Ok(page)
-            })
-            .await
+                let (key, value): (String, Vec<u8>) = (row.get(0)?, row.get(1)?);
+                bytes += key.len() + value.len();
+                page.push((key, value));
+            }
+            Ok(page)
+        })
+        .await
+    }
+}
+
+impl Usage {
+    /// What `consumer` keeps after a put of a row of `row_bytes` that replaces one of
+    /// `replaced` bytes (`None`: a new key), if `quota` allows it: a put that does not
+    /// grow what is kept is allowed even over the quota.
+    fn after_put(
+        self,
+        consumer: &str,
+        quota: Quota,
+        replaced: Option<u64>,
+        row_bytes: u64,
+    ) -> Result<Usage, StorageError> {
+        let after = Usage {
+            keys: self.keys + u64::from(replaced.is_none()),
+            bytes: (self.bytes + row_bytes).saturating_sub(replaced.unwrap_or(0)),
+        };
+        if after.keys > quota.keys && after.keys > self.keys {
+            return Err(StorageError::Refused(format!(
+                "actor storage quota of {} keys reached: consumer `{consumer}` keeps {} keys",
+                quota.keys, self.keys
+            )));
+        }
+        if after.bytes > quota.bytes && after.bytes > self.bytes {
+            return Err(StorageError::Refused(format!(
+                "actor storage quota of {} bytes reached: consumer `{consumer}` keeps {} \
+                 bytes and this value would make it {}",
+                quota.bytes, self.bytes, after.bytes
+            )));
+        }
+        Ok(after)
     }
 }
 

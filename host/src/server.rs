@@ -78,13 +78,16 @@ pub fn open_capabilities(
 ) -> Result<Arc<Capabilities>> {
     let hub = Arc::new(ConnectionHub::default());
     let trust = TrustStore::open(db, revocation_ttl).context("opening the trust store")?;
-    capabilities(db, hub, trust, limits, None)
+    let storage = ActorStorage::open(db).context("opening the actor storage")?;
+    let sessions = SessionStore::Sqlite(Arc::new(
+        RelaySessions::open(db, hub.clone(), limits).context("opening the relay sessions")?,
+    ));
+    Ok(capabilities(hub, trust, storage, sessions))
 }
 
-/// [`open_capabilities`] for a host sharing `cluster`: the trust store and the relay
-/// sessions are the cluster's.
+/// [`open_capabilities`] for a host sharing `cluster`: the trust store, the actor storage
+/// and the relay sessions are the cluster's.
 pub async fn open_cluster_capabilities(
-    db: &Database,
     cluster: &Cluster,
     revocation_ttl: Duration,
     limits: SessionLimits,
@@ -93,32 +96,27 @@ pub async fn open_cluster_capabilities(
     let trust = TrustStore::open_cluster(cluster, revocation_ttl, hub.clone())
         .await
         .context("opening the cluster's trust store")?;
-    capabilities(db, hub, trust, limits, Some(cluster))
+    let storage = ActorStorage::open_cluster(cluster)
+        .await
+        .context("opening the cluster's actor storage")?;
+    let sessions = SessionStore::Cluster(ClusterSessions::open(cluster, hub.clone(), limits));
+    Ok(capabilities(hub, trust, storage, sessions))
 }
 
-/// The capabilities over `hub` and `trust`, with the relay sessions in `cluster` when
-/// given, else in `db`, and the other stores in `db`.
+/// The capabilities over `hub` and these stores, with no log rates set yet.
 fn capabilities(
-    db: &Database,
     hub: Arc<ConnectionHub>,
     trust: TrustStore,
-    limits: SessionLimits,
-    cluster: Option<&Cluster>,
-) -> Result<Arc<Capabilities>> {
-    let sessions = match cluster {
-        Some(cluster) => SessionStore::Cluster(ClusterSessions::open(cluster, hub.clone(), limits)),
-        None => SessionStore::Sqlite(Arc::new(
-            RelaySessions::open(db, hub.clone(), limits).context("opening the relay sessions")?,
-        )),
-    };
-    let storage = ActorStorage::open(db).context("opening the actor storage")?;
-    Ok(Arc::new(Capabilities {
+    storage: ActorStorage,
+    sessions: SessionStore,
+) -> Arc<Capabilities> {
+    Arc::new(Capabilities {
         trust: Arc::new(trust),
         sessions: Arc::new(sessions),
         hub,
         storage: Arc::new(storage),
         logs: Arc::default(),
-    }))
+    })
 }
 
 /// Runs the host until `shutdown` is cancelled.
@@ -183,7 +181,7 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
     let caps = match &cluster {
         Some(cluster) => {
             let (ttl, limits) = (config.revocation_ttl, config.relay.sessions);
-            open_cluster_capabilities(&db, cluster, ttl, limits).await?
+            open_cluster_capabilities(cluster, ttl, limits).await?
         }
         None => open_capabilities(&db, config.revocation_ttl, config.relay.sessions)?,
     };
