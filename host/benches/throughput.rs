@@ -11,26 +11,37 @@
 //! after it handled 1,000,000 revocations published over HTTP (`VmRSS` and the peak,
 //! `VmHWM`, of `/proc/<pid>/status`).
 //!
+//! And WASM vs native (`native`): the same revocations through one queue loop (take a
+//! batch, handle it, settle its acks), handled by the CRL component or by its own logic
+//! compiled natively (`crl_invalidation::handling`) against the same capability
+//! implementations (`clawq::runtime::native`), interleaved rounds.
+//!
 //! Run with `cargo bench -p clawq --bench throughput`; a word after `--` runs only the
 //! sections whose name contains it (`gauges`, `instance`, `deploy`, `batch`,
-//! `subscribers`, `rss`). `CLAWQ_BENCH_MESSAGES` sets the message count (default 50000),
-//! `CLAWQ_BENCH_RSS_MESSAGES` that of the `rss` section (default 1000000).
+//! `subscribers`, `rss`, `native`). `CLAWQ_BENCH_MESSAGES` sets the message count
+//! (default 50000), `CLAWQ_BENCH_RSS_MESSAGES` that of the `rss` section (default
+//! 1000000), `CLAWQ_BENCH_ROUNDS` the rounds of the `native` section (default 5).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clawq::bundled;
 use clawq::config::{ConsumerConfig, EVENTS_QUEUE};
-use clawq::consumer::Consumer;
+use clawq::consumer::{Consumer, to_message};
 use clawq::handlers::HandlerSlots;
 use clawq::queue::lane::Lane;
 use clawq::queue::routes::{Filter, Routes};
 use clawq::queue::sqlite::SqliteQueue;
 use clawq::queue::{BatchTerms, ContentType, NewMessage, QueueBackend, RetryPolicy, Settlement};
 use clawq::relay::sessions::SessionLimits;
-use clawq::runtime::{Capabilities, Limits, Runtime};
+use clawq::runtime::native::{Level, NativeBatch};
+use clawq::runtime::{
+    Capabilities, ContentType as WitContentType, Limits, LoadedHandler, Message, Outcome, Runtime,
+};
 use clawq::store::{Database, Durability};
 use clawq::world::World;
+use clawq_protocol::body::ContentType as BodyContentType;
+use crl_invalidation::handling::{self, Host, StoreError, handle};
 use tokio_util::sync::CancellationToken;
 
 const PUBLISH_BATCH: usize = 100;
@@ -213,18 +224,23 @@ async fn fanned_out(
     rate
 }
 
-/// Mean time of one batch's fresh instance plus an empty `handle` call.
-async fn per_batch_instance(runtime: &Runtime, rounds: u32) -> Duration {
-    let dir = tempfile::tempdir().unwrap();
-    let caps = capabilities(dir.path());
-    let handler = runtime
+/// The bundled CRL-invalidation component, loaded with the default limits.
+fn crl_component(runtime: &Runtime) -> LoadedHandler {
+    runtime
         .load(
             "crl-invalidation",
             bundled::CRL_INVALIDATION,
             World::CrlInvalidation,
             Limits::default(),
         )
-        .unwrap();
+        .unwrap()
+}
+
+/// Mean time of one batch's fresh instance plus an empty `handle` call.
+async fn per_batch_instance(runtime: &Runtime, rounds: u32) -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    let caps = capabilities(dir.path());
+    let handler = crl_component(runtime);
     for _ in 0..100 {
         handler
             .handle(caps.clone(), EVENTS_QUEUE, &[])
@@ -449,6 +465,180 @@ async fn host_memory(n: usize) {
     );
 }
 
+/// Which code runs the CRL handler's logic in the WASM-vs-native comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Logic {
+    /// The bundled component, instantiated per batch.
+    Wasm,
+    /// The component's own logic (`crl_invalidation::handling`), compiled natively.
+    Native,
+}
+
+/// The host's log levels, in the order of [`handling::Level`]'s.
+const LEVELS: [Level; 3] = [Level::Info, Level::Warn, Level::Error];
+
+/// The capability calls of the CRL handler's logic run natively: those of a batch of the
+/// loaded component (the implementations its imports reach).
+struct NativeImports<'a>(&'a mut NativeBatch);
+
+impl Host for NativeImports<'_> {
+    async fn revoke_agent(&mut self, did: &str) -> Result<(), StoreError> {
+        let revoked = self.0.revoke_agent(did.to_owned()).await;
+        revoked.map_err(|err| StoreError {
+            transient: err.transient,
+            message: err.message,
+        })
+    }
+
+    async fn log(&mut self, level: handling::Level, line: &str) {
+        self.0.log(LEVELS[level as usize], line.to_owned()).await;
+    }
+}
+
+/// Runs `messages` through `logic` (the CRL component `handler`, or its logic natively
+/// against the capabilities of a batch of it) over `caps`; true when every message was
+/// acknowledged.
+async fn handled(
+    logic: Logic,
+    handler: &LoadedHandler,
+    caps: Arc<Capabilities>,
+    messages: &[Message],
+) -> bool {
+    if logic == Logic::Wasm {
+        let outcomes = handler.handle(caps, EVENTS_QUEUE, messages).await.unwrap();
+        return outcomes.iter().all(|o| matches!(o, Outcome::Ack));
+    }
+    let mut batch = handler.native_batch(caps);
+    let mut acked = true;
+    for message in messages {
+        let content_type = match message.content_type {
+            WitContentType::Json => BodyContentType::Json,
+            WitContentType::Text => BodyContentType::Text,
+            WitContentType::Bytes => BodyContentType::Bytes,
+        };
+        let imports = &mut NativeImports(&mut batch);
+        let outcome = handle(imports, &message.id, content_type, &message.body).await;
+        acked &= outcome == handling::Outcome::Ack;
+    }
+    batch.committed().await.unwrap();
+    acked
+}
+
+/// `n` revocations through one queue loop (take a batch of `batch_size`, run it through
+/// `logic`, settle its acks), in a fresh data directory; returns the loop's time and the
+/// part of it spent in the handler (its commit of the batch's revocations included).
+async fn crl_queue_loop(
+    handler: &LoadedHandler,
+    logic: Logic,
+    n: usize,
+    batch_size: usize,
+) -> (Duration, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = SqliteQueue::open(&database(dir.path())).unwrap();
+    let caps = capabilities(dir.path());
+    fill(&queue, n).await;
+    let terms = ConsumerConfig {
+        max_batch_size: batch_size,
+        max_batch_timeout: Duration::ZERO,
+        ..ConsumerConfig::default_for(EVENTS_QUEUE)
+    }
+    .batch_terms();
+    let lane = Lane::of(EVENTS_QUEUE);
+    let (started, mut in_handler, mut done) = (Instant::now(), Duration::ZERO, 0);
+    while done < n {
+        let mut batch = queue.next_batch(&lane, &terms).await.unwrap();
+        let messages: Vec<Message> = batch.iter_mut().map(to_message).collect();
+        let handler_started = Instant::now();
+        let acked = handled(logic, handler, caps.clone(), &messages).await;
+        in_handler += handler_started.elapsed();
+        assert!(acked, "{logic:?}: every revocation is acked");
+        done += batch.len();
+        let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
+        queue.settle(&lane, &terms.policy, acks).await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let last = format!(
+        "did:cdi:registry.clawdentity.com:agent:{}",
+        ulid::Ulid::from_parts(n as u64 - 1, 7)
+    );
+    assert!(caps.trust.is_revoked(&last).await.unwrap(), "{logic:?}");
+    (elapsed, in_handler)
+}
+
+/// The smallest, middle and largest of `values`, as `min/median/max`.
+fn spread(mut values: Vec<f64>) -> String {
+    values.sort_by(f64::total_cmp);
+    let median = values[values.len() / 2];
+    format!(
+        "{:.2}/{median:.2}/{:.2}",
+        values[0],
+        values[values.len() - 1]
+    )
+}
+
+/// The system's load averages over 1, 5 and 15 minutes.
+fn load_average() -> String {
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    loadavg
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// WASM vs native of the same CRL handler logic on the same queue loop: `rounds` rounds,
+/// each running `n` revocations through the component and through its logic compiled
+/// natively (which goes first alternates), for each batch size; prints msg/s, handler
+/// µs per message and the ratio WASM/native of each round and their spread.
+async fn wasm_vs_native(runtime: &Runtime, n: usize, rounds: usize) {
+    let handler = crl_component(runtime);
+    // Warm-up, not counted: the first instances of the pool, the first pages of memory.
+    for logic in [Logic::Wasm, Logic::Native] {
+        crl_queue_loop(&handler, logic, n.min(5_000), 10).await;
+    }
+    println!(
+        "WASM vs native, CRL handler, {n} messages a run; load average {}",
+        load_average()
+    );
+    for batch_size in [10, 100] {
+        let (mut loop_ratios, mut handler_ratios, mut extra) = (vec![], vec![], vec![]);
+        for round in 0..rounds {
+            let mut order = [Logic::Wasm, Logic::Native];
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            let mut runs = [(Duration::ZERO, Duration::ZERO); 2];
+            for logic in order {
+                runs[logic as usize] = crl_queue_loop(&handler, logic, n, batch_size).await;
+            }
+            let [(wasm, wasm_handler), (native, native_handler)] = runs;
+            let rate = |d: Duration| n as f64 / d.as_secs_f64();
+            let per_message = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+            loop_ratios.push(native.as_secs_f64() / wasm.as_secs_f64());
+            handler_ratios.push(native_handler.as_secs_f64() / wasm_handler.as_secs_f64());
+            extra.push(per_message(wasm_handler) - per_message(native_handler));
+            println!(
+                "batch {batch_size:>3}, round {}: WASM {:>7.0} msg/s (handler {:>5.1} µs/msg) | \
+                 native {:>7.0} msg/s (handler {:>5.1} µs/msg) | WASM/native {:.2}",
+                round + 1,
+                rate(wasm),
+                per_message(wasm_handler),
+                rate(native),
+                per_message(native_handler),
+                loop_ratios[round]
+            );
+        }
+        println!(
+            "batch {batch_size:>3}, min/median/max: WASM/native msg/s {} (handler time alone \
+             {}); WASM costs {} µs more per message",
+            spread(loop_ratios),
+            spread(handler_ratios),
+            spread(extra)
+        );
+    }
+    println!("load average {}", load_average());
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; a plain word selects sections.
@@ -513,5 +703,13 @@ async fn main() {
             filtered / one,
             both / one
         );
+    }
+
+    if run("native") {
+        let rounds = std::env::var("CLAWQ_BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5);
+        wasm_vs_native(&runtime, n, rounds).await;
     }
 }
