@@ -524,45 +524,102 @@ async fn handled(
     acked
 }
 
-/// `n` revocations through one queue loop (take a batch of `batch_size`, run it through
-/// `logic`, settle its acks), in a fresh data directory; returns the loop's time and the
-/// part of it spent in the handler (its commit of the batch's revocations included).
-async fn crl_queue_loop(
-    handler: &LoadedHandler,
+/// One side of the WASM-vs-native comparison: a queue loop (take a batch, run it through
+/// `logic`, settle its acks) over a data directory of its own holding `n` revocations,
+/// and the time it spent so far.
+struct CrlQueueLoop {
     logic: Logic,
+    queue: SqliteQueue,
+    caps: Arc<Capabilities>,
+    terms: BatchTerms,
+    lane: Lane,
+    /// How many revocations it was filled with.
     n: usize,
-    batch_size: usize,
-) -> (Duration, Duration) {
-    let dir = tempfile::tempdir().unwrap();
-    let queue = SqliteQueue::open(&database(dir.path())).unwrap();
-    let caps = capabilities(dir.path());
-    fill(&queue, n).await;
-    let terms = ConsumerConfig {
-        max_batch_size: batch_size,
-        max_batch_timeout: Duration::ZERO,
-        ..ConsumerConfig::default_for(EVENTS_QUEUE)
+    /// How many are not done yet.
+    left: usize,
+    /// Time spent in the loop on each batch: taking, handling and settling it.
+    in_loop: Vec<Duration>,
+    /// The part of it spent in the handler (its commit of the batch's revocations
+    /// included).
+    in_handler: Vec<Duration>,
+    _dir: tempfile::TempDir,
+}
+
+impl CrlQueueLoop {
+    /// The loop of `logic` over `n` fresh revocations, in batches of `batch_size`.
+    async fn new(logic: Logic, n: usize, batch_size: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = SqliteQueue::open(&database(dir.path())).unwrap();
+        fill(&queue, n).await;
+        let terms = ConsumerConfig {
+            max_batch_size: batch_size,
+            max_batch_timeout: Duration::ZERO,
+            ..ConsumerConfig::default_for(EVENTS_QUEUE)
+        }
+        .batch_terms();
+        CrlQueueLoop {
+            logic,
+            caps: capabilities(dir.path()),
+            queue,
+            terms,
+            lane: Lane::of(EVENTS_QUEUE),
+            n,
+            left: n,
+            in_loop: Vec::new(),
+            in_handler: Vec::new(),
+            _dir: dir,
+        }
     }
-    .batch_terms();
-    let lane = Lane::of(EVENTS_QUEUE);
-    let (started, mut in_handler, mut done) = (Instant::now(), Duration::ZERO, 0);
-    while done < n {
-        let mut batch = queue.next_batch(&lane, &terms).await.unwrap();
+
+    /// Takes one batch, runs it through the loop's logic (the component `handler`, or
+    /// its logic natively) and settles its acks; does nothing once every message is done.
+    async fn step(&mut self, handler: &LoadedHandler) {
+        if self.left == 0 {
+            return;
+        }
+        let started = Instant::now();
+        let mut batch = self
+            .queue
+            .next_batch(&self.lane, &self.terms)
+            .await
+            .unwrap();
         let messages: Vec<Message> = batch.iter_mut().map(to_message).collect();
         let handler_started = Instant::now();
-        let acked = handled(logic, handler, caps.clone(), &messages).await;
-        in_handler += handler_started.elapsed();
-        assert!(acked, "{logic:?}: every revocation is acked");
-        done += batch.len();
+        let acked = handled(self.logic, handler, self.caps.clone(), &messages).await;
+        self.in_handler.push(handler_started.elapsed());
+        assert!(acked, "{:?}: every revocation is acked", self.logic);
+        self.left -= batch.len();
         let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
-        queue.settle(&lane, &terms.policy, acks).await.unwrap();
+        let policy = &self.terms.policy;
+        self.queue.settle(&self.lane, policy, acks).await.unwrap();
+        self.in_loop.push(started.elapsed());
     }
-    let elapsed = started.elapsed();
-    let last = format!(
-        "did:cdi:registry.clawdentity.com:agent:{}",
-        ulid::Ulid::from_parts(n as u64 - 1, 7)
-    );
-    assert!(caps.trust.is_revoked(&last).await.unwrap(), "{logic:?}");
-    (elapsed, in_handler)
+
+    /// Runs every message of the loop through `handler`, then checks that the last
+    /// revocation landed.
+    async fn drain(&mut self, handler: &LoadedHandler) {
+        while self.left > 0 {
+            self.step(handler).await;
+        }
+        self.check_revoked().await;
+    }
+
+    /// Checks that the loop's last revocation landed in its trust store.
+    async fn check_revoked(&self) {
+        let last = format!(
+            "did:cdi:registry.clawdentity.com:agent:{}",
+            ulid::Ulid::from_parts(self.n as u64 - 1, 7)
+        );
+        let revoked = self.caps.trust.is_revoked(&last).await.unwrap();
+        assert!(revoked, "{:?}: the last revocation landed", self.logic);
+    }
+}
+
+/// Seconds: the sum of `times`, and the middle one.
+fn sum_and_median(times: &[Duration]) -> (f64, f64) {
+    let mut seconds: Vec<f64> = times.iter().map(Duration::as_secs_f64).collect();
+    seconds.sort_by(f64::total_cmp);
+    (seconds.iter().sum(), seconds[seconds.len() / 2])
 }
 
 /// The smallest, middle and largest of `values`, as `min/median/max`.
@@ -586,53 +643,92 @@ fn load_average() -> String {
         .join(" ")
 }
 
-/// WASM vs native of the same CRL handler logic on the same queue loop: `rounds` rounds,
-/// each running `n` revocations through the component and through its logic compiled
-/// natively (which goes first alternates), for each batch size; prints msg/s, handler
-/// µs per message and the ratio WASM/native of each round and their spread.
+/// WASM vs native of the same CRL handler logic on the same queue loop, for each batch
+/// size: `rounds` rounds, each running `n` revocations through the component and `n`
+/// through its logic compiled natively, one batch of each in turn (so that both see the
+/// same load); prints msg/s, handler µs per message and the ratio WASM/native of each
+/// round and their spread.
 async fn wasm_vs_native(runtime: &Runtime, n: usize, rounds: usize) {
     let handler = crl_component(runtime);
     // Warm-up, not counted: the first instances of the pool, the first pages of memory.
     for logic in [Logic::Wasm, Logic::Native] {
-        crl_queue_loop(&handler, logic, n.min(5_000), 10).await;
+        CrlQueueLoop::new(logic, n.min(5_000), 10)
+            .await
+            .drain(&handler)
+            .await;
     }
     println!(
-        "WASM vs native, CRL handler, {n} messages a run; load average {}",
+        "WASM vs native, CRL handler, {n} messages a side a round, batches of the two sides \
+         interleaved; load average {}",
         load_average()
     );
     for batch_size in [10, 100] {
-        let (mut loop_ratios, mut handler_ratios, mut extra) = (vec![], vec![], vec![]);
-        for round in 0..rounds {
-            let mut order = [Logic::Wasm, Logic::Native];
-            if round % 2 == 1 {
-                order.reverse();
+        // Per round: WASM/native of the loop's msg/s, of a typical (the median) batch's
+        // loop and handler time; handler µs/msg of a typical batch, and the difference.
+        let mut figures: [Vec<f64>; 6] = Default::default();
+        for round in 1..=rounds {
+            let mut sides = [
+                CrlQueueLoop::new(Logic::Wasm, n, batch_size).await,
+                CrlQueueLoop::new(Logic::Native, n, batch_size).await,
+            ];
+            // One batch of each side in turn, which side goes first alternating.
+            let mut first = round % 2;
+            while sides.iter().any(|side| side.left > 0) {
+                sides[first].step(&handler).await;
+                sides[1 - first].step(&handler).await;
+                first = 1 - first;
             }
-            let mut runs = [(Duration::ZERO, Duration::ZERO); 2];
-            for logic in order {
-                runs[logic as usize] = crl_queue_loop(&handler, logic, n, batch_size).await;
+            for side in &sides {
+                side.check_revoked().await;
             }
-            let [(wasm, wasm_handler), (native, native_handler)] = runs;
-            let rate = |d: Duration| n as f64 / d.as_secs_f64();
-            let per_message = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
-            loop_ratios.push(native.as_secs_f64() / wasm.as_secs_f64());
-            handler_ratios.push(native_handler.as_secs_f64() / wasm_handler.as_secs_f64());
-            extra.push(per_message(wasm_handler) - per_message(native_handler));
+            let [wasm, native] = sides.map(|side| {
+                let (in_loop, typical_loop) = sum_and_median(&side.in_loop);
+                let (in_handler, typical_handler) = sum_and_median(&side.in_handler);
+                let per_message = 1e6 / batch_size as f64;
+                [
+                    n as f64 / in_loop,
+                    in_handler * 1e6 / n as f64,
+                    typical_loop,
+                    typical_handler,
+                    typical_handler * per_message,
+                ]
+            });
+            let round_figures = [
+                wasm[0] / native[0],
+                native[2] / wasm[2],
+                native[3] / wasm[3],
+                wasm[4],
+                native[4],
+                wasm[4] - native[4],
+            ];
             println!(
-                "batch {batch_size:>3}, round {}: WASM {:>7.0} msg/s (handler {:>5.1} µs/msg) | \
-                 native {:>7.0} msg/s (handler {:>5.1} µs/msg) | WASM/native {:.2}",
-                round + 1,
-                rate(wasm),
-                per_message(wasm_handler),
-                rate(native),
-                per_message(native_handler),
-                loop_ratios[round]
+                "batch {batch_size:>3}, round {round}: WASM {:>6.0} msg/s (handler {:>5.1} µs/msg; \
+                 a typical batch {:>5.1}) | native {:>6.0} msg/s (handler {:>5.1} µs/msg; a typical \
+                 batch {:>5.1}) | WASM/native {:.2}, typical batch {:.2}, its handler alone {:.2}",
+                wasm[0],
+                wasm[1],
+                wasm[4],
+                native[0],
+                native[1],
+                native[4],
+                round_figures[0],
+                round_figures[1],
+                round_figures[2],
             );
+            for (all, figure) in figures.iter_mut().zip(round_figures) {
+                all.push(figure);
+            }
         }
+        let [loops, typical, handlers, wasm, native, extra] = figures;
         println!(
-            "batch {batch_size:>3}, min/median/max: WASM/native msg/s {} (handler time alone \
-             {}); WASM costs {} µs more per message",
-            spread(loop_ratios),
-            spread(handler_ratios),
+            "batch {batch_size:>3}, min/median/max of {rounds} rounds: WASM/native msg/s {}; \
+             typical batch {}, its handler time alone {}; handler µs/msg of a typical batch: \
+             WASM {}, native {}, WASM costs {} more",
+            spread(loops),
+            spread(typical),
+            spread(handlers),
+            spread(wasm),
+            spread(native),
             spread(extra)
         );
     }
