@@ -1664,10 +1664,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn the_oldest_rows_of_a_kind_are_dropped_past_the_cap_and_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_, sessions) = capped(dir.path(), 3);
+    /// Records receipts `r0`..`r4` and deliveries `k0`..`k4` for agent `A`, in turn.
+    async fn record_five_of_each(sessions: &RelaySessions) {
         for i in 0..5 {
             let id = format!("r{i}");
             sessions
@@ -1676,6 +1674,13 @@ mod tests {
                 .unwrap();
             sessions.deliver(delivery(&format!("k{i}"))).await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn the_oldest_rows_of_a_kind_are_dropped_past_the_cap_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, sessions) = capped(dir.path(), 3);
+        record_five_of_each(&sessions).await;
         let kept: Vec<String> = on_connect(&sessions, A)
             .await
             .iter()
@@ -1738,14 +1743,7 @@ mod tests {
             let (kept, recounted) = counts(dir.path());
             assert_eq!(kept, recounted, "after {after}");
         };
-        for i in 0..5 {
-            let id = format!("r{i}");
-            sessions
-                .deliver_receipt(receipt(&id, ReceiptStatus::DeliveredToWebhook, None))
-                .await
-                .unwrap();
-            sessions.deliver(delivery(&format!("k{i}"))).await.unwrap();
-        }
+        record_five_of_each(&sessions).await;
         agree("inserts past the cap");
         assert_eq!(
             counts(dir.path()).0,
