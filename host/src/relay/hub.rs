@@ -23,8 +23,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 /// Most bytes of frames waiting to be sent on one connection; a push past it is not
-/// taken.
-pub const MAX_BACKLOG_BYTES: usize = 64 << 20;
+/// taken. A connector that reads nothing holds, until its send timeout drops it, this
+/// much waiting plus the frames its task took to send (at most this much again, and one
+/// push): 16 MiB keeps that to about 33 MiB, which a fast session reaches well within
+/// the send timeout.
+pub const MAX_BACKLOG_BYTES: usize = 16 << 20;
 
 /// What the hub asks a connection task to do.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,6 +24,11 @@
 //! key and reason) and counted ([`RelaySessions::dropped`],
 //! `clawq_relay_frames_dropped_total{kind, reason}`).
 //!
+//! No statement of a turn scans the agent's rows: each is an index search, and the cap
+//! is checked against a count of the agent's rows kept by triggers (`outbound_counts`),
+//! so only the rows past it are read and deleted. A turn costs O(log rows) whatever the
+//! cap; a connect push reads every unacked row, which it sends.
+//!
 //! # The session model: a real actor per agent
 //!
 //! Each session is an actor: a mailbox and a tokio task that takes its calls (record a
@@ -294,7 +299,11 @@ struct Dropped {
     why: String,
 }
 
-/// The `outbound` table (see the module documentation).
+/// The `outbound` table (see the module documentation) and its indexes, one for each
+/// question a turn asks, so that no statement of a turn scans the agent's rows: a row
+/// by key (the primary key) or by frame id (`outbound_frame`), the oldest rows of a kind
+/// (`outbound_age`), the expired rows (`outbound_expiry`), and the unacked rows by due
+/// time (`outbound_due`, which holds only unacked rows).
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS outbound (
          agent_did  TEXT NOT NULL,
          kind       TEXT NOT NULL,
@@ -309,7 +318,60 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS outbound (
          PRIMARY KEY (agent_did, kind, key)
      );
      CREATE INDEX IF NOT EXISTS outbound_age ON outbound (agent_did, kind, updated_ms);
-     CREATE INDEX IF NOT EXISTS outbound_frame ON outbound (agent_did, frame_id);";
+     CREATE INDEX IF NOT EXISTS outbound_frame ON outbound (agent_did, frame_id);
+     CREATE INDEX IF NOT EXISTS outbound_expiry ON outbound (agent_did, expires_ms);
+     CREATE INDEX IF NOT EXISTS outbound_due ON outbound (agent_did, next_ms) WHERE acked = 0;";
+
+/// How many rows each agent holds of each kind, kept by triggers on `outbound` in the
+/// same transaction as every insert and delete (a row's agent and kind never change),
+/// so that the cap is checked without counting the rows; rebuilt from the rows when the
+/// sessions are opened.
+const COUNTERS: &str = "
+CREATE TABLE IF NOT EXISTS outbound_counts (
+    agent_did TEXT NOT NULL,
+    kind      TEXT NOT NULL,
+    held      INTEGER NOT NULL,
+    PRIMARY KEY (agent_did, kind)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS outbound_counted_in AFTER INSERT ON outbound BEGIN
+    INSERT INTO outbound_counts (agent_did, kind, held) VALUES (NEW.agent_did, NEW.kind, 1)
+        ON CONFLICT (agent_did, kind) DO UPDATE SET held = held + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS outbound_counted_out AFTER DELETE ON outbound BEGIN
+    UPDATE outbound_counts SET held = held - 1
+        WHERE agent_did = OLD.agent_did AND kind = OLD.kind;
+    DELETE FROM outbound_counts
+        WHERE agent_did = OLD.agent_did AND kind = OLD.kind AND held <= 0;
+END;
+";
+
+/// Deletes the expired rows of agent `?1` at `?2` (ms).
+const DELETE_EXPIRED: &str =
+    "DELETE FROM outbound WHERE agent_did = ?1 AND expires_ms <= ?2 RETURNING kind, key, acked";
+
+/// Deletes the rows of agent `?1` pushed `?2` times, unacked, whose last retry is over
+/// at `?3`.
+const DELETE_EXHAUSTED: &str = "DELETE FROM outbound WHERE agent_did = ?1 AND acked = 0
+     AND next_ms <= ?3 AND attempts >= ?2 RETURNING kind, key";
+
+/// The unacked rows of agent `?1` pushed fewer than `?2` times and due at `?3`, oldest
+/// first.
+const SELECT_DUE: &str = "SELECT rowid, frame, attempts FROM outbound
+     WHERE agent_did = ?1 AND acked = 0 AND next_ms <= ?3 AND attempts < ?2
+     ORDER BY updated_ms, rowid";
+
+/// When the next unacked row of agent `?1` is due.
+const SELECT_NEXT_DUE: &str =
+    "SELECT MIN(next_ms) FROM outbound WHERE agent_did = ?1 AND acked = 0";
+
+/// How many rows of kind `?2` agent `?1` holds.
+const SELECT_HELD: &str = "SELECT held FROM outbound_counts WHERE agent_did = ?1 AND kind = ?2";
+
+/// Deletes the `?3` oldest rows of kind `?2` of agent `?1`.
+const DELETE_OLDEST: &str = "DELETE FROM outbound WHERE rowid IN (
+         SELECT rowid FROM outbound WHERE agent_did = ?1 AND kind = ?2
+         ORDER BY updated_ms, rowid LIMIT ?3)
+     RETURNING key, acked";
 
 /// Most calls one turn of an actor takes from its mailbox.
 pub const MAX_CALLS_PER_TURN: usize = 64;
@@ -387,6 +449,14 @@ impl RelaySessions {
     ) -> Result<Self, SessionError> {
         // At start, before anything is served: the schema and the one-off migration.
         let mut conn = db.connection(SCHEMA)?;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE;
+             {COUNTERS}
+             DELETE FROM outbound_counts;
+             INSERT INTO outbound_counts (agent_did, kind, held)
+                 SELECT agent_did, kind, COUNT(*) FROM outbound GROUP BY agent_did, kind;
+             COMMIT;"
+        ))?;
         let migrated = migrate_receipts_table(&mut conn)?;
         if migrated > 0 {
             tracing::info!(
@@ -849,10 +919,7 @@ fn due_frames(
     retry: Retry,
     dropped: &mut Vec<Dropped>,
 ) -> Result<Push, SessionError> {
-    let mut exhausted = conn.prepare_cached(
-        "DELETE FROM outbound WHERE agent_did = ?1 AND acked = 0 AND attempts >= ?2
-         AND next_ms <= ?3 RETURNING kind, key",
-    )?;
+    let mut exhausted = conn.prepare_cached(DELETE_EXHAUSTED)?;
     let rows = exhausted.query_map(params![did, retry.max_attempts, now], |r| {
         Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
     })?;
@@ -865,16 +932,16 @@ fn due_frames(
             why: format!("unacked after {} pushes", retry.max_attempts),
         });
     }
+    // On connect every unacked row is due.
+    let due_at = match ask {
+        Ask::Connected => i64::MAX,
+        Ask::Due => now as i64,
+    };
     let due: Vec<(i64, String, u32)> = conn
-        .prepare_cached(
-            "SELECT rowid, frame, attempts FROM outbound
-             WHERE agent_did = ?1 AND acked = 0 AND attempts < ?2 AND (?3 OR next_ms <= ?4)
-             ORDER BY updated_ms, rowid",
-        )?
-        .query_map(
-            params![did, retry.max_attempts, ask == Ask::Connected, now],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?
+        .prepare_cached(SELECT_DUE)?
+        .query_map(params![did, retry.max_attempts, due_at], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
         .collect::<rusqlite::Result<_>>()?;
     let mut pushed =
         conn.prepare_cached("UPDATE outbound SET attempts = ?2, next_ms = ?3 WHERE rowid = ?1")?;
@@ -885,7 +952,7 @@ fn due_frames(
         frames.push(frame);
     }
     let next_at_ms: Option<u64> = conn
-        .prepare_cached("SELECT MIN(next_ms) FROM outbound WHERE agent_did = ?1 AND acked = 0")?
+        .prepare_cached(SELECT_NEXT_DUE)?
         .query_row(params![did], |r| r.get(0))?;
     Ok(Push { frames, next_at_ms })
 }
@@ -937,9 +1004,7 @@ fn drop_expired(
     now: u64,
     dropped: &mut Vec<Dropped>,
 ) -> Result<(), SessionError> {
-    let mut stmt = conn.prepare_cached(
-        "DELETE FROM outbound WHERE agent_did = ?1 AND expires_ms <= ?2 RETURNING kind, key, acked",
-    )?;
+    let mut stmt = conn.prepare_cached(DELETE_EXPIRED)?;
     let rows = stmt.query_map(params![did, now], |r| {
         Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, bool>(2)?))
     })?;
@@ -991,16 +1056,28 @@ fn keep(
              updated_ms = ?6, expires_ms = ?7, acked = 0, attempts = ?8, next_ms = ?9",
     )?
     .execute(params![did, kind.as_str(), key, frame.id, json, now, expires, attempts, next])?;
-    let mut over = conn.prepare_cached(
-        "DELETE FROM outbound WHERE agent_did = ?1 AND kind = ?2 AND key IN (
-             SELECT key FROM outbound WHERE agent_did = ?1 AND kind = ?2
-             ORDER BY updated_ms DESC, rowid DESC LIMIT -1 OFFSET ?3)
-         RETURNING key, acked",
-    )?;
-    let rows = over.query_map(
-        params![did, kind.as_str(), limits.max_per_agent as i64],
-        |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)),
-    )?;
+    let stored = Done {
+        answer: Answer::Delivery(Delivery::Stored),
+        handoff: live.then(|| Handoff {
+            frames: vec![json],
+            next_at_ms: Some(next),
+            connect: false,
+        }),
+    };
+    // The rows past the cap, oldest first: the count says how many, the age index which.
+    let held: i64 = conn
+        .prepare_cached(SELECT_HELD)?
+        .query_row(params![did, kind.as_str()], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let excess = held.saturating_sub(limits.max_per_agent as i64);
+    if excess <= 0 {
+        return Ok(stored);
+    }
+    let mut oldest = conn.prepare_cached(DELETE_OLDEST)?;
+    let rows = oldest.query_map(params![did, kind.as_str(), excess], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?))
+    })?;
     for row in rows {
         let (key, acked) = row?;
         if !acked {
@@ -1016,14 +1093,7 @@ fn keep(
             });
         }
     }
-    Ok(Done {
-        answer: Answer::Delivery(Delivery::Stored),
-        handoff: live.then(|| Handoff {
-            frames: vec![json],
-            next_at_ms: Some(next),
-            connect: false,
-        }),
-    })
+    Ok(stored)
 }
 
 /// Checks `delivery` and builds its `deliver` frame.
@@ -1594,10 +1664,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn the_oldest_rows_of_a_kind_are_dropped_past_the_cap_and_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_, sessions) = capped(dir.path(), 3);
+    /// Records receipts `r0`..`r4` and deliveries `k0`..`k4` for agent `A`, in turn.
+    async fn record_five_of_each(sessions: &RelaySessions) {
         for i in 0..5 {
             let id = format!("r{i}");
             sessions
@@ -1606,6 +1674,13 @@ mod tests {
                 .unwrap();
             sessions.deliver(delivery(&format!("k{i}"))).await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn the_oldest_rows_of_a_kind_are_dropped_past_the_cap_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, sessions) = capped(dir.path(), 3);
+        record_five_of_each(&sessions).await;
         let kept: Vec<String> = on_connect(&sessions, A)
             .await
             .iter()
@@ -1624,6 +1699,140 @@ mod tests {
         assert_eq!(sessions.dropped(Kind::Deliver, DropReason::Cap), 2);
         assert_eq!(sessions.pending(Kind::Deliver).await.unwrap(), 3);
         assert_eq!(sessions.dropped_total(Kind::Deliver), 2);
+    }
+
+    /// Rows held: (agent, kind, how many).
+    type Held = Vec<(String, String, i64)>;
+
+    /// The rows each agent holds by kind, as `outbound_counts` says and as recounted.
+    fn counts(dir: &Path) -> (Held, Held) {
+        let db = Connection::open(dir.join(crate::store::DATABASE_FILE)).unwrap();
+        let rows = |sql: &str| -> Held {
+            db.prepare(sql)
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        (
+            rows("SELECT agent_did, kind, held FROM outbound_counts ORDER BY 1, 2"),
+            rows(
+                "SELECT agent_did, kind, COUNT(*) FROM outbound GROUP BY agent_did, kind
+                 ORDER BY 1, 2",
+            ),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_row_counts_follow_every_insert_replacement_drop_and_undone_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let retry = Retry {
+            initial: Duration::ZERO,
+            max: Duration::ZERO,
+            jitter: 0.0,
+            max_attempts: 1,
+        };
+        let limits = SessionLimits {
+            max_per_agent: 3,
+            retry,
+            ..SessionLimits::default()
+        };
+        let (hub, sessions) = open(dir.path(), limits);
+        let agree = |after: &str| {
+            let (kept, recounted) = counts(dir.path());
+            assert_eq!(kept, recounted, "after {after}");
+        };
+        record_five_of_each(&sessions).await;
+        agree("inserts past the cap");
+        assert_eq!(
+            counts(dir.path()).0,
+            [
+                (A.to_owned(), "deliver".to_owned(), 3),
+                (A.to_owned(), "receipt".to_owned(), 3)
+            ]
+        );
+        let changed = receipt("r4", ReceiptStatus::DeadLettered, Some("gone"));
+        sessions.deliver_receipt(changed).await.unwrap();
+        agree("a replaced receipt");
+        // Pushed once (the last attempt), then dropped when its retry is over.
+        let (_, _outgoing) = hub.register(A);
+        assert_eq!(on_connect(&sessions, A).await.len(), 6);
+        sessions.push(A, Ask::Due).await.unwrap();
+        agree("rows dropped after their last attempt");
+        assert_eq!(sessions.dropped_total(Kind::Receipt), 2 + 3);
+        assert!(counts(dir.path()).0.is_empty(), "no empty count is kept");
+
+        // A call undone by its savepoint takes its count change with it.
+        let db = Connection::open(dir.path().join(crate::store::DATABASE_FILE)).unwrap();
+        db.execute_batch(
+            "CREATE TRIGGER refuse AFTER INSERT ON outbound WHEN new.key = 'k9'
+             BEGIN SELECT RAISE(ABORT, 'no inserting today'); END;",
+        )
+        .unwrap();
+        assert!(sessions.deliver(delivery("k9")).await.is_err());
+        agree("an undone call");
+        db.execute_batch("DROP TRIGGER refuse").unwrap();
+
+        // Rows of another session, then counts rebuilt from the rows at open.
+        let mut other = delivery("k1");
+        other.to_agent_did = C.into();
+        sessions.deliver(other).await.unwrap();
+        db.execute_batch("UPDATE outbound_counts SET held = 7")
+            .unwrap();
+        drop(sessions);
+        let _reopened =
+            RelaySessions::open(&crate::store::test_db(dir.path()), Arc::default(), limits)
+                .unwrap();
+        agree("a reopen");
+        assert_eq!(
+            counts(dir.path()).0,
+            [(C.to_owned(), "deliver".to_owned(), 1)]
+        );
+    }
+
+    #[test]
+    fn no_statement_of_a_turn_scans_the_agents_rows() {
+        let db = Connection::open_in_memory().unwrap();
+        db.execute_batch(SCHEMA).unwrap();
+        db.execute_batch(COUNTERS).unwrap();
+        let statements = [
+            DELETE_EXPIRED,
+            DELETE_EXHAUSTED,
+            SELECT_DUE,
+            SELECT_NEXT_DUE,
+            SELECT_HELD,
+            DELETE_OLDEST,
+        ];
+        for sql in statements {
+            let mut explain = db.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let params = (1..=explain.parameter_count()).map(|_| 0);
+            let steps: Vec<String> = explain
+                .query_map(rusqlite::params_from_iter(params), |r| r.get(3))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            assert!(
+                steps.iter().all(|step| !step.starts_with("SCAN")),
+                "{sql}: {steps:?}"
+            );
+            // Only the due rows are sorted (they are few, or it is a connect push).
+            if sql != SELECT_DUE {
+                assert!(
+                    steps.iter().all(|step| !step.contains("TEMP B-TREE")),
+                    "{sql}: {steps:?}"
+                );
+            }
+            let searched = |index: &str| steps.iter().any(|step| step.contains(index));
+            let index = match sql {
+                DELETE_EXPIRED => "outbound_expiry (agent_did=? AND expires_ms<?)",
+                DELETE_EXHAUSTED | SELECT_DUE => "outbound_due (agent_did=? AND next_ms<?)",
+                SELECT_NEXT_DUE => "outbound_due (agent_did=?)",
+                SELECT_HELD => "PRIMARY KEY (agent_did=? AND kind=?)",
+                _ => "outbound_age (agent_did=? AND kind=?)",
+            };
+            assert!(searched(index), "{sql}: {steps:?}");
+        }
     }
 
     #[tokio::test]
