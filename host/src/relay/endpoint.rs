@@ -328,7 +328,9 @@ async fn converse(
 /// through.
 async fn send_all(link: &mut Link<'_>, frames: Vec<String>) -> Result<(), End> {
     for frame in frames {
+        let bytes = frame.len();
         link.send(Message::Text(frame.into())).await?;
+        link.outgoing.sent(bytes);
     }
     Ok(())
 }

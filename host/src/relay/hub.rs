@@ -22,11 +22,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-/// Most bytes of frames waiting to be sent on one connection; a push past it is not
-/// taken. A connector that reads nothing holds, until its send timeout drops it, this
-/// much waiting plus the frames its task took to send (at most this much again, and one
-/// push): 16 MiB keeps that to about 33 MiB, which a fast session reaches well within
-/// the send timeout.
+/// Most bytes of frames a connection holds, waiting or taken by its task and not yet
+/// sent; a push past it is not taken. A connector that reads nothing holds, until its
+/// send timeout drops it, at most this much plus one push, which a fast session reaches
+/// well within the send timeout.
 pub const MAX_BACKLOG_BYTES: usize = 16 << 20;
 
 /// What the hub asks a connection task to do.
@@ -103,12 +102,18 @@ impl Outgoing {
                     return Outbound::Close(code, reason);
                 }
                 if !pending.frames.is_empty() {
-                    pending.bytes = 0;
                     return Outbound::Frames(std::mem::take(&mut pending.frames));
                 }
             }
             self.signals.changed.notified().await;
         }
+    }
+
+    /// Counts a frame of `bytes` taken from [`Outgoing::next`] as sent: it no longer
+    /// holds room in the backlog.
+    pub fn sent(&self, bytes: usize) {
+        let mut pending = self.signals.lock();
+        pending.bytes = pending.bytes.saturating_sub(bytes);
     }
 
     /// Waits until the hub asks the connection to close; returns the code and reason.
@@ -206,8 +211,8 @@ impl ConnectionHub {
     /// time `next_at_ms` if that is earlier; returns how many connections took them (0
     /// or 1). With `connect` (the connect push) the connection takes them and becomes
     /// live; without, only a live connection takes them. Frames that would take a
-    /// backlog that is not empty past [`MAX_BACKLOG_BYTES`] are not taken (the retry
-    /// time still is).
+    /// connection holding unsent frames past [`MAX_BACKLOG_BYTES`] are not taken (the
+    /// retry time still is).
     pub fn push(
         &self,
         did: &str,
@@ -226,8 +231,9 @@ impl ConnectionHub {
             p.live = true;
             p.retry_at_ms = earliest(p.retry_at_ms, next_at_ms);
             let bytes = p.bytes + frames.iter().map(String::len).sum::<usize>();
-            // An empty backlog takes any push: a connect push is as large as its session.
-            if bytes > MAX_BACKLOG_BYTES && !p.frames.is_empty() {
+            // A connection holding nothing takes any push: a connect push is as large as
+            // its session.
+            if bytes > MAX_BACKLOG_BYTES && p.bytes > 0 {
                 return false;
             }
             p.bytes = bytes;
@@ -321,10 +327,28 @@ mod tests {
         let empty = hub.push(A, vec![big.clone(), big.clone(), big.clone()], None, true);
         assert_eq!(empty, 1, "an empty backlog takes any push");
         assert!(matches!(ready(&outgoing).await, Outbound::Frames(f) if f.len() == 3));
-        assert_eq!(hub.push(A, vec![big.clone()], None, false), 1);
-        assert_eq!(hub.push(A, vec![big.clone()], Some(5), false), 0);
+        assert_eq!(
+            hub.push(A, vec![big.clone()], Some(5), false),
+            0,
+            "frames taken but not sent still hold their room"
+        );
         assert_eq!(outgoing.retry_at_ms(), Some(5), "retried later");
+        for _ in 0..3 {
+            outgoing.sent(big.len());
+        }
+        assert_eq!(
+            hub.push(A, vec![big.clone()], None, false),
+            1,
+            "sent: room again"
+        );
+        assert_eq!(hub.push(A, vec![big.clone()], None, false), 0);
         assert_eq!(ready(&outgoing).await, Outbound::Frames(vec![big.clone()]));
+        assert_eq!(
+            hub.push(A, vec![big.clone()], None, false),
+            0,
+            "taken, not sent"
+        );
+        outgoing.sent(big.len());
         assert_eq!(hub.push(A, vec![big], None, false), 1, "room again");
     }
 
