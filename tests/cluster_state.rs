@@ -217,3 +217,35 @@ fn actor_storage_written_on_one_host_is_read_on_another() {
         "{digest}"
     );
 }
+
+#[test]
+fn hosts_starting_at_once_on_a_fresh_cluster_all_serve_one_history() {
+    let nats = NatsServer::start();
+    let config = scripted_consumer(JOBS, "world = \"crl-invalidation\"");
+    let hosts: Vec<Host> = std::thread::scope(|scope| {
+        let starting: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| host(&nats, &config)))
+            .collect();
+        starting.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (status, slot) = hosts[2].admin("GET", &format!("/v1/handlers/{JOBS}"), vec![], None);
+    assert_eq!(status, 200, "{slot}");
+    let loaded_by: Vec<&str> = slot["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["loaded_by"].as_str().unwrap())
+        .collect();
+    assert_eq!(loaded_by, ["config"], "one entry for three starts: {slot}");
+    for host in &hosts {
+        host.publish(JOBS, json!({"do": "ack", "tag": "started-at-once"}));
+    }
+    wait_for("the three messages handled", || {
+        (hosts
+            .iter()
+            .map(|h| h.log_lines(&["seen tag=started-at-once "]).len())
+            .sum::<usize>()
+            >= 3)
+            .then_some(())
+    });
+}

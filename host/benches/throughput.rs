@@ -13,26 +13,37 @@
 //! concurrent single-message publishes (1, 16 and 64 producers, a request per message)
 //! beside one producer of batches of 100.
 //!
+//! And WASM vs native (`native`): the same revocations through one queue loop (take a
+//! batch, handle it, settle its acks), handled by the CRL component or by its own logic
+//! compiled natively (`crl_invalidation::handling`) against the same capability
+//! implementations (`clawq::runtime::native`), interleaved rounds.
+//!
 //! Run with `cargo bench -p clawq --bench throughput`; a word after `--` runs only the
 //! sections whose name contains it (`gauges`, `instance`, `deploy`, `batch`,
-//! `subscribers`, `rss`, `single`). `CLAWQ_BENCH_MESSAGES` sets the message count (default 50000),
-//! `CLAWQ_BENCH_RSS_MESSAGES` that of the `rss` section (default 1000000).
+//! `subscribers`, `rss`, `native`, `single`). `CLAWQ_BENCH_MESSAGES` sets the message count
+//! (default 50000), `CLAWQ_BENCH_RSS_MESSAGES` that of the `rss` section (default
+//! 1000000), `CLAWQ_BENCH_ROUNDS` the rounds of the `native` section (default 5).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clawq::bundled;
 use clawq::config::{ConsumerConfig, EVENTS_QUEUE};
-use clawq::consumer::Consumer;
+use clawq::consumer::{Consumer, to_message};
 use clawq::handlers::HandlerSlots;
 use clawq::queue::lane::Lane;
 use clawq::queue::routes::{Filter, Routes};
 use clawq::queue::sqlite::SqliteQueue;
 use clawq::queue::{BatchTerms, ContentType, NewMessage, QueueBackend, RetryPolicy, Settlement};
 use clawq::relay::sessions::SessionLimits;
-use clawq::runtime::{Capabilities, Limits, Runtime};
+use clawq::runtime::native::{Level, NativeBatch};
+use clawq::runtime::{
+    Capabilities, ContentType as WitContentType, Limits, LoadedHandler, Message, Outcome, Runtime,
+};
 use clawq::store::{Database, Durability};
 use clawq::world::World;
+use clawq_protocol::body::ContentType as BodyContentType;
+use crl_invalidation::handling::{self, Host, StoreError, handle};
 use tokio_util::sync::CancellationToken;
 
 const PUBLISH_BATCH: usize = 100;
@@ -215,18 +226,23 @@ async fn fanned_out(
     rate
 }
 
-/// Mean time of one batch's fresh instance plus an empty `handle` call.
-async fn per_batch_instance(runtime: &Runtime, rounds: u32) -> Duration {
-    let dir = tempfile::tempdir().unwrap();
-    let caps = capabilities(dir.path());
-    let handler = runtime
+/// The bundled CRL-invalidation component, loaded with the default limits.
+fn crl_component(runtime: &Runtime) -> LoadedHandler {
+    runtime
         .load(
             "crl-invalidation",
             bundled::CRL_INVALIDATION,
             World::CrlInvalidation,
             Limits::default(),
         )
-        .unwrap();
+        .unwrap()
+}
+
+/// Mean time of one batch's fresh instance plus an empty `handle` call.
+async fn per_batch_instance(runtime: &Runtime, rounds: u32) -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    let caps = capabilities(dir.path());
+    let handler = crl_component(runtime);
     for _ in 0..100 {
         handler
             .handle(caps.clone(), EVENTS_QUEUE, &[])
@@ -465,6 +481,276 @@ async fn host_memory(n: usize) {
     );
 }
 
+/// Which code runs the CRL handler's logic in the WASM-vs-native comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Logic {
+    /// The bundled component, instantiated per batch.
+    Wasm,
+    /// The component's own logic (`crl_invalidation::handling`), compiled natively.
+    Native,
+}
+
+/// The host's log levels, in the order of [`handling::Level`]'s.
+const LEVELS: [Level; 3] = [Level::Info, Level::Warn, Level::Error];
+
+/// The capability calls of the CRL handler's logic run natively: those of a batch of the
+/// loaded component (the implementations its imports reach).
+struct NativeImports<'a>(&'a mut NativeBatch);
+
+impl Host for NativeImports<'_> {
+    async fn revoke_agent(&mut self, did: &str) -> Result<(), StoreError> {
+        let revoked = self.0.revoke_agent(did.to_owned()).await;
+        revoked.map_err(|err| StoreError {
+            transient: err.transient,
+            message: err.message,
+        })
+    }
+
+    async fn log(&mut self, level: handling::Level, line: &str) {
+        self.0.log(LEVELS[level as usize], line.to_owned()).await;
+    }
+}
+
+/// Runs `messages` through `logic` (the CRL component `handler`, or its logic natively
+/// against the capabilities of a batch of it) over `caps`; true when every message was
+/// acknowledged.
+async fn handled(
+    logic: Logic,
+    handler: &LoadedHandler,
+    caps: Arc<Capabilities>,
+    messages: &[Message],
+) -> bool {
+    if logic == Logic::Wasm {
+        let outcomes = handler.handle(caps, EVENTS_QUEUE, messages).await.unwrap();
+        return outcomes.iter().all(|o| matches!(o, Outcome::Ack));
+    }
+    let mut batch = handler.native_batch(caps);
+    let mut acked = true;
+    for message in messages {
+        let content_type = match message.content_type {
+            WitContentType::Json => BodyContentType::Json,
+            WitContentType::Text => BodyContentType::Text,
+            WitContentType::Bytes => BodyContentType::Bytes,
+        };
+        let imports = &mut NativeImports(&mut batch);
+        let outcome = handle(imports, &message.id, content_type, &message.body).await;
+        acked &= outcome == handling::Outcome::Ack;
+    }
+    batch.committed().await.unwrap();
+    acked
+}
+
+/// One side of the WASM-vs-native comparison: a queue loop (take a batch, run it through
+/// `logic`, settle its acks) over a data directory of its own holding `n` revocations,
+/// and the time it spent so far.
+struct CrlQueueLoop {
+    logic: Logic,
+    queue: SqliteQueue,
+    caps: Arc<Capabilities>,
+    terms: BatchTerms,
+    lane: Lane,
+    /// How many revocations it was filled with.
+    n: usize,
+    /// How many are not done yet.
+    left: usize,
+    /// Time spent in the loop on each batch: taking, handling and settling it.
+    in_loop: Vec<Duration>,
+    /// The part of it spent in the handler (its commit of the batch's revocations
+    /// included).
+    in_handler: Vec<Duration>,
+    _dir: tempfile::TempDir,
+}
+
+impl CrlQueueLoop {
+    /// The loop of `logic` over `n` fresh revocations, in batches of `batch_size`.
+    async fn new(logic: Logic, n: usize, batch_size: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = SqliteQueue::open(&database(dir.path())).unwrap();
+        fill(&queue, n).await;
+        let terms = ConsumerConfig {
+            max_batch_size: batch_size,
+            max_batch_timeout: Duration::ZERO,
+            ..ConsumerConfig::default_for(EVENTS_QUEUE)
+        }
+        .batch_terms();
+        CrlQueueLoop {
+            logic,
+            caps: capabilities(dir.path()),
+            queue,
+            terms,
+            lane: Lane::of(EVENTS_QUEUE),
+            n,
+            left: n,
+            in_loop: Vec::new(),
+            in_handler: Vec::new(),
+            _dir: dir,
+        }
+    }
+
+    /// Takes one batch, runs it through the loop's logic (the component `handler`, or
+    /// its logic natively) and settles its acks; does nothing once every message is done.
+    async fn step(&mut self, handler: &LoadedHandler) {
+        if self.left == 0 {
+            return;
+        }
+        let started = Instant::now();
+        let mut batch = self
+            .queue
+            .next_batch(&self.lane, &self.terms)
+            .await
+            .unwrap();
+        let messages: Vec<Message> = batch.iter_mut().map(to_message).collect();
+        let handler_started = Instant::now();
+        let acked = handled(self.logic, handler, self.caps.clone(), &messages).await;
+        self.in_handler.push(handler_started.elapsed());
+        assert!(acked, "{:?}: every revocation is acked", self.logic);
+        self.left -= batch.len();
+        let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
+        let policy = &self.terms.policy;
+        self.queue.settle(&self.lane, policy, acks).await.unwrap();
+        self.in_loop.push(started.elapsed());
+    }
+
+    /// Runs every message of the loop through `handler`, then checks that the last
+    /// revocation landed.
+    async fn drain(&mut self, handler: &LoadedHandler) {
+        while self.left > 0 {
+            self.step(handler).await;
+        }
+        self.check_revoked().await;
+    }
+
+    /// Checks that the loop's last revocation landed in its trust store.
+    async fn check_revoked(&self) {
+        let last = format!(
+            "did:cdi:registry.clawdentity.com:agent:{}",
+            ulid::Ulid::from_parts(self.n as u64 - 1, 7)
+        );
+        let revoked = self.caps.trust.is_revoked(&last).await.unwrap();
+        assert!(revoked, "{:?}: the last revocation landed", self.logic);
+    }
+}
+
+/// Seconds: the sum of `times`, and the middle one.
+fn sum_and_median(times: &[Duration]) -> (f64, f64) {
+    let mut seconds: Vec<f64> = times.iter().map(Duration::as_secs_f64).collect();
+    seconds.sort_by(f64::total_cmp);
+    (seconds.iter().sum(), seconds[seconds.len() / 2])
+}
+
+/// The smallest, middle and largest of `values`, as `min/median/max`.
+fn spread(mut values: Vec<f64>) -> String {
+    values.sort_by(f64::total_cmp);
+    let median = values[values.len() / 2];
+    format!(
+        "{:.2}/{median:.2}/{:.2}",
+        values[0],
+        values[values.len() - 1]
+    )
+}
+
+/// The system's load averages over 1, 5 and 15 minutes.
+fn load_average() -> String {
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    loadavg
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// WASM vs native of the same CRL handler logic on the same queue loop, for each batch
+/// size: `rounds` rounds, each running `n` revocations through the component and `n`
+/// through its logic compiled natively, one batch of each in turn (so that both see the
+/// same load); prints msg/s, handler µs per message and the ratio WASM/native of each
+/// round and their spread.
+async fn wasm_vs_native(runtime: &Runtime, n: usize, rounds: usize) {
+    let handler = crl_component(runtime);
+    // Warm-up, not counted: the first instances of the pool, the first pages of memory.
+    for logic in [Logic::Wasm, Logic::Native] {
+        CrlQueueLoop::new(logic, n.min(5_000), 10)
+            .await
+            .drain(&handler)
+            .await;
+    }
+    println!(
+        "WASM vs native, CRL handler, {n} messages a side a round, batches of the two sides \
+         interleaved; load average {}",
+        load_average()
+    );
+    for batch_size in [10, 100] {
+        // Per round: WASM/native of the loop's msg/s, of a typical (the median) batch's
+        // loop and handler time; handler µs/msg of a typical batch, and the difference.
+        let mut figures: [Vec<f64>; 6] = Default::default();
+        for round in 1..=rounds {
+            let mut sides = [
+                CrlQueueLoop::new(Logic::Wasm, n, batch_size).await,
+                CrlQueueLoop::new(Logic::Native, n, batch_size).await,
+            ];
+            // One batch of each side in turn, which side goes first alternating.
+            let mut first = round % 2;
+            while sides.iter().any(|side| side.left > 0) {
+                sides[first].step(&handler).await;
+                sides[1 - first].step(&handler).await;
+                first = 1 - first;
+            }
+            for side in &sides {
+                side.check_revoked().await;
+            }
+            let [wasm, native] = sides.map(|side| {
+                let (in_loop, typical_loop) = sum_and_median(&side.in_loop);
+                let (in_handler, typical_handler) = sum_and_median(&side.in_handler);
+                let per_message = 1e6 / batch_size as f64;
+                [
+                    n as f64 / in_loop,
+                    in_handler * 1e6 / n as f64,
+                    typical_loop,
+                    typical_handler,
+                    typical_handler * per_message,
+                ]
+            });
+            let round_figures = [
+                wasm[0] / native[0],
+                native[2] / wasm[2],
+                native[3] / wasm[3],
+                wasm[4],
+                native[4],
+                wasm[4] - native[4],
+            ];
+            println!(
+                "batch {batch_size:>3}, round {round}: WASM {:>6.0} msg/s (handler {:>5.1} µs/msg; \
+                 a typical batch {:>5.1}) | native {:>6.0} msg/s (handler {:>5.1} µs/msg; a typical \
+                 batch {:>5.1}) | WASM/native {:.2}, typical batch {:.2}, its handler alone {:.2}",
+                wasm[0],
+                wasm[1],
+                wasm[4],
+                native[0],
+                native[1],
+                native[4],
+                round_figures[0],
+                round_figures[1],
+                round_figures[2],
+            );
+            for (all, figure) in figures.iter_mut().zip(round_figures) {
+                all.push(figure);
+            }
+        }
+        let [loops, typical, handlers, wasm, native, extra] = figures;
+        println!(
+            "batch {batch_size:>3}, min/median/max of {rounds} rounds: WASM/native msg/s {}; \
+             typical batch {}, its handler time alone {}; handler µs/msg of a typical batch: \
+             WASM {}, native {}, WASM costs {} more",
+            spread(loops),
+            spread(typical),
+            spread(handlers),
+            spread(wasm),
+            spread(native),
+            spread(extra)
+        );
+    }
+    println!("load average {}", load_average());
+}
+
 /// msg/s published, and handled (published until the queue is empty), through the real
 /// `clawq serve` by `producers` concurrent producers, `per_request` messages a request.
 async fn served(n: usize, producers: usize, per_request: usize) -> (f64, f64) {
@@ -557,5 +843,13 @@ async fn main() {
             filtered / one,
             both / one
         );
+    }
+
+    if run("native") {
+        let rounds = std::env::var("CLAWQ_BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5);
+        wasm_vs_native(&runtime, n, rounds).await;
     }
 }

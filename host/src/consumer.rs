@@ -299,7 +299,7 @@ impl Consumer {
 }
 
 /// The WIT view of a delivery; the body moves to the message.
-fn to_message(delivery: &mut Delivery) -> Message {
+pub fn to_message(delivery: &mut Delivery) -> Message {
     use crate::runtime::ContentType as Wit;
     Message {
         id: delivery.id.clone(),

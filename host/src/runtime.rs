@@ -21,6 +21,8 @@ mod compat;
 mod cpu;
 mod engine;
 mod failure;
+#[doc(hidden)]
+pub mod native;
 mod record;
 mod stderr;
 

@@ -150,6 +150,12 @@ impl ClusterVersions {
         for _ in 0..CHANGE_ATTEMPTS {
             let (mut record, revision) = self.record(consumer).await?.unzip();
             let record = record.get_or_insert_with(SlotRecord::default);
+            if config_version
+                .is_some_and(|c| c == record.config_version && version == record.current)
+            {
+                // Another host starting with the same config recorded it meanwhile.
+                return Ok(());
+            }
             record.current = version.to_owned();
             if let Some(config_version) = config_version {
                 record.config_version = config_version.to_owned();

@@ -190,12 +190,12 @@ impl ResourceLimiter for MemoryCap {
     }
 }
 
-/// Waits for the revocations the batch of `store` queued to commit: its outcomes (the
+/// Waits for the revocations the batch of `state` queued to commit: its outcomes (the
 /// acks above all) are settled only once its side effects are as durable as they will be.
 /// A revocation that could not be committed fails the batch as the host's fault: its
 /// messages are released without counting an attempt.
-async fn committed(store: &mut Store<BatchState>) -> Result<(), BatchFailure> {
-    for pending in std::mem::take(&mut store.data_mut().pending) {
+pub(super) async fn committed(state: &mut BatchState) -> Result<(), BatchFailure> {
+    for pending in std::mem::take(&mut state.pending) {
         pending.await.map_err(|err| {
             BatchFailure::Capacity(format!("the batch's revocations were not committed: {err}"))
         })?;
@@ -275,10 +275,24 @@ impl LoadedHandler {
         calls: Option<CallLog>,
     ) -> (Store<BatchState>, StderrCapture) {
         let stderr = StderrCapture::default();
+        let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
+        let mut store = Store::new(self.pre.engine(), self.state(caps, calls, wasi));
+        store.limiter(|state| &mut state.memory);
+        cpu::budget(&mut store, self.limits.cpu_timeout);
+        (store, stderr)
+    }
+
+    /// The state of one batch of the handler over `caps`, in the WASI context `wasi`.
+    pub(super) fn state(
+        &self,
+        caps: Arc<Capabilities>,
+        calls: Option<CallLog>,
+        wasi: WasiCtx,
+    ) -> BatchState {
         let version: Arc<str> = self.version[..12].into();
         let log = caps.logs.batch(&self.actors, &self.name, &version);
-        let state = BatchState {
-            wasi: WasiCtxBuilder::new().stderr(stderr.clone()).build(),
+        BatchState {
+            wasi,
             table: ResourceTable::new(),
             caps,
             handler: self.name.clone(),
@@ -291,11 +305,7 @@ impl LoadedHandler {
             calls,
             log,
             pending: Vec::new(),
-        };
-        let mut store = Store::new(self.pre.engine(), state);
-        store.limiter(|state| &mut state.memory);
-        cpu::budget(&mut store, self.limits.cpu_timeout);
-        (store, stderr)
+        }
     }
 
     /// Runs one batch in a fresh instance and returns the guest's outcomes.
@@ -326,7 +336,7 @@ impl LoadedHandler {
         match tokio::time::timeout(self.limits.wall_timeout, call).await {
             Ok(Ok(outcomes)) => {
                 let outcomes = outcomes.map_err(|error| BatchFailure::Error(bounded(&error)))?;
-                committed(&mut store).await?;
+                committed(store.data_mut()).await?;
                 Ok(outcomes)
             }
             Ok(Err(err)) => Err(self.classify(&store, &stderr, err)),
