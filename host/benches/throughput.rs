@@ -9,7 +9,9 @@
 //! Then the resident memory of the real host (the built `clawq serve`, a process of its
 //! own, with no config: the events queue into the bundled CRL component): idle, and
 //! after it handled 1,000,000 revocations published over HTTP (`VmRSS` and the peak,
-//! `VmHWM`, of `/proc/<pid>/status`).
+//! `VmHWM`, of `/proc/<pid>/status`). And (`single`) the same host's msg/s with
+//! concurrent single-message publishes (1, 16 and 64 producers, a request per message)
+//! beside one producer of batches of 100.
 //!
 //! And WASM vs native (`native`): the same revocations through one queue loop (take a
 //! batch, handle it, settle its acks), handled by the CRL component or by its own logic
@@ -18,7 +20,7 @@
 //!
 //! Run with `cargo bench -p clawq --bench throughput`; a word after `--` runs only the
 //! sections whose name contains it (`gauges`, `instance`, `deploy`, `batch`,
-//! `subscribers`, `rss`, `native`). `CLAWQ_BENCH_MESSAGES` sets the message count
+//! `subscribers`, `rss`, `native`, `single`). `CLAWQ_BENCH_MESSAGES` sets the message count
 //! (default 50000), `CLAWQ_BENCH_RSS_MESSAGES` that of the `rss` section (default
 //! 1000000), `CLAWQ_BENCH_ROUNDS` the rounds of the `native` section (default 5).
 
@@ -399,35 +401,32 @@ impl Drop for ServeProcess {
     }
 }
 
-/// The host's resident memory idle, then after it handled `n` revocations published
-/// over HTTP by 4 producers in batches of 100.
-async fn host_memory(n: usize) {
-    let host = ServeProcess::start().await;
-    // Settled after its start (the component compiled, the first empty polls made).
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (idle, idle_peak) = host.memory();
+/// Publishes `n` revocations to `host` over HTTP from `producers` concurrent producers,
+/// `per_request` messages a request (1: the single-message route, else the batch
+/// route); returns once every request is answered.
+async fn publish_over_http(host: &ServeProcess, n: usize, producers: usize, per_request: usize) {
     let http = reqwest::Client::new();
-    let url = format!("{}/v1/queues/{EVENTS_QUEUE}/messages/batch", host.base);
-    let started = Instant::now();
-    let producers: Vec<_> = (0..4)
+    let route = if per_request == 1 { "" } else { "/batch" };
+    let url = format!("{}/v1/queues/{EVENTS_QUEUE}/messages{route}", host.base);
+    let producers: Vec<_> = (0..producers)
         .map(|p| {
             let (http, url) = (http.clone(), url.clone());
+            let mine = p * n / producers..(p + 1) * n / producers;
             tokio::spawn(async move {
-                for first in (p * n / 4..(p + 1) * n / 4).step_by(PUBLISH_BATCH) {
-                    let last = (first + PUBLISH_BATCH).min((p + 1) * n / 4);
-                    let messages: Vec<serde_json::Value> = (first..last)
+                for first in mine.clone().step_by(per_request) {
+                    let last = (first + per_request).min(mine.end);
+                    let mut messages: Vec<serde_json::Value> = (first..last)
                         .map(|i| {
                             let body: serde_json::Value =
                                 serde_json::from_slice(&revocation(i).body).unwrap();
                             serde_json::json!({ "body": body })
                         })
                         .collect();
-                    let response = http
-                        .post(&url)
-                        .json(&serde_json::json!({ "messages": messages }))
-                        .send()
-                        .await
-                        .unwrap();
+                    let request = match per_request {
+                        1 => messages.remove(0),
+                        _ => serde_json::json!({ "messages": messages }),
+                    };
+                    let response = http.post(&url).json(&request).send().await.unwrap();
                     assert!(response.status().is_success(), "{response:?}");
                 }
             })
@@ -436,6 +435,11 @@ async fn host_memory(n: usize) {
     for producer in producers {
         producer.await.unwrap();
     }
+}
+
+/// Waits until the events queue of `host` holds no message (polled every 20 ms).
+async fn wait_handled(host: &ServeProcess) {
+    let http = reqwest::Client::new();
     let status_url = format!("{}/v1/queues/{EVENTS_QUEUE}", host.base);
     loop {
         let status: serde_json::Value = http
@@ -451,10 +455,22 @@ async fn host_memory(n: usize) {
             .map(|k| status[k].as_u64().unwrap())
             .sum();
         if held == 0 {
-            break;
+            return;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The host's resident memory idle, then after it handled `n` revocations published
+/// over HTTP by 4 producers in batches of 100.
+async fn host_memory(n: usize) {
+    let host = ServeProcess::start().await;
+    // Settled after its start (the component compiled, the first empty polls made).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (idle, idle_peak) = host.memory();
+    let started = Instant::now();
+    publish_over_http(&host, n, 4, PUBLISH_BATCH).await;
+    wait_handled(&host).await;
     let elapsed = started.elapsed();
     let (after, peak) = host.memory();
     println!(
@@ -735,6 +751,18 @@ async fn wasm_vs_native(runtime: &Runtime, n: usize, rounds: usize) {
     println!("load average {}", load_average());
 }
 
+/// msg/s published, and handled (published until the queue is empty), through the real
+/// `clawq serve` by `producers` concurrent producers, `per_request` messages a request.
+async fn served(n: usize, producers: usize, per_request: usize) -> (f64, f64) {
+    let host = ServeProcess::start().await;
+    let started = Instant::now();
+    publish_over_http(&host, n, producers, per_request).await;
+    let published = started.elapsed();
+    wait_handled(&host).await;
+    let rate = |took: Duration| n as f64 / took.as_secs_f64();
+    (rate(published), rate(started.elapsed()))
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; a plain word selects sections.
@@ -783,6 +811,22 @@ async fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(1_000_000);
         host_memory(n).await;
+    }
+
+    if run("single") {
+        // Side by side: concurrent single-message publishes (each its own request, sharing
+        // the writer's group commits) and one producer of batches of 100.
+        let (batched, batched_handled) = served(n, 1, PUBLISH_BATCH).await;
+        for producers in [1, 16, 64] {
+            let (single, handled) = served(n, producers, 1).await;
+            println!(
+                "HTTP publish → CRL component, {producers:>2} producers of single messages: \
+                 published {single:>7.0} msg/s, handled {handled:>7.0} msg/s | 1 producer of \
+                 batches of 100: published {batched:>7.0} msg/s, handled {batched_handled:>7.0} \
+                 msg/s | ratio published {:.2}",
+                single / batched
+            );
+        }
     }
 
     if run("subscribers") {

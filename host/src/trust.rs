@@ -3,9 +3,12 @@
 //! share one, so that every host answers the same. It backs the `trust-store`
 //! capability and `GET /v1/trust/agents/{did}`.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clawq_protocol::did::{DidError, validate_agent_did};
+use futures_util::FutureExt;
+use futures_util::future::Shared;
 use rusqlite::{OptionalExtension, params};
 
 use crate::cluster::Cluster;
@@ -69,8 +72,21 @@ pub struct TrustStore {
 
 /// Where the revocations are kept.
 enum Backend {
-    Sqlite(Database),
+    Sqlite(Database, Arc<Mutex<Unwritten>>),
     Cluster(Box<jetstream::ClusterTrust>),
+}
+
+/// The outcome of one write of queued revocations, awaited by each of them.
+type Flush = Shared<std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>>;
+
+/// Revocations queued and not yet written: one write job writes all of those queued
+/// before it runs (however many batches queued them), instead of a job each.
+#[derive(Default)]
+struct Unwritten {
+    /// Each revocation: the DID, when, and when its marker expires.
+    rows: Vec<(String, u64, u64)>,
+    /// The write job queued for them, until it runs.
+    flush: Option<Flush>,
 }
 
 impl TrustStore {
@@ -84,7 +100,7 @@ impl TrustStore {
              );",
         )?;
         Ok(TrustStore {
-            backend: Backend::Sqlite(db.clone()),
+            backend: Backend::Sqlite(db.clone(), Arc::default()),
             marker_ttl,
         })
     }
@@ -112,24 +128,42 @@ impl TrustStore {
     /// Queues the revocation of `did` (checked at once) without waiting for its commit:
     /// the returned future resolves once it is committed. Every write queued afterwards
     /// (the ack of the message that asked for it) commits no earlier.
+    ///
+    /// In SQLite, the revocation joins the write job already queued for revocations, if
+    /// one is queued and has not run yet (it writes every revocation queued when it
+    /// runs), else queues one: so a write queued after this call is queued after that
+    /// job, and commits no earlier.
     pub fn revoke_later(&self, did: &str) -> Result<Pending<TrustError>, TrustError> {
         check_did(did)?;
         let did = did.to_owned();
         let now = now_ms();
         let expires = now + self.marker_ttl.as_millis() as u64;
-        let db = match &self.backend {
-            Backend::Sqlite(db) => db,
+        let (db, unwritten) = match &self.backend {
+            Backend::Sqlite(db, unwritten) => (db, unwritten),
             Backend::Cluster(cluster) => {
                 return Ok(cluster.revoke_later(did, now, expires, self.marker_ttl));
             }
         };
-        Ok(db.write_later(move |conn| {
-            conn.prepare_cached(
-                "INSERT INTO revoked_agents (did, revoked_ms, expires_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (did) DO UPDATE SET revoked_ms = ?2, expires_ms = ?3",
-            )?
-            .execute(params![did, now, expires])?;
-            Ok(())
+        let flush = {
+            let mut queued = lock(unwritten);
+            if queued
+                .flush
+                .clone()
+                .is_some_and(|f| f.now_or_never().is_some())
+            {
+                // That job ended without running (its transaction could not begin): the
+                // revocations it was to write have failed.
+                queued.rows.clear();
+                queued.flush = None;
+            }
+            queued.rows.push((did, now, expires));
+            queued
+                .flush
+                .get_or_insert_with(|| write_unwritten(db, unwritten.clone()))
+                .clone()
+        };
+        Ok(Box::pin(async move {
+            flush.await.map_err(TrustError::Unavailable)
         }))
     }
 
@@ -137,7 +171,7 @@ impl TrustStore {
     pub async fn lookup(&self, did: &str) -> Result<AgentTrust, TrustError> {
         check_did(did)?;
         let db = match &self.backend {
-            Backend::Sqlite(db) => db,
+            Backend::Sqlite(db, _) => db,
             Backend::Cluster(cluster) => return cluster.lookup(did).await,
         };
         let did = did.to_owned();
@@ -163,6 +197,41 @@ impl TrustStore {
     pub async fn is_revoked(&self, did: &str) -> Result<bool, TrustError> {
         Ok(self.lookup(did).await?.revoked_at_ms.is_some())
     }
+}
+
+/// Queues the write job of the revocations in `unwritten`: once it runs, it takes every
+/// revocation queued by then and writes them.
+fn write_unwritten(db: &Database, unwritten: Arc<Mutex<Unwritten>>) -> Flush {
+    let written = db.write_later(move |conn| {
+        let rows = {
+            let mut queued = lock(&unwritten);
+            queued.flush = None;
+            std::mem::take(&mut queued.rows)
+        };
+        let mut upsert = conn.prepare_cached(
+            "INSERT INTO revoked_agents (did, revoked_ms, expires_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (did) DO UPDATE SET revoked_ms = ?2, expires_ms = ?3",
+        )?;
+        for (did, now, expires) in &rows {
+            upsert.execute(params![did, now, expires])?;
+        }
+        Ok::<_, TrustError>(())
+    });
+    let outcome: std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>> =
+        Box::pin(async move {
+            written.await.map_err(|err| match err {
+                TrustError::Unavailable(why) => why,
+                other => other.to_string(),
+            })
+        });
+    outcome.shared()
+}
+
+/// The revocations not yet written, even if a thread panicked holding them.
+fn lock(unwritten: &Mutex<Unwritten>) -> std::sync::MutexGuard<'_, Unwritten> {
+    unwritten
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn check_did(did: &str) -> Result<(), TrustError> {
@@ -199,6 +268,34 @@ mod tests {
             !expiring.is_revoked(DID).await.unwrap(),
             "a zero-length marker has expired"
         );
+    }
+
+    #[tokio::test]
+    async fn revocations_queued_together_are_each_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TrustStore::open(
+            &crate::store::test_db(dir.path()),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let dids: Vec<String> = (0..300u64)
+            .map(|i| {
+                format!(
+                    "did:cdi:registry.clawdentity.com:agent:{}",
+                    ulid::Ulid::from_parts(i, 7)
+                )
+            })
+            .collect();
+        let pending: Vec<_> = dids
+            .iter()
+            .map(|did| store.revoke_later(did).unwrap())
+            .collect();
+        for committed in futures_util::future::join_all(pending).await {
+            committed.unwrap();
+        }
+        for did in &dids {
+            assert!(store.is_revoked(did).await.unwrap(), "{did}");
+        }
     }
 
     #[tokio::test]

@@ -28,7 +28,8 @@
 //! so delayed costs O(delayed rows); ready is what is left. So `GET /v1/queues/{q}` and
 //! `/metrics` cost O(lanes + in flight + delayed), whatever the backlog.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -425,13 +426,8 @@ fn lease(conn: &Connection, lane: &Lane, plan: &LeasePlan) -> rusqlite::Result<L
         let next = next_visible(conn, &written, now)?;
         return Ok(Leased::Wait(earliest(fill_by, next)));
     }
-    let mut deliveries = Vec::with_capacity(due.len());
     let (mut gave_up, mut woken) = (SettleSummary::default(), Vec::new());
-    let mut take = conn.prepare_cached(
-        "UPDATE messages SET leased = 1, attempts = attempts + 1, visible_ms = ?2
-         WHERE seq = ?1
-         RETURNING id, attempts, published_ms, content_type, body, enqueued_ms",
-    )?;
+    let mut taken = Vec::with_capacity(due.len());
     for message in due {
         if let Some(reason) = poisoned(message.attempts, &plan.policy) {
             let doomed = Doomed {
@@ -444,21 +440,33 @@ fn lease(conn: &Connection, lane: &Lane, plan: &LeasePlan) -> rusqlite::Result<L
             give_up(conn, lane, doomed, &plan.dead_letters, now)?.count(&mut gave_up, &mut woken);
             continue;
         }
-        let delivery = take.query_row(params![message.seq, plan.deadline], |row| {
-            let content_type: String = row.get(3)?;
-            Ok(Delivery {
-                lease: message.seq,
-                id: row.get(0)?,
-                attempts: row.get(1)?,
-                timestamp_ms: row.get(2)?,
-                enqueued_ms: row.get(5)?,
-                content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Bytes),
-                body: row.get(4)?,
-                lease_deadline_ms: plan.deadline,
-            })
-        })?;
-        deliveries.push(delivery);
+        taken.push(message.seq);
     }
+    // The batch's rows, leased in one statement.
+    let mut leased: HashMap<i64, Delivery> = conn
+        .prepare_cached(
+            "UPDATE messages SET leased = 1, attempts = attempts + 1, visible_ms = ?2
+             WHERE seq IN (SELECT value FROM json_each(?1))
+             RETURNING seq, id, attempts, published_ms, content_type, body, enqueued_ms",
+        )?
+        .query_map(params![seq_list(&taken), plan.deadline], |row| {
+            let content_type: String = row.get(4)?;
+            let seq: i64 = row.get(0)?;
+            let delivery = Delivery {
+                lease: seq,
+                id: row.get(1)?,
+                attempts: row.get(2)?,
+                timestamp_ms: row.get(3)?,
+                enqueued_ms: row.get(6)?,
+                content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Bytes),
+                body: row.get(5)?,
+                lease_deadline_ms: plan.deadline,
+            };
+            Ok((seq, delivery))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    // In the order they became ready (`RETURNING` keeps none).
+    let deliveries = taken.iter().filter_map(|seq| leased.remove(seq)).collect();
     Ok(Leased::Batch {
         deliveries,
         gave_up,
@@ -476,14 +484,17 @@ fn commit(
 ) -> rusqlite::Result<Committed> {
     let mut committed = Committed::default();
     let summary = &mut committed.summary;
+    // Acks: one statement per lease deadline (a batch has one).
+    let mut acks: BTreeMap<u64, Vec<Delivery>> = BTreeMap::new();
     for (delivery, fate) in fates {
         let (seq, lease) = (delivery.lease, Some(delivery.lease_deadline_ms));
         let (count, changed) = match fate {
-            Fate::Delete => (
-                &mut summary.acked,
-                conn.prepare_cached(&format!("DELETE FROM messages WHERE {UNDER_LEASE}"))?
-                    .execute(params![seq, lease])?,
-            ),
+            Fate::Delete => {
+                acks.entry(delivery.lease_deadline_ms)
+                    .or_default()
+                    .push(delivery);
+                continue;
+            }
             Fate::Retry { visible_ms, error } => (
                 &mut summary.retried,
                 conn.prepare_cached(&format!(
@@ -521,7 +532,114 @@ fn commit(
             *count += 1;
         }
     }
+    for (deadline, acked) in acks {
+        let seqs: Vec<i64> = acked.iter().map(|d| d.lease).collect();
+        let deleted: HashSet<i64> = conn
+            .prepare_cached(
+                "DELETE FROM messages WHERE seq IN (SELECT value FROM json_each(?1))
+                 AND leased = 1 AND visible_ms = ?2 RETURNING seq",
+            )?
+            .query_map(params![seq_list(&seqs), deadline], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for delivery in acked {
+            if deleted.contains(&delivery.lease) {
+                summary.acked += 1;
+            } else {
+                warn_stale(lane, &delivery.id);
+                summary.stale += 1;
+            }
+        }
+    }
     Ok(committed)
+}
+
+/// `seqs` as a JSON array, for a statement that reads them with `json_each`.
+fn seq_list(seqs: &[i64]) -> String {
+    serde_json::to_string(seqs).expect("integers serialize")
+}
+
+/// Rows per multi-row `INSERT` of a publish, largest first: a publish of n rows takes
+/// few statements, each prepared once.
+const INSERT_CHUNKS: [usize; 4] = [64, 16, 4, 1];
+
+/// The `INSERT` of `rows` rows (one of [`INSERT_CHUNKS`]): `?1` is the publish time,
+/// then each row's id, lane, content type, body and visible time.
+fn insert_statement(rows: usize) -> &'static str {
+    static STATEMENTS: OnceLock<Vec<String>> = OnceLock::new();
+    let statements = STATEMENTS.get_or_init(|| {
+        INSERT_CHUNKS
+            .iter()
+            .map(|&rows| {
+                let values: Vec<String> = (0..rows)
+                    .map(|row| {
+                        let at = 5 * row + 2;
+                        format!(
+                            "(?{at}, ?{}, ?{}, ?{}, ?1, ?{}, ?1)",
+                            at + 1,
+                            at + 2,
+                            at + 3,
+                            at + 4
+                        )
+                    })
+                    .collect();
+                format!(
+                    "INSERT INTO messages
+                     (id, queue, content_type, body, published_ms, visible_ms, enqueued_ms)
+                     VALUES {}",
+                    values.join(", ")
+                )
+            })
+            .collect()
+    });
+    let chunk = INSERT_CHUNKS
+        .iter()
+        .position(|&n| n == rows)
+        .expect("a chunk size");
+    &statements[chunk]
+}
+
+/// Stores every row of `rows` in each of its lanes, ready at `now` plus its delay, in
+/// order, a chunk of rows per statement.
+fn insert(conn: &Connection, rows: &[PublishRow], now: u64) -> rusqlite::Result<()> {
+    let values: Vec<(&str, String, &str, &[u8], u64)> = rows
+        .iter()
+        .flat_map(|row| {
+            let m = &row.message;
+            let visible = now + u64::from(m.delay_seconds) * 1000;
+            row.lanes.iter().map(move |lane| {
+                (
+                    row.id.as_str(),
+                    lane.to_string(),
+                    m.content_type.as_str(),
+                    m.body.as_slice(),
+                    visible,
+                )
+            })
+        })
+        .collect();
+    let mut rest = values.as_slice();
+    while !rest.is_empty() {
+        let size = INSERT_CHUNKS
+            .into_iter()
+            .find(|&n| n <= rest.len())
+            .expect("a chunk of 1 always fits");
+        let (chunk, after) = rest.split_at(size);
+        let mut bound: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(5 * size + 1);
+        bound.push(&now);
+        for (id, lane, content_type, body, visible) in chunk {
+            bound.extend([
+                id as &dyn rusqlite::ToSql,
+                lane,
+                content_type,
+                body,
+                visible,
+            ]);
+        }
+        conn.prepare_cached(insert_statement(size))?
+            .execute(bound.as_slice())?;
+        rest = after;
+    }
+    Ok(())
 }
 
 /// The counts of every lane of `queue` at `now` (see the module doc: no backlog scan).
@@ -638,28 +756,7 @@ fn redrive(
 impl DataPath for SqliteStorage {
     async fn insert(&self, rows: Vec<PublishRow>, now: u64) -> Result<(), QueueError> {
         self.db
-            .write_synced(move |conn| {
-                let mut insert = conn.prepare_cached(
-                    "INSERT INTO messages
-                     (id, queue, content_type, body, published_ms, visible_ms, enqueued_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?5)",
-                )?;
-                for row in &rows {
-                    let m = &row.message;
-                    let visible = now + u64::from(m.delay_seconds) * 1000;
-                    for lane in &row.lanes {
-                        insert.execute(params![
-                            row.id,
-                            lane.to_string(),
-                            m.content_type.as_str(),
-                            m.body,
-                            now,
-                            visible
-                        ])?;
-                    }
-                }
-                Ok::<_, QueueError>(())
-            })
+            .write_synced(move |conn| Ok(insert(conn, &rows, now)?))
             .await
     }
 
