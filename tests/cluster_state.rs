@@ -177,10 +177,12 @@ fn a_deploy_or_rollback_on_one_host_switches_every_host() {
 }
 
 #[test]
-#[ignore = "fails since the shared queue and relay sessions were merged: the digest never reaches the agent (open defect, issue 17)"]
 fn actor_storage_written_on_one_host_is_read_on_another() {
     // The dead-letter digest counts a sender's dead-lettered receipts in its actor
-    // storage and delivers a digest to the sender at every third.
+    // storage and delivers a digest to the sender at every third. Both hosts pull from
+    // the digest's lane, so its batches run on both at once: the count reaches 3 only if
+    // each batch reads what the others wrote, never interleaving its read and write of
+    // the count with another host's (each batch holds the actor while it runs).
     let digest = format!(
         "[[queues.consumers]]\nqueue = \"{RECEIPTS}\"\nname = \"dead-letter-digest\"\n\
          handler = \"{}\"\nworld = \"receipt-handler\"\nmax_batch_timeout = 0.05\n\
@@ -199,8 +201,9 @@ fn actor_storage_written_on_one_host_is_read_on_another() {
     a.publish(RECEIPTS, dead_lettered(2));
     a.wait_drained(RECEIPTS);
     b.publish(RECEIPTS, dead_lettered(3));
-    // B counts the third only if it reads the two A counted.
+    let deadline = Instant::now() + DEADLINE;
     let digest = loop {
+        assert!(Instant::now() < deadline, "no digest within {DEADLINE:?}");
         match next_event(&mut socket, &["receipt"]) {
             Seen::Frame(frame) if frame["type"] == "deliver" => break frame,
             Seen::Frame(beat) => send_frame(
