@@ -1,6 +1,6 @@
 //! Relay sessions across hosts (`[backend] kind = "nats"`), against a real
-//! `nats-server -js`: a receipt handled on one host reaches the agent's connector on
-//! another, unacked receipts follow the connector to whichever host it reconnects to,
+//! `nats-server -js`: a receipt or a delivery handled on one host reaches the agent's
+//! connector on another, unacked receipts follow the connector to whichever host it reconnects to,
 //! and one connection per agent holds across the cluster.
 
 use std::collections::HashSet;
@@ -10,6 +10,10 @@ use crate::support::*;
 use serde_json::{Value, json};
 
 const RECEIPTS: &str = "clawdentity-receipts";
+const EVENTS: &str = "clawdentity-events";
+/// The bundled event-router (`pair.accepted` → a delivery), batching at once.
+const FAST_EVENT_ROUTER: &str = "[[queues.consumers]]\nqueue = \"clawdentity-events\"\n\
+    name = \"event-router\"\nmax_batch_timeout = 0.05\n";
 /// Sessions that push an unacked frame again only after a minute, so that every frame a
 /// test reads is a first push on its connection.
 const UNHURRIED_RETRIES: &str = "[relay]\nretry_initial = 60\nretry_max = 60\n";
@@ -82,6 +86,53 @@ fn a_receipt_handled_on_one_host_reaches_the_connector_on_another_once() {
         next_frame(&mut socket)["originalFrameId"],
         "req-2",
         "req-1 arrived once"
+    );
+}
+
+#[test]
+fn a_delivery_handled_on_one_host_reaches_the_connector_on_another_once() {
+    let relay = format!("{UNHURRIED_RETRIES}{FAST_EVENT_ROUTER}");
+    let (_nats, hosts) = cluster_with(3, &relay);
+    let ((a, _), (c, token_c)) = (&hosts[0], &hosts[2]);
+    let mut on_c = c.connect(DID_A, Some(token_c)).unwrap();
+    let accepted = json!({
+        "type": "pair.accepted",
+        "initiatorAgentDid": DID_A,
+        "responderAgentDid": DID_B,
+        "responderProfile": {"agentName": "beta", "humanName": "Ida", "proxyOrigin": "https://proxy.example.com"},
+        "issuerProxyOrigin": "https://proxy.example.com",
+        "eventTimestampUtc": "2026-11-24T10:00:00.000Z",
+    });
+    a.publish(EVENTS, accepted.clone());
+    a.publish(EVENTS, accepted); // the same event again: recorded once
+    let deliver = next_frame(&mut on_c);
+    assert_eq!(
+        (
+            &deliver["type"],
+            &deliver["fromAgentDid"],
+            &deliver["toAgentDid"],
+            &deliver["deliverySource"],
+        ),
+        (
+            &json!("deliver"),
+            &json!(DID_B),
+            &json!(DID_A),
+            &json!("proxy.events.queue.pair_accepted")
+        ),
+        "{deliver}"
+    );
+    assert_eq!(deliver["payload"]["system"]["type"], "pair.accepted");
+    let accepted = json!({"ackId": deliver["id"], "accepted": true});
+    send_frame(&mut on_c, &frame("deliver_ack", accepted));
+    wait_for("the deliver_ack to delete the row", || {
+        (a.get("/v1/relay").1["deliveries_pending"] == 0).then_some(())
+    });
+    a.wait_drained(EVENTS);
+    a.publish(RECEIPTS, receipt_of_a("probe"));
+    assert_eq!(
+        next_frame(&mut on_c)["originalFrameId"],
+        "probe",
+        "the delivery arrived once"
     );
 }
 
