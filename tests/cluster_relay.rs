@@ -122,6 +122,12 @@ fn a_delivery_handled_on_one_host_reaches_the_connector_on_another_once() {
         "{deliver}"
     );
     assert_eq!(deliver["payload"]["system"]["type"], "pair.accepted");
+    let (_, relay) = hosts[1].0.get("/v1/relay");
+    assert_eq!(
+        (&relay["deliveries_pending"], &relay["receipts_pending"]),
+        (&json!(1), &json!(0)),
+        "any host counts the cluster's rows: {relay}"
+    );
     let accepted = json!({"ackId": deliver["id"], "accepted": true});
     send_frame(&mut on_c, &frame("deliver_ack", accepted));
     wait_for("the deliver_ack to delete the row", || {
@@ -148,6 +154,7 @@ fn unacked_receipts_follow_the_connector_to_another_host_in_order() {
     }
     let pushed: Vec<Value> = ids.iter().map(|_| next_frame(&mut on_c)).collect();
     assert_eq!(request_ids(&pushed), ids);
+    assert_eq!(b.get("/v1/relay").1["receipts_pending"], 3);
     drop(on_c); // gone without acking
 
     let mut on_b = b.connect(DID_A, Some(token_b)).unwrap();
