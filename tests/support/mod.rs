@@ -648,6 +648,8 @@ pub fn refused_serve_with(config: &str, args: &[&str], prepare: impl FnOnce(&Pat
         .arg("--config")
         .arg(&config_path)
         .env_remove("CLAWQ_ADMIN_TOKEN")
+        // A NATS server that is not there is given up on at once, not after 10 s.
+        .env("CLAWQ_NATS_CONNECT_TIMEOUT", "0.2")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
