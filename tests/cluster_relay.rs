@@ -1,7 +1,8 @@
 //! Relay sessions across hosts (`[backend] kind = "nats"`), against a real
 //! `nats-server -js`: a receipt or a delivery handled on one host reaches the agent's
 //! connector on another, unacked receipts follow the connector to whichever host it reconnects to,
-//! and one connection per agent holds across the cluster.
+//! one connection per agent holds across the cluster, and a connection outlives an
+//! outage of NATS.
 
 use std::collections::HashSet;
 
@@ -249,5 +250,48 @@ fn an_unacked_receipt_is_pushed_again_while_connected_then_dropped_after_its_las
         next_frame(&mut again)["originalFrameId"],
         "next",
         "the dropped receipt is gone from the cluster"
+    );
+}
+
+#[test]
+fn a_connection_outlives_a_nats_outage_and_loses_nothing_recorded() {
+    let (mut nats, hosts) = cluster(2);
+    let ((a, token_a), (c, token_c)) = (&hosts[0], &hosts[1]);
+    let mut on_c = c.connect(DID_A, Some(token_c)).unwrap();
+    a.publish(RECEIPTS, receipt_of_a("acked"));
+    let acked = next_frame(&mut on_c);
+    ack_all(&mut on_c, &[acked]);
+    wait_all_acked(a);
+    a.publish(RECEIPTS, receipt_of_a("unacked"));
+    assert_eq!(next_frame(&mut on_c)["originalFrameId"], "unacked");
+    a.wait_drained(RECEIPTS);
+
+    nats.kill();
+    for (host, _) in &hosts {
+        wait_for("the host to report the outage", || {
+            (host.get("/healthz").0 == 503).then_some(())
+        });
+    }
+    nats.restart();
+    wait_for("the publish to be taken after the restart", || {
+        let (status, _) = a.post(
+            &format!("/v1/queues/{RECEIPTS}/messages"),
+            &json!({"body": receipt_of_a("after-restart")}),
+        );
+        (status == 200).then_some(())
+    });
+    assert_eq!(
+        next_frame(&mut on_c)["originalFrameId"],
+        "after-restart",
+        "the connection on C is fed again"
+    );
+    drop(on_c);
+
+    let mut on_a = a.connect(DID_A, Some(token_a)).unwrap();
+    let replayed: Vec<Value> = (0..2).map(|_| next_frame(&mut on_a)).collect();
+    assert_eq!(
+        request_ids(&replayed),
+        ["unacked", "after-restart"],
+        "every unacked receipt is kept, the acked one stays deleted"
     );
 }
