@@ -1,8 +1,8 @@
 //! Relay sessions across hosts (`[backend] kind = "nats"`), against a real
 //! `nats-server -js`: a receipt or a delivery handled on one host reaches the agent's
-//! connector on another, unacked receipts follow the connector to whichever host it reconnects to,
-//! one connection per agent holds across the cluster, and a connection outlives an
-//! outage of NATS.
+//! connector on another, unacked receipts follow the connector to whichever host it
+//! reconnects to, one connection per agent holds across the cluster, and a connection
+//! outlives an outage of NATS.
 
 use std::collections::HashSet;
 
