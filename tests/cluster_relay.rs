@@ -58,6 +58,14 @@ fn wait_all_acked(host: &Host) {
     });
 }
 
+/// Once `host` drained `queue`, publishes the receipt `probe` through it and expects
+/// that receipt to be the next frame on `socket`: nothing else came (`why`).
+fn expect_probe_next(host: &Host, queue: &str, socket: &mut Socket, probe: &str, why: &str) {
+    host.wait_drained(queue);
+    host.publish(RECEIPTS, receipt_of_a(probe));
+    assert_eq!(next_frame(socket)["originalFrameId"], probe, "{why}");
+}
+
 fn request_ids(frames: &[Value]) -> Vec<&str> {
     frames
         .iter()
@@ -81,13 +89,7 @@ fn a_receipt_handled_on_one_host_reaches_the_connector_on_another_once() {
         ),
         (&json!("receipt"), &json!("req-1"), &json!(DID_B))
     );
-    a.wait_drained(RECEIPTS);
-    a.publish(RECEIPTS, receipt_of_a("req-2"));
-    assert_eq!(
-        next_frame(&mut socket)["originalFrameId"],
-        "req-2",
-        "req-1 arrived once"
-    );
+    expect_probe_next(a, RECEIPTS, &mut socket, "req-2", "req-1 arrived once");
 }
 
 #[test]
@@ -134,13 +136,7 @@ fn a_delivery_handled_on_one_host_reaches_the_connector_on_another_once() {
     wait_for("the deliver_ack to delete the row", || {
         (a.get("/v1/relay").1["deliveries_pending"] == 0).then_some(())
     });
-    a.wait_drained(EVENTS);
-    a.publish(RECEIPTS, receipt_of_a("probe"));
-    assert_eq!(
-        next_frame(&mut on_c)["originalFrameId"],
-        "probe",
-        "the delivery arrived once"
-    );
+    expect_probe_next(a, EVENTS, &mut on_c, "probe", "the delivery arrived once");
 }
 
 #[test]
