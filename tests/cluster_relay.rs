@@ -1,7 +1,8 @@
 //! Relay sessions across hosts (`[backend] kind = "nats"`), against a real
-//! `nats-server -js`: a receipt handled on one host reaches the agent's connector on
-//! another, unacked receipts follow the connector to whichever host it reconnects to,
-//! and one connection per agent holds across the cluster.
+//! `nats-server -js`: a receipt or a delivery handled on one host reaches the agent's
+//! connector on another, unacked receipts follow the connector to whichever host it
+//! reconnects to, one connection per agent holds across the cluster, and a connection
+//! outlives an outage of NATS.
 
 use std::collections::HashSet;
 
@@ -10,6 +11,10 @@ use crate::support::*;
 use serde_json::{Value, json};
 
 const RECEIPTS: &str = "clawdentity-receipts";
+const EVENTS: &str = "clawdentity-events";
+/// The bundled event-router (`pair.accepted` → a delivery), batching at once.
+const FAST_EVENT_ROUTER: &str = "[[queues.consumers]]\nqueue = \"clawdentity-events\"\n\
+    name = \"event-router\"\nmax_batch_timeout = 0.05\n";
 /// Sessions that push an unacked frame again only after a minute, so that every frame a
 /// test reads is a first push on its connection.
 const UNHURRIED_RETRIES: &str = "[relay]\nretry_initial = 60\nretry_max = 60\n";
@@ -53,6 +58,14 @@ fn wait_all_acked(host: &Host) {
     });
 }
 
+/// Once `host` drained `queue`, publishes the receipt `probe` through it and expects
+/// that receipt to be the next frame on `socket`: nothing else came (`why`).
+fn expect_probe_next(host: &Host, queue: &str, socket: &mut Socket, probe: &str, why: &str) {
+    host.wait_drained(queue);
+    host.publish(RECEIPTS, receipt_of_a(probe));
+    assert_eq!(next_frame(socket)["originalFrameId"], probe, "{why}");
+}
+
 fn request_ids(frames: &[Value]) -> Vec<&str> {
     frames
         .iter()
@@ -76,13 +89,54 @@ fn a_receipt_handled_on_one_host_reaches_the_connector_on_another_once() {
         ),
         (&json!("receipt"), &json!("req-1"), &json!(DID_B))
     );
-    a.wait_drained(RECEIPTS);
-    a.publish(RECEIPTS, receipt_of_a("req-2"));
+    expect_probe_next(a, RECEIPTS, &mut socket, "req-2", "req-1 arrived once");
+}
+
+#[test]
+fn a_delivery_handled_on_one_host_reaches_the_connector_on_another_once() {
+    let relay = format!("{UNHURRIED_RETRIES}{FAST_EVENT_ROUTER}");
+    let (_nats, hosts) = cluster_with(3, &relay);
+    let ((a, _), (c, token_c)) = (&hosts[0], &hosts[2]);
+    let mut on_c = c.connect(DID_A, Some(token_c)).unwrap();
+    let accepted = json!({
+        "type": "pair.accepted",
+        "initiatorAgentDid": DID_A,
+        "responderAgentDid": DID_B,
+        "responderProfile": {"agentName": "beta", "humanName": "Ida", "proxyOrigin": "https://proxy.example.com"},
+        "issuerProxyOrigin": "https://proxy.example.com",
+        "eventTimestampUtc": "2026-11-24T10:00:00.000Z",
+    });
+    a.publish(EVENTS, accepted.clone());
+    a.publish(EVENTS, accepted); // the same event again: recorded once
+    let deliver = next_frame(&mut on_c);
     assert_eq!(
-        next_frame(&mut socket)["originalFrameId"],
-        "req-2",
-        "req-1 arrived once"
+        (
+            &deliver["type"],
+            &deliver["fromAgentDid"],
+            &deliver["toAgentDid"],
+            &deliver["deliverySource"],
+        ),
+        (
+            &json!("deliver"),
+            &json!(DID_B),
+            &json!(DID_A),
+            &json!("proxy.events.queue.pair_accepted")
+        ),
+        "{deliver}"
     );
+    assert_eq!(deliver["payload"]["system"]["type"], "pair.accepted");
+    let (_, relay) = hosts[1].0.get("/v1/relay");
+    assert_eq!(
+        (&relay["deliveries_pending"], &relay["receipts_pending"]),
+        (&json!(1), &json!(0)),
+        "any host counts the cluster's rows: {relay}"
+    );
+    let accepted = json!({"ackId": deliver["id"], "accepted": true});
+    send_frame(&mut on_c, &frame("deliver_ack", accepted));
+    wait_for("the deliver_ack to delete the row", || {
+        (a.get("/v1/relay").1["deliveries_pending"] == 0).then_some(())
+    });
+    expect_probe_next(a, EVENTS, &mut on_c, "probe", "the delivery arrived once");
 }
 
 #[test]
@@ -97,6 +151,7 @@ fn unacked_receipts_follow_the_connector_to_another_host_in_order() {
     }
     let pushed: Vec<Value> = ids.iter().map(|_| next_frame(&mut on_c)).collect();
     assert_eq!(request_ids(&pushed), ids);
+    assert_eq!(b.get("/v1/relay").1["receipts_pending"], 3);
     drop(on_c); // gone without acking
 
     let mut on_b = b.connect(DID_A, Some(token_b)).unwrap();
@@ -191,5 +246,48 @@ fn an_unacked_receipt_is_pushed_again_while_connected_then_dropped_after_its_las
         next_frame(&mut again)["originalFrameId"],
         "next",
         "the dropped receipt is gone from the cluster"
+    );
+}
+
+#[test]
+fn a_connection_outlives_a_nats_outage_and_loses_nothing_recorded() {
+    let (mut nats, hosts) = cluster(2);
+    let ((a, token_a), (c, token_c)) = (&hosts[0], &hosts[1]);
+    let mut on_c = c.connect(DID_A, Some(token_c)).unwrap();
+    a.publish(RECEIPTS, receipt_of_a("acked"));
+    let acked = next_frame(&mut on_c);
+    ack_all(&mut on_c, &[acked]);
+    wait_all_acked(a);
+    a.publish(RECEIPTS, receipt_of_a("unacked"));
+    assert_eq!(next_frame(&mut on_c)["originalFrameId"], "unacked");
+    a.wait_drained(RECEIPTS);
+
+    nats.kill();
+    for (host, _) in &hosts {
+        wait_for("the host to report the outage", || {
+            (host.get("/healthz").0 == 503).then_some(())
+        });
+    }
+    nats.restart();
+    wait_for("the publish to be taken after the restart", || {
+        let (status, _) = a.post(
+            &format!("/v1/queues/{RECEIPTS}/messages"),
+            &json!({"body": receipt_of_a("after-restart")}),
+        );
+        (status == 200).then_some(())
+    });
+    assert_eq!(
+        next_frame(&mut on_c)["originalFrameId"],
+        "after-restart",
+        "the connection on C is fed again"
+    );
+    drop(on_c);
+
+    let mut on_a = a.connect(DID_A, Some(token_a)).unwrap();
+    let replayed: Vec<Value> = (0..2).map(|_| next_frame(&mut on_a)).collect();
+    assert_eq!(
+        request_ids(&replayed),
+        ["unacked", "after-restart"],
+        "every unacked receipt is kept, the acked one stays deleted"
     );
 }

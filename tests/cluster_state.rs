@@ -176,46 +176,78 @@ fn a_deploy_or_rollback_on_one_host_switches_every_host() {
     wait_log_on_any(&[&a, &b, &c], &["seen tag=after-rollback ", &v1[..12]]);
 }
 
-#[test]
-#[ignore = "fails since the shared queue and relay sessions were merged: the digest never reaches the agent (open defect, issue 17)"]
-fn actor_storage_written_on_one_host_is_read_on_another() {
-    // The dead-letter digest counts a sender's dead-lettered receipts in its actor
-    // storage and delivers a digest to the sender at every third.
+/// Two hosts running the dead-letter digest example (it counts a sender's dead-lettered
+/// receipts in its actor storage and delivers a digest to the sender at every third),
+/// and the socket of `DID_A`'s connector on the second.
+fn digest_cluster(nats: &NatsServer) -> (Host, Host, Socket) {
     let digest = format!(
         "[[queues.consumers]]\nqueue = \"{RECEIPTS}\"\nname = \"dead-letter-digest\"\n\
          handler = \"{}\"\nworld = \"receipt-handler\"\nmax_batch_timeout = 0.05\n\
          filter = {{ type = \"delivery_receipt\", status = \"dead_lettered\" }}\n",
         clawq_test_guests::DEAD_LETTER_DIGEST
     );
-    let nats = NatsServer::start();
     let (a, b) = (
-        host(&nats, &fast_config(&digest)),
-        host(&nats, &fast_config(&digest)),
+        host(nats, &fast_config(&digest)),
+        host(nats, &fast_config(&digest)),
     );
     let token = a.add_agent(DID_A);
-    let mut socket = b.connect(DID_A, Some(&token)).unwrap();
-    let dead_lettered = |n: u32| receipt(&format!("req-{n}"), DID_A, DID_B, "dead_lettered", None);
-    a.publish(RECEIPTS, dead_lettered(1));
-    a.publish(RECEIPTS, dead_lettered(2));
-    a.wait_drained(RECEIPTS);
-    b.publish(RECEIPTS, dead_lettered(3));
-    // B counts the third only if it reads the two A counted.
-    let digest = loop {
-        match next_event(&mut socket, &["receipt"]) {
-            Seen::Frame(frame) if frame["type"] == "deliver" => break frame,
+    let socket = b.connect(DID_A, Some(&token)).unwrap();
+    (a, b, socket)
+}
+
+/// The dead-lettered receipt `n` of `DID_A`.
+fn dead_lettered(n: u32) -> serde_json::Value {
+    receipt(&format!("req-{n}"), DID_A, DID_B, "dead_lettered", None)
+}
+
+/// The count of the next digest on `socket`, acked (receipts skipped, heartbeats
+/// answered).
+fn next_digest_count(socket: &mut Socket) -> u64 {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        assert!(Instant::now() < deadline, "no digest within {DEADLINE:?}");
+        match next_event(socket, &["receipt"]) {
+            Seen::Frame(digest) if digest["type"] == "deliver" => {
+                let system = &digest["payload"]["system"];
+                assert_eq!(system["type"], "clawq.dead-letter-digest", "{digest}");
+                let ack = json!({"ackId": digest["id"], "accepted": true});
+                send_frame(socket, &frame("deliver_ack", ack));
+                return system["count"].as_u64().unwrap();
+            }
             Seen::Frame(beat) => send_frame(
-                &mut socket,
+                socket,
                 &frame("heartbeat_ack", json!({"ackId": beat["id"]})),
             ),
             Seen::Closed(code, reason) => panic!("closed: {code} {reason}"),
         }
-    };
-    let system = &digest["payload"]["system"];
-    assert_eq!(
-        (&system["type"], &system["count"]),
-        (&json!("clawq.dead-letter-digest"), &json!(3)),
-        "{digest}"
-    );
+    }
+}
+
+#[test]
+fn actor_storage_written_on_one_host_is_read_on_another() {
+    // Both hosts pull from the digest's lane, so its batches run on both at once: the
+    // count reaches 3 only if each batch reads what the others wrote, never interleaving
+    // its read and write of the count with another host's (each batch holds the actor
+    // while it runs).
+    let nats = NatsServer::start();
+    let (a, b, mut socket) = digest_cluster(&nats);
+    a.publish(RECEIPTS, dead_lettered(1));
+    a.publish(RECEIPTS, dead_lettered(2));
+    a.wait_drained(RECEIPTS);
+    b.publish(RECEIPTS, dead_lettered(3));
+    assert_eq!(next_digest_count(&mut socket), 3);
+}
+
+#[test]
+fn concurrent_batches_on_two_hosts_lose_no_write_of_an_actor() {
+    let nats = NatsServer::start();
+    let (a, b, mut socket) = digest_cluster(&nats);
+    for n in 1..=12 {
+        let host = if n % 2 == 0 { &a } else { &b };
+        host.publish(RECEIPTS, dead_lettered(n));
+    }
+    let counts: Vec<u64> = (0..4).map(|_| next_digest_count(&mut socket)).collect();
+    assert_eq!(counts, [3, 6, 9, 12], "every count reached once");
 }
 
 #[test]

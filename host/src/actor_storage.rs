@@ -13,6 +13,7 @@ use crate::bounds::{self, MAX_LIST_PAGE, MAX_LIST_PAGE_BYTES, MAX_VALUE_BYTES};
 use crate::cluster::Cluster;
 use crate::store::{Database, StoreError};
 
+mod claims;
 mod jetstream;
 
 /// Why a storage call failed.
@@ -78,6 +79,24 @@ pub struct ActorStorage {
     quotas: RwLock<HashMap<String, Quota>>,
 }
 
+/// The actors a batch uses, released when it is dropped (the batch ended): in a
+/// cluster, each actor is used by one batch at a time across every host (see
+/// [`claims`]); on one host, the consumer's `max_concurrency` decides, and there is
+/// nothing to hold.
+pub struct ActorClaims(Option<claims::BatchClaims>);
+
+impl ActorClaims {
+    /// Holds `actor` of `consumer` for the batch (at once on one host; in a cluster once
+    /// no other batch holds it, waiting at most [`claims::CLAIM_WAIT`]). Call it before
+    /// each storage call of the batch.
+    pub async fn hold(&self, consumer: &str, actor: &str) -> Result<(), StorageError> {
+        match &self.0 {
+            Some(claims) => claims.hold(consumer, actor).await,
+            None => Ok(()),
+        }
+    }
+}
+
 /// Where the actors are kept.
 enum Backend {
     Sqlite(Database),
@@ -120,6 +139,14 @@ impl ActorStorage {
         Ok(ActorStorage {
             backend: Backend::Cluster(Box::new(jetstream::ClusterActors::open(cluster).await?)),
             quotas: RwLock::default(),
+        })
+    }
+
+    /// The claims of a new batch that runs for at most `lease`.
+    pub fn claims(&self, lease: std::time::Duration) -> ActorClaims {
+        ActorClaims(match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Cluster(cluster) => Some(cluster.batch_claims(lease)),
         })
     }
 

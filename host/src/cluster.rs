@@ -26,8 +26,28 @@ pub struct ClusterConfig {
 /// The default NATS URL: a server on this machine.
 pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
 
-/// How long a host tries to reach the cluster at start before it gives up with an error.
+/// How long a host tries to reach the cluster at start before it gives up with an error,
+/// unless [`CONNECT_TIMEOUT_VAR`] says otherwise.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The environment variable that sets how long a host tries to reach the cluster at
+/// start, in seconds (fractions allowed), instead of [`CONNECT_TIMEOUT`].
+pub const CONNECT_TIMEOUT_VAR: &str = "CLAWQ_NATS_CONNECT_TIMEOUT";
+
+/// How long to try to reach the cluster at start: `given` seconds (the value of
+/// [`CONNECT_TIMEOUT_VAR`]), else [`CONNECT_TIMEOUT`].
+fn connect_timeout(given: Option<&str>) -> Result<Duration> {
+    let Some(text) = given else {
+        return Ok(CONNECT_TIMEOUT);
+    };
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .with_context(|| {
+            format!("{CONNECT_TIMEOUT_VAR}={text:?} is not a number of seconds, e.g. `10` or `0.5`")
+        })
+}
 
 /// How long one JetStream request waits for its answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,9 +61,11 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Connects to the cluster named by `config`, waiting [`CONNECT_TIMEOUT`] at most for
-    /// the first connection, and checks that JetStream is enabled there.
+    /// Connects to the cluster named by `config`, waiting [`CONNECT_TIMEOUT`] (or
+    /// [`CONNECT_TIMEOUT_VAR`]) at most for the first connection, and checks that
+    /// JetStream is enabled there.
     pub async fn connect(config: &ClusterConfig) -> Result<Cluster> {
+        let timeout = connect_timeout(std::env::var(CONNECT_TIMEOUT_VAR).ok().as_deref())?;
         let servers: Vec<async_nats::ServerAddr> = config
             .url
             .split(',')
@@ -53,9 +75,9 @@ impl Cluster {
                     .with_context(|| format!("the NATS URL {url:?} is not valid"))
             })
             .collect::<Result<_>>()?;
-        // Retried until CONNECT_TIMEOUT: a host started with its NATS server (a test, a
+        // Retried until the timeout: a host started with its NATS server (a test, a
         // compose file) may come up first.
-        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + timeout;
         let client = loop {
             match options().connect(servers.clone()).await {
                 Ok(client) => break client,
@@ -64,7 +86,7 @@ impl Cluster {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(err) => bail!(
-                    "cannot reach NATS at {} (tried for {CONNECT_TIMEOUT:?}): {err}; is \
+                    "cannot reach NATS at {} (tried for {timeout:?}): {err}; is \
                      `nats-server -js` running there?",
                     config.url
                 ),
@@ -121,4 +143,22 @@ fn options() -> async_nats::ConnectOptions {
                 other => tracing::warn!(event = %other, "NATS"),
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connect_timeout_is_the_default_or_the_seconds_given() {
+        assert_eq!(connect_timeout(None).unwrap(), CONNECT_TIMEOUT);
+        assert_eq!(
+            connect_timeout(Some(" 0.5")).unwrap(),
+            Duration::from_millis(500)
+        );
+        for wrong in ["soon", "-1", ""] {
+            let err = connect_timeout(Some(wrong)).unwrap_err().to_string();
+            assert!(err.contains(CONNECT_TIMEOUT_VAR), "{err}");
+        }
+    }
 }

@@ -75,10 +75,12 @@ impl Log {
 }
 
 /// Starts `command` with its stderr read line by line into a [`Log`] (and echoed with
-/// `prefix`, for failing tests).
+/// `prefix`, for failing tests). Its log filter is `info`, or the test run's
+/// `CLAWQ_TEST_LOG` (e.g. `info,clawq=debug`, to debug a test).
 pub fn spawn_logged(mut command: Command, prefix: &'static str) -> (Child, Arc<Log>) {
+    let filter = std::env::var("CLAWQ_TEST_LOG").unwrap_or_else(|_| "info".into());
     let mut child = command
-        .env("CLAWQ_LOG", "info")
+        .env("CLAWQ_LOG", filter)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -646,6 +648,8 @@ pub fn refused_serve_with(config: &str, args: &[&str], prepare: impl FnOnce(&Pat
         .arg("--config")
         .arg(&config_path)
         .env_remove("CLAWQ_ADMIN_TOKEN")
+        // A NATS server that is not there is given up on at once, not after 10 s.
+        .env("CLAWQ_NATS_CONNECT_TIMEOUT", "0.2")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv::{CreateErrorKind, Operation, Store, UpdateErrorKind};
 use bytes::Bytes;
 
+use super::claims::BatchClaims;
 use super::{MAX_LIST_PAGE_BYTES, Quota, StorageError, Usage};
 use crate::cluster::Cluster;
 use crate::kv;
@@ -27,13 +28,15 @@ const CHANGE_ATTEMPTS: usize = 50;
 /// The actors of a cluster.
 pub(super) struct ClusterActors {
     bucket: Store,
+    /// Which batch uses which actor ([`super::claims`]).
+    claims: Store,
 }
 
-fn unavailable(err: impl std::fmt::Display) -> StorageError {
+pub(super) fn unavailable(err: impl std::fmt::Display) -> StorageError {
     StorageError::Unavailable(err.to_string())
 }
 
-fn hex(text: &str) -> String {
+pub(super) fn hex(text: &str) -> String {
     text.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -56,11 +59,17 @@ fn usage_key(consumer: &str) -> String {
 }
 
 impl ClusterActors {
-    /// Opens the bucket.
+    /// Opens the bucket, and the bucket of the claims.
     pub(super) async fn open(cluster: &Cluster) -> anyhow::Result<Self> {
         let bucket =
             kv::bucket(cluster, BUCKET, "clawq: the handlers' actor storage", false).await?;
-        Ok(ClusterActors { bucket })
+        let claims = super::claims::open(cluster).await?;
+        Ok(ClusterActors { bucket, claims })
+    }
+
+    /// The claims of a new batch whose lease is `lease`.
+    pub(super) fn batch_claims(&self, lease: Duration) -> BatchClaims {
+        BatchClaims::new(self.claims.clone(), lease)
     }
 
     /// The value of `key` in `actor` of `consumer`.

@@ -11,7 +11,8 @@
 //! pushed again), as in the SQLite sessions. The stream keeps at most
 //! [`SessionLimits::max_per_agent`] messages per subject, dropping the oldest (the
 //! SQLite cap: per agent and kind, oldest first), and each for [`SessionLimits::ttl`]
-//! (`max_age`).
+//! (`max_age`). Two durable consumers filtered to each kind's rows and never pulled
+//! count them ([`ClusterSessions::pending`]: one request, whatever the number of agents).
 //!
 //! - **Recording** (any host): the frame is published to the agent's subject and the
 //!   JetStream ack is awaited, so the row is in the cluster before the capability
@@ -63,7 +64,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_nats::jetstream::ErrorCode;
-use async_nats::jetstream::consumer::pull::OrderedConfig;
+use async_nats::jetstream::consumer::pull::{self, OrderedConfig};
 use async_nats::jetstream::stream::{self, DiscardPolicy, StorageType};
 use clawq_protocol::receipt::check_receipt;
 use futures_util::StreamExt;
@@ -289,21 +290,26 @@ impl ClusterSessions {
             .sum()
     }
 
-    /// Rows of `kind` in the cluster (acked rows are deleted, so these are unacked).
+    /// Rows of `kind` in the cluster (acked rows are deleted, so these are unacked): the
+    /// pending count of the kind's counting consumer, one request whatever the number of
+    /// agents.
     pub async fn pending(&self, kind: Kind) -> Result<u64, SessionError> {
-        let stream = self.inner.stream().await?;
-        let filter = format!("{SUBJECT_PREFIX}.*.{}", kind.as_str());
-        let mut subjects = stream
-            .info_with_subjects(filter)
+        let info = self
+            .inner
+            .stream()
+            .await?
+            .consumer_info(counter_name(kind))
             .await
             .map_err(|e| unavailable("reading the sessions stream", e))?;
-        let mut total = 0;
-        while let Some(subject) = subjects.next().await {
-            let (_, count) = subject.map_err(|e| unavailable("reading the sessions stream", e))?;
-            total += count as u64;
-        }
-        Ok(total)
+        Ok(info.num_pending)
     }
+}
+
+/// The durable consumer that counts the rows of `kind`: filtered to them and never
+/// pulled, so the server keeps its pending count equal to the rows there (a deleted or
+/// expired row leaves it).
+fn counter_name(kind: Kind) -> String {
+    format!("{STREAM}_{}", kind.as_str())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -334,9 +340,26 @@ impl Inner {
                 js.create_or_update_stream(config)
                     .await
                     .map_err(|e| unavailable("creating the sessions stream", e))?;
-                js.get_stream(STREAM)
+                let stream = js
+                    .get_stream(STREAM)
                     .await
-                    .map_err(|e| unavailable("opening the sessions stream", e))
+                    .map_err(|e| unavailable("opening the sessions stream", e))?;
+                for kind in Kind::ALL {
+                    let counter = pull::Config {
+                        durable_name: Some(counter_name(kind)),
+                        description: Some(format!(
+                            "counts the {} rows; never pulled",
+                            kind.as_str()
+                        )),
+                        filter_subject: format!("{SUBJECT_PREFIX}.*.{}", kind.as_str()),
+                        ..Default::default()
+                    };
+                    stream
+                        .get_or_create_consumer(&counter_name(kind), counter)
+                        .await
+                        .map_err(|e| unavailable("creating the sessions' counters", e))?;
+                }
+                Ok(stream)
             })
             .await
     }

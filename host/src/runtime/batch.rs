@@ -16,6 +16,7 @@ use super::failure::{BatchFailure, bounded};
 use super::record::CallLog;
 use super::stderr::StderrCapture;
 use super::{Message, Outcome, cpu};
+use crate::actor_storage::ActorClaims;
 use crate::bounds::BatchLog;
 use crate::crypto::sha256_hex;
 use crate::store::Pending;
@@ -114,6 +115,8 @@ pub struct BatchState {
     pub(super) handler: Arc<str>,
     /// The actor-storage namespace of the batch: the consumer's name.
     pub(super) actors: Arc<str>,
+    /// The actors the batch holds, released when the batch ends.
+    pub(super) claims: ActorClaims,
     pub(super) version: Arc<str>,
     memory: MemoryCap,
     /// Records every capability call when set (`clawq run`).
@@ -130,6 +133,7 @@ impl BatchState {
     #[cfg(test)]
     pub(super) fn recording(caps: Arc<Capabilities>) -> Self {
         let test: Arc<str> = "test".into();
+        let claims = caps.storage.claims(Duration::from_secs(1));
         BatchState {
             log: caps.logs.batch(&test, &test, &test),
             pending: Vec::new(),
@@ -138,6 +142,7 @@ impl BatchState {
             caps,
             handler: "test".into(),
             actors: "test".into(),
+            claims,
             version: "test".into(),
             memory: MemoryCap {
                 limit: 1 << 20,
@@ -291,12 +296,14 @@ impl LoadedHandler {
     ) -> BatchState {
         let version: Arc<str> = self.version[..12].into();
         let log = caps.logs.batch(&self.actors, &self.name, &version);
+        let claims = caps.storage.claims(self.limits.wall_timeout);
         BatchState {
             wasi,
             table: ResourceTable::new(),
             caps,
             handler: self.name.clone(),
             actors: self.actors.clone(),
+            claims,
             version,
             memory: MemoryCap {
                 limit: self.limits.memory_bytes,

@@ -3,16 +3,17 @@
 use wasmtime::component::HasData;
 
 use super::{BatchState, guest_error};
-use crate::actor_storage::ActorStorage;
+use crate::actor_storage::{ActorClaims, ActorStorage};
 use crate::runtime::HostError;
 use crate::runtime::bindings::clawdentity::queues::actor_storage;
 use crate::runtime::record::{CallLog, recorded};
 
 /// What the `actor-storage` import reaches of a batch: the store, the actors of the
-/// batch's consumer, and the batch's call log.
+/// batch's consumer, the actors the batch holds, and the batch's call log.
 pub(in crate::runtime) struct ActorStorageView<'a> {
     storage: &'a ActorStorage,
     actors: &'a str,
+    claims: &'a ActorClaims,
     calls: Option<&'a CallLog>,
 }
 
@@ -29,8 +30,16 @@ impl HasActorStorage {
         ActorStorageView {
             storage: &state.caps.storage,
             actors: &state.actors,
+            claims: &state.claims,
             calls: state.calls.as_ref(),
         }
+    }
+}
+
+impl ActorStorageView<'_> {
+    /// Holds `actor` for the batch before a call on it.
+    async fn hold(&self, actor: &str) -> Result<(), HostError> {
+        (self.claims.hold(self.actors, actor).await).map_err(guest_error)
     }
 }
 
@@ -42,6 +51,7 @@ impl actor_storage::Host for ActorStorageView<'_> {
             None => "none".into(),
         };
         recorded(self.calls, "actor-storage.get", args, show, async {
+            self.hold(&actor).await?;
             (self.storage.get(self.actors, &actor, &key).await).map_err(guest_error)
         })
         .await
@@ -55,6 +65,7 @@ impl actor_storage::Host for ActorStorageView<'_> {
             args,
             |_| "ok".into(),
             async {
+                self.hold(&actor).await?;
                 (self.storage.put(self.actors, &actor, &key, &value).await).map_err(guest_error)
             },
         )
@@ -68,7 +79,10 @@ impl actor_storage::Host for ActorStorageView<'_> {
             "actor-storage.delete",
             args,
             |_| "ok".into(),
-            async { (self.storage.delete(self.actors, &actor, &key).await).map_err(guest_error) },
+            async {
+                self.hold(&actor).await?;
+                (self.storage.delete(self.actors, &actor, &key).await).map_err(guest_error)
+            },
         )
         .await
     }
@@ -84,6 +98,7 @@ impl actor_storage::Host for ActorStorageView<'_> {
         let args = || format!("{actor} {prefix:?} after {after:?} limit {limit}");
         let show = |entries: &Vec<(String, Vec<u8>)>| format!("{} entries", entries.len());
         recorded(self.calls, "actor-storage.list-prefix", args, show, async {
+            self.hold(&actor).await?;
             let page = self
                 .storage
                 .list_prefix(self.actors, &actor, &prefix, after, limit)
