@@ -26,20 +26,15 @@
 //! savepoint so that one job's error undoes only that job. A caller's result is handed
 //! back once the group has committed. [`Database::read`] runs work on the reader thread,
 //! on its own connection, which sees every write whose `write` call has returned.
-//! [`Coalescer`] goes further for rows that many callers add to one table: the rows
-//! queued while their write job waits are written by that one job (one savepoint, one
-//! multi-row statement) instead of a job each.
 //!
 //! Older clawq versions kept one database file per store; [`Database::open`] imports them
 //! into `clawq.db` once (see [`import_legacy_files`]).
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::mpsc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
-use futures_util::future::Shared;
 use rusqlite::{Connection, OpenFlags, params};
 use tokio::sync::oneshot;
 
@@ -215,20 +210,7 @@ impl Database {
     where
         E: From<StoreError> + Send + 'static,
     {
-        self.queue(false, work)
-    }
-
-    /// Queues `work` (synced under `full` when `synced`); the returned future resolves
-    /// once its group committed.
-    fn queue<E>(
-        &self,
-        synced: bool,
-        work: impl FnOnce(&Connection) -> Result<(), E> + Send + 'static,
-    ) -> Pending<E>
-    where
-        E: From<StoreError> + Send + 'static,
-    {
-        let queued = self.enqueue(synced, work);
+        let queued = self.enqueue(false, work);
         Box::pin(async move { queued?.await.unwrap_or(Err(E::from(StoreError::Closed))) })
     }
 
@@ -306,86 +288,6 @@ impl Database {
         let conn = connect(&self.path, self.durability)?;
         conn.execute_batch(schema)?;
         Ok(conn)
-    }
-}
-
-/// Writes the rows that concurrent callers add, one write job for all the rows queued
-/// while that job waits for the writer thread: a caller's rows join the job already
-/// queued (not yet run) if there is one, else queue one. The job takes every row queued
-/// when it runs, in the order they were added, and writes them with one call of the
-/// coalescer's write function, in one savepoint: if that fails, every caller whose rows
-/// it held gets the same error and none of those rows is written.
-pub struct Coalescer<R> {
-    db: Database,
-    unwritten: Arc<Mutex<Unwritten<R>>>,
-    write: WriteRows<R>,
-}
-
-/// How a [`Coalescer`] writes the rows one job took.
-pub type WriteRows<R> = fn(&Connection, Vec<R>) -> rusqlite::Result<()>;
-
-/// The outcome of one write job of a [`Coalescer`], awaited by each caller whose rows it
-/// holds.
-type Flush = Shared<Pending<StoreError>>;
-
-/// The rows of a [`Coalescer`] not yet written, and the job queued to write them.
-struct Unwritten<R> {
-    rows: Vec<R>,
-    /// The write job queued for `rows`, until it runs.
-    flush: Option<Flush>,
-}
-
-impl<R: Send + 'static> Coalescer<R> {
-    /// A coalescer of the rows that `write` writes to `db`.
-    pub fn new(db: &Database, write: WriteRows<R>) -> Self {
-        Coalescer {
-            db: db.clone(),
-            unwritten: Arc::new(Mutex::new(Unwritten {
-                rows: Vec::new(),
-                flush: None,
-            })),
-            write,
-        }
-    }
-
-    /// Queues `rows` (kept together and in order) and returns a future that resolves
-    /// once they are committed, synced under `full` ([`Database::write_synced`]): every
-    /// write queued afterwards commits no earlier.
-    pub fn write_synced(&self, rows: impl IntoIterator<Item = R>) -> Flush {
-        let mut unwritten = self
-            .unwritten
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if unwritten
-            .flush
-            .clone()
-            .is_some_and(|flush| flush.now_or_never().is_some())
-        {
-            // That job ended without running (its transaction could not begin, or the
-            // database is closed): its callers have their error, its rows are dropped.
-            unwritten.rows.clear();
-            unwritten.flush = None;
-        }
-        unwritten.rows.extend(rows);
-        unwritten
-            .flush
-            .get_or_insert_with(|| self.queue_flush())
-            .clone()
-    }
-
-    /// Queues the write job that takes every row unwritten when it runs.
-    fn queue_flush(&self) -> Flush {
-        let (unwritten, write) = (self.unwritten.clone(), self.write);
-        self.db
-            .queue(true, move |conn| {
-                let rows = {
-                    let mut unwritten = unwritten.lock().unwrap_or_else(PoisonError::into_inner);
-                    unwritten.flush = None;
-                    std::mem::take(&mut unwritten.rows)
-                };
-                write(conn, rows).map_err(StoreError::from)
-            })
-            .shared()
     }
 }
 
@@ -702,82 +604,6 @@ mod tests {
         // Each write saw every write run before it: the counts are 0..500, once each.
         assert_eq!(seen, (0..500).collect::<Vec<_>>());
         assert_eq!(rows(&db).await.len(), 500);
-    }
-
-    /// Holds the writer thread until the returned sender sends (or is dropped).
-    fn hold_writer(db: &Database) -> mpsc::Sender<()> {
-        let (started, running) = mpsc::channel();
-        let (release, released) = mpsc::channel::<()>();
-        drop(db.write_later(move |_| {
-            started.send(()).unwrap();
-            let _ = released.recv();
-            Ok::<_, StoreError>(())
-        }));
-        running.recv().unwrap();
-        release
-    }
-
-    /// A coalescer into `t` (whose values are unique) that records each write's size.
-    async fn coalescer(db: &Database) -> Coalescer<i64> {
-        db.write(|c| {
-            c.execute_batch("CREATE TABLE t (v INTEGER UNIQUE); CREATE TABLE writes (n INTEGER)")
-                .map_err(StoreError::from)
-        })
-        .await
-        .unwrap();
-        Coalescer::new(db, |c, rows| {
-            for v in &rows {
-                c.execute("INSERT INTO t VALUES (?1)", [v])?;
-            }
-            c.execute("INSERT INTO writes VALUES (?1)", [rows.len()])
-                .map(drop)
-        })
-    }
-
-    async fn column(db: &Database, sql: &'static str) -> Vec<i64> {
-        db.read(move |c| {
-            c.prepare(sql)?
-                .query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<Vec<i64>>>()
-                .map_err(StoreError::from)
-        })
-        .await
-        .unwrap()
-    }
-
-    #[tokio::test]
-    async fn rows_queued_while_their_write_waits_are_committed_by_it_in_order() {
-        let (_dir, db) = open();
-        let coalescer = coalescer(&db).await;
-        let release = hold_writer(&db);
-        let pending: Vec<_> = (0..100)
-            .map(|i| coalescer.write_synced([2 * i, 2 * i + 1]))
-            .collect();
-        release.send(()).unwrap();
-        for committed in futures_util::future::join_all(pending).await {
-            committed.unwrap();
-        }
-        assert_eq!(
-            column(&db, "SELECT v FROM t ORDER BY rowid").await,
-            (0..200).collect::<Vec<_>>()
-        );
-        assert_eq!(column(&db, "SELECT n FROM writes").await, vec![200]);
-    }
-
-    #[tokio::test]
-    async fn a_failed_coalesced_write_fails_every_caller_in_it_and_writes_none_of_its_rows() {
-        let (_dir, db) = open();
-        let coalescer = coalescer(&db).await;
-        let release = hold_writer(&db);
-        let (first, duplicate) = (coalescer.write_synced([1]), coalescer.write_synced([1]));
-        drop(release);
-        let (first, duplicate) = tokio::join!(first, duplicate);
-        let (first, duplicate) = (first.unwrap_err(), duplicate.unwrap_err());
-        assert!(first.to_string().contains("UNIQUE"), "{first}");
-        assert_eq!(first.to_string(), duplicate.to_string());
-        coalescer.write_synced([2]).await.unwrap();
-        assert_eq!(column(&db, "SELECT v FROM t").await, vec![2]);
-        assert_eq!(column(&db, "SELECT n FROM writes").await, vec![1]);
     }
 
     #[tokio::test]

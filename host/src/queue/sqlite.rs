@@ -34,7 +34,7 @@ use std::sync::{Arc, OnceLock};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::store::{Coalescer, Database};
+use crate::store::Database;
 
 use super::core::{DeadLetterRoute, Engine, Readiness, earliest, poisoned, readiness, warn_stale};
 use super::lane::Lane;
@@ -142,14 +142,6 @@ const UNDER_LEASE: &str = "seq = ?1 AND (?2 IS NULL OR (leased = 1 AND visible_m
 /// The SQLite storage backend.
 pub struct SqliteStorage {
     db: Database,
-    /// The rows of concurrent publishes, written by one write job (see [`Coalescer`]).
-    published: Coalescer<Unpublished>,
-}
-
-/// A row of a publish and its publish time (that of its request).
-struct Unpublished {
-    row: PublishRow,
-    now: u64,
 }
 
 /// The queue engine over the SQLite storage: what the host runs.
@@ -183,10 +175,7 @@ impl SqliteStorage {
              COMMIT;"
         ))
         .map_err(storage)?;
-        Ok(SqliteStorage {
-            db: db.clone(),
-            published: Coalescer::new(db, insert),
-        })
+        Ok(SqliteStorage { db: db.clone() })
     }
 
     /// The database it keeps its tables in.
@@ -573,8 +562,8 @@ fn seq_list(seqs: &[i64]) -> String {
 /// few statements, each prepared once.
 const INSERT_CHUNKS: [usize; 4] = [64, 16, 4, 1];
 
-/// The `INSERT` of `rows` rows (one of [`INSERT_CHUNKS`]): each row's id, lane, content
-/// type, body, publish time and visible time.
+/// The `INSERT` of `rows` rows (one of [`INSERT_CHUNKS`]): `?1` is the publish time,
+/// then each row's id, lane, content type, body and visible time.
 fn insert_statement(rows: usize) -> &'static str {
     static STATEMENTS: OnceLock<Vec<String>> = OnceLock::new();
     let statements = STATEMENTS.get_or_init(|| {
@@ -583,14 +572,12 @@ fn insert_statement(rows: usize) -> &'static str {
             .map(|&rows| {
                 let values: Vec<String> = (0..rows)
                     .map(|row| {
-                        let at = 6 * row + 1;
+                        let at = 5 * row + 2;
                         format!(
-                            "(?{at}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{})",
+                            "(?{at}, ?{}, ?{}, ?{}, ?1, ?{}, ?1)",
                             at + 1,
                             at + 2,
                             at + 3,
-                            at + 4,
-                            at + 5,
                             at + 4
                         )
                     })
@@ -611,15 +598,12 @@ fn insert_statement(rows: usize) -> &'static str {
     &statements[chunk]
 }
 
-/// The values of one stored row: id, lane, content type, body, publish and visible time.
-type RowValues<'a> = (&'a str, String, &'a str, &'a [u8], u64, u64);
-
-/// Stores every row of `rows` in each of its lanes, published at its `now` and ready at
-/// that plus its delay, in order, a chunk of rows per statement.
-fn insert(conn: &Connection, rows: Vec<Unpublished>) -> rusqlite::Result<()> {
-    let values: Vec<RowValues> = rows
+/// Stores every row of `rows` in each of its lanes, ready at `now` plus its delay, in
+/// order, a chunk of rows per statement.
+fn insert(conn: &Connection, rows: &[PublishRow], now: u64) -> rusqlite::Result<()> {
+    let values: Vec<(&str, String, &str, &[u8], u64)> = rows
         .iter()
-        .flat_map(|Unpublished { row, now }| {
+        .flat_map(|row| {
             let m = &row.message;
             let visible = now + u64::from(m.delay_seconds) * 1000;
             row.lanes.iter().map(move |lane| {
@@ -628,7 +612,6 @@ fn insert(conn: &Connection, rows: Vec<Unpublished>) -> rusqlite::Result<()> {
                     lane.to_string(),
                     m.content_type.as_str(),
                     m.body.as_slice(),
-                    *now,
                     visible,
                 )
             })
@@ -641,14 +624,14 @@ fn insert(conn: &Connection, rows: Vec<Unpublished>) -> rusqlite::Result<()> {
             .find(|&n| n <= rest.len())
             .expect("a chunk of 1 always fits");
         let (chunk, after) = rest.split_at(size);
-        let mut bound: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(6 * size);
-        for (id, lane, content_type, body, now, visible) in chunk {
+        let mut bound: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(5 * size + 1);
+        bound.push(&now);
+        for (id, lane, content_type, body, visible) in chunk {
             bound.extend([
                 id as &dyn rusqlite::ToSql,
                 lane,
                 content_type,
                 body,
-                now,
                 visible,
             ]);
         }
@@ -772,10 +755,9 @@ fn redrive(
 #[async_trait]
 impl DataPath for SqliteStorage {
     async fn insert(&self, rows: Vec<PublishRow>, now: u64) -> Result<(), QueueError> {
-        self.published
-            .write_synced(rows.into_iter().map(|row| Unpublished { row, now }))
+        self.db
+            .write_synced(move |conn| Ok(insert(conn, &rows, now)?))
             .await
-            .map_err(QueueError::from)
     }
 
     async fn lease(&self, lane: &Lane, plan: LeasePlan) -> Result<Leased, QueueError> {
