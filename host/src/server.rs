@@ -41,6 +41,9 @@ use crate::trust::TrustStore;
 pub const LOCK_FILE: &str = "serve.lock";
 /// How long in-flight batches get to finish after a shutdown is asked for.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a stopping host waits for its connector connections to send their close
+/// frames.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Logs a warning for every lane holding copies of messages for a consumer the config no
 /// longer has (removed, or renamed): nothing takes them, and they stay until they expire.
@@ -326,10 +329,10 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(data_dir = %config.data_dir.display(), "clawq listening on {scheme}://{}", listener.local_addr()?);
 
-    let closing = shutdown.clone();
+    let closing = (shutdown.clone(), hub.clone());
     tokio::spawn(async move {
-        closing.cancelled().await;
-        hub.close_all(1001, "host_shutting_down");
+        closing.0.cancelled().await;
+        closing.1.close_all(1001, "host_shutting_down");
     });
     crate::listener::serve(listener, tls, config.http, app, shutdown.clone())
         .await
@@ -345,6 +348,15 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         tracing::warn!(
             "batches still running after {DRAIN_DEADLINE:?}; they will be delivered again"
         );
+    }
+    // A connection opened while the host was stopping is closed too; each sends its
+    // close frame before the host exits.
+    hub.close_all(1001, "host_shutting_down");
+    if tokio::time::timeout(CLOSE_DEADLINE, hub.connections_ended())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connector connections still closing after {CLOSE_DEADLINE:?}");
     }
     tracing::info!("stopped");
     Ok(())

@@ -145,7 +145,13 @@ async fn connect(
             .read_buffer_size(READ_BUFFER_BYTES)
             .max_message_size(2 * MAX_FRAME_BYTES)
             .max_frame_size(2 * MAX_FRAME_BYTES)
-            .on_upgrade(move |socket| serve_connection(socket, did, token, state))
+            .on_upgrade({
+                let running = state.hub.track_connection();
+                move |socket| async move {
+                    serve_connection(socket, did, token, state).await;
+                    drop(running);
+                }
+            })
             .into_response(),
         Err(rejection) => rejection.into_response(),
     }

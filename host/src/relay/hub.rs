@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
+use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 /// Most bytes of frames a connection holds, waiting or taken by its task and not yet
 /// sent; a push past it is not taken. A connector that reads nothing holds, until its
@@ -153,6 +154,8 @@ struct Connection {
 pub struct ConnectionHub {
     connections: Mutex<HashMap<String, Connection>>,
     next_id: AtomicU64,
+    /// The connection tasks, from the upgrade of their request to their end.
+    tasks: TaskTracker,
 }
 
 impl ConnectionHub {
@@ -247,6 +250,18 @@ impl ConnectionHub {
     pub fn close(&self, did: &str, code: u16, reason: &'static str) -> bool {
         let closed = self.lock().remove(did);
         closed.map(|c| c.signals.close((code, reason))).is_some()
+    }
+
+    /// Counts a connection task as running until the returned token is dropped.
+    pub fn track_connection(&self) -> TaskTrackerToken {
+        self.tasks.token()
+    }
+
+    /// Waits until every connection task counted by [`ConnectionHub::track_connection`]
+    /// has ended (the host is shutting down: its connections have been closed).
+    pub async fn connections_ended(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// Closes every open connection (the host is shutting down).
