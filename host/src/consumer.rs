@@ -2,12 +2,12 @@
 //! handler component and commits each message's outcome (spec section 1).
 
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -29,18 +29,6 @@ const SETTLE_BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const SETTLE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a batch the host had no room for waits before it is taken again.
 const CAPACITY_BACKOFF_SECONDS: u32 = 1;
-
-/// The place (one of `max_concurrency`) a batch holds from its lease until the commit of
-/// its outcomes is queued.
-#[derive(Default)]
-struct BatchPlace(Mutex<Option<OwnedSemaphorePermit>>);
-
-impl BatchPlace {
-    /// Gives the place to the next batch.
-    fn free(&self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
-    }
-}
 
 /// One consumer of a queue: its settings, its handler and what they run against. It
 /// takes batches from its own lane of the queue, so its outcomes (retries, dead letters)
@@ -73,29 +61,27 @@ impl Consumer {
         })
     }
 
-    /// Takes and handles batches until `shutdown`, at most `max_concurrency` at a time (a
-    /// batch's place goes to the next one once the commit of its outcomes is queued);
+    /// Takes and handles batches until `shutdown`, at most `max_concurrency` at a time;
     /// then waits for the batches in flight to finish and commit.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let places = Arc::new(Semaphore::new(self.config.max_concurrency));
+        let slots = Arc::new(Semaphore::new(self.config.max_concurrency));
         let mut in_flight = JoinSet::new();
         loop {
             let batch = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 batch = async {
-                    let place = places.clone().acquire_owned().await.expect("semaphore is never closed");
+                    let slot = slots.clone().acquire_owned().await.expect("semaphore is never closed");
                     let batch = self.backend.next_batch(&self.lane, &self.terms).await;
-                    (place, batch)
+                    (slot, batch)
                 } => batch,
             };
             match batch {
-                (place, Ok(deliveries)) => {
+                (slot, Ok(deliveries)) => {
                     let consumer = self.clone();
                     in_flight.spawn(async move {
-                        consumer
-                            .handle_guarded(deliveries, BatchPlace(Mutex::new(Some(place))))
-                            .await;
+                        consumer.handle_guarded(deliveries).await;
+                        drop(slot);
                     });
                 }
                 (_, Err(err)) => {
@@ -114,7 +100,7 @@ impl Consumer {
     /// [`Consumer::handle_batch`], catching a panic: it is logged, and every message of
     /// the batch not settled yet is retried (counting an attempt, so that a message that
     /// makes the host panic each time ends in the dead-letter queue).
-    async fn handle_guarded(&self, deliveries: Vec<Delivery>, place: BatchPlace) {
+    async fn handle_guarded(&self, deliveries: Vec<Delivery>) {
         let leases = deliveries
             .iter()
             .map(|d| Delivery {
@@ -122,18 +108,12 @@ impl Consumer {
                 ..d.clone()
             })
             .collect();
-        self.guarded(leases, &place, self.handle_batch(deliveries, &place))
-            .await;
+        self.guarded(leases, self.handle_batch(deliveries)).await;
     }
 
     /// Runs `work`, the handling of the batch leased as `leases`; if it panics, logs it
     /// and retries every message of `leases` not settled yet.
-    async fn guarded(
-        &self,
-        leases: Vec<Delivery>,
-        place: &BatchPlace,
-        work: impl Future<Output = ()>,
-    ) {
+    async fn guarded(&self, leases: Vec<Delivery>, work: impl Future<Output = ()>) {
         let Err(panic) = AssertUnwindSafe(work).catch_unwind().await else {
             return;
         };
@@ -149,12 +129,12 @@ impl Consumer {
             .into_iter()
             .map(|d| (d, self.retry(self.config.retry_delay, &error)))
             .collect();
-        self.commit(retries, Duration::ZERO, place).await;
+        self.commit(retries, Duration::ZERO).await;
     }
 
     /// Runs one batch through the slot's current handler version and commits every
     /// message's outcome.
-    async fn handle_batch(&self, deliveries: Vec<Delivery>, place: &BatchPlace) {
+    async fn handle_batch(&self, deliveries: Vec<Delivery>) {
         let (queue, consumer) = (self.config.queue.as_str(), self.config.name.as_str());
         let Ok(slot) = self.slots.slot(consumer) else {
             tracing::error!(
@@ -173,18 +153,11 @@ impl Consumer {
             version = &handler.version()[..12],
             size = deliveries.len()
         );
-        self.run_batch(&handler, deliveries, place)
-            .instrument(span)
-            .await;
+        self.run_batch(&handler, deliveries).instrument(span).await;
     }
 
     /// Runs `deliveries` through `handler` and commits their outcomes.
-    async fn run_batch(
-        &self,
-        handler: &LoadedHandler,
-        mut deliveries: Vec<Delivery>,
-        place: &BatchPlace,
-    ) {
+    async fn run_batch(&self, handler: &LoadedHandler, mut deliveries: Vec<Delivery>) {
         let (queue, consumer) = (self.config.queue.as_str(), self.config.name.as_str());
         let messages: Vec<Message> = deliveries.iter_mut().map(to_message).collect();
         let started = Instant::now();
@@ -222,32 +195,20 @@ impl Consumer {
                     .collect()
             }
         };
-        self.commit(settlements, elapsed, place).await;
+        self.commit(settlements, elapsed).await;
     }
 
     /// Commits `settlements`, trying again with a growing wait for as long as it fails;
-    /// `elapsed` is how long the batch took, for the log. Frees the batch's `place` once
-    /// the first commit is queued: the next batch's lease, queued after it, commits no
-    /// earlier (see [`QueueBackend::settle`]), and it commits with it when it can.
-    async fn commit(
-        &self,
-        settlements: Vec<(Delivery, Settlement)>,
-        elapsed: Duration,
-        place: &BatchPlace,
-    ) {
+    /// `elapsed` is how long the batch took, for the log.
+    async fn commit(&self, settlements: Vec<(Delivery, Settlement)>, elapsed: Duration) {
         let queue = self.config.queue.as_str();
         let mut backoff = SETTLE_BACKOFF_FIRST;
         for attempt in 1u64.. {
-            let mut settle =
-                self.backend
-                    .settle(&self.lane, &self.terms.policy, settlements.clone());
-            let queued = (&mut settle).now_or_never();
-            place.free();
-            let settled = match queued {
-                Some(settled) => settled,
-                None => settle.await,
-            };
-            match settled {
+            match self
+                .backend
+                .settle(&self.lane, &self.terms.policy, settlements.clone())
+                .await
+            {
                 Ok(summary) => {
                     metrics::settled(queue, &summary);
                     tracing::debug!(
@@ -403,9 +364,7 @@ mod tests {
             .unwrap();
 
         consumer
-            .guarded(batch, &BatchPlace::default(), async {
-                panic!("a bug in the host")
-            })
+            .guarded(batch, async { panic!("a bug in the host") })
             .await;
         let stored = backend.get("jobs", &id).await.unwrap().unwrap();
         assert_eq!(stored.state, MessageState::Ready, "no longer leased");
@@ -518,43 +477,7 @@ mod tests {
             .await
             .unwrap();
         let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
-        consumer
-            .commit(acks, Duration::ZERO, &BatchPlace::default())
-            .await;
-        assert_eq!(queue.get("jobs", &id).await.unwrap(), None, "acked");
-    }
-
-    #[tokio::test]
-    async fn a_batch_frees_its_place_once_its_commit_is_queued() {
-        let dir = tempfile::tempdir().unwrap();
-        let (queue, id) = one_message(dir.path()).await;
-        // The commit fails twice first: it is done after two waits (50 and 100 ms).
-        let backend = Arc::new(FailingSettles {
-            queue: queue.clone(),
-            failures: 2.into(),
-        });
-        let consumer = consumer(dir.path(), backend.clone()).await;
-        let batch = backend
-            .next_batch(&consumer.lane, &consumer.terms)
-            .await
-            .unwrap();
-        let places = Arc::new(Semaphore::new(1));
-        let place = BatchPlace(Mutex::new(Some(
-            places.clone().acquire_owned().await.unwrap(),
-        )));
-        let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
-        let commit = consumer.commit(acks, Duration::ZERO, &place);
-        tokio::pin!(commit);
-        tokio::select! {
-            biased;
-            _ = &mut commit => panic!("the commit ended before its batch's place was free"),
-            next = places.acquire() => drop(next.unwrap()),
-        }
-        assert!(
-            queue.get("jobs", &id).await.unwrap().is_some(),
-            "not acked yet"
-        );
-        commit.await;
+        consumer.commit(acks, Duration::ZERO).await;
         assert_eq!(queue.get("jobs", &id).await.unwrap(), None, "acked");
     }
 }

@@ -425,11 +425,6 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// transaction. A dead-lettered message records the lane as its source and goes to
     /// the consumers of the dead-letter queue that take it, as a published message does.
     /// The outcome of a message whose lease ran out and that was taken again is ignored.
-    ///
-    /// A consumer frees the batch's place for the next batch after the first poll of the
-    /// returned future, without waiting for the commit. In SQLite that poll queues the
-    /// commit on the one writer, which runs writes in order: the next batch's lease
-    /// commits no earlier, often in the same transaction.
     async fn settle(
         &self,
         lane: &Lane,
