@@ -20,8 +20,9 @@
 //! about a queue covers all of its lanes.
 //!
 //! **Counts without a scan.** `lane_counts` holds how many rows each lane holds, kept by
-//! triggers on `messages` in the same transaction as every insert, delete and move
-//! (and rebuilt from the rows when the storage is opened). A lane's other counts are
+//! every statement that inserts, deletes or moves rows, once per statement and lane, in
+//! the same transaction ([`count_rows`]; row triggers cost a third of a publish's
+//! insert), and rebuilt from the rows when the storage is opened. A lane's other counts are
 //! index range counts that never touch its ready backlog: in flight are the rows of the
 //! partial index `messages_leased` whose deadline is ahead; not yet visible (in flight
 //! or delayed) is a count over `messages_due` of the rows whose `visible_ms` is ahead,
@@ -69,30 +70,58 @@ CREATE INDEX IF NOT EXISTS messages_due ON messages (queue, visible_ms, seq);
 const EXPIRY_INDEX: &str =
     "CREATE INDEX IF NOT EXISTS messages_expiry ON messages (queue, enqueued_ms)";
 
-/// The per-lane row counts, the triggers that keep them, and the index of the rows in
-/// flight (see the module doc).
+/// The per-lane row counts and the index of the rows in flight (see the module doc);
+/// the row triggers that kept the counts in older versions are dropped.
 const COUNTERS: &str = "
 CREATE TABLE IF NOT EXISTS lane_counts (
     lane TEXT PRIMARY KEY,
     held INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_leased ON messages (queue, visible_ms) WHERE leased = 1;
-CREATE TRIGGER IF NOT EXISTS messages_counted_in AFTER INSERT ON messages BEGIN
-    INSERT INTO lane_counts (lane, held) VALUES (NEW.queue, 1)
-        ON CONFLICT (lane) DO UPDATE SET held = held + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS messages_counted_out AFTER DELETE ON messages BEGIN
-    UPDATE lane_counts SET held = held - 1 WHERE lane = OLD.queue;
-    DELETE FROM lane_counts WHERE lane = OLD.queue AND held <= 0;
-END;
-CREATE TRIGGER IF NOT EXISTS messages_counted_moved AFTER UPDATE OF queue ON messages
-WHEN NEW.queue IS NOT OLD.queue BEGIN
-    UPDATE lane_counts SET held = held - 1 WHERE lane = OLD.queue;
-    DELETE FROM lane_counts WHERE lane = OLD.queue AND held <= 0;
-    INSERT INTO lane_counts (lane, held) VALUES (NEW.queue, 1)
-        ON CONFLICT (lane) DO UPDATE SET held = held + 1;
-END;
+DROP TRIGGER IF EXISTS messages_counted_in;
+DROP TRIGGER IF EXISTS messages_counted_out;
+DROP TRIGGER IF EXISTS messages_counted_moved;
 ";
+
+/// Adds `delta` rows to the count of the written lane `lane`, and forgets a lane whose
+/// count falls to zero.
+fn count_rows(conn: &Connection, lane: &str, delta: i64) -> rusqlite::Result<()> {
+    if delta == 0 {
+        return Ok(());
+    }
+    conn.prepare_cached(
+        "INSERT INTO lane_counts (lane, held) VALUES (?1, ?2)
+         ON CONFLICT (lane) DO UPDATE SET held = held + ?2",
+    )?
+    .execute(params![lane, delta])?;
+    if delta < 0 {
+        conn.prepare_cached("DELETE FROM lane_counts WHERE lane = ?1 AND held <= 0")?
+            .execute([lane])?;
+    }
+    Ok(())
+}
+
+/// Runs `delete`, a `DELETE … RETURNING queue` statement, with `params`, counting the
+/// deleted rows out of their lanes; returns how many it deleted.
+fn delete_counted(
+    conn: &Connection,
+    delete: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<u64> {
+    let mut deleted: BTreeMap<String, i64> = BTreeMap::new();
+    let mut statement = conn.prepare_cached(delete)?;
+    let mut rows = statement.query(params)?;
+    while let Some(row) = rows.next()? {
+        *deleted.entry(row.get(0)?).or_default() += 1;
+    }
+    drop(rows);
+    let mut total = 0;
+    for (lane, n) in deleted {
+        count_rows(conn, &lane, -n)?;
+        total += n as u64;
+    }
+    Ok(total)
+}
 
 /// Columns added to [`SCHEMA`] since its first version, with their definitions; `open`
 /// adds each one the database lacks, so that older databases open. `enqueued_ms` (when
@@ -260,27 +289,32 @@ fn give_up(
     let lanes = dead_letters.lanes(content_type, &body);
     let Some((first, copies)) = lanes.split_first() else {
         dead_letters.log(lane, id, reason, true);
-        conn.prepare_cached("DELETE FROM messages WHERE seq = ?1")?
+        let deleted = conn
+            .prepare_cached("DELETE FROM messages WHERE seq = ?1")?
             .execute([seq])?;
+        count_rows(conn, &lane.to_string(), -(deleted as i64))?;
         return Ok(GaveUp::Dropped);
     };
     dead_letters.log(lane, id, reason, false);
-    conn.prepare_cached(
-        "UPDATE messages SET queue = ?2, leased = 0, attempts = 0,
+    let moved = conn
+        .prepare_cached(
+            "UPDATE messages SET queue = ?2, leased = 0, attempts = 0,
          source_attempts = attempts, visible_ms = ?3, enqueued_ms = ?3,
          source_queue = ?4, dead_reason = ?5, dead_ms = ?3,
          first_failed_ms = COALESCE(first_failed_ms, ?3),
          last_failed_ms = ?3, last_error = COALESCE(?6, last_error)
          WHERE seq = ?1",
-    )?
-    .execute(params![
-        seq,
-        first.to_string(),
-        now,
-        lane.to_string(),
-        reason,
-        error
-    ])?;
+        )?
+        .execute(params![
+            seq,
+            first.to_string(),
+            now,
+            lane.to_string(),
+            reason,
+            error
+        ])? as i64;
+    count_rows(conn, &lane.to_string(), -moved)?;
+    count_rows(conn, &first.to_string(), moved)?;
     copy_to_lanes(conn, seq, copies)?;
     Ok(GaveUp::DeadLettered(lanes))
 }
@@ -298,7 +332,9 @@ fn copy_to_lanes(conn: &Connection, seq: i64, lanes: &[Lane]) -> rusqlite::Resul
          FROM messages WHERE seq = ?1",
     )?;
     for lane in lanes {
-        copy.execute(params![seq, lane.to_string()])?;
+        let lane = lane.to_string();
+        let copied = copy.execute(params![seq, lane])?;
+        count_rows(conn, &lane, copied as i64)?;
     }
     Ok(())
 }
@@ -541,6 +577,7 @@ fn commit(
             )?
             .query_map(params![seq_list(&seqs), deadline], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
+        count_rows(conn, &lane.to_string(), -(deleted.len() as i64))?;
         for delivery in acked {
             if deleted.contains(&delivery.lease) {
                 summary.acked += 1;
@@ -639,6 +676,13 @@ fn insert(conn: &Connection, rows: &[PublishRow], now: u64) -> rusqlite::Result<
             .execute(bound.as_slice())?;
         rest = after;
     }
+    let mut added: BTreeMap<&str, i64> = BTreeMap::new();
+    for (_, lane, ..) in &values {
+        *added.entry(lane).or_default() += 1;
+    }
+    for (lane, n) in added {
+        count_rows(conn, lane, n)?;
+    }
     Ok(())
 }
 
@@ -685,6 +729,8 @@ fn lane_counts(
 /// A selected row of a redrive.
 struct Redrivable {
     seq: i64,
+    /// The written lane it is in.
+    lane: String,
     /// The lane it was dead-lettered from.
     source_lane: Option<String>,
     content_type: ContentType,
@@ -703,13 +749,14 @@ fn redrive(
     let (ids, only) = selected(queue, selection);
     let rows: Vec<Redrivable> = conn
         .prepare_cached(&format!(
-            "SELECT seq, source_queue, content_type, body FROM messages
+            "SELECT seq, source_queue, content_type, body, queue FROM messages
              WHERE {IN_QUEUE} AND {SELECTED}"
         ))?
         .query_map(params![queue, ids, only, now], |r| {
             let content_type: String = r.get(2)?;
             Ok(Redrivable {
                 seq: r.get(0)?,
+                lane: r.get(4)?,
                 source_lane: r.get(1)?,
                 content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Bytes),
                 body: r.get(3)?,
@@ -732,14 +779,18 @@ fn redrive(
         let Some((first, copies)) = lanes.split_first() else {
             continue;
         };
-        conn.prepare_cached(
-            "UPDATE messages SET queue = ?2, attempts = 0, leased = 0,
+        let first = first.to_string();
+        let moved = conn
+            .prepare_cached(
+                "UPDATE messages SET queue = ?2, attempts = 0, leased = 0,
              visible_ms = ?3, enqueued_ms = ?3, first_failed_ms = NULL,
              last_failed_ms = NULL, last_error = NULL, dead_ms = NULL,
              dead_reason = NULL, source_queue = NULL, source_attempts = NULL
              WHERE seq = ?1",
-        )?
-        .execute(params![row.seq, first.to_string(), now])?;
+            )?
+            .execute(params![row.seq, first, now])? as i64;
+        count_rows(conn, &row.lane, -moved)?;
+        count_rows(conn, &first, moved)?;
         copy_to_lanes(conn, row.seq, copies)?;
         redriven += 1;
         woken.extend(lanes);
@@ -865,12 +916,13 @@ impl Operator for SqliteStorage {
         let queue = queue.to_owned();
         self.db
             .write_synced(move |conn| {
-                conn.prepare_cached(&format!(
-                    "DELETE FROM messages WHERE {IN_QUEUE} AND {SELECTED}"
-                ))?
-                .execute(params![queue, ids, only, now])
-                .map(|n| n as u64)
-                .map_err(QueueError::from)
+                let delete =
+                    format!("DELETE FROM messages WHERE {IN_QUEUE} AND {SELECTED} RETURNING queue");
+                Ok(delete_counted(
+                    conn,
+                    &delete,
+                    params![queue, ids, only, now],
+                )?)
             })
             .await
     }
@@ -885,14 +937,17 @@ impl Operator for SqliteStorage {
         let queue = queue.to_owned();
         self.db
             .write(move |conn| {
-                conn.prepare_cached(&format!(
+                let delete = format!(
                     "DELETE FROM messages WHERE seq IN (
                          SELECT seq FROM messages WHERE {IN_QUEUE} AND enqueued_ms < ?2
-                         AND (leased = 0 OR visible_ms <= ?3) LIMIT ?4)"
-                ))?
-                .execute(params![queue, cutoff_ms, now, limit])
-                .map(|n| n as u64)
-                .map_err(QueueError::from)
+                         AND (leased = 0 OR visible_ms <= ?3) LIMIT ?4)
+                     RETURNING queue"
+                );
+                Ok(delete_counted(
+                    conn,
+                    &delete,
+                    params![queue, cutoff_ms, now, limit],
+                )?)
             })
             .await
     }
