@@ -1900,7 +1900,8 @@ mod tests {
         let mut got = batch(&queue, 5, Duration::ZERO, Duration::from_secs(5)).await;
         assert_counters_agree(&queue, "lease").await;
         let p = policy(0, Some(DLQ));
-        let (acked, retried, dead) = (got.remove(0), got.remove(0), got.remove(0));
+        let (acked, retried, dead, dropped) =
+            (got.remove(0), got.remove(0), got.remove(0), got.remove(0));
         settle_all(&queue, vec![acked], Settlement::Ack, &p).await;
         assert_counters_agree(&queue, "ack").await;
         let release = Settlement::Release { delay_seconds: 0 };
@@ -1911,8 +1912,10 @@ mod tests {
         let poison = Settlement::DeadLetter {
             reason: "poison".into(),
         };
-        settle_all(&queue, vec![dead], poison, &p).await;
+        settle_all(&queue, vec![dead], poison.clone(), &p).await;
         assert_counters_agree(&queue, "dead letter").await;
+        settle_all(&queue, vec![dropped], poison, &policy(0, None)).await;
+        assert_counters_agree(&queue, "drop").await;
         // Redelivered with no outcome after max_retries (0) deliveries: given up on.
         let leased = batch(&queue, 1, Duration::ZERO, Duration::from_secs(5)).await;
         drop(queue);
