@@ -134,14 +134,30 @@ impl TrustStore {
     /// runs), else queues one: so a write queued after this call is queued after that
     /// job, and commits no earlier.
     pub fn revoke_later(&self, did: &str) -> Result<Pending<TrustError>, TrustError> {
-        check_did(did)?;
-        let did = did.to_owned();
+        self.revoke_all_later(&[did.to_owned()])
+    }
+
+    /// Queues the revocations of `dids` together (each checked at once; none is queued if
+    /// one is invalid), as [`TrustStore::revoke_later`] queues one: the returned future
+    /// resolves once all of them are committed. In SQLite they join one write job, so
+    /// they commit in one transaction, whereas revocations queued one by one may be split
+    /// by the writer thread taking the job between two of them.
+    pub fn revoke_all_later(&self, dids: &[String]) -> Result<Pending<TrustError>, TrustError> {
+        for did in dids {
+            check_did(did)?;
+        }
         let now = now_ms();
         let expires = now + self.marker_ttl.as_millis() as u64;
         let (db, unwritten) = match &self.backend {
             Backend::Sqlite(db, unwritten) => (db, unwritten),
             Backend::Cluster(cluster) => {
-                return Ok(cluster.revoke_later(did, now, expires, self.marker_ttl));
+                let puts: Vec<_> = dids
+                    .iter()
+                    .map(|did| cluster.revoke_later(did.clone(), now, expires, self.marker_ttl))
+                    .collect();
+                return Ok(Box::pin(
+                    futures_util::future::try_join_all(puts).map(|committed| committed.map(drop)),
+                ));
             }
         };
         let flush = {
@@ -156,7 +172,8 @@ impl TrustStore {
                 queued.rows.clear();
                 queued.flush = None;
             }
-            queued.rows.push((did, now, expires));
+            let rows = dids.iter().map(|did| (did.clone(), now, expires));
+            queued.rows.extend(rows);
             queued
                 .flush
                 .get_or_insert_with(|| write_unwritten(db, unwritten.clone()))
@@ -234,7 +251,8 @@ fn lock(unwritten: &Mutex<Unwritten>) -> std::sync::MutexGuard<'_, Unwritten> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn check_did(did: &str) -> Result<(), TrustError> {
+/// Checks that `did` is an agent DID, as a revocation or a lookup requires.
+pub(crate) fn check_did(did: &str) -> Result<(), TrustError> {
     validate_agent_did(did).map_err(|reason| TrustError::InvalidDid {
         did: did.to_owned(),
         reason,

@@ -1,8 +1,10 @@
 //! The `trust-store` import: revoking agents (which also closes their connections) and
-//! asking whether one is revoked. A revocation is queued at once and committed with the
-//! batch's other writes, not one by one: the batch's outcomes are settled only once it is
-//! committed (a revocation that cannot be committed releases the batch, to be tried
-//! again), and `is-revoked` answers from what is committed.
+//! asking whether one is revoked. A revocation is checked at once and kept with the
+//! batch, whose revocations are all queued together once its call returns and committed
+//! in one transaction, not one by one: the batch's outcomes are settled only once they
+//! are committed (a revocation that cannot be committed releases the batch, to be tried
+//! again), and `is-revoked` answers from what is committed (not from the batch's own
+//! revocations).
 
 use wasmtime::component::HasData;
 
@@ -11,8 +13,7 @@ use crate::relay::hub::ConnectionHub;
 use crate::runtime::HostError;
 use crate::runtime::bindings::clawdentity::queues::trust_store;
 use crate::runtime::record::{CallLog, recorded};
-use crate::store::Pending;
-use crate::trust::{TrustError, TrustStore};
+use crate::trust::{TrustStore, check_did};
 
 /// What the `trust-store` import reaches of a batch: the trust store, the connections a
 /// revocation closes, and the batch's call log.
@@ -20,8 +21,8 @@ pub(in crate::runtime) struct TrustStoreView<'a> {
     trust: &'a TrustStore,
     hub: &'a ConnectionHub,
     calls: Option<&'a CallLog>,
-    /// The batch's revocations not yet known to be committed.
-    pending: &'a mut Vec<Pending<TrustError>>,
+    /// The agents the batch revoked so far.
+    revoked: &'a mut Vec<String>,
 }
 
 /// The `trust-store` import's view of a batch's state, for the linker.
@@ -38,7 +39,7 @@ impl HasTrustStore {
             trust: &state.caps.trust,
             hub: &state.caps.hub,
             calls: state.calls.as_ref(),
-            pending: &mut state.pending,
+            revoked: &mut state.revoked,
         }
     }
 }
@@ -52,12 +53,13 @@ impl trust_store::Host for TrustStoreView<'_> {
             args,
             |_| "ok".into(),
             async {
-                // Committed with the batch (before its outcomes are), not one by one.
-                let committed = self.trust.revoke_later(&did).map_err(guest_error)?;
-                self.pending.push(committed);
+                // Queued and committed with the batch's other revocations (before its
+                // outcomes are settled), not one by one.
+                check_did(&did).map_err(guest_error)?;
                 if self.hub.close(&did, 1008, "agent_revoked") {
                     tracing::info!(agent = %did, "revoked agent's connection closed");
                 }
+                self.revoked.push(did.clone());
                 Ok(())
             },
         )
