@@ -119,9 +119,15 @@ async fn start_host(dir: &Path, agents: usize, stop: CancellationToken) -> (Stri
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    println!("max_receipts_per_agent = {cap}");
+    // Batches of the receipts queue handled at once (2 unless `CLAWQ_BENCH_RECEIPT_CONCURRENCY`
+    // says otherwise).
+    let concurrency: usize = std::env::var("CLAWQ_BENCH_RECEIPT_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    println!("max_receipts_per_agent = {cap}, max_concurrency = {concurrency}");
     let mut config = Config::parse(&format!(
-        "[[queues.consumers]]\nqueue = \"clawdentity-receipts\"\nmax_batch_size = 100\nmax_batch_timeout = 0.001\nmax_concurrency = 2\n\
+        "[[queues.consumers]]\nqueue = \"clawdentity-receipts\"\nmax_batch_size = 100\nmax_batch_timeout = 0.001\nmax_concurrency = {concurrency}\n\
          [relay]\nmax_receipts_per_agent = {cap}\n",
     ))
     .unwrap();
@@ -199,6 +205,25 @@ fn thread_cpu(name: &str) -> Duration {
         }
     }
     Duration::from_nanos(total)
+}
+
+/// CPU time (user and system) spent so far by process `pid` (`self` for this one), from
+/// `/proc/<pid>/stat`.
+fn process_cpu(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces), from the 3rd on.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = fields
+        .get(11..13)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|t| t.parse::<u64>().ok())
+        .sum();
+    // Clock ticks of 10 ms (USER_HZ is 100 on Linux).
+    Duration::from_millis(ticks * 10)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -384,10 +409,12 @@ async fn hook_latency_at_steady_rate(base: &str, token: &str, dir: &Path) {
 /// The most receipts/s through one connector, published as fast as the host takes them.
 async fn hook_throughput_through_the_host(base: &str, token: &str, dir: &Path) {
     let (hook_url, mut hook) = start_hook().await;
-    let _connector = ConnectorProcess::start(base, 1, token, &hook_url, dir);
+    let connector = ConnectorProcess::start(base, 1, token, &hook_url, dir);
+    let connector_pid = connector.0.id().to_string();
     let http = reqwest::Client::new();
     let total = 20_000;
     let url = format!("{base}/v1/queues/{RECEIPTS}/messages/batch");
+    let (host_before, connector_before) = (process_cpu("self"), process_cpu(&connector_pid));
     let started = Instant::now();
     publish_from_four(&http, &url, total, |n| {
         receipt(&format!("hook-tp-{n}"), &agent(1))
@@ -396,12 +423,17 @@ async fn hook_throughput_through_the_host(base: &str, token: &str, dir: &Path) {
     let published = started.elapsed();
     let arrived = hook_arrivals(&mut hook, total, Duration::from_secs(180)).await;
     let last = arrived.values().max().copied().unwrap_or(started);
+    let host_cpu = process_cpu("self") - host_before;
+    let connector_cpu = process_cpu(&connector_pid) - connector_before;
     println!(
         "{total} receipts published for one agent as fast as the host takes them (in {published:?}): \
-         {} reached its connector's hook in {:?}: {:.0} receipts/s through one connector",
+         {} reached its connector's hook in {:?}: {:.0} receipts/s through one connector; CPU per receipt: \
+         the connector {:.0} µs, this process (the host, the producers and the hook) {:.0} µs",
         arrived.len(),
         last - started,
-        arrived.len() as f64 / (last - started).as_secs_f64()
+        arrived.len() as f64 / (last - started).as_secs_f64(),
+        connector_cpu.as_secs_f64() * 1e6 / total as f64,
+        host_cpu.as_secs_f64() * 1e6 / total as f64,
     );
 }
 

@@ -653,7 +653,15 @@ fn run_cli() -> Result<()> {
     if !matches!(cli.command, Command::Serve(_) | Command::Connect(_)) {
         end_quietly_on_closed_stdout();
     }
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = match cli.command {
+        // One WebSocket and a few hook connections: one thread runs them (the outbox's
+        // SQLite work goes to blocking threads), sparing the wakeups across the worker
+        // threads of a multi-threaded runtime on every frame.
+        Command::Connect(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        _ => tokio::runtime::Runtime::new()?,
+    };
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Connect(args) => runtime.block_on(connect(args)),

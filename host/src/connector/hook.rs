@@ -10,6 +10,7 @@
 //! transaction, and a row is deleted only once the hook answered it 2xx (or it expired,
 //! or can never be posted).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -263,8 +264,8 @@ pub(crate) fn retry_delay(attempts: u32, base: Duration, max: Duration) -> Durat
     base.saturating_mul(1 << doublings).min(max)
 }
 
-/// Due rows read beyond the free places, so that rows waiting behind an earlier frame of
-/// their request do not keep the later ones from filling them.
+/// Due rows read beyond the free places and kept ready for the next ones, so that under
+/// load the outbox is read once every few dozen posts rather than after each.
 const LOOKAHEAD: usize = 64;
 
 /// A row whose hook request ended (or that was never posted: expired), waiting to be
@@ -326,7 +327,12 @@ pub(crate) async fn deliver(
         let seqs: Vec<i64> = ended.iter().map(|ended| ended.row.seq).collect();
         (recorder.settle(ended).await, seqs)
     };
-    // The rows being posted or waiting to be recorded: not to be read as due again.
+    // The rows read as due and not posted yet, in storage order; they stay due until
+    // posted (only this task posts, retries or deletes a row, and a row stored later
+    // comes after them).
+    let mut ready: VecDeque<Row> = VecDeque::new();
+    // The rows ready, being posted or waiting to be recorded: not to be read as due
+    // again.
     let mut taken: Vec<i64> = Vec::new();
     let mut posts = FuturesUnordered::new();
     let mut ended: Vec<Ended> = Vec::new();
@@ -348,24 +354,30 @@ pub(crate) async fn deliver(
         let room = concurrency.saturating_sub(posts.len());
         if room > 0 && paused_until.is_none() {
             let now = now_ms();
-            match outbox.due(now, &taken, room + LOOKAHEAD).await {
-                Ok(due) => {
-                    later_ms = due.later_ms;
-                    for row in due.rows.into_iter().take(room) {
-                        taken.push(row.seq);
-                        if now.saturating_sub(row.stored_ms) >= max_age_ms {
-                            ended.push(Ended {
-                                row,
-                                fate: Fate::Expired,
-                            });
-                        } else {
-                            posts.push(post(row));
+            if ready.len() < room {
+                match outbox.due(now, &taken, room + LOOKAHEAD).await {
+                    Ok(due) => {
+                        later_ms = due.later_ms;
+                        for row in due.rows {
+                            taken.push(row.seq);
+                            ready.push_back(row);
                         }
                     }
+                    Err(error) => {
+                        tracing::error!("cannot read the outbox: {error:#}; trying again in 1 s");
+                        paused_until = Some(Instant::now() + Duration::from_secs(1));
+                    }
                 }
-                Err(error) => {
-                    tracing::error!("cannot read the outbox: {error:#}; trying again in 1 s");
-                    paused_until = Some(Instant::now() + Duration::from_secs(1));
+            }
+            while posts.len() < concurrency {
+                let Some(row) = ready.pop_front() else { break };
+                if now.saturating_sub(row.stored_ms) >= max_age_ms {
+                    ended.push(Ended {
+                        row,
+                        fate: Fate::Expired,
+                    });
+                } else {
+                    posts.push(post(row));
                 }
             }
             if !ended.is_empty() && recording.is_empty() {

@@ -24,6 +24,7 @@
 //! "message"}}` and `deliverySource` [`LEGACY_NOTIFICATION_SOURCE`], which the hook then
 //! gets like any delivery.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -365,10 +366,8 @@ impl Outbox {
         let columns = frames.iter().map(Columns::of).collect::<Result<Vec<_>>>()?;
         self.with(move |conn| {
             let tx = conn.transaction()?;
-            tx.execute(
-                "DELETE FROM seen WHERE received_ms < ?1",
-                params![now_ms - SEEN_FOR_MS],
-            )?;
+            tx.prepare_cached("DELETE FROM seen WHERE received_ms < ?1")?
+                .execute(params![now_ms - SEEN_FOR_MS])?;
             let mut new = Vec::with_capacity(columns.len());
             {
                 let mut seen = tx.prepare_cached(
@@ -421,52 +420,46 @@ impl Outbox {
     /// stored before it, due or not, is about the same request (see the module
     /// documentation).
     pub(crate) async fn due(&self, now_ms: i64, skip: &[i64], limit: usize) -> Result<Due> {
-        let skip = skip.to_vec();
+        let skip: HashSet<i64> = skip.iter().copied().collect();
         self.read(move |conn| {
-            let placeholders = vec!["?"; skip.len()].join(", ");
-            // `+next_attempt_ms`: walk the rows in storage order and stop at `limit`,
-            // rather than sort every due row of a backlog.
-            // Not cached: the text varies with the number of rows skipped.
-            let mut statement = conn.prepare(&format!(
+            // `+next_attempt_ms`: walk the rows in storage order, stopping once `limit`
+            // are found, rather than sort every due row of a backlog. One text whatever
+            // is skipped, so it is parsed once: a skipped row is passed over by its
+            // `seq`, before any other column is read.
+            let mut statement = conn.prepare_cached(&format!(
                 "SELECT seq, stored_ms, attempts, next_attempt_ms, {FRAME_COLUMNS}
                  FROM outbox AS o
-                 WHERE +next_attempt_ms <= ? AND seq NOT IN ({placeholders})
+                 WHERE +next_attempt_ms <= ?1
                    AND (status = '{DELIVER_STATUS}' OR NOT EXISTS (
                         SELECT 1 FROM outbox AS e
                         WHERE e.original_frame_id = o.original_frame_id AND e.seq < o.seq))
-                 ORDER BY seq LIMIT ?"
+                 ORDER BY seq"
             ))?;
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let values = std::iter::once(now_ms).chain(skip).chain([limit]);
-            let found = statement
-                .query_map(rusqlite::params_from_iter(values), |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, u32>(2)?,
-                        r.get::<_, i64>(3)?,
-                        Columns::read(r, 4)?,
-                    ))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let mut rows = Vec::with_capacity(found.len());
-            for (seq, stored_ms, attempts, next_attempt_ms, columns) in found {
-                let frame = columns
+            let mut found = statement.query(params![now_ms])?;
+            let mut rows = Vec::with_capacity(limit.min(64));
+            while rows.len() < limit {
+                let Some(r) = found.next()? else { break };
+                let seq: i64 = r.get(0)?;
+                if skip.contains(&seq) {
+                    continue;
+                }
+                let frame = Columns::read(r, 4)?
                     .into_frame()
                     .with_context(|| format!("reading outbox row {seq}"))?;
                 rows.push(Row {
                     seq,
                     frame,
-                    stored_ms,
-                    attempts,
-                    next_attempt_ms,
+                    stored_ms: r.get(1)?,
+                    attempts: r.get(2)?,
+                    next_attempt_ms: r.get(3)?,
                 });
             }
-            let later_ms: Option<i64> = conn.query_row(
-                "SELECT MIN(next_attempt_ms) FROM outbox WHERE next_attempt_ms > ?1",
-                params![now_ms],
-                |r| r.get(0),
-            )?;
+            drop(found);
+            let later_ms: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT MIN(next_attempt_ms) FROM outbox WHERE next_attempt_ms > ?1",
+                )?
+                .query_row(params![now_ms], |r| r.get(0))?;
             Ok(Due { rows, later_ms })
         })
         .await
@@ -499,8 +492,12 @@ impl Outbox {
 
     /// How many receipts and deliveries wait for the hook.
     pub(crate) async fn pending(&self) -> Result<u64> {
-        self.read(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?))
-            .await
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT COUNT(*) FROM outbox")?
+                .query_row([], |r| r.get(0))?)
+        })
+        .await
     }
 }
 

@@ -205,15 +205,18 @@ struct Link<'a> {
 impl Link<'_> {
     /// Sends `message` within the send timeout.
     async fn send(&mut self, message: Message) -> Result<(), End> {
-        tokio::select! {
-            biased;
-            (code, reason) = self.outgoing.closed() => Err(End::Close(code, reason)),
-            sent = tokio::time::timeout(self.timeout, self.sink.send(message)) => match sent {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(End::Quiet("send_failed")),
-                Err(_) => Err(End::Quiet("send_timeout")),
-            },
-        }
+        bounded(self.outgoing, self.timeout, self.sink.send(message)).await
+    }
+
+    /// Queues `message` to be sent with the next flush (it is written out sooner if
+    /// the write buffer fills), within the send timeout.
+    async fn feed(&mut self, message: Message) -> Result<(), End> {
+        bounded(self.outgoing, self.timeout, self.sink.feed(message)).await
+    }
+
+    /// Writes out the messages fed, within the send timeout.
+    async fn flush(&mut self) -> Result<(), End> {
+        bounded(self.outgoing, self.timeout, self.sink.flush()).await
     }
 
     /// Sends the close frame `code` and `reason`, if the peer takes it within
@@ -221,6 +224,24 @@ impl Link<'_> {
     async fn close(&mut self, code: u16, reason: &'static str) {
         let grace = CLOSE_GRACE.min(self.timeout);
         let _ = tokio::time::timeout(grace, self.sink.send(close_frame(code, reason))).await;
+    }
+}
+
+/// Runs `io` (a write to the connection) within `timeout`, giving way to a close the hub
+/// asks for on `outgoing` meanwhile.
+async fn bounded(
+    outgoing: &Outgoing,
+    timeout: Duration,
+    io: impl std::future::Future<Output = Result<(), axum::Error>>,
+) -> Result<(), End> {
+    tokio::select! {
+        biased;
+        (code, reason) = outgoing.closed() => Err(End::Close(code, reason)),
+        sent = tokio::time::timeout(timeout, io) => match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Quiet("send_failed")),
+            Err(_) => Err(End::Quiet("send_timeout")),
+        },
     }
 }
 
@@ -330,15 +351,16 @@ async fn converse(
     }
 }
 
-/// Sends `frames` in order; `Err` says how the connection ends when one did not go
-/// through.
+/// Sends `frames` in order, written out together (one write for the frames that waited
+/// together, rather than one each); `Err` says how the connection ends when one did not
+/// go through.
 async fn send_all(link: &mut Link<'_>, frames: Vec<String>) -> Result<(), End> {
     for frame in frames {
         let bytes = frame.len();
-        link.send(Message::Text(frame.into())).await?;
+        link.feed(Message::Text(frame.into())).await?;
         link.outgoing.sent(bytes);
     }
-    Ok(())
+    link.flush().await
 }
 
 /// Handles what the connector sent (`incoming`); `Err` says how the connection ends.

@@ -34,13 +34,17 @@
 //! Each session is an actor: a mailbox and a tokio task that takes its calls (record a
 //! receipt or a delivery, push on connect or when a retry is due, settle an ack, sweep)
 //! one turn at a time. A turn takes every call waiting in the mailbox (at most
-//! [`MAX_CALLS_PER_TURN`]), runs them in order as one [`Database::write`] job on the
-//! database's writer thread, each call in a savepoint of its own, and once that write
-//! has committed hands the frames of the turn to the agent's connection
-//! ([`ConnectionHub::push`]), then answers the callers. So:
+//! [`MAX_CALLS_PER_TURN`]), runs them in order as one write job on the database's writer
+//! thread ([`Database::write_later`]), each call in a savepoint of its own, and once that
+//! write has committed hands the frames of the turn to the agent's connection
+//! ([`ConnectionHub::push`]), then answers the callers. The calls that come while a
+//! turn's write waits for its commit make the next turn, whose write is queued at once
+//! behind it (a few turns at most), rather than once the first has committed: the writer
+//! runs an actor's turns in the order they were queued (often in one commit), and the
+//! actor answers them in that order. So:
 //!
-//! - **Frames are ordered.** Pushes are made inside the turns and turns are serial, so
-//!   a session's frames reach its connection in the order the session recorded them,
+//! - **Frames are ordered.** Pushes are made inside the turns and turns are written,
+//!   committed and finished in the order they were queued, so a session's frames reach its connection in the order the session recorded them,
 //!   whichever batches called concurrently; the connection task only sends its backlog
 //!   in order. (A retry of an unacked frame comes after the frames pushed since, as it
 //!   must.) Having the connection read the session instead would add a second round
@@ -53,22 +57,26 @@
 //! - **Nothing is half done.** A call whose statements fail is rolled back to its
 //!   savepoint, pushes nothing and answers [`SessionError::Unavailable`] (the handler's
 //!   message is retried); the other calls of the turn are unaffected. A failed commit
-//!   fails every call of the turn, and pushes nothing.
+//!   fails every call of the turn (and of the turns it was committed with), and pushes
+//!   nothing.
 //! - **One writer round trip per turn, not per call**: under load a busy agent's calls
-//!   (records, acks) share a turn, so an actor keeps up with its agent's rate.
-//! - **Idle actors unload.** An actor whose mailbox is empty after a turn removes itself
-//!   (under the lock callers send under, so no call is lost) before it answers; its
-//!   state is all in SQLite, so 10,000 idle agents cost nothing resident. A periodic
-//!   sweep ([`RelaySessions::sweep_every`]) gives a turn to the agents that hold expired
-//!   rows, since every turn starts by dropping its agent's expired rows.
+//!   (records, acks) share a turn, so an actor keeps up with its agent's rate; the next
+//!   turn's write is queued while the one before it commits, not after it is answered.
+//! - **Idle actors unload.** An actor whose mailbox is empty after its last queued turn
+//!   removes itself (under the lock callers send under, so no call is lost) before it
+//!   answers; its state is all in SQLite, so 10,000 idle agents cost nothing resident.
+//!   A periodic sweep ([`RelaySessions::sweep_every`]) gives a turn to the agents that
+//!   hold expired rows, since every turn starts by dropping its agent's expired rows.
 //! - **Connections**: a connection becomes live with its connect push; a row recorded
-//!   before that is carried by the connect push, after it by the push of its own turn.
+//!   before that is carried by the connect push, after it (or in a turn queued after
+//!   the connect push's) by the push of its own turn.
 //!   Retries are timed by the connection (the session tells it its next due time with
 //!   every push), so an actor holds no timer and can unload. A revocation closes the
 //!   connection through the hub; the rows stay in the session.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -376,6 +384,9 @@ const DELETE_OLDEST: &str = "DELETE FROM outbound WHERE rowid IN (
 /// Most calls one turn of an actor takes from its mailbox.
 pub const MAX_CALLS_PER_TURN: usize = 64;
 
+/// Most turns of one actor whose writes are queued at once.
+const MAX_TURNS_QUEUED: usize = 4;
+
 /// What a caller asks of a session.
 enum Request {
     Receipt(ReceiptIn),
@@ -422,6 +433,20 @@ struct Handoff {
 
 /// What a turn's write returns: each call's outcome, and the rows dropped.
 type TurnOutcome = (Vec<Result<Done, SessionError>>, Vec<Dropped>);
+
+/// A turn's write, queued: resolves once it has committed (or failed to).
+type TurnWrite = Pin<Box<dyn Future<Output = Result<TurnOutcome, SessionError>> + Send>>;
+
+/// A turn of an actor whose write is queued.
+struct QueuedTurn {
+    write: TurnWrite,
+    /// Where each call of the turn is answered, in order.
+    replies: Vec<oneshot::Sender<Result<Answer, SessionError>>>,
+    /// How many calls the turn has.
+    count: usize,
+    /// Whether it pushes on connect (which makes the connection live).
+    connects: bool,
+}
 
 /// Every relay session of the host.
 pub struct RelaySessions {
@@ -702,17 +727,37 @@ impl Inner {
         crate::metrics::relay_frame_dropped(kind, reason);
     }
 
-    /// One turn of the actor of `did` over `calls`: their write, committed, then their
-    /// frames handed to the connection in order; returns each call's answer.
-    async fn turn(&self, did: &str, calls: Vec<Request>) -> Vec<Result<Answer, SessionError>> {
-        let count = calls.len();
-        let live = self.hub.is_live(did);
+    /// Queues the write of one turn of the actor of `did` over `calls` (after every write
+    /// queued before it, so the turns of an actor commit in the order they were queued);
+    /// `live` says whether the agent's connection takes pushes at its start. The future
+    /// resolves to each call's outcome once the write has committed.
+    fn queue_turn(&self, did: &str, calls: Vec<Request>, live: bool) -> TurnWrite {
         let limits = self.limits;
         let owned = did.to_owned();
-        let written = self
-            .db
-            .write(move |conn| write_turn(conn, &owned, calls, live, limits))
-            .await;
+        let written: Arc<Mutex<Option<TurnOutcome>>> = Arc::default();
+        let slot = written.clone();
+        let committed = self.db.write_later(move |conn| {
+            let outcome = write_turn(conn, &owned, calls, live, limits)?;
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+            Ok::<(), SessionError>(())
+        });
+        Box::pin(async move {
+            committed.await?;
+            let outcome = written.lock().unwrap_or_else(|p| p.into_inner()).take();
+            outcome
+                .ok_or_else(|| SessionError::Unavailable("a turn's write left no outcome".into()))
+        })
+    }
+
+    /// Hands the frames of a turn of `count` calls whose write ended so (`written`) to the
+    /// connection of `did`, in order (nothing when the write failed); returns each call's
+    /// answer.
+    fn finish_turn(
+        &self,
+        did: &str,
+        count: usize,
+        written: Result<TurnOutcome, SessionError>,
+    ) -> Vec<Result<Answer, SessionError>> {
         let (outcomes, dropped) = match written {
             Ok(written) => written,
             Err(err) => return (0..count).map(|_| Err(err.clone())).collect(),
@@ -757,25 +802,61 @@ impl Inner {
 }
 
 /// The actor of `did`: turns over the calls in its `mailbox` until it is empty, then
-/// unloads.
+/// unloads. The calls that come while a turn's write is queued make the next turn, queued
+/// at once behind it (at most [`MAX_TURNS_QUEUED`] at a time); each turn is answered, and
+/// its frames handed to the connection, once its write has committed, in order.
 async fn run_actor(inner: Arc<Inner>, did: String, mut mailbox: mpsc::UnboundedReceiver<Call>) {
-    let mut requests = Vec::new();
-    let mut replies = Vec::new();
+    let mut queued: VecDeque<QueuedTurn> = VecDeque::new();
+    let mut first = None;
     loop {
-        while requests.len() < MAX_CALLS_PER_TURN {
-            let Ok(call) = mailbox.try_recv() else { break };
-            requests.push(call.request);
-            replies.push(call.reply);
+        if queued.len() < MAX_TURNS_QUEUED {
+            let mut requests = Vec::new();
+            let mut replies = Vec::new();
+            while requests.len() < MAX_CALLS_PER_TURN {
+                let Some(call) = first.take().or_else(|| mailbox.try_recv().ok()) else {
+                    break;
+                };
+                requests.push(call.request);
+                replies.push(call.reply);
+            }
+            if !requests.is_empty() {
+                let connects = requests
+                    .iter()
+                    .any(|request| matches!(request, Request::Push(Ask::Connected)));
+                // A connect push queued before this turn makes the connection live for it.
+                let live = inner.hub.is_live(&did) || queued.iter().any(|turn| turn.connects);
+                let count = requests.len();
+                queued.push_back(QueuedTurn {
+                    write: inner.queue_turn(&did, requests, live),
+                    replies,
+                    count,
+                    connects,
+                });
+            }
         }
-        let answers = inner.turn(&did, std::mem::take(&mut requests)).await;
-        // Unloaded before answering: a caller that gets its answer finds the actor gone
-        // unless another call came meanwhile.
-        let idle = inner.unload_if_idle(&did, &mailbox);
-        for (reply, answer) in replies.drain(..).zip(answers) {
-            let _ = reply.send(answer);
-        }
-        if idle {
-            return;
+        let room = queued.len() < MAX_TURNS_QUEUED;
+        let Some(oldest) = queued.front_mut() else {
+            if inner.unload_if_idle(&did, &mailbox) {
+                return;
+            }
+            continue;
+        };
+        tokio::select! {
+            biased;
+            written = &mut oldest.write => {
+                let turn = queued.pop_front().expect("the oldest turn");
+                let answers = inner.finish_turn(&did, turn.count, written);
+                // Unloaded before answering: a caller that gets its answer finds the actor
+                // gone unless another call came meanwhile.
+                let idle = queued.is_empty() && inner.unload_if_idle(&did, &mailbox);
+                for (reply, answer) in turn.replies.into_iter().zip(answers) {
+                    let _ = reply.send(answer);
+                }
+                if idle {
+                    return;
+                }
+            }
+            Some(call) = mailbox.recv(), if room => first = Some(call),
         }
     }
 }
