@@ -154,8 +154,8 @@ fn a_sleeping_handler_is_stopped_by_the_wall_clock_deadline_and_retried() {
 /// of an attack: the message with its bounded error and reason, rows and index entries.
 const DATABASE_PER_MESSAGE: u64 = 16 * 1024;
 /// What `clawq.db` may grow by besides the messages: one write-ahead log between
-/// SQLite's checkpoints (4,096 pages of 4 KiB), and the revocation event.
-const DATABASE_SLACK: u64 = 17 << 20;
+/// SQLite's checkpoints (1000 pages of 4 KiB), and the revocation event.
+const DATABASE_SLACK: u64 = 5 << 20;
 
 /// Publishes `batch` in rounds on [`HOSTILE`] while proving the host holds
 /// ([`Host::under_attack`]); a round is over once [`HOSTILE_DLQ`] holds all its

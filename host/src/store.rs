@@ -60,13 +60,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// (rusqlite's default of 16 had the stores evict each other's statements on every turn).
 const STATEMENT_CACHE: usize = 256;
 
-/// WAL pages after which a commit copies the WAL back into the database (SQLite's
-/// automatic checkpoint; also the WAL file's size limit, at 4 KiB pages: 16 MiB). A
-/// checkpoint holds the writer thread for two fsyncs (about 3 ms each here) whatever
-/// its size: at SQLite's default of 1,000 pages, a host taking 30,000 msg/s spent a
-/// fifth of its time in them.
-const WAL_CHECKPOINT_PAGES: i64 = 4096;
-
 /// Most jobs committed in one group: bounds how long the first of them waits.
 const MAX_GROUP: usize = 256;
 
@@ -324,8 +317,6 @@ fn connect(path: &Path, durability: Durability) -> rusqlite::Result<Connection> 
     // Savepoints (one per write job) and statement journals in memory: in a file they
     // cost a `pwrite` per page a job touches, more than the commits themselves.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
-    conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
-    conn.pragma_update(None, "journal_size_limit", WAL_CHECKPOINT_PAGES * 4096)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
