@@ -101,6 +101,12 @@ fn count_rows(conn: &Connection, lane: &str, delta: i64) -> rusqlite::Result<()>
     Ok(())
 }
 
+/// Counts `moved` rows out of the written lane `from` and into `to`.
+fn count_moved(conn: &Connection, from: &str, to: &str, moved: i64) -> rusqlite::Result<()> {
+    count_rows(conn, from, -moved)?;
+    count_rows(conn, to, moved)
+}
+
 /// Runs `delete`, a `DELETE … RETURNING queue` statement, with `params`, counting the
 /// deleted rows out of their lanes; returns how many it deleted.
 fn delete_counted(
@@ -296,6 +302,7 @@ fn give_up(
         return Ok(GaveUp::Dropped);
     };
     dead_letters.log(lane, id, reason, false);
+    let (from, to) = (lane.to_string(), first.to_string());
     let moved = conn
         .prepare_cached(
             "UPDATE messages SET queue = ?2, leased = 0, attempts = 0,
@@ -305,16 +312,8 @@ fn give_up(
          last_failed_ms = ?3, last_error = COALESCE(?6, last_error)
          WHERE seq = ?1",
         )?
-        .execute(params![
-            seq,
-            first.to_string(),
-            now,
-            lane.to_string(),
-            reason,
-            error
-        ])? as i64;
-    count_rows(conn, &lane.to_string(), -moved)?;
-    count_rows(conn, &first.to_string(), moved)?;
+        .execute(params![seq, to, now, from, reason, error])? as i64;
+    count_moved(conn, &from, &to, moved)?;
     copy_to_lanes(conn, seq, copies)?;
     Ok(GaveUp::DeadLettered(lanes))
 }
@@ -789,8 +788,7 @@ fn redrive(
              WHERE seq = ?1",
             )?
             .execute(params![row.seq, first, now])? as i64;
-        count_rows(conn, &row.lane, -moved)?;
-        count_rows(conn, &first, moved)?;
+        count_moved(conn, &row.lane, &first, moved)?;
         copy_to_lanes(conn, row.seq, copies)?;
         redriven += 1;
         woken.extend(lanes);
