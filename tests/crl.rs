@@ -106,7 +106,7 @@ fn a_transient_trust_store_failure_is_retried() {
         revocation_event("agent_revoked", json!({"agentDid": DID_A})),
     );
     host.wait_log_all(&[
-        "revocations were not committed",
+        "side effects were not committed",
         "no such table: revoked_agents",
         "released without counting an attempt",
     ]);

@@ -40,6 +40,7 @@ use clawq::runtime::native::{Level, NativeBatch};
 use clawq::runtime::{
     Capabilities, ContentType as WitContentType, Limits, LoadedHandler, Message, Outcome, Runtime,
 };
+use clawq::side_effects::SideEffects;
 use clawq::store::{Database, Durability};
 use clawq::world::World;
 use clawq_protocol::body::ContentType as BodyContentType;
@@ -119,7 +120,10 @@ async fn engine_alone(n: usize, batch_size: usize) -> f64 {
         let batch = queue.next_batch(&lane, &terms).await.unwrap();
         done += batch.len();
         let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
-        queue.settle(&lane, &policy, acks).await.unwrap();
+        queue
+            .settle(&lane, &policy, acks, SideEffects::None)
+            .await
+            .unwrap();
     }
     n as f64 / started.elapsed().as_secs_f64()
 }
@@ -512,17 +516,21 @@ impl Host for NativeImports<'_> {
 }
 
 /// Runs `messages` through `logic` (the CRL component `handler`, or its logic natively
-/// against the capabilities of a batch of it) over `caps`; true when every message was
-/// acknowledged.
+/// against the capabilities of a batch of it) over `caps`; returns whether every message
+/// was acknowledged, and the batch's side effects, to commit with the acks.
 async fn handled(
     logic: Logic,
     handler: &LoadedHandler,
     caps: Arc<Capabilities>,
     messages: &[Message],
-) -> bool {
+) -> (bool, SideEffects) {
     if logic == Logic::Wasm {
-        let outcomes = handler.handle(caps, EVENTS_QUEUE, messages).await.unwrap();
-        return outcomes.iter().all(|o| matches!(o, Outcome::Ack));
+        let handled = handler
+            .call(caps, EVENTS_QUEUE, messages, None)
+            .await
+            .unwrap();
+        let acked = handled.outcomes.iter().all(|o| matches!(o, Outcome::Ack));
+        return (acked, handled.side_effects);
     }
     let mut batch = handler.native_batch(caps);
     let mut acked = true;
@@ -536,8 +544,7 @@ async fn handled(
         let outcome = handle(imports, &message.id, content_type, &message.body).await;
         acked &= outcome == handling::Outcome::Ack;
     }
-    batch.committed().await.unwrap();
-    acked
+    (acked, batch.side_effects().unwrap())
 }
 
 /// One side of the WASM-vs-native comparison: a queue loop (take a batch, run it through
@@ -601,13 +608,17 @@ impl CrlQueueLoop {
             .unwrap();
         let messages: Vec<Message> = batch.iter_mut().map(to_message).collect();
         let handler_started = Instant::now();
-        let acked = handled(self.logic, handler, self.caps.clone(), &messages).await;
+        let (acked, side_effects) =
+            handled(self.logic, handler, self.caps.clone(), &messages).await;
         self.in_handler.push(handler_started.elapsed());
         assert!(acked, "{:?}: every revocation is acked", self.logic);
         self.left -= batch.len();
         let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
         let policy = &self.terms.policy;
-        self.queue.settle(&self.lane, policy, acks).await.unwrap();
+        self.queue
+            .settle(&self.lane, policy, acks, side_effects)
+            .await
+            .unwrap();
         self.in_loop.push(started.elapsed());
     }
 

@@ -163,7 +163,8 @@ impl From<QueueError> for ApiError {
                 };
                 ApiError::new(status, code, limit.to_string())
             }
-            QueueError::Storage(message) => {
+            // A settlement's error; no route settles, but one would fail the same way.
+            QueueError::Storage(message) | QueueError::SideEffects(message) => {
                 tracing::error!(%message, "queue storage failed");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

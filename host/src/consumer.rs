@@ -18,6 +18,7 @@ use crate::metrics;
 use crate::queue::lane::Lane;
 use crate::queue::{self, BatchTerms, Delivery, QueueBackend, Settlement};
 use crate::runtime::{Capabilities, LoadedHandler, Message, Outcome, Unhandled, bounded};
+use crate::side_effects::SideEffects;
 
 /// How long a consumer waits before asking the queue engine again after it failed.
 const STORAGE_BACKOFF: Duration = Duration::from_secs(1);
@@ -129,7 +130,8 @@ impl Consumer {
             .into_iter()
             .map(|d| (d, self.retry(self.config.retry_delay, &error)))
             .collect();
-        self.commit(retries, Duration::ZERO).await;
+        self.commit(retries, SideEffects::None, Duration::ZERO)
+            .await;
     }
 
     /// Runs one batch through the slot's current handler version and commits every
@@ -156,12 +158,15 @@ impl Consumer {
         self.run_batch(&handler, deliveries).instrument(span).await;
     }
 
-    /// Runs `deliveries` through `handler` and commits their outcomes.
+    /// Runs `deliveries` through `handler` and commits their outcomes with the batch's
+    /// side effects.
     async fn run_batch(&self, handler: &LoadedHandler, mut deliveries: Vec<Delivery>) {
         let (queue, consumer) = (self.config.queue.as_str(), self.config.name.as_str());
         let messages: Vec<Message> = deliveries.iter_mut().map(to_message).collect();
         let started = Instant::now();
-        let result = handler.handle(self.caps.clone(), queue, &messages).await;
+        let result = handler
+            .call(self.caps.clone(), queue, &messages, None)
+            .await;
         let elapsed = started.elapsed();
         metrics::batch(
             consumer,
@@ -172,41 +177,51 @@ impl Consumer {
         self.slots
             .record(consumer, handler, result.as_ref().map(drop))
             .await;
-        let settlements = match result {
-            Ok(outcomes) => self.settlements(handler, deliveries, outcomes),
+        let (settlements, side_effects) = match result {
+            Ok(handled) => (
+                self.settlements(handler, deliveries, handled.outcomes),
+                handled.side_effects,
+            ),
             Err(failure) if !failure.is_guest_fault() => {
                 tracing::warn!(%failure,
                     "batch not run, or its side effects not committed: released without counting an \
                      attempt, tried again shortly");
-                let release = Settlement::Release {
-                    delay_seconds: CAPACITY_BACKOFF_SECONDS,
-                };
-                deliveries
-                    .into_iter()
-                    .map(|d| (d, release.clone()))
-                    .collect()
+                (released(deliveries), SideEffects::None)
             }
             Err(failure) => {
                 tracing::warn!(%failure, "batch failed; every message of it will be retried");
                 let error = failure.to_string();
-                deliveries
+                let retries = deliveries
                     .into_iter()
                     .map(|d| (d, self.retry(self.config.retry_delay, &error)))
-                    .collect()
+                    .collect();
+                (retries, SideEffects::None)
             }
         };
-        self.commit(settlements, elapsed).await;
+        self.commit(settlements, side_effects, elapsed).await;
     }
 
-    /// Commits `settlements`, trying again with a growing wait for as long as it fails;
-    /// `elapsed` is how long the batch took, for the log.
-    async fn commit(&self, settlements: Vec<(Delivery, Settlement)>, elapsed: Duration) {
+    /// Commits `settlements` with `side_effects`, trying again with a growing wait for as
+    /// long as it fails; if the side effects fail, the batch's messages are released
+    /// instead (to be tried again shortly, without counting an attempt). `elapsed` is how
+    /// long the batch took, for the log.
+    async fn commit(
+        &self,
+        mut settlements: Vec<(Delivery, Settlement)>,
+        mut side_effects: SideEffects,
+        elapsed: Duration,
+    ) {
         let queue = self.config.queue.as_str();
         let mut backoff = SETTLE_BACKOFF_FIRST;
         for attempt in 1u64.. {
             match self
                 .backend
-                .settle(&self.lane, &self.terms.policy, settlements.clone())
+                .settle(
+                    &self.lane,
+                    &self.terms.policy,
+                    settlements.clone(),
+                    side_effects.clone(),
+                )
                 .await
             {
                 Ok(summary) => {
@@ -222,6 +237,13 @@ impl Consumer {
                         "batch handled"
                     );
                     return;
+                }
+                Err(err @ queue::QueueError::SideEffects(_)) => {
+                    tracing::warn!(queue, consumer = %self.config.name, error = %err,
+                        "batch released without counting an attempt, tried again shortly");
+                    let deliveries = settlements.into_iter().map(|(d, _)| d).collect();
+                    settlements = released(deliveries);
+                    side_effects = SideEffects::None;
                 }
                 Err(err) => {
                     tracing::warn!(queue, consumer = %self.config.name, attempt, error = %err,
@@ -296,6 +318,18 @@ impl Consumer {
             error: error.to_owned(),
         }
     }
+}
+
+/// `deliveries` given back untouched, to be delivered again after
+/// [`CAPACITY_BACKOFF_SECONDS`] without counting an attempt: the host could not run them.
+fn released(deliveries: Vec<Delivery>) -> Vec<(Delivery, Settlement)> {
+    let release = Settlement::Release {
+        delay_seconds: CAPACITY_BACKOFF_SECONDS,
+    };
+    deliveries
+        .into_iter()
+        .map(|d| (d, release.clone()))
+        .collect()
 }
 
 /// The WIT view of a delivery; the body moves to the message.
@@ -375,6 +409,27 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_batch_whose_side_effects_fail_is_released_without_counting_an_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, id) = one_message(dir.path()).await;
+        let consumer = consumer(dir.path(), backend.clone()).await;
+        let batch = backend
+            .next_batch(&consumer.lane, &consumer.terms)
+            .await
+            .unwrap();
+        let failing = SideEffects::Local {
+            db: backend.storage().database().clone(),
+            statements: Arc::new(|c| c.execute_batch("INSERT INTO no_such_table VALUES (1)")),
+        };
+        let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
+
+        consumer.commit(acks, failing, Duration::ZERO).await;
+        let stored = backend.get("jobs", &id).await.unwrap().expect("not acked");
+        assert_eq!(stored.state, MessageState::Delayed, "released for a while");
+        assert_eq!(stored.attempts, 0, "the delivery is not counted");
+    }
+
     /// [`SqliteQueue`] whose settle fails `failures` times first, as on a full disk.
     struct FailingSettles {
         queue: Arc<SqliteQueue>,
@@ -402,6 +457,7 @@ mod tests {
             lane: &Lane,
             policy: &queue::RetryPolicy,
             outcomes: Vec<(Delivery, Settlement)>,
+            effects: SideEffects,
         ) -> Result<queue::SettleSummary, queue::QueueError> {
             use std::sync::atomic::Ordering;
             let left = self.failures.load(Ordering::SeqCst);
@@ -411,7 +467,7 @@ mod tests {
                     "database or disk is full".into(),
                 ));
             }
-            self.queue.settle(lane, policy, outcomes).await
+            self.queue.settle(lane, policy, outcomes, effects).await
         }
         async fn counts(&self, queue: &str) -> Result<queue::QueueCounts, queue::QueueError> {
             self.queue.counts(queue).await
@@ -477,7 +533,9 @@ mod tests {
             .await
             .unwrap();
         let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
-        consumer.commit(acks, Duration::ZERO).await;
+        consumer
+            .commit(acks, SideEffects::None, Duration::ZERO)
+            .await;
         assert_eq!(queue.get("jobs", &id).await.unwrap(), None, "acked");
     }
 }

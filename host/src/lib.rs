@@ -39,6 +39,7 @@ pub mod run;
 pub mod runtime;
 pub mod scaffold;
 pub mod server;
+pub mod side_effects;
 pub mod store;
 pub mod text;
 pub mod tls;

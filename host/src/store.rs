@@ -281,6 +281,11 @@ impl Database {
         rx.await.unwrap_or(Err(E::from(StoreError::Closed)))
     }
 
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// A connection of its own to the database with `schema` (idempotent `CREATE ... IF
     /// NOT EXISTS` statements) run on it first: what a store uses at open, to create and
     /// migrate its tables before it serves.

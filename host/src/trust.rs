@@ -13,6 +13,7 @@ use rusqlite::{OptionalExtension, params};
 
 use crate::cluster::Cluster;
 use crate::relay::hub::ConnectionHub;
+use crate::side_effects::SideEffects;
 use crate::store::{Database, Pending, StoreError};
 
 use crate::clock::now_ms;
@@ -184,6 +185,33 @@ impl TrustStore {
         }))
     }
 
+    /// The revocations of `dids` (each checked at once; none if one is invalid) as side
+    /// effects of a batch, committed with its outcomes: in SQLite, the statements that
+    /// write them, run in the transaction that settles the batch; in the cluster, the
+    /// puts, started now.
+    pub fn revocations(&self, dids: Vec<String>) -> Result<SideEffects, TrustError> {
+        for did in &dids {
+            check_did(did)?;
+        }
+        let now = now_ms();
+        let expires = now + self.marker_ttl.as_millis() as u64;
+        match &self.backend {
+            Backend::Sqlite(db, _) => {
+                let rows: Vec<_> = dids.into_iter().map(|did| (did, now, expires)).collect();
+                Ok(SideEffects::Local {
+                    db: db.clone(),
+                    statements: Arc::new(move |conn| upsert(conn, &rows)),
+                })
+            }
+            Backend::Cluster(_) => {
+                let revoked = self.revoke_all_later(&dids)?;
+                Ok(SideEffects::remote(
+                    revoked.map(|done| done.map_err(|err| err.to_string())),
+                ))
+            }
+        }
+    }
+
     /// The revocation state of `did` now.
     pub async fn lookup(&self, did: &str) -> Result<AgentTrust, TrustError> {
         check_did(did)?;
@@ -225,14 +253,7 @@ fn write_unwritten(db: &Database, unwritten: Arc<Mutex<Unwritten>>) -> Flush {
             queued.flush = None;
             std::mem::take(&mut queued.rows)
         };
-        let mut upsert = conn.prepare_cached(
-            "INSERT INTO revoked_agents (did, revoked_ms, expires_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (did) DO UPDATE SET revoked_ms = ?2, expires_ms = ?3",
-        )?;
-        for (did, now, expires) in &rows {
-            upsert.execute(params![did, now, expires])?;
-        }
-        Ok::<_, TrustError>(())
+        upsert(conn, &rows).map_err(TrustError::from)
     });
     let outcome: std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>> =
         Box::pin(async move {
@@ -242,6 +263,19 @@ fn write_unwritten(db: &Database, unwritten: Arc<Mutex<Unwritten>>) -> Flush {
             })
         });
     outcome.shared()
+}
+
+/// Writes each revocation of `rows` (the DID, when, and when its marker expires),
+/// refreshing an existing marker.
+fn upsert(conn: &rusqlite::Connection, rows: &[(String, u64, u64)]) -> rusqlite::Result<()> {
+    let mut upsert = conn.prepare_cached(
+        "INSERT INTO revoked_agents (did, revoked_ms, expires_ms) VALUES (?1, ?2, ?3)
+         ON CONFLICT (did) DO UPDATE SET revoked_ms = ?2, expires_ms = ?3",
+    )?;
+    for (did, now, expires) in rows {
+        upsert.execute(params![did, now, expires])?;
+    }
+    Ok(())
 }
 
 /// The revocations not yet written, even if a thread panicked holding them.

@@ -36,6 +36,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::clock::now_ms;
+use crate::side_effects::SideEffects;
 
 use super::lane::Lane;
 use super::routes::Routes;
@@ -369,6 +370,7 @@ impl<S: Storage> QueueBackend for Engine<S> {
         lane: &Lane,
         policy: &RetryPolicy,
         outcomes: Vec<(Delivery, Settlement)>,
+        effects: SideEffects,
     ) -> Result<SettleSummary, QueueError> {
         let now = now_ms();
         let retention = self.retention.get(&lane.queue).copied();
@@ -381,7 +383,7 @@ impl<S: Storage> QueueBackend for Engine<S> {
             .collect();
         let committed = self
             .storage
-            .commit(lane, fates, self.dead_letters(policy), now)
+            .commit(lane, fates, self.dead_letters(policy), now, effects)
             .await?;
         let mut woken = committed.woken;
         if committed.summary.retried + committed.summary.released > 0 {
@@ -771,6 +773,7 @@ mod tests {
             fates: Vec<(Delivery, Fate)>,
             dead_letters: DeadLetterRoute,
             now: u64,
+            _effects: SideEffects,
         ) -> Result<super::super::storage::Committed, QueueError> {
             let mut rows = self.rows();
             let mut done = super::super::storage::Committed::default();
@@ -1023,12 +1026,18 @@ mod tests {
         // A retry over max_retries (1) is dead-lettered; the other lane is not touched.
         let batch = next(&engine, &jobs, &terms(1)).await;
         let outcomes = batch.into_iter().map(|d| (d, retry(0))).collect();
-        let summary = engine.settle(&jobs, &policy(1), outcomes).await.unwrap();
+        let summary = engine
+            .settle(&jobs, &policy(1), outcomes, SideEffects::None)
+            .await
+            .unwrap();
         assert_eq!(summary.retried, 2);
         let again = next(&engine, &jobs, &terms(1)).await;
         assert_eq!(again.iter().map(|d| d.attempts).collect::<Vec<_>>(), [2, 2]);
         let outcomes = again.into_iter().map(|d| (d, retry(0))).collect();
-        let summary = engine.settle(&jobs, &policy(1), outcomes).await.unwrap();
+        let summary = engine
+            .settle(&jobs, &policy(1), outcomes, SideEffects::None)
+            .await
+            .unwrap();
         assert_eq!(summary.dead_lettered, 2);
         assert_eq!(engine.counts("dlq").await.unwrap().backlog, 2);
         let dead = engine.get("dlq", &ids[0]).await.unwrap().unwrap();

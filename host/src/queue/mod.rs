@@ -23,6 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::config::MAX_DELAY_SECONDS;
+use crate::side_effects::SideEffects;
 use crate::store::StoreError;
 
 use self::lane::Lane;
@@ -323,6 +324,9 @@ pub enum QueueError {
     /// The storage failed.
     #[error("queue storage failed: {0}")]
     Storage(String),
+    /// The batch's side effects could not be committed, so neither were its outcomes.
+    #[error("the batch's side effects were not committed: {0}")]
+    SideEffects(String),
 }
 
 impl From<StoreError> for QueueError {
@@ -425,11 +429,15 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// transaction. A dead-lettered message records the lane as its source and goes to
     /// the consumers of the dead-letter queue that take it, as a published message does.
     /// The outcome of a message whose lease ran out and that was taken again is ignored.
+    /// The batch's `effects` are committed with the outcomes, or before them (see
+    /// [`SideEffects`]); if they fail, nothing is committed
+    /// ([`QueueError::SideEffects`]).
     async fn settle(
         &self,
         lane: &Lane,
         policy: &RetryPolicy,
         outcomes: Vec<(Delivery, Settlement)>,
+        effects: SideEffects,
     ) -> Result<SettleSummary, QueueError>;
 
     /// Message counts of `queue`, all lanes summed; costs O(lanes), not a scan of the

@@ -35,6 +35,7 @@ use std::sync::{Arc, OnceLock};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::side_effects::SideEffects;
 use crate::store::Database;
 
 use super::core::{DeadLetterRoute, Engine, Readiness, earliest, poisoned, readiness, warn_stale};
@@ -822,10 +823,20 @@ impl DataPath for SqliteStorage {
         fates: Vec<(Delivery, Fate)>,
         dead_letters: DeadLetterRoute,
         now: u64,
+        effects: SideEffects,
     ) -> Result<Committed, QueueError> {
         let lane = lane.clone();
+        let effects = effects
+            .statements_for(&self.db)
+            .await
+            .map_err(QueueError::SideEffects)?;
         self.db
-            .write(move |conn| Ok(commit(conn, &lane, fates, &dead_letters, now)?))
+            .write(move |conn| {
+                if let Some(effects) = &effects {
+                    effects(conn).map_err(|err| QueueError::SideEffects(err.to_string()))?;
+                }
+                Ok(commit(conn, &lane, fates, &dead_letters, now)?)
+            })
             .await
     }
 }
@@ -1056,7 +1067,10 @@ mod tests {
         p: &RetryPolicy,
     ) -> SettleSummary {
         let outcomes = batch.into_iter().map(|d| (d, s.clone())).collect();
-        queue.settle(&q(), p, outcomes).await.unwrap()
+        queue
+            .settle(&q(), p, outcomes, SideEffects::None)
+            .await
+            .unwrap()
     }
 
     /// Ready, in-flight and delayed counts.
@@ -1069,6 +1083,60 @@ mod tests {
             delay_seconds,
             error: "boom".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn side_effects_commit_with_the_outcomes_or_neither_does() {
+        let (_dir, queue) = open();
+        let db = queue.storage().database().clone();
+        db.write(|c| {
+            c.execute_batch("CREATE TABLE effects (v INTEGER)")
+                .map_err(crate::store::StoreError::from)
+        })
+        .await
+        .unwrap();
+        publish(&queue, 2).await;
+        let leased = batch(&queue, 2, LONG, Duration::from_secs(5)).await;
+        let effects = |v: i64, then_fail: bool| SideEffects::Local {
+            db: db.clone(),
+            statements: Arc::new(move |c| {
+                c.execute("INSERT INTO effects VALUES (?1)", [v])?;
+                if then_fail {
+                    c.execute_batch("INSERT INTO no_such_table VALUES (1)")?;
+                }
+                Ok(())
+            }),
+        };
+        let ack_first = || vec![(leased[0].clone(), Settlement::Ack)];
+        let written = || {
+            raw(&queue, |c| {
+                c.prepare("SELECT v FROM effects")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<i64>>>()
+            })
+        };
+
+        // Side effects that fail: neither they nor the outcome are committed.
+        let failed = queue
+            .settle(&q(), &policy(3, None), ack_first(), effects(1, true))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&failed, QueueError::SideEffects(why) if why.contains("no_such_table")),
+            "{failed}"
+        );
+        assert_eq!(written().await, Vec::<i64>::new());
+        assert_eq!(held(queue.counts(Q).await.unwrap()), (0, 2, 0));
+
+        // Side effects that succeed: both are.
+        let summary = queue
+            .settle(&q(), &policy(3, None), ack_first(), effects(2, false))
+            .await
+            .unwrap();
+        assert_eq!(summary.acked, 1);
+        assert_eq!(written().await, vec![2]);
+        assert_eq!(queue.get(Q, &leased[0].id).await.unwrap(), None);
+        assert_eq!(held(queue.counts(Q).await.unwrap()), (0, 1, 0));
     }
 
     #[tokio::test]
@@ -1584,7 +1652,7 @@ mod tests {
             },
         )];
         queue
-            .settle(&lane, &policy(3, Some(DLQ)), outcomes)
+            .settle(&lane, &policy(3, Some(DLQ)), outcomes, SideEffects::None)
             .await
             .unwrap();
 

@@ -19,6 +19,7 @@ use super::{
     Delivery, MessagePage, NewMessage, QueueCounts, QueueError, RedriveSummary, RedriveTarget,
     RetryPolicy, Selection, SettleSummary, StoredMessage,
 };
+use crate::side_effects::SideEffects;
 
 /// A published message and the lanes it is stored in, one row per lane.
 #[derive(Debug, Clone)]
@@ -115,13 +116,15 @@ pub trait DataPath: Send + Sync + 'static {
     async fn lease(&self, lane: &Lane, plan: LeasePlan) -> Result<Leased, QueueError>;
 
     /// Commits the fate of each message delivered from `lane`, provided the lease it was
-    /// delivered under still holds it (else it counts as stale and is left alone).
+    /// delivered under still holds it (else it counts as stale and is left alone), with
+    /// the batch's side effects `effects` or after them.
     async fn commit(
         &self,
         lane: &Lane,
         fates: Vec<(Delivery, Fate)>,
         dead_letters: DeadLetterRoute,
         now: u64,
+        effects: SideEffects,
     ) -> Result<Committed, QueueError>;
 }
 

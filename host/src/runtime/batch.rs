@@ -19,6 +19,7 @@ use super::{Message, Outcome, cpu};
 use crate::actor_storage::ActorClaims;
 use crate::bounds::BatchLog;
 use crate::crypto::sha256_hex;
+use crate::side_effects::SideEffects;
 
 /// The sandbox of one handler: what a batch may use before it is stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,8 +122,8 @@ pub struct BatchState {
     pub(super) calls: Option<CallLog>,
     /// The batch's share of its consumer's log rate.
     pub(super) log: BatchLog,
-    /// The agents the batch revoked, queued for the trust store only once its call has
-    /// returned: the batch's outcomes are settled only once they are committed.
+    /// The agents the batch revoked, written only once its call has returned, with its
+    /// outcomes (see [`side_effects`]).
     pub(super) revoked: Vec<String>,
 }
 
@@ -193,23 +194,36 @@ impl ResourceLimiter for MemoryCap {
     }
 }
 
-/// Queues the revocations of the batch of `state` for the trust store, all at once, and
-/// waits for them to commit: its outcomes (the acks above all) are settled only once its
-/// side effects are as durable as they will be. Queued together, they join one write job
-/// (one transaction), however long the guest took between them: queued one by one as the
-/// guest revoked them, the database's writer thread took the job at the first and
-/// committed a batch of 10 in two transactions, one of 100 in ten. A revocation that
-/// could not be committed fails the batch as the host's fault: its messages are released
-/// without counting an attempt.
-pub(super) async fn committed(state: &mut BatchState) -> Result<(), BatchFailure> {
+/// The side effects of the batch of `state`: its revocations, all together, to be
+/// committed with its outcomes (the acks above all), so that an outcome never outlives
+/// them. All together, they cost one transaction (the outcomes' own), however long the
+/// guest took between them: written one by one as the guest revoked them, a batch of 100
+/// took ten transactions.
+pub(super) fn side_effects(state: &mut BatchState) -> Result<SideEffects, BatchFailure> {
     let revoked = std::mem::take(&mut state.revoked);
     if revoked.is_empty() {
-        return Ok(());
+        return Ok(SideEffects::None);
     }
-    let committed = async { state.caps.trust.revoke_all_later(&revoked)?.await };
-    committed.await.map_err(|err| {
-        BatchFailure::Capacity(format!("the batch's revocations were not committed: {err}"))
-    })
+    state
+        .caps
+        .trust
+        .revocations(revoked)
+        .map_err(|err| not_committed(err.to_string()))
+}
+
+/// The failure of a batch whose side effects could not be committed: the host's fault,
+/// so its messages are released without counting an attempt.
+fn not_committed(why: String) -> BatchFailure {
+    BatchFailure::Capacity(format!("the batch's revocations were not committed: {why}"))
+}
+
+/// A batch the handler returned from: its outcomes, and the side effects to commit with
+/// them.
+pub struct Handled {
+    /// One per message, in order (as many as the handler returned).
+    pub outcomes: Vec<Outcome>,
+    /// What the batch wrote through its capabilities, not committed yet.
+    pub side_effects: SideEffects,
 }
 
 impl LoadedHandler {
@@ -330,10 +344,7 @@ impl LoadedHandler {
     }
 
     /// [`LoadedHandler::handle`], appending every capability call of the batch to `calls`
-    /// when given. The batch waits for room for its instance (not counted in its
-    /// deadlines, at most [`MAX_ROOM_WAIT`]: then it fails with
-    /// [`BatchFailure::Capacity`]), then instantiates and calls the handler within the
-    /// wall-clock deadline.
+    /// when given; the batch's side effects are committed before it returns.
     pub async fn handle_recorded(
         &self,
         caps: Arc<Capabilities>,
@@ -341,14 +352,34 @@ impl LoadedHandler {
         messages: &[Message],
         calls: Option<CallLog>,
     ) -> Result<Vec<Outcome>, BatchFailure> {
+        let handled = self.call(caps, queue, messages, calls).await?;
+        handled.side_effects.commit().await.map_err(not_committed)?;
+        Ok(handled.outcomes)
+    }
+
+    /// Runs one batch in a fresh instance, appending every capability call of the batch
+    /// to `calls` when given, and returns the guest's outcomes with the batch's side
+    /// effects, not committed yet: the caller commits them with the outcomes. The batch
+    /// waits for room for its instance (not counted in its deadlines, at most
+    /// [`MAX_ROOM_WAIT`]: then it fails with [`BatchFailure::Capacity`]), then
+    /// instantiates and calls the handler within the wall-clock deadline.
+    pub async fn call(
+        &self,
+        caps: Arc<Capabilities>,
+        queue: &str,
+        messages: &[Message],
+        calls: Option<CallLog>,
+    ) -> Result<Handled, BatchFailure> {
         let _room = self.capacity.acquire_in_time(&self.name).await?;
         let (mut store, stderr) = self.store(caps, calls);
         let call = self.pre.handle(&mut store, queue, messages);
         match tokio::time::timeout(self.limits.wall_timeout, call).await {
             Ok(Ok(outcomes)) => {
                 let outcomes = outcomes.map_err(|error| BatchFailure::Error(bounded(&error)))?;
-                committed(store.data_mut()).await?;
-                Ok(outcomes)
+                Ok(Handled {
+                    outcomes,
+                    side_effects: side_effects(store.data_mut())?,
+                })
             }
             Ok(Err(err)) => Err(self.classify(&store, &stderr, err)),
             Err(_) => Err(self.wall_clock_exceeded()),

@@ -1,18 +1,19 @@
 //! Bench-only (the `native` section of `benches/throughput.rs`, WASM vs native): a
 //! batch whose handler logic runs natively in the host instead of in a component, against
 //! the very capability implementations a component's imports reach: the same per-batch
-//! state, the same `trust-store` and `log` imports, and the same commit of the batch's
-//! revocations before its outcomes count. Nothing in the product runs it.
+//! state, the same `trust-store` and `log` imports, and the same side effects (the
+//! batch's revocations) to commit with its outcomes. Nothing in the product runs it.
 
 use std::sync::Arc;
 
 use wasmtime_wasi::WasiCtx;
 
 use super::HostError;
-use super::batch::{BatchState, LoadedHandler, committed};
+use super::batch::{BatchState, LoadedHandler, side_effects};
 use super::bindings::clawdentity::queues::{log, trust_store};
 use super::capabilities::{Capabilities, HasLog, HasTrustStore};
 use super::failure::BatchFailure;
+use crate::side_effects::SideEffects;
 
 pub use log::Level;
 
@@ -44,9 +45,9 @@ impl NativeBatch {
         log::Host::write(&mut HasLog::view(&mut self.state), level, message).await
     }
 
-    /// Waits for the batch's revocations to commit, as a component's batch does before
-    /// its outcomes are settled.
-    pub async fn committed(mut self) -> Result<(), BatchFailure> {
-        committed(&mut self.state).await
+    /// The batch's side effects (its revocations), to commit with its outcomes, as
+    /// [`LoadedHandler::call`] returns a component's.
+    pub fn side_effects(mut self) -> Result<SideEffects, BatchFailure> {
+        side_effects(&mut self.state)
     }
 }

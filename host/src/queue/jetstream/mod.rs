@@ -82,6 +82,7 @@ use futures_util::StreamExt;
 
 use crate::clock::now_ms;
 use crate::cluster::Cluster;
+use crate::side_effects::SideEffects;
 
 use self::meta::{META_HEADER, Meta};
 use super::core::{DeadLetterRoute, Engine, poisoned, warn_stale};
@@ -559,7 +560,9 @@ impl DataPath for JetStreamStorage {
         fates: Vec<(Delivery, Fate)>,
         dead_letters: DeadLetterRoute,
         now: u64,
+        effects: SideEffects,
     ) -> Result<Committed, QueueError> {
+        effects.commit().await.map_err(QueueError::SideEffects)?;
         let taken: Vec<(Delivery, Fate, Option<Held>)> = {
             let mut leased = self.leased.lock().unwrap_or_else(|p| p.into_inner());
             fates

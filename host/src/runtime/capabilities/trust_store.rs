@@ -1,10 +1,10 @@
 //! The `trust-store` import: revoking agents (which also closes their connections) and
 //! asking whether one is revoked. A revocation is checked at once and kept with the
-//! batch, whose revocations are all queued together once its call returns and committed
-//! in one transaction, not one by one: the batch's outcomes are settled only once they
-//! are committed (a revocation that cannot be committed releases the batch, to be tried
-//! again), and `is-revoked` answers from what is committed (not from the batch's own
-//! revocations).
+//! batch, whose revocations are all written together once its call returns, in the
+//! transaction that commits the batch's outcomes (in a cluster, before they are
+//! committed): never an ack without its revocation (revocations that cannot be committed
+//! release the batch, to be tried again), and `is-revoked` answers from what is committed
+//! (not from the batch's own revocations).
 
 use wasmtime::component::HasData;
 
@@ -53,8 +53,8 @@ impl trust_store::Host for TrustStoreView<'_> {
             args,
             |_| "ok".into(),
             async {
-                // Queued and committed with the batch's other revocations (before its
-                // outcomes are settled), not one by one.
+                // Written with the batch's other revocations and its outcomes, not one
+                // by one.
                 check_did(&did).map_err(guest_error)?;
                 if self.hub.close(&did, 1008, "agent_revoked") {
                     tracing::info!(agent = %did, "revoked agent's connection closed");
