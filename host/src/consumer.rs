@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -63,27 +63,25 @@ impl Consumer {
     }
 
     /// Takes and handles batches until `shutdown`, at most `max_concurrency` at a time;
-    /// then waits for the batches in flight to finish and commit.
+    /// then waits for the batches in flight to finish and commit. A batch gives its turn
+    /// back once its outcomes are on their way to the queue (see [`Consumer::commit`]).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(self.config.max_concurrency));
+        let turns = Arc::new(Semaphore::new(self.config.max_concurrency));
         let mut in_flight = JoinSet::new();
         loop {
             let batch = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 batch = async {
-                    let slot = slots.clone().acquire_owned().await.expect("semaphore is never closed");
+                    let turn = turns.clone().acquire_owned().await.expect("semaphore is never closed");
                     let batch = self.backend.next_batch(&self.lane, &self.terms).await;
-                    (slot, batch)
+                    (turn, batch)
                 } => batch,
             };
             match batch {
-                (slot, Ok(deliveries)) => {
+                (turn, Ok(deliveries)) => {
                     let consumer = self.clone();
-                    in_flight.spawn(async move {
-                        consumer.handle_guarded(deliveries).await;
-                        drop(slot);
-                    });
+                    in_flight.spawn(async move { consumer.handle_guarded(deliveries, turn).await });
                 }
                 (_, Err(err)) => {
                     tracing::error!(lane = %self.lane, error = %err, "taking a batch failed; trying again");
@@ -101,7 +99,7 @@ impl Consumer {
     /// [`Consumer::handle_batch`], catching a panic: it is logged, and every message of
     /// the batch not settled yet is retried (counting an attempt, so that a message that
     /// makes the host panic each time ends in the dead-letter queue).
-    async fn handle_guarded(&self, deliveries: Vec<Delivery>) {
+    async fn handle_guarded(&self, deliveries: Vec<Delivery>, turn: OwnedSemaphorePermit) {
         let leases = deliveries
             .iter()
             .map(|d| Delivery {
@@ -109,7 +107,8 @@ impl Consumer {
                 ..d.clone()
             })
             .collect();
-        self.guarded(leases, self.handle_batch(deliveries)).await;
+        self.guarded(leases, self.handle_batch(deliveries, turn))
+            .await;
     }
 
     /// Runs `work`, the handling of the batch leased as `leases`; if it panics, logs it
@@ -130,13 +129,13 @@ impl Consumer {
             .into_iter()
             .map(|d| (d, self.retry(self.config.retry_delay, &error)))
             .collect();
-        self.commit(retries, SideEffects::None, Duration::ZERO)
+        self.commit(retries, SideEffects::None, Duration::ZERO, None)
             .await;
     }
 
     /// Runs one batch through the slot's current handler version and commits every
     /// message's outcome.
-    async fn handle_batch(&self, deliveries: Vec<Delivery>) {
+    async fn handle_batch(&self, deliveries: Vec<Delivery>, turn: OwnedSemaphorePermit) {
         let (queue, consumer) = (self.config.queue.as_str(), self.config.name.as_str());
         let Ok(slot) = self.slots.slot(consumer) else {
             tracing::error!(
@@ -155,12 +154,19 @@ impl Consumer {
             version = &handler.version()[..12],
             size = deliveries.len()
         );
-        self.run_batch(&handler, deliveries).instrument(span).await;
+        self.run_batch(&handler, deliveries, turn)
+            .instrument(span)
+            .await;
     }
 
     /// Runs `deliveries` through `handler` and commits their outcomes with the batch's
     /// side effects.
-    async fn run_batch(&self, handler: &LoadedHandler, mut deliveries: Vec<Delivery>) {
+    async fn run_batch(
+        &self,
+        handler: &LoadedHandler,
+        mut deliveries: Vec<Delivery>,
+        turn: OwnedSemaphorePermit,
+    ) {
         let (queue, consumer) = (self.config.queue.as_str(), self.config.name.as_str());
         let messages: Vec<Message> = deliveries.iter_mut().map(to_message).collect();
         let started = Instant::now();
@@ -198,32 +204,44 @@ impl Consumer {
                 (retries, SideEffects::None)
             }
         };
-        self.commit(settlements, side_effects, elapsed).await;
+        self.commit(settlements, side_effects, elapsed, Some(turn))
+            .await;
     }
 
     /// Commits `settlements` with `side_effects`, trying again with a growing wait for as
     /// long as it fails; if the side effects fail, the batch's messages are released
     /// instead (to be tried again shortly, without counting an attempt). `elapsed` is how
     /// long the batch took, for the log.
+    ///
+    /// The batch's `turn` is given back as soon as the first try is under way: the next
+    /// batch is then taken while this one commits (the queue's writer commits them in
+    /// that order, often in one transaction), and its handler still runs after this
+    /// one's.
     async fn commit(
         &self,
         mut settlements: Vec<(Delivery, Settlement)>,
         mut side_effects: SideEffects,
         elapsed: Duration,
+        mut turn: Option<OwnedSemaphorePermit>,
     ) {
         let queue = self.config.queue.as_str();
         let mut backoff = SETTLE_BACKOFF_FIRST;
         for attempt in 1u64.. {
-            match self
-                .backend
-                .settle(
-                    &self.lane,
-                    &self.terms.policy,
-                    settlements.clone(),
-                    side_effects.clone(),
-                )
-                .await
-            {
+            let settle = self.backend.settle(
+                &self.lane,
+                &self.terms.policy,
+                settlements.clone(),
+                side_effects.clone(),
+            );
+            let mut settle = std::pin::pin!(settle);
+            let settled = match futures_util::future::poll_immediate(settle.as_mut()).await {
+                Some(settled) => settled,
+                None => {
+                    drop(turn.take());
+                    settle.await
+                }
+            };
+            match settled {
                 Ok(summary) => {
                     metrics::settled(queue, &summary);
                     tracing::debug!(
@@ -424,7 +442,7 @@ mod tests {
         };
         let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
 
-        consumer.commit(acks, failing, Duration::ZERO).await;
+        consumer.commit(acks, failing, Duration::ZERO, None).await;
         let stored = backend.get("jobs", &id).await.unwrap().expect("not acked");
         assert_eq!(stored.state, MessageState::Delayed, "released for a while");
         assert_eq!(stored.attempts, 0, "the delivery is not counted");
@@ -534,7 +552,7 @@ mod tests {
             .unwrap();
         let acks = batch.into_iter().map(|d| (d, Settlement::Ack)).collect();
         consumer
-            .commit(acks, SideEffects::None, Duration::ZERO)
+            .commit(acks, SideEffects::None, Duration::ZERO, None)
             .await;
         assert_eq!(queue.get("jobs", &id).await.unwrap(), None, "acked");
     }
