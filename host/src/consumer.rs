@@ -405,15 +405,24 @@ mod tests {
         (backend, ids[0].clone())
     }
 
-    #[tokio::test]
-    async fn a_panicking_batch_is_caught_and_its_messages_retried() {
-        let dir = tempfile::tempdir().unwrap();
-        let (backend, id) = one_message(dir.path()).await;
-        let consumer = consumer(dir.path(), backend.clone()).await;
+    /// A consumer of `jobs` in `dir` without a handler, and the batch it leased of the
+    /// queue's one message (whose id comes with it).
+    async fn one_leased(
+        dir: &std::path::Path,
+    ) -> (Arc<SqliteQueue>, String, Arc<Consumer>, Vec<Delivery>) {
+        let (backend, id) = one_message(dir).await;
+        let consumer = consumer(dir, backend.clone()).await;
         let batch = backend
             .next_batch(&consumer.lane, &consumer.terms)
             .await
             .unwrap();
+        (backend, id, consumer, batch)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_batch_is_caught_and_its_messages_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, id, consumer, batch) = one_leased(dir.path()).await;
 
         consumer
             .guarded(batch, async { panic!("a bug in the host") })
@@ -430,12 +439,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_whose_side_effects_fail_is_released_without_counting_an_attempt() {
         let dir = tempfile::tempdir().unwrap();
-        let (backend, id) = one_message(dir.path()).await;
-        let consumer = consumer(dir.path(), backend.clone()).await;
-        let batch = backend
-            .next_batch(&consumer.lane, &consumer.terms)
-            .await
-            .unwrap();
+        let (backend, id, consumer, batch) = one_leased(dir.path()).await;
         let failing = SideEffects::Local {
             db: backend.storage().database().clone(),
             statements: Arc::new(|c| c.execute_batch("INSERT INTO no_such_table VALUES (1)")),
