@@ -180,12 +180,7 @@ fn a_deploy_or_rollback_on_one_host_switches_every_host() {
 /// receipts in its actor storage and delivers a digest to the sender at every third),
 /// and the socket of `DID_A`'s connector on the second.
 fn digest_cluster(nats: &NatsServer) -> (Host, Host, Socket) {
-    let digest = format!(
-        "[[queues.consumers]]\nqueue = \"{RECEIPTS}\"\nname = \"dead-letter-digest\"\n\
-         handler = \"{}\"\nworld = \"receipt-handler\"\nmax_batch_timeout = 0.05\n\
-         filter = {{ type = \"delivery_receipt\", status = \"dead_lettered\" }}\n",
-        clawq_test_guests::DEAD_LETTER_DIGEST
-    );
+    let digest = digest_consumer("");
     let (a, b) = (
         host(nats, &fast_config(&digest)),
         host(nats, &fast_config(&digest)),
@@ -193,6 +188,16 @@ fn digest_cluster(nats: &NatsServer) -> (Host, Host, Socket) {
     let token = a.add_agent(DID_A);
     let socket = b.connect(DID_A, Some(&token)).unwrap();
     (a, b, socket)
+}
+
+/// The consumer of the dead-letter digest example, with `extra` settings.
+fn digest_consumer(extra: &str) -> String {
+    format!(
+        "[[queues.consumers]]\nqueue = \"{RECEIPTS}\"\nname = \"dead-letter-digest\"\n\
+         handler = \"{}\"\nworld = \"receipt-handler\"\nmax_batch_timeout = 0.05\n\
+         filter = {{ type = \"delivery_receipt\", status = \"dead_lettered\" }}\n{extra}",
+        clawq_test_guests::DEAD_LETTER_DIGEST
+    )
 }
 
 /// The dead-lettered receipt `n` of `DID_A`.
@@ -246,6 +251,20 @@ fn concurrent_batches_on_two_hosts_lose_no_write_of_an_actor() {
         let host = if n % 2 == 0 { &a } else { &b };
         host.publish(RECEIPTS, dead_lettered(n));
     }
+    let counts: Vec<u64> = (0..4).map(|_| next_digest_count(&mut socket)).collect();
+    assert_eq!(counts, [3, 6, 9, 12], "every count reached once");
+}
+
+#[test]
+fn batches_taken_one_at_a_time_on_one_host_lose_no_write_of_an_actor() {
+    // One receipt a batch, one batch at a time (`max_concurrency = 1`): the next batch
+    // is taken while the one before commits its outcomes, but its handler runs only once
+    // that one's has returned, so each reads the count the one before wrote.
+    let host = Host::start(&fast_config(&digest_consumer("max_batch_size = 1\n")));
+    let token = host.add_agent(DID_A);
+    let mut socket = host.connect(DID_A, Some(&token)).unwrap();
+    let receipts: Vec<_> = (1..=12).map(dead_lettered).collect();
+    host.publish_batch(RECEIPTS, &receipts);
     let counts: Vec<u64> = (0..4).map(|_| next_digest_count(&mut socket)).collect();
     assert_eq!(counts, [3, 6, 9, 12], "every count reached once");
 }

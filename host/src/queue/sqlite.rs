@@ -692,6 +692,9 @@ fn lane_counts(
     queue: &str,
     now: u64,
 ) -> rusqlite::Result<Vec<(Lane, QueueCounts)>> {
+    // One snapshot for every count: read one by one, a lease committed between two of
+    // them counted its row as in flight but not as waiting (a lane of one message held 2).
+    let _snapshot = conn.unchecked_transaction()?;
     let held: Vec<(Lane, u64)> = conn
         .prepare_cached(concat!(
             "SELECT lane, held FROM lane_counts WHERE ",
