@@ -157,7 +157,7 @@ async fn connector(
     i: usize,
     token: &str,
     seen: mpsc::UnboundedSender<(String, Instant)>,
-) {
+) -> Connected {
     let url = format!(
         "{}/v1/relay/connect?agent={}",
         base.replace("http://", "ws://"),
@@ -169,7 +169,7 @@ async fn connector(
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     let (mut sink, mut stream) = socket.split();
-    tokio::spawn(async move {
+    let reading = tokio::spawn(async move {
         while let Some(Ok(tungstenite::Message::Text(text))) = stream.next().await {
             let at = Instant::now();
             let frame: Value = serde_json::from_str(&text).unwrap();
@@ -187,6 +187,17 @@ async fn connector(
             }
         }
     });
+    Connected(reading.abort_handle())
+}
+
+/// A stand-in connector's connection, closed when dropped: a later section's connector
+/// for the same agent gets its frames then.
+struct Connected(tokio::task::AbortHandle);
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// CPU time spent so far by this process's threads named `name` (from
@@ -232,7 +243,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 async fn latency_at_steady_rate(base: &str, token: &str) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    connector(base, 0, token, tx).await;
+    let _connected = connector(base, 0, token, tx).await;
     let http = reqwest::Client::new();
     let count = 5_000;
     let url = format!("{base}/v1/queues/{RECEIPTS}/messages");
@@ -257,8 +268,9 @@ async fn latency_at_steady_rate(base: &str, token: &str) {
 
 async fn throughput_to_many_agents(base: &str, tokens: &[String]) {
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut connected = Vec::with_capacity(tokens.len());
     for (i, token) in tokens.iter().enumerate() {
-        connector(base, i, token, tx.clone()).await;
+        connected.push(connector(base, i, token, tx.clone()).await);
     }
     let http = reqwest::Client::new();
     let total = 50_000;
