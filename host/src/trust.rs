@@ -144,17 +144,15 @@ impl TrustStore {
     /// they commit in one transaction, whereas revocations queued one by one may be split
     /// by the writer thread taking the job between two of them.
     pub fn revoke_all_later(&self, dids: &[String]) -> Result<Pending<TrustError>, TrustError> {
-        for did in dids {
-            check_did(did)?;
-        }
-        let now = now_ms();
-        let expires = now + self.marker_ttl.as_millis() as u64;
+        let markers = self.markers(dids.to_vec())?;
         let (db, unwritten) = match &self.backend {
             Backend::Sqlite(db, unwritten) => (db, unwritten),
             Backend::Cluster(cluster) => {
-                let puts: Vec<_> = dids
-                    .iter()
-                    .map(|did| cluster.revoke_later(did.clone(), now, expires, self.marker_ttl))
+                let puts: Vec<_> = markers
+                    .into_iter()
+                    .map(|(did, now, expires)| {
+                        cluster.revoke_later(did, now, expires, self.marker_ttl)
+                    })
                     .collect();
                 return Ok(Box::pin(
                     futures_util::future::try_join_all(puts).map(|committed| committed.map(drop)),
@@ -173,8 +171,7 @@ impl TrustStore {
                 queued.rows.clear();
                 queued.flush = None;
             }
-            let rows = dids.iter().map(|did| (did.clone(), now, expires));
-            queued.rows.extend(rows);
+            queued.rows.extend(markers);
             queued
                 .flush
                 .get_or_insert_with(|| write_unwritten(db, unwritten.clone()))
@@ -190,14 +187,9 @@ impl TrustStore {
     /// write them, run in the transaction that settles the batch; in the cluster, the
     /// puts, started now.
     pub fn revocations(&self, dids: Vec<String>) -> Result<SideEffects, TrustError> {
-        for did in &dids {
-            check_did(did)?;
-        }
-        let now = now_ms();
-        let expires = now + self.marker_ttl.as_millis() as u64;
         match &self.backend {
             Backend::Sqlite(db, _) => {
-                let rows: Vec<_> = dids.into_iter().map(|did| (did, now, expires)).collect();
+                let rows = self.markers(dids)?;
                 Ok(SideEffects::Local {
                     db: db.clone(),
                     statements: Arc::new(move |conn| upsert(conn, &rows)),
@@ -210,6 +202,17 @@ impl TrustStore {
                 ))
             }
         }
+    }
+
+    /// The revocation markers of `dids` made now (each DID checked; none if one is
+    /// invalid): the DID, when, and when the marker expires.
+    fn markers(&self, dids: Vec<String>) -> Result<Vec<(String, u64, u64)>, TrustError> {
+        for did in &dids {
+            check_did(did)?;
+        }
+        let now = now_ms();
+        let expires = now + self.marker_ttl.as_millis() as u64;
+        Ok(dids.into_iter().map(|did| (did, now, expires)).collect())
     }
 
     /// The revocation state of `did` now.
