@@ -24,7 +24,7 @@ use crate::runtime::{BatchFailure, UnhandledReason};
 
 /// Why a connector connection closes, as `clawq_websocket_connections_closed_total`
 /// labels it: the close reasons the host sends, then why a connection ends without one.
-const CLOSE_REASONS: [&str; 11] = [
+const CLOSE_REASONS: [&str; 12] = [
     "superseded_by_new_connection",
     "agent_revoked",
     "agent_removed",
@@ -36,6 +36,7 @@ const CLOSE_REASONS: [&str; 11] = [
     "send_failed",
     "send_timeout",
     "receive_failed",
+    "upgrade_failed",
 ];
 
 /// The counters of a queue, labelled `queue`.

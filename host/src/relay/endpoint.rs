@@ -141,18 +141,26 @@ async fn connect(
         return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
     };
     match upgrade {
-        Ok(upgrade) => upgrade
-            .read_buffer_size(READ_BUFFER_BYTES)
-            .max_message_size(2 * MAX_FRAME_BYTES)
-            .max_frame_size(2 * MAX_FRAME_BYTES)
-            .on_upgrade({
-                let running = state.hub.track_connection();
-                move |socket| async move {
-                    serve_connection(socket, did, token, state).await;
+        Ok(upgrade) => {
+            // Registered before the response goes out: a connection the connector opens
+            // once this one's upgrade is answered supersedes it, although the two
+            // upgrades then finish in no set order.
+            let registered = state.hub.register(&did);
+            let running = state.hub.track_connection();
+            let (hub, failed_did, id) = (state.hub.clone(), did.clone(), registered.0);
+            upgrade
+                .read_buffer_size(READ_BUFFER_BYTES)
+                .max_message_size(2 * MAX_FRAME_BYTES)
+                .max_frame_size(2 * MAX_FRAME_BYTES)
+                .on_failed_upgrade(move |_| {
+                    hub.disconnect(&failed_did, id, UPGRADE_FAILED.reason())
+                })
+                .on_upgrade(move |socket| async move {
+                    serve_connection(socket, did, token, registered, state).await;
                     drop(running);
-                }
-            })
-            .into_response(),
+                })
+                .into_response()
+        }
         Err(rejection) => rejection.into_response(),
     }
 }
@@ -183,6 +191,9 @@ enum End {
     /// could not take a frame in time).
     Quiet(&'static str),
 }
+
+/// How a connection whose upgrade was answered but never completed ends.
+const UPGRADE_FAILED: End = End::Quiet("upgrade_failed");
 
 impl End {
     /// Why the connection ends: the close reason, or why it ends without a close.
@@ -271,12 +282,17 @@ async fn sleep_until(at_ms: Option<u64>) {
     }
 }
 
-/// Runs one connector connection until it closes. The agent's admission (with its
-/// `token`) is checked again once the connection is registered, so that a removal or a
-/// revocation that landed while it was set up (and found no connection to close) still
-/// closes it.
-async fn serve_connection(socket: WebSocket, did: String, token: String, state: RelayState) {
-    let (id, outgoing) = state.hub.register(&did);
+/// Runs one connector connection, `registered` with the hub as `(id, outgoing)`, until
+/// it closes. The agent's admission (with its `token`) is checked again now that the
+/// connection is registered, so that a removal or a revocation that landed while it was
+/// set up (and found no connection to close) still closes it.
+async fn serve_connection(
+    socket: WebSocket,
+    did: String,
+    token: String,
+    (id, outgoing): (u64, Outgoing),
+    state: RelayState,
+) {
     tracing::info!(agent = %did, "connector connected");
     let (sink, stream) = socket.split();
     let mut link = Link {
