@@ -96,7 +96,7 @@ fn run_shows_every_capability_call_and_outcome_of_a_batch() {
     assert_eq!(
         calls[0],
         format!(
-            "relay-sessions.deliver-receipt {{request-id: \"req-1\", sender: {DID_A}, \
+            "relay-sessions.deliver-receipts {{request-id: \"req-1\", sender: {DID_A}, \
              recipient: {DID_B}, status: dead-lettered, reason: \"recipient hook unreachable\"}} \
              -> stored"
         )
@@ -116,7 +116,10 @@ fn run_shows_every_capability_call_and_outcome_of_a_batch() {
     assert!(ran.ok, "{}", ran.stderr);
     let report: Value = serde_json::from_str(&ran.stdout).unwrap();
     assert_eq!(report["calls"].as_array().unwrap().len(), 1, "{report}");
-    assert_eq!(report["calls"][0]["call"], "relay-sessions.deliver-receipt");
+    assert_eq!(
+        report["calls"][0]["call"],
+        "relay-sessions.deliver-receipts"
+    );
     assert_eq!(report["calls"][0]["result"], "stored");
     let outcomes = report["outcomes"].as_array().unwrap();
     assert_eq!(outcomes.len(), 2);

@@ -30,7 +30,7 @@ const jco = join(root, "node_modules/.bin/jco");
  */
 export const ASYNC_INTERFACES = {
   "trust-store": ["revoke-agent", "is-revoked"],
-  "relay-sessions": ["deliver-receipt", "deliver"],
+  "relay-sessions": ["deliver-receipt", "deliver-receipts", "deliver"],
   "actor-storage": ["get", "put", "delete", "list-prefix"],
 };
 

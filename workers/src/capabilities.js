@@ -42,11 +42,87 @@ export function actorObject(env, consumer, actor) {
  */
 async function result(call) {
   try {
-    const answer = await call();
-    return answer.err ? { tag: "err", val: answer.err } : { tag: "ok", val: answer.ok };
+    return asResult(await call());
   } catch (err) {
-    return { tag: "err", val: { transient: true, message: `durable object call failed: ${err?.message ?? err}` } };
+    return unavailable(err);
   }
+}
+
+/**
+ * A Durable Object call answering a list (one answer per item of `count`) as a WIT
+ * `list<result<T, host-error>>`; a call that throws fails every item, transiently.
+ * @param {number} count
+ * @param {() => Promise<Array<{ok?: unknown, err?: {transient: boolean, message: string}}>>} call
+ * @returns {Promise<Array<{tag: 'ok' | 'err', val: unknown}>>}
+ */
+async function results(count, call) {
+  try {
+    return (await call()).map(asResult);
+  } catch (err) {
+    return new Array(count).fill(unavailable(err));
+  }
+}
+
+/**
+ * A Durable Object's answer as a WIT result.
+ * @param {{ok?: unknown, err?: {transient: boolean, message: string}}} answer
+ */
+function asResult(answer) {
+  return answer.err ? { tag: "err", val: answer.err } : { tag: "ok", val: answer.ok };
+}
+
+/**
+ * The transient error of a Durable Object call that threw `err`.
+ * @param {any} err
+ */
+function unavailable(err) {
+  return { tag: "err", val: { transient: true, message: `durable object call failed: ${err?.message ?? err}` } };
+}
+
+/** Most receipts one `deliver-receipts` call takes (clawq's bound). */
+const MAX_RECEIPTS_PER_CALL = 1000;
+
+/**
+ * A WIT receipt as a relay-session object takes it: trimmed, its status on the wire.
+ * @param {{requestId: string, senderAgentDid: string, recipientAgentDid: string, status: string, reason?: string}} r
+ */
+function receiptIn(r) {
+  return {
+    requestId: r.requestId.trim(),
+    senderAgentDid: r.senderAgentDid.trim(),
+    recipientAgentDid: r.recipientAgentDid.trim(),
+    status: RECEIPT_STATUS[r.status],
+    reason: trimmed(r.reason),
+  };
+}
+
+/**
+ * `relay-sessions.deliver-receipts`: each sender's receipts go to its session object in
+ * one call, in the order given, and the senders' objects take theirs at the same time;
+ * the answers come back in the order of `receipts`.
+ * @param {any} env
+ * @param {Array<any>} receipts WIT receipts
+ */
+async function deliverReceipts(env, receipts) {
+  if (receipts.length > MAX_RECEIPTS_PER_CALL) {
+    const message = `relay-sessions.deliver-receipts takes at most ${MAX_RECEIPTS_PER_CALL} receipts, not ${receipts.length}`;
+    return receipts.map(() => ({ tag: "err", val: { transient: false, message } }));
+  }
+  /** @type {Map<string, number[]>} the places in `receipts` of each sender's receipts */
+  const bySender = new Map();
+  receipts.forEach((r, at) => {
+    const did = r.senderAgentDid.trim();
+    bySender.set(did, [...(bySender.get(did) ?? []), at]);
+  });
+  const answers = new Array(receipts.length);
+  await Promise.all(
+    [...bySender].map(async ([did, places]) => {
+      const theirs = places.map((at) => receiptIn(receipts[at]));
+      const answered = await results(places.length, () => sessionObject(env, did).deliverReceipts(theirs));
+      places.forEach((at, i) => (answers[at] = answered[i]));
+    }),
+  );
+  return answers;
 }
 
 /** WIT `receipt-status` → wire status. */
@@ -99,16 +175,8 @@ export function capabilityImports(env, consumer) {
       isRevoked: (did) => result(() => trustObject(env).isRevoked(did)),
     },
     "clawdentity:queues/relay-sessions": {
-      deliverReceipt: (r) =>
-        result(() =>
-          sessionObject(env, r.senderAgentDid.trim()).deliverReceipt({
-            requestId: r.requestId.trim(),
-            senderAgentDid: r.senderAgentDid.trim(),
-            recipientAgentDid: r.recipientAgentDid.trim(),
-            status: RECEIPT_STATUS[r.status],
-            reason: trimmed(r.reason),
-          }),
-        ),
+      deliverReceipt: (r) => result(() => sessionObject(env, r.senderAgentDid.trim()).deliverReceipt(receiptIn(r))),
+      deliverReceipts: (receipts) => deliverReceipts(env, receipts),
       deliver: (d) =>
         result(() =>
           sessionObject(env, d.toAgentDid.trim()).deliver({

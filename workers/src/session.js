@@ -108,6 +108,15 @@ export class RelaySession extends DurableObject {
   }
 
   /**
+   * Records receipts for this (sender) agent, in order, as `deliverReceipt` does each.
+   * @param {Array<{requestId: string, senderAgentDid: string, recipientAgentDid: string, status: string, reason?: string}>} receipts
+   * @returns {Array<{ok?: {tag: string, val?: number}, err?: {transient: boolean, message: string}}>}
+   */
+  deliverReceipts(receipts) {
+    return receipts.map((r) => this.deliverReceipt(r));
+  }
+
+  /**
    * Records a delivery for this agent and pushes it to its connector.
    * @param {{dedupKey: string, fromAgentDid: string, toAgentDid: string, payload: string, deliverySource?: string, contentType?: string, groupId?: string, conversationId?: string, replyTo?: string}} d
    */

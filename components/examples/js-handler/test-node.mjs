@@ -35,6 +35,7 @@ try {
       },
       'clawdentity:queues/relay-sessions': {
         deliverReceipt: () => assert.fail('deliver-receipt is not used'),
+        deliverReceipts: () => assert.fail('deliver-receipts is not used'),
         deliver: (delivery) => {
           calls.push(['deliver', { ...delivery, payload: JSON.parse(delivery.payload) }]);
           return deliverResult();

@@ -23,10 +23,10 @@ struct ReceiptRouter;
 impl exports::clawdentity::queues::handler::Guest for ReceiptRouter {
     fn handle(_queue: String, messages: Vec<Message>) -> Result<Vec<Outcome>, String> {
         let host = Imports {
-            deliver: relay_sessions::deliver_receipt,
+            deliver: relay_sessions::deliver_receipts,
             log: log::write,
         };
-        Ok(messages.iter().map(|m| host.route(m)).collect())
+        Ok(host.route(&messages))
     }
 }
 
@@ -37,28 +37,48 @@ struct Imports<D, L> {
     log: L,
 }
 
-impl<D: Fn(&Receipt) -> Result<Delivery, HostError>, L: Fn(Level, &str)> Imports<D, L> {
-    /// Routes one receipt and decides its outcome.
-    fn route(&self, message: &Message) -> Outcome {
-        let receipt = match parse_receipt(content_type(message.content_type), &message.body) {
-            Ok(r) => r,
-            Err(problem) => {
-                let detail = format!("not a valid receipt: {problem}");
-                return unhandled(Problem { detail, ..problem });
-            }
+impl<D: Fn(&[Receipt]) -> Vec<Result<Delivery, HostError>>, L: Fn(Level, &str)> Imports<D, L> {
+    /// Routes the receipts of `messages` to their senders' sessions, all in one call,
+    /// and decides each message's outcome, in order.
+    fn route(&self, messages: &[Message]) -> Vec<Outcome> {
+        let read: Vec<Result<Receipt, Outcome>> = messages.iter().map(read_receipt).collect();
+        let receipts: Vec<Receipt> = read
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .cloned()
+            .collect();
+        let mut answers = match receipts.is_empty() {
+            true => Vec::new(),
+            false => (self.deliver)(&receipts),
+        }
+        .into_iter();
+        let unanswered = || HostError {
+            transient: true,
+            message: "the host answered fewer receipts than it was given".into(),
         };
-        let wit = Receipt {
-            request_id: receipt.request_id,
-            sender_agent_did: receipt.sender_agent_did,
-            recipient_agent_did: receipt.recipient_agent_did,
-            status: match receipt.status {
-                Status::DeadLettered => ReceiptStatus::DeadLettered,
-                Status::DeliveredToWebhook => ReceiptStatus::DeliveredToWebhook,
-            },
-            reason: receipt.reason,
-            processed_at: receipt.processed_at,
-        };
-        match (self.deliver)(&wit) {
+        messages
+            .iter()
+            .zip(read)
+            .map(|(message, read)| match read {
+                Ok(wit) => self.decide(
+                    message,
+                    &wit,
+                    answers.next().unwrap_or_else(|| Err(unanswered())),
+                ),
+                Err(outcome) => outcome,
+            })
+            .collect()
+    }
+
+    /// The outcome of `message`, whose receipt `wit` its sender's session answered
+    /// with `answer`.
+    fn decide(
+        &self,
+        message: &Message,
+        wit: &Receipt,
+        answer: Result<Delivery, HostError>,
+    ) -> Outcome {
+        match answer {
             Ok(Delivery::Ignored) => refused(format!(
                 "receipt {} conflicts with the one the session of {} holds (another sender or recipient); ignored",
                 wit.request_id, wit.sender_agent_did
@@ -82,6 +102,28 @@ impl<D: Fn(&Receipt) -> Result<Delivery, HostError>, L: Fn(Level, &str)> Imports
             }
         }
     }
+}
+
+/// The receipt `message` holds, or its outcome when it holds none that can be routed.
+fn read_receipt(message: &Message) -> Result<Receipt, Outcome> {
+    let receipt = match parse_receipt(content_type(message.content_type), &message.body) {
+        Ok(r) => r,
+        Err(problem) => {
+            let detail = format!("not a valid receipt: {problem}");
+            return Err(unhandled(Problem { detail, ..problem }));
+        }
+    };
+    Ok(Receipt {
+        request_id: receipt.request_id,
+        sender_agent_did: receipt.sender_agent_did,
+        recipient_agent_did: receipt.recipient_agent_did,
+        status: match receipt.status {
+            Status::DeadLettered => ReceiptStatus::DeadLettered,
+            Status::DeliveredToWebhook => ReceiptStatus::DeliveredToWebhook,
+        },
+        reason: receipt.reason,
+        processed_at: receipt.processed_at,
+    })
 }
 
 clawq_protocol::wit_glue!();
@@ -122,13 +164,13 @@ mod tests {
         let logged = RefCell::new(Vec::new());
         let calls = RefCell::new(Vec::new());
         let host = Imports {
-            deliver: |r: &Receipt| {
-                calls.borrow_mut().push(r.clone());
-                answer.clone()
+            deliver: |receipts: &[Receipt]| {
+                calls.borrow_mut().extend_from_slice(receipts);
+                vec![answer.clone(); receipts.len()]
             },
             log: |level, _: &str| logged.borrow_mut().push(level),
         };
-        let outcome = host.route(message);
+        let outcome = host.route(std::slice::from_ref(message)).remove(0);
         (outcome, logged.into_inner(), calls.into_inner())
     }
 
@@ -213,6 +255,63 @@ mod tests {
             (r.reason.as_deref(), r.processed_at.as_deref()),
             (None, None)
         );
+    }
+
+    #[test]
+    fn a_batch_routes_its_receipts_in_one_call_and_keeps_each_outcome_in_place() {
+        let calls = RefCell::new(Vec::new());
+        let host = Imports {
+            deliver: |receipts: &[Receipt]| {
+                calls.borrow_mut().push(receipts.to_vec());
+                let answer = |r: &Receipt| match r.request_id.as_str() {
+                    "busy" => Err(HostError {
+                        transient: true,
+                        message: "overloaded".into(),
+                    }),
+                    "other" => Ok(Delivery::Ignored),
+                    _ => Ok(Delivery::Stored),
+                };
+                receipts.iter().map(answer).collect()
+            },
+            log: |_, _: &str| {},
+        };
+        let with_id = |id: &str| message(ContentType::Json, &receipt_body().replace("r1", id));
+        let batch = [
+            with_id("first"),
+            message(ContentType::Json, "nope"),
+            with_id("busy"),
+            with_id("other"),
+            with_id("last"),
+        ];
+        let outcomes = host.route(&batch);
+        let calls = calls.into_inner();
+        let routed: Vec<&str> = calls[0].iter().map(|r| r.request_id.as_str()).collect();
+        assert_eq!(
+            (calls.len(), routed),
+            (1, vec!["first", "busy", "other", "last"]),
+            "one call, the routable receipts in order"
+        );
+        assert!(matches!(outcomes[0], Outcome::Ack));
+        assert_eq!(reason_of(&outcomes[1]), Some(UnhandledReason::Malformed));
+        assert!(matches!(outcomes[2], Outcome::Retry(None)));
+        assert_eq!(reason_of(&outcomes[3]), Some(UnhandledReason::Refused));
+        assert!(matches!(outcomes[4], Outcome::Ack));
+        let unanswering = Imports {
+            deliver: |_: &[Receipt]| Vec::new(),
+            log: |_, _: &str| {},
+        };
+        let unrouted = unanswering.route(&[with_id("lost")]);
+        assert!(
+            matches!(unrouted[0], Outcome::Retry(None)),
+            "a receipt the host did not answer is retried"
+        );
+        let none = Imports {
+            deliver: |_: &[Receipt]| -> Vec<Result<Delivery, HostError>> {
+                panic!("no receipt to route")
+            },
+            log: |_, _: &str| {},
+        };
+        assert_eq!(none.route(&[message(ContentType::Json, "nope")]).len(), 1);
     }
 
     #[test]

@@ -534,16 +534,45 @@ impl RelaySessions {
     /// Records `receipt` in its sender's session (spec section 3), pushing it to the
     /// sender's live connection if it is new or changed; returns once it is committed.
     pub async fn deliver_receipt(&self, receipt: ReceiptIn) -> Result<Delivery, SessionError> {
-        check_receipt(
+        self.receipt_call(receipt).await
+    }
+
+    /// Records each of `receipts` as [`Self::deliver_receipt`] does; answers in the same
+    /// order once all are committed. Every receipt is in its sender's mailbox before
+    /// any is answered, so one sender's receipts are recorded in the order given and
+    /// share its turns, and different senders' actors take theirs at the same time.
+    pub async fn deliver_receipts(
+        &self,
+        receipts: Vec<ReceiptIn>,
+    ) -> Vec<Result<Delivery, SessionError>> {
+        let answers: Vec<_> = receipts
+            .into_iter()
+            .map(|receipt| self.receipt_call(receipt))
+            .collect();
+        futures_util::future::join_all(answers).await
+    }
+
+    /// Checks `receipt` and puts it in its sender's mailbox at once; the future answers
+    /// once its turn committed.
+    fn receipt_call(
+        &self,
+        receipt: ReceiptIn,
+    ) -> impl Future<Output = Result<Delivery, SessionError>> + Send + use<> {
+        let checked = check_receipt(
             &receipt.request_id,
             &receipt.sender_agent_did,
             &receipt.recipient_agent_did,
         )
-        .map_err(|why| SessionError::Invalid(format!("receipt: {why}")))?;
-        let did = receipt.sender_agent_did.clone();
-        match self.call(&did, Request::Receipt(receipt)).await? {
-            Answer::Delivery(delivery) => Ok(delivery),
-            _ => unreachable!("a receipt is answered with a delivery"),
+        .map_err(|why| SessionError::Invalid(format!("receipt: {why}")));
+        let call = checked.map(|()| {
+            let did = receipt.sender_agent_did.clone();
+            self.call(&did, Request::Receipt(receipt))
+        });
+        async move {
+            match call?.await? {
+                Answer::Delivery(delivery) => Ok(delivery),
+                _ => unreachable!("a receipt is answered with a delivery"),
+            }
         }
     }
 

@@ -40,6 +40,26 @@ impl SessionStore {
         }
     }
 
+    /// Records each of `receipts` in its sender's session, in the order given; answers
+    /// in that order once all are stored. In SQLite every sender's receipts are queued
+    /// at once (see [`RelaySessions::deliver_receipts`]); in the cluster they are
+    /// recorded one after the other.
+    pub async fn deliver_receipts(
+        &self,
+        receipts: Vec<ReceiptIn>,
+    ) -> Vec<Result<Delivery, SessionError>> {
+        match self {
+            SessionStore::Sqlite(s) => s.deliver_receipts(receipts).await,
+            SessionStore::Cluster(s) => {
+                let mut answers = Vec::with_capacity(receipts.len());
+                for receipt in receipts {
+                    answers.push(s.deliver_receipt(receipt).await);
+                }
+                answers
+            }
+        }
+    }
+
     /// Records `delivery` in the session of its `to_agent_did`; returns once it is
     /// stored.
     pub async fn deliver(&self, delivery: DeliveryIn) -> Result<Delivery, SessionError> {

@@ -45,15 +45,30 @@ pub(super) async fn recorded<T>(
 ) -> Result<T, HostError> {
     let args = calls.is_some().then(args);
     let result = run.await;
-    if let (Some(calls), Some(args)) = (calls, args) {
-        let shown = match &result {
+    if let Some(args) = args {
+        record_result(calls, call, || args, show, &result);
+    }
+    result
+}
+
+/// Records, when the batch records its calls (`calls`), that the capability call
+/// `call` with the arguments `args` shows returned `result` (a success as `show` shows
+/// it). `args` and `show` run only when the batch records.
+pub(super) fn record_result<T>(
+    calls: Option<&CallLog>,
+    call: &str,
+    args: impl FnOnce() -> String,
+    show: impl FnOnce(&T) -> String,
+    result: &Result<T, HostError>,
+) {
+    if let Some(calls) = calls {
+        let shown = match result {
             Ok(value) => show(value),
             Err(err) if err.transient => format!("error (transient): {}", err.message),
             Err(err) => format!("error: {}", err.message),
         };
-        push(calls, call.to_owned(), args, Some(shown));
+        push(calls, call.to_owned(), args(), Some(shown));
     }
-    result
 }
 
 /// Records a log line (`log.<level>`, the message as its argument), when the batch

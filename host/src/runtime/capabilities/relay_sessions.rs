@@ -9,7 +9,7 @@ use crate::relay::sessions::{Delivery, DeliveryIn, ReceiptIn, SessionError};
 use crate::relay::store::SessionStore;
 use crate::runtime::HostError;
 use crate::runtime::bindings::clawdentity::queues::relay_sessions;
-use crate::runtime::record::{CallLog, recorded};
+use crate::runtime::record::{CallLog, record_result, recorded};
 
 /// What the `relay-sessions` import reaches of a batch: the agents' sessions, and the
 /// batch's call log.
@@ -43,22 +43,47 @@ impl relay_sessions::Host for RelaySessionsView<'_> {
         let args = || show_receipt(&receipt);
         let call = "relay-sessions.deliver-receipt";
         recorded(self.calls, call, args, show_delivery, async {
-            let receipt = ReceiptIn {
-                request_id: receipt.request_id.trim().to_owned(),
-                sender_agent_did: receipt.sender_agent_did.trim().to_owned(),
-                recipient_agent_did: receipt.recipient_agent_did.trim().to_owned(),
-                status: match receipt.status {
-                    relay_sessions::ReceiptStatus::DeliveredToWebhook => {
-                        ReceiptStatus::DeliveredToWebhook
-                    }
-                    relay_sessions::ReceiptStatus::DeadLettered => ReceiptStatus::DeadLettered,
-                },
-                reason: trimmed_option(receipt.reason.as_deref()),
-            };
-            bounds::receipt_fields(&receipt.request_id, receipt.reason.as_deref())?;
+            let receipt = receipt_in(&receipt)?;
             session_result(self.sessions.deliver_receipt(receipt).await)
         })
         .await
+    }
+
+    async fn deliver_receipts(
+        &mut self,
+        receipts: Vec<relay_sessions::Receipt>,
+    ) -> Vec<Result<relay_sessions::Delivery, HostError>> {
+        let call = "relay-sessions.deliver-receipts";
+        let answers = if receipts.len() > MAX_RECEIPTS_PER_CALL {
+            let message = format!(
+                "{call} takes at most {MAX_RECEIPTS_PER_CALL} receipts, not {}",
+                receipts.len()
+            );
+            let refused = HostError {
+                transient: false,
+                message,
+            };
+            vec![Err(refused); receipts.len()]
+        } else {
+            let checked: Vec<_> = receipts.iter().map(receipt_in).collect();
+            let valid = checked.iter().filter_map(|c| c.as_ref().ok().cloned());
+            let mut recorded = self.sessions.deliver_receipts(valid.collect()).await;
+            recorded.reverse();
+            checked
+                .into_iter()
+                .map(|c| session_result(c.map(|_| recorded.pop().expect("one answer each"))?))
+                .collect()
+        };
+        for (receipt, answer) in receipts.iter().zip(&answers) {
+            record_result(
+                self.calls,
+                call,
+                || show_receipt(receipt),
+                show_delivery,
+                answer,
+            );
+        }
+        answers
     }
 
     async fn deliver(
@@ -83,6 +108,25 @@ impl relay_sessions::Host for RelaySessionsView<'_> {
         })
         .await
     }
+}
+
+/// Most receipts one `deliver-receipts` call takes (more than any batch holds).
+pub const MAX_RECEIPTS_PER_CALL: usize = 1000;
+
+/// `receipt` as a session takes it: its values trimmed and its fields' sizes checked.
+fn receipt_in(receipt: &relay_sessions::Receipt) -> Result<ReceiptIn, HostError> {
+    let receipt = ReceiptIn {
+        request_id: receipt.request_id.trim().to_owned(),
+        sender_agent_did: receipt.sender_agent_did.trim().to_owned(),
+        recipient_agent_did: receipt.recipient_agent_did.trim().to_owned(),
+        status: match receipt.status {
+            relay_sessions::ReceiptStatus::DeliveredToWebhook => ReceiptStatus::DeliveredToWebhook,
+            relay_sessions::ReceiptStatus::DeadLettered => ReceiptStatus::DeadLettered,
+        },
+        reason: trimmed_option(receipt.reason.as_deref()),
+    };
+    bounds::receipt_fields(&receipt.request_id, receipt.reason.as_deref())?;
+    Ok(receipt)
 }
 
 /// `value` trimmed; `None` when it is blank.
@@ -207,6 +251,110 @@ mod tests {
         );
         let push = sessions.push(A, crate::relay::sessions::Ask::Connected);
         assert!(push.await.unwrap().frames.is_empty(), "nothing recorded");
+    }
+
+    /// A receipt of `request_id` from `sender` to `recipient`.
+    fn receipt(request_id: &str, sender: &str, recipient: &str) -> relay_sessions::Receipt {
+        relay_sessions::Receipt {
+            request_id: request_id.into(),
+            sender_agent_did: sender.into(),
+            recipient_agent_did: recipient.into(),
+            status: relay_sessions::ReceiptStatus::DeliveredToWebhook,
+            reason: None,
+            processed_at: None,
+        }
+    }
+
+    /// The `originalFrameId` of every frame the session of `did` holds unacked, in order.
+    async fn held(sessions: &SessionStore, did: &str) -> Vec<String> {
+        let push = sessions.push(did, crate::relay::sessions::Ask::Connected);
+        let frames = push.await.unwrap().frames;
+        let frames = frames
+            .iter()
+            .map(|f| serde_json::from_str::<Value>(f).unwrap());
+        frames
+            .map(|f| f["originalFrameId"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn deliver_receipts_answers_each_receipt_in_place_and_keeps_each_senders_order() {
+        use relay_sessions::Host;
+        let dir = tempfile::tempdir().unwrap();
+        let mut batch = batch_state(dir.path());
+        let (sessions, calls) = (batch.caps.sessions.clone(), batch.calls.clone().unwrap());
+        let mut state = HasRelaySessions::view(&mut batch);
+        let mut receipts: Vec<_> = (0..150)
+            .map(|n| {
+                let (sender, recipient) = if n % 3 == 0 { (B, A) } else { (A, B) };
+                receipt(&format!("r{n}"), sender, recipient)
+            })
+            .collect();
+        receipts[5] = receipt("bad-did", "did:cdi:nope", B);
+        receipts[7] = receipt(&"x".repeat(2000), A, B);
+        receipts[8] = receipt("r1", A, A);
+        let answers = state.deliver_receipts(receipts.clone()).await;
+        let shown: Vec<String> = answers
+            .iter()
+            .map(|a| match a {
+                Ok(d) => show_delivery(d),
+                Err(e) => format!("error: {}", e.message),
+            })
+            .collect();
+        assert_eq!(shown.len(), 150);
+        assert!(
+            shown[5].starts_with("error: invalid receipt"),
+            "{}",
+            shown[5]
+        );
+        assert!(shown[7].contains("request-id"), "{}", shown[7]);
+        assert_eq!(shown[8], "ignored", "r1 is held for another recipient");
+        let stored = shown.iter().filter(|s| *s == "stored").count();
+        assert_eq!(stored, 147, "{shown:?}");
+
+        let of = |sender: &str| -> Vec<String> {
+            let refused = ["bad-did", "r1"];
+            receipts
+                .iter()
+                .filter(|r| r.sender_agent_did == sender && r.request_id.len() < 100)
+                .filter(|r| {
+                    !(refused.contains(&r.request_id.as_str()) && r.recipient_agent_did == A)
+                })
+                .map(|r| r.request_id.clone())
+                .collect()
+        };
+        assert_eq!(
+            held(&sessions, A).await,
+            of(A),
+            "A's receipts in the order given"
+        );
+        assert_eq!(
+            held(&sessions, B).await,
+            of(B),
+            "B's receipts in the order given"
+        );
+        let recorded = calls.lock().unwrap().clone();
+        assert_eq!(recorded.len(), 150, "one recorded call per receipt");
+        assert!(
+            recorded
+                .iter()
+                .all(|c| c.call == "relay-sessions.deliver-receipts")
+        );
+
+        let too_many = vec![receipt("over", A, B); MAX_RECEIPTS_PER_CALL + 1];
+        let answers = state.deliver_receipts(too_many).await;
+        assert_eq!(answers.len(), MAX_RECEIPTS_PER_CALL + 1);
+        assert!(
+            answers.iter().all(|a| a
+                .as_ref()
+                .is_err_and(|e| !e.transient && e.message.contains("at most 1000"))),
+            "{:?}",
+            answers[0]
+        );
+        assert!(
+            !held(&sessions, A).await.contains(&"over".to_owned()),
+            "nothing recorded"
+        );
     }
 
     #[tokio::test]
