@@ -4,11 +4,12 @@
 //! connector endpoint and the metrics use this one type; each call goes to the store the
 //! host was started with.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::Either;
+use futures_util::future::{Either, join_all};
 
 use super::cluster_sessions::ClusterSessions;
 use super::sessions::{
@@ -42,22 +43,31 @@ impl SessionStore {
 
     /// Records each of `receipts` in its sender's session, in the order given; answers
     /// in that order once all are stored. In SQLite every sender's receipts are queued
-    /// at once (see [`RelaySessions::deliver_receipts`]); in the cluster they are
-    /// recorded one after the other.
+    /// at once (see [`RelaySessions::deliver_receipts`]); in the cluster each sender's
+    /// are recorded one after the other, and different senders' at the same time.
     pub async fn deliver_receipts(
         &self,
         receipts: Vec<ReceiptIn>,
     ) -> Vec<Result<Delivery, SessionError>> {
-        match self {
-            SessionStore::Sqlite(s) => s.deliver_receipts(receipts).await,
-            SessionStore::Cluster(s) => {
-                let mut answers = Vec::with_capacity(receipts.len());
-                for receipt in receipts {
-                    answers.push(s.deliver_receipt(receipt).await);
-                }
-                answers
-            }
+        let cluster = match self {
+            SessionStore::Sqlite(s) => return s.deliver_receipts(receipts).await,
+            SessionStore::Cluster(s) => s,
+        };
+        let mut by_sender: HashMap<String, Vec<(usize, ReceiptIn)>> = HashMap::new();
+        for (at, receipt) in receipts.into_iter().enumerate() {
+            let sender = receipt.sender_agent_did.clone();
+            by_sender.entry(sender).or_default().push((at, receipt));
         }
+        let senders = by_sender.into_values().map(|theirs| async move {
+            let mut answers = Vec::with_capacity(theirs.len());
+            for (at, receipt) in theirs {
+                answers.push((at, cluster.deliver_receipt(receipt).await));
+            }
+            answers
+        });
+        let mut answers: Vec<_> = join_all(senders).await.into_iter().flatten().collect();
+        answers.sort_unstable_by_key(|(at, _)| *at);
+        answers.into_iter().map(|(_, answer)| answer).collect()
     }
 
     /// Records `delivery` in the session of its `to_agent_did`; returns once it is
