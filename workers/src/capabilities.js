@@ -112,7 +112,9 @@ async function deliverReceipts(env, receipts) {
   const bySender = new Map();
   receipts.forEach((r, at) => {
     const did = r.senderAgentDid.trim();
-    bySender.set(did, [...(bySender.get(did) ?? []), at]);
+    const places = bySender.get(did) ?? [];
+    places.push(at);
+    bySender.set(did, places);
   });
   const answers = new Array(receipts.length);
   await Promise.all(

@@ -41,11 +41,16 @@ impl<D: Fn(&[Receipt]) -> Vec<Result<Delivery, HostError>>, L: Fn(Level, &str)> 
     /// Routes the receipts of `messages` to their senders' sessions, all in one call,
     /// and decides each message's outcome, in order.
     fn route(&self, messages: &[Message]) -> Vec<Outcome> {
-        let read: Vec<Result<Receipt, Outcome>> = messages.iter().map(read_receipt).collect();
-        let receipts: Vec<Receipt> = read
+        // Each message's receipt (its place in `receipts`), or its outcome.
+        let mut receipts = Vec::with_capacity(messages.len());
+        let read: Vec<Result<usize, Outcome>> = messages
             .iter()
-            .filter_map(|r| r.as_ref().ok())
-            .cloned()
+            .map(|m| {
+                read_receipt(m).map(|receipt| {
+                    receipts.push(receipt);
+                    receipts.len() - 1
+                })
+            })
             .collect();
         let mut answers = match receipts.is_empty() {
             true => Vec::new(),
@@ -60,9 +65,9 @@ impl<D: Fn(&[Receipt]) -> Vec<Result<Delivery, HostError>>, L: Fn(Level, &str)> 
             .iter()
             .zip(read)
             .map(|(message, read)| match read {
-                Ok(wit) => self.decide(
+                Ok(at) => self.decide(
                     message,
-                    &wit,
+                    &receipts[at],
                     answers.next().unwrap_or_else(|| Err(unanswered())),
                 ),
                 Err(outcome) => outcome,

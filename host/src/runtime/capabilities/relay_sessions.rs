@@ -65,13 +65,15 @@ impl relay_sessions::Host for RelaySessionsView<'_> {
             };
             vec![Err(refused); receipts.len()]
         } else {
-            let checked: Vec<_> = receipts.iter().map(receipt_in).collect();
-            let valid = checked.iter().filter_map(|c| c.as_ref().ok().cloned());
-            let mut recorded = self.sessions.deliver_receipts(valid.collect()).await;
-            recorded.reverse();
+            let mut valid = Vec::with_capacity(receipts.len());
+            let checked: Vec<Result<(), HostError>> = receipts
+                .iter()
+                .map(|r| receipt_in(r).map(|r| valid.push(r)))
+                .collect();
+            let mut recorded = self.sessions.deliver_receipts(valid).await.into_iter();
             checked
                 .into_iter()
-                .map(|c| session_result(c.map(|_| recorded.pop().expect("one answer each"))?))
+                .map(|c| c.and_then(|()| session_result(recorded.next().expect("one answer each"))))
                 .collect()
         };
         for (receipt, answer) in receipts.iter().zip(&answers) {
