@@ -405,32 +405,53 @@ impl Drop for ServeProcess {
     }
 }
 
-/// Publishes `n` revocations to `host` over HTTP from `producers` concurrent producers,
-/// `per_request` messages a request (1: the single-message route, else the batch
-/// route); returns once every request is answered.
-async fn publish_over_http(host: &ServeProcess, n: usize, producers: usize, per_request: usize) {
+/// The request bodies that publish `n` revocations from `producers` concurrent
+/// producers, `per_request` messages a request (1: the single-message route's
+/// `{"body": ...}`, else the batch route's `{"messages": [...]}`): one list per producer,
+/// written before the clock starts so that the producers spend their CPU on HTTP alone
+/// (they share the host's 2 cores).
+fn request_bodies(n: usize, producers: usize, per_request: usize) -> Vec<Vec<Vec<u8>>> {
+    (0..producers)
+        .map(|p| {
+            let mine = p * n / producers..(p + 1) * n / producers;
+            mine.clone()
+                .step_by(per_request)
+                .map(|first| {
+                    let bodies = (first..(first + per_request).min(mine.end))
+                        .map(|i| [&b"{\"body\":"[..], &revocation(i).body, b"}"].concat());
+                    match per_request {
+                        1 => bodies.collect::<Vec<_>>().concat(),
+                        _ => {
+                            let joined = bodies.collect::<Vec<_>>().join(&b","[..]);
+                            [&b"{\"messages\":["[..], &joined, b"]}"].concat()
+                        }
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Posts each producer's `requests` (see [`request_bodies`]) to `host`, the producers
+/// concurrently, each request after the one before it was answered; `per_request` says
+/// which route. Returns once every request is answered.
+async fn publish_over_http(host: &ServeProcess, requests: Vec<Vec<Vec<u8>>>, per_request: usize) {
     let http = reqwest::Client::new();
     let route = if per_request == 1 { "" } else { "/batch" };
     let url = format!("{}/v1/queues/{EVENTS_QUEUE}/messages{route}", host.base);
-    let producers: Vec<_> = (0..producers)
-        .map(|p| {
+    let producers: Vec<_> = requests
+        .into_iter()
+        .map(|mine| {
             let (http, url) = (http.clone(), url.clone());
-            let mine = p * n / producers..(p + 1) * n / producers;
             tokio::spawn(async move {
-                for first in mine.clone().step_by(per_request) {
-                    let last = (first + per_request).min(mine.end);
-                    let mut messages: Vec<serde_json::Value> = (first..last)
-                        .map(|i| {
-                            let body: serde_json::Value =
-                                serde_json::from_slice(&revocation(i).body).unwrap();
-                            serde_json::json!({ "body": body })
-                        })
-                        .collect();
-                    let request = match per_request {
-                        1 => messages.remove(0),
-                        _ => serde_json::json!({ "messages": messages }),
-                    };
-                    let response = http.post(&url).json(&request).send().await.unwrap();
+                for body in mine {
+                    let response = http
+                        .post(&url)
+                        .header(reqwest::header::CONTENT_TYPE, "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
                     assert!(response.status().is_success(), "{response:?}");
                 }
             })
@@ -472,8 +493,9 @@ async fn host_memory(n: usize) {
     // Settled after its start (the component compiled, the first empty polls made).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (idle, idle_peak) = host.memory();
+    let requests = request_bodies(n, 4, PUBLISH_BATCH);
     let started = Instant::now();
-    publish_over_http(&host, n, 4, PUBLISH_BATCH).await;
+    publish_over_http(&host, requests, PUBLISH_BATCH).await;
     wait_handled(&host).await;
     let elapsed = started.elapsed();
     let (after, peak) = host.memory();
@@ -766,8 +788,9 @@ async fn wasm_vs_native(runtime: &Runtime, n: usize, rounds: usize) {
 /// `clawq serve` by `producers` concurrent producers, `per_request` messages a request.
 async fn served(n: usize, producers: usize, per_request: usize) -> (f64, f64) {
     let host = ServeProcess::start().await;
+    let requests = request_bodies(n, producers, per_request);
     let started = Instant::now();
-    publish_over_http(&host, n, producers, per_request).await;
+    publish_over_http(&host, requests, per_request).await;
     let published = started.elapsed();
     wait_handled(&host).await;
     let rate = |took: Duration| n as f64 / took.as_secs_f64();
