@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, params};
 use tokio::sync::oneshot;
 
@@ -306,8 +307,8 @@ fn caught<T, E: From<StoreError>>(
 }
 
 /// Opens a connection to the database at `path`: WAL, the durability's `synchronous`,
-/// temporary files in memory, a busy timeout, a statement cache that holds every
-/// statement of the stores.
+/// temporary files in memory, a busy timeout, stable query plans, a statement cache
+/// that holds every statement of the stores.
 fn connect(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
     static UNCOUNTED: std::sync::Once = std::sync::Once::new();
     UNCOUNTED.call_once(count_no_memory);
@@ -323,6 +324,11 @@ fn connect(path: &Path, durability: Durability) -> rusqlite::Result<Connection> 
     // cost a `pwrite` per page a job touches, more than the commits themselves.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // Plans that never depend on the values bound: otherwise a statement whose plan
+    // SQLite could fit to a parameter's value (the lease's `LIMIT ?3`, say) is marked
+    // stale each time its parameters are bound, and parsed and planned again on every
+    // call.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }
@@ -609,6 +615,34 @@ mod tests {
         // Each write saw every write run before it: the counts are 0..500, once each.
         assert_eq!(seen, (0..500).collect::<Vec<_>>());
         assert_eq!(rows(&db).await.len(), 500);
+    }
+
+    #[test]
+    fn a_cached_statement_is_not_prepared_again_when_its_parameters_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = connect(&dir.path().join(DATABASE_FILE), Durability::Process).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE t (k TEXT, v INTEGER); CREATE INDEX t_kv ON t (k, v);
+             INSERT INTO t VALUES ('a', 1), ('a', 2), ('a', 3), ('b', 1);",
+        )
+        .unwrap();
+        // The shape of the queue's lease: a range and a `LIMIT` bound as parameters.
+        let sql = "SELECT v FROM t WHERE k = ?1 AND v <= ?2 ORDER BY v LIMIT ?3";
+        for (limit, expected) in [(2, vec![1, 2]), (10, vec![1, 2, 3]), (1, vec![1])] {
+            let found: Vec<i64> = conn
+                .prepare_cached(sql)
+                .unwrap()
+                .query_map(params!["a", 3, limit], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            assert_eq!(found, expected);
+        }
+        let statement = conn.prepare_cached(sql).unwrap();
+        assert_eq!(
+            statement.get_status(rusqlite::StatementStatus::RePrepare),
+            0
+        );
     }
 
     #[tokio::test]
