@@ -47,6 +47,76 @@ pub(crate) fn full_and_partial_batches(backend: &str) {
     host.wait_drained("timed");
 }
 
+/// A consumer of `jobs` taking one message a batch, one at a time, whose batches end
+/// at `cpu_timeout` seconds of CPU when the handler spins; a failed message waits a
+/// minute before it is retried.
+fn one_at_a_time(cpu_timeout: u32) -> String {
+    scripted_consumer(
+        JOBS,
+        &format!(
+            "max_batch_size = 1\nmax_batch_timeout = 0\nmax_concurrency = 1\nretry_delay = 60\n\
+             cpu_timeout = {cpu_timeout}\nwall_timeout = {}",
+            cpu_timeout * 2
+        ),
+    )
+}
+
+/// Publishes a message that spins until its CPU deadline, waits until it runs, then
+/// publishes one to ack and waits until it is leased ahead; returns the second's id.
+fn one_running_one_leased_ahead(host: &Host) -> String {
+    host.publish(JOBS, json!({"do": "loop", "tag": "busy"}));
+    host.wait_log("seen tag=busy attempts=1");
+    let ahead = host.publish(JOBS, json!({"do": "ack", "tag": "ahead"}));
+    wait_for("the next batch to be leased while the first runs", || {
+        let status = host.queue(JOBS);
+        (status["in_flight"] == 2 && status["backlog"] == 0).then_some(())
+    });
+    ahead
+}
+
+#[test]
+fn a_batch_leased_ahead_that_waits_too_long_for_its_turn_is_given_back_and_taken_again() {
+    // The spinning batch ends after 11 s, past the 10 s a batch leased ahead may wait.
+    let host = Host::start(&one_at_a_time(11));
+    one_running_one_leased_ahead(&host);
+
+    let given_back = host.wait_log("waited too long for its turn; given back to the queue");
+    let handled = host.wait_log("seen tag=ahead attempts=1 ");
+    assert!(handled.at >= given_back.at);
+    assert_eq!(
+        seen(&host, "ahead").len(),
+        1,
+        "handled once, its attempt not counted twice"
+    );
+    assert_eq!(
+        seen(&host, "busy").len(),
+        1,
+        "the failed batch waits for its retry delay"
+    );
+}
+
+#[test]
+fn a_batch_leased_ahead_is_given_back_untouched_when_the_host_stops() {
+    let mut host = Host::start(&one_at_a_time(2));
+    let ahead = one_running_one_leased_ahead(&host);
+
+    assert!(host.terminate().success());
+    // Back without a consumer: the message is stored, ready, its lease not counted.
+    host.set_config(&format!("[[queues.producers]]\nqueue = \"{JOBS}\"\n"));
+    host.restart();
+    let (status, message) = host.get(&format!("/v1/queues/{JOBS}/messages/{ahead}"));
+    assert_eq!(status, 200, "{message}");
+    assert_eq!(
+        (message["state"].as_str(), message["attempts"].as_u64()),
+        (Some("ready"), Some(0)),
+        "{message}"
+    );
+    assert!(
+        host.all_log_lines(&["seen tag=ahead"]).is_empty(),
+        "never handled"
+    );
+}
+
 #[test]
 fn a_retry_with_delay_is_delivered_again_after_the_delay() {
     retry_with_delay("");

@@ -12,12 +12,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{ConsumerConfig, MAX_DELAY_SECONDS};
+use crate::config::{ConsumerConfig, LEASE_MARGIN, MAX_DELAY_SECONDS};
 use crate::handlers::HandlerSlots;
 use crate::metrics;
 use crate::queue::lane::Lane;
 use crate::queue::{self, BatchTerms, Delivery, QueueBackend, Settlement};
-use crate::runtime::{Capabilities, LoadedHandler, Message, Outcome, Unhandled, bounded};
+use crate::runtime::{
+    Capabilities, LoadedHandler, MAX_ROOM_WAIT, Message, Outcome, Unhandled, bounded,
+};
 use crate::side_effects::SideEffects;
 
 /// How long a consumer waits before asking the queue engine again after it failed.
@@ -30,6 +32,13 @@ const SETTLE_BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const SETTLE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a batch the host had no room for waits before it is taken again.
 const CAPACITY_BACKOFF_SECONDS: u32 = 1;
+/// Longest a batch leased ahead waits for its turn before it is given back. With the
+/// wait for room for an instance ([`MAX_ROOM_WAIT`]) it stays well within the part of
+/// the lease beyond the batch's wall-clock deadline ([`LEASE_MARGIN`]), leaving time to
+/// commit the outcomes.
+const MAX_TURN_WAIT: Duration = Duration::from_secs(10);
+const _: () =
+    assert!(MAX_TURN_WAIT.as_secs() + MAX_ROOM_WAIT.as_secs() + 5 <= LEASE_MARGIN.as_secs());
 
 /// One consumer of a queue: its settings, its handler and what they run against. It
 /// takes batches from its own lane of the queue, so its outcomes (retries, dead letters)
@@ -65,6 +74,13 @@ impl Consumer {
     /// Takes and handles batches until `shutdown`, at most `max_concurrency` at a time;
     /// then waits for the batches in flight to finish and commit. A batch gives its turn
     /// back once its outcomes are on their way to the queue (see [`Consumer::commit`]).
+    ///
+    /// The next batch is leased while the batches in flight run (one batch ahead), so a
+    /// turn given back finds its batch taken: the queue's round trip overlaps the
+    /// handler's call. A batch leased ahead is given back untouched (released without
+    /// counting an attempt) if shutdown comes first, or if it waited longer than
+    /// [`MAX_TURN_WAIT`] for its turn, so that it is never handled near the end of its
+    /// lease.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let turns = Arc::new(Semaphore::new(self.config.max_concurrency));
         let mut in_flight = JoinSet::new();
@@ -72,28 +88,50 @@ impl Consumer {
             let batch = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                batch = async {
-                    let turn = turns.clone().acquire_owned().await.expect("semaphore is never closed");
-                    let batch = self.backend.next_batch(&self.lane, &self.terms).await;
-                    (turn, batch)
-                } => batch,
+                batch = self.backend.next_batch(&self.lane, &self.terms) => batch,
             };
-            match batch {
-                (turn, Ok(deliveries)) => {
-                    let consumer = self.clone();
-                    in_flight.spawn(async move { consumer.handle_guarded(deliveries, turn).await });
-                }
-                (_, Err(err)) => {
+            let deliveries = match batch {
+                Ok(deliveries) => deliveries,
+                Err(err) => {
                     tracing::error!(lane = %self.lane, error = %err, "taking a batch failed; trying again");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(STORAGE_BACKOFF) => {}
+                        _ = tokio::time::sleep(STORAGE_BACKOFF) => continue,
                     }
                 }
+            };
+            let leased = Instant::now();
+            let turn = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.give_back(deliveries).await;
+                    break;
+                }
+                turn = turns.clone().acquire_owned() => turn.expect("semaphore is never closed"),
+            };
+            if leased.elapsed() > MAX_TURN_WAIT {
+                tracing::info!(lane = %self.lane, waited = ?leased.elapsed(),
+                    "a batch leased ahead waited too long for its turn; given back to the queue");
+                self.give_back(deliveries).await;
+                continue;
             }
+            let consumer = self.clone();
+            in_flight.spawn(async move { consumer.handle_guarded(deliveries, turn).await });
             while in_flight.try_join_next().is_some() {}
         }
         while in_flight.join_next().await.is_some() {}
+    }
+
+    /// Gives a batch that was leased but not handled back to the queue: each message is
+    /// ready again at once, without counting an attempt.
+    async fn give_back(&self, deliveries: Vec<Delivery>) {
+        self.commit(
+            released(deliveries, 0),
+            SideEffects::None,
+            Duration::ZERO,
+            None,
+        )
+        .await;
     }
 
     /// [`Consumer::handle_batch`], catching a panic: it is logged, and every message of
@@ -192,7 +230,10 @@ impl Consumer {
                 tracing::warn!(%failure,
                     "batch not run, or its side effects not committed: released without counting an \
                      attempt, tried again shortly");
-                (released(deliveries), SideEffects::None)
+                (
+                    released(deliveries, CAPACITY_BACKOFF_SECONDS),
+                    SideEffects::None,
+                )
             }
             Err(failure) => {
                 tracing::warn!(%failure, "batch failed; every message of it will be retried");
@@ -260,7 +301,7 @@ impl Consumer {
                     tracing::warn!(queue, consumer = %self.config.name, error = %err,
                         "batch released without counting an attempt, tried again shortly");
                     let deliveries = settlements.into_iter().map(|(d, _)| d).collect();
-                    settlements = released(deliveries);
+                    settlements = released(deliveries, CAPACITY_BACKOFF_SECONDS);
                     side_effects = SideEffects::None;
                 }
                 Err(err) => {
@@ -338,12 +379,10 @@ impl Consumer {
     }
 }
 
-/// `deliveries` given back untouched, to be delivered again after
-/// [`CAPACITY_BACKOFF_SECONDS`] without counting an attempt: the host could not run them.
-fn released(deliveries: Vec<Delivery>) -> Vec<(Delivery, Settlement)> {
-    let release = Settlement::Release {
-        delay_seconds: CAPACITY_BACKOFF_SECONDS,
-    };
+/// `deliveries` given back untouched, to be delivered again after `delay_seconds`
+/// without counting an attempt: the host did not run them.
+fn released(deliveries: Vec<Delivery>, delay_seconds: u32) -> Vec<(Delivery, Settlement)> {
+    let release = Settlement::Release { delay_seconds };
     deliveries
         .into_iter()
         .map(|d| (d, release.clone()))

@@ -26,7 +26,7 @@ pub mod native;
 mod record;
 mod stderr;
 
-pub use batch::{Handled, Limits, LoadedHandler};
+pub use batch::{Handled, Limits, LoadedHandler, MAX_ROOM_WAIT};
 pub use capabilities::Capabilities;
 pub use compat::{HANDLER_EXPORT, LEGACY_HANDLER_EXPORT};
 pub use engine::{Compiled, LoadError, MAX_MEMORY_BYTES, Runtime};
