@@ -75,6 +75,51 @@ fn one_running_one_leased_ahead(host: &Host) -> String {
 }
 
 #[test]
+fn batches_leased_together_reach_the_handler_one_at_a_time_in_order_and_never_early() {
+    let host = Host::start(&scripted_consumer(
+        JOBS,
+        "max_batch_size = 10\nmax_batch_timeout = 1",
+    ));
+    // A first batch, so that the consumer knows its handler is quick and leases several
+    // batches at once.
+    let first: Vec<_> = (0..10)
+        .map(|i| json!({"tag": format!("warm{i}")}))
+        .collect();
+    host.publish_batch(JOBS, &first);
+    host.wait_log("seen tag=warm9 ");
+
+    let bodies: Vec<_> = (0..45).map(|i| json!({"tag": format!("m{i}")})).collect();
+    let published = std::time::Instant::now();
+    host.publish_batch(JOBS, &bodies);
+    host.wait_log("seen tag=m44 ");
+    let lines = host.log_lines(&["scripted_handler", "seen tag=m"]);
+    let seen: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            let tag = l.text.split("seen tag=").nth(1).unwrap();
+            let batch = l.text.split("batch=").nth(1).unwrap();
+            (
+                tag.split(' ').next().unwrap(),
+                batch.split(|c: char| !c.is_ascii_digit()).next().unwrap(),
+            )
+        })
+        .collect();
+    let tags: Vec<String> = (0..45).map(|i| format!("m{i}")).collect();
+    assert_eq!(
+        seen.iter().map(|s| s.0).collect::<Vec<_>>(),
+        tags,
+        "each once, in publish order"
+    );
+    assert!(seen[..40].iter().all(|s| s.1 == "10"), "{seen:?}");
+    assert!(seen[40..].iter().all(|s| s.1 == "5"), "{seen:?}");
+    let partial = lines[40].at.duration_since(published);
+    assert!(
+        partial >= Duration::from_millis(900),
+        "the partial batch waited for max_batch_timeout, not {partial:?}"
+    );
+}
+
+#[test]
 fn a_batch_leased_ahead_that_waits_too_long_for_its_turn_is_given_back_and_taken_again() {
     // The spinning batch ends after 11 s, past the 10 s a batch leased ahead may wait.
     let host = Host::start(&one_at_a_time(11));

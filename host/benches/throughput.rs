@@ -114,6 +114,7 @@ async fn engine_alone(n: usize, batch_size: usize) -> f64 {
         let terms = BatchTerms {
             max_size: batch_size,
             max_timeout: Duration::ZERO,
+            batches: 1,
             lease: Duration::from_secs(60),
             policy: policy.clone(),
         };

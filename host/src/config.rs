@@ -227,6 +227,7 @@ impl ConsumerConfig {
         BatchTerms {
             max_size: self.max_batch_size,
             max_timeout: self.max_batch_timeout,
+            batches: 1,
             lease: self.limits.wall_timeout + LEASE_MARGIN,
             policy: RetryPolicy {
                 max_retries: self.max_retries,

@@ -3,6 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -39,6 +40,11 @@ const CAPACITY_BACKOFF_SECONDS: u32 = 1;
 const MAX_TURN_WAIT: Duration = Duration::from_secs(10);
 const _: () =
     assert!(MAX_TURN_WAIT.as_secs() + MAX_ROOM_WAIT.as_secs() + 5 <= LEASE_MARGIN.as_secs());
+/// How much handler time a consumer leases ahead: a lease takes the batches its handler
+/// should start within this time.
+const LEASED_AHEAD_WORK: Duration = Duration::from_millis(10);
+/// Most batches one lease takes.
+const MAX_BATCHES_PER_LEASE: usize = 8;
 
 /// One consumer of a queue: its settings, its handler and what they run against. It
 /// takes batches from its own lane of the queue, so its outcomes (retries, dead letters)
@@ -50,6 +56,8 @@ pub struct Consumer {
     slots: Arc<HandlerSlots>,
     backend: Arc<dyn QueueBackend>,
     caps: Arc<Capabilities>,
+    /// How long the last batch's handler call took, in microseconds (0: none ran yet).
+    last_batch_micros: AtomicU64,
 }
 
 impl Consumer {
@@ -68,6 +76,7 @@ impl Consumer {
             slots,
             backend,
             caps,
+            last_batch_micros: AtomicU64::new(0),
         })
     }
 
@@ -75,23 +84,28 @@ impl Consumer {
     /// then waits for the batches in flight to finish and commit. A batch gives its turn
     /// back once its outcomes are on their way to the queue (see [`Consumer::commit`]).
     ///
-    /// The next batch is leased while the batches in flight run (one batch ahead), so a
-    /// turn given back finds its batch taken: the queue's round trip overlaps the
-    /// handler's call. A batch leased ahead is given back untouched (released without
-    /// counting an attempt) if shutdown comes first, or if it waited longer than
-    /// [`MAX_TURN_WAIT`] for its turn, so that it is never handled near the end of its
-    /// lease.
+    /// Batches are leased ahead: the next lease is taken while the batches in flight run,
+    /// so a turn given back finds its batch waiting, and a lease takes several full
+    /// batches at once when the handler is quick (see [`Consumer::batches_per_lease`]),
+    /// so that one round trip to the queue feeds several batches. A batch leased ahead is
+    /// given back untouched (released without counting an attempt), with the rest of its
+    /// lease, if shutdown comes first, or if it waited longer than [`MAX_TURN_WAIT`] for
+    /// its turn, so that it is never handled near the end of its lease.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let turns = Arc::new(Semaphore::new(self.config.max_concurrency));
         let mut in_flight = JoinSet::new();
-        loop {
-            let batch = tokio::select! {
+        'leases: loop {
+            let terms = BatchTerms {
+                batches: self.batches_per_lease(),
+                ..self.terms.clone()
+            };
+            let leased = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                batch = self.backend.next_batch(&self.lane, &self.terms) => batch,
+                leased = self.backend.next_batch(&self.lane, &terms) => leased,
             };
-            let deliveries = match batch {
-                Ok(deliveries) => deliveries,
+            let mut leased = match leased {
+                Ok(deliveries) => deliveries.into_iter(),
                 Err(err) => {
                     tracing::error!(lane = %self.lane, error = %err, "taking a batch failed; trying again");
                     tokio::select! {
@@ -100,26 +114,43 @@ impl Consumer {
                     }
                 }
             };
-            let leased = Instant::now();
-            let turn = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    self.give_back(deliveries).await;
-                    break;
+            let leased_at = Instant::now();
+            while leased.len() > 0 {
+                let batch: Vec<Delivery> = leased.by_ref().take(self.terms.max_size).collect();
+                let turn = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        self.give_back(batch.into_iter().chain(leased).collect()).await;
+                        break 'leases;
+                    }
+                    turn = turns.clone().acquire_owned() => turn.expect("semaphore is never closed"),
+                };
+                if leased_at.elapsed() > MAX_TURN_WAIT {
+                    tracing::info!(lane = %self.lane, waited = ?leased_at.elapsed(),
+                        "a batch leased ahead waited too long for its turn; given back to the queue");
+                    self.give_back(batch.into_iter().chain(leased).collect())
+                        .await;
+                    continue 'leases;
                 }
-                turn = turns.clone().acquire_owned() => turn.expect("semaphore is never closed"),
-            };
-            if leased.elapsed() > MAX_TURN_WAIT {
-                tracing::info!(lane = %self.lane, waited = ?leased.elapsed(),
-                    "a batch leased ahead waited too long for its turn; given back to the queue");
-                self.give_back(deliveries).await;
-                continue;
+                let consumer = self.clone();
+                in_flight.spawn(async move { consumer.handle_guarded(batch, turn).await });
+                while in_flight.try_join_next().is_some() {}
             }
-            let consumer = self.clone();
-            in_flight.spawn(async move { consumer.handle_guarded(deliveries, turn).await });
-            while in_flight.try_join_next().is_some() {}
         }
         while in_flight.join_next().await.is_some() {}
+    }
+
+    /// How many batches the next lease may take: as many as the handler is expected to
+    /// start within [`LEASED_AHEAD_WORK`] (by how long its last batch took, its batches
+    /// running `max_concurrency` at a time), from 1 to [`MAX_BATCHES_PER_LEASE`]; 1 until
+    /// a batch has run.
+    fn batches_per_lease(&self) -> usize {
+        let last = self.last_batch_micros.load(Ordering::Relaxed);
+        if last == 0 {
+            return 1;
+        }
+        let ahead = LEASED_AHEAD_WORK.as_micros() as u64 * self.config.max_concurrency as u64;
+        (ahead / last).clamp(1, MAX_BATCHES_PER_LEASE as u64) as usize
     }
 
     /// Gives a batch that was leased but not handled back to the queue: each message is
@@ -212,6 +243,8 @@ impl Consumer {
             .call(self.caps.clone(), queue, &messages, None)
             .await;
         let elapsed = started.elapsed();
+        self.last_batch_micros
+            .store((elapsed.as_micros() as u64).max(1), Ordering::Relaxed);
         metrics::batch(
             consumer,
             handler.version(),
@@ -456,6 +489,22 @@ mod tests {
             .await
             .unwrap();
         (backend, id, consumer, batch)
+    }
+
+    #[tokio::test]
+    async fn a_lease_takes_as_many_batches_as_the_handler_starts_within_10_ms() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, _) = one_message(dir.path()).await;
+        let consumer = consumer(dir.path(), backend).await;
+        assert_eq!(consumer.batches_per_lease(), 1, "no batch has run yet");
+        let after = |micros: u64| {
+            consumer.last_batch_micros.store(micros, Ordering::Relaxed);
+            consumer.batches_per_lease()
+        };
+        assert_eq!(after(100), MAX_BATCHES_PER_LEASE, "a quick handler");
+        assert_eq!(after(5_000), 2);
+        assert_eq!(after(9_000), 1);
+        assert_eq!(after(30_000_000), 1, "a slow handler");
     }
 
     #[tokio::test]

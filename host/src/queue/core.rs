@@ -124,6 +124,7 @@ impl<S: Storage> Engine<S> {
         let now = now_ms();
         let plan = LeasePlan {
             max_size: terms.max_size,
+            batches: terms.batches.max(1),
             timeout_ms: terms.max_timeout.as_millis() as u64,
             now,
             deadline: now + (terms.lease.as_millis() as u64).max(1),
@@ -174,6 +175,16 @@ pub fn readiness(first_ready_ms: Option<u64>, ready: usize, plan: &LeasePlan) ->
     } else {
         Readiness::Wait(Some(due))
     }
+}
+
+/// How many of the `ready` messages at the head of a lane a due lease takes: whole
+/// batches of `plan.max_size`, up to `plan.batches` of them, when a batch is full; else
+/// (due at its timeout) every one of them, fewer than `plan.max_size`.
+pub fn taken(ready: usize, plan: &LeasePlan) -> usize {
+    if ready < plan.max_size {
+        return ready;
+    }
+    (ready / plan.max_size).min(plan.batches) * plan.max_size
 }
 
 /// The earlier of two times, either of which may be unknown.
@@ -483,6 +494,7 @@ mod tests {
     fn plan(max_size: usize, timeout_ms: u64, now: u64) -> LeasePlan {
         LeasePlan {
             max_size,
+            batches: 1,
             timeout_ms,
             now,
             deadline: now + 1000,
@@ -515,6 +527,24 @@ mod tests {
         assert_eq!(earliest(Some(3), Some(2)), Some(2));
         assert_eq!(earliest(None, Some(2)), Some(2));
         assert_eq!(earliest(None, None), None);
+    }
+
+    #[test]
+    fn a_lease_takes_whole_batches_up_to_its_count_or_a_partial_one_at_its_timeout() {
+        let wide = LeasePlan {
+            batches: 3,
+            ..plan(10, 500, 1000)
+        };
+        assert_eq!(
+            taken(3, &wide),
+            3,
+            "due at its timeout: every ready message"
+        );
+        assert_eq!(taken(10, &wide), 10);
+        assert_eq!(taken(25, &wide), 20, "whole batches only");
+        assert_eq!(taken(30, &wide), 30);
+        assert_eq!(taken(31, &wide), 30, "no more than `batches` of them");
+        assert_eq!(taken(25, &plan(10, 500, 1000)), 10, "one batch by default");
     }
 
     #[test]
@@ -722,7 +752,7 @@ mod tests {
                 .map(|r| (r.visible_ms, r.seq))
                 .collect();
             due.sort_unstable();
-            due.truncate(plan.max_size);
+            due.truncate(plan.max_size * plan.batches);
             if let Readiness::Wait(fill_by) = readiness(due.first().map(|d| d.0), due.len(), &plan)
             {
                 let next = rows
@@ -734,6 +764,7 @@ mod tests {
             }
             let (mut deliveries, mut gave_up, mut woken) =
                 (vec![], SettleSummary::default(), vec![]);
+            due.truncate(taken(due.len(), &plan));
             for (_, seq) in due {
                 let at = rows.iter().position(|r| r.seq == seq).unwrap();
                 if let Some(reason) = poisoned(rows[at].attempts, &plan.policy) {
@@ -974,6 +1005,7 @@ mod tests {
         BatchTerms {
             max_size: 10,
             max_timeout: Duration::ZERO,
+            batches: 1,
             lease: Duration::from_secs(60),
             policy: policy(max_retries),
         }

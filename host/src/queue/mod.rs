@@ -144,6 +144,11 @@ pub struct BatchTerms {
     pub max_size: usize,
     /// Longest wait for a batch to fill, from the first ready message.
     pub max_timeout: Duration,
+    /// Most batches leased together (at least 1): once more than `max_size` messages are
+    /// ready, whole batches of them, up to this many, are leased at once, under one
+    /// lease; the consumer hands them to its handler `max_size` at a time. A backend may
+    /// lease a single batch instead.
+    pub batches: usize,
     /// How long the messages of a batch stay leased: not settled by then, they are ready
     /// again (and their next delivery counts as an attempt).
     pub lease: Duration,

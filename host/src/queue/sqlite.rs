@@ -38,7 +38,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::side_effects::SideEffects;
 use crate::store::Database;
 
-use super::core::{DeadLetterRoute, Engine, Readiness, earliest, poisoned, readiness, warn_stale};
+use super::core::{
+    DeadLetterRoute, Engine, Readiness, earliest, poisoned, readiness, taken, warn_stale,
+};
 use super::lane::Lane;
 use super::routes::Routes;
 use super::storage::{Committed, DataPath, Fate, LeasePlan, Leased, Operator, PublishRow};
@@ -457,11 +459,12 @@ fn next_visible(conn: &Connection, lane: &str, now: u64) -> rusqlite::Result<Opt
 fn lease(conn: &Connection, lane: &Lane, plan: &LeasePlan) -> rusqlite::Result<Leased> {
     let written = lane.to_string();
     let now = plan.now;
-    let (first_ready, due) = head(conn, &written, plan.max_size, now)?;
+    let (first_ready, mut due) = head(conn, &written, plan.max_size * plan.batches, now)?;
     if let Readiness::Wait(fill_by) = readiness(first_ready, due.len(), plan) {
         let next = next_visible(conn, &written, now)?;
         return Ok(Leased::Wait(earliest(fill_by, next)));
     }
+    due.truncate(taken(due.len(), plan));
     let (mut gave_up, mut woken) = (SettleSummary::default(), Vec::new());
     let mut taken = Vec::with_capacity(due.len());
     for message in due {
@@ -1015,6 +1018,7 @@ mod tests {
         BatchTerms {
             max_size,
             max_timeout,
+            batches: 1,
             lease: LONG,
             policy: policy(3, Some(DLQ)),
         }
@@ -1155,6 +1159,27 @@ mod tests {
         assert_eq!(first[0].body, b"m0");
         let counts = queue.counts(Q).await.unwrap();
         assert_eq!(held(counts), (2, 5, 0));
+    }
+
+    #[tokio::test]
+    async fn a_lease_of_several_batches_takes_whole_ones_only() {
+        let (_dir, queue) = open();
+        let ids = publish(&queue, 25).await;
+        let wide = BatchTerms {
+            batches: 4,
+            ..terms(10, LONG)
+        };
+        let first = queue.next_batch(&q(), &wide).await.unwrap();
+        assert_eq!(
+            first.iter().map(|d| d.id.clone()).collect::<Vec<_>>(),
+            ids[..20],
+            "two whole batches, in publish order"
+        );
+        assert_eq!(
+            held(queue.counts(Q).await.unwrap()),
+            (5, 20, 0),
+            "5 left ready"
+        );
     }
 
     #[tokio::test]

@@ -37,6 +37,9 @@ pub struct PublishRow {
 pub struct LeasePlan {
     /// Most messages in the batch.
     pub max_size: usize,
+    /// Most batches leased at once (see [`super::BatchTerms::batches`] and
+    /// [`super::core::taken`]).
+    pub batches: usize,
     /// Longest wait for a batch to fill from its first ready message, in milliseconds.
     pub timeout_ms: u64,
     /// The time of the lease, in milliseconds since the Unix epoch.

@@ -34,7 +34,8 @@
 //! message of the lane (a long poll of [`LONG_POLL`]; none came: the core asks again),
 //! then takes up to `max_size - 1` more, waiting at most `max_batch_timeout` for them:
 //! the batch is due once full or `max_batch_timeout` after its first message was ready,
-//! as [`super::core::readiness`] says. A message already delivered `1 + max_retries`
+//! as [`super::core::readiness`] says. A lease takes one batch, whatever its plan's
+//! `batches` (a host that took several would keep them from the other hosts). A message already delivered `1 + max_retries`
 //! times is dead-lettered there ([`super::core::poisoned`]). The storage keeps each
 //! leased message's handle to settle it: an ack deletes it; a retry or release publishes
 //! a copy with the attempts and failure record updated (a schedule, if delayed), then
