@@ -466,7 +466,7 @@ fn lease(conn: &Connection, lane: &Lane, plan: &LeasePlan) -> rusqlite::Result<L
     }
     due.truncate(taken(due.len(), plan));
     let (mut gave_up, mut woken) = (SettleSummary::default(), Vec::new());
-    let mut taken = Vec::with_capacity(due.len());
+    let mut leasing = Vec::with_capacity(due.len());
     for message in due {
         if let Some(reason) = poisoned(message.attempts, &plan.policy) {
             let doomed = Doomed {
@@ -479,16 +479,16 @@ fn lease(conn: &Connection, lane: &Lane, plan: &LeasePlan) -> rusqlite::Result<L
             give_up(conn, lane, doomed, &plan.dead_letters, now)?.count(&mut gave_up, &mut woken);
             continue;
         }
-        taken.push(message.seq);
+        leasing.push(message.seq);
     }
-    // The batch's rows, leased in one statement.
+    // The lease's rows, leased in one statement.
     let mut leased: HashMap<i64, Delivery> = conn
         .prepare_cached(
             "UPDATE messages SET leased = 1, attempts = attempts + 1, visible_ms = ?2
              WHERE seq IN (SELECT value FROM json_each(?1))
              RETURNING seq, id, attempts, published_ms, content_type, body, enqueued_ms",
         )?
-        .query_map(params![seq_list(&taken), plan.deadline], |row| {
+        .query_map(params![seq_list(&leasing), plan.deadline], |row| {
             let content_type: String = row.get(4)?;
             let seq: i64 = row.get(0)?;
             let delivery = Delivery {
@@ -505,7 +505,10 @@ fn lease(conn: &Connection, lane: &Lane, plan: &LeasePlan) -> rusqlite::Result<L
         })?
         .collect::<rusqlite::Result<_>>()?;
     // In the order they became ready (`RETURNING` keeps none).
-    let deliveries = taken.iter().filter_map(|seq| leased.remove(seq)).collect();
+    let deliveries = leasing
+        .iter()
+        .filter_map(|seq| leased.remove(seq))
+        .collect();
     Ok(Leased::Batch {
         deliveries,
         gave_up,

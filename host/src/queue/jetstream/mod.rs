@@ -35,8 +35,9 @@
 //! then takes up to `max_size - 1` more, waiting at most `max_batch_timeout` for them:
 //! the batch is due once full or `max_batch_timeout` after its first message was ready,
 //! as [`super::core::readiness`] says. A lease takes one batch, whatever its plan's
-//! `batches` (a host that took several would keep them from the other hosts). A message already delivered `1 + max_retries`
-//! times is dead-lettered there ([`super::core::poisoned`]). The storage keeps each
+//! `batches` (a host that took several would keep them from the other hosts). A
+//! message already delivered `1 + max_retries` times is dead-lettered there
+//! ([`super::core::poisoned`]). The storage keeps each
 //! leased message's handle to settle it: an ack deletes it; a retry or release publishes
 //! a copy with the attempts and failure record updated (a schedule, if delayed), then
 //! acks the original; a dead letter publishes a copy to each lane of the dead-letter
