@@ -11,7 +11,9 @@
 //! after it handled 1,000,000 revocations published over HTTP (`VmRSS` and the peak,
 //! `VmHWM`, of `/proc/<pid>/status`). And (`single`) the same host's msg/s with
 //! concurrent single-message publishes (1, 16 and 64 producers, a request per message)
-//! beside one producer of batches of 100.
+//! beside one producer of batches of 100, each with the host's CPU time per message
+//! (`/proc/<pid>/stat`): the producers share the host's 2 cores, so the CPU figure says
+//! what the host itself costs.
 //!
 //! And WASM vs native (`native`): the same revocations through one queue loop (take a
 //! batch, handle it, settle its acks), handled by the CRL component or by its own logic
@@ -22,7 +24,9 @@
 //! sections whose name contains it (`gauges`, `instance`, `deploy`, `batch`,
 //! `subscribers`, `rss`, `native`, `single`). `CLAWQ_BENCH_MESSAGES` sets the message count
 //! (default 50000), `CLAWQ_BENCH_RSS_MESSAGES` that of the `rss` section (default
-//! 1000000), `CLAWQ_BENCH_ROUNDS` the rounds of the `native` section (default 5).
+//! 1000000), `CLAWQ_BENCH_ROUNDS` the rounds of the `native` section (default 5),
+//! `CLAWQ_BENCH_PRODUCERS` the producer counts of the `single` section (default
+//! `1,16,64`; empty: the batches of 100 alone).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -344,6 +348,7 @@ async fn swap(runtime: &Arc<Runtime>) {
 /// killed when dropped.
 struct ServeProcess {
     child: std::process::Child,
+    addr: std::net::SocketAddr,
     base: String,
     _dir: tempfile::TempDir,
 }
@@ -356,7 +361,8 @@ impl ServeProcess {
             .local_addr()
             .unwrap()
             .port();
-        let listen = format!("127.0.0.1:{port}");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let listen = addr.to_string();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_clawq"))
             .args([
                 "serve",
@@ -368,7 +374,7 @@ impl ServeProcess {
             .arg(dir.path().join("data"))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("starting clawq serve");
         let base = format!("http://{listen}");
@@ -378,9 +384,27 @@ impl ServeProcess {
         }
         ServeProcess {
             child,
+            addr,
             base,
             _dir: dir,
         }
+    }
+
+    /// The CPU time the process has used so far, user and system.
+    fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // The fields after the command name (which is in parentheses); `utime` and
+        // `stime` are the 14th and 15th of the line, in clock ticks.
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let ticks: u64 = after_name
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|t| t.parse::<u64>().unwrap())
+            .sum();
+        // SAFETY: `sysconf` only reads a constant of the system.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Duration::from_secs_f64(ticks as f64 / per_second)
     }
 
     /// `VmRSS` and `VmHWM` of the process, in MB.
@@ -434,26 +458,41 @@ fn request_bodies(n: usize, producers: usize, per_request: usize) -> Vec<Vec<Vec
 }
 
 /// Posts each producer's `requests` (see [`request_bodies`]) to `host`, the producers
-/// concurrently, each request after the one before it was answered; `per_request` says
-/// which route. Returns once every request is answered.
+/// concurrently, each on its own keep-alive HTTP/1.1 connection and each request after
+/// the one before it was answered; `per_request` says which route. Returns once every
+/// request is answered.
+///
+/// The producers use hyper's bare connection rather than a pooled client: they share the
+/// host's 2 cores, and the lighter they are, the more of the cores the figure gives to
+/// the host (as a load generator such as `wrk` would).
 async fn publish_over_http(host: &ServeProcess, requests: Vec<Vec<Vec<u8>>>, per_request: usize) {
-    let http = reqwest::Client::new();
     let route = if per_request == 1 { "" } else { "/batch" };
-    let url = format!("{}/v1/queues/{EVENTS_QUEUE}/messages{route}", host.base);
+    let path = format!("/v1/queues/{EVENTS_QUEUE}/messages{route}");
     let producers: Vec<_> = requests
         .into_iter()
         .map(|mine| {
-            let (http, url) = (http.clone(), url.clone());
+            let (addr, path) = (host.addr, path.clone());
             tokio::spawn(async move {
-                for body in mine {
-                    let response = http
-                        .post(&url)
-                        .header(reqwest::header::CONTENT_TYPE, "application/json")
-                        .body(body)
-                        .send()
+                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                         .await
                         .unwrap();
-                    assert!(response.status().is_success(), "{response:?}");
+                tokio::spawn(connection);
+                for body in mine {
+                    let request = hyper::Request::post(&path)
+                        .header(hyper::header::HOST, addr.to_string())
+                        .header(hyper::header::CONTENT_TYPE, "application/json")
+                        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                        .unwrap();
+                    let response = sender.send_request(request).await.unwrap();
+                    let status = response.status();
+                    // Read the answer to its end so that the connection can carry the next.
+                    let answer = http_body_util::BodyExt::collect(response.into_body())
+                        .await
+                        .unwrap();
+                    assert!(status.is_success(), "{status}: {:?}", answer.to_bytes());
                 }
             })
         })
@@ -785,17 +824,33 @@ async fn wasm_vs_native(runtime: &Runtime, n: usize, rounds: usize) {
     println!("load average {}", load_average());
 }
 
-/// msg/s published, and handled (published until the queue is empty), through the real
-/// `clawq serve` by `producers` concurrent producers, `per_request` messages a request.
-async fn served(n: usize, producers: usize, per_request: usize) -> (f64, f64) {
+/// What [`served`] measured.
+struct Served {
+    /// Messages published a second.
+    published: f64,
+    /// Messages handled a second (published until the queue is empty).
+    handled: f64,
+    /// The host's CPU time (user and system) per message, in µs, from the first publish
+    /// until the queue is empty.
+    host_cpu_micros: f64,
+}
+
+/// Publishes `n` messages to the real `clawq serve` from `producers` concurrent
+/// producers, `per_request` messages a request, and waits until they are all handled.
+async fn served(n: usize, producers: usize, per_request: usize) -> Served {
     let host = ServeProcess::start().await;
     let requests = request_bodies(n, producers, per_request);
-    let started = Instant::now();
+    let (started, cpu_before) = (Instant::now(), host.cpu_time());
     publish_over_http(&host, requests, per_request).await;
     let published = started.elapsed();
     wait_handled(&host).await;
+    let (handled, cpu) = (started.elapsed(), host.cpu_time() - cpu_before);
     let rate = |took: Duration| n as f64 / took.as_secs_f64();
-    (rate(published), rate(started.elapsed()))
+    Served {
+        published: rate(published),
+        handled: rate(handled),
+        host_cpu_micros: cpu.as_secs_f64() * 1e6 / n as f64,
+    }
 }
 
 #[tokio::main]
@@ -851,15 +906,25 @@ async fn main() {
     if run("single") {
         // Side by side: concurrent single-message publishes (each its own request, sharing
         // the writer's group commits) and one producer of batches of 100.
-        let (batched, batched_handled) = served(n, 1, PUBLISH_BATCH).await;
-        for producers in [1, 16, 64] {
-            let (single, handled) = served(n, producers, 1).await;
+        // `CLAWQ_BENCH_PRODUCERS` lists the producer counts (`1,16,64` unless set; empty:
+        // the batches of 100 alone).
+        let counts = std::env::var("CLAWQ_BENCH_PRODUCERS").unwrap_or_else(|_| "1,16,64".into());
+        let batched = served(n, 1, PUBLISH_BATCH).await;
+        println!(
+            "HTTP publish → CRL component, 1 producer of batches of 100: published {:>7.0} \
+             msg/s, handled {:>7.0} msg/s, host CPU {:.1} µs/msg",
+            batched.published, batched.handled, batched.host_cpu_micros
+        );
+        for producers in counts.split(',').filter_map(|p| p.trim().parse().ok()) {
+            let single = served(n, producers, 1).await;
             println!(
                 "HTTP publish → CRL component, {producers:>2} producers of single messages: \
-                 published {single:>7.0} msg/s, handled {handled:>7.0} msg/s | 1 producer of \
-                 batches of 100: published {batched:>7.0} msg/s, handled {batched_handled:>7.0} \
-                 msg/s | ratio published {:.2}",
-                single / batched
+                 published {:>7.0} msg/s, handled {:>7.0} msg/s, host CPU {:.1} µs/msg | ratio \
+                 published to batches of 100 {:.2}",
+                single.published,
+                single.handled,
+                single.host_cpu_micros,
+                single.published / batched.published
             );
         }
     }
