@@ -16,6 +16,7 @@ use axum::routing::{get, post};
 use base64::Engine as _;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::queue::lane::Lane;
@@ -195,7 +196,9 @@ impl From<TrustError> for ApiError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PublishRequest {
-    body: Value,
+    /// The body as the producer wrote it: a `json` body is stored as these bytes, so it
+    /// is never parsed into a tree and written out again.
+    body: Box<RawValue>,
     #[serde(default)]
     content_type: Option<String>,
     #[serde(default)]
@@ -218,19 +221,21 @@ impl PublishRequest {
                 "message {index}: content_type `{name}` is not one of json, text, bytes"
             ))
         })?;
-        let body = match (content_type, self.body) {
-            (ContentType::Json, value) => value.to_string().into_bytes(),
-            (ContentType::Text, Value::String(text)) => text.into_bytes(),
-            (ContentType::Bytes, Value::String(b64)) => base64::engine::general_purpose::STANDARD
-                .decode(b64)
+        let string = |body: &RawValue| {
+            serde_json::from_str::<String>(body.get()).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "message {index}: a {name} body must be a JSON string"
+                ))
+            })
+        };
+        let body = match content_type {
+            ContentType::Json => Box::<str>::from(self.body).into_string().into_bytes(),
+            ContentType::Text => string(&self.body)?.into_bytes(),
+            ContentType::Bytes => base64::engine::general_purpose::STANDARD
+                .decode(string(&self.body)?)
                 .map_err(|e| {
                     ApiError::bad_request(format!("message {index}: body is not valid base64: {e}"))
                 })?,
-            (_, _) => {
-                return Err(ApiError::bad_request(format!(
-                    "message {index}: a {name} body must be a JSON string"
-                )));
-            }
         };
         Ok(NewMessage {
             content_type,
@@ -427,4 +432,45 @@ async fn agent_trust(
         "revokedAt": found.revoked_at_ms.map(crate::clock::iso8601),
         "expiresAt": found.expires_at_ms.map(crate::clock::iso8601),
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(request: &str) -> Result<NewMessage, ApiError> {
+        serde_json::from_str::<PublishRequest>(request)
+            .unwrap()
+            .into_message(0)
+    }
+
+    #[test]
+    fn a_json_body_is_stored_as_the_producer_wrote_it() {
+        let body = r#"{ "type": "agent.revoked", "agentDid": "did:cdi:x", "n": 123456789012345678901234 }"#;
+        let message = stored(&format!(r#"{{"body": {body}}}"#)).unwrap();
+        assert_eq!(message.content_type, ContentType::Json);
+        // Keys in their order, the spaces, and a number no f64 holds: all kept.
+        assert_eq!(String::from_utf8(message.body).unwrap(), body);
+    }
+
+    #[test]
+    fn text_and_bytes_bodies_are_decoded_from_their_json_string() {
+        let text = stored(r#"{"body": "caf\u00e9 \"quoted\"", "content_type": "text"}"#).unwrap();
+        assert_eq!(text.body, "café \"quoted\"".as_bytes());
+        let bytes = stored(r#"{"body": "AAEC/w==", "content_type": "bytes"}"#).unwrap();
+        assert_eq!(bytes.body, [0, 1, 2, 255]);
+        for (request, error) in [
+            (
+                r#"{"body": {"a": 1}, "content_type": "text"}"#,
+                "message 0: a text body must be a JSON string",
+            ),
+            (
+                r#"{"body": 7, "content_type": "bytes"}"#,
+                "message 0: a bytes body must be a JSON string",
+            ),
+        ] {
+            let err = stored(request).expect_err(request);
+            assert_eq!(err.message, error, "{request}");
+        }
+    }
 }
