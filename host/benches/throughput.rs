@@ -374,7 +374,7 @@ impl ServeProcess {
             .arg(dir.path().join("data"))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .expect("starting clawq serve");
         let base = format!("http://{listen}");
