@@ -349,7 +349,6 @@ async fn swap(runtime: &Arc<Runtime>) {
 struct ServeProcess {
     child: std::process::Child,
     addr: std::net::SocketAddr,
-    base: String,
     _dir: tempfile::TempDir,
 }
 
@@ -377,17 +376,21 @@ impl ServeProcess {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("starting clawq serve");
-        let base = format!("http://{listen}");
-        let http = reqwest::Client::new();
-        while http.get(format!("{base}/healthz")).send().await.is_err() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        ServeProcess {
+        let host = ServeProcess {
             child,
             addr,
-            base,
             _dir: dir,
+        };
+        let http = reqwest::Client::new();
+        while http.get(host.url("/healthz")).send().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        host
+    }
+
+    /// The URL of `path` on this host.
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
     }
 
     /// The CPU time the process has used so far, user and system.
@@ -472,6 +475,7 @@ async fn publish_over_http(host: &ServeProcess, requests: Vec<Vec<Vec<u8>>>, per
         .into_iter()
         .map(|mine| {
             let (addr, path) = (host.addr, path.clone());
+            let host_header = addr.to_string();
             tokio::spawn(async move {
                 let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
                 stream.set_nodelay(true).unwrap();
@@ -482,7 +486,7 @@ async fn publish_over_http(host: &ServeProcess, requests: Vec<Vec<Vec<u8>>>, per
                 tokio::spawn(connection);
                 for body in mine {
                     let request = hyper::Request::post(&path)
-                        .header(hyper::header::HOST, addr.to_string())
+                        .header(hyper::header::HOST, &host_header)
                         .header(hyper::header::CONTENT_TYPE, "application/json")
                         .body(http_body_util::Full::new(bytes::Bytes::from(body)))
                         .unwrap();
@@ -505,7 +509,7 @@ async fn publish_over_http(host: &ServeProcess, requests: Vec<Vec<Vec<u8>>>, per
 /// Waits until the events queue of `host` holds no message (polled every 20 ms).
 async fn wait_handled(host: &ServeProcess) {
     let http = reqwest::Client::new();
-    let status_url = format!("{}/v1/queues/{EVENTS_QUEUE}", host.base);
+    let status_url = host.url(&format!("/v1/queues/{EVENTS_QUEUE}"));
     loop {
         let status: serde_json::Value = http
             .get(&status_url)
