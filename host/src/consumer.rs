@@ -43,8 +43,12 @@ const _: () =
 /// How much handler time a consumer leases ahead: a lease takes the batches its handler
 /// should start within this time.
 const LEASED_AHEAD_WORK: Duration = Duration::from_millis(10);
-/// Most batches one lease takes.
-const MAX_BATCHES_PER_LEASE: usize = 8;
+/// Most batches one lease takes: enough that a quick handler of small batches (the
+/// default 10 messages) waits for a lease only once every few hundred messages.
+const MAX_BATCHES_PER_LEASE: usize = 32;
+/// Most messages one lease takes, whatever the batch size: bounds the memory the bodies
+/// of batches leased ahead hold (1,000 bodies of at most 128 KiB).
+const MAX_MESSAGES_PER_LEASE: usize = 1000;
 
 /// One consumer of a queue: its settings, its handler and what they run against. It
 /// takes batches from its own lane of the queue, so its outcomes (retries, dead letters)
@@ -142,15 +146,17 @@ impl Consumer {
 
     /// How many batches the next lease may take: as many as the handler is expected to
     /// start within [`LEASED_AHEAD_WORK`] (by how long its last batch took, its batches
-    /// running `max_concurrency` at a time), from 1 to [`MAX_BATCHES_PER_LEASE`]; 1 until
-    /// a batch has run.
+    /// running `max_concurrency` at a time), from 1 to [`MAX_BATCHES_PER_LEASE`] and
+    /// [`MAX_MESSAGES_PER_LEASE`]; 1 until a batch has run.
     fn batches_per_lease(&self) -> usize {
         let last = self.last_batch_micros.load(Ordering::Relaxed);
         if last == 0 {
             return 1;
         }
         let ahead = LEASED_AHEAD_WORK.as_micros() as u64 * self.config.max_concurrency as u64;
-        (ahead / last).clamp(1, MAX_BATCHES_PER_LEASE as u64) as usize
+        let most = (MAX_MESSAGES_PER_LEASE / self.config.max_batch_size)
+            .clamp(1, MAX_BATCHES_PER_LEASE) as u64;
+        (ahead / last).clamp(1, most) as usize
     }
 
     /// Gives a batch that was leased but not handled back to the queue: each message is
@@ -447,7 +453,8 @@ mod tests {
     use crate::runtime::Runtime;
 
     /// A consumer of `jobs` without a handler over `backend`, in `dir`.
-    async fn consumer(dir: &std::path::Path, backend: Arc<dyn QueueBackend>) -> Arc<Consumer> {
+    /// The capabilities and handler slots of a host in `dir`, with no handler deployed.
+    async fn handler_parts(dir: &std::path::Path) -> (Arc<Capabilities>, Arc<HandlerSlots>) {
         let caps = crate::server::open_capabilities(
             &crate::store::test_db(dir),
             Duration::from_secs(60),
@@ -458,11 +465,16 @@ mod tests {
         let slots = HandlerSlots::open(dir, &crate::store::test_db(dir), runtime, caps.clone(), [])
             .await
             .unwrap();
+        (caps, Arc::new(slots))
+    }
+
+    async fn consumer(dir: &std::path::Path, backend: Arc<dyn QueueBackend>) -> Arc<Consumer> {
+        let (caps, slots) = handler_parts(dir).await;
         let config = ConsumerConfig {
             max_batch_timeout: Duration::ZERO,
             ..ConsumerConfig::default_for("jobs")
         };
-        Consumer::new(config, Arc::new(slots), backend, caps)
+        Consumer::new(config, slots, backend, caps)
     }
 
     /// A queue `jobs` in `dir` holding one message, and the message's id.
@@ -505,6 +517,25 @@ mod tests {
         assert_eq!(after(5_000), 2);
         assert_eq!(after(9_000), 1);
         assert_eq!(after(30_000_000), 1, "a slow handler");
+    }
+
+    #[tokio::test]
+    async fn a_lease_of_large_batches_takes_at_most_1000_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, _) = one_message(dir.path()).await;
+        let (caps, slots) = handler_parts(dir.path()).await;
+        let leased = |max_batch_size: usize| {
+            let config = ConsumerConfig {
+                max_batch_size,
+                ..ConsumerConfig::default_for("jobs")
+            };
+            let consumer = Consumer::new(config, slots.clone(), backend.clone(), caps.clone());
+            consumer.last_batch_micros.store(1, Ordering::Relaxed);
+            consumer.batches_per_lease()
+        };
+        assert_eq!(leased(10), MAX_BATCHES_PER_LEASE);
+        assert_eq!(leased(100), 10);
+        assert_eq!(leased(MAX_MESSAGES_PER_LEASE), 1);
     }
 
     #[tokio::test]
