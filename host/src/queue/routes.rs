@@ -5,11 +5,14 @@
 //! its own attempts, retries and dead-letter entry, so one consumer's failures never hold
 //! up another; a message has left the queue when every copy is settled.
 
+use std::borrow::{Borrow, Cow};
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 
-use clawq_protocol::body;
 use serde::Deserialize;
+use serde::de::{Deserializer, Visitor};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::ContentType;
 use super::lane::Lane;
@@ -76,8 +79,9 @@ impl Filter {
         serde_json::to_value(&self.fields).expect("strings serialize")
     }
 
-    /// Whether a message whose body parsed as `body` (`None`: not a JSON object) passes.
-    fn accepts(&self, body: Option<&Value>) -> bool {
+    /// Whether a message whose body has the members `body` (`None`: not a JSON object)
+    /// passes.
+    fn accepts(&self, body: Option<&Members<'_>>) -> bool {
         if self.is_empty() {
             return true;
         }
@@ -85,8 +89,7 @@ impl Filter {
             return false;
         };
         self.fields.iter().all(|(path, accepted)| {
-            let found = path.split('.').try_fold(body, |value, key| value.get(key));
-            match found {
+            match field(body, path) {
                 // Trimmed, as the protocol's lenient rules read fields (spec section 5).
                 Some(Value::String(s)) => accepted.iter().any(|a| a == s.trim()),
                 Some(other @ (Value::Number(_) | Value::Bool(_))) => {
@@ -133,30 +136,95 @@ impl Routes {
         let Some(routes) = self.by_queue.get(queue) else {
             return vec![Lane::of(queue)];
         };
-        let parsed = if routes.iter().all(|r| r.filter.is_empty()) {
-            None
-        } else {
-            parse_object(content_type, body)
+        let taking = |members: Option<&Members<'_>>| {
+            routes
+                .iter()
+                .filter(|r| r.filter.accepts(members))
+                .map(|r| r.lane.clone())
+                .collect()
         };
-        routes
-            .iter()
-            .filter(|r| r.filter.accepts(parsed.as_ref()))
-            .map(|r| r.lane.clone())
-            .collect()
+        if routes.iter().all(|r| r.filter.is_empty()) {
+            return taking(None);
+        }
+        with_members(content_type, body, taking)
     }
 }
 
-/// The body as a JSON object, read as the bundled handlers read it
-/// ([`clawq_protocol::body::read_object`]), if it is one.
-fn parse_object(content_type: ContentType, body: &[u8]) -> Option<Value> {
-    let content_type = match content_type {
-        ContentType::Json => body::ContentType::Json,
-        ContentType::Text => body::ContentType::Text,
-        ContentType::Bytes => body::ContentType::Bytes,
+/// A JSON object's members, each value left as its JSON text: a filter parses only the
+/// fields it names, never the body's whole tree.
+type Members<'a> = BTreeMap<Key<'a>, &'a RawValue>;
+
+/// The name of an object's member, borrowed from the JSON text unless it has escapes.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Key<'a>(Cow<'a, str>);
+
+impl Borrow<str> for Key<'_> {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl<'de> Visitor<'de> for Name {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a member name")
+            }
+
+            fn visit_borrowed_str<E>(self, name: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(name)))
+            }
+
+            fn visit_str<E>(self, name: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(name.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(Name)
+    }
+}
+
+/// The members of the JSON object `raw`, if it is one.
+fn members(raw: &RawValue) -> Option<Members<'_>> {
+    serde_json::from_str(raw.get()).ok()
+}
+
+/// Calls `read` with the members of the body if it is a JSON object, read as the bundled
+/// handlers read it ([`clawq_protocol::body::read_object`]): a `json` or `text` body that
+/// is the object, or a JSON string holding it; `None` for anything else.
+fn with_members<R>(
+    content_type: ContentType,
+    body: &[u8],
+    read: impl FnOnce(Option<&Members<'_>>) -> R,
+) -> R {
+    if content_type == ContentType::Bytes {
+        return read(None);
+    }
+    let Ok(raw) = serde_json::from_slice::<&RawValue>(body) else {
+        return read(None);
     };
-    body::read_object(content_type, body)
-        .ok()
-        .map(Value::Object)
+    if !raw.get().starts_with('"') {
+        return read(members(raw).as_ref());
+    }
+    let Ok(text) = serde_json::from_str::<String>(raw.get()) else {
+        return read(None);
+    };
+    match serde_json::from_str::<&RawValue>(&text) {
+        Ok(inner) => read(members(inner).as_ref()),
+        Err(_) => read(None),
+    }
+}
+
+/// The value at the dotted `path` of `body`, if every step of it is an object's member.
+fn field(body: &Members<'_>, path: &str) -> Option<Value> {
+    let mut steps = path.split('.');
+    let mut raw: &RawValue = body.get(steps.next()?)?;
+    for step in steps {
+        raw = members(raw)?.get(step)?;
+    }
+    serde_json::from_str(raw.get()).ok()
 }
 
 #[cfg(test)]
@@ -180,18 +248,38 @@ mod tests {
         lanes.iter().map(Lane::to_string).collect()
     }
 
+    /// Whether `filter` accepts the JSON body `body`.
+    fn accepts(filter: &Filter, body: &str) -> bool {
+        with_members(ContentType::Json, body.as_bytes(), |m| filter.accepts(m))
+    }
+
     #[test]
     fn filters_match_fields_by_dotted_path() {
         let f = filter(r#"filter = { type = "delivery_receipt", status = ["dead_lettered"] }"#);
-        let yes = serde_json::json!({"type": "delivery_receipt", "status": "dead_lettered"});
-        let no = serde_json::json!({"type": "delivery_receipt", "status": "delivered_to_webhook"});
-        assert!(f.accepts(Some(&yes)));
-        assert!(!f.accepts(Some(&no)));
+        let yes = r#"{"type": "delivery_receipt", "status": "dead_lettered"}"#;
+        let no = r#"{"type": "delivery_receipt", "status": "delivered_to_webhook"}"#;
+        assert!(accepts(&f, yes));
+        assert!(!accepts(&f, no));
         assert!(!f.accepts(None));
         let nested = filter(r#"filter = { "data.reason" = "agent_revoked", v = "1" }"#);
-        let body = serde_json::json!({"data": {"reason": "agent_revoked"}, "v": 1});
-        assert!(nested.accepts(Some(&body)));
+        let body = r#"{"data": {"reason": "agent_revoked", "x": [1, {}]}, "v": 1}"#;
+        assert!(accepts(&nested, body));
+        assert!(!accepts(&nested, r#"{"data": "agent_revoked", "v": 1}"#));
+        assert!(!accepts(
+            &nested,
+            r#"{"data": {"reason": ["agent_revoked"]}, "v": 1}"#
+        ));
         assert!(Filter::default().accepts(None));
+        let escaped = filter(r#"filter = { "tÿpe" = "a\"b" }"#);
+        assert!(
+            accepts(&escaped, r#"{"t\u00ffpe": "a\"b"}"#),
+            "escaped names and values"
+        );
+        let later = filter(r#"filter = { type = "b" }"#);
+        assert!(
+            accepts(&later, r#"{"type": "a", "type": "b"}"#),
+            "the last of twin members"
+        );
     }
 
     #[test]
