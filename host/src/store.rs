@@ -25,17 +25,23 @@
 //! and with `full` one fsync, for many concurrent callers), each job inside its own
 //! savepoint so that one job's error undoes only that job. A caller's result is handed
 //! back once the group has committed. [`Database::read`] runs work on the reader thread,
-//! on its own connection, which sees every write whose `write` call has returned.
+//! on its own connection, which sees every write whose `write` call has returned. A
+//! third thread, the checkpointer, copies the WAL back into the database file when the
+//! writer asks (see [`CHECKPOINT_PAGES`]), so that the copy and its fsyncs hold up no
+//! write.
 //!
 //! Older clawq versions kept one database file per store; [`Database::open`] imports them
 //! into `clawq.db` once (see [`import_legacy_files`]).
 
+use std::cell::Cell;
+use std::ffi::c_int;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use rusqlite::config::DbConfig;
+use rusqlite::hooks::Wal;
 use rusqlite::{Connection, OpenFlags, params};
 use tokio::sync::oneshot;
 
@@ -63,6 +69,24 @@ const STATEMENT_CACHE: usize = 256;
 
 /// Most jobs committed in one group: bounds how long the first of them waits.
 const MAX_GROUP: usize = 256;
+
+/// Pages in the WAL after which the writer asks the checkpointer thread to copy the log
+/// back into the database file (SQLite's own automatic checkpoint, which the writer
+/// would run inside a commit, is off: it held up every write queued behind it for the
+/// copy and its two fsyncs).
+const CHECKPOINT_PAGES: i32 = 1000;
+
+/// Pages in the WAL after which the writer checkpoints itself, between two groups. A
+/// checkpoint beside a busy writer never catches up with it, and the log starts over
+/// from its beginning only once every frame in it has been copied back: this copies
+/// what the checkpointer left, so the log's size stays bounded.
+const WRITER_CHECKPOINT_PAGES: i32 = 4000;
+
+thread_local! {
+    /// The pages in the WAL after the last commit of the writer on this thread (see
+    /// [`note_wal_pages`]); 0 once [`checkpoint_if_due`] has read it.
+    static WAL_PAGES: Cell<i32> = const { Cell::new(0) };
+}
 
 /// How hard a commit waits for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -155,14 +179,19 @@ impl Database {
         import_legacy_files(&mut conn, data_dir)?;
         let reader = connect(&path, durability)?;
         reader.pragma_update(None, "query_only", true)?;
+        let checkpointer = connect(&path, durability)?;
         let (write_jobs, writes) = mpsc::channel();
         let (read_jobs, reads) = mpsc::channel();
+        let (checkpoint_wanted, checkpoints) = mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("clawq-db-writer".into())
-            .spawn(move || write_loop(conn, durability, writes))?;
+            .spawn(move || write_loop(conn, durability, writes, checkpoint_wanted))?;
         std::thread::Builder::new()
             .name("clawq-db-reader".into())
             .spawn(move || read_loop(reader, reads))?;
+        std::thread::Builder::new()
+            .name("clawq-db-checkpointer".into())
+            .spawn(move || checkpoint_loop(checkpointer, checkpoints))?;
         Ok(Database {
             writer: write_jobs,
             reader: read_jobs,
@@ -357,9 +386,17 @@ pub(crate) fn execute_cached(conn: &Connection, sql: &str) -> rusqlite::Result<(
 }
 
 /// The writer thread: takes every job waiting, runs them in one transaction, commits
-/// (synced under `full` when a job asks for it), then hands each its result; until every
-/// [`Database`] is dropped.
-fn write_loop(conn: Connection, durability: Durability, jobs: mpsc::Receiver<WriteJob>) {
+/// (synced under `full` when a job asks for it), then hands each its result and sees
+/// whether the log wants a checkpoint ([`checkpoint_if_due`]); until every [`Database`]
+/// is dropped.
+fn write_loop(
+    conn: Connection,
+    durability: Durability,
+    jobs: mpsc::Receiver<WriteJob>,
+    checkpoint_wanted: mpsc::SyncSender<()>,
+) {
+    // Replaces SQLite's automatic checkpoint.
+    conn.wal_hook(Some(note_wal_pages));
     let mut syncing = durability == Durability::Full;
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
@@ -378,6 +415,42 @@ fn write_loop(conn: Connection, durability: Durability, jobs: mpsc::Receiver<Wri
             }
         }
         commit_group(&conn, group);
+        checkpoint_if_due(&conn, &checkpoint_wanted);
+    }
+}
+
+/// The WAL hook of the writer's connection: keeps the log's size for
+/// [`checkpoint_if_due`].
+fn note_wal_pages(_: &Wal, pages: c_int) -> rusqlite::Result<()> {
+    WAL_PAGES.set(pages);
+    Ok(())
+}
+
+/// After a commit of the writer (`conn`): asks the checkpointer thread for a checkpoint
+/// once the log holds [`CHECKPOINT_PAGES`] (unless one is asked for already), and runs
+/// one itself past [`WRITER_CHECKPOINT_PAGES`].
+fn checkpoint_if_due(conn: &Connection, checkpoint_wanted: &mpsc::SyncSender<()>) {
+    let pages = WAL_PAGES.replace(0);
+    if pages >= WRITER_CHECKPOINT_PAGES {
+        checkpoint(conn);
+    } else if pages >= CHECKPOINT_PAGES {
+        let _ = checkpoint_wanted.try_send(());
+    }
+}
+
+/// The checkpointer thread: copies the log back into the database file each time the
+/// writer asks, until the writer is gone.
+fn checkpoint_loop(conn: Connection, wanted: mpsc::Receiver<()>) {
+    while wanted.recv().is_ok() {
+        checkpoint(&conn);
+    }
+}
+
+/// Copies as much of the log back into the database file as no reader still needs,
+/// without waiting for any lock (another checkpoint under way: nothing is done).
+fn checkpoint(conn: &Connection) {
+    if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        tracing::warn!(error = %err, "a checkpoint of the database's log failed");
     }
 }
 
@@ -615,6 +688,46 @@ mod tests {
         // Each write saw every write run before it: the counts are 0..500, once each.
         assert_eq!(seen, (0..500).collect::<Vec<_>>());
         assert_eq!(rows(&db).await.len(), 500);
+    }
+
+    #[tokio::test]
+    async fn the_log_is_copied_back_and_starts_over_while_writes_keep_coming() {
+        let (dir, db) = open();
+        db.write(|c| {
+            c.execute_batch("CREATE TABLE t (v INTEGER, b BLOB)")
+                .map_err(StoreError::from)
+        })
+        .await
+        .unwrap();
+        // Three times the log's bound, in commits of 8 rows of a page each.
+        let commits = 3 * WRITER_CHECKPOINT_PAGES / 8;
+        for commit in 0..commits {
+            db.write(move |c| {
+                for row in 0..8 {
+                    c.execute(
+                        "INSERT INTO t VALUES (?1, zeroblob(3000))",
+                        [commit * 8 + row],
+                    )?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await
+            .unwrap();
+        }
+        let frame = 24 + 4096;
+        let wal = std::fs::metadata(dir.path().join("clawq.db-wal"))
+            .unwrap()
+            .len();
+        assert!(
+            wal <= 2 * WRITER_CHECKPOINT_PAGES as u64 * frame,
+            "the log grew to {wal} bytes, {} frames",
+            wal / frame
+        );
+        let count: i64 = db
+            .read(|c| Ok::<_, StoreError>(c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(count, i64::from(commits * 8));
     }
 
     #[test]
