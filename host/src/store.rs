@@ -37,7 +37,7 @@ use std::cell::Cell;
 use std::ffi::c_int;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use rusqlite::config::DbConfig;
@@ -179,13 +179,20 @@ impl Database {
         import_legacy_files(&mut conn, data_dir)?;
         let reader = connect(&path, durability)?;
         reader.pragma_update(None, "query_only", true)?;
-        let checkpointer = connect(&path, durability)?;
+        let checkpointer = Arc::new(Mutex::new(connect(&path, durability)?));
+        let writer_checkpoints = checkpointer.clone();
         let (write_jobs, writes) = mpsc::channel();
         let (read_jobs, reads) = mpsc::channel();
         let (checkpoint_wanted, checkpoints) = mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("clawq-db-writer".into())
-            .spawn(move || write_loop(conn, durability, writes, checkpoint_wanted))?;
+            .spawn(move || {
+                let checkpoints = Checkpoints {
+                    wanted: checkpoint_wanted,
+                    conn: writer_checkpoints,
+                };
+                write_loop(conn, durability, writes, checkpoints)
+            })?;
         std::thread::Builder::new()
             .name("clawq-db-reader".into())
             .spawn(move || read_loop(reader, reads))?;
@@ -393,7 +400,7 @@ fn write_loop(
     conn: Connection,
     durability: Durability,
     jobs: mpsc::Receiver<WriteJob>,
-    checkpoint_wanted: mpsc::SyncSender<()>,
+    checkpoints: Checkpoints,
 ) {
     // Replaces SQLite's automatic checkpoint.
     conn.wal_hook(Some(note_wal_pages));
@@ -415,7 +422,7 @@ fn write_loop(
             }
         }
         commit_group(&conn, group);
-        checkpoint_if_due(&conn, &checkpoint_wanted);
+        checkpoint_if_due(&checkpoints);
     }
 }
 
@@ -426,29 +433,41 @@ fn note_wal_pages(_: &Wal, pages: c_int) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// After a commit of the writer (`conn`): asks the checkpointer thread for a checkpoint
-/// once the log holds [`CHECKPOINT_PAGES`] (unless one is asked for already), and runs
-/// one itself past [`WRITER_CHECKPOINT_PAGES`].
-fn checkpoint_if_due(conn: &Connection, checkpoint_wanted: &mpsc::SyncSender<()>) {
+/// The writer's side of the checkpoints: how it asks the checkpointer thread for one, and
+/// the connection they run on, which the writer takes itself past
+/// [`WRITER_CHECKPOINT_PAGES`].
+struct Checkpoints {
+    wanted: mpsc::SyncSender<()>,
+    conn: Arc<Mutex<Connection>>,
+}
+
+/// After a commit of the writer: asks the checkpointer thread for a checkpoint once the
+/// log holds [`CHECKPOINT_PAGES`] (unless one is asked for already); past
+/// [`WRITER_CHECKPOINT_PAGES`], waits for the checkpointer's pass under way to end and
+/// runs one itself, which then copies every frame left (unless a read still needs
+/// some), so that the next commit starts the log over.
+fn checkpoint_if_due(checkpoints: &Checkpoints) {
     let pages = WAL_PAGES.replace(0);
     if pages >= WRITER_CHECKPOINT_PAGES {
-        checkpoint(conn);
+        checkpoint(&checkpoints.conn);
     } else if pages >= CHECKPOINT_PAGES {
-        let _ = checkpoint_wanted.try_send(());
+        let _ = checkpoints.wanted.try_send(());
     }
 }
 
 /// The checkpointer thread: copies the log back into the database file each time the
 /// writer asks, until the writer is gone.
-fn checkpoint_loop(conn: Connection, wanted: mpsc::Receiver<()>) {
+fn checkpoint_loop(conn: Arc<Mutex<Connection>>, wanted: mpsc::Receiver<()>) {
     while wanted.recv().is_ok() {
         checkpoint(&conn);
     }
 }
 
 /// Copies as much of the log back into the database file as no reader still needs,
-/// without waiting for any lock (another checkpoint under way: nothing is done).
-fn checkpoint(conn: &Connection) {
+/// without waiting for a reader, on the one connection every checkpoint of this
+/// database runs on (so no checkpoint of the writer finds another under way).
+fn checkpoint(conn: &Mutex<Connection>) {
+    let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
     if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
         tracing::warn!(error = %err, "a checkpoint of the database's log failed");
     }
@@ -613,6 +632,13 @@ mod tests {
         (dir, db)
     }
 
+    /// Runs the `CREATE TABLE` statement `sql` on `db`.
+    async fn create(db: &Database, sql: &'static str) {
+        db.write(move |c| c.execute_batch(sql).map_err(StoreError::from))
+            .await
+            .unwrap();
+    }
+
     async fn rows(db: &Database) -> Vec<i64> {
         db.read(|c| {
             c.prepare("SELECT v FROM t ORDER BY v")?
@@ -627,12 +653,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_or_panicking_write_undoes_only_itself() {
         let (_dir, db) = open();
-        db.write(|c| {
-            c.execute_batch("CREATE TABLE t (v INTEGER)")
-                .map_err(StoreError::from)
-        })
-        .await
-        .unwrap();
+        create(&db, "CREATE TABLE t (v INTEGER)").await;
         let ok = |v: i64| {
             let db = db.clone();
             async move {
@@ -661,12 +682,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_writes_commit_together_and_each_sees_the_ones_before() {
         let (_dir, db) = open();
-        db.write(|c| {
-            c.execute_batch("CREATE TABLE t (v INTEGER)")
-                .map_err(StoreError::from)
-        })
-        .await
-        .unwrap();
+        create(&db, "CREATE TABLE t (v INTEGER)").await;
         let writes = (0..500).map(|v| {
             let db = db.clone();
             tokio::spawn(async move {
@@ -693,12 +709,7 @@ mod tests {
     #[tokio::test]
     async fn the_log_is_copied_back_and_starts_over_while_writes_keep_coming() {
         let (dir, db) = open();
-        db.write(|c| {
-            c.execute_batch("CREATE TABLE t (v INTEGER, b BLOB)")
-                .map_err(StoreError::from)
-        })
-        .await
-        .unwrap();
+        create(&db, "CREATE TABLE t (v INTEGER, b BLOB)").await;
         // Three times the log's bound, in commits of 8 rows of a page each.
         let commits = 3 * WRITER_CHECKPOINT_PAGES / 8;
         for commit in 0..commits {
