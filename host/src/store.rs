@@ -76,10 +76,11 @@ const MAX_GROUP: usize = 256;
 /// copy and its two fsyncs).
 const CHECKPOINT_PAGES: i32 = 1000;
 
-/// Pages in the WAL after which the writer checkpoints itself, between two groups. A
-/// checkpoint beside a busy writer never catches up with it, and the log starts over
-/// from its beginning only once every frame in it has been copied back: this copies
-/// what the checkpointer left, so the log's size stays bounded.
+/// Pages in the WAL after which the writer checkpoints itself, between two groups (once
+/// the checkpointer's pass under way, if any, has ended). A checkpoint beside a busy
+/// writer never catches up with it, and the log starts over from its beginning only
+/// once every frame in it has been copied back: this copies what the checkpointer left,
+/// so the log's size stays bounded.
 const WRITER_CHECKPOINT_PAGES: i32 = 4000;
 
 thread_local! {
