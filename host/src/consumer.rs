@@ -452,7 +452,6 @@ mod tests {
     use crate::relay::sessions::SessionLimits;
     use crate::runtime::Runtime;
 
-    /// A consumer of `jobs` without a handler over `backend`, in `dir`.
     /// The capabilities and handler slots of a host in `dir`, with no handler deployed.
     async fn handler_parts(dir: &std::path::Path) -> (Arc<Capabilities>, Arc<HandlerSlots>) {
         let caps = crate::server::open_capabilities(
@@ -468,6 +467,7 @@ mod tests {
         (caps, Arc::new(slots))
     }
 
+    /// A consumer of `jobs` without a handler over `backend`, in `dir`.
     async fn consumer(dir: &std::path::Path, backend: Arc<dyn QueueBackend>) -> Arc<Consumer> {
         let (caps, slots) = handler_parts(dir).await;
         let config = ConsumerConfig {
