@@ -1,11 +1,14 @@
 //! Message bodies as clawdentity's producers enqueue them (spec section 5): the JSON
 //! object itself, a JSON *string* whose content is the object's JSON text (what
 //! `queue.send(JSON.stringify(event))` publishes), or a `text` body holding JSON. Every
-//! reader of a body (the bundled handlers, the host's subscription filters) goes through
-//! [`read_object`], so that they all accept the same bodies.
+//! reader of a body (the bundled handlers, by way of [`read_object`], and the host's
+//! subscription filters) goes through [`object_text`], so that they all accept the same
+//! bodies.
 
+use std::borrow::Cow;
 use std::fmt;
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// How a message body is encoded (the queue's content types, spec section 1).
@@ -59,38 +62,56 @@ impl fmt::Display for BodyError {
 
 impl std::error::Error for BodyError {}
 
+/// The JSON text of the object a message body holds, in any encoding [`read_object`]
+/// accepts: the body itself, or the content of the JSON string it is. The text is checked
+/// to be a JSON object but not parsed into values, for a reader that wants only some of
+/// its members (the host's subscription filters). The error says which case failed.
+pub fn object_text(content_type: ContentType, body: &[u8]) -> Result<Cow<'_, str>, BodyError> {
+    if content_type == ContentType::Bytes {
+        return Err(BodyError::Bytes);
+    }
+    let not_json = |err: serde_json::Error| BodyError::NotJson(content_type, err.to_string());
+    let raw: &RawValue = serde_json::from_slice(body).map_err(not_json)?;
+    match kind(raw) {
+        OBJECT => Ok(Cow::Borrowed(raw.get())),
+        STRING => {
+            let text: String = serde_json::from_str(raw.get()).map_err(not_json)?;
+            let inner: &RawValue = serde_json::from_str(&text)
+                .map_err(|err| BodyError::StringNotJson(err.to_string()))?;
+            match kind(inner) {
+                OBJECT => Ok(Cow::Owned(text)),
+                other => Err(BodyError::StringNotAnObject(other)),
+            }
+        }
+        other => Err(BodyError::NotAnObject(content_type, other)),
+    }
+}
+
 /// Reads a message body as a JSON object: the object itself, a JSON string whose
-/// content is a JSON object, or a text body holding either. The error says which case
-/// failed.
+/// content is a JSON object, or a text body holding either (see [`object_text`]). The
+/// error says which case failed.
 pub fn read_object(
     content_type: ContentType,
     body: &[u8],
 ) -> Result<Map<String, Value>, BodyError> {
-    if content_type == ContentType::Bytes {
-        return Err(BodyError::Bytes);
-    }
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|err| BodyError::NotJson(content_type, err.to_string()))?;
-    match value {
-        Value::Object(object) => Ok(object),
-        Value::String(text) => match serde_json::from_str::<Value>(&text) {
-            Ok(Value::Object(object)) => Ok(object),
-            Ok(other) => Err(BodyError::StringNotAnObject(kind(&other))),
-            Err(err) => Err(BodyError::StringNotJson(err.to_string())),
-        },
-        other => Err(BodyError::NotAnObject(content_type, kind(&other))),
-    }
+    let text = object_text(content_type, body)?;
+    serde_json::from_str(&text).map_err(|err| BodyError::NotJson(content_type, err.to_string()))
 }
 
-/// What kind of JSON value `value` is, for error messages.
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// [`kind`] of an object.
+const OBJECT: &str = "an object";
+/// [`kind`] of a string.
+const STRING: &str = "a string";
+
+/// What kind of JSON value `raw` is, by its first character, for error messages.
+fn kind(raw: &RawValue) -> &'static str {
+    match raw.get().trim_start().as_bytes().first() {
+        Some(b'{') => OBJECT,
+        Some(b'"') => STRING,
+        Some(b'[') => "an array",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
     }
 }
 

@@ -9,6 +9,7 @@ use std::borrow::{Borrow, Cow};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
+use clawq_protocol::body;
 use serde::Deserialize;
 use serde::de::{Deserializer, Visitor};
 use serde_json::Value;
@@ -136,17 +137,17 @@ impl Routes {
         let Some(routes) = self.by_queue.get(queue) else {
             return vec![Lane::of(queue)];
         };
-        let taking = |members: Option<&Members<'_>>| {
-            routes
-                .iter()
-                .filter(|r| r.filter.accepts(members))
-                .map(|r| r.lane.clone())
-                .collect()
+        let text = if routes.iter().all(|r| r.filter.is_empty()) {
+            None
+        } else {
+            body::object_text(protocol_type(content_type), body).ok()
         };
-        if routes.iter().all(|r| r.filter.is_empty()) {
-            return taking(None);
-        }
-        with_members(content_type, body, taking)
+        let members = text.as_deref().and_then(members);
+        routes
+            .iter()
+            .filter(|r| r.filter.accepts(members.as_ref()))
+            .map(|r| r.lane.clone())
+            .collect()
     }
 }
 
@@ -186,34 +187,17 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
-/// The members of the JSON object `raw`, if it is one.
-fn members(raw: &RawValue) -> Option<Members<'_>> {
-    serde_json::from_str(raw.get()).ok()
+/// The members of the JSON object whose text is `text`, if it is one.
+fn members(text: &str) -> Option<Members<'_>> {
+    serde_json::from_str(text).ok()
 }
 
-/// Calls `read` with the members of the body if it is a JSON object, read as the bundled
-/// handlers read it ([`clawq_protocol::body::read_object`]): a `json` or `text` body that
-/// is the object, or a JSON string holding it; `None` for anything else.
-fn with_members<R>(
-    content_type: ContentType,
-    body: &[u8],
-    read: impl FnOnce(Option<&Members<'_>>) -> R,
-) -> R {
-    if content_type == ContentType::Bytes {
-        return read(None);
-    }
-    let Ok(raw) = serde_json::from_slice::<&RawValue>(body) else {
-        return read(None);
-    };
-    if !raw.get().starts_with('"') {
-        return read(members(raw).as_ref());
-    }
-    let Ok(text) = serde_json::from_str::<String>(raw.get()) else {
-        return read(None);
-    };
-    match serde_json::from_str::<&RawValue>(&text) {
-        Ok(inner) => read(members(inner).as_ref()),
-        Err(_) => read(None),
+/// The protocol's name of `content_type`, to read a body as the bundled handlers do.
+fn protocol_type(content_type: ContentType) -> body::ContentType {
+    match content_type {
+        ContentType::Json => body::ContentType::Json,
+        ContentType::Text => body::ContentType::Text,
+        ContentType::Bytes => body::ContentType::Bytes,
     }
 }
 
@@ -222,7 +206,7 @@ fn field(body: &Members<'_>, path: &str) -> Option<Value> {
     let mut steps = path.split('.');
     let mut raw: &RawValue = body.get(steps.next()?)?;
     for step in steps {
-        raw = members(raw)?.get(step)?;
+        raw = members(raw.get())?.get(step)?;
     }
     serde_json::from_str(raw.get()).ok()
 }
@@ -248,9 +232,9 @@ mod tests {
         lanes.iter().map(Lane::to_string).collect()
     }
 
-    /// Whether `filter` accepts the JSON body `body`.
+    /// Whether `filter` accepts the JSON object `body`.
     fn accepts(filter: &Filter, body: &str) -> bool {
-        with_members(ContentType::Json, body.as_bytes(), |m| filter.accepts(m))
+        filter.accepts(members(body).as_ref())
     }
 
     #[test]
