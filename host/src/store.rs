@@ -474,13 +474,18 @@ fn checkpoint(conn: &Mutex<Connection>) {
     }
 }
 
-/// Runs `group` in one transaction, each job in a savepoint, and finishes every job with
-/// the outcome of the commit that covers it.
+/// Runs `group` in one transaction and finishes every job with the outcome of the commit
+/// that covers it. Each job but the transaction's first runs in a savepoint, so that its
+/// error undoes only its own writes; the first needs none (its error rolls the whole
+/// transaction back, which holds nothing else yet, and the next job begins a new one).
+/// A savepoint copies every page a job touches before the job changes it: most groups
+/// hold one or two jobs, and this copy was a tenth of the writer's time.
 fn commit_group(conn: &Connection, group: Vec<WriteJob>) {
     let mut pending: Vec<Finish> = Vec::with_capacity(group.len());
     let mut open = false;
     for job in group {
-        if !open {
+        let first = !open;
+        if first {
             if let Err(err) = execute_cached(conn, "BEGIN IMMEDIATE") {
                 let err = StoreError::from(err);
                 let (_, finish) = (job.run)(Err(err.clone()));
@@ -489,7 +494,10 @@ fn commit_group(conn: &Connection, group: Vec<WriteJob>) {
             }
             open = true;
         }
-        let saved = execute_cached(conn, "SAVEPOINT job");
+        let saved = match first {
+            true => Ok(()),
+            false => execute_cached(conn, "SAVEPOINT job"),
+        };
         let (ok, finish) = (job.run)(Ok(conn));
         if conn.is_autocommit() {
             // SQLite rolled the whole transaction back (a full disk, an I/O error): the
@@ -502,12 +510,17 @@ fn commit_group(conn: &Connection, group: Vec<WriteJob>) {
             open = false;
             continue;
         }
-        let undone = match (ok, saved) {
-            (true, Ok(())) => execute_cached(conn, "RELEASE job"),
-            _ => conn.execute_batch("ROLLBACK TO job; RELEASE job"),
+        let undone = match (ok && saved.is_ok(), first) {
+            (true, true) => Ok(()),
+            (true, false) => execute_cached(conn, "RELEASE job"),
+            (false, false) => conn.execute_batch("ROLLBACK TO job; RELEASE job"),
+            (false, true) => {
+                open = false;
+                execute_cached(conn, "ROLLBACK")
+            }
         };
         if let Err(err) = undone {
-            tracing::error!(error = %err, "could not end a write's savepoint");
+            tracing::error!(error = %err, "could not end or undo a write");
         }
         pending.push(finish);
     }
@@ -677,6 +690,35 @@ mod tests {
         assert_eq!((a.unwrap(), b.unwrap()), (1, 1));
         assert_eq!(failed, Err(Failure::Mine));
         assert!(matches!(panicked, Err(Failure::Store(m)) if m.contains("panicked")));
+        assert_eq!(rows(&db).await, vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn the_first_write_of_a_group_undoes_only_itself_when_it_fails_or_panics() {
+        let (_dir, db) = open();
+        create(&db, "CREATE TABLE t (v INTEGER)").await;
+        let insert = |v: i64| {
+            db.write_later(move |c| {
+                c.execute("INSERT INTO t VALUES (?1)", [v])
+                    .map(drop)
+                    .map_err(|e| Failure::from(StoreError::from(e)))
+            })
+        };
+        // Queued while the writer is idle, each failing write is the first of its group,
+        // which runs it without a savepoint.
+        let failing = db.write_later(|c| -> Result<(), Failure> {
+            c.execute("INSERT INTO t VALUES (100)", []).unwrap();
+            Err(Failure::Mine)
+        });
+        let (failed, after) = tokio::join!(failing, insert(1));
+        assert_eq!((failed, after), (Err(Failure::Mine), Ok(())));
+        let panicking = db.write_later(|c| -> Result<(), Failure> {
+            c.execute("INSERT INTO t VALUES (200)", []).unwrap();
+            panic!("boom")
+        });
+        let (panicked, after) = tokio::join!(panicking, insert(2));
+        assert!(matches!(panicked, Err(Failure::Store(m)) if m.contains("panicked")));
+        assert_eq!(after, Ok(()));
         assert_eq!(rows(&db).await, vec![1, 2]);
     }
 
