@@ -5,16 +5,20 @@
 //! An argument over its bound is refused with a permanent `host-error` naming the bound
 //! (never a trap); a log line over its size is cut with a marker of its length; a log line
 //! over the consumer's rate is dropped, counted in
-//! `clawq_handler_log_lines_dropped_total{consumer}` and summed up in one warning at the
-//! end of the batch.
+//! `clawq_handler_log_lines_dropped_total{consumer}` and summed up in a warning, at most
+//! one per consumer every [`DROPPED_SUMMARY_INTERVAL`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Largest guest log line written whole; a longer one is cut to this many bytes and
 /// marked with its length.
 pub const MAX_LOG_LINE_BYTES: usize = 4 * 1024;
+/// Shortest time between two warnings of one consumer that sum up its dropped log lines:
+/// a quick handler that logs a line a message would otherwise have the host write one
+/// warning a batch, thousands a second.
+pub const DROPPED_SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest actor name of an `actor-storage` call.
 pub const MAX_ACTOR_BYTES: usize = 256;
 /// Largest key of an `actor-storage` call (and prefix or `start-after` of a listing).
@@ -102,12 +106,17 @@ impl Default for LogRate {
     }
 }
 
-/// The log budget of one consumer, shared by its batches.
+/// The log budget of one consumer, shared by its batches, and the lines it dropped that
+/// no warning has summed up yet.
 #[derive(Debug)]
 struct Bucket {
     rate: LogRate,
     tokens: f64,
     refilled: Instant,
+    /// Lines dropped since the last summary warning.
+    unreported: u64,
+    /// When the last summary warning was written, if one was.
+    reported: Option<Instant>,
 }
 
 impl Bucket {
@@ -116,6 +125,8 @@ impl Bucket {
             rate,
             tokens: f64::from(rate.burst),
             refilled: now,
+            unreported: 0,
+            reported: None,
         }
     }
 
@@ -130,6 +141,21 @@ impl Bucket {
         }
         self.tokens -= 1.0;
         true
+    }
+
+    /// Adds a batch's `dropped` lines at `now`; returns the lines to sum up in a warning
+    /// now, if any: every line dropped since the last warning, once
+    /// [`DROPPED_SUMMARY_INTERVAL`] has passed since it.
+    fn report(&mut self, dropped: u64, now: Instant) -> Option<u64> {
+        self.unreported += dropped;
+        let due = self
+            .reported
+            .is_none_or(|at| now.saturating_duration_since(at) >= DROPPED_SUMMARY_INTERVAL);
+        if self.unreported == 0 || !due {
+            return None;
+        }
+        self.reported = Some(now);
+        Some(std::mem::take(&mut self.unreported))
     }
 }
 
@@ -168,7 +194,9 @@ impl GuestLogs {
 }
 
 /// The log budget of one batch: admits the lines its consumer's rate allows, and on drop
-/// counts the lines it refused and logs one warning about them.
+/// counts the lines it refused and, when one is due ([`DROPPED_SUMMARY_INTERVAL`]), logs
+/// the warning that sums up the consumer's lines dropped since the last one (so the
+/// first batch to end after the interval writes it, whether it dropped lines or not).
 #[derive(Debug)]
 pub struct BatchLog {
     bucket: Arc<Mutex<Bucket>>,
@@ -194,15 +222,20 @@ impl BatchLog {
 
 impl Drop for BatchLog {
     fn drop(&mut self) {
-        if self.dropped == 0 {
-            return;
+        if self.dropped > 0 {
+            crate::metrics::log_lines_dropped(&self.consumer, self.dropped);
         }
-        let rate = self.bucket.lock().unwrap_or_else(|p| p.into_inner()).rate;
+        let (summed_up, rate) = {
+            let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+            (bucket.report(self.dropped, Instant::now()), bucket.rate)
+        };
+        let Some(dropped) = summed_up else {
+            return;
+        };
         tracing::warn!(consumer = %self.consumer, handler = %self.handler,
-            version = %self.version, dropped = self.dropped, burst = rate.burst,
+            version = %self.version, dropped, burst = rate.burst,
             per_second = rate.per_second,
-            "guest log lines over the consumer's log rate dropped in this batch");
-        crate::metrics::log_lines_dropped(&self.consumer, self.dropped);
+            "guest log lines over the consumer's log rate dropped since the last such warning");
     }
 }
 
@@ -265,6 +298,31 @@ mod tests {
         let much_later = later + Duration::from_secs(3600);
         let admitted = (0..1000).filter(|_| bucket.take(much_later)).count();
         assert_eq!(admitted, 10, "never more than the burst at once");
+    }
+
+    #[test]
+    fn dropped_lines_are_summed_up_at_most_once_an_interval() {
+        let start = Instant::now();
+        let mut bucket = Bucket::new(LogRate::default(), start);
+        assert_eq!(
+            bucket.report(0, start),
+            None,
+            "nothing dropped, nothing to say"
+        );
+        assert_eq!(bucket.report(7, start), Some(7), "the first drops at once");
+        let soon = start + DROPPED_SUMMARY_INTERVAL / 2;
+        assert_eq!(bucket.report(5, soon), None);
+        assert_eq!(bucket.report(3, soon), None);
+        let after = start + DROPPED_SUMMARY_INTERVAL;
+        assert_eq!(
+            bucket.report(0, after),
+            Some(8),
+            "the first batch after the interval sums up the lines dropped since"
+        );
+        assert_eq!(bucket.report(0, after), None);
+        let later = after + DROPPED_SUMMARY_INTERVAL;
+        assert_eq!(bucket.report(0, later), None, "nothing left to sum up");
+        assert_eq!(bucket.report(2, later), Some(2));
     }
 
     #[test]

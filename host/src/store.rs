@@ -524,10 +524,12 @@ fn commit_group(conn: &Connection, group: Vec<WriteJob>) {
         }
         pending.push(finish);
     }
-    if !open {
-        return;
-    }
-    let committed = execute_cached(conn, "COMMIT").map_err(StoreError::from);
+    // No transaction left open: the last one was the failed first job's, rolled back,
+    // and nothing is left to commit.
+    let committed = match open {
+        true => execute_cached(conn, "COMMIT").map_err(StoreError::from),
+        false => Ok(()),
+    };
     if committed.is_err() {
         let _ = conn.execute_batch("ROLLBACK");
     }
@@ -704,20 +706,28 @@ mod tests {
                     .map_err(|e| Failure::from(StoreError::from(e)))
             })
         };
+        let failing = || {
+            db.write_later(|c| -> Result<(), Failure> {
+                c.execute("INSERT INTO t VALUES (100)", []).unwrap();
+                Err(Failure::Mine)
+            })
+        };
+        let panicking = || {
+            db.write_later(|c| -> Result<(), Failure> {
+                c.execute("INSERT INTO t VALUES (200)", []).unwrap();
+                panic!("boom")
+            })
+        };
+        let panicked = |result: Result<(), Failure>| matches!(result, Err(Failure::Store(m)) if m.contains("panicked"));
         // Queued while the writer is idle, each failing write is the first of its group,
-        // which runs it without a savepoint.
-        let failing = db.write_later(|c| -> Result<(), Failure> {
-            c.execute("INSERT INTO t VALUES (100)", []).unwrap();
-            Err(Failure::Mine)
-        });
-        let (failed, after) = tokio::join!(failing, insert(1));
+        // which runs it without a savepoint: alone in its group, then followed by
+        // another write.
+        assert_eq!(failing().await, Err(Failure::Mine));
+        assert!(panicked(panicking().await));
+        let (failed, after) = tokio::join!(failing(), insert(1));
         assert_eq!((failed, after), (Err(Failure::Mine), Ok(())));
-        let panicking = db.write_later(|c| -> Result<(), Failure> {
-            c.execute("INSERT INTO t VALUES (200)", []).unwrap();
-            panic!("boom")
-        });
-        let (panicked, after) = tokio::join!(panicking, insert(2));
-        assert!(matches!(panicked, Err(Failure::Store(m)) if m.contains("panicked")));
+        let (failed, after) = tokio::join!(panicking(), insert(2));
+        assert!(panicked(failed));
         assert_eq!(after, Ok(()));
         assert_eq!(rows(&db).await, vec![1, 2]);
     }

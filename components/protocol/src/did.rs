@@ -33,8 +33,17 @@ impl std::error::Error for DidError {}
 
 /// Checks that `did` is a valid agent DID.
 pub fn validate_agent_did(did: &str) -> Result<(), DidError> {
-    let parts: Vec<&str> = did.split(':').collect();
-    let [scheme, method, authority, kind, id] = parts[..] else {
+    // Five parts, read without collecting them: a revocation checks its DID on the
+    // handler's hot path.
+    let mut parts = did.split(':');
+    let (Some(scheme), Some(method), Some(authority), Some(kind), Some(id), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
         return Err(DidError::WrongShape);
     };
     if scheme != "did" || method != "cdi" {
