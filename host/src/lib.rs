@@ -18,6 +18,7 @@ pub mod bundled;
 pub mod check;
 pub mod clock;
 pub mod cluster;
+pub mod coalesced;
 pub mod config;
 pub mod connector;
 pub mod consumer;

@@ -248,7 +248,31 @@ impl Database {
     where
         E: From<StoreError> + Send + 'static,
     {
-        let queued = self.enqueue(false, work);
+        self.queue(false, work)
+    }
+
+    /// [`Database::write_synced`] without waiting for it, as [`Database::write_later`].
+    pub fn write_synced_later<E>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<(), E> + Send + 'static,
+    ) -> Pending<E>
+    where
+        E: From<StoreError> + Send + 'static,
+    {
+        self.queue(true, work)
+    }
+
+    /// Hands `work` to the writer thread at once; the returned future resolves once its
+    /// group committed.
+    fn queue<E>(
+        &self,
+        synced: bool,
+        work: impl FnOnce(&Connection) -> Result<(), E> + Send + 'static,
+    ) -> Pending<E>
+    where
+        E: From<StoreError> + Send + 'static,
+    {
+        let queued = self.enqueue(synced, work);
         Box::pin(async move { queued?.await.unwrap_or(Err(E::from(StoreError::Closed))) })
     }
 

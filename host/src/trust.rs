@@ -3,15 +3,15 @@
 //! share one, so that every host answers the same. It backs the `trust-store`
 //! capability and `GET /v1/trust/agents/{did}`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clawq_protocol::did::{DidError, validate_agent_did};
 use futures_util::FutureExt;
-use futures_util::future::Shared;
 use rusqlite::{OptionalExtension, params};
 
 use crate::cluster::Cluster;
+use crate::coalesced::Coalesced;
 use crate::relay::hub::ConnectionHub;
 use crate::side_effects::SideEffects;
 use crate::store::{Database, Pending, StoreError};
@@ -73,35 +73,33 @@ pub struct TrustStore {
 
 /// Where the revocations are kept.
 enum Backend {
-    Sqlite(Database, Arc<Mutex<Unwritten>>),
+    /// The database, and the revocations queued to it: one write job writes all of
+    /// those queued before it runs (however many batches queued them).
+    Sqlite(Database, Coalesced<Marker>),
     Cluster(Box<jetstream::ClusterTrust>),
 }
 
-/// The outcome of one write of queued revocations, awaited by each of them.
-type Flush = Shared<std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>>;
-
-/// Revocations queued and not yet written: one write job writes all of those queued
-/// before it runs (however many batches queued them), instead of a job each.
-#[derive(Default)]
-struct Unwritten {
-    /// Each revocation: the DID, when, and when its marker expires.
-    rows: Vec<(String, u64, u64)>,
-    /// The write job queued for them, until it runs.
-    flush: Option<Flush>,
-}
+/// A revocation marker: the DID, when it was revoked, and when the marker expires.
+type Marker = (String, u64, u64);
 
 impl TrustStore {
     /// Opens (or creates) the trust store in `db`; revocation markers last `marker_ttl`.
     pub fn open(db: &Database, marker_ttl: Duration) -> Result<Self, TrustError> {
+        // Without a rowid, a revocation writes one B-tree, keyed by its DID, instead of
+        // a table and its key's index. A table made by an older version keeps its rowid:
+        // every statement reads and writes both alike.
         db.connection(
             "CREATE TABLE IF NOT EXISTS revoked_agents (
                  did        TEXT PRIMARY KEY,
                  revoked_ms INTEGER NOT NULL,
                  expires_ms INTEGER NOT NULL
-             );",
+             ) WITHOUT ROWID;",
         )?;
+        let unwritten = Coalesced::new(db, false, |conn, rows: Vec<Marker>| {
+            Ok(upsert(conn, &rows)?)
+        });
         Ok(TrustStore {
-            backend: Backend::Sqlite(db.clone(), Arc::default()),
+            backend: Backend::Sqlite(db.clone(), unwritten),
             marker_ttl,
         })
     }
@@ -145,8 +143,8 @@ impl TrustStore {
     /// by the writer thread taking the job between two of them.
     pub fn revoke_all_later(&self, dids: &[String]) -> Result<Pending<TrustError>, TrustError> {
         let markers = self.markers(dids.to_vec())?;
-        let (db, unwritten) = match &self.backend {
-            Backend::Sqlite(db, unwritten) => (db, unwritten),
+        let unwritten = match &self.backend {
+            Backend::Sqlite(_, unwritten) => unwritten,
             Backend::Cluster(cluster) => {
                 let puts: Vec<_> = markers
                     .into_iter()
@@ -159,27 +157,8 @@ impl TrustStore {
                 ));
             }
         };
-        let flush = {
-            let mut queued = lock(unwritten);
-            if queued
-                .flush
-                .clone()
-                .is_some_and(|f| f.now_or_never().is_some())
-            {
-                // That job ended without running (its transaction could not begin): the
-                // revocations it was to write have failed.
-                queued.rows.clear();
-                queued.flush = None;
-            }
-            queued.rows.extend(markers);
-            queued
-                .flush
-                .get_or_insert_with(|| write_unwritten(db, unwritten.clone()))
-                .clone()
-        };
-        Ok(Box::pin(async move {
-            flush.await.map_err(TrustError::Unavailable)
-        }))
+        let written = unwritten.add(markers);
+        Ok(Box::pin(async move { Ok(written.await?) }))
     }
 
     /// The revocations of `dids` (each checked at once; none if one is invalid) as side
@@ -206,7 +185,7 @@ impl TrustStore {
 
     /// The revocation markers of `dids` made now (each DID checked; none if one is
     /// invalid): the DID, when, and when the marker expires.
-    fn markers(&self, dids: Vec<String>) -> Result<Vec<(String, u64, u64)>, TrustError> {
+    fn markers(&self, dids: Vec<String>) -> Result<Vec<Marker>, TrustError> {
         for did in &dids {
             check_did(did)?;
         }
@@ -247,30 +226,9 @@ impl TrustStore {
     }
 }
 
-/// Queues the write job of the revocations in `unwritten`: once it runs, it takes every
-/// revocation queued by then and writes them.
-fn write_unwritten(db: &Database, unwritten: Arc<Mutex<Unwritten>>) -> Flush {
-    let written = db.write_later(move |conn| {
-        let rows = {
-            let mut queued = lock(&unwritten);
-            queued.flush = None;
-            std::mem::take(&mut queued.rows)
-        };
-        upsert(conn, &rows).map_err(TrustError::from)
-    });
-    let outcome: std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>> =
-        Box::pin(async move {
-            written.await.map_err(|err| match err {
-                TrustError::Unavailable(why) => why,
-                other => other.to_string(),
-            })
-        });
-    outcome.shared()
-}
-
 /// Writes each revocation of `rows` (the DID, when, and when its marker expires),
 /// refreshing an existing marker.
-fn upsert(conn: &rusqlite::Connection, rows: &[(String, u64, u64)]) -> rusqlite::Result<()> {
+fn upsert(conn: &rusqlite::Connection, rows: &[Marker]) -> rusqlite::Result<()> {
     let mut upsert = conn.prepare_cached(
         "INSERT INTO revoked_agents (did, revoked_ms, expires_ms) VALUES (?1, ?2, ?3)
          ON CONFLICT (did) DO UPDATE SET revoked_ms = ?2, expires_ms = ?3",
@@ -279,13 +237,6 @@ fn upsert(conn: &rusqlite::Connection, rows: &[(String, u64, u64)]) -> rusqlite:
         upsert.execute(params![did, now, expires])?;
     }
     Ok(())
-}
-
-/// The revocations not yet written, even if a thread panicked holding them.
-fn lock(unwritten: &Mutex<Unwritten>) -> std::sync::MutexGuard<'_, Unwritten> {
-    unwritten
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Checks that `did` is an agent DID, as a revocation or a lookup requires.

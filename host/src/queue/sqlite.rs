@@ -35,6 +35,7 @@ use std::sync::{Arc, OnceLock};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::coalesced::Coalesced;
 use crate::side_effects::SideEffects;
 use crate::store::Database;
 
@@ -180,6 +181,9 @@ const UNDER_LEASE: &str = "seq = ?1 AND (?2 IS NULL OR (leased = 1 AND visible_m
 /// The SQLite storage backend.
 pub struct SqliteStorage {
     db: Database,
+    /// The publishes not yet written, each with its time: one write job inserts every
+    /// publish made before it runs, however many requests made them.
+    publishes: Coalesced<(u64, PublishRow)>,
 }
 
 /// The queue engine over the SQLite storage: what the host runs.
@@ -213,7 +217,13 @@ impl SqliteStorage {
              COMMIT;"
         ))
         .map_err(storage)?;
-        Ok(SqliteStorage { db: db.clone() })
+        let publishes = Coalesced::new(db, true, |conn, rows: Vec<(u64, PublishRow)>| {
+            Ok(insert(conn, &rows)?)
+        });
+        Ok(SqliteStorage {
+            db: db.clone(),
+            publishes,
+        })
     }
 
     /// The database it keeps its tables in.
@@ -605,8 +615,8 @@ fn seq_list(seqs: &[i64]) -> String {
 /// few statements, each prepared once.
 const INSERT_CHUNKS: [usize; 4] = [64, 16, 4, 1];
 
-/// The `INSERT` of `rows` rows (one of [`INSERT_CHUNKS`]): `?1` is the publish time,
-/// then each row's id, lane, content type, body and visible time.
+/// The `INSERT` of `rows` rows (one of [`INSERT_CHUNKS`]): each row's id, lane, content
+/// type, body, publish time and visible time.
 fn insert_statement(rows: usize) -> &'static str {
     static STATEMENTS: OnceLock<Vec<String>> = OnceLock::new();
     let statements = STATEMENTS.get_or_init(|| {
@@ -615,13 +625,13 @@ fn insert_statement(rows: usize) -> &'static str {
             .map(|&rows| {
                 let values: Vec<String> = (0..rows)
                     .map(|row| {
-                        let at = 5 * row + 2;
+                        let at = 6 * row + 1;
+                        let (published, visible) = (at + 4, at + 5);
                         format!(
-                            "(?{at}, ?{}, ?{}, ?{}, ?1, ?{}, ?1)",
+                            "(?{at}, ?{}, ?{}, ?{}, ?{published}, ?{visible}, ?{published})",
                             at + 1,
                             at + 2,
                             at + 3,
-                            at + 4
                         )
                     })
                     .collect();
@@ -641,20 +651,21 @@ fn insert_statement(rows: usize) -> &'static str {
     &statements[chunk]
 }
 
-/// Stores every row of `rows` in each of its lanes, ready at `now` plus its delay, in
-/// order, a chunk of rows per statement.
-fn insert(conn: &Connection, rows: &[PublishRow], now: u64) -> rusqlite::Result<()> {
-    let values: Vec<(&str, String, &str, &[u8], u64)> = rows
+/// Stores every row of `rows` (each with its publish time) in each of its lanes, ready at
+/// its publish time plus its delay, in order, a chunk of rows per statement.
+fn insert(conn: &Connection, rows: &[(u64, PublishRow)]) -> rusqlite::Result<()> {
+    let values: Vec<(&str, String, &str, &[u8], &u64, u64)> = rows
         .iter()
-        .flat_map(|row| {
+        .flat_map(|(published, row)| {
             let m = &row.message;
-            let visible = now + u64::from(m.delay_seconds) * 1000;
+            let visible = published + u64::from(m.delay_seconds) * 1000;
             row.lanes.iter().map(move |lane| {
                 (
                     row.id.as_str(),
                     lane.to_string(),
                     m.content_type.as_str(),
                     m.body.as_slice(),
+                    published,
                     visible,
                 )
             })
@@ -667,14 +678,14 @@ fn insert(conn: &Connection, rows: &[PublishRow], now: u64) -> rusqlite::Result<
             .find(|&n| n <= rest.len())
             .expect("a chunk of 1 always fits");
         let (chunk, after) = rest.split_at(size);
-        let mut bound: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(5 * size + 1);
-        bound.push(&now);
-        for (id, lane, content_type, body, visible) in chunk {
+        let mut bound: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(6 * size);
+        for (id, lane, content_type, body, published, visible) in chunk {
             bound.extend([
                 id as &dyn rusqlite::ToSql,
                 lane,
                 content_type,
                 body,
+                published,
                 visible,
             ]);
         }
@@ -814,9 +825,8 @@ fn redrive(
 #[async_trait]
 impl DataPath for SqliteStorage {
     async fn insert(&self, rows: Vec<PublishRow>, now: u64) -> Result<(), QueueError> {
-        self.db
-            .write_synced(move |conn| Ok(insert(conn, &rows, now)?))
-            .await
+        let written = self.publishes.add(rows.into_iter().map(|row| (now, row)));
+        Ok(written.await?)
     }
 
     async fn lease(&self, lane: &Lane, plan: LeasePlan) -> Result<Leased, QueueError> {

@@ -1,0 +1,103 @@
+//! Writes coalesced into one job of the database's writer thread: concurrent callers
+//! add their items, and one job writes every item added before it runs, instead of a
+//! job each (each job costs the writer a savepoint, which copies every page the job
+//! touches, and its own statements). The trust store's revocations and the queue's
+//! publishes go through one.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures_util::FutureExt;
+use futures_util::future::Shared;
+use rusqlite::Connection;
+
+use crate::store::{Database, StoreError};
+
+/// The outcome of one job, awaited by every caller whose items it wrote.
+pub type Written = Shared<Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>>;
+
+/// What writes a job's items, in the job's savepoint: an error undoes them all.
+type WriteItems<T> = dyn Fn(&Connection, Vec<T>) -> Result<(), StoreError> + Send + Sync;
+
+/// Items of type `T` written to a [`Database`] by coalesced jobs.
+pub struct Coalesced<T> {
+    db: Database,
+    /// Whether the jobs are [`Database::write_synced_later`] writes.
+    synced: bool,
+    write: Arc<WriteItems<T>>,
+    unwritten: Arc<Mutex<Unwritten<T>>>,
+}
+
+/// Items added and not yet taken by a job.
+struct Unwritten<T> {
+    items: Vec<T>,
+    /// The job queued for them, until it runs.
+    job: Option<Written>,
+}
+
+impl<T: Send + 'static> Coalesced<T> {
+    /// Items written to `db` by `write`, in jobs that wait for the disk (under
+    /// `durability = "full"`) when `synced`.
+    pub fn new(
+        db: &Database,
+        synced: bool,
+        write: impl Fn(&Connection, Vec<T>) -> Result<(), StoreError> + Send + Sync + 'static,
+    ) -> Self {
+        Coalesced {
+            db: db.clone(),
+            synced,
+            write: Arc::new(write),
+            unwritten: Arc::new(Mutex::new(Unwritten {
+                items: Vec::new(),
+                job: None,
+            })),
+        }
+    }
+
+    /// Adds `items` to the job queued for the items not yet written, if one is queued
+    /// and has not run yet, else queues one; returns that job's outcome. The items of one
+    /// call are written by one job, in one transaction; a write queued after this call
+    /// is queued after that job, and commits no earlier.
+    pub fn add(&self, items: impl IntoIterator<Item = T>) -> Written {
+        let mut unwritten = lock(&self.unwritten);
+        if unwritten
+            .job
+            .clone()
+            .is_some_and(|job| job.now_or_never().is_some())
+        {
+            // That job ended without running (its transaction could not begin): the
+            // items it was to write have failed with it.
+            unwritten.items.clear();
+            unwritten.job = None;
+        }
+        unwritten.items.extend(items);
+        unwritten
+            .job
+            .get_or_insert_with(|| self.queue_job())
+            .clone()
+    }
+
+    /// Queues the job that, once it runs, takes every item added by then and writes them.
+    fn queue_job(&self) -> Written {
+        let (unwritten, write) = (self.unwritten.clone(), self.write.clone());
+        let work = move |conn: &Connection| {
+            let items = {
+                let mut unwritten = lock(&unwritten);
+                unwritten.job = None;
+                std::mem::take(&mut unwritten.items)
+            };
+            write(conn, items)
+        };
+        let job = match self.synced {
+            true => self.db.write_synced_later(work),
+            false => self.db.write_later(work),
+        };
+        job.shared()
+    }
+}
+
+/// The items not yet written, even if a thread panicked holding them.
+fn lock<T>(unwritten: &Mutex<Unwritten<T>>) -> MutexGuard<'_, Unwritten<T>> {
+    unwritten.lock().unwrap_or_else(|p| p.into_inner())
+}
