@@ -101,3 +101,92 @@ impl<T: Send + 'static> Coalesced<T> {
 fn lock<T>(unwritten: &Mutex<Unwritten<T>>) -> MutexGuard<'_, Unwritten<T>> {
     unwritten.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Integers written to table `t` by a coalescer that counts its jobs, and refuses
+    /// (writing nothing that stays) a job holding a negative one.
+    fn integers(db: &Database) -> (Coalesced<i64>, Arc<AtomicUsize>) {
+        let jobs = Arc::new(AtomicUsize::new(0));
+        let counted = jobs.clone();
+        let coalesced = Coalesced::new(db, true, move |conn, items: Vec<i64>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            for item in items {
+                conn.execute("INSERT INTO t VALUES (?1)", [item])?;
+                if item < 0 {
+                    return Err(StoreError::Sqlite(format!("{item} refused")));
+                }
+            }
+            Ok(())
+        });
+        (coalesced, jobs)
+    }
+
+    async fn rows(db: &Database) -> Vec<i64> {
+        db.read(|c| {
+            c.prepare("SELECT v FROM t ORDER BY rowid")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<i64>>>()
+                .map_err(StoreError::from)
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn items_added_before_the_job_runs_share_it_and_its_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::test_db(dir.path());
+        db.write(|c| {
+            c.execute_batch("CREATE TABLE t (v INTEGER)")
+                .map_err(StoreError::from)
+        })
+        .await
+        .unwrap();
+        let (coalesced, jobs) = integers(&db);
+        // Held by a write queued first, the writer runs the job only once all three
+        // calls added their items.
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let holding = db.write_later(move |_| -> Result<(), StoreError> {
+            held.recv().ok();
+            Ok(())
+        });
+        let calls = [
+            coalesced.add([1, 2]),
+            coalesced.add([3]),
+            coalesced.add([4]),
+        ];
+        hold.send(()).unwrap();
+        holding.await.unwrap();
+        for call in calls {
+            call.await.unwrap();
+        }
+        assert_eq!(
+            jobs.load(Ordering::SeqCst),
+            1,
+            "one job for the three calls"
+        );
+        assert_eq!(rows(&db).await, vec![1, 2, 3, 4], "in the order added");
+
+        // A failing job fails every call it holds, and undoes all of their items; the
+        // next call gets a job of its own.
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let holding = db.write_later(move |_| -> Result<(), StoreError> {
+            held.recv().ok();
+            Ok(())
+        });
+        let calls = [coalesced.add([5]), coalesced.add([-1])];
+        hold.send(()).unwrap();
+        holding.await.unwrap();
+        for call in calls {
+            let err = call.await.unwrap_err().to_string();
+            assert_eq!(err, "-1 refused");
+        }
+        coalesced.add([6]).await.unwrap();
+        assert_eq!(jobs.load(Ordering::SeqCst), 3);
+        assert_eq!(rows(&db).await, vec![1, 2, 3, 4, 6]);
+    }
+}
