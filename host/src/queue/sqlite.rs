@@ -651,10 +651,14 @@ fn insert_statement(rows: usize) -> &'static str {
     &statements[chunk]
 }
 
+/// The values of one row [`insert`] stores: its id, lane, content type, body, publish
+/// time and visible time.
+type InsertedRow<'a> = (&'a str, String, &'a str, &'a [u8], &'a u64, u64);
+
 /// Stores every row of `rows` (each with its publish time) in each of its lanes, ready at
 /// its publish time plus its delay, in order, a chunk of rows per statement.
 fn insert(conn: &Connection, rows: &[(u64, PublishRow)]) -> rusqlite::Result<()> {
-    let values: Vec<(&str, String, &str, &[u8], &u64, u64)> = rows
+    let values: Vec<InsertedRow<'_>> = rows
         .iter()
         .flat_map(|(published, row)| {
             let m = &row.message;
