@@ -22,8 +22,9 @@
 //! **Threads.** Writes never run on the async runtime's threads: [`Database::write`] hands
 //! the work to the database's writer thread, which owns the one write connection and
 //! commits every job waiting at that moment in one transaction (group commit: one commit,
-//! and with `full` one fsync, for many concurrent callers), each job inside its own
-//! savepoint so that one job's error undoes only that job. A caller's result is handed
+//! and with `full` one fsync, for many concurrent callers); one job's error undoes only
+//! that job (each job after the transaction's first runs in a savepoint of its own; the
+//! first one's error rolls back the transaction). A caller's result is handed
 //! back once the group has committed. [`Database::read`] runs work on the reader thread,
 //! on its own connection, which sees every write whose `write` call has returned. A
 //! third thread, the checkpointer, copies the WAL back into the database file when the
@@ -141,7 +142,7 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 /// A write job: runs on the writer thread inside the group's transaction (or is told why
-/// it cannot run) and returns whether it succeeded (else its savepoint is rolled back)
+/// it cannot run) and returns whether it succeeded (else its writes are undone)
 /// and what to do once the group's fate is known.
 struct WriteJob {
     run: RunWrite,
