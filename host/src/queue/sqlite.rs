@@ -3,10 +3,11 @@
 //! dead letters is the [`super::core`]'s, applied inside this backend's transactions.
 //!
 //! **Threads and transactions.** No statement runs on the async runtime's threads: each
-//! data-path call (publish, lease, commit) and each operator change (redrive, purge, an
-//! expiry chunk) is one [`Database::write`] job, a savepoint in the writer thread's group
-//! transaction, so it is kept or undone whole and returns once committed; counts, lists
-//! and gets run on the reader thread ([`Database::read`]).
+//! data-path call (lease, commit) and each operator change (redrive, purge, an expiry
+//! chunk) is one [`Database::write`] job in the writer thread's group transaction, so it
+//! is kept or undone whole and returns once committed; the publishes made while their
+//! job waits to run share that one job ([`Coalesced`]), kept or undone together; counts,
+//! lists and gets run on the reader thread ([`Database::read`]).
 //!
 //! **Rows.** A message row is deleted or moved only in the transaction that commits its
 //! outcome, so a crash at any point leaves it to be delivered again. A leased row has
