@@ -105,6 +105,7 @@ fn lock<T>(unwritten: &Mutex<Unwritten<T>>) -> MutexGuard<'_, Unwritten<T>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::test_rows;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Integers written to table `t` by a coalescer that counts its jobs, and refuses
@@ -123,17 +124,6 @@ mod tests {
             Ok(())
         });
         (coalesced, jobs)
-    }
-
-    async fn rows(db: &Database) -> Vec<i64> {
-        db.read(|c| {
-            c.prepare("SELECT v FROM t ORDER BY rowid")?
-                .query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<Vec<i64>>>()
-                .map_err(StoreError::from)
-        })
-        .await
-        .unwrap()
     }
 
     #[tokio::test]
@@ -169,7 +159,7 @@ mod tests {
             1,
             "one job for the three calls"
         );
-        assert_eq!(rows(&db).await, vec![1, 2, 3, 4], "in the order added");
+        assert_eq!(test_rows(&db).await, vec![1, 2, 3, 4], "in the order added");
 
         // A failing job fails every call it holds, and undoes all of their items; the
         // next call gets a job of its own.
@@ -187,6 +177,6 @@ mod tests {
         }
         coalesced.add([6]).await.unwrap();
         assert_eq!(jobs.load(Ordering::SeqCst), 3);
-        assert_eq!(rows(&db).await, vec![1, 2, 3, 4, 6]);
+        assert_eq!(test_rows(&db).await, vec![1, 2, 3, 4, 6]);
     }
 }

@@ -576,6 +576,20 @@ pub(crate) fn test_db(dir: &Path) -> Database {
     Database::open(dir, Durability::Process).expect("opening a test database")
 }
 
+/// The values of column `v` of table `t` in `db`, in the order they were inserted, for
+/// tests.
+#[cfg(test)]
+pub(crate) async fn test_rows(db: &Database) -> Vec<i64> {
+    db.read(|c| {
+        c.prepare("SELECT v FROM t ORDER BY rowid")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<i64>>>()
+            .map_err(StoreError::from)
+    })
+    .await
+    .unwrap()
+}
+
 /// Imports the per-store database files of older clawq versions found in `data_dir`
 /// into `conn`'s database: each file's tables and indexes, rows and all, in one
 /// transaction per file, recorded in `imported_files`; then renames the file (and its
@@ -680,17 +694,6 @@ mod tests {
             .unwrap();
     }
 
-    async fn rows(db: &Database) -> Vec<i64> {
-        db.read(|c| {
-            c.prepare("SELECT v FROM t ORDER BY v")?
-                .query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<Vec<i64>>>()
-                .map_err(StoreError::from)
-        })
-        .await
-        .unwrap()
-    }
-
     #[tokio::test]
     async fn a_failed_or_panicking_write_undoes_only_itself() {
         let (_dir, db) = open();
@@ -717,7 +720,7 @@ mod tests {
         assert_eq!((a.unwrap(), b.unwrap()), (1, 1));
         assert_eq!(failed, Err(Failure::Mine));
         assert!(matches!(panicked, Err(Failure::Store(m)) if m.contains("panicked")));
-        assert_eq!(rows(&db).await, vec![1, 2]);
+        assert_eq!(test_rows(&db).await, vec![1, 2]);
     }
 
     #[tokio::test]
@@ -754,7 +757,7 @@ mod tests {
         let (failed, after) = tokio::join!(panicking(), insert(2));
         assert!(panicked(failed));
         assert_eq!(after, Ok(()));
-        assert_eq!(rows(&db).await, vec![1, 2]);
+        assert_eq!(test_rows(&db).await, vec![1, 2]);
     }
 
     #[tokio::test]
@@ -781,7 +784,7 @@ mod tests {
         seen.sort();
         // Each write saw every write run before it: the counts are 0..500, once each.
         assert_eq!(seen, (0..500).collect::<Vec<_>>());
-        assert_eq!(rows(&db).await.len(), 500);
+        assert_eq!(test_rows(&db).await.len(), 500);
     }
 
     #[tokio::test]
