@@ -1,8 +1,8 @@
 //! Writes coalesced into one job of the database's writer thread: concurrent callers
 //! add their items, and one job writes every item added before it runs, instead of a
-//! job each (each job costs the writer a savepoint, which copies every page the job
-//! touches, and its own statements). The trust store's revocations and the queue's
-//! publishes go through one.
+//! job each (a job costs the writer its own statements, and, unless it is the first of
+//! its group, a savepoint, which copies every page the job touches). The trust store's
+//! revocations and the queue's publishes go through one.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,7 +17,7 @@ use crate::store::{Database, StoreError};
 /// The outcome of one job, awaited by every caller whose items it wrote.
 pub type Written = Shared<Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>>;
 
-/// What writes a job's items, in the job's savepoint: an error undoes them all.
+/// What writes a job's items, in the writer's transaction: an error undoes them all.
 type WriteItems<T> = dyn Fn(&Connection, Vec<T>) -> Result<(), StoreError> + Send + Sync;
 
 /// Items of type `T` written to a [`Database`] by coalesced jobs.
