@@ -2,8 +2,8 @@
 //! object itself, a JSON *string* whose content is the object's JSON text (what
 //! `queue.send(JSON.stringify(event))` publishes), or a `text` body holding JSON. Every
 //! reader of a body (the bundled handlers, by way of [`read_object`], and the host's
-//! subscription filters) goes through [`object_text`], so that they all accept the same
-//! bodies.
+//! subscription filters, by way of [`object_text`]) follows the same rules, so that they
+//! all accept the same bodies.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -67,44 +67,83 @@ impl std::error::Error for BodyError {}
 /// to be a JSON object but not parsed into values, for a reader that wants only some of
 /// its members (the host's subscription filters). The error says which case failed.
 pub fn object_text(content_type: ContentType, body: &[u8]) -> Result<Cow<'_, str>, BodyError> {
-    if content_type == ContentType::Bytes {
-        return Err(BodyError::Bytes);
-    }
-    let not_json = |err: serde_json::Error| BodyError::NotJson(content_type, err.to_string());
-    let raw: &RawValue = serde_json::from_slice(body).map_err(not_json)?;
-    match kind(raw) {
-        OBJECT => Ok(Cow::Borrowed(raw.get())),
-        STRING => {
-            let text: String = serde_json::from_str(raw.get()).map_err(not_json)?;
-            let inner: &RawValue = serde_json::from_str(&text)
-                .map_err(|err| BodyError::StringNotJson(err.to_string()))?;
-            match kind(inner) {
-                OBJECT => Ok(Cow::Owned(text)),
-                other => Err(BodyError::StringNotAnObject(other)),
-            }
-        }
-        other => Err(BodyError::NotAnObject(content_type, other)),
-    }
+    decode(
+        content_type,
+        body,
+        |body| {
+            let raw: &RawValue = serde_json::from_slice(body)?;
+            Ok(match raw_kind(raw) {
+                OBJECT => Shape::Object(Cow::Borrowed(raw.get())),
+                STRING => Shape::String(serde_json::from_str(raw.get())?),
+                other => Shape::Other(other),
+            })
+        },
+        |text| {
+            let inner: &RawValue = serde_json::from_str(&text)?;
+            Ok(match raw_kind(inner) {
+                OBJECT => Shape::Object(Cow::Owned(text)),
+                other => Shape::Other(other),
+            })
+        },
+    )
 }
 
 /// Reads a message body as a JSON object: the object itself, a JSON string whose
-/// content is a JSON object, or a text body holding either (see [`object_text`]). The
-/// error says which case failed.
+/// content is a JSON object, or a text body holding either (the same bodies as
+/// [`object_text`], parsed once into values). The error says which case failed.
 pub fn read_object(
     content_type: ContentType,
     body: &[u8],
 ) -> Result<Map<String, Value>, BodyError> {
-    let text = object_text(content_type, body)?;
-    serde_json::from_str(&text).map_err(|err| BodyError::NotJson(content_type, err.to_string()))
+    decode(
+        content_type,
+        body,
+        |body| serde_json::from_slice(body).map(value_shape),
+        |text| serde_json::from_str(&text).map(value_shape),
+    )
 }
 
-/// [`kind`] of an object.
+/// What one parse of a body (or of the string it holds) found.
+enum Shape<O> {
+    /// A JSON object, as the reader parsed it.
+    Object(O),
+    /// A JSON string: its content.
+    String(String),
+    /// Another kind of value (see [`raw_kind`]).
+    Other(&'static str),
+}
+
+/// The rules shared by [`object_text`] and [`read_object`]: which content types are
+/// read, and which error each failing case gets. `outer` parses the body, `inner` the
+/// content of a JSON string body; each parses once, into what its reader wants.
+fn decode<'b, O>(
+    content_type: ContentType,
+    body: &'b [u8],
+    outer: impl FnOnce(&'b [u8]) -> Result<Shape<O>, serde_json::Error>,
+    inner: impl FnOnce(String) -> Result<Shape<O>, serde_json::Error>,
+) -> Result<O, BodyError> {
+    if content_type == ContentType::Bytes {
+        return Err(BodyError::Bytes);
+    }
+    match outer(body).map_err(|err| BodyError::NotJson(content_type, err.to_string()))? {
+        Shape::Object(object) => Ok(object),
+        Shape::String(text) => match inner(text) {
+            Ok(Shape::Object(object)) => Ok(object),
+            Ok(Shape::String(_)) => Err(BodyError::StringNotAnObject(STRING)),
+            Ok(Shape::Other(kind)) => Err(BodyError::StringNotAnObject(kind)),
+            Err(err) => Err(BodyError::StringNotJson(err.to_string())),
+        },
+        Shape::Other(kind) => Err(BodyError::NotAnObject(content_type, kind)),
+    }
+}
+
+/// [`raw_kind`] of an object.
 const OBJECT: &str = "an object";
-/// [`kind`] of a string.
+/// [`raw_kind`] of a string.
 const STRING: &str = "a string";
 
 /// What kind of JSON value `raw` is, by its first character, for error messages.
-fn kind(raw: &RawValue) -> &'static str {
+fn raw_kind(raw: &RawValue) -> &'static str {
     match raw.get().trim_start().as_bytes().first() {
         Some(b'{') => OBJECT,
         Some(b'"') => STRING,
@@ -112,6 +151,18 @@ fn kind(raw: &RawValue) -> &'static str {
         Some(b't' | b'f') => "a boolean",
         Some(b'n') => "null",
         _ => "a number",
+    }
+}
+
+/// A parsed value as a [`Shape`], named like [`raw_kind`] names it.
+fn value_shape(value: Value) -> Shape<Map<String, Value>> {
+    match value {
+        Value::Object(object) => Shape::Object(object),
+        Value::String(text) => Shape::String(text),
+        Value::Array(_) => Shape::Other("an array"),
+        Value::Bool(_) => Shape::Other("a boolean"),
+        Value::Null => Shape::Other("null"),
+        Value::Number(_) => Shape::Other("a number"),
     }
 }
 
@@ -142,11 +193,17 @@ mod tests {
             Ok(want.clone())
         );
         assert_eq!(read_object(ContentType::Text, string.as_bytes()), Ok(want));
+        for body in [&object, &string] {
+            assert_eq!(
+                object_text(ContentType::Json, body.as_bytes()).as_deref(),
+                Ok(object.as_str())
+            );
+        }
     }
 
     #[test]
     fn each_failing_case_is_named() {
-        let cases: [(ContentType, &[u8], &str); 7] = [
+        let cases: [(ContentType, &[u8], &str); 8] = [
             (
                 ContentType::Bytes,
                 br#"{"type":"x"}"#,
@@ -174,13 +231,23 @@ mod tests {
                 br#""[1,2]""#,
                 "body is a JSON string holding an array, not a JSON object",
             ),
+            (
+                ContentType::Text,
+                br#""\"twice\"""#,
+                "body is a JSON string holding a string, not a JSON object",
+            ),
         ];
         for (content_type, body, want) in cases {
-            let err = read_object(content_type, body).unwrap_err().to_string();
+            let err = read_object(content_type, body).unwrap_err();
             assert!(
-                err.starts_with(want),
+                err.to_string().starts_with(want),
                 "{}: {err}",
                 String::from_utf8_lossy(body)
+            );
+            assert_eq!(
+                object_text(content_type, body),
+                Err(err),
+                "both readers agree"
             );
         }
     }
