@@ -72,9 +72,9 @@ const STATEMENT_CACHE: usize = 256;
 const MAX_GROUP: usize = 256;
 
 /// Pages the WAL grows by between two times the writer asks the checkpointer thread to
-/// copy the log back into the database file (SQLite's own automatic checkpoint, which the writer
-/// would run inside a commit, is off: it held up every write queued behind it for the
-/// copy and its two fsyncs).
+/// copy the log back into the database file (SQLite's own automatic checkpoint, which
+/// the writer would run inside a commit, is off: it held up every write queued behind it
+/// for the copy and its two fsyncs).
 const CHECKPOINT_PAGES: i32 = 1000;
 
 /// Pages in the WAL after which the writer checkpoints itself, between two groups (once
