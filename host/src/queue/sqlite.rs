@@ -30,7 +30,7 @@
 //! so delayed costs O(delayed rows); ready is what is left. So `GET /v1/queues/{q}` and
 //! `/metrics` cost O(lanes + in flight + delayed), whatever the backlog.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
@@ -492,34 +492,40 @@ fn lease(conn: &Connection, lane: &Lane, plan: &LeasePlan) -> rusqlite::Result<L
         }
         leasing.push(message.seq);
     }
-    // The lease's rows, leased in one statement.
-    let mut leased: HashMap<i64, Delivery> = conn
+    // The lease's rows, leased in one statement, then read. An `UPDATE … RETURNING`
+    // would copy every row, body and all, into a temporary table before returning the
+    // first.
+    let seqs = seq_list(&leasing);
+    conn.prepare_cached(
+        "UPDATE messages SET leased = 1, attempts = attempts + 1, visible_ms = ?2
+         WHERE seq IN (SELECT value FROM json_each(?1))",
+    )?
+    .execute(params![seqs, plan.deadline])?;
+    let mut deliveries: Vec<(i64, Delivery)> = conn
         .prepare_cached(
-            "UPDATE messages SET leased = 1, attempts = attempts + 1, visible_ms = ?2
-             WHERE seq IN (SELECT value FROM json_each(?1))
-             RETURNING seq, id, attempts, published_ms, content_type, body, enqueued_ms",
+            "SELECT leasing.key, m.seq, m.id, m.attempts, m.published_ms, m.content_type,
+                    m.body, m.enqueued_ms
+             FROM json_each(?1) AS leasing CROSS JOIN messages AS m ON m.seq = leasing.value",
         )?
-        .query_map(params![seq_list(&leasing), plan.deadline], |row| {
-            let content_type: String = row.get(4)?;
-            let seq: i64 = row.get(0)?;
+        .query_map([seqs], |row| {
             let delivery = Delivery {
-                lease: seq,
-                id: row.get(1)?,
-                attempts: row.get(2)?,
-                timestamp_ms: row.get(3)?,
-                enqueued_ms: row.get(6)?,
-                content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Bytes),
-                body: row.get(5)?,
+                lease: row.get(1)?,
+                id: row.get(2)?,
+                attempts: row.get(3)?,
+                timestamp_ms: row.get(4)?,
+                enqueued_ms: row.get(7)?,
+                content_type: ContentType::parse(row.get_ref(5)?.as_str()?)
+                    .unwrap_or(ContentType::Bytes),
+                body: row.get(6)?,
                 lease_deadline_ms: plan.deadline,
             };
-            Ok((seq, delivery))
+            Ok((row.get(0)?, delivery))
         })?
         .collect::<rusqlite::Result<_>>()?;
-    // In the order they became ready (`RETURNING` keeps none).
-    let deliveries = leasing
-        .iter()
-        .filter_map(|seq| leased.remove(seq))
-        .collect();
+    // In the order they became ready: the order `json_each` reads them in, which the
+    // join keeps (so this sort only checks it), though SQL promises no order.
+    deliveries.sort_by_key(|(position, _)| *position);
+    let deliveries = deliveries.into_iter().map(|(_, d)| d).collect();
     Ok(Leased::Batch {
         deliveries,
         gave_up,
