@@ -137,12 +137,18 @@ impl Routes {
         let Some(routes) = self.by_queue.get(queue) else {
             return vec![Lane::of(queue)];
         };
-        let text = if routes.iter().all(|r| r.filter.is_empty()) {
-            None
-        } else {
-            body::object_text(protocol_type(content_type), body).ok()
-        };
-        let members = text.as_deref().and_then(members);
+        let text;
+        let members =
+            if routes.iter().all(|r| r.filter.is_empty()) || content_type == ContentType::Bytes {
+                None
+            } else if let Ok(object) = serde_json::from_slice::<Members>(body) {
+                // The common case, a body that is the object itself, in one pass; any
+                // other body is read by the rules every reader shares.
+                Some(object)
+            } else {
+                text = body::object_text(protocol_type(content_type), body).ok();
+                text.as_deref().and_then(members)
+            };
         routes
             .iter()
             .filter(|r| r.filter.accepts(members.as_ref()))
@@ -348,5 +354,10 @@ mod tests {
                 ["events"]
             );
         }
+        assert_eq!(
+            written(routes.lanes("events", ContentType::Bytes, object.as_bytes())),
+            ["events"],
+            "bytes are never read as JSON"
+        );
     }
 }
