@@ -23,7 +23,7 @@ type WriteItems<T> = dyn Fn(&Connection, Vec<T>) -> Result<(), StoreError> + Sen
 /// Items of type `T` written to a [`Database`] by coalesced jobs.
 pub struct Coalesced<T> {
     db: Database,
-    /// Whether the jobs are [`Database::write_synced_later`] writes.
+    /// Whether the jobs are synced writes (see [`Database::write_synced`]).
     synced: bool,
     write: Arc<WriteItems<T>>,
     unwritten: Arc<Mutex<Unwritten<T>>>,
@@ -89,11 +89,7 @@ impl<T: Send + 'static> Coalesced<T> {
             };
             write(conn, items)
         };
-        let job = match self.synced {
-            true => self.db.write_synced_later(work),
-            false => self.db.write_later(work),
-        };
-        job.shared()
+        self.db.queue_write(self.synced, work).shared()
     }
 }
 

@@ -250,23 +250,12 @@ impl Database {
     where
         E: From<StoreError> + Send + 'static,
     {
-        self.queue(false, work)
+        self.queue_write(false, work)
     }
 
-    /// [`Database::write_synced`] without waiting for it, as [`Database::write_later`].
-    pub fn write_synced_later<E>(
-        &self,
-        work: impl FnOnce(&Connection) -> Result<(), E> + Send + 'static,
-    ) -> Pending<E>
-    where
-        E: From<StoreError> + Send + 'static,
-    {
-        self.queue(true, work)
-    }
-
-    /// Hands `work` to the writer thread at once; the returned future resolves once its
-    /// group committed.
-    fn queue<E>(
+    /// [`Database::write_later`], synced as [`Database::write_synced`] when `synced`: for a
+    /// caller that picks one at run time.
+    pub(crate) fn queue_write<E>(
         &self,
         synced: bool,
         work: impl FnOnce(&Connection) -> Result<(), E> + Send + 'static,
