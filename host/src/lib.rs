@@ -10,6 +10,7 @@
 pub mod actor_storage;
 pub mod admin;
 pub mod agents;
+pub mod allocator;
 pub mod api;
 pub mod auth;
 pub mod body_budget;

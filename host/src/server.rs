@@ -327,7 +327,7 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let scheme = if tls.is_some() { "https" } else { "http" };
-    release_startup_memory();
+    crate::allocator::release_freed_memory();
     tracing::info!(data_dir = %config.data_dir.display(), "clawq listening on {scheme}://{}", listener.local_addr()?);
 
     let closing = (shutdown.clone(), hub.clone());
@@ -361,15 +361,4 @@ pub async fn serve_with(config: Config, watch: bool, shutdown: CancellationToken
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Hands the memory freed after start-up (most of it the compiler's, which compiled the
-/// handler components) back to the OS: glibc's allocator keeps freed memory for reuse
-/// otherwise, and an idle host would hold it for good.
-fn release_startup_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: `malloc_trim` only returns free memory of the allocator's arenas to the OS.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
