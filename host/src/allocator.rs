@@ -12,6 +12,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// jemalloc's options, read when it starts (before `main`): threads cache freed blocks of
 /// up to 4 KiB, not the default 32 KiB, since what they hold is never handed back to the
 /// OS and an idle host would keep about 2 MB more for good. Throughput is the same.
+/// (`tikv-jemalloc-sys` builds jemalloc with its symbols prefixed `_rjem_`.)
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static OPTIONS: Options = Options(c"tcache_max:4096".as_ptr());
 
@@ -41,6 +42,7 @@ pub fn release_freed_memory() {
 /// Returns the unused pages of all of jemalloc's arenas to the OS; jemalloc's status
 /// (0 when done).
 fn purge_every_arena() -> c_int {
+    // 4096 is `MALLCTL_ARENAS_ALL`, jemalloc's index for every arena at once.
     // SAFETY: the command takes no value, so no old or new value is read or written.
     unsafe {
         tikv_jemalloc_sys::mallctl(
