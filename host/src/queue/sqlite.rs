@@ -522,8 +522,9 @@ fn lease(conn: &Connection, lane: &Lane, plan: &LeasePlan) -> rusqlite::Result<L
             Ok((row.get(0)?, delivery))
         })?
         .collect::<rusqlite::Result<_>>()?;
-    // In the order they became ready: the order `json_each` reads them in, which the
-    // join keeps (so this sort only checks it), though SQL promises no order.
+    // In the order they became ready: the order `json_each` reads them in. The join
+    // keeps it, so the sort finds them in order already, but SQL promises no order and
+    // the sort makes it certain.
     deliveries.sort_by_key(|(position, _)| *position);
     let deliveries = deliveries.into_iter().map(|(_, d)| d).collect();
     Ok(Leased::Batch {
